@@ -1,0 +1,31 @@
+# The two commands a fresh machine needs:
+#   make train   -- set up .venv, train the tiny byte-level decoder on CPU
+#   make test    -- set up .venv (with dev extras), run the default test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/tiny
+CONFIG ?= configs/tiny.py
+ARGS ?=
+
+.PHONY: setup setup-dev train test test-all bench-shakespeare clean
+
+setup:
+	launch/setup_env.sh
+
+setup-dev:
+	launch/setup_env.sh dev
+
+train: setup
+	$(PY) -m efficient_lm.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+test: setup-dev
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: setup-dev
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+bench-shakespeare: setup
+	$(PY) benchmarks/shakespeare.py --data=$(DATA) $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs

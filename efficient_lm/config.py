@@ -1,0 +1,310 @@
+"""ConfigDict -> frozen, validated dataclasses.
+
+This is the only module that reads an ml_collections ConfigDict. Everything
+downstream receives the (frozen) dataclass it needs. Validation runs here,
+before anything is compiled, and every error is one line naming the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the value and expectation."""
+
+
+# ----------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  # "dense": causal full attention; "sliding_window": causal window of
+  # `window` tokens including self; "global_local": sliding window plus the
+  # first `num_global` positions visible to every later token.
+  kind: Literal["dense", "sliding_window", "global_local"] = "dense"
+  # "qkv": MHA / GQA / MQA, chosen by model.num_kv_heads.
+  projection: Literal["qkv"] = "qkv"
+  window: int = 0
+  num_global: int = 0
+  logits_soft_cap: Optional[float] = None
+  # Entry point implementation passed to kernels.attention.
+  impl: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+  kind: Literal["none"] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  kind: Literal["decoder"] = "decoder"
+  num_layers: int = 2
+  embed_dim: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: Optional[int] = None  # None: embed_dim // num_heads
+  mlp_dim: int = 512
+  vocab_size: int = 384
+  tie_embeddings: bool = True
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  scan_layers: bool = True
+  # "none": keep activations; "full": recompute each block in the backward;
+  # "dots": save matmul outputs only (jax.checkpoint_policies).
+  remat: Literal["none", "full", "dots"] = "none"
+  dtype: Literal["float32", "bfloat16"] = "bfloat16"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  attention: AttentionConfig = AttentionConfig()
+  routing: RoutingConfig = RoutingConfig()
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  # "default": the embedded corpus (the standard library's own .py files);
+  # "text": plain text file(s) at `path` (a file, directory or glob);
+  # "jsonl": JSON lines with a `text` field at `path`.
+  source: Literal["default", "text", "jsonl"] = "default"
+  path: Optional[str] = None
+  seq_len: int = 128
+  # "byte", "char" (vocabulary = sorted set of characters of the training
+  # text), or a path to a SentencePiece .model file.
+  tokenizer: str = "byte"
+  eval_fraction: float = 0.1
+  shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 300
+  batch_size: int = 16
+  seed: int = 0
+  learning_rate: float = 1e-3
+  end_learning_rate: float = 1e-4
+  warmup_steps: int = 20
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  z_loss: float = 0.0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  # Stop with an error if the loss is NaN/inf (the last good checkpoint
+  # stays the latest one).
+  stop_on_nan: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 100
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  # -1: every device not used by fsdp * tensor (resolved from the device
+  # count before validation).
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+  @property
+  def size(self) -> int:
+    return self.data * self.fsdp * self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+  name: str = "run"
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------- conversion
+
+
+def _check_value(path: str, value: Any, tp: Any) -> Any:
+  """Checks `value` against annotation `tp`; returns the (coerced) value."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _check_value(path, value, arg)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise errors[0] if len(errors) == 1 else ConfigError(
+      f"{path}={value!r}: expected one of {args}")
+  if origin is Literal:
+    allowed = typing.get_args(tp)
+    if value not in allowed:
+      raise ConfigError(
+        f"{path}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+    return value
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{path}={value!r}: expected a bool")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(
+        f"{path}={value!r}: expected an int, got {type(value).__name__}")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(
+        f"{path}={value!r}: expected a float, got {type(value).__name__}")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(
+        f"{path}={value!r}: expected a str, got {type(value).__name__}")
+    return value
+  if dataclasses.is_dataclass(tp):
+    return _to_dataclass(path, value, tp)
+  raise TypeError(f"unsupported annotation {tp} at {path}")
+
+
+def _to_dataclass(path: str, value: Any, cls: type) -> Any:
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if not isinstance(value, dict):
+    raise ConfigError(f"{path}={value!r}: expected a section (dict)")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(value) - fields)
+  if unknown:
+    where = f"{path}." if path else ""
+    raise ConfigError(
+      f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+      f"known keys of {path or 'the config'}: {', '.join(sorted(fields))}")
+  kwargs = {}
+  for name, v in value.items():
+    kwargs[name] = _check_value(f"{path}.{name}" if path else name, v,
+                                hints[name])
+  return cls(**kwargs)
+
+
+def from_config_dict(cd: ml_collections.ConfigDict | dict,
+                     *, device_count: int | None = None) -> Config:
+  """Converts and validates. `device_count` enables the mesh-size check."""
+  cfg = _to_dataclass("", cd, Config)
+  if device_count is not None and cfg.mesh.data == -1:
+    rest = cfg.mesh.fsdp * cfg.mesh.tensor
+    if rest <= 0 or device_count % rest:
+      raise ConfigError(
+        f"mesh.fsdp*mesh.tensor={cfg.mesh.fsdp}*{cfg.mesh.tensor} does not "
+        f"divide the {device_count} available devices")
+    cfg = dataclasses.replace(
+      cfg, mesh=dataclasses.replace(cfg.mesh, data=device_count // rest))
+  validate(cfg, device_count=device_count)
+  return cfg
+
+
+# ------------------------------------------------------------- validation
+
+
+def _positive(path: str, value: int | float) -> None:
+  if value <= 0:
+    raise ConfigError(f"{path}={value}: expected a positive value")
+
+
+def validate(cfg: Config, *, device_count: int | None = None) -> None:
+  m, t, d, mesh = cfg.model, cfg.train, cfg.data, cfg.mesh
+  for path, v in [
+    ("model.num_layers", m.num_layers), ("model.embed_dim", m.embed_dim),
+    ("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
+    ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
+    ("data.seq_len", d.seq_len), ("train.steps", t.steps),
+    ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
+    ("train.eval_every", t.eval_every), ("checkpoint.every_steps",
+                                         cfg.checkpoint.every_steps),
+    ("checkpoint.keep", cfg.checkpoint.keep), ("mesh.fsdp", mesh.fsdp),
+    ("mesh.tensor", mesh.tensor),
+  ]:
+    _positive(path, v)
+  if mesh.data == 0 or mesh.data < -1:
+    raise ConfigError(
+      f"mesh.data={mesh.data}: expected a positive size or -1 (all "
+      "remaining devices)")
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+      f"model.num_heads={m.num_heads} is not divisible by "
+      f"model.num_kv_heads={m.num_kv_heads} (GQA groups must be whole)")
+  if m.head_dim is None and m.embed_dim % m.num_heads:
+    raise ConfigError(
+      f"model.embed_dim={m.embed_dim} is not divisible by "
+      f"model.num_heads={m.num_heads}; set model.head_dim explicitly")
+  if m.resolved_head_dim % 2:
+    raise ConfigError(
+      f"head_dim={m.resolved_head_dim} must be even for RoPE")
+  a = m.attention
+  if a.kind in ("sliding_window", "global_local") and a.window <= 0:
+    raise ConfigError(
+      f"model.attention.window={a.window}: attention.kind={a.kind!r} needs "
+      "a positive window (tokens including self)")
+  if a.kind == "global_local" and a.num_global <= 0:
+    raise ConfigError(
+      f"model.attention.num_global={a.num_global}: kind 'global_local' "
+      "needs at least one global position")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    raise ConfigError(
+      f"data.eval_fraction={d.eval_fraction}: expected 0 <= x < 1")
+  if d.source != "default" and not d.path:
+    raise ConfigError(
+      f"data.path is empty: data.source={d.source!r} needs a path "
+      "(--config.data.path=...)")
+  dp = max(mesh.data, 1) * mesh.fsdp
+  if t.batch_size % dp:
+    raise ConfigError(
+      f"train.batch_size={t.batch_size} is not divisible by the "
+      f"data-parallel size mesh.data*mesh.fsdp={mesh.data}*{mesh.fsdp}={dp}")
+  if m.num_kv_heads % mesh.tensor:
+    raise ConfigError(
+      f"model.num_kv_heads={m.num_kv_heads} is not divisible by "
+      f"mesh.tensor={mesh.tensor}")
+  for path, v in [("model.mlp_dim", m.mlp_dim),
+                  ("model.vocab_size", m.vocab_size)]:
+    if v % mesh.tensor:
+      raise ConfigError(
+        f"{path}={v} is not divisible by mesh.tensor={mesh.tensor}")
+  if m.embed_dim % mesh.fsdp:
+    raise ConfigError(
+      f"model.embed_dim={m.embed_dim} is not divisible by "
+      f"mesh.fsdp={mesh.fsdp}")
+  if (device_count is not None and mesh.data != -1
+      and mesh.size != device_count):
+    raise ConfigError(
+      f"mesh data*fsdp*tensor={mesh.data}*{mesh.fsdp}*{mesh.tensor}="
+      f"{mesh.size} does not match the {device_count} available devices")

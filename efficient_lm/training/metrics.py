@@ -1,0 +1,87 @@
+"""Throughput accounting (tokens/s, MFU) and metric writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched by substring
+# of `device.device_kind`, most specific first.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+  ("TPU v6", 918e12),       # Trillium / v6e
+  ("TPU v5p", 459e12),
+  ("TPU v5 lite", 197e12),  # v5e reports "TPU v5 lite"
+  ("TPU v5e", 197e12),
+  ("TPU v4", 275e12),
+  ("H200", 989e12),
+  ("H100", 989e12),         # SXM; PCIe parts are lower
+  ("A100", 312e12),
+  ("L4", 121e12),
+)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """Per-chip peak, or None where we have no number (e.g. CPU)."""
+  kind = getattr(device, "device_kind", "")
+  for needle, flops in PEAK_FLOPS:
+    if needle.lower() in kind.lower():
+      return flops
+  return None
+
+
+def throughput(*, tokens: float, seconds: float, flops_per_token: float,
+               num_devices: int, device: jax.Device) -> dict[str, float]:
+  tps = tokens / max(seconds, 1e-9)
+  achieved = tps * flops_per_token
+  out = {"tokens_per_sec": tps,
+         "gflops_per_sec": achieved / 1e9}
+  peak = peak_flops(device)
+  if peak is not None:
+    out["mfu"] = achieved / (peak * num_devices)
+  return out
+
+
+class MetricWriter:
+  """metrics.jsonl (one JSON object a line) + TensorBoard events, process 0."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # tensorboardX is a dependency; stay usable anyway
+      self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def human(n: float) -> str:
+  for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(n) >= div:
+      return f"{n / div:.2f}{unit}"
+  return f"{n:.0f}"

@@ -1,0 +1,125 @@
+"""Mesh, the single logical-axis rules table, and activation constraints.
+
+Parameters carry logical axis names (metadata `logical_axes` on nnx.Param);
+activations are constrained by logical names through `constrain`. The table
+below is the only place that maps names to mesh axes, so changing the
+parallelism layout is a config change (mesh sizes), never a model change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from efficient_lm.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+  # activations
+  "batch": ("data", "fsdp"),
+  "length": None,
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_kv_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
+  # parameters
+  "embed": "fsdp",
+  "vocab": "tensor",
+  "mlp": "tensor",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "norm": None,
+  "layers": None,
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  if cfg.size != len(devices):
+    raise ConfigError(
+      f"mesh data*fsdp*tensor={cfg.data}*{cfg.fsdp}*{cfg.tensor}={cfg.size} "
+      f"does not match the {len(devices)} available devices")
+  # Plain reshape keeps `tensor` innermost (fastest links on TPU slices and
+  # NVLink islands); good enough until a topology-aware layout is needed.
+  return Mesh(np.asarray(devices).reshape(cfg.shape), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None]) -> P:
+  """Maps logical axis names to a PartitionSpec through RULES."""
+  out, used = [], set()
+  for name in names:
+    axes = RULES.get(name) if name is not None else None
+    if name is not None and name not in RULES:
+      raise KeyError(f"logical axis {name!r} has no rule in sharding.RULES")
+    # A mesh axis may shard at most one dimension; later uses replicate.
+    if axes is not None:
+      tup = (axes,) if isinstance(axes, str) else tuple(axes)
+      tup = tuple(a for a in tup if a not in used)
+      used.update(tup)
+      axes = None if not tup else (tup[0] if len(tup) == 1 else tup)
+    out.append(axes)
+  return P(*out)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def _param_spec(var: nnx.Variable) -> P:
+  names = tuple(var.get_metadata().get("logical_axes") or ())
+  ndim = len(var.shape)
+  if len(names) == ndim - 1:
+    # Stacked by nnx.vmap for the layer scan: leading axis is 'layers'.
+    names = ("layers",) + names
+  if len(names) != ndim:
+    raise ValueError(
+      f"parameter of shape {var.shape} has logical axes {names}: every "
+      "nnx.Param needs one logical name per dimension")
+  return logical_to_spec(names)
+
+
+def _state_to_tree(state: Mapping[Any, Any], leaf_fn) -> dict[Any, Any]:
+  out = {}
+  for key, value in state.items():
+    if isinstance(value, nnx.Variable):
+      out[key] = leaf_fn(value)
+    else:
+      out[key] = _state_to_tree(value, leaf_fn)
+  return out
+
+
+def param_specs(abstract_state: nnx.State) -> dict[Any, Any]:
+  """PartitionSpec tree (same structure as nnx.to_pure_dict(state))."""
+  return _state_to_tree(abstract_state, _param_spec)
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(("batch", "length")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def host_to_global(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict:
+  """Per-process host batch -> globally sharded jax.Arrays."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
