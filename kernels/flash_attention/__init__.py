@@ -1,0 +1,7 @@
+"""Blockwise (flash) attention: reference, custom_vjp wiring, backends.
+
+reference.py   dense f32 reference and chunked XLA variant
+vjp.py         custom_vjp, padding, BlockSizes, the backend kernel contract
+pallas_tpu.py  Mosaic TPU kernels (also run by the interpreter on CPU)
+pallas_gpu.py  Pallas GPU kernels (optional, imported lazily)
+"""

@@ -1,0 +1,144 @@
+"""The one public attention entry point; dispatches to a backend.
+
+impl:
+  "xla"          dense f32 reference (materialised mask); autodiff backward.
+  "xla_chunked"  online-softmax scan over kv chunks, O(T * chunk) memory.
+  "pallas_tpu"   Mosaic TPU kernels (kernels/flash_attention/pallas_tpu.py).
+  "pallas_gpu"   Pallas GPU kernels (kernels/flash_attention/pallas_gpu.py),
+                 imported lazily.
+  "interpret"    the pallas_tpu kernels run by the Pallas interpreter (CPU).
+  "cudnn"        jax.nn.dot_product_attention(implementation="cudnn"). cuDNN
+                 applies causal / window on *indices*, so this is only right
+                 when positions are aranges; it is never chosen by "auto"
+                 and is explicit opt-in for callers that know that.
+  "auto"         TPU -> pallas_tpu; GPU -> pallas_gpu, falling back to
+                 xla_chunked when that module is absent or refuses the case
+                 (raises NotImplementedError); CPU -> xla.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels import masks
+from kernels.flash_attention import reference
+from kernels.flash_attention import vjp
+
+IMPLS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu",
+         "interpret", "cudnn")
+
+
+def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(
+      f"q, k, v must be [B, T, H, D]; got {q.shape} {k.shape} {v.shape}")
+  b, tq, hq, dqk = q.shape
+  if k.shape[:2] != v.shape[:2] or k.shape[0] != b or k.shape[2] != v.shape[2]:
+    raise ValueError(f"k {k.shape} and v {v.shape} disagree (or with q)")
+  if k.shape[3] != dqk:
+    raise ValueError(f"q head dim {dqk} != k head dim {k.shape[3]}")
+  hkv = k.shape[2]
+  if hq % hkv:
+    raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+  tk = k.shape[1]
+  for name, x, t in (("q_pos", q_pos, tq), ("k_pos", k_pos, tk),
+                     ("q_segment_ids", q_seg, tq),
+                     ("kv_segment_ids", k_seg, tk)):
+    if x is not None and x.shape != (b, t):
+      raise ValueError(f"{name} must be [{b}, {t}], got {x.shape}")
+
+
+def _platform():
+  return jax.default_backend()
+
+
+def _resolve(impl, spec, logits_soft_cap):
+  del spec, logits_soft_cap  # every backend here handles every mask
+  if impl != "auto":
+    return impl
+  platform = _platform()
+  if platform == "tpu":
+    return "pallas_tpu"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "pallas_gpu"
+  return "xla"
+
+
+def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
+  """cuDNN flash attention for the cases it supports, else ValueError."""
+  if (return_lse or cap is not None or q_seg is not None
+      or k_seg is not None or spec.chunk is not None
+      or spec.block_mask is not None or spec.global_prefix
+      or spec.global_suffix or q.shape[1] != k.shape[1]):
+    raise NotImplementedError(
+      "cudnn handles causal / window masks without segments, soft cap, "
+      "globals or lse only")
+  window = None
+  if spec.window is not None:
+    left, right = spec.window
+    window = (-1 if left is None else left, -1 if right is None else right)
+  out = jax.nn.dot_product_attention(
+    q, k, v, scale=scale, is_causal=spec.causal, local_window_size=window,
+    implementation="cudnn")
+  return out, None
+
+
+def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
+              q_segment_ids=None, kv_segment_ids=None, scale=None,
+              logits_soft_cap=None, impl="auto",
+              block_sizes: vjp.BlockSizes | None = None, return_lse=False):
+  """Attention of q [B,Tq,Hq,D] over k [B,Tk,Hkv,D], v [B,Tk,Hkv,E].
+
+  Hq must be a multiple of Hkv (GQA / MQA). Positions and segment ids are
+  int32 [B, T]; segment 0 is padding; None means one segment, no padding.
+  `scale` defaults to 1/sqrt(D); the soft cap is cap * tanh(s / cap) on
+  scaled logits. Returns out [B, Tq, Hq, E] in q.dtype, and with
+  `return_lse` also lse [B, Hq, Tq] float32 (-inf on rows that see no key,
+  whose output is 0).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if not isinstance(mask, masks.MaskSpec):
+    raise TypeError(f"mask must be a MaskSpec, got {type(mask)}")
+  _check_shapes(q, k, v, q_pos, k_pos, q_segment_ids, kv_segment_ids)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  impl = _resolve(impl, mask, logits_soft_cap)
+
+  if impl == "cudnn":
+    out, lse = _cudnn(q, k, v, mask, q_segment_ids, kv_segment_ids, scale,
+                      logits_soft_cap, return_lse)
+    return out
+
+  q_pos = q_pos.astype(jnp.int32)
+  k_pos = k_pos.astype(jnp.int32)
+  q_seg = (jnp.ones_like(q_pos) if q_segment_ids is None
+           else q_segment_ids.astype(jnp.int32))
+  k_seg = (jnp.ones_like(k_pos) if kv_segment_ids is None
+           else kv_segment_ids.astype(jnp.int32))
+
+  if impl == "xla":
+    dense = masks.dense_mask(mask, q_pos, k_pos, q_seg, k_seg)
+    out, lse = reference.attention_reference(
+      q, k, v, dense, scale=scale, logits_soft_cap=logits_soft_cap)
+  elif impl == "xla_chunked":
+    chunk = (block_sizes or vjp.BlockSizes()).block_kv
+    out, lse = reference.attention_chunked(
+      q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
+      logits_soft_cap=logits_soft_cap, chunk_size=chunk)
+  elif impl == "pallas_gpu":
+    try:
+      out, lse = vjp.flash_attention(
+        q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
+        logits_soft_cap=logits_soft_cap, block_sizes=block_sizes,
+        backend="pallas_gpu")
+    except (ImportError, NotImplementedError):
+      # The GPU kernel refused the case (or is not installed here).
+      out, lse = reference.attention_chunked(
+        q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
+        logits_soft_cap=logits_soft_cap)
+  else:  # pallas_tpu / interpret
+    out, lse = vjp.flash_attention(
+      q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
+      logits_soft_cap=logits_soft_cap, block_sizes=block_sizes,
+      backend=impl)
+  return (out, lse) if return_lse else out
