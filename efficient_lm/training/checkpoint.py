@@ -1,0 +1,371 @@
+"""Orbax checkpoints: sharded train state, data-iterator state and config.
+
+One directory per step, written by orbax's CheckpointManager (async, keeps
+the last K, atomic: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames
+it when every item is on disk)::
+
+  <dir>/<step>/state/                 the state pytree (OCDBT + zarr, sharded)
+  <dir>/<step>/data/process_<i>.json  data-iterator state of process i
+  <dir>/<step>/config/metadata        the resolved config (JSON)
+  <dir>/<step>/_CHECKPOINT_METADATA   orbax's commit record; its
+                                      custom_metadata holds our fingerprints
+
+A step directory that turns out unusable at restore time is renamed to
+`<step>.corrupt` (or `.corrupt-1`, ...), which orbax's step glob ignores, so
+nothing saved is ever deleted and the step number can be saved again.
+No pickle: arrays go through tensorstore, everything else is JSON.
+"""
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from etils import epath
+import jax
+from jax import lax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+_ITEMS = ("state", "data", "config")
+# Orbax's default step naming (no prefix, no padding); tmp and set-aside
+# directories never match it.
+_STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
+_COMMIT_RECORD = "_CHECKPOINT_METADATA"
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or one that does not fit the requested state."""
+
+
+def commit_problem(step_dir: epath.PathLike) -> str | None:
+  """Why `step_dir` is not a finished save, or None if it looks finished.
+
+  On a local disk orbax only renames a step into place after committing it,
+  but on object stores (commit-file mode) and after a manual copy a
+  `<step>` directory can exist half-written, so we check orbax's own commit
+  record and that every item directory is present.
+  """
+  step_dir = epath.Path(step_dir)
+  try:
+    record = json.loads((step_dir / _COMMIT_RECORD).read_text())
+  except FileNotFoundError:
+    return f"no {_COMMIT_RECORD}, the save never finished"
+  except (OSError, ValueError) as e:
+    return f"unreadable {_COMMIT_RECORD} ({e})"
+  if not isinstance(record, dict) or not record.get("commit_timestamp_nsecs"):
+    return f"{_COMMIT_RECORD} has no commit time, the save never finished"
+  missing = [item for item in _ITEMS if not (step_dir / item).is_dir()]
+  if missing:
+    return f"missing item director{'y' if len(missing) == 1 else 'ies'} " + (
+      ", ".join(missing))
+  return None
+
+
+def is_committed(step_dir: epath.PathLike) -> bool:
+  return commit_problem(step_dir) is None
+
+
+class Checkpointer:
+  """Saves and restores `(state, data_state, config)` every `every_steps`.
+
+  Every process calls every method (orbax synchronizes the hosts); the only
+  host-0 work here is renaming a bad step directory, behind a barrier.
+  """
+
+  def __init__(self, directory: epath.PathLike, *, every_steps: int,
+               keep: int | None, async_save: bool = True):
+    if every_steps < 1:
+      raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep must be >= 1 or None (all), got {keep}")
+    self.directory = epath.Path(directory)
+    self.every_steps = every_steps
+    self._barriers = 0
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in ("state", "config"):
+      registry.add(item, ocp.args.StandardSave if item == "state"
+                   else ocp.args.JsonSave)
+      registry.add(item, ocp.args.StandardRestore if item == "state"
+                   else ocp.args.JsonRestore)
+    # Each process has its own iterator position, so each writes its own
+    # file (orbax's JSON handler otherwise writes from host 0 only).
+    self._data_file = f"process_{jax.process_index()}.json"
+    data_handler = ocp.handlers.JsonCheckpointHandler(
+      self._data_file,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=None))
+    registry.add("data", ocp.args.JsonSave, data_handler)
+    registry.add("data", ocp.args.JsonRestore, data_handler)
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      enable_async_checkpointing=async_save)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                      handler_registry=registry)
+
+  def should_save(self, step: int) -> bool:
+    return step % self.every_steps == 0
+
+  def save(self, step: int, state: Any, *,
+           data_state: Mapping[str, Any] | None = None,
+           config: Mapping[str, Any] | None = None,
+           force: bool = False) -> bool:
+    """Starts saving; True if a save was started.
+
+    With async saves this returns once the arrays are copied to host memory,
+    so the caller may donate `state` to the next step right away.
+    """
+    step = int(step)
+    if not (force or self.should_save(step)):
+      return False
+    if step in self._mgr.all_steps():
+      return False   # e.g. a SIGTERM save right after the periodic one
+    # Fail here, not in the background writer thread, on non-JSON input.
+    data_state = _checked_json("data_state", data_state)
+    config = _checked_json("config", config)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              config=ocp.args.JsonSave(config))
+    return self._mgr.save(step, args=args, force=True,
+                          custom_metadata={"fingerprint": _fingerprint(state)})
+
+  def restore_latest(self, abstract_state: Any
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """`(step, state, data_state)` from the newest good checkpoint, or None.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings;
+    the restored arrays get those shardings.
+    """
+    self.wait()   # an in-flight save of ours is not a partial checkpoint
+    self._mgr.reload()
+    steps = self._step_dirs()
+    for step in steps:
+      state, data_state, problem = self._try_restore(step, abstract_state)
+      problem = _agree(problem)
+      if problem is None:
+        return step, state, data_state
+      self._set_aside(step, problem)
+    if steps:
+      raise CheckpointError(
+        f"no usable checkpoint in {self.directory}: all {len(steps)} were "
+        f"partial or corrupt and were renamed to <step>.corrupt")
+    set_aside = [p.name for p in self._listdir() if ".corrupt" in p.name]
+    if set_aside:
+      print(f"checkpoint: no checkpoint in {self.directory} (starting fresh); "
+            f"earlier bad ones are kept as {', '.join(sorted(set_aside))}",
+            file=sys.stderr, flush=True)
+    return None
+
+  def latest_step(self) -> int | None:
+    """Newest step saved or being saved (restore may pick an older one)."""
+    return self._mgr.latest_step()
+
+  def saved_config(self, step: int | None = None) -> dict[str, Any] | None:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    args = ocp.args.Composite(config=ocp.args.JsonRestore())
+    try:
+      return dict(self._mgr.restore(step, args=args)["config"])
+    except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
+      raise CheckpointError(f"cannot read the config of checkpoint {step} in "
+                            f"{self.directory}: {_one_line(e)}") from e
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def _listdir(self) -> list[epath.Path]:
+    return list(self.directory.iterdir()) if self.directory.exists() else []
+
+  def _step_dirs(self) -> list[int]:
+    """Every `<step>` directory, newest first, committed or not.
+
+    Not orbax's `all_steps()`: that hides half-written steps in commit-file
+    mode, and those must be moved aside before the step is saved again.
+    """
+    return sorted((int(p.name) for p in self._listdir()
+                   if _STEP_NAME.match(p.name) and p.is_dir()), reverse=True)
+
+  def _try_restore(self, step: int, abstract_state: Any
+                   ) -> tuple[Any, dict[str, Any] | None, str | None]:
+    """Restores `step`; (None, None, problem) if the checkpoint is broken.
+
+    Raises CheckpointError if the checkpoint is fine but does not fit
+    `abstract_state`: that is a config change, not corruption.
+    """
+    step_dir = self.directory / str(step)
+    problem = commit_problem(step_dir)
+    if problem:
+      return None, None, problem
+    try:
+      meta = self._mgr.item_metadata(step)["state"]
+    except Exception as e:  # corrupt metadata surfaces as any error type
+      return None, None, f"unreadable state metadata ({_one_line(e)})"
+    if meta is None:
+      return None, None, "state metadata missing"
+    mismatch = _mismatch(_flat(getattr(meta, "tree", meta)),
+                         _flat(abstract_state))
+    if mismatch:
+      raise CheckpointError(f"checkpoint {step} in {self.directory} does not "
+                            f"fit the model: {mismatch}")
+    if not (step_dir / "data" / self._data_file).exists():
+      others = sorted(p.name for p in (step_dir / "data").glob("process_*"))
+      if others:
+        raise CheckpointError(
+          f"checkpoint {step} in {self.directory} has data-iterator state "
+          f"for {others}, none for process {jax.process_index()} of "
+          f"{jax.process_count()}: was it saved with another process count?")
+      return None, None, f"data/{self._data_file} missing"
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(),
+                              config=ocp.args.JsonRestore())
+    try:
+      restored = self._mgr.restore(step, args=args)
+    except Exception as e:  # tensorstore read errors are bare `Exception`s
+      return None, None, _one_line(e)
+    expected = self._mgr.metadata(step).custom_metadata or {}
+    bad_key = _first_difference(expected.get("fingerprint"),
+                                _fingerprint(restored["state"]))
+    if bad_key is not None:
+      return None, None, f"array {bad_key!r} does not match its fingerprint"
+    return restored["state"], dict(restored["data"]), None
+
+  def _set_aside(self, step: int, problem: str) -> None:
+    dst, k = self.directory / f"{step}.corrupt", 0
+    while dst.exists():   # the same step number went bad before
+      k += 1
+      dst = self.directory / f"{step}.corrupt-{k}"
+    self._barrier(f"set_aside_{step}")   # every host has picked `dst`
+    if ocp.multihost.is_primary_host(0):
+      (self.directory / str(step)).rename(dst)
+    self._barrier(f"set_aside_{step}_done")
+    print(f"checkpoint: step {step} in {self.directory} is unusable "
+          f"({problem}); renamed it to {dst.name}, trying the previous one",
+          file=sys.stderr, flush=True)
+    self._mgr.reload()
+
+  def _barrier(self, name: str) -> None:
+    self._barriers += 1   # orbax wants a fresh barrier name every time
+    ocp.multihost.sync_global_processes(
+      f"efficient_lm_checkpoint_{name}_{self._barriers}")
+
+
+def _checked_json(name: str, obj: Mapping[str, Any] | None) -> dict[str, Any]:
+  obj = {} if obj is None else dict(obj)
+  try:
+    json.dumps(obj)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be JSON-serializable: {e}") from e
+  return obj
+
+
+def _one_line(e: BaseException) -> str:
+  # Tensorstore messages run to pages of JSON specs; the head says enough.
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = text.split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def _agree(problem: str | None) -> str | None:
+  """A checkpoint is bad if any process found it bad, so all hosts agree."""
+  if jax.process_count() == 1:
+    return problem
+  bad = multihost_utils.process_allgather(np.int32(problem is not None))
+  if problem is None and np.any(bad):
+    problem = "another process could not read it"
+  return problem
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):   # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """Leaves by dotted path; orbax stores namedtuples as lists and int dict
+  keys as strings, so only the key names are compared."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path): x for path, x in leaves}
+
+
+def _describe(x: Any) -> str:
+  dtype = getattr(x, "dtype", None)
+  shape = tuple(getattr(x, "shape", ()))
+  return f"{shape} {np.dtype(dtype).name}" if dtype is not None else str(shape)
+
+
+def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+  for key, want in wanted.items():
+    if key not in stored:
+      return f"key {key!r}: checkpoint has no such entry, model wants " + (
+        _describe(want))
+    have = stored[key]
+    same_dtype = (getattr(have, "dtype", None) is None
+                  or getattr(want, "dtype", None) is None
+                  or np.dtype(have.dtype) == np.dtype(want.dtype))
+    if tuple(have.shape) != tuple(want.shape) or not same_dtype:
+      return (f"key {key!r}: checkpoint has {_describe(have)}, model wants "
+              f"{_describe(want)}")
+  for key, have in stored.items():
+    if key not in wanted:
+      return (f"key {key!r}: checkpoint has {_describe(have)}, model has no "
+              "such entry")
+  return None
+
+
+# Fingerprints catch what orbax cannot: zstd chunks carry no checksum, so a
+# flipped byte in a data file restores silently as a wrong value. Integer
+# sums mod 2^32 are exact, so the value is independent of the sharding.
+_POSITION_MIX = np.uint32(0x9E3779B1)
+_VALUE_MIX = np.uint32(0x85EBCA6B)
+
+
+@jax.jit
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if jnp.iscomplexobj(x):
+    x = jnp.stack([x.real, x.imag])
+  if x.dtype == jnp.bool_:
+    u = x.astype(jnp.uint32)
+  elif x.dtype.itemsize >= 4:   # 8-byte types gain a trailing axis of 2
+    u = lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+    u = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  # Linear positions without a reshape, which could reshard `x`.
+  pos, stride = jnp.zeros(u.shape, jnp.uint32), 1
+  for axis in reversed(range(u.ndim)):
+    iota = lax.broadcasted_iota(jnp.uint32, u.shape, axis)
+    pos, stride = pos + iota * np.uint32(stride % 2**32), stride * u.shape[axis]
+  return jnp.sum((u ^ (pos * _POSITION_MIX)) * _VALUE_MIX, dtype=jnp.uint32)
+
+
+def _fingerprint(state: Any) -> dict[str, int]:
+  # One jit per leaf: leaves may live on different device sets.
+  sums = {k: _leaf_fingerprint(jnp.asarray(x)) for k, x in _flat(state).items()}
+  return {k: int(v) for k, v in jax.device_get(sums).items()}
+
+
+def _first_difference(expected: dict[str, int] | None,
+                      actual: dict[str, int]) -> str | None:
+  if expected is None:   # saved without fingerprints: nothing to check
+    return None
+  for key, value in actual.items():
+    if expected.get(key) != value:
+      return key
+  return None
