@@ -52,6 +52,7 @@ suffix, block mask) and for causal + window; unions (window OR prefix) can
 give PARTIAL for a tile that is in fact FULL.
 """
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -126,12 +127,15 @@ def _block_lookup(spec, q_pos, k_pos):
   return inside & flat[idx]
 
 
-def element_mask(spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix):
+def element_mask(spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix, *,
+                 block_lookup=None):
   """The predicate of the module docstring on broadcastable int arrays.
 
   Used by the dense reference ([B, Tq, 1] vs [B, 1, Tk]) and by the kernels
   on PARTIAL tiles. `k_is_suffix` is a bool array (or Python bool) marking
-  transient-global columns.
+  transient-global columns. `block_lookup(q_pos, k_pos)` may replace the
+  gather-based block_mask lookup (kernels cannot gather; they use a one-hot
+  matmul with the same meaning).
   """
   visible = (q_seg == k_seg) & (q_seg != 0)
   if spec.causal:
@@ -150,7 +154,8 @@ def element_mask(spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix):
                        == floordiv(k_pos, spec.chunk))
     parts.append(local)
   if spec.block_mask is not None:
-    parts.append(_block_lookup(spec, q_pos, k_pos))
+    lookup = block_lookup or functools.partial(_block_lookup, spec)
+    parts.append(lookup(q_pos, k_pos))
   if parts:
     pattern = parts[0]
     for p in parts[1:]:

@@ -1,0 +1,61 @@
+"""The one place that absorbs Pallas API churn (tested with jax 0.11.2).
+
+Names moved between releases (TPUCompilerParams -> CompilerParams,
+TPUMemorySpace -> MemorySpace, `interpret=` growing TPU-specific params);
+kernels import them from here so an upgrade touches one file.
+"""
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+PrefetchScalarGridSpec = pltpu.PrefetchScalarGridSpec
+BlockSpec = pl.BlockSpec
+when = pl.when
+program_id = pl.program_id
+
+
+def tpu_compiler_params(dimension_semantics):
+  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+  return cls(dimension_semantics=tuple(dimension_semantics))
+
+
+def vmem(shape, dtype):
+  """A VMEM scratch buffer of the given shape."""
+  space = getattr(pltpu, "VMEM", None)
+  if space is None:  # older releases: pltpu.TPUMemorySpace.VMEM
+    space = pltpu.TPUMemorySpace.VMEM
+  return space(shape, dtype)
+
+
+def interpret_mode(interpret: bool):
+  """Value for pallas_call(interpret=...).
+
+  `True` selects the generic HLO interpreter (a jitted scan over the grid,
+  scalar prefetch and scratch included); it runs on CPU and is fast enough
+  for tests. `pltpu.InterpretParams()` would simulate TPU memory spaces and
+  DMAs too, at a large speed cost we do not need here.
+  """
+  return bool(interpret)
+
+
+def pallas_call(kernel, *, out_shape, grid_spec, dimension_semantics,
+                interpret, name=None, cost_estimate=None):
+  kwargs = {}
+  if cost_estimate is not None:
+    kwargs["cost_estimate"] = cost_estimate
+  return pl.pallas_call(
+    kernel, out_shape=out_shape, grid_spec=grid_spec,
+    compiler_params=tpu_compiler_params(dimension_semantics),
+    interpret=interpret_mode(interpret), name=name, **kwargs)
+
+
+def cost_estimate(flops, transcendentals, bytes_accessed):
+  cls = getattr(pl, "CostEstimate", None)
+  if cls is None:
+    return None
+  return cls(flops=int(flops), transcendentals=int(transcendentals),
+             bytes_accessed=int(bytes_accessed))
+
+
+def on_tpu() -> bool:
+  return jax.default_backend() == "tpu"

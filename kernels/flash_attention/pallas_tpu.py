@@ -1,0 +1,383 @@
+"""Block-sparse flash attention as Pallas Mosaic TPU kernels (FA2).
+
+Implements the backend contract of vjp.py. Each kernel's innermost grid axis
+walks a compacted list of non-empty tiles from masks.BlockMetadata, passed
+by scalar prefetch (SMEM); the index maps read the list, so EMPTY tiles are
+never fetched nor computed. List entries past the count repeat the last
+index, so the pipeline keeps the resident block and issues no DMA.
+
+Per-row data is passed with a unit minor dim: q positions / segments
+[B, T, 1], kv ones [B, 1, T], lse and delta [B, H, T, 1], so each tile
+broadcasts (rows, 1) against (1, cols) without relayouts.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import compat
+from kernels import masks
+
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "-inf": no NaN
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims):
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _table(spec):
+  """block_mask as a lane-aligned f32 [NPQ, NPK] operand (or None)."""
+  if spec.block_mask is None:
+    return None
+  t = np.asarray(spec.block_mask, np.float32)
+  out = np.zeros((_round_up(t.shape[0], 128), _round_up(t.shape[1], 128)),
+                 np.float32)
+  out[:t.shape[0], :t.shape[1]] = t
+  return jnp.asarray(out)
+
+
+def _mxu_lookup(spec, table, q_pos, k_pos):
+  """block_mask[q_pos // bq][k_pos // bk] as two one-hot matmuls."""
+  bq, bk = spec.block_mask_sizes
+  npq, npk = table.shape
+  qb = masks.floordiv(q_pos, bq)  # (rows, 1)
+  kb = masks.floordiv(k_pos, bk)  # (1, cols)
+  rows = jax.lax.broadcasted_iota(jnp.int32, (q_pos.shape[0], npq), 1)
+  onehot_q = (rows == qb).astype(jnp.float32)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (npk, k_pos.shape[1]), 0)
+  onehot_k = (cols == kb).astype(jnp.float32)
+  hit = _dot(_dot(onehot_q, table, _NN), onehot_k, _NN)
+  return hit > 0.5  # out-of-table positions hit no row / column: False
+
+
+def _tile_mask(params, q_pos, q_seg, k_pos, k_seg, kv_block, table_ref):
+  bk = k_pos.shape[1]
+  col = kv_block * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  sfx = (col >= params.suffix_start) & (col < params.kv_len)
+  lookup = None
+  if table_ref is not None:
+    lookup = functools.partial(_mxu_lookup, params.spec, table_ref[...])
+  vis = masks.element_mask(params.spec, q_pos, k_pos, q_seg, k_seg, sfx,
+                           block_lookup=lookup)
+  return jnp.broadcast_to(vis, (q_pos.shape[0], bk))
+
+
+def _logits(params, q, k):
+  """Scaled (and soft-capped) logits; also tanh for the cap's derivative."""
+  s = _dot(q, k, _NT) * params.scale
+  if params.logits_soft_cap is None:
+    return s, None
+  t = jnp.tanh(s / params.logits_soft_cap)
+  return params.logits_soft_cap * t, t
+
+
+class _Lists:
+  """Flattened scalar-prefetch lists: count [B*M], index / kind [B*M*N]."""
+
+  def __init__(self, count, index, kind):
+    self.b, self.m, self.n = index.shape
+    self.arrays = (count.reshape(-1), index.reshape(-1), kind.reshape(-1))
+
+  def at(self, refs, b, row, j):
+    count, index, kind = refs
+    flat = (b * self.m + row) * self.n + j
+    return count[b * self.m + row], index[flat], kind[flat]
+
+
+def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
+  b, hq, tq, d = q.shape
+  hkv, tk, e = k.shape[1], k.shape[2], v.shape[3]
+  g = hq // hkv
+  bq, bk = params.block_q, params.block_kv
+  nq, nk = tq // bq, tk // bk
+  lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
+  table = _table(params.spec)
+
+  def kv_block(bi, h, i, j, *refs):
+    return lists.at(refs, bi, i, j)[1]
+
+  in_specs = [
+    compat.BlockSpec((None, None, bq, d), lambda bi, h, i, j, *r: (bi, h, i, 0)),
+    compat.BlockSpec((None, None, bk, d), lambda bi, h, i, j, *r: (
+      bi, h // g, kv_block(bi, h, i, j, *r), 0)),
+    compat.BlockSpec((None, None, bk, e), lambda bi, h, i, j, *r: (
+      bi, h // g, kv_block(bi, h, i, j, *r), 0)),
+    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
+    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
+    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
+      bi, 0, kv_block(bi, h, i, j, *r))),
+    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
+      bi, 0, kv_block(bi, h, i, j, *r))),
+  ]
+  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
+              k_pos[:, None, :], k_seg[:, None, :]]
+  if table is not None:
+    in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
+    operands.append(table)
+  out_specs = [
+    compat.BlockSpec((None, None, bq, e), lambda bi, h, i, j, *r: (bi, h, i, 0)),
+    compat.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, *r: (bi, h, i, 0)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct((b, hq, tq, e), q.dtype),
+               jax.ShapeDtypeStruct((b, hq, tq, 1), jnp.float32)]
+  scratch = [compat.vmem((bq, 1), jnp.float32), compat.vmem((bq, 1),
+                                                            jnp.float32),
+             compat.vmem((bq, e), jnp.float32)]
+
+  def kernel(*refs):
+    list_refs, refs = refs[:3], refs[3:]
+    q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref = refs[:7]
+    refs = refs[7:]
+    table_ref = refs[0] if table is not None else None
+    o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[-5:]
+    bi, i, j = (compat.program_id(a) for a in (0, 2, 3))
+    count, kv_idx, kind = lists.at(list_refs, bi, i, j)
+
+    @compat.when(j == 0)
+    def _init():
+      m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+      l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+      acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    def step(masked):
+      s, _ = _logits(params, q_ref[...], k_ref[...])
+      if masked:
+        vis = _tile_mask(params, qp_ref[...], qs_ref[...], kp_ref[...],
+                         ks_ref[...], kv_idx, table_ref)
+        s = jnp.where(vis, s, _NEG)
+      m_prev = m_sc[...]
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+      p = jnp.exp(s - m_new)
+      if masked:  # a row masked so far has m_new == _NEG and p == 1
+        p = jnp.where(vis, p, 0.0)
+      alpha = jnp.exp(m_prev - m_new)
+      l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+      acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v_ref.dtype),
+                                               v_ref[...], _NN)
+      m_sc[...] = m_new
+
+    live = j < count
+    compat.when(live & (kind == masks.FULL))(lambda: step(False))
+    compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
+
+    @compat.when(j == nk - 1)
+    def _finish():
+      l = l_sc[...]
+      seen = l > 0.0
+      inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+      o_ref[...] = (acc_sc[...] * inv).astype(o_ref.dtype)
+      lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(
+        seen, l, 1.0)), -jnp.inf)
+
+  grid_spec = compat.PrefetchScalarGridSpec(
+    num_scalar_prefetch=3, grid=(b, hq, nq, nk), in_specs=in_specs,
+    out_specs=out_specs, scratch_shapes=scratch)
+  o, lse = compat.pallas_call(
+    kernel, out_shape=out_shape, grid_spec=grid_spec,
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+    interpret=params.interpret, name="flash_fwd",
+  )(*lists.arrays, *operands)
+  return o, lse[..., 0]
+
+
+def _ds(params, q, k, v, do, lse, delta, vis):
+  """p and dS of one tile (dS w.r.t. the pre-cap scaled logits)."""
+  s, t = _logits(params, q, k)
+  p = jnp.exp(s - lse)
+  if vis is not None:
+    p = jnp.where(vis, p, 0.0)  # also clears rows whose lse is -inf
+  dp = _dot(do, v, _NT)
+  ds = p * (dp - delta)
+  if t is not None:
+    ds = ds * (1.0 - t * t)
+  return p, ds
+
+
+def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
+             params):
+  b, hq, tq, d = q.shape
+  hkv, tk, e = k.shape[1], k.shape[2], v.shape[3]
+  g = hq // hkv
+  bq, bk = params.block_q, params.block_kv
+  nq, nk = tq // bq, tk // bk
+  lists = _Lists(meta.q_count, meta.q_index, meta.q_kind)
+  table = _table(params.spec)
+
+  def q_block(bi, hk, kj, gi, i, *refs):
+    return lists.at(refs, bi, kj, i)[1]
+
+  def row_spec(shape):  # q-side operand [B, Hq, T, x]
+    return compat.BlockSpec(shape, lambda bi, hk, kj, gi, i, *r: (
+      bi, hk * g + gi, q_block(bi, hk, kj, gi, i, *r), 0))
+
+  def pos_spec():  # q-side per-row [B, T, 1]
+    return compat.BlockSpec((None, bq, 1), lambda bi, hk, kj, gi, i, *r: (
+      bi, q_block(bi, hk, kj, gi, i, *r), 0))
+
+  def kv_spec(shape):
+    return compat.BlockSpec(shape, lambda bi, hk, kj, gi, i, *r: (
+      bi, hk, kj, 0))
+
+  def kv_row_spec():
+    return compat.BlockSpec((None, 1, bk), lambda bi, hk, kj, gi, i, *r: (
+      bi, 0, kj))
+
+  in_specs = [row_spec((None, None, bq, d)), kv_spec((None, None, bk, d)),
+              kv_spec((None, None, bk, e)), pos_spec(), pos_spec(),
+              kv_row_spec(), kv_row_spec(), row_spec((None, None, bq, e)),
+              row_spec((None, None, bq, 1)), row_spec((None, None, bq, 1))]
+  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
+              k_pos[:, None, :], k_seg[:, None, :], do, lse[..., None],
+              delta[..., None]]
+  if table is not None:
+    in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
+    operands.append(table)
+  out_specs = [kv_spec((None, None, bk, d)), kv_spec((None, None, bk, e))]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  scratch = [compat.vmem((bk, d), jnp.float32),
+             compat.vmem((bk, e), jnp.float32)]
+
+  def kernel(*refs):
+    list_refs, refs = refs[:3], refs[3:]
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
+     delta_ref) = refs[:10]
+    table_ref = refs[10] if table is not None else None
+    dk_ref, dv_ref, dk_sc, dv_sc = refs[-4:]
+    bi, kj, gi, i = (compat.program_id(a) for a in (0, 2, 3, 4))
+    count, _, kind = lists.at(list_refs, bi, kj, i)
+
+    @compat.when((gi == 0) & (i == 0))
+    def _init():
+      dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+      dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    def step(masked):
+      q_t = q_ref[...]
+      vis = None
+      if masked:
+        vis = _tile_mask(params, qp_ref[...], qs_ref[...], kp_ref[...],
+                         ks_ref[...], kj, table_ref)
+      do_t = do_ref[...]
+      p, ds = _ds(params, q_t, k_ref[...], v_ref[...], do_t, lse_ref[...],
+                  delta_ref[...], vis)
+      dv_sc[...] += _dot(p.astype(do_t.dtype), do_t, _TN)
+      dk_sc[...] += _dot(ds.astype(q_t.dtype), q_t, _TN)
+
+    live = i < count
+    compat.when(live & (kind == masks.FULL))(lambda: step(False))
+    compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
+
+    @compat.when((gi == g - 1) & (i == nq - 1))
+    def _finish():
+      dk_ref[...] = (dk_sc[...] * params.scale).astype(dk_ref.dtype)
+      dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+  grid_spec = compat.PrefetchScalarGridSpec(
+    num_scalar_prefetch=3, grid=(b, hkv, nk, g, nq), in_specs=in_specs,
+    out_specs=out_specs, scratch_shapes=scratch)
+  return compat.pallas_call(
+    kernel, out_shape=out_shape, grid_spec=grid_spec,
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
+                         "arbitrary"),
+    interpret=params.interpret, name="flash_bwd_dkv",
+  )(*lists.arrays, *operands)
+
+
+def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
+            params):
+  b, hq, tq, d = q.shape
+  tk, e = k.shape[2], v.shape[3]
+  g = hq // k.shape[1]
+  bq, bk = params.block_q, params.block_kv
+  nq, nk = tq // bq, tk // bk
+  lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
+  table = _table(params.spec)
+
+  def kv_block(bi, h, i, j, *refs):
+    return lists.at(refs, bi, i, j)[1]
+
+  def row_spec(shape):
+    return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (bi, h, i, 0))
+
+  def kv_spec(shape):
+    return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (
+      bi, h // g, kv_block(bi, h, i, j, *r), 0))
+
+  in_specs = [
+    row_spec((None, None, bq, d)), kv_spec((None, None, bk, d)),
+    kv_spec((None, None, bk, e)),
+    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
+    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
+    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
+      bi, 0, kv_block(bi, h, i, j, *r))),
+    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
+      bi, 0, kv_block(bi, h, i, j, *r))),
+    row_spec((None, None, bq, e)), row_spec((None, None, bq, 1)),
+    row_spec((None, None, bq, 1))]
+  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
+              k_pos[:, None, :], k_seg[:, None, :], do, lse[..., None],
+              delta[..., None]]
+  if table is not None:
+    in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
+    operands.append(table)
+
+  def kernel(*refs):
+    list_refs, refs = refs[:3], refs[3:]
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
+     delta_ref) = refs[:10]
+    table_ref = refs[10] if table is not None else None
+    dq_ref, dq_sc = refs[-2:]
+    bi, i, j = (compat.program_id(a) for a in (0, 2, 3))
+    count, kv_idx, kind = lists.at(list_refs, bi, i, j)
+
+    @compat.when(j == 0)
+    def _init():
+      dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    def step(masked):
+      k_t = k_ref[...]
+      vis = None
+      if masked:
+        vis = _tile_mask(params, qp_ref[...], qs_ref[...], kp_ref[...],
+                         ks_ref[...], kv_idx, table_ref)
+      _, ds = _ds(params, q_ref[...], k_t, v_ref[...], do_ref[...],
+                  lse_ref[...], delta_ref[...], vis)
+      dq_sc[...] += _dot(ds.astype(k_t.dtype), k_t, _NN)
+
+    live = j < count
+    compat.when(live & (kind == masks.FULL))(lambda: step(False))
+    compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
+
+    @compat.when(j == nk - 1)
+    def _finish():
+      dq_ref[...] = (dq_sc[...] * params.scale).astype(dq_ref.dtype)
+
+  grid_spec = compat.PrefetchScalarGridSpec(
+    num_scalar_prefetch=3, grid=(b, hq, nq, nk), in_specs=in_specs,
+    out_specs=[row_spec((None, None, bq, d))],
+    scratch_shapes=[compat.vmem((bq, d), jnp.float32)])
+  (dq,) = compat.pallas_call(
+    kernel, out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+    grid_spec=grid_spec,
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+    interpret=params.interpret, name="flash_bwd_dq",
+  )(*lists.arrays, *operands)
+  return dq
+
+
+def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
+              params):
+  dk, dv = _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do,
+                    delta, params)
+  dq = _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
+               params)
+  return dq, dk, dv
