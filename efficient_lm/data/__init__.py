@@ -1,0 +1,19 @@
+"""Data: sources -> tokenizers -> packed, sharded, resumable batches.
+
+  tok = make_tokenizer(data_cfg)
+  it = make_iterator(data_cfg, "train", global_batch_size=B, seed=S,
+                     process_index=p, process_count=n, tokenizer=tok)
+  batch = next(it)            # inputs/targets/segment_ids/positions [B/n, L]
+  state = it.get_state()      # JSON-serialisable; it.set_state(state)
+"""
+
+from efficient_lm.data.errors import DataError
+from efficient_lm.data.pipeline import DataIterator, make_iterator
+from efficient_lm.data.tokenizers import (ByteTokenizer, CharTokenizer,
+                                          SentencePieceTokenizer, Tokenizer,
+                                          make_tokenizer)
+
+__all__ = [
+  "ByteTokenizer", "CharTokenizer", "DataError", "DataIterator",
+  "SentencePieceTokenizer", "Tokenizer", "make_iterator", "make_tokenizer",
+]
