@@ -1,0 +1,329 @@
+"""Block-sparse flash attention for GPU: Pallas kernels, Triton lowering.
+
+Implements the backend contract of kernels/flash_attention/vjp.py
+(`flash_fwd`, `flash_bwd`). Letters: B batch, H query heads, K kv heads
+(G = H / K query heads per kv head), T query length, S key length, D q/k
+head dim, E value head dim. Layout [B, H, T, D].
+
+Three kernels, FA2 style, all driven by `masks.BlockMetadata`:
+  forward  grid (T/bq, B, H): walks the compacted non-empty kv blocks of its
+           q block (`kv_index[:kv_count]`), online softmax in f32.
+  dK/dV    grid (S/bk, B, K): walks the transposed list (`q_index`) for each
+           of the G query heads of its kv head, so GQA needs no atomics.
+  dQ       grid (T/bq, B, H): walks `kv_index` again.
+EMPTY tiles are never visited; the element predicate (`masks.element_mask`,
+recomputed from positions and segment ids) runs only on PARTIAL tiles.
+
+Why Triton-lowered Pallas rather than Mosaic GPU: this path runs in the
+Pallas interpreter on CPU, where it is tested against the dense reference,
+and it lowers for `cuda` from a CPU-only machine. Mosaic GPU (`plgpu`,
+warpgroup MMA + TMA) is the faster Hopper target and the next step; JAX
+marks the Triton lowering deprecated, so this file is the portable
+baseline, not the end state.
+Triton tensors must have power-of-two sizes, so head dims are zero-padded
+to the next power of two here (exact: zero columns add nothing to q.k, and
+the extra output columns are zero and sliced off).
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels import masks
+
+_LOG2E = math.log2(math.e)
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def _dot(a, b, dims):
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _pow2(n):
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def _pad_last(x, n):
+  if x.shape[-1] == n:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+
+def _compiler_params(head_dim):
+  # Wider heads need more warps to hold the f32 accumulators in registers.
+  return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8,
+                                  num_stages=2)
+
+
+def _check(q, k, meta, params):
+  b, h, t, _ = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  bq, bk = params.block_q, params.block_kv
+  if h % kh:
+    raise ValueError(f"query heads {h} not a multiple of kv heads {kh}")
+  if t % bq or s % bk:
+    raise ValueError(f"lengths ({t}, {s}) must be multiples of blocks "
+                     f"({bq}, {bk}); pad first")
+  if meta.kind.shape != (b, t // bq, s // bk):
+    raise ValueError(f"metadata {meta.kind.shape} does not match tiles "
+                     f"{(b, t // bq, s // bk)}")
+  # NotImplementedError lets kernels.attention fall back to another impl.
+  for n in (bq, bk):
+    if n < 16 or n & (n - 1):
+      raise NotImplementedError(
+        f"pallas_gpu (Triton) tiles must be powers of two >= 16; got "
+        f"blocks ({bq}, {bk})")
+  if params.spec.block_mask is not None:
+    raise NotImplementedError(
+      "pallas_gpu: masks.element_mask reads block_mask from a captured "
+      "constant, which pallas_call refuses; needs the table as an input")
+
+
+# ------------------------------------------------------------- tile helpers
+
+
+def _logits(q, k, params):
+  """Scaled (and soft-capped) logits in log2 units, plus tanh for the vjp."""
+  s = _dot(q, k, _NT) * params.scale
+  cap = params.logits_soft_cap
+  if cap is None:
+    return s * _LOG2E, None
+  t = jnp.tanh(s / cap)
+  return t * (cap * _LOG2E), t
+
+
+def _mask_tile(s, kind, rows, cols, params):
+  """Applies the element predicate only when the tile is PARTIAL."""
+  q_pos_ref, q_seg_ref, q_start = rows
+  k_pos_ref, k_seg_ref, k_start = cols
+  bq, bk = s.shape
+  spec = params.spec
+
+  def masked(s):
+    q_pos = q_pos_ref[pl.ds(q_start, bq)]
+    q_seg = q_seg_ref[pl.ds(q_start, bq)]
+    k_pos = k_pos_ref[pl.ds(k_start, bk)]
+    k_seg = k_seg_ref[pl.ds(k_start, bk)]
+    sfx = False
+    if spec.global_suffix:
+      col = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+      sfx = (col >= params.suffix_start) & (col < params.kv_len)
+    vis = masks.element_mask(spec, q_pos[:, None], k_pos[None, :],
+                             q_seg[:, None], k_seg[None, :], sfx)
+    return jnp.where(vis, s, -jnp.inf)
+
+  return lax.cond(kind == masks.PARTIAL, masked, lambda s: s, s)
+
+
+def _probs(q, k, lse, kind, rows, cols, params):
+  """Recomputed p = exp(s - lse) of one tile, and tanh for the soft cap."""
+  s, t = _logits(q, k, params)
+  s = _mask_tile(s, kind, rows, cols, params)
+  # Rows that see no key have lse = -inf and, since they only occur in
+  # PARTIAL tiles, every s = -inf: any finite stand-in gives p = 0.
+  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+  return jnp.exp2(s - lse2[:, None]), t
+
+
+def _dlogits(p, dp, delta, t):
+  """dL/d(scale * q.k): softmax vjp, then the soft cap's tanh derivative."""
+  ds = p * (dp - delta[:, None])
+  return ds if t is None else ds * (1.0 - t * t)
+
+
+# ------------------------------------------------------------------ kernels
+
+
+def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
+                k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                *, params):
+  bq, bk = params.block_q, params.block_kv
+  q = q_ref[...]
+  rows = (q_pos_ref, q_seg_ref, pl.program_id(0) * bq)
+
+  def body(j, carry):
+    acc, m, l = carry
+    k_start = pl.multiple_of(index_ref[j] * bk, bk)
+    k = k_ref[pl.ds(k_start, bk), :]
+    v = v_ref[pl.ds(k_start, bk), :]
+    s, _ = _logits(q, k, params)
+    s = _mask_tile(s, kind_ref[j], rows, (k_pos_ref, k_seg_ref, k_start),
+                   params)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # A row that has seen nothing keeps m = -inf; subtracting 0 instead
+    # keeps exp2(-inf - -inf) from making a NaN.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2(s - m_safe[:, None])
+    alpha = jnp.exp2(m - m_safe)
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    return acc, m_new, l
+
+  init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+          jnp.full((bq,), -jnp.inf, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, count_ref[...], body, init)
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+
+
+def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
+                 k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                 delta_ref, dk_ref, dv_ref, *, params):
+  bq, bk = params.block_q, params.block_kv
+  k = k_ref[...]
+  v = v_ref[...]
+  cols = (k_pos_ref, k_seg_ref, pl.program_id(0) * bk)
+  count = count_ref[...]
+
+  def head(g, carry):  # one query head of this kv head's group
+    def body(j, carry):
+      dk, dv = carry
+      q_start = pl.multiple_of(index_ref[j] * bq, bq)
+      rows = pl.ds(q_start, bq)
+      q = q_ref[g, rows, :]
+      do = do_ref[g, rows, :]
+      p, t = _probs(q, k, lse_ref[g, rows], kind_ref[j],
+                    (q_pos_ref, q_seg_ref, q_start), cols, params)
+      dv = dv + _dot(p.astype(do.dtype), do, _TN)
+      ds = _dlogits(p, _dot(do, v, _NT), delta_ref[g, rows], t)
+      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      return dk, dv
+
+    return lax.fori_loop(0, count, body, carry)
+
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk, dv = lax.fori_loop(0, q_ref.shape[0], head, init)
+  dk_ref[...] = (dk * params.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
+               k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, params):
+  bq, bk = params.block_q, params.block_kv
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  delta = delta_ref[...]
+  rows = (q_pos_ref, q_seg_ref, pl.program_id(0) * bq)
+
+  def body(j, dq):
+    k_start = pl.multiple_of(index_ref[j] * bk, bk)
+    k = k_ref[pl.ds(k_start, bk), :]
+    v = v_ref[pl.ds(k_start, bk), :]
+    p, t = _probs(q, k, lse, kind_ref[j], rows,
+                  (k_pos_ref, k_seg_ref, k_start), params)
+    ds = _dlogits(p, _dot(do, v, _NT), delta, t)
+    return dq + _dot(ds.astype(k.dtype), k, _NN)
+
+  dq = lax.fori_loop(0, count_ref[...], body,
+                     jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * params.scale).astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------- wrappers
+
+
+def _row_specs(n_blocks, t, s):
+  """Metadata row of this block + whole position / segment rows."""
+  return [
+    pl.BlockSpec((None, None), lambda i, b, h: (b, i)),
+    pl.BlockSpec((None, None, n_blocks), lambda i, b, h: (b, i, 0)),
+    pl.BlockSpec((None, None, n_blocks), lambda i, b, h: (b, i, 0)),
+    pl.BlockSpec((None, t), lambda i, b, h: (b, 0)),
+    pl.BlockSpec((None, t), lambda i, b, h: (b, 0)),
+    pl.BlockSpec((None, s), lambda i, b, h: (b, 0)),
+    pl.BlockSpec((None, s), lambda i, b, h: (b, 0)),
+  ]
+
+
+def _q_tile(bq, d):
+  return pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, i, 0))
+
+
+def _kv_whole(s, d, g):
+  return pl.BlockSpec((None, None, s, d), lambda i, b, h: (b, h // g, 0, 0))
+
+
+def _row_tile(bq):
+  return pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+
+
+def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
+  """(o [B, H, T, E] in q.dtype, lse [B, H, T] f32); see vjp.py."""
+  _check(q, k, meta, params)
+  b, h, t, d = q.shape
+  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
+  g, bq = h // kh, params.block_q
+  dp, ep = _pow2(d), _pow2(e)
+  o, lse = pl.pallas_call(
+    functools.partial(_fwd_kernel, params=params),
+    grid=(t // bq, b, h),
+    in_specs=[*_row_specs(s // params.block_kv, t, s), _q_tile(bq, dp),
+              _kv_whole(s, dp, g), _kv_whole(s, ep, g)],
+    out_specs=[_q_tile(bq, ep), _row_tile(bq)],
+    out_shape=[jax.ShapeDtypeStruct((b, h, t, ep), q.dtype),
+               jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+    compiler_params=_compiler_params(max(dp, ep)),
+    interpret=params.interpret, name="flash_fwd_gpu",
+  )(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos, q_seg, k_pos, k_seg,
+    _pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep))
+  return o[..., :e], lse
+
+
+def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
+              params):
+  """(dq, dk, dv) like (q, k, v); delta = rowsum(o * do) - dlse."""
+  _check(q, k, meta, params)
+  b, h, t, d = q.shape
+  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
+  g, bq, bk = h // kh, params.block_q, params.block_kv
+  dp, ep = _pow2(d), _pow2(e)
+  seqs = (q_pos, q_seg, k_pos, k_seg)
+  q_, k_, v_, do_ = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep),
+                     _pad_last(do, ep))
+  cparams = _compiler_params(max(dp, ep))
+
+  # dK/dV: one program per (kv block, batch, kv head), its G query heads
+  # looped inside over whole [G, T, *] slabs of q, do, lse and delta.
+  def group(d_):
+    return pl.BlockSpec((None, g, t, d_), lambda i, b, h: (b, h, 0, 0))
+
+  def group_rows():
+    return pl.BlockSpec((None, g, t), lambda i, b, h: (b, h, 0))
+
+  dk, dv = pl.pallas_call(
+    functools.partial(_dkdv_kernel, params=params),
+    grid=(s // bk, b, kh),
+    in_specs=[*_row_specs(t // bq, t, s), group(dp), _q_tile(bk, dp),
+              _q_tile(bk, ep), group(ep), group_rows(), group_rows()],
+    out_specs=[_q_tile(bk, dp), _q_tile(bk, ep)],
+    out_shape=[jax.ShapeDtypeStruct((b, kh, s, dp), k.dtype),
+               jax.ShapeDtypeStruct((b, kh, s, ep), v.dtype)],
+    compiler_params=cparams, interpret=params.interpret,
+    name="flash_dkdv_gpu",
+  )(meta.q_count, meta.q_index, meta.q_kind, *seqs, q_, k_, v_, do_, lse,
+    delta)
+
+  dq = pl.pallas_call(
+    functools.partial(_dq_kernel, params=params),
+    grid=(t // bq, b, h),
+    in_specs=[*_row_specs(s // bk, t, s), _q_tile(bq, dp),
+              _kv_whole(s, dp, g), _kv_whole(s, ep, g), _q_tile(bq, ep),
+              _row_tile(bq), _row_tile(bq)],
+    out_specs=_q_tile(bq, dp),
+    out_shape=jax.ShapeDtypeStruct((b, h, t, dp), q.dtype),
+    compiler_params=cparams, interpret=params.interpret,
+    name="flash_dq_gpu",
+  )(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs, q_, k_, v_, do_, lse,
+    delta)
+  return dq[..., :d], dk[..., :d], dv[..., :e]
