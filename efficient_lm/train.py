@@ -6,7 +6,7 @@
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -19,6 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every save step at INFO; keep the console for progress.
+    logging.set_verbosity(logging.WARNING)
   import jax
   from efficient_lm import config as config_lib
   from efficient_lm.data import DataError
@@ -36,5 +39,16 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def parse_flags(argv):
+  """absl flag parsing with one-line errors for bad config overrides."""
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:  # ml_collections: override of a missing key
+    sys.exit(f"error: unknown config key {e} in the overrides "
+             f"({' '.join(a for a in argv[1:] if a.startswith('--config.'))})")
+  except (flags.Error, TypeError, ValueError, KeyError) as e:
+    sys.exit(f"error: {type(e).__name__}: {e}".replace("\n", " "))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

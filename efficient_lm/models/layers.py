@@ -31,7 +31,7 @@ class RMSNorm(nnx.Module):
     # Statistics in float32 whatever the compute dtype.
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...]).astype(x_BTD.dtype)
+    return (x * self.scale[...][None, None, :]).astype(x_BTD.dtype)
 
 
 class Embed(nnx.Module):

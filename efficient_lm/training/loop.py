@@ -35,7 +35,6 @@ class TrainingError(RuntimeError):
 class Trainer:
   """Everything built from the config before the first step runs."""
   cfg: Config
-  workdir: str
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
   state_shardings: Any
@@ -45,17 +44,12 @@ class Trainer:
   eval_step: Callable
   flops_per_token: float
   param_count: dict[str, int]
-  tokenizer: Any
   data_seed: int
 
 
-def build_trainer(cfg: Config, workdir: str) -> Trainer:
-  mesh = sharding.make_mesh(cfg.mesh)
-  tok = data_lib.make_tokenizer(cfg.data)
-  if tok.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(
-      f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-      f"{cfg.data.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+def build_trainer(cfg: Config, devices=None) -> Trainer:
+  """Model, shardings and jitted steps; no data and no I/O."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   # One seed, split once (DESIGN contract 6). Dropout / routing keys are
   # reserved for the models that use them.
   k_params, k_data, _k_dropout, _k_routing = jax.random.split(
@@ -94,14 +88,13 @@ def build_trainer(cfg: Config, workdir: str) -> Trainer:
                       in_shardings=(param_sh, batch_sh),
                       out_shardings=replicated)
   return Trainer(
-    cfg=cfg, workdir=workdir, mesh=mesh, graphdef=graphdef,
+    cfg=cfg, mesh=mesh, graphdef=graphdef,
     state_shardings=state_sh, abstract_state=abstract_state,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
     train_step=train_step, eval_step=eval_step,
     flops_per_token=transformer.flops_per_token(
       cfg.model, cfg.data.seq_len)["train"],
-    param_count=transformer.param_count(cfg.model), tokenizer=tok,
-    data_seed=data_seed)
+    param_count=transformer.param_count(cfg.model), data_seed=data_seed)
 
 
 def optax_state_shardings(optimizer, abstract_opt_state, param_sh,
@@ -113,15 +106,25 @@ def optax_state_shardings(optimizer, abstract_opt_state, param_sh,
     transform_non_params=lambda _: replicated)
 
 
-def make_iterator(t: Trainer, split: str):
+def make_tokenizer(cfg: Config):
+  tok = data_lib.make_tokenizer(cfg.data)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(
+      f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+      f"{cfg.data.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+  return tok
+
+
+def make_iterator(t: Trainer, tok, split: str):
   return data_lib.make_iterator(
     t.cfg.data, split=split, global_batch_size=t.cfg.train.batch_size,
     seed=t.data_seed, process_index=jax.process_index(),
-    process_count=jax.process_count(), tokenizer=t.tokenizer)
+    process_count=jax.process_count(), tokenizer=tok)
 
 
-def evaluate(t: Trainer, params) -> float:
-  it = make_iterator(t, "eval")
+def evaluate(t: Trainer, it, start_state, params) -> float:
+  """Mean eval loss over the same first `eval_batches` batches each time."""
+  it.set_state(start_state)
   nll, tokens = 0.0, 0.0
   for _ in range(t.cfg.train.eval_batches):
     out = t.eval_step(params, sharding.host_to_global(t.mesh, next(it)))
@@ -161,8 +164,13 @@ def run(cfg: Config, workdir: str, *,
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json())
-  t = build_trainer(cfg, workdir)
-  train_it = make_iterator(t, "train")
+  tok = make_tokenizer(cfg)
+  t = build_trainer(cfg)
+  train_it = make_iterator(t, tok, "train")
+  # data.eval_fraction=0 means no held-out data: evaluation is skipped.
+  eval_it = (make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0
+             else None)
+  eval_start = eval_it.get_state() if eval_it is not None else None
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       every_steps=cfg.checkpoint.every_steps,
                       keep=cfg.checkpoint.keep,
@@ -226,7 +234,8 @@ def run(cfg: Config, workdir: str, *,
           read(pending)
         pending = (step, m)
         progress.update(1)
-        is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        is_eval = eval_it is not None and (
+          step % cfg.train.eval_every == 0 or step == cfg.train.steps)
         must_save = (ckpt.should_save(step) or step == cfg.train.steps
                      or sigterm.raised)
         if is_eval or must_save:
@@ -234,7 +243,8 @@ def run(cfg: Config, workdir: str, *,
           read(pending)
           pending = None
         if is_eval:
-          last["eval_loss"] = evaluate(t, state["params"])
+          last["eval_loss"] = evaluate(t, eval_it, eval_start,
+                                       state["params"])
           last["eval_step"] = step
           writer.write(step, {"eval_loss": last["eval_loss"]})
         if must_save:

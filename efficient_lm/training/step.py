@@ -53,7 +53,7 @@ def make_train_step(graphdef: nnx.GraphDef,
     metrics = {
       "loss": aux["ce"],
       "total_loss": loss,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state["step"]),
       "tokens": aux["tokens"],
     }

@@ -1,0 +1,50 @@
+"""Small shared builders for tests (configs and synthetic batches)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from configs import base
+from efficient_lm import config as config_lib
+
+
+def small_config(**overrides):
+  """A tiny float32 config; overrides use dotted keys: {"model.num_layers": 1}."""
+  cd = base.get_config()
+  cd.model.num_layers = 2
+  cd.model.embed_dim = 64
+  cd.model.num_heads = 4
+  cd.model.num_kv_heads = 2
+  cd.model.mlp_dim = 128
+  cd.model.vocab_size = 384
+  cd.model.dtype = "float32"
+  cd.data.seq_len = 32
+  cd.train.batch_size = 8
+  cd.train.steps = 20
+  cd.train.warmup_steps = 2
+  cd.mesh.data = 1
+  for key, value in overrides.items():
+    node = cd
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config_lib.from_config_dict(cd)
+
+
+def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
+  """Rows holding two documents and trailing padding, like the packer's."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(0, vocab, (batch, seq_len), dtype=np.int32)
+  targets = rng.integers(0, vocab, (batch, seq_len), dtype=np.int32)
+  seg = np.zeros((batch, seq_len), np.int32)
+  pos = np.zeros((batch, seq_len), np.int32)
+  for b in range(batch):
+    cut = int(rng.integers(seq_len // 4, seq_len // 2))
+    end = int(rng.integers(3 * seq_len // 4, seq_len + 1))
+    seg[b, :cut], seg[b, cut:end] = 1, 2
+    pos[b, :cut] = np.arange(cut)
+    pos[b, cut:end] = np.arange(end - cut)
+  targets[seg == 0] = 0
+  return {"inputs": inputs, "targets": targets, "segment_ids": seg,
+          "positions": pos}

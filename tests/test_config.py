@@ -1,0 +1,76 @@
+"""Config conversion and validation: one-line errors naming the values."""
+
+import pytest
+
+from configs import base, decoder_1b, shakespeare_char, tiny
+from efficient_lm import config as config_lib
+from efficient_lm.config import ConfigError
+
+
+def _cd(**overrides):
+  cd = base.get_config()
+  for key, value in overrides.items():
+    node = cd
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cd
+
+
+@pytest.mark.parametrize("module", [base, tiny, shakespeare_char, decoder_1b])
+def test_every_shipped_config_converts(module):
+  cd = module.get_config()
+  if cd.data.source != "default":
+    cd.data.path = "some/path.txt"     # given on the command line
+  cfg = config_lib.from_config_dict(cd)
+  assert cfg.to_dict()["model"]["num_layers"] == cd.model.num_layers
+
+
+@pytest.mark.parametrize("overrides,device_count,message", [
+  ({"model.num_heads": 6, "model.num_kv_heads": 4}, None,
+   "model.num_heads=6 is not divisible by model.num_kv_heads=4"),
+  ({"train.batch_size": 12, "mesh.data": 8}, None,
+   "train.batch_size=12 is not divisible by the data-parallel size "
+   "mesh.data*mesh.fsdp=8*1=8"),
+  ({"mesh.data": 2, "mesh.fsdp": 2}, 8,
+   "mesh data*fsdp*tensor=2*2*1=4 does not match the 8 available devices"),
+  ({"mesh.fsdp": 3}, 8,
+   "mesh.fsdp*mesh.tensor=3*1 does not divide the 8 available devices"),
+  ({"model.num_kv_heads": 2, "mesh.tensor": 4, "mesh.data": 1}, None,
+   "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
+  ({"model.embed_dim": 102}, None,
+   "model.embed_dim=102 is not divisible by model.num_heads=4"),
+  ({"model.attention.kind": "sliding_window"}, None,
+   "model.attention.window=0"),
+  ({"model.remat": "sometimes"}, None, "model.remat='sometimes'"),
+  ({"data.source": "text"}, None, "data.path is empty"),
+  ({"train.steps": 0}, None, "train.steps=0: expected a positive value"),
+  ({"data.eval_fraction": 1.5}, None, "data.eval_fraction=1.5"),
+])
+def test_validation_errors_name_the_values(overrides, device_count, message):
+  with pytest.raises(ConfigError) as e:
+    config_lib.from_config_dict(_cd(**overrides), device_count=device_count)
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_unknown_keys_and_wrong_types():
+  cd = base.get_config().to_dict()
+  cd["model"]["num_layerz"] = 3
+  with pytest.raises(ConfigError, match="unknown config key.*model.num_layerz"):
+    config_lib.from_config_dict(cd)
+  cd = base.get_config().to_dict()
+  cd["train"]["steps"] = "100"
+  with pytest.raises(ConfigError, match="train.steps='100': expected an int"):
+    config_lib.from_config_dict(cd)
+  cd = base.get_config().to_dict()
+  cd["train"]["learning_rate"] = True
+  with pytest.raises(ConfigError, match="expected a float"):
+    config_lib.from_config_dict(cd)
+
+
+def test_data_minus_one_takes_remaining_devices():
+  cfg = config_lib.from_config_dict(_cd(**{"mesh.tensor": 2}), device_count=8)
+  assert cfg.mesh.shape == (4, 1, 2)
+  assert cfg.model.resolved_head_dim == 32
