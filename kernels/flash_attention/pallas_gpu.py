@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
@@ -79,13 +80,28 @@ def _check(q, k, meta, params):
       raise NotImplementedError(
         f"pallas_gpu (Triton) tiles must be powers of two >= 16; got "
         f"blocks ({bq}, {bk})")
-  if params.spec.block_mask is not None:
-    raise NotImplementedError(
-      "pallas_gpu: masks.element_mask reads block_mask from a captured "
-      "constant, which pallas_call refuses; needs the table as an input")
 
 
 # ------------------------------------------------------------- tile helpers
+
+
+def _table(spec):
+  """block_mask flattened to an int32 operand (None without a block mask);
+  pallas_call refuses captured array constants."""
+  if spec.block_mask is None:
+    return None
+  return jnp.asarray(np.asarray(spec.block_mask, np.int32).reshape(-1))
+
+
+def _gather_lookup(spec, table_ref, q_pos, k_pos):
+  """block_mask[q_pos // bq][k_pos // bk]: one gathered load per element
+  (the table is tiny and stays in L1); False outside the table."""
+  nq, nk = len(spec.block_mask), len(spec.block_mask[0])
+  bq, bk = spec.block_mask_sizes
+  qb, kb = masks.floordiv(q_pos, bq), masks.floordiv(k_pos, bk)
+  inside = (qb >= 0) & (qb < nq) & (kb >= 0) & (kb < nk)
+  idx = jnp.clip(qb, 0, nq - 1) * nk + jnp.clip(kb, 0, nk - 1)
+  return inside & (table_ref[idx] != 0)
 
 
 def _logits(q, k, params):
@@ -101,7 +117,7 @@ def _logits(q, k, params):
 def _mask_tile(s, kind, rows, cols, params):
   """Applies the element predicate only when the tile is PARTIAL."""
   q_pos_ref, q_seg_ref, q_start = rows
-  k_pos_ref, k_seg_ref, k_start = cols
+  k_pos_ref, k_seg_ref, table_ref, k_start = cols
   bq, bk = s.shape
   spec = params.spec
 
@@ -114,8 +130,12 @@ def _mask_tile(s, kind, rows, cols, params):
     if spec.global_suffix:
       col = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
       sfx = (col >= params.suffix_start) & (col < params.kv_len)
+    lookup = None
+    if table_ref is not None:
+      lookup = functools.partial(_gather_lookup, spec, table_ref)
     vis = masks.element_mask(spec, q_pos[:, None], k_pos[None, :],
-                             q_seg[:, None], k_seg[None, :], sfx)
+                             q_seg[:, None], k_seg[None, :], sfx,
+                             block_lookup=lookup)
     return jnp.where(vis, s, -jnp.inf)
 
   return lax.cond(kind == masks.PARTIAL, masked, lambda s: s, s)
@@ -141,8 +161,8 @@ def _dlogits(p, dp, delta, t):
 
 
 def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-                k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                *, params):
+                k_pos_ref, k_seg_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
+                lse_ref, *, params):
   bq, bk = params.block_q, params.block_kv
   q = q_ref[...]
   rows = (q_pos_ref, q_seg_ref, pl.program_id(0) * bq)
@@ -153,8 +173,8 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     k = k_ref[pl.ds(k_start, bk), :]
     v = v_ref[pl.ds(k_start, bk), :]
     s, _ = _logits(q, k, params)
-    s = _mask_tile(s, kind_ref[j], rows, (k_pos_ref, k_seg_ref, k_start),
-                   params)
+    cols = (k_pos_ref, k_seg_ref, table_ref, k_start)
+    s = _mask_tile(s, kind_ref[j], rows, cols, params)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     # A row that has seen nothing keeps m = -inf; subtracting 0 instead
     # keeps exp2(-inf - -inf) from making a NaN.
@@ -176,12 +196,12 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
 
 
 def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-                 k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, *, params):
+                 k_pos_ref, k_seg_ref, table_ref, q_ref, k_ref, v_ref, do_ref,
+                 lse_ref, delta_ref, dk_ref, dv_ref, *, params):
   bq, bk = params.block_q, params.block_kv
   k = k_ref[...]
   v = v_ref[...]
-  cols = (k_pos_ref, k_seg_ref, pl.program_id(0) * bk)
+  cols = (k_pos_ref, k_seg_ref, table_ref, pl.program_id(0) * bk)
   count = count_ref[...]
 
   def head(g, carry):  # one query head of this kv head's group
@@ -207,8 +227,8 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
 
 
 def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-               k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, params):
+               k_pos_ref, k_seg_ref, table_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, params):
   bq, bk = params.block_q, params.block_kv
   q = q_ref[...]
   do = do_ref[...]
@@ -220,8 +240,8 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     k_start = pl.multiple_of(index_ref[j] * bk, bk)
     k = k_ref[pl.ds(k_start, bk), :]
     v = v_ref[pl.ds(k_start, bk), :]
-    p, t = _probs(q, k, lse, kind_ref[j], rows,
-                  (k_pos_ref, k_seg_ref, k_start), params)
+    cols = (k_pos_ref, k_seg_ref, table_ref, k_start)
+    p, t = _probs(q, k, lse, kind_ref[j], rows, cols, params)
     ds = _dlogits(p, _dot(do, v, _NT), delta, t)
     return dq + _dot(ds.astype(k.dtype), k, _NN)
 
@@ -233,8 +253,11 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
 # ----------------------------------------------------------------- wrappers
 
 
-def _row_specs(n_blocks, t, s):
-  """Metadata row of this block + whole position / segment rows."""
+def _row_specs(n_blocks, t, s, table):
+  """Metadata row of this block, whole position / segment rows, table."""
+  table_spec = None
+  if table is not None:
+    table_spec = pl.BlockSpec(table.shape, lambda i, b, h: (0,))
   return [
     pl.BlockSpec((None, None), lambda i, b, h: (b, i)),
     pl.BlockSpec((None, None, n_blocks), lambda i, b, h: (b, i, 0)),
@@ -243,6 +266,7 @@ def _row_specs(n_blocks, t, s):
     pl.BlockSpec((None, t), lambda i, b, h: (b, 0)),
     pl.BlockSpec((None, s), lambda i, b, h: (b, 0)),
     pl.BlockSpec((None, s), lambda i, b, h: (b, 0)),
+    table_spec,
   ]
 
 
@@ -265,10 +289,12 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
   g, bq = h // kh, params.block_q
   dp, ep = _pow2(d), _pow2(e)
+  table = _table(params.spec)
   o, lse = pl.pallas_call(
     functools.partial(_fwd_kernel, params=params),
     grid=(t // bq, b, h),
-    in_specs=[*_row_specs(s // params.block_kv, t, s), _q_tile(bq, dp),
+    in_specs=[*_row_specs(s // params.block_kv, t, s, table),
+              _q_tile(bq, dp),
               _kv_whole(s, dp, g), _kv_whole(s, ep, g)],
     out_specs=[_q_tile(bq, ep), _row_tile(bq)],
     out_shape=[jax.ShapeDtypeStruct((b, h, t, ep), q.dtype),
@@ -276,7 +302,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
     compiler_params=_compiler_params(max(dp, ep)),
     interpret=params.interpret, name="flash_fwd_gpu",
   )(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos, q_seg, k_pos, k_seg,
-    _pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep))
+    table, _pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep))
   return o[..., :e], lse
 
 
@@ -288,7 +314,8 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
   g, bq, bk = h // kh, params.block_q, params.block_kv
   dp, ep = _pow2(d), _pow2(e)
-  seqs = (q_pos, q_seg, k_pos, k_seg)
+  table = _table(params.spec)
+  seqs = (q_pos, q_seg, k_pos, k_seg, table)
   q_, k_, v_, do_ = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep),
                      _pad_last(do, ep))
   cparams = _compiler_params(max(dp, ep))
@@ -304,7 +331,7 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   dk, dv = pl.pallas_call(
     functools.partial(_dkdv_kernel, params=params),
     grid=(s // bk, b, kh),
-    in_specs=[*_row_specs(t // bq, t, s), group(dp), _q_tile(bk, dp),
+    in_specs=[*_row_specs(t // bq, t, s, table), group(dp), _q_tile(bk, dp),
               _q_tile(bk, ep), group(ep), group_rows(), group_rows()],
     out_specs=[_q_tile(bk, dp), _q_tile(bk, ep)],
     out_shape=[jax.ShapeDtypeStruct((b, kh, s, dp), k.dtype),
@@ -317,7 +344,7 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   dq = pl.pallas_call(
     functools.partial(_dq_kernel, params=params),
     grid=(t // bq, b, h),
-    in_specs=[*_row_specs(s // bk, t, s), _q_tile(bq, dp),
+    in_specs=[*_row_specs(s // bk, t, s, table), _q_tile(bq, dp),
               _kv_whole(s, dp, g), _kv_whole(s, ep, g), _q_tile(bq, ep),
               _row_tile(bq), _row_tile(bq)],
     out_specs=_q_tile(bq, dp),
