@@ -1,0 +1,270 @@
+"""Attention throughput and memory for every impl available here.
+
+  python benchmarks/attention.py                     # platform defaults
+  python benchmarks/attention.py --seq=512,1024 --impl=xla,xla_chunked,interpret
+
+For each (mode, mask, head dim, sequence length) it times each impl (fwd,
+or fwd+bwd = value and grads of sum(out * w) w.r.t. q, k, v) and prints
+TFLOP/s and the speed ratio to `cudnn` and to `xla` measured in this same
+run (ratio > 1: faster than that baseline). Then it prints the compiled
+temp memory per sequence vs length and its growth exponent (1 = linear, 2 =
+quadratic): blockwise impls must stay near 1.
+
+FLOP convention: only visible (non-masked) (query, key) pairs count. With
+V visible pairs per (batch, head): fwd = 2 * V * (D + E) (q.k and p.v),
+fwd+bwd = 3.5 * fwd (the backward's five matmuls = 2.5 * fwd, as in the
+FlashAttention papers). Causal therefore counts ~half the dense FLOPs, as
+the published anchors printed at the end do.
+"""
+import argparse
+import math
+import pathlib
+import sys
+import time
+
+# Run as a script from anywhere: put the repo root first so `kernels` is the
+# source tree (a stale editable install can map it to a namespace package).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import masks  # noqa: E402
+from kernels.flash_attention import vjp  # noqa: E402
+
+ANCHORS = """Published anchors, one H100 SXM (989 TFLOP/s bf16 dense peak):
+  FlashAttention-2 fwd+bwd, d128 causal, 16k:       ~328 TFLOP/s
+  cuDNN forward, d128 causal, 16k:                  ~539 TFLOP/s
+  FlashAttention-3 forward, d128 non-causal, 16k:   ~648 TFLOP/s"""
+
+IMPLS = ("pallas_gpu", "cudnn", "xla", "xla_chunked", "pallas_tpu",
+         "interpret")
+
+
+def _ints(s):
+  return [int(x) for x in s.split(",") if x]
+
+
+def _words(s):
+  return [x for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+  platform = jax.default_backend()
+  on_cpu = platform == "cpu"
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--seq", type=_ints, default=_ints(
+    "512,1024" if on_cpu else "1024,2048,4096,8192,16384,32768"))
+  p.add_argument("--head_dim", type=_ints, default=_ints(
+    "64" if on_cpu else "64,128"))
+  p.add_argument("--mask", type=_words, default=_words(
+    "causal,window,global_local"))
+  p.add_argument("--impl", type=_words, default=list(IMPLS))
+  p.add_argument("--mode", type=_words, default=_words("fwd,fwd_bwd"))
+  p.add_argument("--tokens", type=int, default=1024 if on_cpu else 16384,
+                 help="batch = max(1, tokens // seq), unless --batch")
+  p.add_argument("--batch", type=int, default=0)
+  p.add_argument("--hidden", type=int, default=128 if on_cpu else 2048,
+                 help="query heads = hidden // head_dim")
+  p.add_argument("--kv_heads", type=int, default=0, help="0: = query heads")
+  p.add_argument("--window", type=int, default=256 if on_cpu else 1024,
+                 help="causal window in tokens, self included")
+  p.add_argument("--globals", type=int, default=64,
+                 help="global prefix tokens for global_local")
+  p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
+  p.add_argument("--block_sizes", type=_ints, default=None,
+                 help="block_q,block_kv[,block_q_bwd,block_kv_bwd]")
+  p.add_argument("--iters", type=int, default=3 if on_cpu else 20)
+  p.add_argument("--xla_max_gib", type=float, default=2.0 if on_cpu else 16,
+                 help="skip the dense xla impl above this logits size")
+  args = p.parse_args(argv)
+  for name in args.impl:
+    if name not in IMPLS:
+      p.error(f"unknown impl {name!r}; choose from {IMPLS}")
+  return args
+
+
+def mask_spec(name, args):
+  if name == "causal":
+    return masks.MaskSpec(causal=True)
+  if name == "window":
+    return masks.MaskSpec(causal=True, window=(args.window - 1, 0))
+  if name == "global_local":
+    return masks.MaskSpec(causal=True, window=(args.window - 1, 0),
+                          global_prefix=args.globals)
+  if name == "full":
+    return masks.MaskSpec()
+  raise ValueError(f"unknown mask {name!r}")
+
+
+def visible_pairs(spec, t, rows=512):
+  """Visible (query, key) pairs for positions 0..t-1, counted in row
+  chunks so 32k x 32k never materialises."""
+  pos = jnp.arange(t, dtype=jnp.int32)
+  n = -(-t // rows)
+  starts = jnp.arange(n, dtype=jnp.int32) * rows
+
+  def count(start):
+    q = start + jnp.arange(rows, dtype=jnp.int32)
+    seg_q = jnp.ones((rows, 1), jnp.int32)  # one segment, no padding
+    seg_k = jnp.ones((1, t), jnp.int32)
+    vis = masks.element_mask(spec, q[:, None], pos[None, :], seg_q, seg_k,
+                             False)
+    return jnp.sum(vis & (q < t)[:, None], dtype=jnp.int32)
+
+  return int(jnp.sum(jax.jit(lambda s: jax.lax.map(count, s))(starts)))
+
+
+def unavailable(impl, spec, args, b, h, t):
+  """Why `impl` cannot run here (None when it can)."""
+  platform = jax.default_backend()
+  if impl in ("pallas_gpu", "cudnn") and platform != "gpu":
+    return f"needs a CUDA GPU (platform is {platform})"
+  if impl == "pallas_tpu" and platform != "tpu":
+    return f"needs a TPU (platform is {platform})"
+  if impl == "cudnn" and (spec.global_prefix or args.dtype == "float32"):
+    return "cuDNN flash takes causal / window only, in bf16 / fp16"
+  if impl == "xla":
+    gib = b * h * t * t * 4 / 2**30
+    if gib > args.xla_max_gib:
+      return f"dense logits would take {gib:.0f} GiB (> --xla_max_gib)"
+  if impl == "interpret" and t > 4096:
+    return "the interpreter is for correctness; too slow beyond 4k"
+  return None
+
+
+def make_fn(impl, spec, mode, block_sizes):
+  def attend(q, k, v, pos):
+    if impl in ("pallas_gpu", "pallas_tpu"):
+      # vjp.flash_attention directly: kernels.attention would fall back to
+      # xla_chunked on NotImplementedError and mislabel the timing.
+      seg = jnp.ones_like(pos)
+      return vjp.flash_attention(
+        q, k, v, pos, pos, seg, seg, spec=spec,
+        scale=q.shape[-1] ** -0.5, logits_soft_cap=None,
+        block_sizes=block_sizes, backend=impl)[0]
+    return kernels.attention(q, k, v, mask=spec, q_pos=pos, k_pos=pos,
+                             impl=impl, block_sizes=block_sizes)
+
+  if mode == "fwd":
+    return jax.jit(attend)
+
+  def loss(q, k, v, pos, w):
+    return jnp.sum(attend(q, k, v, pos).astype(jnp.float32) * w)
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  return jax.jit(lambda q, k, v, pos, w: grad(q, k, v, pos, w))
+
+
+def run_one(fn, args_, iters):
+  """(seconds per call, compiled temp bytes)."""
+  compiled = fn.lower(*args_).compile()
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", None) if mem else None
+  jax.block_until_ready(compiled(*args_))  # warm-up
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = compiled(*args_)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / iters, temp
+
+
+def _fmt_ratio(base, t):
+  return "-" if base is None or t is None else f"{base / t:5.2f}x"
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  dev = jax.devices()[0]
+  dtype = jnp.dtype(args.dtype)
+  bs = None
+  if args.block_sizes:
+    bs = vjp.BlockSizes(*args.block_sizes)
+  print(f"device: {dev.device_kind} ({jax.default_backend()}), "
+        f"dtype {dtype.name}, jax {jax.__version__}")
+  print(f"masks: window={args.window} tokens incl. self, globals="
+        f"{args.globals}; block sizes: {bs or vjp.BlockSizes()}")
+  print("FLOPs count visible (query, key) pairs only; fwd+bwd = 3.5 x fwd")
+  hdr = (f"{'mode':8}{'mask':13}{'D':>4}{'T':>7}{'B':>4}{'H':>4} "
+         f"{'impl':12}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
+         f"{'vs xla':>8}{'temp MiB/seq':>14}")
+  memory = {}  # (mode, mask, d, impl) -> [(t, temp bytes per sequence)]
+  rng = np.random.default_rng(0)
+  for mode in args.mode:
+    print("\n" + hdr)
+    for mask_name in args.mask:
+      spec = mask_spec(mask_name, args)
+      for d in args.head_dim:
+        for t in args.seq:
+          b = args.batch or max(1, args.tokens // t)
+          h = max(1, args.hidden // d)
+          kh = args.kv_heads or h
+          pairs = visible_pairs(spec, t)
+          flops = b * h * pairs * 2 * (d + d) * (3.5 if mode != "fwd" else 1)
+          q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+          k = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
+          v = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
+          pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+          call = (q, k, v, pos)
+          if mode != "fwd":
+            call += (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32),)
+          rows = {}  # impl -> (seconds, temp bytes) or reason skipped
+          for impl in args.impl:
+            why = unavailable(impl, spec, args, b, h, t)
+            if why is None:
+              try:
+                rows[impl] = run_one(make_fn(impl, spec, mode, bs), call,
+                                     args.iters)
+                continue
+              except Exception as e:  # report and keep benchmarking
+                why = f"failed: {type(e).__name__}: {str(e)[:90]}"
+            rows[impl] = why
+          secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
+          for impl, r in rows.items():
+            head = (f"{mode:8}{mask_name:13}{d:>4}{t:>7}{b:>4}{h:>4} "
+                    f"{impl:12}")
+            if isinstance(r, str):
+              print(f"{head}skipped: {r}")
+              continue
+            sec, temp = r
+            mib = "-"
+            if temp is not None:
+              memory.setdefault((mode, mask_name, d, impl), []).append(
+                (t, temp / b))
+              mib = f"{temp / b / 2**20:.1f}"
+            print(f"{head}{sec * 1e3:10.2f}{flops / sec / 1e12:10.3f}"
+                  f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
+                  f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}")
+  print_memory(memory)
+  if jax.default_backend() == "gpu":
+    stats = dev.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    if peak is not None:
+      print(f"GPU process peak bytes in use (whole run): {peak / 2**30:.2f} "
+            "GiB (memory_stats peak is monotone; per-config figures above "
+            "are the compiled temp sizes)")
+  print("\n" + ANCHORS)
+  if jax.default_backend() != "gpu":
+    print("GPU figures pending: this run had no GPU.")
+
+
+def print_memory(memory):
+  """Temp bytes per sequence vs T, with the growth exponent per doubling."""
+  if not memory:
+    return
+  print("\nCompiled temp memory per sequence (memory_analysis), growth "
+        "exponent log(m2/m1)/log(T2/T1): ~1 linear, ~2 quadratic")
+  for (mode, mask_name, d, impl), pts in sorted(memory.items()):
+    pts.sort()
+    cells = [f"T={t}: {m / 2**20:.1f} MiB" for t, m in pts]
+    exps = [math.log(m2 / m1) / math.log(t2 / t1)
+            for (t1, m1), (t2, m2) in zip(pts, pts[1:]) if m1 > 0 and m2 > 0]
+    exp = ", ".join(f"{e:.2f}" for e in exps) or "-"
+    print(f"  {mode:8}{mask_name:13}D={d:<4}{impl:12} "
+          f"{'; '.join(cells)}  exponent {exp}")
+
+
+if __name__ == "__main__":
+  main()
