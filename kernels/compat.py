@@ -57,5 +57,31 @@ def cost_estimate(flops, transcendentals, bytes_accessed):
              bytes_accessed=int(bytes_accessed))
 
 
+def _varying(x) -> frozenset:
+  mat = getattr(jax.typeof(x), "mat", None)
+  return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def match_varying(*xs):
+  """Cast operands to the union of their varying manual axes.
+
+  Under `jax.shard_map(check_vma=True)` a pallas_call needs its operands to
+  agree on which mesh axes they vary over (e.g. replicated positions with
+  batch-sharded q). Outside shard_map this is the identity.
+  """
+  axes = frozenset().union(*(_varying(x) for x in xs))
+  out = []
+  for x in xs:
+    missing = tuple(sorted(axes - _varying(x)))
+    out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+  return out
+
+
+def out_struct(shape, dtype, like):
+  """ShapeDtypeStruct that varies over the same manual axes as `like`."""
+  mat = getattr(jax.typeof(like), "mat", None)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 def on_tpu() -> bool:
   return jax.default_backend() == "tpu"

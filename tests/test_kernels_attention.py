@@ -181,3 +181,196 @@ def test_auto_on_cpu_is_xla_and_jits():
   f = jax.jit(functools.partial(run, spec=spec, impl="auto"))
   for a, b in zip(f(case), run(case, spec, "xla")):
     assert_close(a, b, 1e-6)
+
+
+# ------------------------------------------------ interpret-mode kernel sweep
+
+SWEEP_SPECS = {
+  "full": MaskSpec(),
+  "causal": MaskSpec(causal=True),
+  "window": MaskSpec(window=(9, 4)),
+  "causal_window": MaskSpec(causal=True, window=(12, 0)),
+  "prefix": MaskSpec(causal=True, window=(6, 0), global_prefix=5),
+  "chunk": MaskSpec(causal=True, chunk=24),
+  "chunk_window": MaskSpec(chunk=20, window=(5, 5)),
+  "suffix": MaskSpec(causal=True, window=(7, 0), global_suffix=6),
+  "blocks": MaskSpec(block_mask=((1, 0, 0, 1), (0, 1, 0, 1), (1, 1, 1, 0)),
+                     block_mask_sizes=(16, 24)),
+  "bigbird": MaskSpec(causal=True, window=(8, 0), global_prefix=4,
+                      block_mask=((1, 0, 0), (1, 0, 0), (0, 1, 1)),
+                      block_mask_sizes=(32, 16)),
+}
+LENGTHS = ((37, 37), (48, 48), (29, 53), (61, 23), (64, 80))
+HEADS = ((1, 1), (4, 2), (8, 1))
+DIMS = ((64, 64), (128, 128), (96, 96), (96, 64))  # (qk, v): MLA-like last
+BLOCKS = (kernels.BlockSizes(16, 16), kernels.BlockSizes(16, 32, 32, 16),
+          kernels.BlockSizes(32, 16))
+
+
+def sample_cases(n, seed):
+  """Seeded sample of the product space; every mask kind appears."""
+  rng = np.random.default_rng(seed)
+  names = sorted(SWEEP_SPECS)
+  cases = []
+  for i in range(n):
+    cases.append(dict(
+      seed=i + 1000 * seed,
+      spec=names[i % len(names)],
+      dtype=("float32", "bfloat16")[int(rng.random() < 0.3)],
+      lengths=LENGTHS[rng.integers(len(LENGTHS))],
+      heads=HEADS[rng.integers(len(HEADS))],
+      dims=DIMS[rng.integers(len(DIMS))],
+      packed=bool(rng.random() < 0.6),
+      gathered=bool(rng.random() < 0.4),
+      cap=(None, 5.0)[int(rng.random() < 0.3)],
+      blocks=int(rng.integers(len(BLOCKS)))))
+  return cases
+
+
+def _case_id(c):
+  return (f"{c['spec']}-{c['dtype'][0]}{c['dtype'][-2:]}-T{c['lengths']}"
+          f"-H{c['heads']}-D{c['dims']}-{'pk' if c['packed'] else 'np'}"
+          f"{'-gth' if c['gathered'] else ''}"
+          f"{'-cap' if c['cap'] else ''}-b{c['blocks']}").replace(" ", "")
+
+
+def outputs_and_grads(case, spec, impl, cap=None, block_sizes=None):
+  """(out, lse, dq, dk, dv) from one jitted value_and_grad."""
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.normal(size=case["q"].shape[:3] + case["v"].shape[3:]),
+                  jnp.float32)
+
+  @jax.jit
+  def f(q, k, v):
+    def loss(q, k, v):
+      o, lse = run(dict(case, q=q, k=k, v=v), spec, impl, cap, block_sizes)
+      fin = jnp.where(jnp.isfinite(lse), lse, 0.0)
+      return jnp.sum(o.astype(jnp.float32) * w) + 0.1 * jnp.sum(fin), (o, lse)
+    (_, outs), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+      q, k, v)
+    return outs + g
+
+  return f(case["q"], case["k"], case["v"])
+
+
+def check_interpret_case(c):
+  spec = SWEEP_SPECS[c["spec"]]
+  (tq, tk), (hq, hkv), (d, e) = c["lengths"], c["heads"], c["dims"]
+  case = make_case(c["seed"], b=2, tq=tq, tk=tk, hq=hq, hkv=hkv, d=d, e=e,
+                   dtype=jnp.dtype(c["dtype"]), packed=c["packed"],
+                   gathered=c["gathered"])
+  bf16 = c["dtype"] == "bfloat16"
+  got = outputs_and_grads(case, spec, "interpret", c["cap"],
+                          BLOCKS[c["blocks"]])
+  want = outputs_and_grads(case, spec, "xla", c["cap"])
+  errs = {}
+  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+    b32 = np.asarray(b, np.float32)
+    fin = np.isfinite(b32)
+    scale = max(1.0, float(np.max(np.abs(b32[fin]), initial=0)))
+    tol = BF16_TOL * scale if bf16 and name != "lse" else F32_TOL
+    assert_close(a, b, tol, name)
+    errs[name] = float(np.max(np.abs(np.asarray(a, np.float32)[fin]
+                                     - b32[fin]), initial=0))
+  return errs
+
+
+DEFAULT_CASES = sample_cases(20, seed=0)
+SLOW_CASES = sample_cases(120, seed=1)
+
+
+@pytest.mark.parametrize("c", DEFAULT_CASES, ids=_case_id)
+def test_interpret_matches_reference(c):
+  check_interpret_case(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", SLOW_CASES, ids=_case_id)
+def test_interpret_matches_reference_sweep(c):
+  check_interpret_case(c)
+
+
+def test_interpret_fully_masked_rows():
+  case = make_case(3, tq=40, tk=40, packed=True, gathered=True)
+  spec = MaskSpec(causal=True, window=(0, 0))
+  bs = kernels.BlockSizes(16, 16)
+  for a, b in zip(run(case, spec, "interpret", None, bs),
+                  run(case, spec, "xla")):
+    assert_close(a, b, F32_TOL)
+  for g_a, g_b in zip(grads(case, spec, "interpret", None, bs),
+                      grads(case, spec, "xla")):
+    assert np.all(np.isfinite(np.asarray(g_a)))
+    assert_close(g_a, g_b, F32_TOL)
+
+
+def test_empty_tiles_are_not_visited():
+  """NaN in the K/V of a kv block leaves every q block that skips it clean.
+
+  A visited tile would leak NaN even with p = 0 (0 * NaN = NaN), so finite,
+  unchanged rows prove the kernels never touched the poisoned block.
+  """
+  t, blk = 96, 16
+  spec = MaskSpec(causal=True, window=(10, 0), global_prefix=3)
+  case = make_case(5, b=1, tq=t, tk=t, hq=2, hkv=1, d=16, packed=False)
+  bs = kernels.BlockSizes(blk, blk)
+  meta = masks.block_metadata(
+    spec, case["q_pos"], case["k_pos"], jnp.ones((1, t), jnp.int32),
+    jnp.ones((1, t), jnp.int32), block_q=blk, block_kv=blk)
+  kind = np.asarray(meta.kind)[0]
+  assert (kind == masks.EMPTY).sum() > kind.size // 2
+
+  @jax.jit
+  def fwd_bwd(k, v):
+    def loss(q, k, v):
+      o = run(dict(case, q=q, k=k, v=v), spec, "interpret", None, bs)[0]
+      return jnp.sum(o), o
+    (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+      case["q"], k, v)
+    return o, g[0]
+
+  clean_o, clean_dq = fwd_bwd(case["k"], case["v"])
+  skipped = [j for j in range(t // blk) if (kind[:, j] == masks.EMPTY).any()]
+  assert len(skipped) >= t // blk - 1  # all but the global-prefix block
+  for j in skipped:
+    poison = jnp.zeros((1, t, 1, 1)).at[:, j * blk:(j + 1) * blk].set(jnp.nan)
+    o, dq = fwd_bwd(case["k"] + poison, case["v"] + poison)
+    skip = np.repeat(kind[:, j] == masks.EMPTY, blk)  # q rows skipping j
+    for got, want in ((o, clean_o), (dq, clean_dq)):
+      got, want = np.asarray(got)[0, skip], np.asarray(want)[0, skip]
+      assert np.all(np.isfinite(got)), f"kv block {j} was visited"
+      np.testing.assert_array_equal(got, want)
+
+
+def test_interpret_under_checkpoint_jit_and_shard_map():
+  mesh = jax.make_mesh((2,), ("data",))
+  case = make_case(6, b=2, tq=40, tk=40, packed=True)
+  spec = MaskSpec(causal=True, window=(9, 0))
+  bs = kernels.BlockSizes(16, 16)
+  P = jax.sharding.PartitionSpec
+
+  def attn(impl, q, k, v, qp, kp, qs, ks):
+    return kernels.attention(q, k, v, mask=spec, q_pos=qp, k_pos=kp,
+                             q_segment_ids=qs, kv_segment_ids=ks, impl=impl,
+                             block_sizes=bs)
+
+  def loss(impl, q, k, v):
+    # check_vma=False: JAX's Pallas interpreter evaluates index maps on
+    # unvarying program ids against varying data and trips the vma check
+    # (jax 0.11.2). Mosaic lowering passes it: see test_kernels_tpu_aot.py.
+    f = jax.shard_map(jax.checkpoint(functools.partial(attn, impl)),
+                      mesh=mesh, in_specs=(P("data"),) * 7,
+                      out_specs=P("data"), check_vma=False)
+    o = f(q, k, v, case["q_pos"], case["k_pos"], case["q_segment_ids"],
+          case["kv_segment_ids"])
+    return jnp.sum(o * o)
+
+  shard = jax.sharding.NamedSharding(mesh, P("data"))
+  case = {n: jax.device_put(x, shard) for n, x in case.items()}
+  args = (case["q"], case["k"], case["v"])
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.grad(functools.partial(loss, "interpret"),
+                           argnums=(0, 1, 2)))(*args)
+    want = jax.jit(jax.grad(functools.partial(loss, "xla"),
+                            argnums=(0, 1, 2)))(*args)
+  for a, b in zip(got, want):
+    assert_close(a, b, F32_TOL)

@@ -79,6 +79,24 @@ def _logits(params, q, k):
   return params.logits_soft_cap * t, t
 
 
+def _check_tiles(params, tq, tk):
+  """Mosaic tiles are (8, 128): rows of q need 8s, kv rows (lanes) 128s."""
+  if params.interpret:
+    return
+  bq, bk = params.block_q, params.block_kv
+  if bq % 8 and bq != tq:
+    raise ValueError(f"pallas_tpu needs block_q % 8 == 0, got {bq}")
+  if bk % 128 and bk != tk:
+    raise ValueError(
+      f"pallas_tpu needs block_kv % 128 == 0 (or one block for all keys), "
+      f"got block_kv={bk} for {tk} keys")
+
+
+def _varying(prefetch, operands):
+  out = compat.match_varying(*prefetch, *operands)
+  return out[:len(prefetch)], out[len(prefetch):]
+
+
 class _Lists:
   """Flattened scalar-prefetch lists: count [B*M], index / kind [B*M*N]."""
 
@@ -98,6 +116,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   g = hq // hkv
   bq, bk = params.block_q, params.block_kv
   nq, nk = tq // bq, tk // bk
+  _check_tiles(params, tq, tk)
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
   table = _table(params.spec)
 
@@ -126,8 +145,9 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
     compat.BlockSpec((None, None, bq, e), lambda bi, h, i, j, *r: (bi, h, i, 0)),
     compat.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, *r: (bi, h, i, 0)),
   ]
-  out_shape = [jax.ShapeDtypeStruct((b, hq, tq, e), q.dtype),
-               jax.ShapeDtypeStruct((b, hq, tq, 1), jnp.float32)]
+  prefetch, operands = _varying(lists.arrays, operands)
+  out_shape = [compat.out_struct((b, hq, tq, e), q.dtype, operands[0]),
+               compat.out_struct((b, hq, tq, 1), jnp.float32, operands[0])]
   scratch = [compat.vmem((bq, 1), jnp.float32), compat.vmem((bq, 1),
                                                             jnp.float32),
              compat.vmem((bq, e), jnp.float32)]
@@ -184,7 +204,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
     kernel, out_shape=out_shape, grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
     interpret=params.interpret, name="flash_fwd",
-  )(*lists.arrays, *operands)
+  )(*prefetch, *operands)
   return o, lse[..., 0]
 
 
@@ -241,8 +261,9 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
     operands.append(table)
   out_specs = [kv_spec((None, None, bk, d)), kv_spec((None, None, bk, e))]
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  prefetch, operands = _varying(lists.arrays, operands)
+  out_shape = [compat.out_struct(k.shape, k.dtype, operands[0]),
+               compat.out_struct(v.shape, v.dtype, operands[0])]
   scratch = [compat.vmem((bk, d), jnp.float32),
              compat.vmem((bk, e), jnp.float32)]
 
@@ -289,7 +310,7 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
                          "arbitrary"),
     interpret=params.interpret, name="flash_bwd_dkv",
-  )(*lists.arrays, *operands)
+  )(*prefetch, *operands)
 
 
 def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
@@ -330,6 +351,8 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
     operands.append(table)
 
+  prefetch, operands = _varying(lists.arrays, operands)
+
   def kernel(*refs):
     list_refs, refs = refs[:3], refs[3:]
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
@@ -366,16 +389,17 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     out_specs=[row_spec((None, None, bq, d))],
     scratch_shapes=[compat.vmem((bq, d), jnp.float32)])
   (dq,) = compat.pallas_call(
-    kernel, out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+    kernel, out_shape=[compat.out_struct(q.shape, q.dtype, operands[0])],
     grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
     interpret=params.interpret, name="flash_bwd_dq",
-  )(*lists.arrays, *operands)
+  )(*prefetch, *operands)
   return dq
 
 
 def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
               params):
+  _check_tiles(params, q.shape[2], k.shape[2])
   dk, dv = _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do,
                     delta, params)
   dq = _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
