@@ -14,6 +14,18 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory (checkpoints, metrics).")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False,
+  "Call jax.distributed.initialize() first (multi-host TPU pods, multi-node "
+  "GPU, several local CPU processes): every process runs the same command. "
+  "On Cloud TPU / SLURM the cluster is auto-detected; elsewhere give the "
+  "three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (--distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Process count (--distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (--distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,6 +35,10 @@ def main(argv):
     # Orbax logs every save step at INFO; keep the console for progress.
     logging.set_verbosity(logging.WARNING)
   import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from efficient_lm import config as config_lib
   from efficient_lm.data import DataError
   from efficient_lm.training import loop

@@ -159,6 +159,7 @@ class _SigtermFlag:
 def run(cfg: Config, workdir: str, *,
         hooks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming if it holds a checkpoint)."""
+  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
