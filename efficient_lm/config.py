@@ -149,6 +149,27 @@ class Config:
 # ------------------------------------------------------------- conversion
 
 
+def default_config_dict(cls: type = Config) -> ml_collections.ConfigDict:
+  """The dataclass defaults as a ConfigDict (configs/base.py starts here).
+
+  Optional fields become typed placeholders so that command-line overrides
+  (`--config.model.head_dim=64`) still parse with the right type.
+  """
+  hints = typing.get_type_hints(cls)
+  out = ml_collections.ConfigDict()
+  for f in dataclasses.fields(cls):
+    value = getattr(cls(), f.name)
+    tp = hints[f.name]
+    if dataclasses.is_dataclass(tp):
+      out[f.name] = default_config_dict(tp)
+    elif value is None:
+      inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+      out[f.name] = ml_collections.config_dict.placeholder(inner)
+    else:
+      out[f.name] = value
+  return out
+
+
 def _check_value(path: str, value: Any, tp: Any) -> Any:
   """Checks `value` against annotation `tp`; returns the (coerced) value."""
   origin = typing.get_origin(tp)

@@ -8,6 +8,17 @@ from configs import base
 from efficient_lm import config as config_lib
 
 
+def override(cd, **overrides):
+  """Sets dotted keys on a ConfigDict: override(cd, **{"model.dtype": "x"})."""
+  for key, value in overrides.items():
+    node = cd
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cd
+
+
 def small_config(**overrides):
   """A tiny float32 config; overrides use dotted keys: {"model.num_layers": 1}."""
   cd = base.get_config()
@@ -23,13 +34,7 @@ def small_config(**overrides):
   cd.train.steps = 20
   cd.train.warmup_steps = 2
   cd.mesh.data = 1
-  for key, value in overrides.items():
-    node = cd
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config_lib.from_config_dict(cd)
+  return config_lib.from_config_dict(override(cd, **overrides))
 
 
 def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):

@@ -5,17 +5,11 @@ import pytest
 from configs import base, decoder_1b, shakespeare_char, tiny
 from efficient_lm import config as config_lib
 from efficient_lm.config import ConfigError
+from tests.helpers import override
 
 
 def _cd(**overrides):
-  cd = base.get_config()
-  for key, value in overrides.items():
-    node = cd
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cd
+  return override(base.get_config(), **overrides)
 
 
 @pytest.mark.parametrize("module", [base, tiny, shakespeare_char, decoder_1b])
