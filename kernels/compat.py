@@ -12,6 +12,7 @@ PrefetchScalarGridSpec = pltpu.PrefetchScalarGridSpec
 BlockSpec = pl.BlockSpec
 when = pl.when
 program_id = pl.program_id
+num_programs = pl.num_programs
 
 
 def tpu_compiler_params(dimension_semantics):

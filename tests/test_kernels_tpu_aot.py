@@ -48,6 +48,8 @@ CASES = {
                               t=300),
   "bwd_block_sizes": dict(spec=MaskSpec(causal=True),
                           bs=kernels.BlockSizes(128, 256, 256, 128)),
+  # 32k keys per device: SMEM tile lists fit, dynamic grid keeps it short.
+  "window_32k": dict(spec=MaskSpec(causal=True, window=(1023, 0)), t=32768),
 }
 
 
@@ -80,6 +82,15 @@ def test_lowers_and_compiles_in_shard_map(mesh, name):
     assert exported.platforms == ("tpu",)
     assert exported.mlir_module().count("tpu_custom_call") == kernels_expected
     jax.jit(fn).lower(*args).compile()
+
+
+def test_smem_overflow_is_a_clear_error():
+  q = jax.ShapeDtypeStruct((1, 65536, 1, 128), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((1, 65536), jnp.int32)
+  with pytest.raises(ValueError, match="SMEM"):
+    jax.jit(lambda q, pos: kernels.attention(
+      q, q, q, mask=MaskSpec(causal=True), q_pos=pos, k_pos=pos,
+      impl="pallas_tpu")).trace(q, pos)
 
 
 def test_unaligned_kv_block_is_refused():

@@ -92,22 +92,47 @@ def _check_tiles(params, tq, tk):
       f"got block_kv={bk} for {tk} keys")
 
 
+def _grid_width(count, n, params):
+  """Length of the innermost grid axis: the longest tile list.
+
+  On TPU this is a dynamic grid bound, so a sliding window at 32k keys runs
+  ~3 steps per q block instead of NK mostly idle ones. The interpreter only
+  takes static grids, so it walks all n (idle steps are skipped anyway).
+  """
+  if params.interpret:
+    return n
+  return jnp.maximum(jnp.max(count), 1)  # >= 1: outputs are written at the end
+
+
 def _varying(prefetch, operands):
   out = compat.match_varying(*prefetch, *operands)
   return out[:len(prefetch)], out[len(prefetch):]
 
 
+_SMEM_BUDGET = 768 * 1024  # of the 1 MiB SMEM of v4/v5e/v5p/v6e cores
+
+
 class _Lists:
-  """Flattened scalar-prefetch lists: count [B*M], index / kind [B*M*N]."""
+  """Scalar-prefetch tile lists, flat: count [B*M], entry [B*M*N].
+
+  entry = index * 4 + kind packs both into one SMEM word: SMEM is 1 MiB and
+  these lists grow as B * (T / block)^2.
+  """
 
   def __init__(self, count, index, kind):
     self.b, self.m, self.n = index.shape
-    self.arrays = (count.reshape(-1), index.reshape(-1), kind.reshape(-1))
+    words = self.b * self.m * (self.n + 1)
+    if words * 4 > _SMEM_BUDGET:
+      raise ValueError(
+        f"tile lists need {words * 4 // 1024} KiB of SMEM (budget "
+        f"{_SMEM_BUDGET // 1024} KiB) for batch {self.b} and {self.m} x "
+        f"{self.n} tiles; use larger BlockSizes or shard the batch")
+    self.arrays = (count.reshape(-1), (index * 4 + kind).reshape(-1))
 
   def at(self, refs, b, row, j):
-    count, index, kind = refs
-    flat = (b * self.m + row) * self.n + j
-    return count[b * self.m + row], index[flat], kind[flat]
+    count, entry = refs
+    e = entry[(b * self.m + row) * self.n + j]
+    return count[b * self.m + row], e // 4, e % 4
 
 
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
@@ -153,7 +178,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
              compat.vmem((bq, e), jnp.float32)]
 
   def kernel(*refs):
-    list_refs, refs = refs[:3], refs[3:]
+    list_refs, refs = refs[:2], refs[2:]
     q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref = refs[:7]
     refs = refs[7:]
     table_ref = refs[0] if table is not None else None
@@ -188,7 +213,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
     compat.when(live & (kind == masks.FULL))(lambda: step(False))
     compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
 
-    @compat.when(j == nk - 1)
+    @compat.when(j == compat.num_programs(3) - 1)
     def _finish():
       l = l_sc[...]
       seen = l > 0.0
@@ -198,8 +223,9 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
         seen, l, 1.0)), -jnp.inf)
 
   grid_spec = compat.PrefetchScalarGridSpec(
-    num_scalar_prefetch=3, grid=(b, hq, nq, nk), in_specs=in_specs,
-    out_specs=out_specs, scratch_shapes=scratch)
+    num_scalar_prefetch=2,
+    grid=(b, hq, nq, _grid_width(meta.kv_count, nk, params)),
+    in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
   o, lse = compat.pallas_call(
     kernel, out_shape=out_shape, grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
@@ -268,7 +294,7 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
              compat.vmem((bk, e), jnp.float32)]
 
   def kernel(*refs):
-    list_refs, refs = refs[:3], refs[3:]
+    list_refs, refs = refs[:2], refs[2:]
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
      delta_ref) = refs[:10]
     table_ref = refs[10] if table is not None else None
@@ -297,14 +323,15 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     compat.when(live & (kind == masks.FULL))(lambda: step(False))
     compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
 
-    @compat.when((gi == g - 1) & (i == nq - 1))
+    @compat.when((gi == g - 1) & (i == compat.num_programs(4) - 1))
     def _finish():
       dk_ref[...] = (dk_sc[...] * params.scale).astype(dk_ref.dtype)
       dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
   grid_spec = compat.PrefetchScalarGridSpec(
-    num_scalar_prefetch=3, grid=(b, hkv, nk, g, nq), in_specs=in_specs,
-    out_specs=out_specs, scratch_shapes=scratch)
+    num_scalar_prefetch=2,
+    grid=(b, hkv, nk, g, _grid_width(meta.q_count, nq, params)),
+    in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
   return compat.pallas_call(
     kernel, out_shape=out_shape, grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
@@ -354,7 +381,7 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   prefetch, operands = _varying(lists.arrays, operands)
 
   def kernel(*refs):
-    list_refs, refs = refs[:3], refs[3:]
+    list_refs, refs = refs[:2], refs[2:]
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
      delta_ref) = refs[:10]
     table_ref = refs[10] if table is not None else None
@@ -380,13 +407,14 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     compat.when(live & (kind == masks.FULL))(lambda: step(False))
     compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
 
-    @compat.when(j == nk - 1)
+    @compat.when(j == compat.num_programs(3) - 1)
     def _finish():
       dq_ref[...] = (dq_sc[...] * params.scale).astype(dq_ref.dtype)
 
   grid_spec = compat.PrefetchScalarGridSpec(
-    num_scalar_prefetch=3, grid=(b, hq, nq, nk), in_specs=in_specs,
-    out_specs=[row_spec((None, None, bq, d))],
+    num_scalar_prefetch=2,
+    grid=(b, hq, nq, _grid_width(meta.kv_count, nk, params)),
+    in_specs=in_specs, out_specs=[row_spec((None, None, bq, d))],
     scratch_shapes=[compat.vmem((bq, d), jnp.float32)])
   (dq,) = compat.pallas_call(
     kernel, out_shape=[compat.out_struct(q.shape, q.dtype, operands[0])],
