@@ -62,6 +62,21 @@ def test_train_step_matches_single_device(single_device, mesh_shape):
   assert mu.sharding.spec == table.sharding.spec
 
 
+def test_activations_are_constrained_and_attention_is_shard_mapped():
+  cfg = small_config(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+  t = loop.build_trainer(cfg)
+  bs = sharding.batch_sharding(t.mesh)
+  batch = {k: jax.ShapeDtypeStruct((8, cfg.data.seq_len), "int32",
+                                   sharding=bs)
+           for k in ("inputs", "targets", "segment_ids", "positions")}
+  text = t.train_step.lower(t.abstract_state, batch).as_text()
+  # Logical activation names reach the partitioner ...
+  assert text.count("sdy.sharding_constraint") >= cfg.model.num_layers
+  # ... and the attention kernel runs per shard (one forward, and the
+  # backward of each scanned layer body).
+  assert "sdy.manual_computation" in text
+
+
 def test_logical_rules_do_not_reuse_a_mesh_axis():
   # 'batch' uses data+fsdp; 'embed' (fsdp) in the same spec must replicate.
   assert sharding.logical_to_spec(("batch", "embed")) == P(("data", "fsdp"),

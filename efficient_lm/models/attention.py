@@ -14,7 +14,11 @@ from flax import nnx
 import kernels
 from efficient_lm.config import AttentionConfig
 from efficient_lm.models.layers import param, rope
-from efficient_lm.training.sharding import constrain
+from efficient_lm.training.sharding import constrain, shard_map_by_names
+
+_Q = ("batch", "length", "act_heads", None)
+_KV = ("batch", "length", "act_kv_heads", None)
+_BT = ("batch", "length")
 
 
 def mask_spec(cfg: AttentionConfig) -> kernels.MaskSpec:
@@ -59,9 +63,13 @@ class Attention(nnx.Module):
     k = constrain(rope(k, pos_BT, self.rope_theta),
                   ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
-    o_BTHK = kernels.attention(
-      q, k, v, mask=self.mask, q_pos=pos_BT, k_pos=pos_BT,
-      q_segment_ids=seg_BT, kv_segment_ids=seg_BT,
-      logits_soft_cap=self.soft_cap, impl=self.impl)
+
+    def attend(q, k, v, pos, seg):
+      return kernels.attention(
+        q, k, v, mask=self.mask, q_pos=pos, k_pos=pos, q_segment_ids=seg,
+        kv_segment_ids=seg, logits_soft_cap=self.soft_cap, impl=self.impl)
+
+    o_BTHK = shard_map_by_names(attend, (_Q, _KV, _KV, _BT, _BT), _Q)(
+      q, k, v, pos_BT, seg_BT)
     out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
     return constrain(out, ("batch", "length", "act_embed"))

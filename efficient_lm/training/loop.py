@@ -80,11 +80,12 @@ def build_trainer(cfg: Config, devices=None) -> Trainer:
 
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
-    step_lib.make_train_step(graphdef, optimizer, schedule,
-                             cfg.train.z_loss),
+    sharding.under_mesh(mesh, step_lib.make_train_step(
+      graphdef, optimizer, schedule, cfg.train.z_loss)),
     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
     donate_argnums=(0,))
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef),
+  eval_step = jax.jit(sharding.under_mesh(mesh,
+                                          step_lib.make_eval_step(graphdef)),
                       in_shardings=(param_sh, batch_sh),
                       out_shardings=replicated)
   return Trainer(

@@ -8,7 +8,8 @@ parallelism layout is a config change (mesh sizes), never a model change.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -75,6 +76,34 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def shard_map_by_names(fn: Callable, in_names: Sequence[Sequence[str | None]],
+                       out_names: Sequence[str | None]) -> Callable:
+  """Runs `fn` per shard (jax.shard_map) with specs from logical names.
+
+  Kernels (Pallas/Mosaic custom calls) cannot be partitioned by GSPMD, so
+  the model calls attention through this: each device gets whole sequences
+  of its batch rows and its heads. Without a mesh it returns `fn` as is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=tuple(logical_to_spec(n) for n in in_names),
+    out_specs=logical_to_spec(out_names), check_vma=False)
+
+
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """Traces `fn` with `mesh` as the ambient (abstract) mesh, so `constrain`
+  and `shard_map_by_names` inside the model see it; wrap before jax.jit."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def _param_spec(var: nnx.Variable) -> P:
