@@ -1,9 +1,13 @@
 """Block-sparse flash attention for GPU: Pallas kernels, Triton lowering.
 
 Implements the backend contract of kernels/flash_attention/vjp.py
-(`flash_fwd`, `flash_bwd`). Letters: B batch, H query heads, K kv heads
-(G = H / K query heads per kv head), T query length, S key length, D q/k
-head dim, E value head dim. Layout [B, H, T, D].
+(`flash_fwd`, `flash_bwd`). On Hopper (sm90), for bf16 / f16 with the tiles
+pallas_mgpu.py takes (block_q 64), the Mosaic GPU kernels there run
+instead; everything else runs the Triton kernels below.
+
+Letters: B batch, H query heads, K kv heads (G = H / K query heads per kv
+head), T query length, S key length, D q/k head dim, E value head dim.
+Layout [B, H, T, D].
 
 Three kernels, FA2 style, all driven by `masks.BlockMetadata`:
   forward  grid (T/bq, B, H): walks the compacted non-empty kv blocks of its
@@ -14,12 +18,10 @@ Three kernels, FA2 style, all driven by `masks.BlockMetadata`:
 EMPTY tiles are never visited; the element predicate (`masks.element_mask`,
 recomputed from positions and segment ids) runs only on PARTIAL tiles.
 
-Why Triton-lowered Pallas rather than Mosaic GPU: this path runs in the
-Pallas interpreter on CPU, where it is tested against the dense reference,
-and it lowers for `cuda` from a CPU-only machine. Mosaic GPU (`plgpu`,
-warpgroup MMA + TMA) is the faster Hopper target and the next step; JAX
-marks the Triton lowering deprecated, so this file is the portable
-baseline, not the end state.
+Why keep a Triton path although JAX marks that lowering deprecated: it
+takes any dtype (exact f32 dots), any power-of-two tile and pre-Hopper GPUs,
+and it runs in the generic Pallas interpreter, so it is the portable,
+well-tested baseline; pallas_mgpu.py is the Hopper fast path.
 Triton tensors must have power-of-two sizes, so head dims are zero-padded
 to the next power of two here (exact: zero columns add nothing to q.k, and
 the extra output columns are zero and sliced off).
@@ -35,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from kernels import masks
+from kernels.flash_attention import pallas_mgpu
 
 _LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -282,8 +285,28 @@ def _row_tile(bq):
   return pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
 
 
+def _compute_capability():
+  """sm version of the (possibly abstract, for AOT) target GPU, or None."""
+  try:
+    return pl_triton.get_gpu_info().compute_capability
+  except (ValueError, RuntimeError):  # no GPU, and no abstract one either
+    return None
+
+
+def _use_mosaic(q, v, params, backward):
+  if params.interpret:  # interpreted runs test the Triton kernels
+    return False
+  cc = _compute_capability()
+  # wgmma is sm90 only (Blackwell has tcgen05 instead).
+  return (cc is not None and 90 <= cc < 100
+          and pallas_mgpu.unsupported(q, v, params, backward=backward) is None)
+
+
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   """(o [B, H, T, E] in q.dtype, lse [B, H, T] f32); see vjp.py."""
+  if _use_mosaic(q, v, params, backward=False):
+    return pallas_mgpu.flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
+                                 params)
   _check(q, k, meta, params)
   b, h, t, d = q.shape
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
@@ -309,6 +332,9 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
 def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
               params):
   """(dq, dk, dv) like (q, k, v); delta = rowsum(o * do) - dlse."""
+  if _use_mosaic(q, v, params, backward=True):
+    return pallas_mgpu.flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
+                                 lse, do, delta, params)
   _check(q, k, meta, params)
   b, h, t, d = q.shape
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
