@@ -39,8 +39,11 @@ ANCHORS = """Published anchors, one H100 SXM (989 TFLOP/s bf16 dense peak):
   cuDNN forward, d128 causal, 16k:                  ~539 TFLOP/s
   FlashAttention-3 forward, d128 non-causal, 16k:   ~648 TFLOP/s"""
 
-IMPLS = ("pallas_gpu", "cudnn", "xla", "xla_chunked", "pallas_tpu",
-         "interpret")
+IMPLS = ("pallas_gpu", "pallas_gpu_hopper", "cudnn", "xla", "xla_chunked",
+         "pallas_tpu", "interpret")
+# pallas_gpu with the tiles its Mosaic GPU (wgmma) kernels take on sm90;
+# plain pallas_gpu with default 128 x 128 tiles runs its Triton kernels.
+HOPPER_TILES = vjp.BlockSizes(64, 128, 64, 64)
 
 
 def _ints(s):
@@ -120,8 +123,13 @@ def visible_pairs(spec, t, rows=512):
 def unavailable(impl, spec, args, b, h, t):
   """Why `impl` cannot run here (None when it can)."""
   platform = jax.default_backend()
-  if impl in ("pallas_gpu", "cudnn") and platform != "gpu":
+  if impl in ("pallas_gpu", "pallas_gpu_hopper", "cudnn") and (
+      platform != "gpu"):
     return f"needs a CUDA GPU (platform is {platform})"
+  if impl == "pallas_gpu_hopper":
+    cc = getattr(jax.devices()[0], "compute_capability", "0")
+    if not str(cc).startswith("9") or args.dtype == "float32":
+      return f"Mosaic GPU kernels need sm90 and bf16 / f16 (sm {cc})"
   if impl == "pallas_tpu" and platform != "tpu":
     return f"needs a TPU (platform is {platform})"
   if impl == "cudnn" and (spec.global_prefix or args.dtype == "float32"):
@@ -136,6 +144,9 @@ def unavailable(impl, spec, args, b, h, t):
 
 
 def make_fn(impl, spec, mode, block_sizes):
+  if impl == "pallas_gpu_hopper":
+    impl, block_sizes = "pallas_gpu", HOPPER_TILES
+
   def attend(q, k, v, pos):
     if impl in ("pallas_gpu", "pallas_tpu"):
       # vjp.flash_attention directly: kernels.attention would fall back to
@@ -188,7 +199,7 @@ def main(argv=None):
         f"{args.globals}; block sizes: {bs or vjp.BlockSizes()}")
   print("FLOPs count visible (query, key) pairs only; fwd+bwd = 3.5 x fwd")
   hdr = (f"{'mode':8}{'mask':13}{'D':>4}{'T':>7}{'B':>4}{'H':>4} "
-         f"{'impl':12}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
+         f"{'impl':18}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
          f"{'vs xla':>8}{'temp MiB/seq':>14}")
   memory = {}  # (mode, mask, d, impl) -> [(t, temp bytes per sequence)]
   rng = np.random.default_rng(0)
@@ -224,7 +235,7 @@ def main(argv=None):
           secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
           for impl, r in rows.items():
             head = (f"{mode:8}{mask_name:13}{d:>4}{t:>7}{b:>4}{h:>4} "
-                    f"{impl:12}")
+                    f"{impl:18}")
             if isinstance(r, str):
               print(f"{head}skipped: {r}")
               continue
@@ -262,7 +273,7 @@ def print_memory(memory):
     exps = [math.log(m2 / m1) / math.log(t2 / t1)
             for (t1, m1), (t2, m2) in zip(pts, pts[1:]) if m1 > 0 and m2 > 0]
     exp = ", ".join(f"{e:.2f}" for e in exps) or "-"
-    print(f"  {mode:8}{mask_name:13}D={d:<4}{impl:12} "
+    print(f"  {mode:8}{mask_name:13}D={d:<4}{impl:18} "
           f"{'; '.join(cells)}  exponent {exp}")
 
 

@@ -390,3 +390,31 @@ def test_gpu_dispatch():
   assert _lower_fwd_bwd("causal", None, bq=64, bk=128)[:2] == (2, 1)
   # Chunks that are not powers of two need an f32 floor Mosaic GPU lacks.
   assert _lower_fwd_bwd("chunk_suffix", None, bq=64, bk=64)[:2] == (3, 0)
+
+
+@pytest.mark.parametrize("block_sizes,want", [
+  (None, (3, 0)),  # default 128 x 128 tiles: Triton
+  (vjp.BlockSizes(64, 128, 64, 64), (0, 3)),  # Hopper tiles: Mosaic GPU
+])
+def test_public_entry_lowers_for_cuda(block_sizes, want):
+  """jax.grad through kernels.attention(impl="pallas_gpu") (padding to
+  tiles, metadata, the shared custom_vjp) lowers for cuda with our kernels,
+  not the xla_chunked fallback."""
+  import kernels
+  spec = SPECS["global_local"]
+  b, t, h, kh, d = 1, 1000, 4, 2, 128
+
+  def loss(q, k, v, pos):
+    o = kernels.attention(q, k, v, mask=spec, q_pos=pos, k_pos=pos,
+                          impl="pallas_gpu", block_sizes=block_sizes)
+    return jnp.sum(o.astype(jnp.float32))
+
+  sds = jax.ShapeDtypeStruct
+  exp = _export_cuda(jax.grad(loss, argnums=(0, 1, 2)),
+                     sds((b, t, h, d), jnp.bfloat16),
+                     sds((b, t, kh, d), jnp.bfloat16),
+                     sds((b, t, kh, d), jnp.bfloat16), sds((b, t), jnp.int32))
+  text = exp.mlir_module()
+  got = (text.count("__gpu$xla.gpu.triton"),
+         text.count("stablehlo.custom_call @mosaic_gpu"))
+  assert got == want
