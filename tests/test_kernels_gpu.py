@@ -388,6 +388,7 @@ def test_gpu_dispatch():
   assert _lower_fwd_bwd("causal", None, bq=64, bk=64,
                         device_kind="NVIDIA A100-SXM4-80GB")[:2] == (3, 0)
   assert _lower_fwd_bwd("causal", None, bq=64, bk=128)[:2] == (2, 1)
+  assert _lower_fwd_bwd("causal", None, bq=64, bk=64, d=96)[:2] == (3, 0)
   # Chunks that are not powers of two need an f32 floor Mosaic GPU lacks.
   assert _lower_fwd_bwd("chunk_suffix", None, bq=64, bk=64)[:2] == (3, 0)
 
