@@ -304,10 +304,10 @@ def _use_mosaic(q, v, params, backward):
 
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   """(o [B, H, T, E] in q.dtype, lse [B, H, T] f32); see vjp.py."""
+  _check(q, k, meta, params)
   if _use_mosaic(q, v, params, backward=False):
     return pallas_mgpu.flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
                                  params)
-  _check(q, k, meta, params)
   b, h, t, d = q.shape
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
   g, bq = h // kh, params.block_q
@@ -332,10 +332,10 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
 def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
               params):
   """(dq, dk, dv) like (q, k, v); delta = rowsum(o * do) - dlse."""
+  _check(q, k, meta, params)
   if _use_mosaic(q, v, params, backward=True):
     return pallas_mgpu.flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
                                  lse, do, delta, params)
-  _check(q, k, meta, params)
   b, h, t, d = q.shape
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
   g, bq, bk = h // kh, params.block_q, params.block_kv
