@@ -11,9 +11,10 @@ impl:
                  applies causal / window on *indices*, so this is only right
                  when positions are aranges; it is never chosen by "auto"
                  and is explicit opt-in for callers that know that.
-  "auto"         TPU -> pallas_tpu; GPU -> pallas_gpu, falling back to
-                 xla_chunked when that module is absent or refuses the case
-                 (raises NotImplementedError); CPU -> xla.
+  "auto"         TPU -> pallas_tpu, GPU -> pallas_gpu, each falling back
+                 to xla_chunked when it refuses the case (raises
+                 NotImplementedError) or is absent; CPU -> xla. Explicit
+                 impls never fall back: they raise.
 """
 import math
 
@@ -52,20 +53,28 @@ def _platform():
   return jax.default_backend()
 
 
-def _resolve(impl, spec, logits_soft_cap):
-  del spec, logits_soft_cap  # every backend here handles every mask
+def _candidates(impl):
+  """Backends to try in order; only "auto" has fallbacks."""
   if impl != "auto":
-    return impl
+    return (impl,)
   platform = _platform()
   if platform == "tpu":
-    return "pallas_tpu"
+    return ("pallas_tpu", "xla_chunked")
   if platform in ("gpu", "cuda", "rocm"):
-    return "pallas_gpu"
-  return "xla"
+    return ("pallas_gpu", "xla_chunked")
+  return ("xla",)
 
 
 def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
   """cuDNN flash attention for the cases it supports, else ValueError."""
+  window = None
+  if spec.window is not None:
+    left, right = spec.window
+    if right is None and spec.causal:
+      right = 0
+    if left is None or right is None:
+      raise NotImplementedError("cudnn needs a bounded window")
+    window = (left, right)
   if (return_lse or cap is not None or q_seg is not None
       or k_seg is not None or spec.chunk is not None
       or spec.block_mask is not None or spec.global_prefix
@@ -73,14 +82,26 @@ def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
     raise NotImplementedError(
       "cudnn handles causal / window masks without segments, soft cap, "
       "globals or lse only")
-  window = None
-  if spec.window is not None:
-    left, right = spec.window
-    window = (-1 if left is None else left, -1 if right is None else right)
   out = jax.nn.dot_product_attention(
     q, k, v, scale=scale, is_causal=spec.causal, local_window_size=window,
     implementation="cudnn")
   return out, None
+
+
+def _run(impl, q, k, v, q_pos, k_pos, q_seg, k_seg, spec, scale, cap,
+         block_sizes):
+  if impl == "xla":
+    dense = masks.dense_mask(spec, q_pos, k_pos, q_seg, k_seg)
+    return reference.attention_reference(q, k, v, dense, scale=scale,
+                                         logits_soft_cap=cap)
+  if impl == "xla_chunked":
+    chunk = (block_sizes or vjp.BlockSizes()).block_kv
+    return reference.attention_chunked(
+      q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
+      logits_soft_cap=cap, chunk_size=chunk)
+  return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret
+    q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
+    logits_soft_cap=cap, block_sizes=block_sizes, backend=impl)
 
 
 def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
@@ -102,43 +123,25 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
     raise TypeError(f"mask must be a MaskSpec, got {type(mask)}")
   _check_shapes(q, k, v, q_pos, k_pos, q_segment_ids, kv_segment_ids)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-  impl = _resolve(impl, mask, logits_soft_cap)
-
-  if impl == "cudnn":
-    out, lse = _cudnn(q, k, v, mask, q_segment_ids, kv_segment_ids, scale,
-                      logits_soft_cap, return_lse)
-    return out
-
   q_pos = q_pos.astype(jnp.int32)
   k_pos = k_pos.astype(jnp.int32)
   q_seg = (jnp.ones_like(q_pos) if q_segment_ids is None
            else q_segment_ids.astype(jnp.int32))
   k_seg = (jnp.ones_like(k_pos) if kv_segment_ids is None
            else kv_segment_ids.astype(jnp.int32))
-
-  if impl == "xla":
-    dense = masks.dense_mask(mask, q_pos, k_pos, q_seg, k_seg)
-    out, lse = reference.attention_reference(
-      q, k, v, dense, scale=scale, logits_soft_cap=logits_soft_cap)
-  elif impl == "xla_chunked":
-    chunk = (block_sizes or vjp.BlockSizes()).block_kv
-    out, lse = reference.attention_chunked(
-      q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
-      logits_soft_cap=logits_soft_cap, chunk_size=chunk)
-  elif impl == "pallas_gpu":
+  candidates = _candidates(impl)
+  for i, name in enumerate(candidates):
     try:
-      out, lse = vjp.flash_attention(
-        q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
-        logits_soft_cap=logits_soft_cap, block_sizes=block_sizes,
-        backend="pallas_gpu")
+      if name == "cudnn":
+        out, lse = _cudnn(q, k, v, mask, q_segment_ids, kv_segment_ids,
+                          scale, logits_soft_cap, return_lse)
+      else:
+        out, lse = _run(name, q, k, v, q_pos, k_pos, q_seg, k_seg, mask,
+                        scale, logits_soft_cap, block_sizes)
+      break
     except (ImportError, NotImplementedError):
-      # The GPU kernel refused the case (or is not installed here).
-      out, lse = reference.attention_chunked(
-        q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
-        logits_soft_cap=logits_soft_cap)
-  else:  # pallas_tpu / interpret
-    out, lse = vjp.flash_attention(
-      q, k, v, q_pos, k_pos, q_seg, k_seg, spec=mask, scale=scale,
-      logits_soft_cap=logits_soft_cap, block_sizes=block_sizes,
-      backend=impl)
+      # The backend refuses this case (or is not installed): under "auto"
+      # try the next one, otherwise the caller asked for it, so say no.
+      if i == len(candidates) - 1:
+        raise
   return (out, lse) if return_lse else out

@@ -373,3 +373,20 @@ def test_interpret_under_checkpoint_jit_and_shard_map():
                             argnums=(0, 1, 2)))(*args)
   for a, b in zip(got, want):
     assert_close(a, b, F32_TOL)
+
+
+def test_auto_falls_back_when_a_kernel_refuses(monkeypatch):
+  """On a (pretend) TPU, tile lists too big for SMEM -> xla_chunked."""
+  from kernels import ops
+  monkeypatch.setattr(ops, "_platform", lambda: "tpu")
+  q = jax.ShapeDtypeStruct((1, 65536, 1, 128), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((1, 65536), jnp.int32)
+
+  def f(impl):
+    return lambda q, pos: kernels.attention(
+      q, q, q, mask=MaskSpec(causal=True), q_pos=pos, k_pos=pos, impl=impl)
+
+  jaxpr = str(jax.make_jaxpr(f("auto"))(q, pos))
+  assert "pallas_call" not in jaxpr and "scan" in jaxpr
+  with pytest.raises(NotImplementedError, match="SMEM"):
+    jax.make_jaxpr(f("pallas_tpu"))(q, pos)

@@ -85,9 +85,10 @@ def _check_tiles(params, tq, tk):
     return
   bq, bk = params.block_q, params.block_kv
   if bq % 8 and bq != tq:
-    raise ValueError(f"pallas_tpu needs block_q % 8 == 0, got {bq}")
+    raise NotImplementedError(
+      f"pallas_tpu needs block_q % 8 == 0, got {bq}")
   if bk % 128 and bk != tk:
-    raise ValueError(
+    raise NotImplementedError(
       f"pallas_tpu needs block_kv % 128 == 0 (or one block for all keys), "
       f"got block_kv={bk} for {tk} keys")
 
@@ -123,7 +124,7 @@ class _Lists:
     self.b, self.m, self.n = index.shape
     words = self.b * self.m * (self.n + 1)
     if words * 4 > _SMEM_BUDGET:
-      raise ValueError(
+      raise NotImplementedError(
         f"tile lists need {words * 4 // 1024} KiB of SMEM (budget "
         f"{_SMEM_BUDGET // 1024} KiB) for batch {self.b} and {self.m} x "
         f"{self.n} tiles; use larger BlockSizes or shard the batch")
@@ -135,53 +136,66 @@ class _Lists:
     return count[b * self.m + row], e // 4, e % 4
 
 
+def _q_row_spec(shape):
+  """Operands indexed like q's tile on a (b, h, q block, list) grid."""
+  return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (bi, h, i, 0))
+
+
+def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
+                    params):
+  """BlockSpecs + operands of the kernels that walk kv lists (fwd, dQ).
+
+  Order: q, k, v, q_pos, q_seg, k_pos, k_seg, *rows, [block-mask table].
+  """
+  d, e = q.shape[3], v.shape[3]
+  g = q.shape[1] // k.shape[1]
+  bq, bk = params.block_q, params.block_kv
+
+  def kv_block(bi, i, j, refs):
+    return lists.at(refs, bi, i, j)[1]
+
+  def kv_spec(shape):
+    return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (
+      bi, h // g, kv_block(bi, i, j, r), 0))
+
+  q_rows = compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0))
+  kv_cols = compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
+    bi, 0, kv_block(bi, i, j, r)))
+  in_specs = [_q_row_spec((None, None, bq, d)), kv_spec((None, None, bk, d)),
+              kv_spec((None, None, bk, e)), q_rows, q_rows, kv_cols, kv_cols]
+  in_specs += [_q_row_spec((None, None, bq, x.shape[3])) for x in rows]
+  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
+              k_pos[:, None, :], k_seg[:, None, :], *rows]
+  table = _table(params.spec)
+  if table is not None:
+    in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
+    operands.append(table)
+  return in_specs, operands
+
+
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
-  b, hq, tq, d = q.shape
-  hkv, tk, e = k.shape[1], k.shape[2], v.shape[3]
-  g = hq // hkv
+  b, hq, tq, _ = q.shape
+  tk, e = k.shape[2], v.shape[3]
   bq, bk = params.block_q, params.block_kv
   nq, nk = tq // bq, tk // bk
   _check_tiles(params, tq, tk)
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
-  table = _table(params.spec)
-
-  def kv_block(bi, h, i, j, *refs):
-    return lists.at(refs, bi, i, j)[1]
-
-  in_specs = [
-    compat.BlockSpec((None, None, bq, d), lambda bi, h, i, j, *r: (bi, h, i, 0)),
-    compat.BlockSpec((None, None, bk, d), lambda bi, h, i, j, *r: (
-      bi, h // g, kv_block(bi, h, i, j, *r), 0)),
-    compat.BlockSpec((None, None, bk, e), lambda bi, h, i, j, *r: (
-      bi, h // g, kv_block(bi, h, i, j, *r), 0)),
-    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
-    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
-    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
-      bi, 0, kv_block(bi, h, i, j, *r))),
-    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
-      bi, 0, kv_block(bi, h, i, j, *r))),
-  ]
-  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
-              k_pos[:, None, :], k_seg[:, None, :]]
-  if table is not None:
-    in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
-    operands.append(table)
-  out_specs = [
-    compat.BlockSpec((None, None, bq, e), lambda bi, h, i, j, *r: (bi, h, i, 0)),
-    compat.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, *r: (bi, h, i, 0)),
-  ]
+  in_specs, operands = _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
+                                       (), lists, params)
+  out_specs = [_q_row_spec((None, None, bq, e)),
+               _q_row_spec((None, None, bq, 1))]
   prefetch, operands = _varying(lists.arrays, operands)
   out_shape = [compat.out_struct((b, hq, tq, e), q.dtype, operands[0]),
                compat.out_struct((b, hq, tq, 1), jnp.float32, operands[0])]
-  scratch = [compat.vmem((bq, 1), jnp.float32), compat.vmem((bq, 1),
-                                                            jnp.float32),
-             compat.vmem((bq, e), jnp.float32)]
+  scratch = [compat.vmem((bq, 1), jnp.float32),  # running max m
+             compat.vmem((bq, 1), jnp.float32),  # running sum l
+             compat.vmem((bq, e), jnp.float32)]  # unnormalised output
 
   def kernel(*refs):
     list_refs, refs = refs[:2], refs[2:]
     q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref = refs[:7]
     refs = refs[7:]
-    table_ref = refs[0] if table is not None else None
+    table_ref = refs[0] if params.spec.block_mask is not None else None
     o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[-5:]
     bi, i, j = (compat.program_id(a) for a in (0, 2, 3))
     count, kv_idx, kind = lists.at(list_refs, bi, i, j)
@@ -343,48 +357,19 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
 def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
             params):
   b, hq, tq, d = q.shape
-  tk, e = k.shape[2], v.shape[3]
-  g = hq // k.shape[1]
   bq, bk = params.block_q, params.block_kv
-  nq, nk = tq // bq, tk // bk
+  nq, nk = tq // bq, k.shape[2] // bk
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
-  table = _table(params.spec)
-
-  def kv_block(bi, h, i, j, *refs):
-    return lists.at(refs, bi, i, j)[1]
-
-  def row_spec(shape):
-    return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (bi, h, i, 0))
-
-  def kv_spec(shape):
-    return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (
-      bi, h // g, kv_block(bi, h, i, j, *r), 0))
-
-  in_specs = [
-    row_spec((None, None, bq, d)), kv_spec((None, None, bk, d)),
-    kv_spec((None, None, bk, e)),
-    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
-    compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0)),
-    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
-      bi, 0, kv_block(bi, h, i, j, *r))),
-    compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
-      bi, 0, kv_block(bi, h, i, j, *r))),
-    row_spec((None, None, bq, e)), row_spec((None, None, bq, 1)),
-    row_spec((None, None, bq, 1))]
-  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
-              k_pos[:, None, :], k_seg[:, None, :], do, lse[..., None],
-              delta[..., None]]
-  if table is not None:
-    in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
-    operands.append(table)
-
+  in_specs, operands = _q_major_inputs(
+    q, k, v, q_pos, k_pos, q_seg, k_seg,
+    (do, lse[..., None], delta[..., None]), lists, params)
   prefetch, operands = _varying(lists.arrays, operands)
 
   def kernel(*refs):
     list_refs, refs = refs[:2], refs[2:]
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
      delta_ref) = refs[:10]
-    table_ref = refs[10] if table is not None else None
+    table_ref = refs[10] if params.spec.block_mask is not None else None
     dq_ref, dq_sc = refs[-2:]
     bi, i, j = (compat.program_id(a) for a in (0, 2, 3))
     count, kv_idx, kind = lists.at(list_refs, bi, i, j)
@@ -414,7 +399,7 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
     grid=(b, hq, nq, _grid_width(meta.kv_count, nk, params)),
-    in_specs=in_specs, out_specs=[row_spec((None, None, bq, d))],
+    in_specs=in_specs, out_specs=[_q_row_spec((None, None, bq, d))],
     scratch_shapes=[compat.vmem((bq, d), jnp.float32)])
   (dq,) = compat.pallas_call(
     kernel, out_shape=[compat.out_struct(q.shape, q.dtype, operands[0])],
