@@ -7,6 +7,8 @@ impl:
   "pallas_gpu"   Pallas GPU kernels (kernels/flash_attention/pallas_gpu.py),
                  imported lazily.
   "interpret"    the pallas_tpu kernels run by the Pallas interpreter (CPU).
+                 Inside jax.shard_map it needs check_vma=False: jax 0.11.2's
+                 interpreter mixes unvarying grid ids with varying data.
   "cudnn"        jax.nn.dot_product_attention(implementation="cudnn"). cuDNN
                  applies causal / window on *indices*, so this is only right
                  when positions are aranges; it is never chosen by "auto"

@@ -47,6 +47,13 @@ class BlockSizes:
   block_q_bwd: int | None = None
   block_kv_bwd: int | None = None
 
+  def __post_init__(self):
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+      size = getattr(self, name)
+      if size is not None and (not isinstance(size, int) or size <= 0):
+        raise ValueError(f"BlockSizes.{name} must be a positive int, "
+                         f"got {size!r}")
+
   @property
   def bwd(self) -> tuple[int, int]:
     return (self.block_q_bwd or self.block_q,
