@@ -148,14 +148,8 @@ def make_fn(impl, spec, mode, block_sizes):
     impl, block_sizes = "pallas_gpu", HOPPER_TILES
 
   def attend(q, k, v, pos):
-    if impl in ("pallas_gpu", "pallas_tpu"):
-      # vjp.flash_attention directly: kernels.attention would fall back to
-      # xla_chunked on NotImplementedError and mislabel the timing.
-      seg = jnp.ones_like(pos)
-      return vjp.flash_attention(
-        q, k, v, pos, pos, seg, seg, spec=spec,
-        scale=q.shape[-1] ** -0.5, logits_soft_cap=None,
-        block_sizes=block_sizes, backend=impl)[0]
+    # Explicit impls raise rather than fall back, so a timing is never
+    # silently another impl's.
     return kernels.attention(q, k, v, mask=spec, q_pos=pos, k_pos=pos,
                              impl=impl, block_sizes=block_sizes)
 
