@@ -40,7 +40,7 @@ ANCHORS = """Published anchors, one H100 SXM (989 TFLOP/s bf16 dense peak):
   FlashAttention-3 forward, d128 non-causal, 16k:   ~648 TFLOP/s"""
 
 IMPLS = ("pallas_gpu", "pallas_gpu_hopper", "cudnn", "xla", "xla_chunked",
-         "pallas_tpu", "interpret")
+         "pallas_tpu", "interpret", "interpret_gpu")
 # pallas_gpu with the tiles its Mosaic GPU (wgmma) kernels take on sm90;
 # plain pallas_gpu with default 128 x 128 tiles runs its Triton kernels.
 HOPPER_TILES = vjp.BlockSizes(64, 128, 64, 64)
@@ -138,7 +138,7 @@ def unavailable(impl, spec, args, b, h, t):
     gib = b * h * t * t * 4 / 2**30
     if gib > args.xla_max_gib:
       return f"dense logits would take {gib:.0f} GiB (> --xla_max_gib)"
-  if impl == "interpret" and t > 4096:
+  if impl in ("interpret", "interpret_gpu") and t > 4096:
     return "the interpreter is for correctness; too slow beyond 4k"
   return None
 

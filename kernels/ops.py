@@ -7,6 +7,7 @@ impl:
   "pallas_gpu"   Pallas GPU kernels (kernels/flash_attention/pallas_gpu.py),
                  imported lazily.
   "interpret"    the pallas_tpu kernels run by the Pallas interpreter (CPU).
+  "interpret_gpu" the pallas_gpu (Triton-lowered) kernels, interpreted (CPU).
                  Inside jax.shard_map it needs check_vma=False: jax 0.11.2's
                  interpreter mixes unvarying grid ids with varying data.
   "cudnn"        jax.nn.dot_product_attention(implementation="cudnn"). cuDNN
@@ -28,7 +29,7 @@ from kernels.flash_attention import reference
 from kernels.flash_attention import vjp
 
 IMPLS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu",
-         "interpret", "cudnn")
+         "interpret", "interpret_gpu", "cudnn")
 
 
 def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
@@ -101,7 +102,7 @@ def _run(impl, q, k, v, q_pos, k_pos, q_seg, k_seg, spec, scale, cap,
     return reference.attention_chunked(
       q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
       logits_soft_cap=cap, chunk_size=chunk)
-  return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret
+  return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret(_gpu)
     q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
     logits_soft_cap=cap, block_sizes=block_sizes, backend=impl)
 

@@ -165,3 +165,22 @@ def test_pallas_interpret_training_matches_xla():
   np.testing.assert_allclose(runs["interpret"][0], runs["xla"][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                runs["interpret"][1], runs["xla"][1])
+
+
+def test_gpu_kernels_interpreted_train_like_xla():
+  """Same property for the GPU (Triton-lowered) kernels, interpreted."""
+  from efficient_lm.training import loop, sharding
+  from tests.helpers import packed_batch
+  losses = {}
+  for impl in ("xla", "interpret_gpu"):
+    cfg = small_config(**{"model.attention.impl": impl,
+                          "model.num_layers": 1, "train.batch_size": 2})
+    t = loop.build_trainer(cfg, jax.devices()[:1])
+    state = t.init_fn()
+    batch = sharding.host_to_global(
+      t.mesh, packed_batch(2, cfg.data.seq_len, cfg.model.vocab_size, 0))
+    state, m = t.train_step(state, batch)
+    _, m2 = t.train_step(state, batch)
+    losses[impl] = [float(m["loss"]), float(m2["loss"])]
+  np.testing.assert_allclose(losses["interpret_gpu"], losses["xla"],
+                             rtol=1e-5)

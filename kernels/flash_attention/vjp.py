@@ -89,13 +89,21 @@ class _Config:
   def params(self, block_q, block_kv):
     return KernelParams(self.spec, self.scale, self.logits_soft_cap,
                         block_q, block_kv, self.kv_len,
-                        interpret=self.backend == "interpret")
+                        interpret=self.backend in _INTERPRETED)
+
+
+# Backends that run their Pallas kernels under the CPU interpreter.
+_INTERPRETED = ("interpret", "interpret_gpu")
+_GPU = ("pallas_gpu", "interpret_gpu")
+# GPU tiles: 64-row query tiles let Hopper bf16 take the Mosaic GPU kernels
+# and keep the Triton backward out of 128x128 register pressure.
+GPU_BLOCK_SIZES = BlockSizes(64, 128, 64, 64)
 
 
 def _kernels(backend):
   if backend in ("pallas_tpu", "interpret"):
     from kernels.flash_attention import pallas_tpu as mod
-  elif backend == "pallas_gpu":
+  elif backend in _GPU:
     from kernels.flash_attention import pallas_gpu as mod  # lazy: optional
   else:
     raise ValueError(f"no blockwise kernels for backend {backend!r}")
@@ -142,9 +150,12 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def fit_block_sizes(block_sizes, tq, tk):
-  """Shrink tiles for short sequences (multiples of 8, never above T)."""
+def fit_block_sizes(block_sizes, tq, tk, backend="pallas_tpu"):
+  """Shrink tiles for short sequences, never above T: multiples of 8 on
+  TPU; powers of two of at least 16 on GPU (Triton / Mosaic GPU tiles)."""
   def fit(b, t):
+    if backend in _GPU:
+      return min(b, max(16, 1 << (t - 1).bit_length()))
     return min(b, _round_up(t, 8))
   bq_b, bk_b = block_sizes.bwd
   return BlockSizes(fit(block_sizes.block_q, tq), fit(block_sizes.block_kv, tk),
@@ -156,7 +167,8 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKE, q_pos, k_pos, q_seg, k_seg, *,
   """Public layout in and out; returns (out [B,T,H,E], lse [B,H,T])."""
   b, tq, _, _ = q_BTHD.shape
   tk = k_BSKD.shape[1]
-  bs = fit_block_sizes(block_sizes or BlockSizes(), tq, tk)
+  default = GPU_BLOCK_SIZES if backend in _GPU else BlockSizes()
+  bs = fit_block_sizes(block_sizes or default, tq, tk, backend)
   lq = math.lcm(bs.block_q, bs.bwd[0])
   lk = math.lcm(bs.block_kv, bs.bwd[1])
   pq, pk = _round_up(tq, lq) - tq, _round_up(tk, lk) - tk
