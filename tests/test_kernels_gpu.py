@@ -387,8 +387,8 @@ def test_gpu_dispatch():
 
 
 @pytest.mark.parametrize("block_sizes,want", [
-  (None, (3, 0)),  # default 128 x 128 tiles: Triton
-  (vjp.BlockSizes(64, 128, 64, 64), (0, 3)),  # Hopper tiles: Mosaic GPU
+  (None, (0, 3)),  # GPU default tiles (vjp.GPU_BLOCK_SIZES): Mosaic GPU
+  (vjp.BlockSizes(128, 128), (3, 0)),  # 128 x 128 tiles: Triton
 ])
 def test_public_entry_lowers_for_cuda(block_sizes, want):
   """jax.grad through kernels.attention(impl="pallas_gpu") (padding to
