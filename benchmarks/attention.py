@@ -2,6 +2,7 @@
 
   python benchmarks/attention.py                     # platform defaults
   python benchmarks/attention.py --seq=512,1024 --impl=xla,xla_chunked,interpret
+  python benchmarks/attention.py --aot_tpu=v5e:2x2 --batch=1 --heads=8
 
 For each (mode, mask, head dim, sequence length) it times each impl (fwd,
 or fwd+bwd = value and grads of sum(out * w) w.r.t. q, k, v) and prints
@@ -15,9 +16,14 @@ V visible pairs per (batch, head): fwd = 2 * V * (D + E) (q.k and p.v),
 fwd+bwd = 3.5 * fwd (the backward's five matmuls = 2.5 * fwd, as in the
 FlashAttention papers). Causal therefore counts ~half the dense FLOPs, as
 the published anchors printed at the end do.
+
+--aot_tpu=TOPOLOGY compiles (never runs) pallas_tpu, xla and xla_chunked
+for an abstract TPU slice instead, and reports per-chip compiled memory and
+flops (benchmarks/attention_aot.py); --batch is then per chip.
 """
 import argparse
 import math
+import os
 import pathlib
 import sys
 import time
@@ -25,12 +31,18 @@ import time
 # Run as a script from anywhere: put the repo root first so `kernels` is the
 # source tree (a stale editable install can map it to a namespace package).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# AOT topologies load libtpu, whose lockfile another process (a test run)
+# may hold; the lock guards real chips, which compile-only never touches.
+# Not set otherwise: on a TPU host the lock should keep guarding them.
+if any(a.startswith("--aot_tpu") for a in sys.argv[1:]):
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kernels  # noqa: E402
+from benchmarks import attention_aot  # noqa: E402
 from kernels import masks  # noqa: E402
 from kernels.flash_attention import vjp  # noqa: E402
 
@@ -55,8 +67,10 @@ def _words(s):
 
 
 def parse_args(argv=None):
-  platform = jax.default_backend()
-  on_cpu = platform == "cpu"
+  argv = sys.argv[1:] if argv is None else argv
+  aot = any(a.startswith("--aot_tpu") for a in argv)
+  # AOT targets a TPU whatever the host is, so it takes the TPU defaults.
+  on_cpu = jax.default_backend() == "cpu" and not aot
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seq", type=_ints, default=_ints(
     "512,1024" if on_cpu else "1024,2048,4096,8192,16384,32768"))
@@ -64,13 +78,17 @@ def parse_args(argv=None):
     "64" if on_cpu else "64,128"))
   p.add_argument("--mask", type=_words, default=_words(
     "causal,window,global_local"))
-  p.add_argument("--impl", type=_words, default=list(IMPLS))
+  p.add_argument("--impl", type=_words,
+                 default=list(attention_aot.IMPLS if aot else IMPLS))
+  p.add_argument("--aot_tpu", default="", metavar="TOPOLOGY",
+                 help="compile only, for a TPU topology such as v5e:2x2")
   p.add_argument("--mode", type=_words, default=_words("fwd,fwd_bwd"))
   p.add_argument("--tokens", type=int, default=1024 if on_cpu else 16384,
                  help="batch = max(1, tokens // seq), unless --batch")
   p.add_argument("--batch", type=int, default=0)
   p.add_argument("--hidden", type=int, default=128 if on_cpu else 2048,
-                 help="query heads = hidden // head_dim")
+                 help="query heads = hidden // head_dim, unless --heads")
+  p.add_argument("--heads", type=int, default=0, help="query heads")
   p.add_argument("--kv_heads", type=int, default=0, help="0: = query heads")
   p.add_argument("--window", type=int, default=256 if on_cpu else 1024,
                  help="causal window in tokens, self included")
@@ -81,11 +99,14 @@ def parse_args(argv=None):
                  help="block_q,block_kv[,block_q_bwd,block_kv_bwd]")
   p.add_argument("--iters", type=int, default=3 if on_cpu else 20)
   p.add_argument("--xla_max_gib", type=float, default=2.0 if on_cpu else 16,
-                 help="skip the dense xla impl above this logits size")
+                 help="skip the dense xla impl above this logits size "
+                 "(not with --aot_tpu: there the compiler's verdict is "
+                 "reported)")
   args = p.parse_args(argv)
+  allowed = attention_aot.IMPLS if aot else IMPLS
   for name in args.impl:
-    if name not in IMPLS:
-      p.error(f"unknown impl {name!r}; choose from {IMPLS}")
+    if name not in allowed:
+      p.error(f"unknown impl {name!r}; choose from {allowed}")
   return args
 
 
@@ -143,7 +164,8 @@ def unavailable(impl, spec, args, b, h, t):
   return None
 
 
-def make_fn(impl, spec, mode, block_sizes):
+def make_fn(impl, spec, mode, block_sizes, wrap=None):
+  """jit of fwd or fwd+bwd; `wrap` (e.g. a shard_map) wraps attend."""
   if impl == "pallas_gpu_hopper":
     impl, block_sizes = "pallas_gpu", HOPPER_TILES
 
@@ -153,6 +175,8 @@ def make_fn(impl, spec, mode, block_sizes):
     return kernels.attention(q, k, v, mask=spec, q_pos=pos, k_pos=pos,
                              impl=impl, block_sizes=block_sizes)
 
+  if wrap is not None:
+    attend = wrap(attend)
   if mode == "fwd":
     return jax.jit(attend)
 
@@ -182,11 +206,14 @@ def _fmt_ratio(base, t):
 
 def main(argv=None):
   args = parse_args(argv)
-  dev = jax.devices()[0]
-  dtype = jnp.dtype(args.dtype)
   bs = None
   if args.block_sizes:
     bs = vjp.BlockSizes(*args.block_sizes)
+  if args.aot_tpu:
+    attention_aot.run(args, mask_spec, make_fn, visible_pairs, bs)
+    return
+  dev = jax.devices()[0]
+  dtype = jnp.dtype(args.dtype)
   print(f"device: {dev.device_kind} ({jax.default_backend()}), "
         f"dtype {dtype.name}, jax {jax.__version__}")
   print(f"masks: window={args.window} tokens incl. self, globals="
@@ -204,7 +231,7 @@ def main(argv=None):
       for d in args.head_dim:
         for t in args.seq:
           b = args.batch or max(1, args.tokens // t)
-          h = max(1, args.hidden // d)
+          h = args.heads or max(1, args.hidden // d)
           kh = args.kv_heads or h
           pairs = visible_pairs(spec, t)
           flops = b * h * pairs * 2 * (d + d) * (3.5 if mode != "fwd" else 1)
