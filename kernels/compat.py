@@ -86,3 +86,27 @@ def out_struct(shape, dtype, like):
 
 def on_tpu() -> bool:
   return jax.default_backend() == "tpu"
+
+
+def varying_like(tree, *likes):
+  """Marks `tree` as varying over every manual mesh axis `likes` vary over.
+
+  Under jax.shard_map(check_vma=True) a scan carry built from constants is
+  unvarying while the body's output varies with the sharded inputs, and
+  scan rejects the mismatch. Outside shard_map this is the identity.
+  """
+  axes = set()
+  for x in likes:
+    axes |= _varying_axes(jax.typeof(x))
+  if not axes:
+    return tree
+  axes = tuple(sorted(axes))
+  return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), tree)
+
+
+def _varying_axes(aval) -> set:
+  # jax 0.11: aval.manual_axis_type.varying; earlier releases: aval.vma.
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return set(mat.varying)
+  return set(getattr(aval, "vma", ()) or ())

@@ -375,6 +375,42 @@ def test_interpret_under_checkpoint_jit_and_shard_map():
     assert_close(a, b, F32_TOL)
 
 
+def test_xla_paths_under_shard_map_with_vma_checks():
+  """The XLA paths (the fallback of "auto") trace under shard_map with
+  check_vma=True and match the unsharded result, gradients included."""
+  mesh = jax.make_mesh((2,), ("data",))
+  case = make_case(7, b=2, tq=40, tk=40, packed=True)
+  spec = MaskSpec(causal=True, window=(9, 0))
+  P = jax.sharding.PartitionSpec
+  names = ("q", "k", "v", "q_pos", "k_pos", "q_segment_ids",
+           "kv_segment_ids")
+
+  def attn(impl, q, k, v, qp, kp, qs, ks):
+    return kernels.attention(q, k, v, mask=spec, q_pos=qp, k_pos=kp,
+                             q_segment_ids=qs, kv_segment_ids=ks, impl=impl,
+                             block_sizes=kernels.BlockSizes(16, 16))
+
+  def loss(impl, sharded, q, k, v):
+    f = functools.partial(attn, impl)
+    if sharded:
+      f = jax.shard_map(f, mesh=mesh, in_specs=(P("data"),) * 7,
+                        out_specs=P("data"), check_vma=True)
+    o = f(q, k, v, *(case[n] for n in names[3:]))
+    return jnp.sum(o * o)
+
+  args = tuple(case[n] for n in names[:3])
+  want = jax.grad(functools.partial(loss, "xla", False), (0, 1, 2))(*args)
+  shard = jax.sharding.NamedSharding(mesh, P("data"))
+  case = {n: jax.device_put(x, shard) for n, x in case.items()}
+  args = tuple(case[n] for n in names[:3])
+  with jax.set_mesh(mesh):
+    for impl in ("xla", "xla_chunked"):
+      got = jax.jit(jax.grad(functools.partial(loss, impl, True),
+                             argnums=(0, 1, 2)))(*args)
+      for a, b in zip(got, want):
+        assert_close(a, b, F32_TOL)
+
+
 def test_auto_falls_back_when_a_kernel_refuses(monkeypatch):
   """On a (pretend) TPU, tile lists too big for SMEM -> xla_chunked."""
   from kernels import ops

@@ -6,7 +6,7 @@ q heads are grouped onto kv heads (GQA) as q head h -> kv head h // G.
 import jax
 import jax.numpy as jnp
 
-from kernels import masks
+from kernels import compat, masks
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -98,9 +98,11 @@ def attention_chunked(q_BTHD, k_BSKD, v_BSKE, q_pos, k_pos, q_seg, k_seg, *,
       "bkgts,bske->bkgte", p, v_c.astype(jnp.float32), precision=_HI)
     return (m_new, l, acc), None
 
-  init = (jnp.full((b, kv_heads, g, t), -jnp.inf, jnp.float32),
-          jnp.zeros((b, kv_heads, g, t), jnp.float32),
-          jnp.zeros((b, kv_heads, g, t, e), jnp.float32))
+  init = compat.varying_like(
+    (jnp.full((b, kv_heads, g, t), -jnp.inf, jnp.float32),
+     jnp.zeros((b, kv_heads, g, t), jnp.float32),
+     jnp.zeros((b, kv_heads, g, t, e), jnp.float32)),
+    q_BTHD, *xs, q_pos, q_seg)
   (m, l, acc), _ = jax.lax.scan(body, init, xs)
   l_safe = jnp.where(l > 0, l, 1.0)
   o = acc / l_safe[..., None]
