@@ -53,3 +53,14 @@ def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
   targets[seg == 0] = 0
   return {"inputs": inputs, "targets": targets, "segment_ids": seg,
           "positions": pos}
+
+
+def assert_close(got, want, tol, what=""):
+  """Same non-finite entries exactly (e.g. lse -inf), finite ones to atol."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (what, got.shape, want.shape)
+  fin = np.isfinite(want)
+  np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=what)
+  np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
+  np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
+                             err_msg=what)

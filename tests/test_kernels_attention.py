@@ -13,6 +13,7 @@ import pytest
 import kernels
 from kernels import masks
 from kernels.masks import MaskSpec
+from tests.helpers import assert_close
 
 F32_TOL, BF16_TOL = 1e-4, 2e-2
 
@@ -88,11 +89,6 @@ def grads(case, spec, impl, cap=None, block_sizes=None):
   return jax.grad(loss, argnums=(0, 1, 2))(case["q"], case["k"], case["v"])
 
 
-def assert_close(got, want, tol, what=""):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, (what, got.shape, want.shape)
-  fin = np.isfinite(want)
-  np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=what)
   np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
   np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
                              err_msg=what)

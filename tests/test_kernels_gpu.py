@@ -21,6 +21,7 @@ from kernels.flash_attention import pallas_mgpu
 from kernels.flash_attention import reference
 from kernels.flash_attention import vjp
 from kernels.masks import MaskSpec
+from tests.helpers import assert_close
 
 INTERPRET = jax.default_backend() != "gpu"
 # We use the Triton lowering knowingly (see pallas_gpu.py's docstring).
@@ -127,11 +128,6 @@ def reference_run(x, spec, *, cap=None):
   return (o, lse, *pullback((up(x["do"]), dlse)))
 
 
-def assert_close(got, want, tol, what):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, (what, got.shape, want.shape)
-  fin = np.isfinite(want)
-  np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=what)
   np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
   np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
                              err_msg=what)

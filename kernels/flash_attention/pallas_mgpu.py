@@ -142,6 +142,21 @@ def _pipeline(steps, fetch, step, carry):
 # ------------------------------------------------------------------ kernels
 
 
+
+def _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi,
+                kh, bk):
+  """fetch(j, slot): async copy of the j-th listed kv block into `slot`
+  (shared by the forward and dQ kernels, which walk the same list)."""
+
+  def fetch(j, slot):
+    kv = pl.ds(index_ref[b, qi, j] * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, kh, kv], k_smem.at[slot],
+                            k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, kh, kv], v_smem.at[slot],
+                            v_bar.at[slot])
+
+  return fetch
+
 def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
                 k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
                 q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar,
@@ -155,12 +170,8 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   q_vecs = (_vec(q_pos_ref.at[b, rows], _ROW),
             _vec(q_seg_ref.at[b, rows], _ROW))
 
-  def fetch(j, slot):
-    kv = pl.ds(index_ref[b, qi, j] * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[b, kh, kv], k_smem.at[slot],
-                            k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, kh, kv], v_smem.at[slot],
-                            v_bar.at[slot])
+  fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
+                      b, qi, kh, bk)
 
   def step(j, slot, carry):
     acc, m, l = carry
@@ -213,12 +224,8 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
   delta = _vec(delta_ref.at[b, h, rows], _ROW)
 
-  def fetch(j, slot):
-    kv = pl.ds(index_ref[b, qi, j] * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[b, kh, kv], k_smem.at[slot],
-                            k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, kh, kv], v_smem.at[slot],
-                            v_bar.at[slot])
+  fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
+                      b, qi, kh, bk)
 
   def step(j, slot, dq):
     k_start = index_ref[b, qi, j] * bk
