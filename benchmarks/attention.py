@@ -22,11 +22,11 @@ for an abstract TPU slice instead, and reports per-chip compiled memory and
 flops (benchmarks/attention_aot.py); --batch is then per chip.
 """
 import argparse
-import math
 import os
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 # Run as a script from anywhere: put the repo root first so `kernels` is the
 # source tree (a stale editable install can map it to a namespace package).
@@ -141,6 +141,36 @@ def visible_pairs(spec, t, rows=512):
   return int(jnp.sum(jax.jit(lambda s: jax.lax.map(count, s))(starts)))
 
 
+
+class Case(NamedTuple):
+  mode: str
+  mask_name: str
+  spec: masks.MaskSpec
+  d: int
+  t: int
+  b: int       # sequences (per chip in --aot_tpu mode)
+  h: int
+  kh: int
+  flops: float  # visible (query, key) pairs; fwd+bwd = 3.5 x fwd
+  first_of_mode: bool
+
+
+def iter_cases(args):
+  """The benchmark grid, shared by the timed and the --aot_tpu modes."""
+  for mode in args.mode:
+    first = True
+    for mask_name in args.mask:
+      spec = mask_spec(mask_name, args)
+      for d in args.head_dim:
+        for t in args.seq:
+          b = args.batch or max(1, args.tokens // t)
+          h = args.heads or max(1, args.hidden // d)
+          kh = args.kv_heads or h
+          flops = (b * h * visible_pairs(spec, t) * 2 * (d + d)
+                   * (3.5 if mode != "fwd" else 1))
+          yield Case(mode, mask_name, spec, d, t, b, h, kh, flops, first)
+          first = False
+
 def unavailable(impl, spec, args, b, h, t):
   """Why `impl` cannot run here (None when it can)."""
   platform = jax.default_backend()
@@ -210,7 +240,7 @@ def main(argv=None):
   if args.block_sizes:
     bs = vjp.BlockSizes(*args.block_sizes)
   if args.aot_tpu:
-    attention_aot.run(args, mask_spec, make_fn, visible_pairs, bs)
+    attention_aot.run(args, iter_cases, make_fn, bs)
     return
   dev = jax.devices()[0]
   dtype = jnp.dtype(args.dtype)
@@ -224,51 +254,45 @@ def main(argv=None):
          f"{'vs xla':>8}{'temp MiB/seq':>14}")
   memory = {}  # (mode, mask, d, impl) -> [(t, temp bytes per sequence)]
   rng = np.random.default_rng(0)
-  for mode in args.mode:
-    print("\n" + hdr)
-    for mask_name in args.mask:
-      spec = mask_spec(mask_name, args)
-      for d in args.head_dim:
-        for t in args.seq:
-          b = args.batch or max(1, args.tokens // t)
-          h = args.heads or max(1, args.hidden // d)
-          kh = args.kv_heads or h
-          pairs = visible_pairs(spec, t)
-          flops = b * h * pairs * 2 * (d + d) * (3.5 if mode != "fwd" else 1)
-          q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
-          k = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
-          v = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
-          pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-          call = (q, k, v, pos)
-          if mode != "fwd":
-            call += (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32),)
-          rows = {}  # impl -> (seconds, temp bytes) or reason skipped
-          for impl in args.impl:
-            why = unavailable(impl, spec, args, b, h, t)
-            if why is None:
-              try:
-                rows[impl] = run_one(make_fn(impl, spec, mode, bs), call,
-                                     args.iters)
-                continue
-              except Exception as e:  # report and keep benchmarking
-                why = f"failed: {type(e).__name__}: {str(e)[:90]}"
-            rows[impl] = why
-          secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
-          for impl, r in rows.items():
-            head = (f"{mode:8}{mask_name:13}{d:>4}{t:>7}{b:>4}{h:>4} "
-                    f"{impl:18}")
-            if isinstance(r, str):
-              print(f"{head}skipped: {r}")
-              continue
-            sec, temp = r
-            mib = "-"
-            if temp is not None:
-              memory.setdefault((mode, mask_name, d, impl), []).append(
-                (t, temp / b))
-              mib = f"{temp / b / 2**20:.1f}"
-            print(f"{head}{sec * 1e3:10.2f}{flops / sec / 1e12:10.3f}"
-                  f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
-                  f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}")
+  for c in iter_cases(args):
+    mode, mask_name, spec, d, t, b, h, kh = (
+      c.mode, c.mask_name, c.spec, c.d, c.t, c.b, c.h, c.kh)
+    if c.first_of_mode:
+      print("\n" + hdr)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    call = (q, k, v, pos)
+    if mode != "fwd":
+      call += (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32),)
+    rows = {}  # impl -> (seconds, temp bytes) or reason skipped
+    for impl in args.impl:
+      why = unavailable(impl, spec, args, b, h, t)
+      if why is None:
+        try:
+          rows[impl] = run_one(make_fn(impl, spec, mode, bs), call,
+                               args.iters)
+          continue
+        except Exception as e:  # report and keep benchmarking
+          why = f"failed: {type(e).__name__}: {str(e)[:90]}"
+      rows[impl] = why
+    secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
+    for impl, r in rows.items():
+      head = (f"{mode:8}{mask_name:13}{d:>4}{t:>7}{b:>4}{h:>4} "
+              f"{impl:18}")
+      if isinstance(r, str):
+        print(f"{head}skipped: {r}")
+        continue
+      sec, temp = r
+      mib = "-"
+      if temp is not None:
+        memory.setdefault((mode, mask_name, d, impl), []).append(
+          (t, temp / b))
+        mib = f"{temp / b / 2**20:.1f}"
+      print(f"{head}{sec * 1e3:10.2f}{c.flops / sec / 1e12:10.3f}"
+            f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
+            f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}")
   print_memory(memory)
   if jax.default_backend() == "gpu":
     stats = dev.memory_stats() or {}
@@ -291,8 +315,7 @@ def print_memory(memory):
   for (mode, mask_name, d, impl), pts in sorted(memory.items()):
     pts.sort()
     cells = [f"T={t}: {m / 2**20:.1f} MiB" for t, m in pts]
-    exps = [math.log(m2 / m1) / math.log(t2 / t1)
-            for (t1, m1), (t2, m2) in zip(pts, pts[1:]) if m1 > 0 and m2 > 0]
+    exps = attention_aot.growth_exponents(pts)
     exp = ", ".join(f"{e:.2f}" for e in exps) or "-"
     print(f"  {mode:8}{mask_name:13}D={d:<4}{impl:18} "
           f"{'; '.join(cells)}  exponent {exp}")

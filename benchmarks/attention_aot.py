@@ -90,7 +90,7 @@ def _flops(compiled):
   return (ca or {}).get("flops")
 
 
-def run(args, mask_spec, make_fn, visible_pairs, block_sizes):
+def run(args, iter_cases, make_fn, block_sizes):
   try:
     mesh = topology_mesh(args.aot_tpu)
   except Exception as e:  # e.g. v5e:1x1: not a multiple of a 2x2 host
@@ -121,65 +121,61 @@ def run(args, mask_spec, make_fn, visible_pairs, block_sizes):
          f"{'xla GF':>8}{'model GF':>9}")
   # (mode, mask, d, impl) -> [(t, HBM temp, all temp)], bytes per chip
   temps = {}
-  for mode in args.mode:
-    print("\n" + hdr)
-    for mask_name in args.mask:
-      spec = mask_spec(mask_name, args)
-      for d in args.head_dim:
-        for t in args.seq:
-          b = args.batch or max(1, args.tokens // t)  # per chip
-          h = args.heads or max(1, args.hidden // d)
-          kh = args.kv_heads or h
-          model = (b * h * visible_pairs(spec, t) * 2 * (d + d)
-                   * (3.5 if mode != "fwd" else 1))
+  for c in iter_cases(args):  # b is per chip here
+    mode, mask_name, spec, d, t, b, h, kh = (
+      c.mode, c.mask_name, c.spec, c.d, c.t, c.b, c.h, c.kh)
+    model = c.flops
+    if c.first_of_mode:
+      print("\n" + hdr)
 
-          def sds(shape, dt):
-            return jax.ShapeDtypeStruct((b * n,) + shape, dt,
-                                        sharding=shard)
+    def sds(shape, dt):
+      return jax.ShapeDtypeStruct((b * n,) + shape, dt,
+                                  sharding=shard)
 
-          abstract = (sds((t, h, d), dtype), sds((t, kh, d), dtype),
-                      sds((t, kh, d), dtype), sds((t,), jnp.int32))
-          if mode != "fwd":
-            abstract += (sds((t, h, d), jnp.float32),)
-          for impl in args.impl:
-            head = (f"{mode:8}{mask_name:8}{d:>4}{t:>6}{b:>3}{h:>3} "
-                    f"{impl:12}")
-            try:
-              try:
-                fn = make_fn(impl, spec, mode, block_sizes, wrap=wrap)
-                lowered, compiled, secs = compile_one(fn, abstract)
-              except TypeError as e:
-                if "manual axis" not in str(e):
-                  raise
-                vma_errors.setdefault(impl, _first_line(e, 400))
-                head = head.replace(f"{impl} ", f"{impl}*", 1)
-                fn = make_fn(impl, spec, mode, block_sizes, wrap=loose)
-                lowered, compiled, secs = compile_one(fn, abstract)
-            except NotImplementedError as e:
-              print(f"{head}refused: {_first_line(e)}")
-              continue
-            except Exception as e:  # the failure is the finding
-              print(f"{head}no compile: {_first_line(e)}")
-              continue
-            mem = compiled.memory_analysis()
-            temp, whole = mem.temp_size_in_bytes, all_temp(lowered)
-            temps.setdefault((mode, mask_name, d, impl), []).append(
-              (t, temp, whole))
-            flops = _flops(compiled)
-            xla_gf = "-" if flops is None else f"{flops / 1e9:.1f}"
-            whole = "-" if whole is None else f"{whole / 2**20:.1f}"
-            print(f"{head}{secs:5.1f}{temp / 2**20:9.1f}{whole:>9}"
-                  f"{mem.argument_size_in_bytes / 2**20:8.1f}"
-                  f"{xla_gf:>8}{model / 1e9:9.1f}")
+    abstract = (sds((t, h, d), dtype), sds((t, kh, d), dtype),
+                sds((t, kh, d), dtype), sds((t,), jnp.int32))
+    if mode != "fwd":
+      abstract += (sds((t, h, d), jnp.float32),)
+    for impl in args.impl:
+      head = (f"{mode:8}{mask_name:8}{d:>4}{t:>6}{b:>3}{h:>3} "
+              f"{impl:12}")
+      try:
+        try:
+          fn = make_fn(impl, spec, mode, block_sizes, wrap=wrap)
+          lowered, compiled, secs = compile_one(fn, abstract)
+        except TypeError as e:
+          if "manual axis" not in str(e):
+            raise
+          vma_errors.setdefault(impl, _first_line(e, 400))
+          head = head.replace(f"{impl} ", f"{impl}*", 1)
+          fn = make_fn(impl, spec, mode, block_sizes, wrap=loose)
+          lowered, compiled, secs = compile_one(fn, abstract)
+      except NotImplementedError as e:
+        print(f"{head}refused: {_first_line(e)}")
+        continue
+      except Exception as e:  # the failure is the finding
+        print(f"{head}no compile: {_first_line(e)}")
+        continue
+      mem = compiled.memory_analysis()
+      temp, whole = mem.temp_size_in_bytes, all_temp(lowered)
+      temps.setdefault((mode, mask_name, d, impl), []).append(
+        (t, temp, whole))
+      flops = _flops(compiled)
+      xla_gf = "-" if flops is None else f"{flops / 1e9:.1f}"
+      whole = "-" if whole is None else f"{whole / 2**20:.1f}"
+      print(f"{head}{secs:5.1f}{temp / 2**20:9.1f}{whole:>9}"
+            f"{mem.argument_size_in_bytes / 2**20:8.1f}"
+            f"{xla_gf:>8}{model / 1e9:9.1f}")
   for impl, err in vma_errors.items():
     print(f"\n* {impl} compiled with shard_map(check_vma=False): with "
           f"check_vma=True it fails to trace: {err}")
   print_growth(temps)
 
 
-def _exponents(pts):
+def growth_exponents(pts):
+  """log(m2/m1)/log(t2/t1) between consecutive (t, m) points (m > 0)."""
   return [math.log(m2 / m1) / math.log(t2 / t1)
-          for (t1, m1), (t2, m2) in zip(pts, pts[1:]) if m1 and m2]
+          for (t1, m1), (t2, m2) in zip(pts, pts[1:]) if m1 > 0 and m2 > 0]
 
 
 def print_growth(temps):
@@ -195,7 +191,7 @@ def print_growth(temps):
     for label, i in (("all", 2), ("HBM", 1)):
       col = [(p[0], p[i]) for p in pts if p[i] is not None]
       cells = "; ".join(f"{t}: {m / 2**20:.1f}" for t, m in col)
-      exps = ", ".join(f"{e:.2f}" for e in _exponents(col)) or "-"
+      exps = ", ".join(f"{e:.2f}" for e in growth_exponents(col)) or "-"
       print(f"    {label} {cells}  exponent {exps}")
   print("\npallas_tpu / xla temp per chip, all (HBM); '-': xla did not "
         "compile or used none")
