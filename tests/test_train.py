@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from efficient_lm import config as config_lib
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
 from tests.helpers import small_config
@@ -59,12 +60,9 @@ def _losses(workdir):
 
 
 def _final_params(workdir):
-  cfg_dict = json.load(open(os.path.join(workdir, "config.json")))
-  cfg = small_config(**{
-    "model.num_layers": 2, "model.embed_dim": 64, "model.mlp_dim": 128,
-    "model.num_heads": cfg_dict["model"]["num_heads"],
-    "model.num_kv_heads": cfg_dict["model"]["num_kv_heads"],
-    "data.seq_len": 32, "train.batch_size": 8, "mesh.data": 1})
+  # The run's own resolved config (mesh 1x1x1: one device per subprocess).
+  cfg = config_lib.from_config_dict(
+    json.load(open(os.path.join(workdir, "config.json"))))
   t = loop.build_trainer(cfg, jax.devices()[:1])
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=10,
                       keep=5, async_save=False)

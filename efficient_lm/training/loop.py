@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from efficient_lm import data as data_lib
@@ -101,7 +102,6 @@ def build_trainer(cfg: Config, devices=None) -> Trainer:
 def optax_state_shardings(optimizer, abstract_opt_state, param_sh,
                           replicated):
   """Moments follow their parameter's sharding; scalars are replicated."""
-  import optax  # local: keeps this helper's dependency explicit
   return optax.tree_map_params(
     optimizer, lambda _, s: s, abstract_opt_state, param_sh,
     transform_non_params=lambda _: replicated)
@@ -191,7 +191,7 @@ def run(cfg: Config, workdir: str, *,
   progress = _progress(cfg.train.steps, start, is_main)
   summary: dict[str, Any] = {"status": "completed", "start_step": start}
   pending = None           # (step, device metrics) not yet read
-  window = {"t0": None, "steps": 0, "loss": 0.0}
+  window = {"t0": None, "steps": 0}
   timing = {"t_first": None, "steps_after_first": 0}
   last: dict[str, float] = {}
 
@@ -209,7 +209,6 @@ def run(cfg: Config, workdir: str, *,
     else:
       timing["steps_after_first"] += 1
       window["steps"] += 1
-    window["loss"] += host["loss"]
     last.update(host, step=step)
     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
       elapsed = now - window["t0"]
@@ -219,13 +218,11 @@ def run(cfg: Config, workdir: str, *,
         flops_per_token=t.flops_per_token, num_devices=len(t.mesh.devices.flat),
         device=t.mesh.devices.flat[0]) if window["steps"] else {}
       record = {**host, "step_time": elapsed / n, **tput}
-      if "eval_loss" in last and last.get("eval_step") == step:
-        record["eval_loss"] = last["eval_loss"]
       writer.write(step, record)
       progress.set_postfix(loss=f"{host['loss']:.4f}",
                            tok_s=metrics_lib.human(
                              tput.get("tokens_per_sec", 0.0)))
-      window.update(t0=now, steps=0, loss=0.0)
+      window.update(t0=now, steps=0)
 
   try:
     with _SigtermFlag() as sigterm:
@@ -247,7 +244,6 @@ def run(cfg: Config, workdir: str, *,
         if is_eval:
           last["eval_loss"] = evaluate(t, eval_it, eval_start,
                                        state["params"])
-          last["eval_step"] = step
           writer.write(step, {"eval_loss": last["eval_loss"]})
         if must_save:
           ckpt.save(step, state, data_state=train_it.get_state(),
