@@ -23,12 +23,21 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------- sections
 
 
+AttentionKind = Literal["dense", "sliding_window", "global_local"]
+ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  # "dense": causal full attention; "sliding_window": causal window of
-  # `window` tokens including self; "global_local": sliding window plus the
-  # first `num_global` positions visible to every later token.
-  kind: Literal["dense", "sliding_window", "global_local"] = "dense"
+  # "dense": full attention; "sliding_window": a window of `window` tokens
+  # including self; "global_local": sliding window plus the first
+  # `num_global` positions visible to every token. Causal in decoders.
+  kind: AttentionKind = "dense"
+  # Comma-separated attention kinds cycled over the layers, e.g.
+  # "sliding_window,sliding_window,sliding_window,dense" (3 local : 1
+  # global); its length must divide model.num_layers. Empty: every layer
+  # uses `kind`. The other keys (window, num_global, ...) are shared.
+  pattern: str = ""
   # "qkv": MHA / GQA / MQA, chosen by model.num_kv_heads.
   projection: Literal["qkv"] = "qkv"
   window: int = 0
@@ -36,6 +45,13 @@ class AttentionConfig:
   logits_soft_cap: Optional[float] = None
   # Entry point implementation passed to kernels.attention.
   impl: str = "auto"
+
+  @property
+  def pattern_kinds(self) -> tuple[str, ...]:
+    """The kinds the pattern cycles through (just `kind` without one)."""
+    if not self.pattern.strip():
+      return (self.kind,)
+    return tuple(k.strip() for k in self.pattern.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +103,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  # Training objective (efficient_lm/training/losses.py): "next_token" =
+  # cross-entropy of each next token over non-padding positions.
+  objective: Literal["next_token"] = "next_token"
   steps: int = 300
   batch_size: int = 16
   seed: int = 0
@@ -212,9 +231,29 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
       raise ConfigError(
         f"{path}={value!r}: expected a str, got {type(value).__name__}")
     return value
+  if origin is tuple:
+    return _check_tuple(path, value, typing.get_args(tp))
   if dataclasses.is_dataclass(tp):
     return _to_dataclass(path, value, tp)
   raise TypeError(f"unsupported annotation {tp} at {path}")
+
+
+def _check_tuple(path: str, value: Any, args: tuple[Any, ...]) -> tuple:
+  """tuple[X, ...] or tuple[X, Y]: lists are accepted (config.json holds
+  JSON arrays) and every element is checked."""
+  if isinstance(value, str) or not isinstance(value, (tuple, list)):
+    raise ConfigError(
+      f"{path}={value!r}: expected a tuple, got {type(value).__name__}")
+  if len(args) == 2 and args[1] is Ellipsis:
+    types_ = (args[0],) * len(value)
+  else:
+    types_ = args
+    if len(value) != len(args):
+      raise ConfigError(
+        f"{path}={tuple(value)!r}: expected {len(args)} elements, got "
+        f"{len(value)}")
+  return tuple(_check_value(f"{path}[{i}]", v, tp)
+               for i, (v, tp) in enumerate(zip(value, types_)))
 
 
 def _to_dataclass(path: str, value: Any, cls: type) -> Any:
@@ -261,6 +300,30 @@ def _positive(path: str, value: int | float) -> None:
     raise ConfigError(f"{path}={value}: expected a positive value")
 
 
+def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
+  kinds = a.pattern_kinds
+  unknown = [k for k in kinds if k not in ATTENTION_KINDS]
+  if unknown:
+    raise ConfigError(
+      f"model.attention.pattern={a.pattern!r}: unknown kind {unknown[0]!r}; "
+      f"expected comma-separated kinds from {', '.join(ATTENTION_KINDS)}")
+  if num_layers % len(kinds):
+    raise ConfigError(
+      f"model.attention.pattern={a.pattern!r} has {len(kinds)} kinds, which "
+      f"does not divide model.num_layers={num_layers}")
+  where = (f"attention.kind={a.kind!r}" if not a.pattern.strip() else
+           f"attention.pattern={a.pattern!r}")
+  if any(k in ("sliding_window", "global_local") for k in kinds) and (
+      a.window <= 0):
+    raise ConfigError(
+      f"model.attention.window={a.window}: {where} needs a positive window "
+      "(tokens including self)")
+  if "global_local" in kinds and a.num_global <= 0:
+    raise ConfigError(
+      f"model.attention.num_global={a.num_global}: {where} uses "
+      "'global_local', which needs at least one global position")
+
+
 def validate(cfg: Config, *, device_count: int | None = None) -> None:
   m, t, d, mesh = cfg.model, cfg.train, cfg.data, cfg.mesh
   for path, v in [
@@ -290,15 +353,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
   if m.resolved_head_dim % 2:
     raise ConfigError(
       f"head_dim={m.resolved_head_dim} must be even for RoPE")
-  a = m.attention
-  if a.kind in ("sliding_window", "global_local") and a.window <= 0:
-    raise ConfigError(
-      f"model.attention.window={a.window}: attention.kind={a.kind!r} needs "
-      "a positive window (tokens including self)")
-  if a.kind == "global_local" and a.num_global <= 0:
-    raise ConfigError(
-      f"model.attention.num_global={a.num_global}: kind 'global_local' "
-      "needs at least one global position")
+  _validate_attention(m.attention, m.num_layers)
   if not 0.0 <= d.eval_fraction < 1.0:
     raise ConfigError(
       f"data.eval_fraction={d.eval_fraction}: expected 0 <= x < 1")

@@ -68,3 +68,99 @@ def test_data_minus_one_takes_remaining_devices():
   cfg = config_lib.from_config_dict(_cd(**{"mesh.tensor": 2}), device_count=8)
   assert cfg.mesh.shape == (4, 1, 2)
   assert cfg.model.resolved_head_dim == 32
+
+
+@pytest.mark.parametrize("overrides,message", [
+  ({"model.num_layers": 6, "model.attention.pattern":
+    "sliding_window,sliding_window,sliding_window,dense",
+    "model.attention.window": 4},
+   "model.attention.pattern='sliding_window,sliding_window,sliding_window,"
+   "dense' has 4 kinds, which does not divide model.num_layers=6"),
+  ({"model.num_layers": 4, "model.attention.pattern": "sliding_window,dens"},
+   "model.attention.pattern='sliding_window,dens': unknown kind 'dens'"),
+  ({"model.num_layers": 4, "model.attention.pattern": "dense,sliding_window"},
+   "model.attention.window=0: attention.pattern='dense,sliding_window' "
+   "needs a positive window"),
+  ({"model.num_layers": 2, "model.attention.pattern": "global_local,dense",
+    "model.attention.window": 4},
+   "model.attention.num_global=0: attention.pattern='global_local,dense'"),
+])
+def test_pattern_errors_are_one_line(overrides, message):
+  with pytest.raises(ConfigError) as e:
+    config_lib.from_config_dict(_cd(**overrides))
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_a_valid_pattern_converts():
+  cfg = config_lib.from_config_dict(_cd(**{
+    "model.num_layers": 8, "model.attention.window": 4,
+    "model.attention.pattern":
+    "sliding_window, sliding_window,sliding_window,dense"}))
+  assert cfg.model.attention.pattern_kinds == (
+    "sliding_window", "sliding_window", "sliding_window", "dense")
+
+
+def test_config_json_round_trips():
+  """config.json (and the config saved in checkpoints) converts back to
+  the same frozen config."""
+  import json
+  cfg = config_lib.from_config_dict(_cd(**{
+    "model.num_layers": 4, "model.attention.window": 4,
+    "model.attention.pattern": "sliding_window,dense",
+    "model.head_dim": 32}))
+  again = config_lib.from_config_dict(json.loads(cfg.to_json()))
+  assert again == cfg
+
+
+def _tuple_section(value):
+  import dataclasses
+
+  @dataclasses.dataclass(frozen=True)
+  class Section:
+    stages: tuple[int, ...] = (2, 2)
+    pair: tuple[int, str] = (1, "a")
+
+  # The private converter is the one from_config_dict uses for every field.
+  return config_lib._to_dataclass("model.funnel", value, Section)
+
+
+def test_tuple_fields_from_file_command_line_and_json(tmp_path):
+  import sys
+  from absl import flags
+  from ml_collections import config_flags
+  # A config file's tuple, and JSON's list (config.json), both convert.
+  assert _tuple_section({"stages": (12, 24)}).stages == (12, 24)
+  assert _tuple_section({"stages": [12, 24], "pair": [3, "b"]}).pair == (
+    3, "b")
+  # The command line: ml_collections parses `--config.stages=(4,5,6)` for
+  # a tuple-valued default; the result converts like a file's value.
+  path = tmp_path / "tuple_config.py"
+  path.write_text(
+    "import ml_collections\n"
+    "def get_config():\n"
+    "  return ml_collections.ConfigDict({'stages': (2, 2)})\n")
+  fv = flags.FlagValues()
+  argv = ["prog", f"--config={path}", "--config.stages=(4,5,6)"]
+  old, sys.argv = sys.argv, argv     # ml_collections reads sys.argv
+  try:
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+    fv(argv)
+  finally:
+    sys.argv = old
+  assert _tuple_section(fv.config).stages == (4, 5, 6)
+
+
+@pytest.mark.parametrize("value,message", [
+  ({"stages": (12, "24")},
+   "model.funnel.stages[1]='24': expected an int, got str"),
+  ({"stages": 12}, "model.funnel.stages=12: expected a tuple, got int"),
+  ({"stages": "12,24"}, "model.funnel.stages='12,24': expected a tuple"),
+  ({"pair": (1, "a", 2)},
+   "model.funnel.pair=(1, 'a', 2): expected 2 elements, got 3"),
+])
+def test_bad_tuple_values_are_one_line(value, message):
+  with pytest.raises(ConfigError) as e:
+    _tuple_section(value)
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)

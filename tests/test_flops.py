@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from efficient_lm.models import transformer
+from efficient_lm.models import flops
 from efficient_lm.training import loop
 from tests.helpers import small_config
 
@@ -25,5 +25,56 @@ def test_flops_per_token_within_5_percent_of_xla(kv_heads, tied):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = cost["flops"]
-  ours = transformer.flops_per_token(cfg.model, s)["train"] * b * s
+  ours = flops.flops_per_token(cfg.model, s)["train"] * b * s
   assert abs(xla_flops / ours - 1) < 0.05, (xla_flops, ours)
+
+
+_MASKS = [
+  ({"model.attention.kind": "dense"}, True),
+  ({"model.attention.kind": "dense"}, False),
+  ({"model.attention.kind": "sliding_window", "model.attention.window": 7},
+   True),
+  ({"model.attention.kind": "sliding_window", "model.attention.window": 7},
+   False),
+  ({"model.attention.kind": "global_local", "model.attention.window": 5,
+    "model.attention.num_global": 9}, True),
+  ({"model.attention.kind": "global_local", "model.attention.window": 5,
+    "model.attention.num_global": 9}, False),
+  ({"model.attention.kind": "global_local", "model.attention.window": 40,
+    "model.attention.num_global": 3}, True),
+]
+
+
+@pytest.mark.parametrize("overrides,causal", _MASKS)
+def test_visible_pairs_equal_a_brute_force_count(overrides, causal):
+  """The `visible` convention counts exactly the pairs the layer's mask
+  (kernels.masks, the kernels' own predicate) lets through."""
+  import numpy as np
+  from efficient_lm.models import stack
+  from efficient_lm.models.attention import mask_spec
+  from kernels import masks
+  cfg = small_config(**overrides)
+  spec = stack.layer_plan(cfg.model, causal=causal)[0]
+  t = 33
+  pos = np.arange(t, dtype=np.int32)[None]
+  dense = masks.dense_mask(mask_spec(spec.attention, causal=causal),
+                           pos, pos, None, None)
+  brute = np.asarray(dense)[0].sum(axis=1)
+  np.testing.assert_array_equal(flops.visible_keys(spec, t), brute)
+
+
+def test_flops_conventions_side_by_side():
+  """dense_tile counts the whole T x T tile for every layer; visible
+  counts causal/window pairs, so a 3-local : 1-global pattern costs less."""
+  common = {"model.num_layers": 4, "model.attention.window": 8}
+  dense = flops.flops_per_token(small_config(**common).model, 256)
+  pattern = flops.flops_per_token(small_config(**common, **{
+    "model.attention.pattern":
+    "sliding_window,sliding_window,sliding_window,dense"}).model, 256)
+  assert pattern["forward"] == dense["forward"]            # dense_tile
+  assert pattern["forward_visible"] < dense["forward_visible"]
+  assert dense["forward_visible"] < dense["forward"]       # causal half
+  # Module terms add up to the totals.
+  parts = [v for k, v in dense.items() if k.startswith("forward/")
+           and k != "forward/attention_visible"]
+  assert abs(sum(parts) - dense["forward"]) < 1e-6 * dense["forward"]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from efficient_lm.training import loop, sharding
+from efficient_lm import sharding
+from efficient_lm.training import loop
 from tests.helpers import packed_batch, small_config
 
 # Float32 everywhere; differences come only from reduction order across
@@ -51,9 +52,10 @@ def test_train_step_matches_single_device(single_device, mesh_shape):
   p = state["params"]
   table = p["embed"]["table_VD"]
   assert table.sharding.spec == P("tensor", "fsdp")
-  wq = p["blocks"]["attn"]["q_DHK"]            # [layers, D, H, K]
+  layer = p["stack"]["groups"]["segment_0"]["layer_0"]
+  wq = layer["attn"]["q_DHK"]                   # [layers, D, H, K]
   assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
-  down = p["blocks"]["mlp"]["down_FD"]          # [layers, F, D]
+  down = layer["mlp"]["down_FD"]                # [layers, F, D]
   assert down.sharding.spec == P(None, "tensor", "fsdp")
   shard = table.addressable_shards[0].data.shape
   assert shard == (table.shape[0] // tp, table.shape[1] // f)

@@ -16,7 +16,8 @@ from jax.experimental import topologies  # noqa: E402
 
 from configs import decoder_1b  # noqa: E402
 from efficient_lm import config as config_lib  # noqa: E402
-from efficient_lm.training import loop, sharding  # noqa: E402
+from efficient_lm import sharding
+from efficient_lm.training import loop  # noqa: E402
 from tests.helpers import override  # noqa: E402
 
 pytestmark = pytest.mark.tpu_aot

@@ -1,7 +1,8 @@
 """Basic layers: RMSNorm, token embedding, RoPE, SwiGLU MLP.
 
-Dimension letters: B batch, T length, D model width, H query heads,
-G kv heads, K head dim, F mlp width, V vocabulary.
+Dimension letters: B batch, T query length, S key/value length, D model
+width, H query heads, G kv heads, K head dim, E value head dim, F MLP width,
+V vocabulary.
 Parameters are float32 (`param_dtype`); compute happens in `dtype`.
 """
 
@@ -11,7 +12,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_lm.training.sharding import constrain
+from efficient_lm.sharding import BTD, BTF, constrain
+
+
+class ModelState(nnx.Variable):
+  """Non-trainable model state: variables a model updates in its forward
+  pass without gradients (a load-balancing bias, a running statistic).
+  The trainer keeps them in `state["model_state"]`, sharded by the same
+  logical names as parameters, and checkpoints them."""
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -43,7 +51,7 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, dtype) -> jax.Array:
     x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(dtype)
-    return constrain(x_BTD, ("batch", "length", "act_embed"))
+    return constrain(x_BTD, BTD)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
     table = self.table_VD[...].astype(x_BTD.dtype)
@@ -79,6 +87,6 @@ class SwiGLU(nnx.Module):
     dt = x_BTD.dtype
     gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
     up = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
-    h_BTF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    h_BTF = constrain(jax.nn.silu(gate) * up, BTF)
     out = jnp.einsum("BTF,FD->BTD", h_BTF, self.down_FD[...].astype(dt))
-    return constrain(out, ("batch", "length", "act_embed"))
+    return constrain(out, BTD)

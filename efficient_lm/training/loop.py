@@ -17,15 +17,21 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from efficient_lm import data as data_lib
+from efficient_lm import models, sharding
 from efficient_lm.config import Config, ConfigError
-from efficient_lm.models import transformer
+from efficient_lm.models import flops as flops_lib
+from efficient_lm.training import losses
 from efficient_lm.training import metrics as metrics_lib
-from efficient_lm.training import optim, sharding, step as step_lib
+from efficient_lm.training import optim, step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
+
+
+# Train-step metrics that are not model aux entries (those are averaged
+# over the logging window; these are the logging step's own).
+_STEP_KEYS = ("loss", "total_loss", "grad_norm", "learning_rate", "tokens")
 
 
 class TrainingError(RuntimeError):
@@ -43,13 +49,22 @@ class Trainer:
   init_fn: Callable
   train_step: Callable
   eval_step: Callable
-  flops_per_token: float
+  flops: dict[str, float]   # models.flops.flops_per_token
   param_count: dict[str, int]
   data_seed: int
 
+  @property
+  def flops_per_token(self) -> float:
+    """Training FLOPs per token, dense_tile convention (MFU's)."""
+    return self.flops["train"]
 
-def build_trainer(cfg: Config, devices=None) -> Trainer:
-  """Model, shardings and jitted steps; no data and no I/O."""
+
+def build_trainer(cfg: Config, devices=None, *,
+                  build_model: Callable = models.build) -> Trainer:
+  """Model, shardings and jitted steps; no data and no I/O.
+
+  `build_model(model_cfg, rngs)` makes the model (tests pass their own).
+  """
   mesh = sharding.make_mesh(cfg.mesh, devices)
   # One seed, split once (DESIGN contract 6). Dropout / routing keys are
   # reserved for the models that use them.
@@ -59,22 +74,31 @@ def build_trainer(cfg: Config, devices=None) -> Trainer:
 
   optimizer = optim.make_optimizer(cfg.train)
   schedule = optim.schedule(cfg.train)
+  objective = losses.make_objective(cfg.train.objective,
+                                    z_loss=cfg.train.z_loss)
+
+  def make_model():
+    return build_model(cfg.model, nnx.Rngs(params=k_params))
 
   def init_fn():
-    model = transformer.build(cfg.model, nnx.Rngs(params=k_params))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"params": params, "opt_state": optimizer.init(params),
+    _, params, model_state = nnx.split(make_model(), nnx.Param,
+                                       models.ModelState)
+    params = nnx.to_pure_dict(params)
+    return {"params": params, "model_state": nnx.to_pure_dict(model_state),
+            "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32)}
 
-  abstract_model = nnx.eval_shape(
-    lambda: transformer.build(cfg.model, nnx.Rngs(params=k_params)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  param_sh = sharding.named(mesh, sharding.param_specs(abstract_params))
+  graphdef, abstract_params, abstract_model_state = nnx.split(
+    nnx.eval_shape(make_model), nnx.Param, models.ModelState)
+  param_sh = sharding.state_shardings(mesh, abstract_params)
   abstract = jax.eval_shape(init_fn)
   replicated = sharding.replicated(mesh)
-  opt_sh = optax_state_shardings(optimizer, abstract["opt_state"], param_sh,
-                                 replicated)
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+  state_sh = {
+    "params": param_sh,
+    "model_state": sharding.state_shardings(mesh, abstract_model_state),
+    "opt_state": sharding.optax_state_shardings(
+      optimizer, abstract["opt_state"], param_sh, mesh),
+    "step": replicated}
   abstract_state = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
     abstract, state_sh)
@@ -82,29 +106,21 @@ def build_trainer(cfg: Config, devices=None) -> Trainer:
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
     sharding.under_mesh(mesh, step_lib.make_train_step(
-      graphdef, optimizer, schedule, cfg.train.z_loss)),
+      graphdef, optimizer, schedule, objective)),
     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
     donate_argnums=(0,))
-  eval_step = jax.jit(sharding.under_mesh(mesh,
-                                          step_lib.make_eval_step(graphdef)),
-                      in_shardings=(param_sh, batch_sh),
-                      out_shardings=replicated)
+  eval_step = jax.jit(
+    sharding.under_mesh(mesh, step_lib.make_eval_step(graphdef, objective)),
+    in_shardings=(param_sh, state_sh["model_state"], batch_sh),
+    out_shardings=replicated)
   return Trainer(
     cfg=cfg, mesh=mesh, graphdef=graphdef,
     state_shardings=state_sh, abstract_state=abstract_state,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
     train_step=train_step, eval_step=eval_step,
-    flops_per_token=transformer.flops_per_token(
-      cfg.model, cfg.data.seq_len)["train"],
-    param_count=transformer.param_count(cfg.model), data_seed=data_seed)
-
-
-def optax_state_shardings(optimizer, abstract_opt_state, param_sh,
-                          replicated):
-  """Moments follow their parameter's sharding; scalars are replicated."""
-  return optax.tree_map_params(
-    optimizer, lambda _, s: s, abstract_opt_state, param_sh,
-    transform_non_params=lambda _: replicated)
+    flops=flops_lib.flops_per_token(cfg.model, cfg.data.seq_len),
+    param_count=flops_lib.param_count(abstract_params),
+    data_seed=data_seed)
 
 
 def make_tokenizer(cfg: Config):
@@ -123,15 +139,23 @@ def make_iterator(t: Trainer, tok, split: str):
     process_count=jax.process_count(), tokenizer=tok)
 
 
-def evaluate(t: Trainer, it, start_state, params) -> float:
-  """Mean eval loss over the same first `eval_batches` batches each time."""
+def evaluate(t: Trainer, it, start_state, state, num_batches: int
+             ) -> dict[str, float]:
+  """Eval metrics over the same first `num_batches` batches each time:
+  `eval_loss` (per token) and `eval_<name>` for the model's aux entries
+  (mean over batches)."""
   it.set_state(start_state)
-  nll, tokens = 0.0, 0.0
-  for _ in range(t.cfg.train.eval_batches):
-    out = t.eval_step(params, sharding.host_to_global(t.mesh, next(it)))
-    nll += float(out["nll_sum"])
-    tokens += float(out["tokens"])
-  return nll / max(tokens, 1.0)
+  nll, tokens, aux = 0.0, 0.0, {}
+  for _ in range(num_batches):
+    out = t.eval_step(state["params"], state["model_state"],
+                      sharding.host_to_global(t.mesh, next(it)))
+    out = {k: float(v) for k, v in jax.device_get(out).items()}
+    nll += out.pop("nll_sum")
+    tokens += out.pop("tokens")
+    for k, v in out.items():
+      aux[k] = aux.get(k, 0.0) + v
+  return {"eval_loss": nll / max(tokens, 1.0),
+          **{f"eval_{k}": v / max(num_batches, 1) for k, v in aux.items()}}
 
 
 class _SigtermFlag:
@@ -158,8 +182,13 @@ class _SigtermFlag:
 
 
 def run(cfg: Config, workdir: str, *,
-        hooks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
-  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint)."""
+        hooks: Sequence[Callable[[int], None]] = (),
+        build_model: Callable = models.build) -> dict[str, Any]:
+  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint).
+
+  `hooks` are called with each finished step; `build_model` replaces
+  `models.build` (tests train their own modules through the real loop).
+  """
   workdir = os.path.abspath(workdir)   # orbax needs absolute paths
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -167,7 +196,7 @@ def run(cfg: Config, workdir: str, *,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json())
   tok = make_tokenizer(cfg)
-  t = build_trainer(cfg)
+  t = build_trainer(cfg, build_model=build_model)
   train_it = make_iterator(t, tok, "train")
   # data.eval_fraction=0 means no held-out data: evaluation is skipped.
   eval_it = (make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0
@@ -192,6 +221,7 @@ def run(cfg: Config, workdir: str, *,
   summary: dict[str, Any] = {"status": "completed", "start_step": start}
   pending = None           # (step, device metrics) not yet read
   window = {"t0": None, "steps": 0}
+  aux_window = metrics_lib.WindowMean()   # model aux: mean over the window
   timing = {"t_first": None, "steps_after_first": 0}
   last: dict[str, float] = {}
 
@@ -210,14 +240,17 @@ def run(cfg: Config, workdir: str, *,
       timing["steps_after_first"] += 1
       window["steps"] += 1
     last.update(host, step=step)
+    aux_window.add({k: v for k, v in host.items() if k not in _STEP_KEYS})
     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
       elapsed = now - window["t0"]
       n = max(window["steps"], 1)
       tput = metrics_lib.throughput(
         tokens=tokens_per_step * window["steps"], seconds=elapsed,
-        flops_per_token=t.flops_per_token, num_devices=len(t.mesh.devices.flat),
+        flops_per_token=t.flops_per_token,
+        visible_flops_per_token=t.flops["train_visible"],
+        num_devices=len(t.mesh.devices.flat),
         device=t.mesh.devices.flat[0]) if window["steps"] else {}
-      record = {**host, "step_time": elapsed / n, **tput}
+      record = {**host, **aux_window.pop(), "step_time": elapsed / n, **tput}
       writer.write(step, record)
       progress.set_postfix(loss=f"{host['loss']:.4f}",
                            tok_s=metrics_lib.human(
@@ -242,9 +275,10 @@ def run(cfg: Config, workdir: str, *,
           read(pending)
           pending = None
         if is_eval:
-          last["eval_loss"] = evaluate(t, eval_it, eval_start,
-                                       state["params"])
-          writer.write(step, {"eval_loss": last["eval_loss"]})
+          eval_metrics = evaluate(t, eval_it, eval_start, state,
+                                  cfg.train.eval_batches)
+          last["eval_loss"] = eval_metrics["eval_loss"]
+          writer.write(step, eval_metrics)
         if must_save:
           ckpt.save(step, state, data_state=train_it.get_state(),
                     config=cfg.to_dict(), force=True)
@@ -270,6 +304,7 @@ def run(cfg: Config, workdir: str, *,
     tokens_per_sec=(tokens_per_step * steps_timed / elapsed_total
                     if steps_timed else None),
     params=t.param_count, flops_per_token=t.flops_per_token,
+    flops_per_token_visible=t.flops["train_visible"],
     workdir=workdir, checkpoints=ckpt.directory,
     latest_checkpoint=ckpt.latest_step())
   if is_main:
@@ -294,7 +329,9 @@ def format_summary(s: dict[str, Any]) -> str:
     f"{f(s['tokens_per_sec'], ',.0f')} tokens/s; "
     f"{s['params']['total']:,} parameters "
     f"({s['params']['non_embedding']:,} non-embedding), "
-    f"{metrics_lib.human(s['flops_per_token'])} training FLOPs/token. "
+    f"{metrics_lib.human(s['flops_per_token'])} training FLOPs/token "
+    f"(dense_tile; {metrics_lib.human(s['flops_per_token_visible'])} "
+    "visible). "
     f"Artifacts: {s['workdir']} (config.json, metrics.jsonl, tensorboard/), "
     f"checkpoints in {s['checkpoints']} (latest step "
     f"{s['latest_checkpoint']}).")

@@ -34,15 +34,40 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def throughput(*, tokens: float, seconds: float, flops_per_token: float,
-               num_devices: int, device: jax.Device) -> dict[str, float]:
+               num_devices: int, device: jax.Device,
+               visible_flops_per_token: float | None = None
+               ) -> dict[str, float]:
+  """tokens/s, GFLOP/s in both attention conventions, and MFU (dense_tile,
+  PaLM's convention) where the chip's peak is known."""
   tps = tokens / max(seconds, 1e-9)
   achieved = tps * flops_per_token
   out = {"tokens_per_sec": tps,
          "gflops_per_sec": achieved / 1e9}
+  if visible_flops_per_token is not None:
+    out["gflops_per_sec_visible"] = tps * visible_flops_per_token / 1e9
   peak = peak_flops(device)
   if peak is not None:
     out["mfu"] = achieved / (peak * num_devices)
   return out
+
+
+class WindowMean:
+  """Running means of named scalars over a logging window."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._counts: dict[str, int] = {}
+
+  def add(self, values: Mapping[str, float]) -> None:
+    for k, v in values.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(v)
+      self._counts[k] = self._counts.get(k, 0) + 1
+
+  def pop(self) -> dict[str, float]:
+    """The means since the last pop; starts a new window."""
+    out = {k: v / self._counts[k] for k, v in self._sums.items()}
+    self._sums, self._counts = {}, {}
+    return out
 
 
 class MetricWriter:

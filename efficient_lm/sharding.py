@@ -1,9 +1,11 @@
-"""Mesh, the single logical-axis rules table, and activation constraints.
+"""Mesh, the single logical-axis rules table, activation constraints and
+state shardings.
 
 Parameters carry logical axis names (metadata `logical_axes` on nnx.Param);
 activations are constrained by logical names through `constrain`. The table
 below is the only place that maps names to mesh axes, so changing the
 parallelism layout is a config change (mesh sizes), never a model change.
+Models and training both import this module; it imports neither.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -40,6 +43,16 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "norm": None,
   "layers": None,
 }
+
+
+# Named logical tuples for activations, spelled once. T is the query length,
+# S the key/value length: both are the "length" axis to the rules table.
+BT = ("batch", "length")
+BTD = ("batch", "length", "act_embed")
+BTF = ("batch", "length", "act_mlp")
+BTV = ("batch", "length", "act_vocab")
+BTHK = ("batch", "length", "act_heads", None)
+BSGK = ("batch", "length", "act_kv_heads", None)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
@@ -106,17 +119,25 @@ def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
   return wrapped
 
 
-def _param_spec(var: nnx.Variable) -> P:
+def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
+  """A variable's logical axis names, one per dimension.
+
+  Layers stacked for a scan (models/stack.py) carry a leading axis that the
+  per-layer metadata does not name: it is 'layers'.
+  """
   names = tuple(var.get_metadata().get("logical_axes") or ())
   ndim = len(var.shape)
   if len(names) == ndim - 1:
-    # Stacked by nnx.vmap for the layer scan: leading axis is 'layers'.
     names = ("layers",) + names
   if len(names) != ndim:
     raise ValueError(
-      f"parameter of shape {var.shape} has logical axes {names}: every "
-      "nnx.Param needs one logical name per dimension")
-  return logical_to_spec(names)
+      f"variable of shape {var.shape} has logical axes {names}: every "
+      "model variable needs one logical name per dimension")
+  return names
+
+
+def _param_spec(var: nnx.Variable) -> P:
+  return logical_to_spec(logical_axes(var))
 
 
 def _state_to_tree(state: Mapping[Any, Any], leaf_fn) -> dict[Any, Any]:
@@ -139,8 +160,23 @@ def named(mesh: Mesh, specs: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def state_shardings(mesh: Mesh, abstract_vars: nnx.State) -> dict[Any, Any]:
+  """NamedSharding tree for model variables (params or non-trainable state),
+  in the structure of nnx.to_pure_dict(state)."""
+  return named(mesh, param_specs(abstract_vars))
+
+
+def optax_state_shardings(optimizer: optax.GradientTransformation,
+                          abstract_opt_state: Any, param_sh: Any,
+                          mesh: Mesh) -> Any:
+  """Moments follow their parameter's sharding; scalars are replicated."""
+  return optax.tree_map_params(
+    optimizer, lambda _, s: s, abstract_opt_state, param_sh,
+    transform_non_params=lambda _: replicated(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(("batch", "length")))
+  return NamedSharding(mesh, logical_to_spec(BT))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

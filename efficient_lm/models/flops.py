@@ -1,0 +1,104 @@
+"""Analytical FLOPs per token from the layer plan, and parameter counts.
+
+FLOPs count matmuls only (2 per multiply-add), module by module, so a new
+block type adds its own term. Attention scores and values are counted in two
+conventions, side by side:
+
+  dense_tile  every query against every key of the T x T tile the dense
+              kernel computes (PaLM's MFU convention; masked-tile skipping
+              is not credited). MFU uses this.
+  visible     only the query-key pairs the layer's mask lets through, on
+              one document filling the sequence: what a causal, sliding-
+              window or sparse layer really costs.
+
+Training is 3x forward (backward = 2x); rematerialisation is not counted
+(model FLOPs, as MFU requires).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from efficient_lm.config import ModelConfig
+from efficient_lm.models import stack
+from efficient_lm.models.transformer import layer_plan
+
+
+def visible_keys(spec: stack.LayerSpec, seq_len: int) -> np.ndarray:
+  """Keys each query of one seq_len-token document sees, [T] (positions
+  0..T-1, one segment); the same predicate as kernels.masks on that row."""
+  t = seq_len
+  i = np.arange(t)
+  a = spec.attention
+  before = i + 1                              # keys 0..i (self included)
+  after = (t - 1 - i) * (not spec.causal)     # keys i+1..T-1
+  if a.kind == "dense":
+    return before + after
+  w = a.window
+  local_before = np.minimum(before, w)        # keys i-w+1..i
+  local_after = np.minimum(after, w - 1)      # keys i+1..i+w-1
+  n = local_before + local_after
+  if a.kind == "sliding_window":
+    return n
+  if a.kind == "global_local":
+    # Prefix keys k < num_global outside the window (and causal if so).
+    g = a.num_global
+    below = np.minimum(g, np.maximum(0, i - w + 1))
+    above = (0 if spec.causal else
+             np.maximum(0, np.minimum(g, t) - (i + w)))
+    return n + below + above
+  raise ValueError(f"attention.kind={a.kind!r} has no FLOPs rule")
+
+
+def _attention_core(cfg: ModelConfig, spec: stack.LayerSpec, seq_len: int,
+                    convention: str) -> float:
+  """QK^T and PV per query token."""
+  h, k = cfg.num_heads, cfg.resolved_head_dim
+  keys = (seq_len if convention == "dense_tile" else
+          float(visible_keys(spec, seq_len).mean()))
+  return 2.0 * 2 * h * k * keys
+
+
+def _attention_proj(cfg: ModelConfig) -> float:
+  d, h, g, k = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                cfg.resolved_head_dim)
+  return 2.0 * (d * h * k * 2 + d * g * k * 2)      # q, o  +  k, v
+
+
+def _mlp(cfg: ModelConfig) -> float:
+  return 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim      # SwiGLU: gate, up, down
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+  """Forward and training FLOPs per token; `forward`/`train` use the
+  dense_tile convention, `*_visible` the visible one."""
+  plan = layer_plan(cfg)
+  terms = {"attention_proj": 0.0, "mlp": 0.0,
+           "attention_dense_tile": 0.0, "attention_visible": 0.0,
+           "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
+  for spec in plan:
+    terms["attention_proj"] += _attention_proj(cfg)
+    terms["mlp"] += _mlp(cfg)
+    for conv in ("dense_tile", "visible"):
+      terms[f"attention_{conv}"] += _attention_core(cfg, spec, seq_len, conv)
+  shared = terms["attention_proj"] + terms["mlp"] + terms["lm_head"]
+  forward = shared + terms["attention_dense_tile"]
+  forward_visible = shared + terms["attention_visible"]
+  return {"forward": forward, "train": 3 * forward,
+          "forward_visible": forward_visible,
+          "train_visible": 3 * forward_visible,
+          **{f"forward/{k}": v for k, v in terms.items()}}
+
+
+def param_count(abstract_params: Any) -> dict[str, int]:
+  """Counts from the (abstract) parameter tree: `total`, and
+  `non_embedding` = total minus the input embedding table."""
+  sizes = {}
+  for path, leaf in nnx.to_flat_state(abstract_params):
+    sizes[path] = int(np.prod(leaf.shape)) if leaf.shape else 1
+  total = sum(sizes.values())
+  embedding = sum(n for path, n in sizes.items() if path[0] == "embed")
+  return {"total": total, "non_embedding": total - embedding}

@@ -1,0 +1,171 @@
+"""The layer stack: a static layer plan, stacked parameters, scans.
+
+`layer_plan(cfg)` gives one `LayerSpec` per layer (its attention, whether it
+is causal, and room for what routing and funnels add). `segments(plan)`
+groups the plan for compilation:
+
+  * a plan that repeats a pattern, `(A, B) * n` (or `(A,) * n`), is one
+    segment: its layers are stacked per pattern position and one `lax.scan`
+    runs over the n groups, the pattern unrolled inside the body;
+  * any other plan is cut into runs of identical consecutive specs, each run
+    one scan.
+
+Parameters are always created stacked (leading axis = the segment's
+repeats), whether or not `scan` is on: `scan_layers` only decides how the
+stack is *run* (one `lax.scan`, or a Python loop over the same slices), so
+the same seed gives the same parameters either way and checkpoints move
+between the two. `remat` wraps each scanned body.
+
+A block is called `block(x_BTD, pos_BT, seg_BT) -> (x_BTD, aux)`, `aux` a
+dict of float32 scalars. The stack sums `loss/*` entries over layers and
+averages the others (diagnostics) over the layers that report them.
+Non-trainable variables (`layers.ModelState`) that a block updates are
+carried out of the scan and written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_lm.config import AttentionConfig, ModelConfig
+from efficient_lm.models.layers import ModelState
+
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """What one layer is; equal specs share a scan."""
+  attention: AttentionConfig   # this layer's kind; `pattern` resolved away
+  causal: bool = True
+  # Reserved for the routing and funnel models: a routed block (MoD / MoR)
+  # and the funnel stage (sequence length = seq_len / factor**stage).
+  routed: bool = False
+  stage: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  pattern: tuple[LayerSpec, ...]   # unrolled inside the scan body
+  repeats: int                     # the scan's length
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.pattern) * self.repeats
+
+
+def layer_plan(cfg: ModelConfig, *, causal: bool = True,
+               num_layers: int | None = None) -> tuple[LayerSpec, ...]:
+  """One spec per layer; `attention.pattern` cycles over the layers."""
+  kinds = cfg.attention.pattern_kinds
+  n = cfg.num_layers if num_layers is None else num_layers
+  return tuple(
+    LayerSpec(attention=dataclasses.replace(
+      cfg.attention, kind=kinds[i % len(kinds)], pattern=""), causal=causal)
+    for i in range(n))
+
+
+def segments(plan: tuple[LayerSpec, ...]) -> tuple[Segment, ...]:
+  n = len(plan)
+  for period in range(1, n):
+    if n % period == 0 and plan == plan[:period] * (n // period):
+      return (Segment(plan[:period], n // period),)
+  runs: list[list] = []
+  for spec in plan:
+    if runs and runs[-1][0] == spec:
+      runs[-1][1] += 1
+    else:
+      runs.append([spec, 1])
+  return tuple(Segment((spec,), r) for spec, r in runs)
+
+
+def _combine_aux(auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  """Per-layer aux dicts (values may be stacked over repeats) -> scalars."""
+  sums: dict[str, jax.Array] = {}
+  counts: dict[str, int] = {}
+  for aux in auxes:
+    for key, value in aux.items():
+      value = jnp.asarray(value, jnp.float32)
+      sums[key] = sums.get(key, 0.0) + value.sum()
+      counts[key] = counts.get(key, 0) + value.size
+  return {k: v if k.startswith("loss/") else v / counts[k]
+          for k, v in sums.items()}
+
+
+def _stacked(make_block, spec: LayerSpec, repeats: int, rngs: nnx.Rngs):
+  """`repeats` blocks of `spec`, parameters stacked on a leading axis."""
+
+  @nnx.split_rngs(splits=repeats)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(r):
+    return make_block(spec, r)
+
+  return create(rngs)
+
+
+class Stack(nnx.Module):
+  """Runs the layers of `plan`, built by `make_block(spec, rngs)`."""
+
+  def __init__(self, plan: tuple[LayerSpec, ...],
+               make_block: Callable[[LayerSpec, nnx.Rngs], nnx.Module], *,
+               rngs: nnx.Rngs, scan: bool, remat: str):
+    self.plan = plan
+    self.segments = segments(plan)
+    self.scan = scan
+    self.remat = remat
+    groups = {}
+    for i, seg in enumerate(self.segments):
+      stacks = {}
+      for j, spec in enumerate(seg.pattern):
+        stacks[f"layer_{j}"] = _stacked(make_block, spec, seg.repeats, rngs)
+      groups[f"segment_{i}"] = nnx.Dict(stacks)
+    self.groups = nnx.Dict(groups)
+
+  def _run_segment(self, seg: Segment, stacks, x_BTD, pos_BT, seg_BT):
+    names = [f"layer_{j}" for j in range(len(seg.pattern))]
+    split = [nnx.split(stacks[n], nnx.Param, ModelState) for n in names]
+    graphdefs = [s[0] for s in split]
+    params = [s[1] for s in split]
+    states = [s[2] for s in split]
+
+    def body(x, layer):
+      layer_params, layer_states = layer
+      new_states, auxes = [], []
+      for gd, p, st in zip(graphdefs, layer_params, layer_states):
+        block = nnx.merge(gd, p, st)
+        x, aux = block(x, pos_BT, seg_BT)
+        new_states.append(nnx.state(block, ModelState))
+        auxes.append(aux)
+      return x, (new_states, auxes)
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+    if self.scan:
+      x_BTD, (new_states, auxes) = jax.lax.scan(body, x_BTD,
+                                                (params, states))
+    else:
+      outs = []
+      for r in range(seg.repeats):
+        layer = jax.tree.map(lambda a, r=r: a[r], (params, states))
+        x_BTD, out = body(x_BTD, layer)
+        outs.append(out)
+      new_states, auxes = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    for n, st in zip(names, new_states):
+      nnx.update(stacks[n], st)
+    return x_BTD, auxes
+
+  def __call__(self, x_BTD, pos_BT, seg_BT):
+    auxes = []
+    for i, seg in enumerate(self.segments):
+      x_BTD, seg_auxes = self._run_segment(
+        seg, self.groups[f"segment_{i}"], x_BTD, pos_BT, seg_BT)
+      auxes.extend(seg_auxes)
+    return x_BTD, _combine_aux(auxes)
