@@ -51,18 +51,18 @@ TRAIN_ARGS=()
 
 while [ "$#" -gt 0 ]; do
   case "$1" in
-    --config=*) CONFIG="$(flag_value "$1")" ;;
-    --image=*) IMAGE="$(flag_value "$1")" ;;
-    --workdir=*) WORKDIR="$(flag_value "$1")" ;;
-    --name=*) NAME="$(flag_value "$1")" ;;
-    --accelerator=*) ACCELERATOR="$(flag_value "$1")" ;;
-    --topology=*) TOPOLOGY="$(flag_value "$1")" ;;
-    --chips_per_host=*) CHIPS_PER_HOST="$(flag_value "$1")" ;;
-    --num_slices=*) NUM_SLICES="$(flag_value "$1")" ;;
-    --nodes=*) NODES="$(flag_value "$1")" ;;
-    --gpus_per_node=*) GPUS_PER_NODE="$(flag_value "$1")" ;;
-    --port=*) PORT="$(flag_value "$1")" ;;
-    --max_restarts=*) MAX_RESTARTS="$(flag_value "$1")" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --image=*) IMAGE="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --name=*) NAME="${1#*=}" ;;
+    --accelerator=*) ACCELERATOR="${1#*=}" ;;
+    --topology=*) TOPOLOGY="${1#*=}" ;;
+    --chips_per_host=*) CHIPS_PER_HOST="${1#*=}" ;;
+    --num_slices=*) NUM_SLICES="${1#*=}" ;;
+    --nodes=*) NODES="${1#*=}" ;;
+    --gpus_per_node=*) GPUS_PER_NODE="${1#*=}" ;;
+    --port=*) PORT="${1#*=}" ;;
+    --max_restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) usage_error "unknown flag $1" ;;

@@ -23,9 +23,9 @@ TRAIN_ARGS=()
 
 while [ "$#" -gt 0 ]; do
   case "$1" in
-    --steps=*) STEPS="$(flag_value "$1")" ;;
-    --workdir=*) WORKDIR="$(flag_value "$1")" ;;
-    --python=*) PYTHON="$(flag_value "$1")" ;;
+    --steps=*) STEPS="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --python=*) PYTHON="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) usage_error "unknown flag $1" ;;

@@ -1,22 +1,15 @@
 # shellcheck shell=bash
 # Shared by the launch scripts (sourced, not run): flag errors, shell
 # quoting, and the --dry-run switch that prints commands instead of running
-# them. Each script sets USAGE (one line) before calling usage_error.
+# them. Each script sets USAGE (one line) before calling usage_error, and
+# spells every value flag --name=value (as absl spells the train flags), so
+# a bare --name is an unknown flag.
 
 # One-line error plus the usage line, exit 2 (the convention of getopt tools).
 usage_error() {
   echo "error: $1" >&2
   echo "usage: ${USAGE}" >&2
   exit 2
-}
-
-# The value of a --name=value flag; a bare --name is an error, because every
-# value flag here is spelled with '=' (as absl spells the train flags).
-flag_value() {
-  case "$1" in
-    *=*) printf '%s' "${1#*=}" ;;
-    *) usage_error "$1 needs a value: ${1%%=*}=VALUE" ;;
-  esac
 }
 
 # A word as the shell reads it back: bare if it has no special characters,

@@ -52,15 +52,15 @@ TRAIN_ARGS=()
 
 while [ "$#" -gt 0 ]; do
   case "$1" in
-    --config=*) CONFIG="$(flag_value "$1")" ;;
-    --workdir=*) WORKDIR="$(flag_value "$1")" ;;
-    --name=*) NAME="$(flag_value "$1")" ;;
-    --type=*) TYPE="$(flag_value "$1")" ;;
-    --zone=*) ZONE="$(flag_value "$1")" ;;
-    --project=*) PROJECT="$(flag_value "$1")" ;;
-    --num_slices=*) NUM_SLICES="$(flag_value "$1")" ;;
-    --runtime_version=*) RUNTIME_VERSION="$(flag_value "$1")" ;;
-    --wheel=*) WHEEL="$(flag_value "$1")" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --name=*) NAME="${1#*=}" ;;
+    --type=*) TYPE="${1#*=}" ;;
+    --zone=*) ZONE="${1#*=}" ;;
+    --project=*) PROJECT="${1#*=}" ;;
+    --num_slices=*) NUM_SLICES="${1#*=}" ;;
+    --runtime_version=*) RUNTIME_VERSION="${1#*=}" ;;
+    --wheel=*) WHEEL="${1#*=}" ;;
     --queued) QUEUED=1 ;;
     --spot) SPOT=1 ;;
     --delete) DELETE=1 ;;
