@@ -77,7 +77,8 @@ for pair in --num_slices="$NUM_SLICES" --nodes="$NODES" \
   require_count "${pair%%=*}" "${pair#*=}"
 done
 case "$MAX_RESTARTS" in
-  '' | *[!0-9]*) usage_error "--max_restarts=$MAX_RESTARTS: expected 0 or more" ;;
+  '' | *[!0-9]*)
+    usage_error "--max_restarts=$MAX_RESTARTS: expected 0 or more" ;;
 esac
 
 TRAIN=(python -m efficient_lm.train --config="$CONFIG" --workdir="$WORKDIR"

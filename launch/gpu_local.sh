@@ -33,6 +33,11 @@ while [ "$#" -gt 0 ]; do
   shift
 done
 require_count --steps "$STEPS"
+if [ "$DRY_RUN" = 0 ] && ! command -v "$PYTHON" >/dev/null; then
+  echo "error: no Python at $PYTHON: run launch/setup_env.sh gpu, or pass \
+--python=PATH" >&2
+  exit 1
+fi
 
 # One-line programs, so that --dry-run prints one line per command (the
 # f-strings reuse double quotes: Python >= 3.12, as the package requires).

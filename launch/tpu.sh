@@ -2,8 +2,9 @@
 # Train on a Cloud TPU VM slice (or several slices) with gcloud.
 #
 #   launch/tpu.sh --config=configs/decoder_1b.py --type=v5e-16 \
-#       --workdir=gs://BUCKET/runs/1b [--num_slices=2] [-- --config.mesh.fsdp=16]
-#   launch/tpu.sh --delete [--name=...]         # delete the VM / queued resource
+#       --workdir=gs://BUCKET/runs/1b [--num_slices=2] \
+#       [-- --config.mesh.fsdp=16]
+#   launch/tpu.sh --delete [--name=...]  # delete the VM / queued resource
 #
 # Steps: create the TPU VM unless `describe` finds it (with --num_slices > 1
 # or --queued: a queued resource, waited for until ACTIVE); copy this

@@ -91,7 +91,8 @@ def test_tpu_single_slice(launch):
   cmds = commands(out)
   gcloud = [c for c in cmds if c[0] == "gcloud"]
   for c in gcloud:
-    assert flag(c, "zone") == "europe-west4-b" and flag(c, "project") == "my-proj"
+    assert flag(c, "zone") == "europe-west4-b"
+    assert flag(c, "project") == "my-proj"
   create, = [c for c in cmds if tpu_gcloud(c, "tpu-vm", "create")]
   assert create[5] == "lm"
   # v5e is spelled v5litepod in gcloud.
@@ -279,6 +280,13 @@ def test_gpu_local_without_gpu_is_one_line_error(launch, tmp_path):
   assert proc.stderr.startswith("error: jax.devices() shows no GPU")
   assert len(proc.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "w").exists()  # stopped before training
+
+
+def test_gpu_local_without_python_is_one_line_error(launch, tmp_path):
+  proc = launch("gpu_local.sh", f"--python={tmp_path / 'nothing'}")
+  assert proc.returncode == 1
+  assert proc.stderr == (f"error: no Python at {tmp_path / 'nothing'}: run "
+                         "launch/setup_env.sh gpu, or pass --python=PATH\n")
 
 
 @pytest.mark.parametrize("script, args, message", [
