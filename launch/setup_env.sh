@@ -19,7 +19,7 @@ find_python() {
     [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && works "$(command -v "$c")" && return
   done
   local root="${PYENV_ROOT:-$HOME/.pyenv}"
-  for c in $(ls -d "$root"/versions/3.1[2-9]* 2>/dev/null | sort -Vr); do
+  for c in $(printf '%s\n' "$root"/versions/3.1[2-9]* | sort -Vr); do
     [ -x "$c/bin/python" ] && works "$c/bin/python" && return
   done
   return 1
