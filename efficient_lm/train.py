@@ -43,14 +43,16 @@ def main(argv):
   from efficient_lm.data import DataError
   from efficient_lm.training import loop
   from efficient_lm.training.checkpoint import CheckpointError
+  from efficient_lm.training.workdir import WorkdirBusy
   try:
     cfg = config_lib.from_config_dict(_CONFIG.value,
                                       device_count=jax.device_count())
     if jax.process_index() == 0:
       print("resolved config:\n" + cfg.to_json(), flush=True)
-    loop.run(cfg, _WORKDIR.value)
+    loop.run(cfg, _WORKDIR.value,
+             overrides=[a for a in sys.argv[1:] if a.startswith("--config.")])
   except (config_lib.ConfigError, DataError, CheckpointError,
-          loop.TrainingError) as e:
+          loop.TrainingError, WorkdirBusy) as e:
     # Bad input: one line naming the value, no traceback.
     sys.exit(f"error: {e}")
 

@@ -46,19 +46,28 @@ def throughput(*, tokens: float, seconds: float, flops_per_token: float,
 
 
 class MetricWriter:
-  """metrics.jsonl (one JSON object a line) + TensorBoard events, process 0."""
+  """metrics.jsonl (one JSON object a line) + TensorBoard events, process 0.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  `start_step` is the step the run resumes from: rows a killed run wrote
+  past it are dropped (those steps run again), and TensorBoard is told to
+  purge them, so every step appears once.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               start_step: int = 0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start_step + 1)
     except ImportError:  # tensorboardX is a dependency; stay usable anyway
       self._tb = None
 
@@ -78,6 +87,25 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass   # the torn last line of a killed run
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def human(n: float) -> str:
