@@ -204,7 +204,9 @@ def _run(cfg: Config, workdir: str, hooks, overrides) -> dict[str, Any]:
       print(console.already_complete(start, cfg.train.steps, workdir,
                                      str(ckpt.directory)), file=sys.stderr)
     return {"status": "already_complete", "start_step": start,
-            "final_step": start, "workdir": workdir}
+            "final_step": start, "train_loss": None, "eval_loss": None,
+            "tokens_per_sec": None, "workdir": workdir,
+            "checkpoints": ckpt.directory, "latest_checkpoint": start}
   if is_main:   # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start,
                  overrides=overrides)
