@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from efficient_lm.training import console, loop
+from efficient_lm.training import console, loop, metrics
 from efficient_lm.training.checkpoint import CheckpointError
 from efficient_lm.training.workdir import WorkdirBusy, WorkdirLock
 from tests.helpers import small_config
@@ -105,3 +105,39 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere():
   assert log.getvalue().splitlines() == [
     "step 1/10: loss 5.5000", "step 5/10: eval loss 4.2500",
     "step 10/10: loss 3.0000, 2.00k tokens/s"]
+
+
+def _tensorboard_events(directory):
+  """Every Event in the TFRecord files under `directory`, in file order."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  events = []
+  for name in sorted(os.listdir(directory)):
+    raw = open(os.path.join(directory, name), "rb").read()
+    pos = 0
+    while pos < len(raw):   # u64 length, u32 crc, data, u32 crc
+      (n,) = struct.unpack_from("<Q", raw, pos)
+      events.append(event_pb2.Event.FromString(raw[pos + 12:pos + 12 + n]))
+      pos += 12 + n + 4
+  return events
+
+
+def test_resumed_writer_drops_the_killed_runs_later_rows(tmp_path):
+  first = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 8):
+    first.write(step, {"loss": float(step)})
+  first.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 8, "lo')           # torn by the kill
+  resumed = metrics.MetricWriter(str(tmp_path), start_step=5)
+  resumed.write(6, {"loss": 60.0})
+  resumed.close()
+  rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["loss"]) for r in rows] == [
+    (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
+  # Both event files are kept (even within one second), and TensorBoard is
+  # told to discard the first run's events from step 6 on.
+  events = _tensorboard_events(tmp_path / "tensorboard")
+  assert sorted(e.step for e in events if e.summary.value) == [
+    1, 2, 3, 4, 5, 6, 6, 7]
+  assert [e.step for e in events if e.HasField("session_log")] == [6]

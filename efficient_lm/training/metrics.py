@@ -66,8 +66,12 @@ class MetricWriter:
     self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=start_step + 1)
+      # Event files are named by the second and host only: a resume within
+      # the same second would overwrite the previous file without a suffix.
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"),
+        purge_step=start_step + 1 if start_step else None,
+        filename_suffix=f".{os.getpid()}.{start_step}")
     except ImportError:  # tensorboardX is a dependency; stay usable anyway
       self._tb = None
 
