@@ -338,6 +338,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     ("mesh.tensor", mesh.tensor),
   ]:
     _positive(path, v)
+  _validate_train(t)
   if mesh.data == 0 or mesh.data < -1:
     raise ConfigError(
       f"mesh.data={mesh.data}: expected a positive size or -1 (all "
@@ -384,3 +385,28 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     raise ConfigError(
       f"mesh data*fsdp*tensor={mesh.data}*{mesh.fsdp}*{mesh.tensor}="
       f"{mesh.size} does not match the {device_count} available devices")
+
+
+def _validate_train(t: TrainConfig) -> None:
+  """Schedule and optimizer values that would train silently wrong."""
+  if t.learning_rate < 0:
+    raise ConfigError(
+      f"train.learning_rate={t.learning_rate}: expected >= 0 (a negative "
+      "rate is gradient ascent)")
+  if not 0 <= t.end_learning_rate <= t.learning_rate:
+    raise ConfigError(
+      f"train.end_learning_rate={t.end_learning_rate}: expected between 0 "
+      f"and the peak train.learning_rate={t.learning_rate}")
+  if not 0 <= t.warmup_steps <= t.steps:
+    raise ConfigError(
+      f"train.warmup_steps={t.warmup_steps}: expected between 0 and "
+      f"train.steps={t.steps}")
+  for path, v in [("train.b1", t.b1), ("train.b2", t.b2)]:
+    if not 0 <= v < 1:
+      raise ConfigError(f"{path}={v}: expected 0 <= x < 1")
+  for path, v in [("train.weight_decay", t.weight_decay),
+                  ("train.grad_clip", t.grad_clip),
+                  ("train.z_loss", t.z_loss)]:
+    if v < 0:
+      raise ConfigError(f"{path}={v}: expected >= 0 (0 turns it off)")
+  _positive("train.eval_batches", t.eval_batches)

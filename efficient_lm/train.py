@@ -4,6 +4,7 @@
       --config.model.num_layers=4
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -35,6 +36,8 @@ def main(argv):
     # Orbax logs every save step at INFO; keep the console for progress.
     logging.set_verbosity(logging.WARNING)
   import jax
+  from efficient_lm.training import platforms
+  platforms.cpu_only_if_no_accelerator()   # keeps libtpu's noise out
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
@@ -43,27 +46,79 @@ def main(argv):
   from efficient_lm.data import DataError
   from efficient_lm.training import loop
   from efficient_lm.training.checkpoint import CheckpointError
+  from efficient_lm.training.workdir import WorkdirBusy
   try:
     cfg = config_lib.from_config_dict(_CONFIG.value,
                                       device_count=jax.device_count())
     if jax.process_index() == 0:
       print("resolved config:\n" + cfg.to_json(), flush=True)
-    loop.run(cfg, _WORKDIR.value)
+    loop.run(cfg, _WORKDIR.value,
+             overrides=[a for a in sys.argv[1:] if a.startswith("--config.")])
   except (config_lib.ConfigError, DataError, CheckpointError,
-          loop.TrainingError) as e:
+          loop.TrainingError, WorkdirBusy) as e:
     # Bad input: one line naming the value, no traceback.
     sys.exit(f"error: {e}")
 
 
+def _config_file_problem(argv) -> str | None:
+  """Why the --config file cannot be loaded, checked before absl parses it.
+
+  ml_collections defers a missing file to the first attribute access (which
+  then names an internal object) and lets a SyntaxError escape as a
+  traceback, so both are looked at here first.
+  """
+  path = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      path = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return None   # absl reports the missing required flag
+  path = path.split(":", 1)[0]   # `file.py:arg` passes arg to get_config
+  if not os.path.isfile(path):
+    return f"config file {path!r} does not exist"
+  with open(path, "rb") as f:
+    source = f.read()
+  try:
+    compile(source, path, "exec")
+  except SyntaxError as e:
+    return _syntax_error(e)
+  return None
+
+
+def _syntax_error(e: SyntaxError) -> str:
+  return f"config file {e.filename}, line {e.lineno}: {e.msg}"
+
+
+def _plain(e: BaseException) -> str:
+  """The message of `e` as text; ml_collections wraps a KeyError (whose str
+  is a repr with escaped quotes and newlines) in its AttributeError."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  return " ".join(text.split())
+
+
 def parse_flags(argv):
   """absl flag parsing with one-line errors for bad config overrides."""
+  problem = _config_file_problem(argv)
+  if problem:
+    sys.exit(f"error: {problem}")
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:  # ml_collections: override of a missing key
-    sys.exit(f"error: unknown config key {e} in the overrides "
-             f"({' '.join(a for a in argv[1:] if a.startswith('--config.'))})")
+    key, _, hint = _plain(e).partition(" Did you mean")
+    hint = f"; did you mean{hint}" if hint else ""
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    culprits = [a for a in overrides
+                if a.split("=", 1)[0].endswith("." + key.strip("'"))]
+    sys.exit(f"error: unknown config key {key} in "
+             f"{' '.join(culprits or overrides)}{hint}")
+  except SyntaxError as e:   # raised while get_config() imports a module
+    sys.exit(f"error: {_syntax_error(e)}")
   except (flags.Error, TypeError, ValueError, KeyError) as e:
-    sys.exit(f"error: {type(e).__name__}: {e}".replace("\n", " "))
+    sys.exit(f"error: {type(e).__name__}: {_plain(e)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ _AFTER = flags.DEFINE_integer("crash_after_checkpoint", None,
 def _install_hook():
   real_run = loop.run
 
-  def run(cfg, workdir, *, hooks=()):
+  def run(cfg, workdir, *, hooks=(), **kwargs):
     ckpt_dir = os.path.join(workdir, "checkpoints")
 
     def crash(step):
@@ -39,7 +39,7 @@ def _install_hook():
         time.sleep(0.05)
       os.kill(os.getpid(), signal.SIGKILL)
 
-    return real_run(cfg, workdir, hooks=(*hooks, crash))
+    return real_run(cfg, workdir, hooks=(*hooks, crash), **kwargs)
 
   loop.run = run
 

@@ -1,5 +1,7 @@
 """Checkpointer: round trips, retention, and falling back past bad steps."""
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +268,74 @@ def test_non_json_state_fails_at_save(tmp_path):
   with Checkpointer(tmp_path, every_steps=1, keep=1) as ckpt:
     with pytest.raises(TypeError, match="data_state"):
       ckpt.save(1, _state(_mesh()), data_state={"rng": np.zeros(2)})
+
+
+def test_checkpoint_config_of_another_model_is_refused(tmp_path, capfd):
+  _save_steps(tmp_path, [1]).close()
+  abstract = _abstract(_state(_mesh()))
+  # The arrays fit, but the checkpoint says it holds another model.
+  tampered = {**CONFIG, "model": {**CONFIG["model"], "num_layers": 3}}
+  with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointError, match=(
+        r"checkpoint 1 .* holds another model: model\.num_layers=2 there, "
+        r"3 in this run's config")):
+      ckpt.restore_latest(abstract, config=tampered)
+    # A changed schedule is allowed, in one line saying what changed.
+    longer = {**CONFIG, "train": {"seed": 0, "steps": 9}, "name": "x"}
+    assert ckpt.restore_latest(abstract, config={**CONFIG, "train": {
+      "seed": 5}})[0] == 1
+    assert ckpt.restore_latest(abstract, config=longer)[0] == 1
+  lines = _our_lines(capfd.readouterr().err)
+  assert lines == ["checkpoint: resuming step 1 with a changed config: "
+                   "train.seed 0 -> 5"]
+  assert os.listdir(tmp_path) == ["1"]
+
+
+def test_model_change_is_named_by_a_parameter_not_a_moment(tmp_path):
+  _save_steps(tmp_path, [1]).close()
+  mesh = _mesh()
+  abstract = _abstract(_state(mesh))
+  # A wider model: the parameter and its optimizer moment both change.
+  wide = jax.ShapeDtypeStruct((32, 8), jnp.float32,
+                              sharding=NamedSharding(mesh, P("data", "model")))
+  abstract["params"]["w"] = wide
+  abstract["opt_state"] = (wide, {})
+  with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointError, match=r"key 'params\.w'"):
+      ckpt.restore_latest(abstract)
+
+
+_RESTORE_TRUNCATED = """
+import os, sys
+import jax, jax.numpy as jnp
+from efficient_lm.training.checkpoint import Checkpointer
+# Many arrays, each in its own chunk files: many failing async reads.
+state = {f"w{i}": jax.random.normal(jax.random.key(i), (64, 256))
+         for i in range(48)}
+d = sys.argv[1]
+with Checkpointer(d, every_steps=1, keep=5) as ckpt:
+  for step in (1, 2):
+    ckpt.save(step, state)
+for root, _, files in os.walk(os.path.join(d, "2", "state")):
+  for f in files:
+    path = os.path.join(root, f)
+    if os.sep + "d" + os.sep in path and os.path.getsize(path) > 4096:
+      os.truncate(path, os.path.getsize(path) // 2)
+abstract = jax.tree.map(
+  lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+with Checkpointer(d, every_steps=1, keep=5) as ckpt:
+  print(ckpt.restore_latest(abstract)[0])
+"""
+
+
+def test_failed_async_reads_leave_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", _RESTORE_TRUNCATED,
+                         str(tmp_path / "ckpt")], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["1"]
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith("checkpoint: step 2 in ") and "2.corrupt" in line

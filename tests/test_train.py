@@ -49,12 +49,14 @@ def _train(workdir, *extra, script=("-m", "efficient_lm.train"), check=True):
 
 
 def _losses(workdir):
-  """step -> loss, the last record of each step winning (resumed runs)."""
+  """step -> loss; a step logged twice (a resume that kept the killed run's
+  rows) fails here."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       rec = json.loads(line)
       if "loss" in rec:
+        assert rec["step"] not in out, f"step {rec['step']} logged twice"
         out[rec["step"]] = rec["loss"]
   return out
 
@@ -80,13 +82,17 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   # It really died mid-run, after checkpoint 10 (metrics are read one step
   # late, so the last logged step is 11 or 12).
   assert 10 < max(_losses(crashed)) <= 12
+  killed_rows = _losses(crashed)
   resumed = _train(crashed)
   assert "resumed from step 10" in resumed.stderr
+  runs = [json.loads(x) for x in open(crashed / "runs.jsonl")]
+  assert [r["start_step"] for r in runs] == [0, 10]
 
   a, b = _losses(straight), _losses(crashed)
   assert sorted(a) == sorted(b) == list(range(1, 21))
   for step in a:
     assert a[step] == b[step], (step, a[step], b[step])   # bit-identical
+  assert all(killed_rows[s] == b[s] for s in killed_rows)
   step_a, params_a, data_a = _final_params(straight)
   step_b, params_b, data_b = _final_params(crashed)
   assert step_a == step_b == 20
@@ -137,6 +143,55 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert steps[-1] == max(_losses(workdir))    # saved where it stopped
 
 
+def test_sigterm_during_evaluation_saves_that_step(tmp_path, monkeypatch):
+  real_evaluate = loop.evaluate
+
+  def evaluate_then_preempted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)   # arrives mid-evaluation
+    return real_evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "evaluate", evaluate_then_preempted)
+  cfg = small_config(**{"train.steps": 12, "train.eval_every": 3,
+                        "train.eval_batches": 2,
+                        "checkpoint.every_steps": 10, "mesh.data": 8})
+  summary = loop.run(cfg, str(tmp_path))
+  assert summary["status"] == "preempted" and summary["final_step"] == 3
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
+def test_nan_before_any_save_says_there_is_no_checkpoint(tmp_path):
+  cfg = small_config(**{"train.learning_rate": 1e12, "train.grad_clip": 0.0,
+                        "train.steps": 60, "checkpoint.every_steps": 1000,
+                        "mesh.data": 8})
+  with pytest.raises(loop.TrainingError) as e:
+    loop.run(cfg, str(tmp_path))
+  assert "None" not in str(e.value)
+  assert "no checkpoint was saved before this" in str(e.value)
+
+
+def test_cli_log_lines_without_a_terminal_and_without_libtpu(tmp_path):
+  env = _env()
+  del env["JAX_PLATFORMS"]          # what a user's shell has
+  proc = subprocess.run(
+    [sys.executable, "-m", "efficient_lm.train", *SMALL_FLAGS,
+     f"--workdir={tmp_path}", "--config.train.steps=4",
+     "--config.train.log_every=2", "--config.train.eval_every=2",
+     "--verbosity=0"],   # jax logs, at INFO, each backend it tries
+    cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  err = proc.stderr
+  # stderr is a pipe here: plain lines, no carriage-return bar.
+  assert "\r" not in err
+  for line in ("step 1/4: loss ", "step 2/4: eval loss ", "step 4/4: loss "):
+    assert f"\n{line}" in err, err[-3000:]
+  # The first step is logged (the step-1 loss the README quotes).
+  assert min(_losses(tmp_path)) == 1
+  # A CPU run never asks libtpu for a TPU.
+  for libtpu_line in ("backend 'tpu'", "TPU_WORKER_HOSTNAMES",
+                      "Failed to find host bounds", "Source Location Trace"):
+    assert libtpu_line not in err
+
+
 def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(tmp_path):
   proc = _train(tmp_path, "--config.train.learning_rate=1e12",
                 "--config.train.grad_clip=0.0", "--config.train.steps=60",
@@ -161,13 +216,31 @@ def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(tmp_path):
   (["--config.model.no_such_key=1"], "no_such_key"),
   (["--config.data.source=text", "--config.data.path=/nonexistent/x.txt"],
    "/nonexistent/x.txt"),
+  (["--config=configs/nope.py", "--config.train.steps=3"],
+   "config file 'configs/nope.py' does not exist"),
+  (["--config={tmp}/bad.py"], "config file {tmp}/bad.py, line 2: "
+   "'(' was never closed"),
+  (["--config.train.learnig_rate=1"],
+   "unknown config key 'learnig_rate' in --config.train.learnig_rate=1; "
+   "did you mean \"learning_rate\""),
+  (["--config.train.learning_rate=-0.001"],
+   "train.learning_rate=-0.001: expected >= 0"),
+  (["--config.train.end_learning_rate=0.1"],
+   "train.end_learning_rate=0.1: expected between 0 and the peak "
+   "train.learning_rate=0.002"),
+  (["--config.train.warmup_steps=50"],
+   "train.warmup_steps=50: expected between 0 and train.steps=20"),
 ])
 def test_cli_bad_config_is_one_line_error(tmp_path, flags, message):
-  proc = _train(tmp_path, *flags, check=False)
+  (tmp_path / "bad.py").write_text("def get_config():\n  return dict(\n")
+  flags = [f.format(tmp=tmp_path) for f in flags]
+  message = message.format(tmp=tmp_path)
+  proc = _train(tmp_path / "run", *flags, check=False)
   assert proc.returncode != 0
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and message in last, proc.stderr[-1500:]
-  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-1500:]
+  assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+  assert "\\" not in lines[0]          # no escaped quotes or newlines
 
 
 def test_two_processes_match_one_process(tmp_path):

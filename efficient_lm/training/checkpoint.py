@@ -17,6 +17,7 @@ No pickle: arrays go through tensorstore, everything else is JSON.
 """
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Mapping
@@ -30,11 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficient_lm.training.workdir import config_changes, describe_changes
+
 _ITEMS = ("state", "data", "config")
 # Orbax's default step naming (no prefix, no padding); tmp and set-aside
 # directories never match it.
 _STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
 _COMMIT_RECORD = "_CHECKPOINT_METADATA"
+# Model keys that choose how the same parameters are computed, not what they
+# are: a resume may change them.
+_RUNTIME_MODEL_KEYS = ("model.attention.impl", "model.remat")
 
 
 class CheckpointError(RuntimeError):
@@ -132,18 +138,23 @@ class Checkpointer:
     return self._mgr.save(step, args=args, force=True,
                           custom_metadata={"fingerprint": _fingerprint(state)})
 
-  def restore_latest(self, abstract_state: Any
+  def restore_latest(self, abstract_state: Any, *,
+                     config: Mapping[str, Any] | None = None
                      ) -> tuple[int, Any, dict[str, Any]] | None:
     """`(step, state, data_state)` from the newest good checkpoint, or None.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings;
-    the restored arrays get those shardings.
+    the restored arrays get those shardings. With `config` (this run's, as
+    a dict), the config saved in the checkpoint must describe the same
+    model (CheckpointError naming the first differing `model.` key); other
+    changes, such as a longer schedule, are allowed and listed in one line.
     """
     self.wait()   # an in-flight save of ours is not a partial checkpoint
     self._mgr.reload()
     steps = self._step_dirs()
     for step in steps:
-      state, data_state, problem = self._try_restore(step, abstract_state)
+      state, data_state, problem = self._try_restore(step, abstract_state,
+                                                     config)
       problem = _agree(problem)
       if problem is None:
         return step, state, data_state
@@ -198,17 +209,33 @@ class Checkpointer:
     return sorted((int(p.name) for p in self._listdir()
                    if _STEP_NAME.match(p.name) and p.is_dir()), reverse=True)
 
-  def _try_restore(self, step: int, abstract_state: Any
+  def _try_restore(self, step: int, abstract_state: Any,
+                   config: Mapping[str, Any] | None
                    ) -> tuple[Any, dict[str, Any] | None, str | None]:
     """Restores `step`; (None, None, problem) if the checkpoint is broken.
 
     Raises CheckpointError if the checkpoint is fine but does not fit
-    `abstract_state`: that is a config change, not corruption.
+    `abstract_state` or `config`: that is a config change, not corruption.
     """
     step_dir = self.directory / str(step)
     problem = commit_problem(step_dir)
     if problem:
       return None, None, problem
+    changes = {}
+    if config is not None:
+      try:
+        saved = self.saved_config(step)
+      except CheckpointError as e:
+        return None, None, str(e)
+      changes = config_changes(saved, config)
+      model = [k for k in changes if k.startswith("model.")
+               and k not in _RUNTIME_MODEL_KEYS]
+      if model:
+        old, new = changes[model[0]]
+        raise CheckpointError(
+          f"checkpoint {step} in {self.directory} holds another model: "
+          f"{model[0]}={old!r} there, {new!r} in this run's config (use "
+          "another --workdir, or the checkpoint's model config)")
     try:
       meta = self._mgr.item_metadata(step)["state"]
     except Exception as e:  # corrupt metadata surfaces as any error type
@@ -234,12 +261,16 @@ class Checkpointer:
     try:
       restored = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore read errors are bare `Exception`s
+      _contain_failed_read_noise()
       return None, None, _one_line(e)
     expected = self._mgr.metadata(step).custom_metadata or {}
     bad_key = _first_difference(expected.get("fingerprint"),
                                 _fingerprint(restored["state"]))
     if bad_key is not None:
       return None, None, f"array {bad_key!r} does not match its fingerprint"
+    if changes and jax.process_index() == 0:
+      print(f"checkpoint: resuming step {step} with a changed config: "
+            f"{describe_changes(changes)}", file=sys.stderr, flush=True)
     return restored["state"], dict(restored["data"]), None
 
   def _set_aside(self, step: int, problem: str) -> None:
@@ -278,6 +309,56 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}"
 
 
+# Tensorstore reads that fail mid-restore leave futures and callbacks aimed at
+# orbax's event loop, which orbax has closed by the time they fire: each
+# prints a traceback (from a tensorstore thread, at garbage collection, or
+# through asyncio's "exception was never retrieved"), dozens for one bad
+# checkpoint, all after our one-line message. They are recognised here and
+# sent to the log at debug level; everything else passes through.
+_READ_FAILED = "Encountered error while reading array index"
+_noise_contained = False
+
+
+def _is_failed_read_noise(e: BaseException | None) -> bool:
+  return ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
+          or (type(e) is Exception and str(e).startswith(_READ_FAILED)))
+
+
+def _debug_log(what: str, e: BaseException | None) -> None:
+  logging.getLogger(__name__).debug("after a failed checkpoint read: %s: %s",
+                                    what, _one_line(e) if e else "")
+
+
+def _contain_failed_read_noise() -> None:
+  global _noise_contained
+  if _noise_contained:
+    return
+  _noise_contained = True
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(tp, value, tb):   # what tensorstore threads report
+    if _is_failed_read_noise(value):
+      _debug_log("callback error", value)
+    else:
+      excepthook(tp, value, tb)
+
+  def on_unraisable(u):              # coroutines collected unawaited
+    if _is_failed_read_noise(u.exc_value):
+      _debug_log(f"unraisable in {u.object!r}", u.exc_value)
+    else:
+      unraisablehook(u)
+
+  def asyncio_filter(record: logging.LogRecord) -> bool:
+    e = record.exc_info[1] if record.exc_info else None
+    if _is_failed_read_noise(e):
+      _debug_log("asyncio", e)
+      return False
+    return True
+
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+  logging.getLogger("asyncio").addFilter(asyncio_filter)
+
+
 def _agree(problem: str | None) -> str | None:
   """A checkpoint is bad if any process found it bad, so all hosts agree."""
   if jax.process_count() == 1:
@@ -308,8 +389,14 @@ def _describe(x: Any) -> str:
   return f"{shape} {np.dtype(dtype).name}" if dtype is not None else str(shape)
 
 
+def _params_first(keys) -> list[str]:
+  # A model change shows in a parameter first, not in its optimizer moments.
+  return sorted(keys, key=lambda k: not k.startswith("params."))
+
+
 def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
-  for key, want in wanted.items():
+  for key in _params_first(wanted):
+    want = wanted[key]
     if key not in stored:
       return f"key {key!r}: checkpoint has no such entry, model wants " + (
         _describe(want))
@@ -320,7 +407,8 @@ def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     if tuple(have.shape) != tuple(want.shape) or not same_dtype:
       return (f"key {key!r}: checkpoint has {_describe(have)}, model wants "
               f"{_describe(want)}")
-  for key, have in stored.items():
+  for key in _params_first(stored):
+    have = stored[key]
     if key not in wanted:
       return (f"key {key!r}: checkpoint has {_describe(have)}, model has no "
               "such entry")

@@ -23,10 +23,11 @@ from efficient_lm import data as data_lib
 from efficient_lm import models, sharding
 from efficient_lm.config import Config, ConfigError
 from efficient_lm.models import flops as flops_lib
-from efficient_lm.training import losses
+from efficient_lm.training import console, losses
 from efficient_lm.training import metrics as metrics_lib
 from efficient_lm.training import optim, step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
+from efficient_lm.training.workdir import WorkdirLock, record_start
 
 
 # Train-step metrics that are not model aux entries (those are averaged
@@ -183,18 +184,24 @@ class _SigtermFlag:
 
 def run(cfg: Config, workdir: str, *,
         hooks: Sequence[Callable[[int], None]] = (),
+        overrides: Sequence[str] = (),
         build_model: Callable = models.build) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming if it holds a checkpoint).
 
-  `hooks` are called with each finished step; `build_model` replaces
-  `models.build` (tests train their own modules through the real loop).
+  The workdir is locked for the run (WorkdirBusy if another run holds it);
+  `overrides` (the command line's) go into its runs.jsonl record; `hooks`
+  are called with each finished step; `build_model` replaces `models.build`
+  (tests train their own modules through the real loop).
   """
   workdir = os.path.abspath(workdir)   # orbax needs absolute paths
-  is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json())
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _run(cfg, workdir, hooks, overrides, build_model)
+
+
+def _run(cfg: Config, workdir: str, hooks, overrides,
+         build_model) -> dict[str, Any]:
+  is_main = jax.process_index() == 0
   tok = make_tokenizer(cfg)
   t = build_trainer(cfg, build_model=build_model)
   train_it = make_iterator(t, tok, "train")
@@ -206,7 +213,11 @@ def run(cfg: Config, workdir: str, *,
                       every_steps=cfg.checkpoint.every_steps,
                       keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
-  restored = ckpt.restore_latest(t.abstract_state)
+  try:
+    restored = ckpt.restore_latest(t.abstract_state, config=cfg.to_dict())
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is None:
     state, start = t.init_fn(), 0
   else:
@@ -214,10 +225,23 @@ def run(cfg: Config, workdir: str, *,
     train_it.set_state(data_state)
     if is_main:
       print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
+  if start >= cfg.train.steps:
+    ckpt.close()
+    if is_main:
+      print(console.already_complete(start, cfg.train.steps, workdir,
+                                     str(ckpt.directory)), file=sys.stderr)
+    return {"status": "already_complete", "start_step": start,
+            "final_step": start, "train_loss": None, "eval_loss": None,
+            "tokens_per_sec": None, "workdir": workdir,
+            "checkpoints": ckpt.directory, "latest_checkpoint": start}
+  if is_main:   # the run starts: only now does the workdir record it
+    record_start(workdir, cfg.to_dict(), start_step=start,
+                 overrides=overrides)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
+                                    start_step=start)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  progress = _progress(cfg.train.steps, start, is_main)
+  progress = console.Progress(cfg.train.steps, start, enabled=is_main)
   summary: dict[str, Any] = {"status": "completed", "start_step": start}
   pending = None           # (step, device metrics) not yet read
   window = {"t0": None, "steps": 0}
@@ -231,8 +255,8 @@ def run(cfg: Config, workdir: str, *,
     if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
       raise TrainingError(
         f"loss={host['loss']} grad_norm={host['grad_norm']} at step {step}: "
-        f"stopping; the last good checkpoint is step {ckpt.latest_step()} "
-        f"in {ckpt.directory}")
+        f"stopping; "
+        f"{console.no_good_checkpoint(ckpt.latest_step(), ckpt.directory)}")
     now = time.perf_counter()
     if timing["t_first"] is None:   # first step includes compilation
       timing["t_first"] = window["t0"] = now
@@ -241,7 +265,10 @@ def run(cfg: Config, workdir: str, *,
       window["steps"] += 1
     last.update(host, step=step)
     aux_window.add({k: v for k, v in host.items() if k not in _STEP_KEYS})
-    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+    if step == start + 1:   # the loss before training has moved much
+      writer.write(step, host)
+      progress.logged(step, host["loss"], None)
+    elif step % cfg.train.log_every == 0 or step == cfg.train.steps:
       elapsed = now - window["t0"]
       n = max(window["steps"], 1)
       tput = metrics_lib.throughput(
@@ -252,9 +279,7 @@ def run(cfg: Config, workdir: str, *,
         device=t.mesh.devices.flat[0]) if window["steps"] else {}
       record = {**host, **aux_window.pop(), "step_time": elapsed / n, **tput}
       writer.write(step, record)
-      progress.set_postfix(loss=f"{host['loss']:.4f}",
-                           tok_s=metrics_lib.human(
-                             tput.get("tokens_per_sec", 0.0)))
+      progress.logged(step, host["loss"], tput.get("tokens_per_sec"))
       window.update(t0=now, steps=0)
 
   try:
@@ -265,21 +290,24 @@ def run(cfg: Config, workdir: str, *,
         if pending is not None:
           read(pending)
         pending = (step, m)
-        progress.update(1)
+        progress.advance()
         is_eval = eval_it is not None and (
           step % cfg.train.eval_every == 0 or step == cfg.train.steps)
-        must_save = (ckpt.should_save(step) or step == cfg.train.steps
-                     or sigterm.raised)
-        if is_eval or must_save:
+        if is_eval:
           # Never save or evaluate a state whose update was not finite.
           read(pending)
           pending = None
-        if is_eval:
           eval_metrics = evaluate(t, eval_it, eval_start, state,
                                   cfg.train.eval_batches)
           last["eval_loss"] = eval_metrics["eval_loss"]
           writer.write(step, eval_metrics)
-        if must_save:
+          progress.evaluated(step, last["eval_loss"])
+        # Decided after the evaluation: a SIGTERM during it saves this step.
+        if (ckpt.should_save(step) or step == cfg.train.steps
+            or sigterm.raised):
+          if pending is not None:
+            read(pending)
+            pending = None
           ckpt.save(step, state, data_state=train_it.get_state(),
                     config=cfg.to_dict(), force=True)
         for hook in hooks:
@@ -312,13 +340,6 @@ def run(cfg: Config, workdir: str, *,
   return summary
 
 
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, disable=not enabled,
-              desc="train", unit="step", dynamic_ncols=True,
-              file=sys.stderr)
-
-
 def format_summary(s: dict[str, Any]) -> str:
   def f(x, fmt):
     return "n/a" if x is None else format(x, fmt)
@@ -332,7 +353,8 @@ def format_summary(s: dict[str, Any]) -> str:
     f"{metrics_lib.human(s['flops_per_token'])} training FLOPs/token "
     f"(dense_tile; {metrics_lib.human(s['flops_per_token_visible'])} "
     "visible). "
-    f"Artifacts: {s['workdir']} (config.json, metrics.jsonl, tensorboard/), "
+    f"Artifacts: {s['workdir']} (config.json, runs.jsonl, metrics.jsonl, "
+    f"tensorboard/), "
     f"checkpoints in {s['checkpoints']} (latest step "
     f"{s['latest_checkpoint']}).")
 

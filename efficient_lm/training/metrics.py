@@ -71,19 +71,32 @@ class WindowMean:
 
 
 class MetricWriter:
-  """metrics.jsonl (one JSON object a line) + TensorBoard events, process 0."""
+  """metrics.jsonl (one JSON object a line) + TensorBoard events, process 0.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  `start_step` is the step the run resumes from: rows a killed run wrote
+  past it are dropped (those steps run again), and TensorBoard is told to
+  purge them, so every step appears once.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               start_step: int = 0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # Event files are named by the second and host only: a resume within
+      # the same second would overwrite the previous file without a suffix.
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"),
+        purge_step=start_step + 1 if start_step else None,
+        filename_suffix=f".{os.getpid()}.{start_step}")
     except ImportError:  # tensorboardX is a dependency; stay usable anyway
       self._tb = None
 
@@ -103,6 +116,25 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass   # the torn last line of a killed run
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def human(n: float) -> str:

@@ -1,0 +1,158 @@
+"""One run per workdir: the lock, and the record of the runs it held.
+
+  <workdir>/lock         who holds the workdir (host, pid, since); empty
+                         when free. Held with flock for the run's lifetime,
+                         so the kernel frees it when the holder dies
+                         however it dies (kill -9 included).
+  <workdir>/config.json  the resolved config of the latest run that started
+  <workdir>/runs.jsonl   one line per start: time, host, pid, start step,
+                         command-line overrides, and what changed in the
+                         config since the previous start
+
+Only process 0 touches these files; on a multi-host run the lock belongs to
+the job, and the other processes learn the outcome from process 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+LOCK = "lock"
+CONFIG = "config.json"
+RUNS = "runs.jsonl"
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+    timespec="seconds")
+
+
+def _holder(text: str) -> str:
+  try:
+    h = json.loads(text)
+    return f"host {h['host']}, pid {h['pid']}, since {h['since']}"
+  except (ValueError, KeyError, TypeError):
+    return "an unreadable holder record"
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir):` holds `<workdir>/lock` or raises WorkdirBusy.
+
+  The file is never deleted (a delete would race with a third run opening
+  it); releasing empties it. A non-empty file whose flock is free was left
+  by a run that died, and is taken over with a message.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.path = os.path.join(workdir, LOCK)
+    self.enabled = enabled
+    self._fd: int | None = None
+
+  def __enter__(self) -> WorkdirLock:
+    problem = self._acquire() if self.enabled else None
+    if jax.process_count() > 1:   # every process stops, not only process 0
+      busy = multihost_utils.broadcast_one_to_all(
+        np.int32(problem is not None))
+      if busy and problem is None:
+        problem = "process 0 could not lock the workdir (see its log)"
+    if problem:
+      raise WorkdirBusy(problem)
+    return self
+
+  def _acquire(self) -> str | None:
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      previous = os.pread(fd, 4096, 0).decode(errors="replace")
+      os.close(fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        return (f"workdir {os.path.dirname(self.path)} is in use by another "
+                f"run ({_holder(previous)}); wait for it or use another "
+                "--workdir")
+      # A filesystem without flock (some FUSE mounts): run unguarded.
+      print(f"warning: cannot lock {self.path} ({e}); not guarding against "
+            "a second run in this workdir", file=sys.stderr, flush=True)
+      return None
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if previous:
+      print(f"workdir: taking over the lock of a run that is gone "
+            f"({_holder(previous)})", file=sys.stderr, flush=True)
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                         "since": _now()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (record + "\n").encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return None
+
+  def __exit__(self, *exc_info) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)   # free; closing drops the flock
+      os.close(self._fd)
+      self._fd = None
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]
+                   ) -> dict[str, tuple[Any, Any]]:
+  """Dotted key -> (old, new) for every leaf that differs; keys missing on
+  one side (a config from an older version) count as unchanged."""
+  a, b = _flat(old), _flat(new)
+  return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys())
+          if a[k] != b[k]}
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+  return ", ".join(f"{k} {old!r} -> {new!r}"
+                   for k, (old, new) in changes.items())
+
+
+def record_start(workdir: str, config: Mapping[str, Any], *, start_step: int,
+                 overrides: Sequence[str] = ()) -> None:
+  """Writes config.json and appends this start to runs.jsonl.
+
+  Called once the run is known to start (config valid, checkpoint
+  restored), so the record never describes a run that did not happen.
+  """
+  config_path = os.path.join(workdir, CONFIG)
+  try:
+    with open(config_path) as f:
+      changed = config_changes(json.load(f), config)
+  except (OSError, ValueError):
+    changed = None   # first start here (or an unreadable record)
+  entry = {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+           "start_step": start_step, "overrides": list(overrides),
+           "changed": (None if changed is None else
+                       {k: list(v) for k, v in changed.items()})}
+  tmp = config_path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(json.dumps(config, indent=2, sort_keys=True))
+  os.replace(tmp, config_path)   # never a half-written config.json
+  with open(os.path.join(workdir, RUNS), "a") as f:
+    f.write(json.dumps(entry) + "\n")
