@@ -27,7 +27,6 @@ to the next power of two here (exact: zero columns add nothing to q.k, and
 the extra output columns are zero and sliced off).
 """
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +37,8 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels import masks
 from kernels.flash_attention import pallas_mgpu
-
-_LOG2E = math.log2(math.e)
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a, b, dims):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _pow2(n):
-  return max(16, 1 << (n - 1).bit_length())
+from kernels.flash_attention.tiles import (LOG2E, NN, NT, TN, dot, pow2_tile,
+                                           soft_cap)
 
 
 def _pad_last(x, n):
@@ -109,12 +97,8 @@ def _gather_lookup(spec, table_ref, q_pos, k_pos):
 
 def _logits(q, k, params):
   """Scaled (and soft-capped) logits in log2 units, plus tanh for the vjp."""
-  s = _dot(q, k, _NT) * params.scale
-  cap = params.logits_soft_cap
-  if cap is None:
-    return s * _LOG2E, None
-  t = jnp.tanh(s / cap)
-  return t * (cap * _LOG2E), t
+  return soft_cap(dot(q, k, NT) * params.scale, params.logits_soft_cap,
+                  LOG2E)
 
 
 def _mask_tile(s, kind, rows, cols, params):
@@ -150,7 +134,7 @@ def _probs(q, k, lse, kind, rows, cols, params):
   s = _mask_tile(s, kind, rows, cols, params)
   # Rows that see no key have lse = -inf and, since they only occur in
   # PARTIAL tiles, every s = -inf: any finite stand-in gives p = 0.
-  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
   return jnp.exp2(s - lse2[:, None]), t
 
 
@@ -185,7 +169,7 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     p = jnp.exp2(s - m_safe[:, None])
     alpha = jnp.exp2(m - m_safe)
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, NN)
     return acc, m_new, l
 
   init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
@@ -195,7 +179,7 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
 
 
 def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
@@ -216,9 +200,9 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
       do = do_ref[g, rows, :]
       p, t = _probs(q, k, lse_ref[g, rows], kind_ref[j],
                     (q_pos_ref, q_seg_ref, q_start), cols, params)
-      dv = dv + _dot(p.astype(do.dtype), do, _TN)
-      ds = _dlogits(p, _dot(do, v, _NT), delta_ref[g, rows], t)
-      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      dv = dv + dot(p.astype(do.dtype), do, TN)
+      ds = _dlogits(p, dot(do, v, NT), delta_ref[g, rows], t)
+      dk = dk + dot(ds.astype(q.dtype), q, TN)
       return dk, dv
 
     return lax.fori_loop(0, count, body, carry)
@@ -245,8 +229,8 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     v = v_ref[pl.ds(k_start, bk), :]
     cols = (k_pos_ref, k_seg_ref, table_ref, k_start)
     p, t = _probs(q, k, lse, kind_ref[j], rows, cols, params)
-    ds = _dlogits(p, _dot(do, v, _NT), delta, t)
-    return dq + _dot(ds.astype(k.dtype), k, _NN)
+    ds = _dlogits(p, dot(do, v, NT), delta, t)
+    return dq + dot(ds.astype(k.dtype), k, NN)
 
   dq = lax.fori_loop(0, count_ref[...], body,
                      jnp.zeros(q.shape, jnp.float32))
@@ -311,7 +295,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   b, h, t, d = q.shape
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
   g, bq = h // kh, params.block_q
-  dp, ep = _pow2(d), _pow2(e)
+  dp, ep = pow2_tile(d), pow2_tile(e)
   table = _table(params.spec)
   o, lse = pl.pallas_call(
     functools.partial(_fwd_kernel, params=params),
@@ -339,7 +323,7 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   b, h, t, d = q.shape
   kh, s, e = v.shape[1], v.shape[2], v.shape[3]
   g, bq, bk = h // kh, params.block_q, params.block_kv
-  dp, ep = _pow2(d), _pow2(e)
+  dp, ep = pow2_tile(d), pow2_tile(e)
   table = _table(params.spec)
   seqs = (q_pos, q_seg, k_pos, k_seg, table)
   q_, k_, v_, do_ = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep),

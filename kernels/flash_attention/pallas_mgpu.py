@@ -14,7 +14,6 @@ A deliberately simple first version, not yet measured on hardware:
   - No producer warpgroup, no 2-warpgroup ping-pong, no TMA multicast.
 """
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import masks
+from kernels.flash_attention.tiles import LOG2E, soft_cap
 
-_LOG2E = math.log2(math.e)
 _ACC = plgpu.Layout.WGMMA
 _ROW = _ACC.reduce(1)  # one value per accumulator row
 _COL = _ACC.reduce(0)  # one value per accumulator column
@@ -84,11 +83,7 @@ def _zeros(shape, layout=_ACC, value=0.0):
 
 def _logits2(s, params):
   """Scaled (soft-capped) logits in log2 units, and tanh for the vjp."""
-  cap = params.logits_soft_cap
-  if cap is None:
-    return s * (params.scale * _LOG2E), None
-  t = jnp.tanh(s * (params.scale / cap))
-  return t * (cap * _LOG2E), t
+  return soft_cap(s * params.scale, params.logits_soft_cap, LOG2E)
 
 
 def _masked(s, params, kind, q_vecs, k_vecs, k_start, q_axis):
@@ -199,7 +194,7 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   l_safe = jnp.where(seen, l, 1.0)
   o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, e), [0])).astype(
     o_smem.dtype)
-  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, rows])
   plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
@@ -221,7 +216,7 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
             _vec(q_seg_ref.at[b, rows], _ROW))
   lse = _vec(lse_ref.at[b, h, rows], _ROW)
   # Rows that see nothing: lse -inf, every s -inf, so 0 keeps p at 0.
-  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
   delta = _vec(delta_ref.at[b, h, rows], _ROW)
 
   fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
@@ -287,7 +282,7 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     q_vecs = (_vec(q_pos_ref.at[b, rows], _COL),
               _vec(q_seg_ref.at[b, rows], _COL))
     lse = _vec(lse_ref.at[b, h, rows], _COL)
-    lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+    lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
     delta = _vec(delta_ref.at[b, h, rows], _COL)
     plgpu.barrier_wait(q_bar.at[slot])
     s, t = _logits2(_matmul(k_smem, q_smem.at[slot].T, (bk, bq)), params)

@@ -18,19 +18,9 @@ import numpy as np
 
 from kernels import compat
 from kernels import masks
+from kernels.flash_attention.tiles import NN, NT, TN, dot, round_up, soft_cap
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "-inf": no NaN
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _dot(a, b, dims):
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _round_up(x, m):
-  return -(-x // m) * m
 
 
 def _table(spec):
@@ -38,7 +28,7 @@ def _table(spec):
   if spec.block_mask is None:
     return None
   t = np.asarray(spec.block_mask, np.float32)
-  out = np.zeros((_round_up(t.shape[0], 128), _round_up(t.shape[1], 128)),
+  out = np.zeros((round_up(t.shape[0], 128), round_up(t.shape[1], 128)),
                  np.float32)
   out[:t.shape[0], :t.shape[1]] = t
   return jnp.asarray(out)
@@ -54,7 +44,7 @@ def _mxu_lookup(spec, table, q_pos, k_pos):
   onehot_q = (rows == qb).astype(jnp.float32)
   cols = jax.lax.broadcasted_iota(jnp.int32, (npk, k_pos.shape[1]), 0)
   onehot_k = (cols == kb).astype(jnp.float32)
-  hit = _dot(_dot(onehot_q, table, _NN), onehot_k, _NN)
+  hit = dot(dot(onehot_q, table, NN), onehot_k, NN)
   return hit > 0.5  # out-of-table positions hit no row / column: False
 
 
@@ -72,11 +62,7 @@ def _tile_mask(params, q_pos, q_seg, k_pos, k_seg, kv_block, table_ref):
 
 def _logits(params, q, k):
   """Scaled (and soft-capped) logits; also tanh for the cap's derivative."""
-  s = _dot(q, k, _NT) * params.scale
-  if params.logits_soft_cap is None:
-    return s, None
-  t = jnp.tanh(s / params.logits_soft_cap)
-  return params.logits_soft_cap * t, t
+  return soft_cap(dot(q, k, NT) * params.scale, params.logits_soft_cap)
 
 
 def _check_tiles(params, tq, tk):
@@ -219,8 +205,8 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
         p = jnp.where(vis, p, 0.0)
       alpha = jnp.exp(m_prev - m_new)
       l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-      acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v_ref.dtype),
-                                               v_ref[...], _NN)
+      acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v_ref.dtype),
+                                              v_ref[...], NN)
       m_sc[...] = m_new
 
     live = j < count
@@ -254,7 +240,7 @@ def _ds(params, q, k, v, do, lse, delta, vis):
   p = jnp.exp(s - lse)
   if vis is not None:
     p = jnp.where(vis, p, 0.0)  # also clears rows whose lse is -inf
-  dp = _dot(do, v, _NT)
+  dp = dot(do, v, NT)
   ds = p * (dp - delta)
   if t is not None:
     ds = ds * (1.0 - t * t)
@@ -330,8 +316,8 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
       do_t = do_ref[...]
       p, ds = _ds(params, q_t, k_ref[...], v_ref[...], do_t, lse_ref[...],
                   delta_ref[...], vis)
-      dv_sc[...] += _dot(p.astype(do_t.dtype), do_t, _TN)
-      dk_sc[...] += _dot(ds.astype(q_t.dtype), q_t, _TN)
+      dv_sc[...] += dot(p.astype(do_t.dtype), do_t, TN)
+      dk_sc[...] += dot(ds.astype(q_t.dtype), q_t, TN)
 
     live = i < count
     compat.when(live & (kind == masks.FULL))(lambda: step(False))
@@ -386,7 +372,7 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
                          ks_ref[...], kv_idx, table_ref)
       _, ds = _ds(params, q_ref[...], k_t, v_ref[...], do_ref[...],
                   lse_ref[...], delta_ref[...], vis)
-      dq_sc[...] += _dot(ds.astype(k_t.dtype), k_t, _NN)
+      dq_sc[...] += dot(ds.astype(k_t.dtype), k_t, NN)
 
     live = j < count
     compat.when(live & (kind == masks.FULL))(lambda: step(False))

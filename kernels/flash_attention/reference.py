@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import compat, masks
+from kernels.flash_attention.tiles import round_up, soft_cap
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -14,10 +15,6 @@ _HI = jax.lax.Precision.HIGHEST
 def _group(q_BTHD, num_kv_heads):
   b, t, h, d = q_BTHD.shape
   return q_BTHD.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
-
-
-def _soft_cap(s, cap):
-  return s if cap is None else cap * jnp.tanh(s / cap)
 
 
 def attention_reference(q_BTHD, k_BSKD, v_BSKE, mask_BTS, *, scale,
@@ -31,7 +28,7 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKE, mask_BTS, *, scale,
   q_BTKGD = _group(q_BTHD, kv_heads).astype(jnp.float32)
   s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD,
                        k_BSKD.astype(jnp.float32), precision=_HI) * scale
-  s_BKGTS = _soft_cap(s_BKGTS, logits_soft_cap)
+  s_BKGTS = soft_cap(s_BKGTS, logits_soft_cap)[0]
   mask = mask_BTS[:, None, None, :, :]
   s_BKGTS = jnp.where(mask, s_BKGTS, -jnp.inf)
   m = jax.lax.stop_gradient(jnp.max(s_BKGTS, axis=-1, keepdims=True))
@@ -56,8 +53,8 @@ def attention_chunked(q_BTHD, k_BSKD, v_BSKE, q_pos, k_pos, q_seg, k_seg, *,
   """
   b, tk, kv_heads, _ = k_BSKD.shape
   chunk_size = min(chunk_size, tk)
-  n = -(-tk // chunk_size)
-  pad = n * chunk_size - tk
+  pad = round_up(tk, chunk_size) - tk
+  n = (tk + pad) // chunk_size
   k_sfx = masks.suffix_columns(spec, tk, tk + pad)
   if pad:
     padw = ((0, 0), (0, pad), (0, 0), (0, 0))
@@ -83,7 +80,7 @@ def attention_chunked(q_BTHD, k_BSKD, v_BSKE, q_pos, k_pos, q_seg, k_seg, *,
     k_c, v_c, kp_c, ks_c, sfx_c = x
     s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_c.astype(jnp.float32),
                    precision=_HI) * scale
-    s = _soft_cap(s, logits_soft_cap)
+    s = soft_cap(s, logits_soft_cap)[0]
     vis = masks.element_mask(spec, q_pos[:, :, None], kp_c[:, None, :],
                              q_seg[:, :, None], ks_c[:, None, :],
                              sfx_c[None, None, :])[:, None, None]

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masks
+from kernels.flash_attention.tiles import pow2_tile, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,17 +147,13 @@ def _flash_bwd(cfg, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _round_up(x, m):
-  return -(-x // m) * m
-
-
 def fit_block_sizes(block_sizes, tq, tk, backend="pallas_tpu"):
   """Shrink tiles for short sequences, never above T: multiples of 8 on
   TPU; powers of two of at least 16 on GPU (Triton / Mosaic GPU tiles)."""
   def fit(b, t):
     if backend in _GPU:
-      return min(b, max(16, 1 << (t - 1).bit_length()))
-    return min(b, _round_up(t, 8))
+      return min(b, pow2_tile(t))
+    return min(b, round_up(t, 8))
   bq_b, bk_b = block_sizes.bwd
   return BlockSizes(fit(block_sizes.block_q, tq), fit(block_sizes.block_kv, tk),
                     fit(bq_b, tq), fit(bk_b, tk))
@@ -171,7 +168,7 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKE, q_pos, k_pos, q_seg, k_seg, *,
   bs = fit_block_sizes(block_sizes or default, tq, tk, backend)
   lq = math.lcm(bs.block_q, bs.bwd[0])
   lk = math.lcm(bs.block_kv, bs.bwd[1])
-  pq, pk = _round_up(tq, lq) - tq, _round_up(tk, lk) - tk
+  pq, pk = round_up(tq, lq) - tq, round_up(tk, lk) - tk
 
   def prep(x, pad):  # [B, T, H, D] -> [B, H, T + pad, D]
     x = jnp.swapaxes(x, 1, 2)
