@@ -11,7 +11,8 @@ from efficient_lm.config import DataConfig
 from efficient_lm.data import (ByteTokenizer, CharTokenizer, DataError,
                                make_iterator, make_tokenizer)
 from efficient_lm.data import sources
-from efficient_lm.data.packing import PieceOrder, Pieces
+from efficient_lm.data.packing import (PackedBatchIterDataset, PieceOrder,
+                                       Pieces)
 
 SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[2] / "shared" /
                "data" / "tinyshakespeare.txt")
@@ -94,6 +95,27 @@ def test_pieces_cover_every_pair_once():
   expected = [(t, t + 1) for s, e in zip(start_S, end_S)
               for t in range(s, e - 1)]
   assert sorted(pairs) == expected  # each pair once; none across spans
+
+
+def test_every_piece_is_emitted_once_per_epoch():
+  """Over many batches the emitted pieces are exactly the stream's first
+  `next_piece` pieces: the one that opens the next batch is not lost."""
+  rng = np.random.default_rng(0)
+  bounds = np.cumsum(np.concatenate([[0], rng.integers(2, 40, 60)]))
+  # Token t has value t, so a piece's first input names the piece.
+  pieces = Pieces.from_spans(np.arange(bounds[-1], dtype=np.int32),
+                             bounds[:-1], bounds[1:], seq_len=16)
+  order = PieceOrder(len(pieces), shuffle=True, seed=5)
+  it = iter(PackedBatchIterDataset(pieces, order, seq_len=16, num_rows=3,
+                                   row_start=0, row_stop=3))
+  piece_of_start = {int(s): p for p, s in enumerate(pieces.start_P)}
+  emitted = [piece_of_start[int(inputs[0])]
+             for _ in range(60) for inputs, _, _ in _segments(next(it))]
+  stream = np.concatenate([order.epoch(e) for e in range(len(emitted)
+                                                         // len(pieces) + 2)])
+  assert len(emitted) > 2 * len(pieces)  # crosses two epoch boundaries
+  assert it.get_state()["next_piece"] == len(emitted)
+  assert sorted(emitted) == sorted(stream[:len(emitted)])
 
 
 def test_epochs_are_permutations_that_differ():
@@ -327,6 +349,8 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path):
   path.write_text('{"text": "ok"}\n\n{"body": "no text"}\n')
   _raises(r"d\.jsonl:3: expected an object with a string 'text' field, got "
           r"keys \['body'\]", _iterator, jsonl)
+  path.write_text('{"text": "ok"}\n\n{"text": 3}\n')
+  _raises(r"d\.jsonl:3: 'text' must be a string, got int$", _iterator, jsonl)
   path.write_text('{"text": ""}\n')
   _raises(r"no documents", _iterator, jsonl)
 

@@ -128,11 +128,6 @@ def reference_run(x, spec, *, cap=None):
   return (o, lse, *pullback((up(x["do"]), dlse)))
 
 
-  np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
-  np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
-                             err_msg=what)
-
-
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
 

@@ -136,12 +136,16 @@ def _jsonl_text(line: bytes, where: str) -> str:
     obj = json.loads(line)
   except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
     raise DataError(f"{where}: not valid JSON ({e})") from None
-  if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+  if not isinstance(obj, dict) or "text" not in obj:
     got = (f"keys {sorted(obj)}" if isinstance(obj, dict)
            else type(obj).__name__)
     raise DataError(
       f"{where}: expected an object with a string 'text' field, got {got}")
-  return obj["text"]
+  text = obj["text"]
+  if not isinstance(text, str):
+    raise DataError(
+      f"{where}: 'text' must be a string, got {type(text).__name__}")
+  return text
 
 
 def _load_jsonl(path: str, eval_fraction: float) -> Corpus:
