@@ -66,10 +66,10 @@ def test_rows_are_packed_pieces_of_single_documents(tmp_path):
     assert set(batch) == {"inputs", "targets", "segment_ids", "positions"}
     for v in batch.values():
       assert v.shape == (4, 16) and v.dtype == np.int32
-    seg_BL = batch["segment_ids"]
+    seg_BT = batch["segment_ids"]
     # Segments are numbered 1, 2, ... left to right; padding is a suffix.
-    assert (np.diff(seg_BL, axis=1)[seg_BL[:, 1:] > 0] >= 0).all()
-    pad = seg_BL == 0
+    assert (np.diff(seg_BT, axis=1)[seg_BT[:, 1:] > 0] >= 0).all()
+    pad = seg_BT == 0
     assert (np.diff(pad.astype(int), axis=1) >= 0).all()
     assert (batch["inputs"][pad] == 0).all()
     assert (batch["targets"][pad] == 0).all()
@@ -86,13 +86,13 @@ def test_rows_are_packed_pieces_of_single_documents(tmp_path):
 
 def test_pieces_cover_every_pair_once():
   tokens_T = np.arange(100, dtype=np.int32)
-  start_S, end_S = np.array([0, 10, 11, 40]), np.array([10, 11, 40, 100])
-  pieces = Pieces.from_spans(tokens_T, start_S, end_S, seq_len=8)
+  start_N, end_N = np.array([0, 10, 11, 40]), np.array([10, 11, 40, 100])
+  pieces = Pieces.from_spans(tokens_T, start_N, end_N, seq_len=8)
   assert (1 <= pieces.length_P).all() and (pieces.length_P <= 8).all()
   pairs = [(s + j, s + j + 1) for s, n in zip(pieces.start_P,
                                                pieces.length_P)
            for j in range(n)]
-  expected = [(t, t + 1) for s, e in zip(start_S, end_S)
+  expected = [(t, t + 1) for s, e in zip(start_N, end_N)
               for t in range(s, e - 1)]
   assert sorted(pairs) == expected  # each pair once; none across spans
 
@@ -221,7 +221,7 @@ def test_default_corpus_is_deterministic_and_nontrivial():
   assert not any("_sysconfigdata" in n or "site-packages" in n
                  for n in a.names)
   assert any(n.endswith("/os.py") for n in a.names)
-  assert 0.05 < a.is_eval_D.mean() < 0.15
+  assert 0.05 < a.is_eval_N.mean() < 0.15
   train = make_iterator(cfg, "train", global_batch_size=4, seed=0)
   evals = make_iterator(cfg, "eval", global_batch_size=4, seed=0)
   assert train.num_tokens > 5 * evals.num_tokens > 0

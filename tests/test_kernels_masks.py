@@ -58,10 +58,10 @@ def brute_visible(spec, qp, kp, qs, ks, k_is_suffix):
 
 
 def brute_mask(spec, qp, kp, qs, ks):
-  tk = len(kp)
-  sfx = np.arange(tk) >= tk - spec.global_suffix
+  s = len(kp)
+  sfx = np.arange(s) >= s - spec.global_suffix
   return np.array([[brute_visible(spec, qp[i], kp[j], qs[i], ks[j], sfx[j])
-                    for j in range(tk)] for i in range(len(qp))])
+                    for j in range(s)] for i in range(len(qp))])
 
 
 def brute_kinds(m_TS, bq, bk):
@@ -83,22 +83,22 @@ def _packed_row(rng, t):
   return pos, seg
 
 
-def _inputs(rng, tq, tk, layout):
+def _inputs(rng, t, s, layout):
   if layout == "contiguous":
-    qp = np.arange(tq) + (tk - tq if tq < tk else 0)
-    kp = np.arange(tk)
-    qs, ks = np.ones(tq, np.int32), np.ones(tk, np.int32)
-    qs[tq - rng.integers(0, 5):] = 0  # padding at the end
-    ks[tk - rng.integers(0, 5):] = 0
+    qp = np.arange(t) + (s - t if t < s else 0)
+    kp = np.arange(s)
+    qs, ks = np.ones(t, np.int32), np.ones(s, np.int32)
+    qs[t - rng.integers(0, 5):] = 0  # padding at the end
+    ks[s - rng.integers(0, 5):] = 0
   elif layout == "packed":  # self-attention over one packed row
-    qp, qs = _packed_row(rng, max(tq, tk))
-    kp, ks = qp[:tk], qs[:tk]
-    qp, qs = qp[-tq:], qs[-tq:]
+    qp, qs = _packed_row(rng, max(t, s))
+    kp, ks = qp[:s], qs[:s]
+    qp, qs = qp[-t:], qs[-t:]
   else:  # "scattered"
-    qp = np.sort(rng.choice(3 * tq, tq, replace=False))
-    kp = rng.integers(0, 3 * tq, tk)
-    qs = np.sort(rng.integers(0, 3, tq))
-    ks = rng.integers(0, 3, tk)
+    qp = np.sort(rng.choice(3 * t, t, replace=False))
+    kp = rng.integers(0, 3 * t, s)
+    qs = np.sort(rng.integers(0, 3, t))
+    ks = rng.integers(0, 3, s)
   return [np.asarray(x, np.int32) for x in (qp, kp, qs, ks)]
 
 
@@ -121,9 +121,9 @@ def test_block_kinds(name, bq, bk):
   spec = SPECS[name]
   # crc32, not hash(): str hashes change every run (PYTHONHASHSEED).
   rng = np.random.default_rng(zlib.crc32(f"{name}/{bq}/{bk}".encode()))
-  for layout, (tq, tk) in itertools.product(
+  for layout, (t, s) in itertools.product(
       LAYOUTS, ((48, 48), (32, 64), (64, 32))):
-    qp, kp, qs, ks = _inputs(rng, tq, tk, layout)
+    qp, kp, qs, ks = _inputs(rng, t, s, layout)
     want = brute_kinds(brute_mask(spec, qp, kp, qs, ks), bq, bk)
     got = np.asarray(masks.classify_blocks(
       spec, *(jnp.asarray(x)[None] for x in (qp, kp, qs, ks)),

@@ -28,7 +28,7 @@ class Corpus:
   docs: tuple[bytes, ...]
   # Per-document eval flag; None means "split the token stream instead"
   # (the text source, which follows nanoGPT: last fraction of the tokens).
-  is_eval_D: Optional[np.ndarray]
+  is_eval_N: Optional[np.ndarray]
 
 
 def load_corpus(data_cfg: DataConfig) -> Corpus:
@@ -167,5 +167,5 @@ def _load_jsonl(path: str, eval_fraction: float) -> Corpus:
                     "'text' in the JSON lines")
   # The last fraction of the documents, as the text source does with tokens.
   num_train = int(len(docs) * (1.0 - eval_fraction))
-  is_eval_D = np.arange(len(docs)) >= num_train
-  return Corpus(tuple(names), tuple(docs), is_eval_D)
+  is_eval_N = np.arange(len(docs)) >= num_train
+  return Corpus(tuple(names), tuple(docs), is_eval_N)

@@ -5,15 +5,15 @@ Implements the backend contract of kernels/flash_attention/vjp.py
 pallas_mgpu.py takes (block_q 64), the Mosaic GPU kernels there run
 instead; everything else runs the Triton kernels below.
 
-Letters: B batch, H query heads, K kv heads (G = H / K query heads per kv
-head), T query length, S key length, D q/k head dim, E value head dim.
-Layout [B, H, T, D].
+Letters: B batch, H query heads, G kv heads (Q = H / G query heads per kv
+head), T query length, S key length, K q/k head dim, E value head dim.
+Layout [B, H, T, K].
 
 Three kernels, FA2 style, all driven by `masks.BlockMetadata`:
   forward  grid (T/bq, B, H): walks the compacted non-empty kv blocks of its
            q block (`kv_index[:kv_count]`), online softmax in f32.
-  dK/dV    grid (S/bk, B, K): walks the transposed list (`q_index`) for each
-           of the G query heads of its kv head, so GQA needs no atomics.
+  dK/dV    grid (S/bk, B, G): walks the transposed list (`q_index`) for each
+           of the Q query heads of its kv head, so GQA needs no atomics.
   dQ       grid (T/bq, B, H): walks `kv_index` again.
 EMPTY tiles are never visited; the element predicate (`masks.element_mask`,
 recomputed from positions and segment ids) runs only on PARTIAL tiles.
@@ -55,10 +55,10 @@ def _compiler_params(head_dim):
 
 def _check(q, k, meta, params):
   b, h, t, _ = q.shape
-  kh, s = k.shape[1], k.shape[2]
+  g, s = k.shape[1], k.shape[2]
   bq, bk = params.block_q, params.block_kv
-  if h % kh:
-    raise ValueError(f"query heads {h} not a multiple of kv heads {kh}")
+  if h % g:
+    raise ValueError(f"query heads {h} not a multiple of kv heads {g}")
   if t % bq or s % bk:
     raise ValueError(f"lengths ({t}, {s}) must be multiples of blocks "
                      f"({bq}, {bk}); pad first")
@@ -191,17 +191,17 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   cols = (k_pos_ref, k_seg_ref, table_ref, pl.program_id(0) * bk)
   count = count_ref[...]
 
-  def head(g, carry):  # one query head of this kv head's group
+  def head(qh, carry):  # one query head of this kv head's group
     def body(j, carry):
       dk, dv = carry
       q_start = pl.multiple_of(index_ref[j] * bq, bq)
       rows = pl.ds(q_start, bq)
-      q = q_ref[g, rows, :]
-      do = do_ref[g, rows, :]
-      p, t = _probs(q, k, lse_ref[g, rows], kind_ref[j],
+      q = q_ref[qh, rows, :]
+      do = do_ref[qh, rows, :]
+      p, t = _probs(q, k, lse_ref[qh, rows], kind_ref[j],
                     (q_pos_ref, q_seg_ref, q_start), cols, params)
       dv = dv + dot(p.astype(do.dtype), do, TN)
-      ds = _dlogits(p, dot(do, v, NT), delta_ref[g, rows], t)
+      ds = _dlogits(p, dot(do, v, NT), delta_ref[qh, rows], t)
       dk = dk + dot(ds.astype(q.dtype), q, TN)
       return dk, dv
 
@@ -257,12 +257,13 @@ def _row_specs(n_blocks, t, s, table):
   ]
 
 
-def _q_tile(bq, d):
-  return pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, i, 0))
+def _q_tile(bq, width):
+  return pl.BlockSpec((None, None, bq, width), lambda i, b, h: (b, h, i, 0))
 
 
-def _kv_whole(s, d, g):
-  return pl.BlockSpec((None, None, s, d), lambda i, b, h: (b, h // g, 0, 0))
+def _kv_whole(s, width, group):
+  return pl.BlockSpec((None, None, s, width),
+                      lambda i, b, h: (b, h // group, 0, 0))
 
 
 def _row_tile(bq):
@@ -292,24 +293,24 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   if _use_mosaic(q, v, params, backward=False):
     return pallas_mgpu.flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
                                  params)
-  b, h, t, d = q.shape
-  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
-  g, bq = h // kh, params.block_q
-  dp, ep = pow2_tile(d), pow2_tile(e)
+  b, h, t, kdim = q.shape
+  g, s, e = v.shape[1], v.shape[2], v.shape[3]
+  group, bq = h // g, params.block_q
+  kpad, epad = pow2_tile(kdim), pow2_tile(e)
   table = _table(params.spec)
   o, lse = pl.pallas_call(
     functools.partial(_fwd_kernel, params=params),
     grid=(t // bq, b, h),
     in_specs=[*_row_specs(s // params.block_kv, t, s, table),
-              _q_tile(bq, dp),
-              _kv_whole(s, dp, g), _kv_whole(s, ep, g)],
-    out_specs=[_q_tile(bq, ep), _row_tile(bq)],
-    out_shape=[jax.ShapeDtypeStruct((b, h, t, ep), q.dtype),
+              _q_tile(bq, kpad),
+              _kv_whole(s, kpad, group), _kv_whole(s, epad, group)],
+    out_specs=[_q_tile(bq, epad), _row_tile(bq)],
+    out_shape=[jax.ShapeDtypeStruct((b, h, t, epad), q.dtype),
                jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-    compiler_params=_compiler_params(max(dp, ep)),
+    compiler_params=_compiler_params(max(kpad, epad)),
     interpret=params.interpret, name="flash_fwd_gpu",
   )(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos, q_seg, k_pos, k_seg,
-    table, _pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep))
+    table, _pad_last(q, kpad), _pad_last(k, kpad), _pad_last(v, epad))
   return o[..., :e], lse
 
 
@@ -320,32 +321,34 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   if _use_mosaic(q, v, params, backward=True):
     return pallas_mgpu.flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
                                  lse, do, delta, params)
-  b, h, t, d = q.shape
-  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
-  g, bq, bk = h // kh, params.block_q, params.block_kv
-  dp, ep = pow2_tile(d), pow2_tile(e)
+  b, h, t, kdim = q.shape
+  g, s, e = v.shape[1], v.shape[2], v.shape[3]
+  group, bq, bk = h // g, params.block_q, params.block_kv
+  kpad, epad = pow2_tile(kdim), pow2_tile(e)
   table = _table(params.spec)
   seqs = (q_pos, q_seg, k_pos, k_seg, table)
-  q_, k_, v_, do_ = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep),
-                     _pad_last(do, ep))
-  cparams = _compiler_params(max(dp, ep))
+  q_, k_, v_, do_ = (_pad_last(q, kpad), _pad_last(k, kpad),
+                     _pad_last(v, epad), _pad_last(do, epad))
+  cparams = _compiler_params(max(kpad, epad))
 
-  # dK/dV: one program per (kv block, batch, kv head), its G query heads
-  # looped inside over whole [G, T, *] slabs of q, do, lse and delta.
-  def group(d_):
-    return pl.BlockSpec((None, g, t, d_), lambda i, b, h: (b, h, 0, 0))
+  # dK/dV: one program per (kv block, batch, kv head), its Q query heads
+  # looped inside over whole [Q, T, *] slabs of q, do, lse and delta.
+  def slab(width):
+    return pl.BlockSpec((None, group, t, width),
+                        lambda i, b, h: (b, h, 0, 0))
 
-  def group_rows():
-    return pl.BlockSpec((None, g, t), lambda i, b, h: (b, h, 0))
+  def slab_rows():
+    return pl.BlockSpec((None, group, t), lambda i, b, h: (b, h, 0))
 
   dk, dv = pl.pallas_call(
     functools.partial(_dkdv_kernel, params=params),
-    grid=(s // bk, b, kh),
-    in_specs=[*_row_specs(t // bq, t, s, table), group(dp), _q_tile(bk, dp),
-              _q_tile(bk, ep), group(ep), group_rows(), group_rows()],
-    out_specs=[_q_tile(bk, dp), _q_tile(bk, ep)],
-    out_shape=[jax.ShapeDtypeStruct((b, kh, s, dp), k.dtype),
-               jax.ShapeDtypeStruct((b, kh, s, ep), v.dtype)],
+    grid=(s // bk, b, g),
+    in_specs=[*_row_specs(t // bq, t, s, table), slab(kpad),
+              _q_tile(bk, kpad), _q_tile(bk, epad), slab(epad), slab_rows(),
+              slab_rows()],
+    out_specs=[_q_tile(bk, kpad), _q_tile(bk, epad)],
+    out_shape=[jax.ShapeDtypeStruct((b, g, s, kpad), k.dtype),
+               jax.ShapeDtypeStruct((b, g, s, epad), v.dtype)],
     compiler_params=cparams, interpret=params.interpret,
     name="flash_dkdv_gpu",
   )(meta.q_count, meta.q_index, meta.q_kind, *seqs, q_, k_, v_, do_, lse,
@@ -354,13 +357,13 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   dq = pl.pallas_call(
     functools.partial(_dq_kernel, params=params),
     grid=(t // bq, b, h),
-    in_specs=[*_row_specs(s // bk, t, s, table), _q_tile(bq, dp),
-              _kv_whole(s, dp, g), _kv_whole(s, ep, g), _q_tile(bq, ep),
-              _row_tile(bq), _row_tile(bq)],
-    out_specs=_q_tile(bq, dp),
-    out_shape=jax.ShapeDtypeStruct((b, h, t, dp), q.dtype),
+    in_specs=[*_row_specs(s // bk, t, s, table), _q_tile(bq, kpad),
+              _kv_whole(s, kpad, group), _kv_whole(s, epad, group),
+              _q_tile(bq, epad), _row_tile(bq), _row_tile(bq)],
+    out_specs=_q_tile(bq, kpad),
+    out_shape=jax.ShapeDtypeStruct((b, h, t, kpad), q.dtype),
     compiler_params=cparams, interpret=params.interpret,
     name="flash_dq_gpu",
   )(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs, q_, k_, v_, do_, lse,
     delta)
-  return dq[..., :d], dk[..., :d], dv[..., :e]
+  return dq[..., :kdim], dk[..., :kdim], dv[..., :e]
