@@ -12,7 +12,7 @@ temp memory per sequence vs length and its growth exponent (1 = linear, 2 =
 quadratic): blockwise impls must stay near 1.
 
 FLOP convention: only visible (non-masked) (query, key) pairs count. With
-V visible pairs per (batch, head): fwd = 2 * V * (D + E) (q.k and p.v),
+N visible pairs per (batch, head): fwd = 2 * N * (K + E) (q.k and p.v),
 fwd+bwd = 3.5 * fwd (the backward's five matmuls = 2.5 * fwd, as in the
 FlashAttention papers). Causal therefore counts ~half the dense FLOPs, as
 the published anchors printed at the end do.
@@ -146,11 +146,11 @@ class Case(NamedTuple):
   mode: str
   mask_name: str
   spec: masks.MaskSpec
-  d: int
+  kdim: int
   t: int
   b: int       # sequences (per chip in --aot_tpu mode)
   h: int
-  kh: int
+  g: int
   flops: float  # visible (query, key) pairs; fwd+bwd = 3.5 x fwd
   first_of_mode: bool
 
@@ -161,14 +161,14 @@ def iter_cases(args):
     first = True
     for mask_name in args.mask:
       spec = mask_spec(mask_name, args)
-      for d in args.head_dim:
+      for kdim in args.head_dim:
         for t in args.seq:
           b = args.batch or max(1, args.tokens // t)
-          h = args.heads or max(1, args.hidden // d)
-          kh = args.kv_heads or h
-          flops = (b * h * visible_pairs(spec, t) * 2 * (d + d)
+          h = args.heads or max(1, args.hidden // kdim)
+          g = args.kv_heads or h
+          flops = (b * h * visible_pairs(spec, t) * 2 * (kdim + kdim)
                    * (3.5 if mode != "fwd" else 1))
-          yield Case(mode, mask_name, spec, d, t, b, h, kh, flops, first)
+          yield Case(mode, mask_name, spec, kdim, t, b, h, g, flops, first)
           first = False
 
 def unavailable(impl, spec, args, b, h, t):
@@ -249,23 +249,23 @@ def main(argv=None):
   print(f"masks: window={args.window} tokens incl. self, globals="
         f"{args.globals}; block sizes: {bs or vjp.BlockSizes()}")
   print("FLOPs count visible (query, key) pairs only; fwd+bwd = 3.5 x fwd")
-  hdr = (f"{'mode':8}{'mask':13}{'D':>4}{'T':>7}{'B':>4}{'H':>4} "
+  hdr = (f"{'mode':8}{'mask':13}{'K':>4}{'T':>7}{'B':>4}{'H':>4} "
          f"{'impl':18}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
          f"{'vs xla':>8}{'temp MiB/seq':>14}")
-  memory = {}  # (mode, mask, d, impl) -> [(t, temp bytes per sequence)]
+  memory = {}  # (mode, mask, kdim, impl) -> [(t, temp bytes per sequence)]
   rng = np.random.default_rng(0)
   for c in iter_cases(args):
-    mode, mask_name, spec, d, t, b, h, kh = (
-      c.mode, c.mask_name, c.spec, c.d, c.t, c.b, c.h, c.kh)
+    mode, mask_name, spec, kdim, t, b, h, g = (
+      c.mode, c.mask_name, c.spec, c.kdim, c.t, c.b, c.h, c.g)
     if c.first_of_mode:
       print("\n" + hdr)
-    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
-    k = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
-    v = jnp.asarray(rng.normal(size=(b, t, kh, d)), dtype)
+    q = jnp.asarray(rng.normal(size=(b, t, h, kdim)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, t, g, kdim)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, t, g, kdim)), dtype)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     call = (q, k, v, pos)
     if mode != "fwd":
-      call += (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32),)
+      call += (jnp.asarray(rng.normal(size=(b, t, h, kdim)), jnp.float32),)
     rows = {}  # impl -> (seconds, temp bytes) or reason skipped
     for impl in args.impl:
       why = unavailable(impl, spec, args, b, h, t)
@@ -279,7 +279,7 @@ def main(argv=None):
       rows[impl] = why
     secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
     for impl, r in rows.items():
-      head = (f"{mode:8}{mask_name:13}{d:>4}{t:>7}{b:>4}{h:>4} "
+      head = (f"{mode:8}{mask_name:13}{kdim:>4}{t:>7}{b:>4}{h:>4} "
               f"{impl:18}")
       if isinstance(r, str):
         print(f"{head}skipped: {r}")
@@ -287,7 +287,7 @@ def main(argv=None):
       sec, temp = r
       mib = "-"
       if temp is not None:
-        memory.setdefault((mode, mask_name, d, impl), []).append(
+        memory.setdefault((mode, mask_name, kdim, impl), []).append(
           (t, temp / b))
         mib = f"{temp / b / 2**20:.1f}"
       print(f"{head}{sec * 1e3:10.2f}{c.flops / sec / 1e12:10.3f}"
@@ -312,12 +312,12 @@ def print_memory(memory):
     return
   print("\nCompiled temp memory per sequence (memory_analysis), growth "
         "exponent log(m2/m1)/log(T2/T1): ~1 linear, ~2 quadratic")
-  for (mode, mask_name, d, impl), pts in sorted(memory.items()):
+  for (mode, mask_name, kdim, impl), pts in sorted(memory.items()):
     pts.sort()
     cells = [f"T={t}: {m / 2**20:.1f} MiB" for t, m in pts]
     exps = attention_aot.growth_exponents(pts)
     exp = ", ".join(f"{e:.2f}" for e in exps) or "-"
-    print(f"  {mode:8}{mask_name:13}D={d:<4}{impl:18} "
+    print(f"  {mode:8}{mask_name:13}K={kdim:<4}{impl:18} "
           f"{'; '.join(cells)}  exponent {exp}")
 
 

@@ -116,14 +116,14 @@ def run(args, iter_cases, make_fn, block_sizes):
         "argument bytes. model GF: visible pairs, fwd+bwd = 3.5 x fwd; "
         "xla GF: cost_analysis (blind to Mosaic kernels, counts a scan "
         "body once); s: compile s")
-  hdr = (f"{'mode':8}{'mask':8}{'D':>4}{'T':>6}{'B':>3}{'H':>3} "
+  hdr = (f"{'mode':8}{'mask':8}{'K':>4}{'T':>6}{'B':>3}{'H':>3} "
          f"{'impl':12}{'s':>5}{'HBM tmp':>9}{'all tmp':>9}{'args':>8}"
          f"{'xla GF':>8}{'model GF':>9}")
-  # (mode, mask, d, impl) -> [(t, HBM temp, all temp)], bytes per chip
+  # (mode, mask, kdim, impl) -> [(t, HBM temp, all temp)], bytes per chip
   temps = {}
   for c in iter_cases(args):  # b is per chip here
-    mode, mask_name, spec, d, t, b, h, kh = (
-      c.mode, c.mask_name, c.spec, c.d, c.t, c.b, c.h, c.kh)
+    mode, mask_name, spec, kdim, t, b, h, g = (
+      c.mode, c.mask_name, c.spec, c.kdim, c.t, c.b, c.h, c.g)
     model = c.flops
     if c.first_of_mode:
       print("\n" + hdr)
@@ -132,12 +132,12 @@ def run(args, iter_cases, make_fn, block_sizes):
       return jax.ShapeDtypeStruct((b * n,) + shape, dt,
                                   sharding=shard)
 
-    abstract = (sds((t, h, d), dtype), sds((t, kh, d), dtype),
-                sds((t, kh, d), dtype), sds((t,), jnp.int32))
+    abstract = (sds((t, h, kdim), dtype), sds((t, g, kdim), dtype),
+                sds((t, g, kdim), dtype), sds((t,), jnp.int32))
     if mode != "fwd":
-      abstract += (sds((t, h, d), jnp.float32),)
+      abstract += (sds((t, h, kdim), jnp.float32),)
     for impl in args.impl:
-      head = (f"{mode:8}{mask_name:8}{d:>4}{t:>6}{b:>3}{h:>3} "
+      head = (f"{mode:8}{mask_name:8}{kdim:>4}{t:>6}{b:>3}{h:>3} "
               f"{impl:12}")
       try:
         try:
@@ -158,7 +158,7 @@ def run(args, iter_cases, make_fn, block_sizes):
         continue
       mem = compiled.memory_analysis()
       temp, whole = mem.temp_size_in_bytes, all_temp(lowered)
-      temps.setdefault((mode, mask_name, d, impl), []).append(
+      temps.setdefault((mode, mask_name, kdim, impl), []).append(
         (t, temp, whole))
       flops = _flops(compiled)
       xla_gf = "-" if flops is None else f"{flops / 1e9:.1f}"
@@ -185,9 +185,9 @@ def print_growth(temps):
         "between consecutive lengths (~1 linear, ~2 quadratic). 'all' "
         "(MSA off) is the footprint; 'HBM' undercounts whatever fit in "
         "VMEM, so its exponents overstate growth.")
-  for (mode, mask_name, d, impl), pts in sorted(temps.items()):
+  for (mode, mask_name, kdim, impl), pts in sorted(temps.items()):
     pts.sort()
-    print(f"  {mode:8}{mask_name:8}D={d:<4}{impl}")
+    print(f"  {mode:8}{mask_name:8}K={kdim:<4}{impl}")
     for label, i in (("all", 2), ("HBM", 1)):
       col = [(p[0], p[i]) for p in pts if p[i] is not None]
       cells = "; ".join(f"{t}: {m / 2**20:.1f}" for t, m in col)
@@ -195,14 +195,14 @@ def print_growth(temps):
       print(f"    {label} {cells}  exponent {exps}")
   print("\npallas_tpu / xla temp per chip, all (HBM); '-': xla did not "
         "compile or used none")
-  for (mode, mask_name, d, impl), pts in sorted(temps.items()):
+  for (mode, mask_name, kdim, impl), pts in sorted(temps.items()):
     if impl != "pallas_tpu":
       continue
-    dense = {p[0]: p for p in temps.get((mode, mask_name, d, "xla"), [])}
+    dense = {p[0]: p for p in temps.get((mode, mask_name, kdim, "xla"), [])}
     cells = []
     for t, temp, whole in pts:
       x = dense.get(t)
       r = [f"{a / b:.4f}" if x and a is not None and b else "-"
            for a, b in ((whole, x and x[2]), (temp, x and x[1]))]
       cells.append(f"{t}: {r[0]} ({r[1]})")
-    print(f"  {mode:8}{mask_name:8}D={d:<4} {'; '.join(cells)}")
+    print(f"  {mode:8}{mask_name:8}K={kdim:<4} {'; '.join(cells)}")

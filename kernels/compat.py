@@ -40,27 +40,21 @@ def interpret_mode(interpret: bool):
 
 
 def pallas_call(kernel, *, out_shape, grid_spec, dimension_semantics,
-                interpret, name=None, cost_estimate=None):
-  kwargs = {}
-  if cost_estimate is not None:
-    kwargs["cost_estimate"] = cost_estimate
+                interpret, name=None):
   return pl.pallas_call(
     kernel, out_shape=out_shape, grid_spec=grid_spec,
     compiler_params=tpu_compiler_params(dimension_semantics),
-    interpret=interpret_mode(interpret), name=name, **kwargs)
-
-
-def cost_estimate(flops, transcendentals, bytes_accessed):
-  cls = getattr(pl, "CostEstimate", None)
-  if cls is None:
-    return None
-  return cls(flops=int(flops), transcendentals=int(transcendentals),
-             bytes_accessed=int(bytes_accessed))
+    interpret=interpret_mode(interpret), name=name)
 
 
 def _varying(x) -> frozenset:
-  mat = getattr(jax.typeof(x), "mat", None)
-  return frozenset(getattr(mat, "varying", ()) or ())
+  """Manual mesh axes `x` varies over (empty outside shard_map)."""
+  # jax 0.11: aval.manual_axis_type.varying; earlier releases: aval.vma.
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", ()) or ())
 
 
 def match_varying(*xs):
@@ -84,10 +78,6 @@ def out_struct(shape, dtype, like):
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
-def on_tpu() -> bool:
-  return jax.default_backend() == "tpu"
-
-
 def varying_like(tree, *likes):
   """Marks `tree` as varying over every manual mesh axis `likes` vary over.
 
@@ -95,18 +85,7 @@ def varying_like(tree, *likes):
   unvarying while the body's output varies with the sharded inputs, and
   scan rejects the mismatch. Outside shard_map this is the identity.
   """
-  axes = set()
-  for x in likes:
-    axes |= _varying_axes(jax.typeof(x))
+  axes = tuple(sorted(frozenset().union(*(_varying(x) for x in likes))))
   if not axes:
     return tree
-  axes = tuple(sorted(axes))
   return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), tree)
-
-
-def _varying_axes(aval) -> set:
-  # jax 0.11: aval.manual_axis_type.varying; earlier releases: aval.vma.
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return set(mat.varying)
-  return set(getattr(aval, "vma", ()) or ())

@@ -21,7 +21,7 @@ Element predicate (true = query may attend to key):
                  are not visible.
 
 Transient-global suffix (TGlobal): the caller appends `global_suffix`
-summary keys as the last key columns (after the `Tk - global_suffix`
+summary keys as the last key columns (after the `S - global_suffix`
 ordinary keys), with their own positions and segment ids. Those columns skip
 `pattern` but keep `same_segment` and `causal` (evaluated on their
 positions). For the causal TGlobal rule "a token of block b sees only
@@ -30,7 +30,7 @@ Suffix columns are the only index-based notion here: they are a separate set
 of keys, not a place in the sequence.
 
 Block metadata (`block_metadata`) for tiles of `block_q x block_kv` rows and
-columns; NQ = Tq / block_q, NK = Tk / block_kv (lengths must be multiples;
+columns; NQ = T / block_q, NK = S / block_kv (lengths must be multiples;
 the kernels' wrappers pad first). All int32:
 
   kind     [B, NQ, NK]  EMPTY=0 / PARTIAL=1 / FULL=2 for every tile.
@@ -131,7 +131,7 @@ def element_mask(spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix, *,
                  block_lookup=None):
   """The predicate of the module docstring on broadcastable int arrays.
 
-  Used by the dense reference ([B, Tq, 1] vs [B, 1, Tk]) and by the kernels
+  Used by the dense reference ([B, T, 1] vs [B, 1, S]) and by the kernels
   on PARTIAL tiles. `k_is_suffix` is a bool array (or Python bool) marking
   transient-global columns. `block_lookup(q_pos, k_pos)` may replace the
   gather-based block_mask lookup (kernels cannot gather; they use a one-hot
@@ -182,14 +182,14 @@ def suffix_columns(spec: MaskSpec, kv_len: int, padded_len: int | None = None):
   return (col >= kv_len - spec.global_suffix) & (col < kv_len)
 
 
-def dense_mask(spec: MaskSpec, q_pos_BT, k_pos_BT, q_seg_BT, k_seg_BT):
-  """Bool [B, Tq, Tk] element mask; segment ids None = all one segment."""
+def dense_mask(spec: MaskSpec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS):
+  """Bool [B, T, S] element mask; segment ids None = all one segment."""
   q_seg_BT = jnp.ones_like(q_pos_BT) if q_seg_BT is None else q_seg_BT
-  k_seg_BT = jnp.ones_like(k_pos_BT) if k_seg_BT is None else k_seg_BT
-  k_sfx = jnp.asarray(suffix_columns(spec, k_pos_BT.shape[1]))[None, None, :]
+  k_seg_BS = jnp.ones_like(k_pos_BS) if k_seg_BS is None else k_seg_BS
+  k_sfx = jnp.asarray(suffix_columns(spec, k_pos_BS.shape[1]))[None, None, :]
   return element_mask(
-    spec, q_pos_BT[:, :, None], k_pos_BT[:, None, :],
-    q_seg_BT[:, :, None], k_seg_BT[:, None, :], k_sfx)
+    spec, q_pos_BT[:, :, None], k_pos_BS[:, None, :],
+    q_seg_BT[:, :, None], k_seg_BS[:, None, :], k_sfx)
 
 
 # ---------------------------------------------------------------- metadata
@@ -254,23 +254,23 @@ def _table_bounds(spec, qlo, qhi, klo, khi):
   return _Bounds(count > 0, inside & (count == area) & (area > 0))
 
 
-def classify_blocks(spec, q_pos_BT, k_pos_BT, q_seg_BT, k_seg_BT, *,
+def classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
                     block_q, block_kv, kv_len=None):
   """Kind [B, NQ, NK] of every tile, conservative (see module docstring).
 
   `kv_len`: the caller's unpadded key length (locates suffix columns);
-  defaults to Tk.
+  defaults to S.
   """
-  tq, tk = q_pos_BT.shape[1], k_pos_BT.shape[1]
-  if tq % block_q or tk % block_kv:
+  t, s = q_pos_BT.shape[1], k_pos_BS.shape[1]
+  if t % block_q or s % block_kv:
     raise ValueError(
-      f"lengths ({tq}, {tk}) must be multiples of blocks "
+      f"lengths ({t}, {s}) must be multiples of blocks "
       f"({block_q}, {block_kv}); pad first")
-  kv_len = tk if kv_len is None else kv_len
+  kv_len = s if kv_len is None else kv_len
   qmin, qmax, qsmin, qsmax, qany, qall = _block_stats(
     q_pos_BT, q_seg_BT, block_q)
   kmin, kmax, ksmin, ksmax, kany, kall = _block_stats(
-    k_pos_BT, k_seg_BT, block_kv)
+    k_pos_BS, k_seg_BS, block_kv)
   # Tile axes: [B, NQ, 1] against [B, 1, NK].
   qmin, qmax, qsmin, qsmax = (x[:, :, None] for x in (qmin, qmax, qsmin,
                                                         qsmax))
@@ -328,7 +328,7 @@ def classify_blocks(spec, q_pos_BT, k_pos_BT, q_seg_BT, k_seg_BT, *,
       pattern = _or(pattern, _and(causal_only,
                                   _Bounds(kmin < n, kmax < n)))
     if spec.global_suffix:
-      sfx = suffix_columns(spec, kv_len, tk).reshape(tk // block_kv, block_kv)
+      sfx = suffix_columns(spec, kv_len, s).reshape(s // block_kv, block_kv)
       sfx_any = jnp.asarray(sfx.any(-1))[None, None, :]
       sfx_all = jnp.asarray(sfx.all(-1))[None, None, :]
       pattern = _or(pattern, _and(causal_only, _Bounds(sfx_any, sfx_all)))
@@ -356,10 +356,10 @@ def _compact(kind_BMN):
   return count, index, kind.astype(jnp.int32)
 
 
-def block_metadata(spec, q_pos_BT, k_pos_BT, q_seg_BT, k_seg_BT, *,
+def block_metadata(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
                    block_q, block_kv, kv_len=None) -> BlockMetadata:
   """Tile kinds plus the compacted row and transposed tables."""
-  kind = classify_blocks(spec, q_pos_BT, k_pos_BT, q_seg_BT, k_seg_BT,
+  kind = classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS,
                          block_q=block_q, block_kv=block_kv, kv_len=kv_len)
   kv_count, kv_index, kv_kind = _compact(kind)
   q_count, q_index, q_kind = _compact(jnp.swapaxes(kind, 1, 2))

@@ -35,21 +35,21 @@ IMPLS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu",
 def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(
-      f"q, k, v must be [B, T, H, D]; got {q.shape} {k.shape} {v.shape}")
-  b, tq, hq, dqk = q.shape
-  if k.shape[:2] != v.shape[:2] or k.shape[0] != b or k.shape[2] != v.shape[2]:
+      f"q must be [B, T, H, K], k, v [B, S, G, K]/[B, S, G, E]; got "
+      f"{q.shape} {k.shape} {v.shape}")
+  b, t, h, kdim = q.shape
+  if k.shape[:3] != v.shape[:3] or k.shape[0] != b:
     raise ValueError(f"k {k.shape} and v {v.shape} disagree (or with q)")
-  if k.shape[3] != dqk:
-    raise ValueError(f"q head dim {dqk} != k head dim {k.shape[3]}")
-  hkv = k.shape[2]
-  if hq % hkv:
-    raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
-  tk = k.shape[1]
-  for name, x, t in (("q_pos", q_pos, tq), ("k_pos", k_pos, tk),
-                     ("q_segment_ids", q_seg, tq),
-                     ("kv_segment_ids", k_seg, tk)):
-    if x is not None and x.shape != (b, t):
-      raise ValueError(f"{name} must be [{b}, {t}], got {x.shape}")
+  if k.shape[3] != kdim:
+    raise ValueError(f"q head dim {kdim} != k head dim {k.shape[3]}")
+  g, s = k.shape[2], k.shape[1]
+  if h % g:
+    raise ValueError(f"query heads {h} not a multiple of kv heads {g}")
+  for name, x, n in (("q_pos", q_pos, t), ("k_pos", k_pos, s),
+                     ("q_segment_ids", q_seg, t),
+                     ("kv_segment_ids", k_seg, s)):
+    if x is not None and x.shape != (b, n):
+      raise ValueError(f"{name} must be [{b}, {n}], got {x.shape}")
 
 
 def _platform():
@@ -111,14 +111,14 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
               q_segment_ids=None, kv_segment_ids=None, scale=None,
               logits_soft_cap=None, impl="auto",
               block_sizes: vjp.BlockSizes | None = None, return_lse=False):
-  """Attention of q [B,Tq,Hq,D] over k [B,Tk,Hkv,D], v [B,Tk,Hkv,E].
+  """Attention of q [B, T, H, K] over k [B, S, G, K], v [B, S, G, E].
 
-  Hq must be a multiple of Hkv (GQA / MQA). Positions and segment ids are
-  int32 [B, T]; segment 0 is padding; None means one segment, no padding.
-  `scale` defaults to 1/sqrt(D); the soft cap is cap * tanh(s / cap) on
-  scaled logits. Returns out [B, Tq, Hq, E] in q.dtype, and with
-  `return_lse` also lse [B, Hq, Tq] float32 (-inf on rows that see no key,
-  whose output is 0).
+  H must be a multiple of G (GQA / MQA). Positions and segment ids are
+  int32 [B, T] (q) and [B, S] (k, v); segment 0 is padding; None means one
+  segment, no padding. `scale` defaults to 1/sqrt(K); the soft cap is
+  cap * tanh(s / cap) on scaled logits. Returns out [B, T, H, E] in q.dtype,
+  and with `return_lse` also lse [B, H, T] float32 (-inf on rows that see no
+  key, whose output is 0).
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

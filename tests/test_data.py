@@ -11,7 +11,8 @@ from efficient_lm.config import DataConfig
 from efficient_lm.data import (ByteTokenizer, CharTokenizer, DataError,
                                make_iterator, make_tokenizer)
 from efficient_lm.data import sources
-from efficient_lm.data.packing import PieceOrder, Pieces
+from efficient_lm.data.packing import (PackedBatchIterDataset, PieceOrder,
+                                       Pieces)
 
 SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[2] / "shared" /
                "data" / "tinyshakespeare.txt")
@@ -65,10 +66,10 @@ def test_rows_are_packed_pieces_of_single_documents(tmp_path):
     assert set(batch) == {"inputs", "targets", "segment_ids", "positions"}
     for v in batch.values():
       assert v.shape == (4, 16) and v.dtype == np.int32
-    seg_BL = batch["segment_ids"]
+    seg_BT = batch["segment_ids"]
     # Segments are numbered 1, 2, ... left to right; padding is a suffix.
-    assert (np.diff(seg_BL, axis=1)[seg_BL[:, 1:] > 0] >= 0).all()
-    pad = seg_BL == 0
+    assert (np.diff(seg_BT, axis=1)[seg_BT[:, 1:] > 0] >= 0).all()
+    pad = seg_BT == 0
     assert (np.diff(pad.astype(int), axis=1) >= 0).all()
     assert (batch["inputs"][pad] == 0).all()
     assert (batch["targets"][pad] == 0).all()
@@ -85,15 +86,36 @@ def test_rows_are_packed_pieces_of_single_documents(tmp_path):
 
 def test_pieces_cover_every_pair_once():
   tokens_T = np.arange(100, dtype=np.int32)
-  start_S, end_S = np.array([0, 10, 11, 40]), np.array([10, 11, 40, 100])
-  pieces = Pieces.from_spans(tokens_T, start_S, end_S, seq_len=8)
+  start_N, end_N = np.array([0, 10, 11, 40]), np.array([10, 11, 40, 100])
+  pieces = Pieces.from_spans(tokens_T, start_N, end_N, seq_len=8)
   assert (1 <= pieces.length_P).all() and (pieces.length_P <= 8).all()
   pairs = [(s + j, s + j + 1) for s, n in zip(pieces.start_P,
                                                pieces.length_P)
            for j in range(n)]
-  expected = [(t, t + 1) for s, e in zip(start_S, end_S)
+  expected = [(t, t + 1) for s, e in zip(start_N, end_N)
               for t in range(s, e - 1)]
   assert sorted(pairs) == expected  # each pair once; none across spans
+
+
+def test_every_piece_is_emitted_once_per_epoch():
+  """Over many batches the emitted pieces are exactly the stream's first
+  `next_piece` pieces: the one that opens the next batch is not lost."""
+  rng = np.random.default_rng(0)
+  bounds = np.cumsum(np.concatenate([[0], rng.integers(2, 40, 60)]))
+  # Token t has value t, so a piece's first input names the piece.
+  pieces = Pieces.from_spans(np.arange(bounds[-1], dtype=np.int32),
+                             bounds[:-1], bounds[1:], seq_len=16)
+  order = PieceOrder(len(pieces), shuffle=True, seed=5)
+  it = iter(PackedBatchIterDataset(pieces, order, seq_len=16, num_rows=3,
+                                   row_start=0, row_stop=3))
+  piece_of_start = {int(s): p for p, s in enumerate(pieces.start_P)}
+  emitted = [piece_of_start[int(inputs[0])]
+             for _ in range(60) for inputs, _, _ in _segments(next(it))]
+  stream = np.concatenate([order.epoch(e) for e in range(len(emitted)
+                                                         // len(pieces) + 2)])
+  assert len(emitted) > 2 * len(pieces)  # crosses two epoch boundaries
+  assert it.get_state()["next_piece"] == len(emitted)
+  assert sorted(emitted) == sorted(stream[:len(emitted)])
 
 
 def test_epochs_are_permutations_that_differ():
@@ -199,7 +221,7 @@ def test_default_corpus_is_deterministic_and_nontrivial():
   assert not any("_sysconfigdata" in n or "site-packages" in n
                  for n in a.names)
   assert any(n.endswith("/os.py") for n in a.names)
-  assert 0.05 < a.is_eval_D.mean() < 0.15
+  assert 0.05 < a.is_eval_N.mean() < 0.15
   train = make_iterator(cfg, "train", global_batch_size=4, seed=0)
   evals = make_iterator(cfg, "eval", global_batch_size=4, seed=0)
   assert train.num_tokens > 5 * evals.num_tokens > 0
@@ -327,6 +349,8 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path):
   path.write_text('{"text": "ok"}\n\n{"body": "no text"}\n')
   _raises(r"d\.jsonl:3: expected an object with a string 'text' field, got "
           r"keys \['body'\]", _iterator, jsonl)
+  path.write_text('{"text": "ok"}\n\n{"text": 3}\n')
+  _raises(r"d\.jsonl:3: 'text' must be a string, got int$", _iterator, jsonl)
   path.write_text('{"text": ""}\n')
   _raises(r"no documents", _iterator, jsonl)
 

@@ -21,9 +21,9 @@ F32_TOL, BF16_TOL = 1e-4, 2e-2
 def numpy_attention(q, k, v, m, scale, cap=None):
   """float64 loops-free textbook attention, independent of kernels/."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  g = q.shape[2] // k.shape[2]
-  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  s = np.einsum("bthd,bshd->bhts", q, k) * scale
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  s = np.einsum("BTHK,BSHK->BHTS", q, k) * scale
   if cap is not None:
     s = cap * np.tanh(s / cap)
   s = np.where(m[:, None], s, -np.inf)
@@ -31,32 +31,32 @@ def numpy_attention(q, k, v, m, scale, cap=None):
   mx = np.where(np.isfinite(mx), mx, 0)
   p = np.exp(s - mx)
   l = p.sum(-1, keepdims=True)
-  o = np.einsum("bhts,bshe->bthe", p / np.where(l > 0, l, 1), v)
+  o = np.einsum("BHTS,BSHE->BTHE", p / np.where(l > 0, l, 1), v)
   lse = np.where(l > 0, mx + np.log(np.where(l > 0, l, 1)), -np.inf)[..., 0]
   return o, lse
 
 
-def make_case(seed, *, b=2, tq=37, tk=37, hq=4, hkv=2, d=16, e=None,
+def make_case(seed, *, b=2, t=37, s=37, h=4, g=2, kdim=16, e=None,
               dtype=jnp.float32, packed=True, gathered=False):
   rng = np.random.default_rng(seed)
-  e = e or d
-  q = rng.normal(size=(b, tq, hq, d))
-  k = rng.normal(size=(b, tk, hkv, d))
-  v = rng.normal(size=(b, tk, hkv, e))
+  e = e or kdim
+  q = rng.normal(size=(b, t, h, kdim))
+  k = rng.normal(size=(b, s, g, kdim))
+  v = rng.normal(size=(b, s, g, e))
   if gathered:  # non-contiguous positions, as after MoD / MoR gathering
-    q_pos = np.sort(rng.choice(2 * tq, (b, tq)), axis=1)
-    k_pos = np.sort(rng.choice(2 * tk, (b, tk)), axis=1)
+    q_pos = np.sort(rng.choice(2 * t, (b, t)), axis=1)
+    k_pos = np.sort(rng.choice(2 * s, (b, s)), axis=1)
   else:
-    q_pos = np.broadcast_to(np.arange(tq) + max(tk - tq, 0), (b, tq))
-    k_pos = np.broadcast_to(np.arange(tk), (b, tk))
+    q_pos = np.broadcast_to(np.arange(t) + max(s - t, 0), (b, t))
+    k_pos = np.broadcast_to(np.arange(s), (b, s))
   if packed:  # two documents then padding, cut differently per row
-    def segs(t):
-      cut = rng.integers(1, t, size=(b, 2))
+    def segs(n):
+      cut = rng.integers(1, n, size=(b, 2))
       cut.sort(axis=1)
-      i = np.arange(t)[None]
+      i = np.arange(n)[None]
       return np.where(i < cut[:, :1], 1, np.where(i < cut[:, 1:], 2, 0))
-    q_seg, k_seg = segs(tq), segs(tk)
-    if tq == tk:
+    q_seg, k_seg = segs(t), segs(s)
+    if t == s:
       k_seg = q_seg
   else:
     q_seg = k_seg = None
@@ -87,11 +87,6 @@ def grads(case, spec, impl, cap=None, block_sizes=None):
     return jnp.sum(o.astype(jnp.float32) * w) + 0.1 * jnp.sum(lse)
 
   return jax.grad(loss, argnums=(0, 1, 2))(case["q"], case["k"], case["v"])
-
-
-  np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
-  np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
-                             err_msg=what)
 
 
 SPECS = [
@@ -134,13 +129,29 @@ def test_soft_cap_and_explicit_scale():
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_xla_chunked_matches_reference(spec):
-  case = make_case(2, tq=29, tk=45, e=8, gathered=True)
+  case = make_case(2, t=29, s=45, e=8, gathered=True)
   bs = kernels.BlockSizes(block_kv=16)
   for a, b in zip(run(case, spec, "xla_chunked", 1.5, bs),
                   run(case, spec, "xla", 1.5)):
     assert_close(a, b, F32_TOL)
   for a, b in zip(grads(case, spec, "xla_chunked", 1.5, bs),
                   grads(case, spec, "xla", 1.5)):
+    assert_close(a, b, F32_TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla_chunked", "interpret"])
+def test_suffix_keys_at_positions_inside_the_sequence(impl):
+  """TGlobal: summary keys appended after the regular keys, at block
+  positions inside the sequence (not the latest ones), with a key length
+  (40 + 5) that the chunked scan and the kernels' wrapper pad to 48."""
+  t, blk, n_sum = 40, 8, 5
+  spec = MaskSpec(causal=True, window=(3, 0), global_suffix=n_sum)
+  k_pos = np.concatenate([np.arange(t), (np.arange(n_sum) + 1) * blk])
+  case = dict(make_case(8, t=t, s=t + n_sum, packed=False),
+              q_pos=jnp.asarray(np.tile(np.arange(t), (2, 1)), jnp.int32),
+              k_pos=jnp.asarray(np.tile(k_pos, (2, 1)), jnp.int32))
+  bs = kernels.BlockSizes(16, 16)
+  for a, b in zip(run(case, spec, impl, None, bs), run(case, spec, "xla")):
     assert_close(a, b, F32_TOL)
 
 
@@ -153,7 +164,7 @@ def test_fully_masked_rows(impl):
   m = np.asarray(masks.dense_mask(spec, case["q_pos"], case["k_pos"],
                                   case["q_segment_ids"],
                                   case["kv_segment_ids"]))
-  dead = ~m.any(-1)  # [B, Tq]
+  dead = ~m.any(-1)  # [B, T]
   assert dead.any() and not dead.all()
   np.testing.assert_array_equal(np.asarray(o)[dead], 0.0)
   assert np.all(np.isneginf(np.asarray(lse).transpose(0, 2, 1)[dead]))
@@ -164,11 +175,15 @@ def test_fully_masked_rows(impl):
 
 
 def test_shape_errors():
-  case = make_case(0, hq=3, hkv=2, packed=False)
+  case = make_case(0, h=3, g=2, packed=False)
   with pytest.raises(ValueError, match="multiple of kv heads"):
     run(case, MaskSpec(), "xla")
   with pytest.raises(ValueError, match="impl"):
     run(make_case(0), MaskSpec(), "nope")
+  case = make_case(0, packed=False)
+  with pytest.raises(ValueError, match=r"q must be \[B, T, H, K\], k, v "
+                     r"\[B, S, G, K\]/\[B, S, G, E\]; got \(37, 4, 16\)"):
+    run(dict(case, q=case["q"][0]), MaskSpec(), "xla")
 
 
 def test_auto_on_cpu_is_xla_and_jits():
@@ -198,7 +213,7 @@ SWEEP_SPECS = {
 }
 LENGTHS = ((37, 37), (48, 48), (29, 53), (61, 23), (64, 80))
 HEADS = ((1, 1), (4, 2), (8, 1))
-DIMS = ((64, 64), (128, 128), (96, 96), (96, 64))  # (qk, v): MLA-like last
+DIMS = ((64, 64), (128, 128), (96, 96), (96, 64))  # (K, E): MLA-like last
 BLOCKS = (kernels.BlockSizes(16, 16), kernels.BlockSizes(16, 32, 32, 16),
           kernels.BlockSizes(32, 16))
 
@@ -224,8 +239,8 @@ def sample_cases(n, seed):
 
 
 def _case_id(c):
-  return (f"{c['spec']}-{c['dtype'][0]}{c['dtype'][-2:]}-T{c['lengths']}"
-          f"-H{c['heads']}-D{c['dims']}-{'pk' if c['packed'] else 'np'}"
+  return (f"{c['spec']}-{c['dtype'][0]}{c['dtype'][-2:]}-TS{c['lengths']}"
+          f"-HG{c['heads']}-KE{c['dims']}-{'pk' if c['packed'] else 'np'}"
           f"{'-gth' if c['gathered'] else ''}"
           f"{'-cap' if c['cap'] else ''}-b{c['blocks']}").replace(" ", "")
 
@@ -251,8 +266,8 @@ def outputs_and_grads(case, spec, impl, cap=None, block_sizes=None):
 
 def check_interpret_case(c):
   spec = SWEEP_SPECS[c["spec"]]
-  (tq, tk), (hq, hkv), (d, e) = c["lengths"], c["heads"], c["dims"]
-  case = make_case(c["seed"], b=2, tq=tq, tk=tk, hq=hq, hkv=hkv, d=d, e=e,
+  (t, s), (h, g), (kdim, e) = c["lengths"], c["heads"], c["dims"]
+  case = make_case(c["seed"], b=2, t=t, s=s, h=h, g=g, kdim=kdim, e=e,
                    dtype=jnp.dtype(c["dtype"]), packed=c["packed"],
                    gathered=c["gathered"])
   bf16 = c["dtype"] == "bfloat16"
@@ -287,7 +302,7 @@ def test_interpret_matches_reference_sweep(c):
 
 
 def test_interpret_fully_masked_rows():
-  case = make_case(3, tq=40, tk=40, packed=True, gathered=True)
+  case = make_case(3, t=40, s=40, packed=True, gathered=True)
   spec = MaskSpec(causal=True, window=(0, 0))
   got = outputs_and_grads(case, spec, "interpret", None,
                           kernels.BlockSizes(16, 16))
@@ -306,7 +321,7 @@ def test_empty_tiles_are_not_visited():
   """
   t, blk = 96, 16
   spec = MaskSpec(causal=True, window=(10, 0), global_prefix=3)
-  case = make_case(5, b=1, tq=t, tk=t, hq=2, hkv=1, d=16, packed=False)
+  case = make_case(5, b=1, t=t, s=t, h=2, g=1, kdim=16, packed=False)
   bs = kernels.BlockSizes(blk, blk)
   meta = masks.block_metadata(
     spec, case["q_pos"], case["k_pos"], jnp.ones((1, t), jnp.int32),
@@ -338,7 +353,7 @@ def test_empty_tiles_are_not_visited():
 
 def test_interpret_under_checkpoint_jit_and_shard_map():
   mesh = jax.make_mesh((2,), ("data",))
-  case = make_case(6, b=2, tq=40, tk=40, packed=True)
+  case = make_case(6, b=2, t=40, s=40, packed=True)
   spec = MaskSpec(causal=True, window=(9, 0))
   bs = kernels.BlockSizes(16, 16)
   P = jax.sharding.PartitionSpec
@@ -375,7 +390,7 @@ def test_xla_paths_under_shard_map_with_vma_checks():
   """The XLA paths (the fallback of "auto") trace under shard_map with
   check_vma=True and match the unsharded result, gradients included."""
   mesh = jax.make_mesh((2,), ("data",))
-  case = make_case(7, b=2, tq=40, tk=40, packed=True)
+  case = make_case(7, b=2, t=40, s=40, packed=True)
   spec = MaskSpec(causal=True, window=(9, 0))
   P = jax.sharding.PartitionSpec
   names = ("q", "k", "v", "q_pos", "k_pos", "q_segment_ids",

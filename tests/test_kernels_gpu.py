@@ -42,7 +42,7 @@ SPECS = {
                       block_mask_sizes=(48, 40)),
 }
 HEADS = [(1, 1), (4, 2), (8, 1)]
-DIMS = [(64, 64), (128, 128), (96, 96), (64, 128)]  # (D, E)
+DIMS = [(64, 64), (128, 128), (96, 96), (64, 128)]  # (K, E)
 
 
 def _segments(rng, b, t):
@@ -59,12 +59,12 @@ def _segments(rng, b, t):
   return seg, pos
 
 
-def make_inputs(seed, *, b, t, s, h, kh, d, e, packed, dtype=jnp.float32):
-  """[B, H, T, D] kernel-layout inputs, positions, segments, cotangents."""
+def make_inputs(seed, *, b, t, s, h, g, kdim, e, packed, dtype=jnp.float32):
+  """[B, H, T, K] kernel-layout inputs, positions, segments, cotangents."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
-  x = dict(q=normal(b, h, t, d), k=normal(b, kh, s, d),
-           v=normal(b, kh, s, e), do=normal(b, h, t, e),
+  x = dict(q=normal(b, h, t, kdim), k=normal(b, g, s, kdim),
+           v=normal(b, g, s, e), do=normal(b, h, t, e),
            dlse=jnp.asarray(rng.normal(size=(b, h, t)), jnp.float32))
   if packed and t == s:
     seg, pos = _segments(rng, b, t)
@@ -128,11 +128,6 @@ def reference_run(x, spec, *, cap=None):
   return (o, lse, *pullback((up(x["do"]), dlse)))
 
 
-  np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
-  np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
-                             err_msg=what)
-
-
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
@@ -140,8 +135,8 @@ def check_case(seed, spec_name, *, b=1, t=128, s=128, heads=(4, 2),
                dims=(64, 64), packed=True, cap=None, bq=32, bk=32,
                dtype=jnp.float32, backend="triton"):
   spec = SPECS[spec_name]
-  x = make_inputs(seed, b=b, t=t, s=s, h=heads[0], kh=heads[1], d=dims[0],
-                  e=dims[1], packed=packed, dtype=dtype)
+  x = make_inputs(seed, b=b, t=t, s=s, h=heads[0], g=heads[1],
+                  kdim=dims[0], e=dims[1], packed=packed, dtype=dtype)
   got, meta = kernel_run(x, spec, bq=bq, bk=bk, cap=cap, backend=backend)
   want = reference_run(x, spec, cap=cap)
   tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
@@ -171,7 +166,7 @@ def _sample(n, seed):
 
 def _id(c):
   return (f"{c['spec_name']}-t{c['t']}s{c['s']}-h{c['heads'][0]}"
-          f"k{c['heads'][1]}-d{c['dims'][0]}e{c['dims'][1]}"
+          f"g{c['heads'][1]}-k{c['dims'][0]}e{c['dims'][1]}"
           f"{'-packed' if c['packed'] else ''}"
           f"{'-cap' if c['cap'] else ''}-b{c['bq']}x{c['bk']}")
 
@@ -228,7 +223,7 @@ def test_mosaic_bf16(case):
 
 def test_padding_rows_are_zero_with_finite_grads():
   """Segment-0 rows see nothing: out 0, lse -inf, zero finite grads."""
-  x = make_inputs(5, b=2, t=128, s=128, h=2, kh=1, d=64, e=64, packed=True)
+  x = make_inputs(5, b=2, t=128, s=128, h=2, g=1, kdim=64, e=64, packed=True)
   o, lse, dq, dk, dv = kernel_run(x, SPECS["causal"], bq=32, bk=32)[0]
   pad = np.asarray(x["q_seg"] == 0)[:, None, :]
   assert pad.any()
@@ -247,7 +242,7 @@ def test_empty_tiles_are_not_visited(backend):
     pytest.skip("f32 Mosaic kernels run only in the interpreter")
   spec = MaskSpec(causal=True, window=(40, 0))
   bq = bk = 32 if backend == "triton" else 64
-  x = make_inputs(6, b=1, t=64, s=512, h=2, kh=1, d=64, e=64, packed=False)
+  x = make_inputs(6, b=1, t=64, s=512, h=2, g=1, kdim=64, e=64, packed=False)
   seqs = (x["q_pos"], x["k_pos"], x["q_seg"], x["k_seg"])
   meta = masks.block_metadata(spec, *seqs, block_q=bq, block_kv=bk)
   dead = np.all(np.asarray(meta.kind[0]) == masks.EMPTY, axis=0)  # [NK]
@@ -266,13 +261,13 @@ def test_empty_tiles_are_not_visited(backend):
 
 def test_custom_vjp_end_to_end():
   """jax.grad through vjp.flash_attention (public layout, lengths that are
-  not block multiples, GQA, E != D) equals the reference's gradients.
+  not block multiples, GQA, E != K) equals the reference's gradients.
 
   On CPU the GPU kernels run interpreted (backend "interpret_gpu"), so the
   shared custom_vjp is exercised here."""
   backend = "interpret_gpu" if INTERPRET else "pallas_gpu"
   spec = SPECS["global_local"]
-  x = make_inputs(9, b=2, t=100, s=100, h=4, kh=2, d=64, e=32, packed=True)
+  x = make_inputs(9, b=2, t=100, s=100, h=4, g=2, kdim=64, e=32, packed=True)
   sw = lambda a: jnp.swapaxes(a, 1, 2)
   q, k, v = sw(x["q"]), sw(x["k"]), sw(x["v"])
   w = sw(x["do"])
@@ -299,7 +294,7 @@ def test_custom_vjp_end_to_end():
 
 def test_refuses_unsupported_cases():
   """NotImplementedError (so kernels.attention can fall back), not junk."""
-  x = make_inputs(0, b=1, t=96, s=96, h=1, kh=1, d=64, e=64, packed=False)
+  x = make_inputs(0, b=1, t=96, s=96, h=1, g=1, kdim=64, e=64, packed=False)
   with pytest.raises(NotImplementedError, match="powers of two"):
     kernel_run(x, SPECS["causal"], bq=48, bk=32)
 
@@ -325,10 +320,10 @@ def _export_cuda(f, *args, device_kind="NVIDIA H100 80GB HBM3"):
 
 
 def _lower_fwd_bwd(spec_name, cap, *, dtype=jnp.bfloat16, bq=128, bk=64,
-                   d=128, device_kind="NVIDIA H100 80GB HBM3"):
+                   kdim=128, device_kind="NVIDIA H100 80GB HBM3"):
   spec = SPECS[spec_name]
-  b, h, kh, t = 2, 8, 2, 1024
-  params = vjp.KernelParams(spec, d ** -0.5, cap, bq, bk, t)
+  b, h, g, t = 2, 8, 2, 1024
+  params = vjp.KernelParams(spec, kdim ** -0.5, cap, bq, bk, t)
 
   def fwd_bwd(q, k, v, pos, seg, do):
     meta = masks.block_metadata(spec, pos, pos, seg, seg, block_q=bq,
@@ -339,10 +334,10 @@ def _lower_fwd_bwd(spec_name, cap, *, dtype=jnp.bfloat16, bq=128, bk=64,
                                    do, delta, params)
 
   sds = jax.ShapeDtypeStruct
-  exp = _export_cuda(fwd_bwd, sds((b, h, t, d), dtype),
-                     sds((b, kh, t, d), dtype), sds((b, kh, t, d), dtype),
+  exp = _export_cuda(fwd_bwd, sds((b, h, t, kdim), dtype),
+                     sds((b, g, t, kdim), dtype), sds((b, g, t, kdim), dtype),
                      sds((b, t), jnp.int32), sds((b, t), jnp.int32),
-                     sds((b, h, t, d), dtype), device_kind=device_kind)
+                     sds((b, h, t, kdim), dtype), device_kind=device_kind)
   assert exp.platforms == ("cuda",)
   text = exp.mlir_module()
   return (text.count("__gpu$xla.gpu.triton"),
@@ -377,7 +372,7 @@ def test_gpu_dispatch():
   assert _lower_fwd_bwd("causal", None, bq=64, bk=64,
                         device_kind="NVIDIA A100-SXM4-80GB")[:2] == (3, 0)
   assert _lower_fwd_bwd("causal", None, bq=64, bk=128)[:2] == (2, 1)
-  assert _lower_fwd_bwd("causal", None, bq=64, bk=64, d=96)[:2] == (3, 0)
+  assert _lower_fwd_bwd("causal", None, bq=64, bk=64, kdim=96)[:2] == (3, 0)
   # Chunks that are not powers of two need an f32 floor Mosaic GPU lacks.
   assert _lower_fwd_bwd("chunk_suffix", None, bq=64, bk=64)[:2] == (3, 0)
 
@@ -392,7 +387,7 @@ def test_public_entry_lowers_for_cuda(block_sizes, want):
   not the xla_chunked fallback."""
   import kernels
   spec = SPECS["global_local"]
-  b, t, h, kh, d = 1, 1000, 4, 2, 128
+  b, t, h, g, kdim = 1, 1000, 4, 2, 128
 
   def loss(q, k, v, pos):
     o = kernels.attention(q, k, v, mask=spec, q_pos=pos, k_pos=pos,
@@ -401,9 +396,9 @@ def test_public_entry_lowers_for_cuda(block_sizes, want):
 
   sds = jax.ShapeDtypeStruct
   exp = _export_cuda(jax.grad(loss, argnums=(0, 1, 2)),
-                     sds((b, t, h, d), jnp.bfloat16),
-                     sds((b, t, kh, d), jnp.bfloat16),
-                     sds((b, t, kh, d), jnp.bfloat16), sds((b, t), jnp.int32))
+                     sds((b, t, h, kdim), jnp.bfloat16),
+                     sds((b, t, g, kdim), jnp.bfloat16),
+                     sds((b, t, g, kdim), jnp.bfloat16), sds((b, t), jnp.int32))
   text = exp.mlir_module()
   got = (text.count("__gpu$xla.gpu.triton"),
          text.count("stablehlo.custom_call @mosaic_gpu"))

@@ -1,5 +1,6 @@
 """MaskSpec predicate and block metadata vs brute force (METHODS.md §5.6)."""
 import itertools
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ SPECS = {
   "bigbird": MaskSpec(causal=True, window=(4, 0), global_prefix=2,
                       block_mask=_TABLE, block_mask_sizes=(16, 8)),
 }
+LAYOUTS = ("contiguous", "packed", "scattered")
 # Specs whose tile classification is exact on contiguous positions.
 EXACT = ("full", "causal", "window", "causal_window", "left_only", "chunk",
          "causal_chunk3", "blocks")
@@ -56,10 +58,10 @@ def brute_visible(spec, qp, kp, qs, ks, k_is_suffix):
 
 
 def brute_mask(spec, qp, kp, qs, ks):
-  tk = len(kp)
-  sfx = np.arange(tk) >= tk - spec.global_suffix
+  s = len(kp)
+  sfx = np.arange(s) >= s - spec.global_suffix
   return np.array([[brute_visible(spec, qp[i], kp[j], qs[i], ks[j], sfx[j])
-                    for j in range(tk)] for i in range(len(qp))])
+                    for j in range(s)] for i in range(len(qp))])
 
 
 def brute_kinds(m_TS, bq, bk):
@@ -69,18 +71,34 @@ def brute_kinds(m_TS, bq, bk):
                   np.where(tiles.any((-1, -2)), PARTIAL, EMPTY))
 
 
-def _inputs(rng, tq, tk, contiguous):
-  if contiguous:
-    qp = np.arange(tq) + (tk - tq if tq < tk else 0)
-    kp = np.arange(tk)
-    qs, ks = np.ones(tq, np.int32), np.ones(tk, np.int32)
-    qs[tq - rng.integers(0, 5):] = 0  # padding at the end
-    ks[tk - rng.integers(0, 5):] = 0
-  else:
-    qp = np.sort(rng.choice(3 * tq, tq, replace=False))
-    kp = rng.integers(0, 3 * tq, tk)
-    qs = np.sort(rng.integers(0, 3, tq))
-    ks = rng.integers(0, 3, tk)
+def _packed_row(rng, t):
+  """Documents of 3..16 tokens back to back, positions restarting at each,
+  then up to 4 padding tokens: most documents meet inside a tile."""
+  pos, seg = np.zeros(t, np.int32), np.zeros(t, np.int32)
+  start, doc, end = 0, 1, t - int(rng.integers(0, 5))
+  while start < end:
+    n = min(int(rng.integers(3, 17)), end - start)
+    pos[start:start + n], seg[start:start + n] = np.arange(n), doc
+    start, doc = start + n, doc + 1
+  return pos, seg
+
+
+def _inputs(rng, t, s, layout):
+  if layout == "contiguous":
+    qp = np.arange(t) + (s - t if t < s else 0)
+    kp = np.arange(s)
+    qs, ks = np.ones(t, np.int32), np.ones(s, np.int32)
+    qs[t - rng.integers(0, 5):] = 0  # padding at the end
+    ks[s - rng.integers(0, 5):] = 0
+  elif layout == "packed":  # self-attention over one packed row
+    qp, qs = _packed_row(rng, max(t, s))
+    kp, ks = qp[:s], qs[:s]
+    qp, qs = qp[-t:], qs[-t:]
+  else:  # "scattered"
+    qp = np.sort(rng.choice(3 * t, t, replace=False))
+    kp = rng.integers(0, 3 * t, s)
+    qs = np.sort(rng.integers(0, 3, t))
+    ks = rng.integers(0, 3, s)
   return [np.asarray(x, np.int32) for x in (qp, kp, qs, ks)]
 
 
@@ -88,8 +106,8 @@ def _inputs(rng, tq, tk, contiguous):
 def test_dense_mask_matches_brute_force(name):
   spec = SPECS[name]
   rng = np.random.default_rng(0)
-  for contiguous in (True, False):
-    qp, kp, qs, ks = _inputs(rng, 40, 48, contiguous)
+  for layout in LAYOUTS:
+    qp, kp, qs, ks = _inputs(rng, 40, 48, layout)
     got = masks.dense_mask(spec, *(jnp.asarray(x)[None] for x in
                                    (qp, kp, qs, ks)))[0]
     np.testing.assert_array_equal(np.asarray(got),
@@ -101,17 +119,18 @@ def test_dense_mask_matches_brute_force(name):
 def test_block_kinds(name, bq, bk):
   """Exact on contiguous positions (where claimed), conservative always."""
   spec = SPECS[name]
-  rng = np.random.default_rng(hash((name, bq, bk)) % 2**32)
-  for contiguous, (tq, tk) in itertools.product(
-      (True, False), ((48, 48), (32, 64), (64, 32))):
-    qp, kp, qs, ks = _inputs(rng, tq, tk, contiguous)
+  # crc32, not hash(): str hashes change every run (PYTHONHASHSEED).
+  rng = np.random.default_rng(zlib.crc32(f"{name}/{bq}/{bk}".encode()))
+  for layout, (t, s) in itertools.product(
+      LAYOUTS, ((48, 48), (32, 64), (64, 32))):
+    qp, kp, qs, ks = _inputs(rng, t, s, layout)
     want = brute_kinds(brute_mask(spec, qp, kp, qs, ks), bq, bk)
     got = np.asarray(masks.classify_blocks(
       spec, *(jnp.asarray(x)[None] for x in (qp, kp, qs, ks)),
       block_q=bq, block_kv=bk))[0]
     assert not np.any((got == EMPTY) & (want != EMPTY)), "visible tile skipped"
     assert not np.any((got == FULL) & (want != FULL)), "mask wrongly dropped"
-    if contiguous and name in EXACT:
+    if layout == "contiguous" and name in EXACT:
       np.testing.assert_array_equal(got, want)
 
 
@@ -129,7 +148,8 @@ def test_compacted_lists():
 def test_metadata_transpose_is_consistent():
   spec = SPECS["bigbird"]
   rng = np.random.default_rng(1)
-  qp, kp, qs, ks = (jnp.asarray(x)[None] for x in _inputs(rng, 64, 64, False))
+  qp, kp, qs, ks = (jnp.asarray(x)[None]
+                    for x in _inputs(rng, 64, 64, "scattered"))
   meta = masks.block_metadata(spec, qp, kp, qs, ks, block_q=8, block_kv=16)
   kind = np.asarray(meta.kind)[0]
   for qb in range(kind.shape[0]):

@@ -44,7 +44,7 @@ CASES = {
                                        global_suffix=16)),
   "block_mask": dict(spec=MaskSpec(block_mask=((1, 0), (1, 1)),
                                    block_mask_sizes=(256, 256))),
-  "mla_dims_ragged_len": dict(spec=MaskSpec(causal=True), d=96, e=64,
+  "mla_dims_ragged_len": dict(spec=MaskSpec(causal=True), kdim=96, e=64,
                               t=300),
   "bwd_block_sizes": dict(spec=MaskSpec(causal=True),
                           bs=kernels.BlockSizes(128, 256, 256, 128)),
@@ -56,8 +56,8 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_lowers_and_compiles_in_shard_map(mesh, name):
   c = CASES[name]
-  b, t, h, hkv = 4, c.get("t", 512), 4, 2
-  d, e = c.get("d", 128), c.get("e", 128)
+  b, t, h, g = 4, c.get("t", 512), 4, 2
+  kdim, e = c.get("kdim", 128), c.get("e", 128)
   dtype = c.get("dtype", jnp.bfloat16)
 
   def attn(q, k, v, pos, seg):
@@ -74,7 +74,7 @@ def test_lowers_and_compiles_in_shard_map(mesh, name):
 
   shard = jax.sharding.NamedSharding(mesh, P("data"))
   args = [jax.ShapeDtypeStruct(s, dt, sharding=shard) for s, dt in (
-    ((b, t, h, d), dtype), ((b, t, hkv, d), dtype), ((b, t, hkv, e), dtype),
+    ((b, t, h, kdim), dtype), ((b, t, g, kdim), dtype), ((b, t, g, e), dtype),
     ((b, t), jnp.int32), ((b, t), jnp.int32))]
   fwd_bwd = jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))
   for fn, kernels_expected in ((attn, 1), (fwd_bwd, 3)):

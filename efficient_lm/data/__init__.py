@@ -3,7 +3,7 @@
   tok = make_tokenizer(data_cfg)
   it = make_iterator(data_cfg, "train", global_batch_size=B, seed=S,
                      process_index=p, process_count=n, tokenizer=tok)
-  batch = next(it)            # inputs/targets/segment_ids/positions [B/n, L]
+  batch = next(it)            # inputs/targets/segment_ids/positions [B/n, T]
   state = it.get_state()      # JSON-serialisable; it.set_state(state)
 """
 

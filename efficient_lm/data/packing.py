@@ -1,15 +1,20 @@
 """Pieces of documents, packed first-fit into fixed-length rows.
 
-A document of n tokens gives ceil((n - 1) / L) pieces: piece k covers tokens
-[kL, kL + L] (at most L + 1 of them; consecutive pieces share one token), and
-yields inputs = piece[:-1], targets = piece[1:]. So every (token, next token)
-pair of a document is trained on exactly once per epoch, and every non-padding
-position has a real target: the loss mask is just `segment_ids > 0`.
+A document of n tokens gives ceil((n - 1) / T) pieces (T = seq_len): piece k
+covers tokens [kT, kT + T] (at most T + 1 of them; consecutive pieces share
+one token), and yields inputs = piece[:-1], targets = piece[1:]. So every
+(token, next token) pair of a document is trained on exactly once per epoch,
+and every non-padding position has a real target: the loss mask is just
+`segment_ids > 0`.
+
+Letters: B rows this process keeps, T row length (tokens_T: the whole
+corpus), and, data only, N document spans, P pieces, R rows of the global
+batch.
 
 Rows hold several pieces: `segment_ids` counts them 1, 2, ... within the row
 (0 = padding, whose inputs and targets are 0) and `positions` restart at 0 for
 every piece, continuation pieces included. A piece cannot attend to the piece
-before it anyway, and restarting keeps positions below L, the range the model
+before it anyway, and restarting keeps positions below T, the range the model
 sees in every batch.
 
 Why not grain.experimental.FirstFitPackIterDataset over a shuffled grain
@@ -40,17 +45,17 @@ class Pieces:
   length_P: np.ndarray  # (input, target) pairs in each piece, 1..seq_len
 
   @classmethod
-  def from_spans(cls, tokens_T: np.ndarray, start_S: np.ndarray,
-                 end_S: np.ndarray, seq_len: int) -> Pieces:
+  def from_spans(cls, tokens_T: np.ndarray, start_N: np.ndarray,
+                 end_N: np.ndarray, seq_len: int) -> Pieces:
     """Splits each document span [start, end) of tokens_T into pieces."""
-    pairs_S = end_S - start_S - 1  # (token, next token) pairs per span
-    keep = pairs_S > 0  # a one-token span has nothing to predict
-    start_S, end_S, pairs_S = start_S[keep], end_S[keep], pairs_S[keep]
-    count_S = -(-pairs_S // seq_len)  # ceil
-    span_P = np.repeat(np.arange(len(count_S)), count_S)
-    first_P = np.repeat(np.cumsum(count_S) - count_S, count_S)
-    start_P = start_S[span_P] + (np.arange(len(span_P)) - first_P) * seq_len
-    length_P = np.minimum(seq_len, end_S[span_P] - 1 - start_P)
+    pairs_N = end_N - start_N - 1  # (token, next token) pairs per span
+    keep = pairs_N > 0  # a one-token span has nothing to predict
+    start_N, end_N, pairs_N = start_N[keep], end_N[keep], pairs_N[keep]
+    count_N = -(-pairs_N // seq_len)  # ceil
+    span_P = np.repeat(np.arange(len(count_N)), count_N)
+    first_P = np.repeat(np.cumsum(count_N) - count_N, count_N)
+    start_P = start_N[span_P] + (np.arange(len(span_P)) - first_P) * seq_len
+    length_P = np.minimum(seq_len, end_N[span_P] - 1 - start_P)
     return cls(tokens_T, start_P.astype(np.int64), length_P.astype(np.int64))
 
   def __len__(self) -> int:
@@ -118,7 +123,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
     self._seq_len = seq_len
     self._num_rows = num_rows
     self._rows = rows
-    self._arange_L = np.arange(seq_len, dtype=np.int32)
+    self._arange_T = np.arange(seq_len, dtype=np.int32)
     # Index into the piece stream of the first piece not yet in an emitted
     # batch: the whole iterator state.
     self._next = 0
@@ -142,10 +147,10 @@ class _PackedBatchIterator(grain.DatasetIterator):
                                    self._pieces.length_P)
     row_start, row_stop = self._rows
     shape = (row_stop - row_start, self._seq_len)
-    inputs_BL = np.zeros(shape, np.int32)
-    targets_BL = np.zeros(shape, np.int32)
-    segment_ids_BL = np.zeros(shape, np.int32)
-    positions_BL = np.zeros(shape, np.int32)
+    inputs_BT = np.zeros(shape, np.int32)
+    targets_BT = np.zeros(shape, np.int32)
+    segment_ids_BT = np.zeros(shape, np.int32)
+    positions_BT = np.zeros(shape, np.int32)
     free_R = np.full(self._num_rows, self._seq_len, np.int64)
     pieces_R = [0] * self._num_rows
     while True:
@@ -162,9 +167,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
       if row_start <= row < row_stop:
         b, s = row - row_start, int(start_P[piece])
         cols = slice(offset, offset + n)
-        inputs_BL[b, cols] = tokens_T[s:s + n]
-        targets_BL[b, cols] = tokens_T[s + 1:s + n + 1]
-        segment_ids_BL[b, cols] = pieces_R[row]
-        positions_BL[b, cols] = self._arange_L[:n]
-    return {"inputs": inputs_BL, "targets": targets_BL,
-            "segment_ids": segment_ids_BL, "positions": positions_BL}
+        inputs_BT[b, cols] = tokens_T[s:s + n]
+        targets_BT[b, cols] = tokens_T[s + 1:s + n + 1]
+        segment_ids_BT[b, cols] = pieces_R[row]
+        positions_BT[b, cols] = self._arange_T[:n]
+    return {"inputs": inputs_BT, "targets": targets_BT,
+            "segment_ids": segment_ids_BT, "positions": positions_BT}

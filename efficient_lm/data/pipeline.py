@@ -87,19 +87,19 @@ def encode_documents(tokenizer: Tokenizer,
 def split_spans(corpus: Corpus, bounds: np.ndarray, split: Split,
                 eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """[start, end) token spans of the documents (or parts) in `split`."""
-  start_D, end_D = bounds[:-1], bounds[1:]
-  if corpus.is_eval_D is not None:
-    keep = corpus.is_eval_D if split == "eval" else ~corpus.is_eval_D
-    return start_D[keep], end_D[keep]
+  start_N, end_N = bounds[:-1], bounds[1:]
+  if corpus.is_eval_N is not None:
+    keep = corpus.is_eval_N if split == "eval" else ~corpus.is_eval_N
+    return start_N[keep], end_N[keep]
   # The token stream's last fraction is eval; int() as nanoGPT does, which
   # gives tinyshakespeare's 1,003,854 / 111,540 split. A document that
   # straddles the cut is split with it.
   total = int(bounds[-1])
   cut = int(total * (1.0 - eval_fraction))
   lo, hi = (0, cut) if split == "train" else (cut, total)
-  start_S, end_S = np.clip(start_D, lo, hi), np.clip(end_D, lo, hi)
-  keep = end_S > start_S
-  return start_S[keep], end_S[keep]
+  start_N, end_N = np.clip(start_N, lo, hi), np.clip(end_N, lo, hi)
+  keep = end_N > start_N
+  return start_N[keep], end_N[keep]
 
 
 def _check_batch(global_batch_size: int, process_index: int,
@@ -137,9 +137,9 @@ def make_iterator(data_cfg: DataConfig, split: Split = "train", *,
     tokenizer = make_tokenizer(data_cfg)
   corpus = load_corpus(data_cfg)
   tokens_T, bounds = encode_documents(tokenizer, corpus)
-  start_S, end_S = split_spans(corpus, bounds, split, data_cfg.eval_fraction)
-  num_tokens = int((end_S - start_S).sum())
-  pieces = Pieces.from_spans(tokens_T, start_S, end_S, seq_len)
+  start_N, end_N = split_spans(corpus, bounds, split, data_cfg.eval_fraction)
+  num_tokens = int((end_N - start_N).sum())
+  pieces = Pieces.from_spans(tokens_T, start_N, end_N, seq_len)
   if num_tokens < seq_len + 1 or not len(pieces):
     hint = (f" (data.eval_fraction={data_cfg.eval_fraction})"
             if split == "eval" else "")

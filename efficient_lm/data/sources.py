@@ -28,7 +28,7 @@ class Corpus:
   docs: tuple[bytes, ...]
   # Per-document eval flag; None means "split the token stream instead"
   # (the text source, which follows nanoGPT: last fraction of the tokens).
-  is_eval_D: Optional[np.ndarray]
+  is_eval_N: Optional[np.ndarray]
 
 
 def load_corpus(data_cfg: DataConfig) -> Corpus:
@@ -136,12 +136,16 @@ def _jsonl_text(line: bytes, where: str) -> str:
     obj = json.loads(line)
   except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
     raise DataError(f"{where}: not valid JSON ({e})") from None
-  if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+  if not isinstance(obj, dict) or "text" not in obj:
     got = (f"keys {sorted(obj)}" if isinstance(obj, dict)
            else type(obj).__name__)
     raise DataError(
       f"{where}: expected an object with a string 'text' field, got {got}")
-  return obj["text"]
+  text = obj["text"]
+  if not isinstance(text, str):
+    raise DataError(
+      f"{where}: 'text' must be a string, got {type(text).__name__}")
+  return text
 
 
 def _load_jsonl(path: str, eval_fraction: float) -> Corpus:
@@ -163,5 +167,5 @@ def _load_jsonl(path: str, eval_fraction: float) -> Corpus:
                     "'text' in the JSON lines")
   # The last fraction of the documents, as the text source does with tokens.
   num_train = int(len(docs) * (1.0 - eval_fraction))
-  is_eval_D = np.arange(len(docs)) >= num_train
-  return Corpus(tuple(names), tuple(docs), is_eval_D)
+  is_eval_N = np.arange(len(docs)) >= num_train
+  return Corpus(tuple(names), tuple(docs), is_eval_N)

@@ -4,4 +4,6 @@ reference.py   dense f32 reference and chunked XLA variant
 vjp.py         custom_vjp, padding, BlockSizes, the backend kernel contract
 pallas_tpu.py  Mosaic TPU kernels (also run by the interpreter on CPU)
 pallas_gpu.py  Pallas GPU kernels (optional, imported lazily)
+pallas_mgpu.py Mosaic GPU (Hopper) kernels, called by pallas_gpu.py
+tiles.py       tile products, round-up, power-of-two tiles, soft cap
 """

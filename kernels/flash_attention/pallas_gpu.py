@@ -5,15 +5,15 @@ Implements the backend contract of kernels/flash_attention/vjp.py
 pallas_mgpu.py takes (block_q 64), the Mosaic GPU kernels there run
 instead; everything else runs the Triton kernels below.
 
-Letters: B batch, H query heads, K kv heads (G = H / K query heads per kv
-head), T query length, S key length, D q/k head dim, E value head dim.
-Layout [B, H, T, D].
+Letters: B batch, H query heads, G kv heads (Q = H / G query heads per kv
+head), T query length, S key length, K q/k head dim, E value head dim.
+Layout [B, H, T, K].
 
 Three kernels, FA2 style, all driven by `masks.BlockMetadata`:
   forward  grid (T/bq, B, H): walks the compacted non-empty kv blocks of its
            q block (`kv_index[:kv_count]`), online softmax in f32.
-  dK/dV    grid (S/bk, B, K): walks the transposed list (`q_index`) for each
-           of the G query heads of its kv head, so GQA needs no atomics.
+  dK/dV    grid (S/bk, B, G): walks the transposed list (`q_index`) for each
+           of the Q query heads of its kv head, so GQA needs no atomics.
   dQ       grid (T/bq, B, H): walks `kv_index` again.
 EMPTY tiles are never visited; the element predicate (`masks.element_mask`,
 recomputed from positions and segment ids) runs only on PARTIAL tiles.
@@ -27,7 +27,6 @@ to the next power of two here (exact: zero columns add nothing to q.k, and
 the extra output columns are zero and sliced off).
 """
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +37,8 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels import masks
 from kernels.flash_attention import pallas_mgpu
-
-_LOG2E = math.log2(math.e)
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a, b, dims):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _pow2(n):
-  return max(16, 1 << (n - 1).bit_length())
+from kernels.flash_attention.tiles import (LOG2E, NN, NT, TN, dot, pow2_tile,
+                                           soft_cap)
 
 
 def _pad_last(x, n):
@@ -67,10 +55,10 @@ def _compiler_params(head_dim):
 
 def _check(q, k, meta, params):
   b, h, t, _ = q.shape
-  kh, s = k.shape[1], k.shape[2]
+  g, s = k.shape[1], k.shape[2]
   bq, bk = params.block_q, params.block_kv
-  if h % kh:
-    raise ValueError(f"query heads {h} not a multiple of kv heads {kh}")
+  if h % g:
+    raise ValueError(f"query heads {h} not a multiple of kv heads {g}")
   if t % bq or s % bk:
     raise ValueError(f"lengths ({t}, {s}) must be multiples of blocks "
                      f"({bq}, {bk}); pad first")
@@ -109,12 +97,8 @@ def _gather_lookup(spec, table_ref, q_pos, k_pos):
 
 def _logits(q, k, params):
   """Scaled (and soft-capped) logits in log2 units, plus tanh for the vjp."""
-  s = _dot(q, k, _NT) * params.scale
-  cap = params.logits_soft_cap
-  if cap is None:
-    return s * _LOG2E, None
-  t = jnp.tanh(s / cap)
-  return t * (cap * _LOG2E), t
+  return soft_cap(dot(q, k, NT) * params.scale, params.logits_soft_cap,
+                  LOG2E)
 
 
 def _mask_tile(s, kind, rows, cols, params):
@@ -150,7 +134,7 @@ def _probs(q, k, lse, kind, rows, cols, params):
   s = _mask_tile(s, kind, rows, cols, params)
   # Rows that see no key have lse = -inf and, since they only occur in
   # PARTIAL tiles, every s = -inf: any finite stand-in gives p = 0.
-  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
   return jnp.exp2(s - lse2[:, None]), t
 
 
@@ -185,7 +169,7 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     p = jnp.exp2(s - m_safe[:, None])
     alpha = jnp.exp2(m - m_safe)
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, NN)
     return acc, m_new, l
 
   init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
@@ -195,7 +179,7 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
 
 
 def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
@@ -207,18 +191,18 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   cols = (k_pos_ref, k_seg_ref, table_ref, pl.program_id(0) * bk)
   count = count_ref[...]
 
-  def head(g, carry):  # one query head of this kv head's group
+  def head(qh, carry):  # one query head of this kv head's group
     def body(j, carry):
       dk, dv = carry
       q_start = pl.multiple_of(index_ref[j] * bq, bq)
       rows = pl.ds(q_start, bq)
-      q = q_ref[g, rows, :]
-      do = do_ref[g, rows, :]
-      p, t = _probs(q, k, lse_ref[g, rows], kind_ref[j],
+      q = q_ref[qh, rows, :]
+      do = do_ref[qh, rows, :]
+      p, t = _probs(q, k, lse_ref[qh, rows], kind_ref[j],
                     (q_pos_ref, q_seg_ref, q_start), cols, params)
-      dv = dv + _dot(p.astype(do.dtype), do, _TN)
-      ds = _dlogits(p, _dot(do, v, _NT), delta_ref[g, rows], t)
-      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      dv = dv + dot(p.astype(do.dtype), do, TN)
+      ds = _dlogits(p, dot(do, v, NT), delta_ref[qh, rows], t)
+      dk = dk + dot(ds.astype(q.dtype), q, TN)
       return dk, dv
 
     return lax.fori_loop(0, count, body, carry)
@@ -245,8 +229,8 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     v = v_ref[pl.ds(k_start, bk), :]
     cols = (k_pos_ref, k_seg_ref, table_ref, k_start)
     p, t = _probs(q, k, lse, kind_ref[j], rows, cols, params)
-    ds = _dlogits(p, _dot(do, v, _NT), delta, t)
-    return dq + _dot(ds.astype(k.dtype), k, _NN)
+    ds = _dlogits(p, dot(do, v, NT), delta, t)
+    return dq + dot(ds.astype(k.dtype), k, NN)
 
   dq = lax.fori_loop(0, count_ref[...], body,
                      jnp.zeros(q.shape, jnp.float32))
@@ -273,12 +257,13 @@ def _row_specs(n_blocks, t, s, table):
   ]
 
 
-def _q_tile(bq, d):
-  return pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, i, 0))
+def _q_tile(bq, width):
+  return pl.BlockSpec((None, None, bq, width), lambda i, b, h: (b, h, i, 0))
 
 
-def _kv_whole(s, d, g):
-  return pl.BlockSpec((None, None, s, d), lambda i, b, h: (b, h // g, 0, 0))
+def _kv_whole(s, width, group):
+  return pl.BlockSpec((None, None, s, width),
+                      lambda i, b, h: (b, h // group, 0, 0))
 
 
 def _row_tile(bq):
@@ -308,24 +293,24 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   if _use_mosaic(q, v, params, backward=False):
     return pallas_mgpu.flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
                                  params)
-  b, h, t, d = q.shape
-  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
-  g, bq = h // kh, params.block_q
-  dp, ep = _pow2(d), _pow2(e)
+  b, h, t, kdim = q.shape
+  g, s, e = v.shape[1], v.shape[2], v.shape[3]
+  group, bq = h // g, params.block_q
+  kpad, epad = pow2_tile(kdim), pow2_tile(e)
   table = _table(params.spec)
   o, lse = pl.pallas_call(
     functools.partial(_fwd_kernel, params=params),
     grid=(t // bq, b, h),
     in_specs=[*_row_specs(s // params.block_kv, t, s, table),
-              _q_tile(bq, dp),
-              _kv_whole(s, dp, g), _kv_whole(s, ep, g)],
-    out_specs=[_q_tile(bq, ep), _row_tile(bq)],
-    out_shape=[jax.ShapeDtypeStruct((b, h, t, ep), q.dtype),
+              _q_tile(bq, kpad),
+              _kv_whole(s, kpad, group), _kv_whole(s, epad, group)],
+    out_specs=[_q_tile(bq, epad), _row_tile(bq)],
+    out_shape=[jax.ShapeDtypeStruct((b, h, t, epad), q.dtype),
                jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-    compiler_params=_compiler_params(max(dp, ep)),
+    compiler_params=_compiler_params(max(kpad, epad)),
     interpret=params.interpret, name="flash_fwd_gpu",
   )(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos, q_seg, k_pos, k_seg,
-    table, _pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep))
+    table, _pad_last(q, kpad), _pad_last(k, kpad), _pad_last(v, epad))
   return o[..., :e], lse
 
 
@@ -336,32 +321,34 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   if _use_mosaic(q, v, params, backward=True):
     return pallas_mgpu.flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
                                  lse, do, delta, params)
-  b, h, t, d = q.shape
-  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
-  g, bq, bk = h // kh, params.block_q, params.block_kv
-  dp, ep = _pow2(d), _pow2(e)
+  b, h, t, kdim = q.shape
+  g, s, e = v.shape[1], v.shape[2], v.shape[3]
+  group, bq, bk = h // g, params.block_q, params.block_kv
+  kpad, epad = pow2_tile(kdim), pow2_tile(e)
   table = _table(params.spec)
   seqs = (q_pos, q_seg, k_pos, k_seg, table)
-  q_, k_, v_, do_ = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, ep),
-                     _pad_last(do, ep))
-  cparams = _compiler_params(max(dp, ep))
+  q_, k_, v_, do_ = (_pad_last(q, kpad), _pad_last(k, kpad),
+                     _pad_last(v, epad), _pad_last(do, epad))
+  cparams = _compiler_params(max(kpad, epad))
 
-  # dK/dV: one program per (kv block, batch, kv head), its G query heads
-  # looped inside over whole [G, T, *] slabs of q, do, lse and delta.
-  def group(d_):
-    return pl.BlockSpec((None, g, t, d_), lambda i, b, h: (b, h, 0, 0))
+  # dK/dV: one program per (kv block, batch, kv head), its Q query heads
+  # looped inside over whole [Q, T, *] slabs of q, do, lse and delta.
+  def slab(width):
+    return pl.BlockSpec((None, group, t, width),
+                        lambda i, b, h: (b, h, 0, 0))
 
-  def group_rows():
-    return pl.BlockSpec((None, g, t), lambda i, b, h: (b, h, 0))
+  def slab_rows():
+    return pl.BlockSpec((None, group, t), lambda i, b, h: (b, h, 0))
 
   dk, dv = pl.pallas_call(
     functools.partial(_dkdv_kernel, params=params),
-    grid=(s // bk, b, kh),
-    in_specs=[*_row_specs(t // bq, t, s, table), group(dp), _q_tile(bk, dp),
-              _q_tile(bk, ep), group(ep), group_rows(), group_rows()],
-    out_specs=[_q_tile(bk, dp), _q_tile(bk, ep)],
-    out_shape=[jax.ShapeDtypeStruct((b, kh, s, dp), k.dtype),
-               jax.ShapeDtypeStruct((b, kh, s, ep), v.dtype)],
+    grid=(s // bk, b, g),
+    in_specs=[*_row_specs(t // bq, t, s, table), slab(kpad),
+              _q_tile(bk, kpad), _q_tile(bk, epad), slab(epad), slab_rows(),
+              slab_rows()],
+    out_specs=[_q_tile(bk, kpad), _q_tile(bk, epad)],
+    out_shape=[jax.ShapeDtypeStruct((b, g, s, kpad), k.dtype),
+               jax.ShapeDtypeStruct((b, g, s, epad), v.dtype)],
     compiler_params=cparams, interpret=params.interpret,
     name="flash_dkdv_gpu",
   )(meta.q_count, meta.q_index, meta.q_kind, *seqs, q_, k_, v_, do_, lse,
@@ -370,13 +357,13 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   dq = pl.pallas_call(
     functools.partial(_dq_kernel, params=params),
     grid=(t // bq, b, h),
-    in_specs=[*_row_specs(s // bk, t, s, table), _q_tile(bq, dp),
-              _kv_whole(s, dp, g), _kv_whole(s, ep, g), _q_tile(bq, ep),
-              _row_tile(bq), _row_tile(bq)],
-    out_specs=_q_tile(bq, dp),
-    out_shape=jax.ShapeDtypeStruct((b, h, t, dp), q.dtype),
+    in_specs=[*_row_specs(s // bk, t, s, table), _q_tile(bq, kpad),
+              _kv_whole(s, kpad, group), _kv_whole(s, epad, group),
+              _q_tile(bq, epad), _row_tile(bq), _row_tile(bq)],
+    out_specs=_q_tile(bq, kpad),
+    out_shape=jax.ShapeDtypeStruct((b, h, t, kpad), q.dtype),
     compiler_params=cparams, interpret=params.interpret,
     name="flash_dq_gpu",
   )(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs, q_, k_, v_, do_, lse,
     delta)
-  return dq[..., :d], dk[..., :d], dv[..., :e]
+  return dq[..., :kdim], dk[..., :kdim], dv[..., :e]

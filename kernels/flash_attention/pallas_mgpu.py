@@ -1,7 +1,7 @@
 """Block-sparse flash attention on Hopper: Pallas Mosaic GPU kernels.
 
 Same contract and letters as pallas_gpu.py (vjp.py's `flash_fwd` /
-`flash_bwd`, layout [B, H, T, D]). One warpgroup per program, 64-row tiles
+`flash_bwd`, layout [B, H, T, K]). One warpgroup per program, 64-row tiles
 for the wgmma M side, operands in swizzled SMEM fed by TMA, double-buffered
 over the compacted block lists, so EMPTY tiles are never fetched; the
 element predicate runs only on PARTIAL tiles (`lax.cond`).
@@ -14,7 +14,6 @@ A deliberately simple first version, not yet measured on hardware:
   - No producer warpgroup, no 2-warpgroup ping-pong, no TMA multicast.
 """
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import masks
+from kernels.flash_attention.tiles import LOG2E, soft_cap
 
-_LOG2E = math.log2(math.e)
 _ACC = plgpu.Layout.WGMMA
 _ROW = _ACC.reduce(1)  # one value per accumulator row
 _COL = _ACC.reduce(0)  # one value per accumulator column
@@ -36,7 +35,7 @@ def unsupported(q, v, params, *, backward=False):
     return f"the wgmma path takes bf16 / f16, got {q.dtype}"
   bq, bk = params.block_q, params.block_kv
   # 64 rows per warpgroup MMA; the dK/dV tile puts kv rows on that side and
-  # holds two f32 [bk, D] accumulators, so it stays at 64 too.
+  # holds two f32 [bk, K] accumulators, so it stays at 64 too.
   if bq != 64 or bk % 64 or bk > 128 or (backward and bk != 64):
     return (f"tiles ({bq}, {bk}) unsupported: needs block_q 64 and block_kv "
             f"{'64' if backward else '64 or 128'}")
@@ -84,11 +83,7 @@ def _zeros(shape, layout=_ACC, value=0.0):
 
 def _logits2(s, params):
   """Scaled (soft-capped) logits in log2 units, and tanh for the vjp."""
-  cap = params.logits_soft_cap
-  if cap is None:
-    return s * (params.scale * _LOG2E), None
-  t = jnp.tanh(s * (params.scale / cap))
-  return t * (cap * _LOG2E), t
+  return soft_cap(s * params.scale, params.logits_soft_cap, LOG2E)
 
 
 def _masked(s, params, kind, q_vecs, k_vecs, k_start, q_axis):
@@ -144,15 +139,15 @@ def _pipeline(steps, fetch, step, carry):
 
 
 def _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi,
-                kh, bk):
+                g, bk):
   """fetch(j, slot): async copy of the j-th listed kv block into `slot`
   (shared by the forward and dQ kernels, which walk the same list)."""
 
   def fetch(j, slot):
     kv = pl.ds(index_ref[b, qi, j] * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[b, kh, kv], k_smem.at[slot],
+    plgpu.copy_gmem_to_smem(k_ref.at[b, g, kv], k_smem.at[slot],
                             k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, kh, kv], v_smem.at[slot],
+    plgpu.copy_gmem_to_smem(v_ref.at[b, g, kv], v_smem.at[slot],
                             v_bar.at[slot])
 
   return fetch
@@ -160,18 +155,18 @@ def _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi,
 def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
                 k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
                 q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar,
-                k_bar, v_bar, *, params, groups):
+                k_bar, v_bar, *, params, group):
   bq, bk = params.block_q, params.block_kv
   e = v_smem.shape[-1]
   b, h, qi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
-  kh = lax.div(h, jnp.array(groups, h.dtype))
+  g = lax.div(h, jnp.array(group, h.dtype))
   rows = pl.ds(qi * bq, bq)
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar.at[0])
   q_vecs = (_vec(q_pos_ref.at[b, rows], _ROW),
             _vec(q_seg_ref.at[b, rows], _ROW))
 
   fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
-                      b, qi, kh, bk)
+                      b, qi, g, bk)
 
   def step(j, slot, carry):
     acc, m, l = carry
@@ -199,7 +194,7 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   l_safe = jnp.where(seen, l, 1.0)
   o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, e), [0])).astype(
     o_smem.dtype)
-  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, rows])
   plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
@@ -209,11 +204,11 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
 def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
                k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, dq_ref, q_smem, do_smem, k_smem, v_smem, ds_smem,
-               q_bar, k_bar, v_bar, *, params, groups):
+               q_bar, k_bar, v_bar, *, params, group):
   bq, bk = params.block_q, params.block_kv
-  d = q_smem.shape[-1]
+  kdim = q_smem.shape[-1]
   b, h, qi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
-  kh = lax.div(h, jnp.array(groups, h.dtype))
+  g = lax.div(h, jnp.array(group, h.dtype))
   rows = pl.ds(qi * bq, bq)
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar.at[0])
   plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows], do_smem, q_bar.at[1])
@@ -221,11 +216,11 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
             _vec(q_seg_ref.at[b, rows], _ROW))
   lse = _vec(lse_ref.at[b, h, rows], _ROW)
   # Rows that see nothing: lse -inf, every s -inf, so 0 keeps p at 0.
-  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
   delta = _vec(delta_ref.at[b, h, rows], _ROW)
 
   fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
-                      b, qi, kh, bk)
+                      b, qi, g, bk)
 
   def step(j, slot, dq):
     k_start = index_ref[b, qi, j] * bk
@@ -241,11 +236,11 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     ds = ds if t is None else ds * (1.0 - t * t)
     ds_smem[...] = ds.astype(ds_smem.dtype)
     plgpu.commit_smem()
-    return dq + _matmul(ds_smem, k_smem.at[slot], (bq, d))
+    return dq + _matmul(ds_smem, k_smem.at[slot], (bq, kdim))
 
   plgpu.barrier_wait(q_bar.at[0])
   plgpu.barrier_wait(q_bar.at[1])
-  dq = _pipeline(count_ref[b, qi], fetch, step, _zeros((bq, d)))
+  dq = _pipeline(count_ref[b, qi], fetch, step, _zeros((bq, kdim)))
   q_smem[...] = (dq * params.scale).astype(q_smem.dtype)  # q is done
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
@@ -255,21 +250,21 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
 def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
                  k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                  delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem,
-                 p_smem, ds_smem, k_bar, q_bar, do_bar, *, params, groups):
+                 p_smem, ds_smem, k_bar, q_bar, do_bar, *, params, group):
   """Transposed tiles [kv rows, q cols], so kv rows sit on the MMA M side."""
   bq, bk = params.block_q, params.block_kv
-  d, e = k_smem.shape[-1], v_smem.shape[-1]
-  b, kh, ki = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
+  kdim, e = k_smem.shape[-1], v_smem.shape[-1]
+  b, g, ki = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
   cols = pl.ds(ki * bk, bk)
-  plgpu.copy_gmem_to_smem(k_ref.at[b, kh, cols], k_smem, k_bar.at[0])
-  plgpu.copy_gmem_to_smem(v_ref.at[b, kh, cols], v_smem, k_bar.at[1])
+  plgpu.copy_gmem_to_smem(k_ref.at[b, g, cols], k_smem, k_bar.at[0])
+  plgpu.copy_gmem_to_smem(v_ref.at[b, g, cols], v_smem, k_bar.at[1])
   k_vecs = (_vec(k_pos_ref.at[b, cols], _ROW),
             _vec(k_seg_ref.at[b, cols], _ROW))
   count = count_ref[b, ki]
   c = jnp.maximum(count, 1)
 
   def locate(n):  # flat step -> (query head, q block start)
-    h = kh * groups + lax.div(n, c)
+    h = g * group + lax.div(n, c)
     return h, index_ref[b, ki, lax.rem(n, c)] * bq
 
   def fetch(n, slot):
@@ -287,7 +282,7 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     q_vecs = (_vec(q_pos_ref.at[b, rows], _COL),
               _vec(q_seg_ref.at[b, rows], _COL))
     lse = _vec(lse_ref.at[b, h, rows], _COL)
-    lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+    lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
     delta = _vec(delta_ref.at[b, h, rows], _COL)
     plgpu.barrier_wait(q_bar.at[slot])
     s, t = _logits2(_matmul(k_smem, q_smem.at[slot].T, (bk, bq)), params)
@@ -302,30 +297,30 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     ds_smem[...] = ds.astype(ds_smem.dtype)
     plgpu.commit_smem()
     dv = dv + _matmul(p_smem, do_smem.at[slot], (bk, e))
-    dk = dk + _matmul(ds_smem, q_smem.at[slot], (bk, d))
+    dk = dk + _matmul(ds_smem, q_smem.at[slot], (bk, kdim))
     return dk, dv
 
   plgpu.barrier_wait(k_bar.at[0])
   plgpu.barrier_wait(k_bar.at[1])
-  dk, dv = _pipeline(count * groups, fetch, step,
-                     (_zeros((bk, d)), _zeros((bk, e))))
+  dk, dv = _pipeline(count * group, fetch, step,
+                     (_zeros((bk, kdim)), _zeros((bk, e))))
   k_smem[...] = (dk * params.scale).astype(k_smem.dtype)  # k, v are done
   v_smem[...] = dv.astype(v_smem.dtype)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, kh, cols])
-  plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, kh, cols])
+  plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, g, cols])
+  plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, g, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
 # ----------------------------------------------------------------- wrappers
 
 
-def _launch(body, grid, out_type, scratch, params, groups):
+def _launch(body, grid, out_type, scratch, params, group):
   interpret = params.interpret  # tests may pass InterpretGPUParams directly
   if interpret is True:
     interpret = plgpu.InterpretGPUParams()
   return plgpu.kernel(
-    functools.partial(body, params=params, groups=groups),
+    functools.partial(body, params=params, group=group),
     out_type=out_type, scratch_types=scratch, grid=grid,
     grid_names=("t", "h", "b"), interpret=interpret,
     compiler_params=plgpu.CompilerParams(approx_math=True))
@@ -333,10 +328,10 @@ def _launch(body, grid, out_type, scratch, params, groups):
 
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   """(o [B, H, T, E] in q.dtype, lse [B, H, T] f32); see vjp.py."""
-  b, h, t, d = q.shape
-  kh, e = v.shape[1], v.shape[3]
+  b, h, t, kdim = q.shape
+  g, e = v.shape[1], v.shape[3]
   bq, bk = params.block_q, params.block_kv
-  scratch = [_smem((bq, d), q.dtype), _smem((2, bk, d), q.dtype),
+  scratch = [_smem((bq, kdim), q.dtype), _smem((2, bk, kdim), q.dtype),
              _smem((2, bk, e), q.dtype), _smem((bq, bk), q.dtype),
              _smem((bq, e), q.dtype), plgpu.SMEM((bq,), jnp.float32),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
@@ -344,7 +339,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   out_type = [jax.ShapeDtypeStruct((b, h, t, e), q.dtype),
               jax.ShapeDtypeStruct((b, h, t), jnp.float32)]
   kernel = _launch(_fwd_kernel, (t // bq, h, b), out_type, scratch, params,
-                   h // kh)
+                   h // g)
   return tuple(kernel(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos,
                       q_seg, k_pos, k_seg, q, k, v))
 
@@ -352,26 +347,26 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
 def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
               params):
   """(dq, dk, dv) like (q, k, v); delta = rowsum(o * do) - dlse."""
-  b, h, t, d = q.shape
-  kh, s, e = v.shape[1], v.shape[2], v.shape[3]
+  b, h, t, kdim = q.shape
+  g, s, e = v.shape[1], v.shape[2], v.shape[3]
   bq, bk = params.block_q, params.block_kv
-  g = h // kh
+  group = h // g
   seqs = (q_pos, q_seg, k_pos, k_seg, q, k, v, do, lse, delta)
   dq = _launch(
     _dq_kernel, (t // bq, h, b), jax.ShapeDtypeStruct(q.shape, q.dtype),
-    [_smem((bq, d), q.dtype), _smem((bq, e), q.dtype),
-     _smem((2, bk, d), q.dtype), _smem((2, bk, e), q.dtype),
+    [_smem((bq, kdim), q.dtype), _smem((bq, e), q.dtype),
+     _smem((2, bk, kdim), q.dtype), _smem((2, bk, e), q.dtype),
      _smem((bq, bk), q.dtype), plgpu.Barrier(num_barriers=2),
      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)],
-    params, g)(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs)
+    params, group)(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs)
   dk, dv = _launch(
-    _dkdv_kernel, (s // bk, kh, b),
+    _dkdv_kernel, (s // bk, g, b),
     [jax.ShapeDtypeStruct(k.shape, k.dtype),
      jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    [_smem((bk, d), k.dtype), _smem((bk, e), v.dtype),
-     _smem((2, bq, d), q.dtype), _smem((2, bq, e), q.dtype),
+    [_smem((bk, kdim), k.dtype), _smem((bk, e), v.dtype),
+     _smem((2, bq, kdim), q.dtype), _smem((2, bq, e), q.dtype),
      _smem((bk, bq), q.dtype), _smem((bk, bq), q.dtype),
      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
      plgpu.Barrier(num_barriers=2)],
-    params, g)(meta.q_count, meta.q_index, meta.q_kind, *seqs)
+    params, group)(meta.q_count, meta.q_index, meta.q_kind, *seqs)
   return dq, dk, dv

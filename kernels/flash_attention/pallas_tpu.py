@@ -7,7 +7,7 @@ never fetched nor computed. List entries past the count repeat the last
 index, so the pipeline keeps the resident block and issues no DMA.
 
 Per-row data is passed with a unit minor dim: q positions / segments
-[B, T, 1], kv ones [B, 1, T], lse and delta [B, H, T, 1], so each tile
+[B, T, 1], kv ones [B, 1, S], lse and delta [B, H, T, 1], so each tile
 broadcasts (rows, 1) against (1, cols) without relayouts.
 """
 import functools
@@ -18,19 +18,9 @@ import numpy as np
 
 from kernels import compat
 from kernels import masks
+from kernels.flash_attention.tiles import NN, NT, TN, dot, round_up, soft_cap
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "-inf": no NaN
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _dot(a, b, dims):
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _round_up(x, m):
-  return -(-x // m) * m
 
 
 def _table(spec):
@@ -38,7 +28,7 @@ def _table(spec):
   if spec.block_mask is None:
     return None
   t = np.asarray(spec.block_mask, np.float32)
-  out = np.zeros((_round_up(t.shape[0], 128), _round_up(t.shape[1], 128)),
+  out = np.zeros((round_up(t.shape[0], 128), round_up(t.shape[1], 128)),
                  np.float32)
   out[:t.shape[0], :t.shape[1]] = t
   return jnp.asarray(out)
@@ -54,7 +44,7 @@ def _mxu_lookup(spec, table, q_pos, k_pos):
   onehot_q = (rows == qb).astype(jnp.float32)
   cols = jax.lax.broadcasted_iota(jnp.int32, (npk, k_pos.shape[1]), 0)
   onehot_k = (cols == kb).astype(jnp.float32)
-  hit = _dot(_dot(onehot_q, table, _NN), onehot_k, _NN)
+  hit = dot(dot(onehot_q, table, NN), onehot_k, NN)
   return hit > 0.5  # out-of-table positions hit no row / column: False
 
 
@@ -72,25 +62,21 @@ def _tile_mask(params, q_pos, q_seg, k_pos, k_seg, kv_block, table_ref):
 
 def _logits(params, q, k):
   """Scaled (and soft-capped) logits; also tanh for the cap's derivative."""
-  s = _dot(q, k, _NT) * params.scale
-  if params.logits_soft_cap is None:
-    return s, None
-  t = jnp.tanh(s / params.logits_soft_cap)
-  return params.logits_soft_cap * t, t
+  return soft_cap(dot(q, k, NT) * params.scale, params.logits_soft_cap)
 
 
-def _check_tiles(params, tq, tk):
+def _check_tiles(params, t, s):
   """Mosaic tiles are (8, 128): rows of q need 8s, kv rows (lanes) 128s."""
   if params.interpret:
     return
   bq, bk = params.block_q, params.block_kv
-  if bq % 8 and bq != tq:
+  if bq % 8 and bq != t:
     raise NotImplementedError(
       f"pallas_tpu needs block_q % 8 == 0, got {bq}")
-  if bk % 128 and bk != tk:
+  if bk % 128 and bk != s:
     raise NotImplementedError(
       f"pallas_tpu needs block_kv % 128 == 0 (or one block for all keys), "
-      f"got block_kv={bk} for {tk} keys")
+      f"got block_kv={bk} for {s} keys")
 
 
 def _grid_width(count, n, params):
@@ -147,8 +133,8 @@ def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
 
   Order: q, k, v, q_pos, q_seg, k_pos, k_seg, *rows, [block-mask table].
   """
-  d, e = q.shape[3], v.shape[3]
-  g = q.shape[1] // k.shape[1]
+  kdim, e = q.shape[3], v.shape[3]
+  group = q.shape[1] // k.shape[1]
   bq, bk = params.block_q, params.block_kv
 
   def kv_block(bi, i, j, refs):
@@ -156,13 +142,14 @@ def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
 
   def kv_spec(shape):
     return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (
-      bi, h // g, kv_block(bi, i, j, r), 0))
+      bi, h // group, kv_block(bi, i, j, r), 0))
 
   q_rows = compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0))
   kv_cols = compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
     bi, 0, kv_block(bi, i, j, r)))
-  in_specs = [_q_row_spec((None, None, bq, d)), kv_spec((None, None, bk, d)),
-              kv_spec((None, None, bk, e)), q_rows, q_rows, kv_cols, kv_cols]
+  in_specs = [_q_row_spec((None, None, bq, kdim)),
+              kv_spec((None, None, bk, kdim)), kv_spec((None, None, bk, e)),
+              q_rows, q_rows, kv_cols, kv_cols]
   in_specs += [_q_row_spec((None, None, bq, x.shape[3])) for x in rows]
   operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
               k_pos[:, None, :], k_seg[:, None, :], *rows]
@@ -174,19 +161,19 @@ def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
 
 
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
-  b, hq, tq, _ = q.shape
-  tk, e = k.shape[2], v.shape[3]
+  b, h, t, _ = q.shape
+  s, e = k.shape[2], v.shape[3]
   bq, bk = params.block_q, params.block_kv
-  nq, nk = tq // bq, tk // bk
-  _check_tiles(params, tq, tk)
+  nq, nk = t // bq, s // bk
+  _check_tiles(params, t, s)
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
   in_specs, operands = _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
                                        (), lists, params)
   out_specs = [_q_row_spec((None, None, bq, e)),
                _q_row_spec((None, None, bq, 1))]
   prefetch, operands = _varying(lists.arrays, operands)
-  out_shape = [compat.out_struct((b, hq, tq, e), q.dtype, operands[0]),
-               compat.out_struct((b, hq, tq, 1), jnp.float32, operands[0])]
+  out_shape = [compat.out_struct((b, h, t, e), q.dtype, operands[0]),
+               compat.out_struct((b, h, t, 1), jnp.float32, operands[0])]
   scratch = [compat.vmem((bq, 1), jnp.float32),  # running max m
              compat.vmem((bq, 1), jnp.float32),  # running sum l
              compat.vmem((bq, e), jnp.float32)]  # unnormalised output
@@ -219,8 +206,8 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
         p = jnp.where(vis, p, 0.0)
       alpha = jnp.exp(m_prev - m_new)
       l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-      acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v_ref.dtype),
-                                               v_ref[...], _NN)
+      acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v_ref.dtype),
+                                              v_ref[...], NN)
       m_sc[...] = m_new
 
     live = j < count
@@ -238,7 +225,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
 
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
-    grid=(b, hq, nq, _grid_width(meta.kv_count, nk, params)),
+    grid=(b, h, nq, _grid_width(meta.kv_count, nk, params)),
     in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
   o, lse = compat.pallas_call(
     kernel, out_shape=out_shape, grid_spec=grid_spec,
@@ -254,7 +241,7 @@ def _ds(params, q, k, v, do, lse, delta, vis):
   p = jnp.exp(s - lse)
   if vis is not None:
     p = jnp.where(vis, p, 0.0)  # also clears rows whose lse is -inf
-  dp = _dot(do, v, _NT)
+  dp = dot(do, v, NT)
   ds = p * (dp - delta)
   if t is not None:
     ds = ds * (1.0 - t * t)
@@ -263,34 +250,35 @@ def _ds(params, q, k, v, do, lse, delta, vis):
 
 def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
              params):
-  b, hq, tq, d = q.shape
-  hkv, tk, e = k.shape[1], k.shape[2], v.shape[3]
-  g = hq // hkv
+  b, h, t, kdim = q.shape
+  g, s, e = k.shape[1], k.shape[2], v.shape[3]
+  group = h // g
   bq, bk = params.block_q, params.block_kv
-  nq, nk = tq // bq, tk // bk
+  nq, nk = t // bq, s // bk
   lists = _Lists(meta.q_count, meta.q_index, meta.q_kind)
   table = _table(params.spec)
 
-  def q_block(bi, hk, kj, gi, i, *refs):
+  def q_block(bi, gh, kj, qh, i, *refs):
     return lists.at(refs, bi, kj, i)[1]
 
-  def row_spec(shape):  # q-side operand [B, Hq, T, x]
-    return compat.BlockSpec(shape, lambda bi, hk, kj, gi, i, *r: (
-      bi, hk * g + gi, q_block(bi, hk, kj, gi, i, *r), 0))
+  def row_spec(shape):  # q-side operand [B, H, T, x]
+    return compat.BlockSpec(shape, lambda bi, gh, kj, qh, i, *r: (
+      bi, gh * group + qh, q_block(bi, gh, kj, qh, i, *r), 0))
 
   def pos_spec():  # q-side per-row [B, T, 1]
-    return compat.BlockSpec((None, bq, 1), lambda bi, hk, kj, gi, i, *r: (
-      bi, q_block(bi, hk, kj, gi, i, *r), 0))
+    return compat.BlockSpec((None, bq, 1), lambda bi, gh, kj, qh, i, *r: (
+      bi, q_block(bi, gh, kj, qh, i, *r), 0))
 
   def kv_spec(shape):
-    return compat.BlockSpec(shape, lambda bi, hk, kj, gi, i, *r: (
-      bi, hk, kj, 0))
+    return compat.BlockSpec(shape, lambda bi, gh, kj, qh, i, *r: (
+      bi, gh, kj, 0))
 
   def kv_row_spec():
-    return compat.BlockSpec((None, 1, bk), lambda bi, hk, kj, gi, i, *r: (
+    return compat.BlockSpec((None, 1, bk), lambda bi, gh, kj, qh, i, *r: (
       bi, 0, kj))
 
-  in_specs = [row_spec((None, None, bq, d)), kv_spec((None, None, bk, d)),
+  in_specs = [row_spec((None, None, bq, kdim)),
+              kv_spec((None, None, bk, kdim)),
               kv_spec((None, None, bk, e)), pos_spec(), pos_spec(),
               kv_row_spec(), kv_row_spec(), row_spec((None, None, bq, e)),
               row_spec((None, None, bq, 1)), row_spec((None, None, bq, 1))]
@@ -300,11 +288,11 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   if table is not None:
     in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
     operands.append(table)
-  out_specs = [kv_spec((None, None, bk, d)), kv_spec((None, None, bk, e))]
+  out_specs = [kv_spec((None, None, bk, kdim)), kv_spec((None, None, bk, e))]
   prefetch, operands = _varying(lists.arrays, operands)
   out_shape = [compat.out_struct(k.shape, k.dtype, operands[0]),
                compat.out_struct(v.shape, v.dtype, operands[0])]
-  scratch = [compat.vmem((bk, d), jnp.float32),
+  scratch = [compat.vmem((bk, kdim), jnp.float32),
              compat.vmem((bk, e), jnp.float32)]
 
   def kernel(*refs):
@@ -313,10 +301,10 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
      delta_ref) = refs[:10]
     table_ref = refs[10] if table is not None else None
     dk_ref, dv_ref, dk_sc, dv_sc = refs[-4:]
-    bi, kj, gi, i = (compat.program_id(a) for a in (0, 2, 3, 4))
+    bi, kj, qh, i = (compat.program_id(a) for a in (0, 2, 3, 4))
     count, _, kind = lists.at(list_refs, bi, kj, i)
 
-    @compat.when((gi == 0) & (i == 0))
+    @compat.when((qh == 0) & (i == 0))
     def _init():
       dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
       dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
@@ -330,21 +318,21 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
       do_t = do_ref[...]
       p, ds = _ds(params, q_t, k_ref[...], v_ref[...], do_t, lse_ref[...],
                   delta_ref[...], vis)
-      dv_sc[...] += _dot(p.astype(do_t.dtype), do_t, _TN)
-      dk_sc[...] += _dot(ds.astype(q_t.dtype), q_t, _TN)
+      dv_sc[...] += dot(p.astype(do_t.dtype), do_t, TN)
+      dk_sc[...] += dot(ds.astype(q_t.dtype), q_t, TN)
 
     live = i < count
     compat.when(live & (kind == masks.FULL))(lambda: step(False))
     compat.when(live & (kind == masks.PARTIAL))(lambda: step(True))
 
-    @compat.when((gi == g - 1) & (i == compat.num_programs(4) - 1))
+    @compat.when((qh == group - 1) & (i == compat.num_programs(4) - 1))
     def _finish():
       dk_ref[...] = (dk_sc[...] * params.scale).astype(dk_ref.dtype)
       dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
-    grid=(b, hkv, nk, g, _grid_width(meta.q_count, nq, params)),
+    grid=(b, g, nk, group, _grid_width(meta.q_count, nq, params)),
     in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
   return compat.pallas_call(
     kernel, out_shape=out_shape, grid_spec=grid_spec,
@@ -356,9 +344,9 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
 
 def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
             params):
-  b, hq, tq, d = q.shape
+  b, h, t, kdim = q.shape
   bq, bk = params.block_q, params.block_kv
-  nq, nk = tq // bq, k.shape[2] // bk
+  nq, nk = t // bq, k.shape[2] // bk
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
   in_specs, operands = _q_major_inputs(
     q, k, v, q_pos, k_pos, q_seg, k_seg,
@@ -386,7 +374,7 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
                          ks_ref[...], kv_idx, table_ref)
       _, ds = _ds(params, q_ref[...], k_t, v_ref[...], do_ref[...],
                   lse_ref[...], delta_ref[...], vis)
-      dq_sc[...] += _dot(ds.astype(k_t.dtype), k_t, _NN)
+      dq_sc[...] += dot(ds.astype(k_t.dtype), k_t, NN)
 
     live = j < count
     compat.when(live & (kind == masks.FULL))(lambda: step(False))
@@ -398,9 +386,9 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
 
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
-    grid=(b, hq, nq, _grid_width(meta.kv_count, nk, params)),
-    in_specs=in_specs, out_specs=[_q_row_spec((None, None, bq, d))],
-    scratch_shapes=[compat.vmem((bq, d), jnp.float32)])
+    grid=(b, h, nq, _grid_width(meta.kv_count, nk, params)),
+    in_specs=in_specs, out_specs=[_q_row_spec((None, None, bq, kdim))],
+    scratch_shapes=[compat.vmem((bq, kdim), jnp.float32)])
   (dq,) = compat.pallas_call(
     kernel, out_shape=[compat.out_struct(q.shape, q.dtype, operands[0])],
     grid_spec=grid_spec,

@@ -1,7 +1,7 @@
 """custom_vjp wiring shared by every blockwise backend (FlashAttention-2).
 
-The wrapper `flash_attention` takes the public [B, T, H, D] layout, moves
-heads before length ([B, H, T, D]: each kernel tile is then a (rows, D)
+The wrapper `flash_attention` takes the public [B, T, H, K] layout, moves
+heads before length ([B, H, T, K]: each kernel tile is then a (rows, K)
 slab), pads lengths to block multiples (padded rows and keys get segment 0,
 so they are masked and the result is exact), builds the block metadata of
 kernels/masks.py and calls a backend's kernels under one `jax.custom_vjp`.
@@ -9,22 +9,23 @@ kernels/masks.py and calls a backend's kernels under one `jax.custom_vjp`.
 Backend kernel contract (pallas_tpu.py, pallas_gpu.py must match it):
 
   flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params)
-      -> (o [B, Hq, Tq, E] in q.dtype, lse [B, Hq, Tq] float32)
+      -> (o [B, H, T, E] in q.dtype, lse [B, H, T] float32)
   flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
             params)
       -> (dq like q, dk like k, dv like v)
 
-  q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, E]; q head h reads kv
-  head h // (Hq // Hkv). Tq, Tk are multiples of params.block_q /
-  params.block_kv. Positions and segment ids int32 [B, T] (segment 0 =
-  padding). `meta` is `masks.BlockMetadata` for (block_q, block_kv): the
-  forward and dQ kernels walk meta.kv_index[b, qb, :kv_count[b, qb]], the
-  dK/dV kernel walks meta.q_index[b, kb, :q_count[b, kb]]; FULL tiles skip
-  the element mask, PARTIAL tiles apply `masks.element_mask` (key column c
-  is a suffix column iff params.suffix_start <= c < params.kv_len).
+  q [B, H, T, K], k [B, G, S, K], v [B, G, S, E]; query head h reads kv
+  head h // (H // G). T, S are multiples of params.block_q /
+  params.block_kv. Positions and segment ids int32 [B, T] (q), [B, S] (k, v);
+  segment 0 = padding. `meta` is `masks.BlockMetadata` for (block_q,
+  block_kv): the forward and dQ kernels walk
+  meta.kv_index[b, qb, :kv_count[b, qb]], the dK/dV kernel walks
+  meta.q_index[b, kb, :q_count[b, kb]]; FULL tiles skip the element mask,
+  PARTIAL tiles apply `masks.element_mask` (key column c is a suffix column
+  iff params.suffix_start <= c < params.kv_len).
   lse is -inf on rows that see no key; such rows only occur in PARTIAL or
   EMPTY tiles, so masking p to 0 there keeps everything finite.
-  delta = rowsum(o * do) - dlse (f32 [B, Hq, Tq]): folding the lse
+  delta = rowsum(o * do) - dlse (f32 [B, H, T]): folding the lse
   cotangent into delta makes ds = p * (dp - delta) exact for both outputs.
   Rows with no visible key must give o = 0 and zero gradients.
 """
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masks
+from kernels.flash_attention.tiles import pow2_tile, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,43 +148,37 @@ def _flash_bwd(cfg, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _round_up(x, m):
-  return -(-x // m) * m
-
-
-def fit_block_sizes(block_sizes, tq, tk, backend="pallas_tpu"):
+def fit_block_sizes(block_sizes, t, s, backend="pallas_tpu"):
   """Shrink tiles for short sequences, never above T: multiples of 8 on
   TPU; powers of two of at least 16 on GPU (Triton / Mosaic GPU tiles)."""
-  def fit(b, t):
+  def fit(block, n):
     if backend in _GPU:
-      return min(b, max(16, 1 << (t - 1).bit_length()))
-    return min(b, _round_up(t, 8))
+      return min(block, pow2_tile(n))
+    return min(block, round_up(n, 8))
   bq_b, bk_b = block_sizes.bwd
-  return BlockSizes(fit(block_sizes.block_q, tq), fit(block_sizes.block_kv, tk),
-                    fit(bq_b, tq), fit(bk_b, tk))
+  return BlockSizes(fit(block_sizes.block_q, t), fit(block_sizes.block_kv, s),
+                    fit(bq_b, t), fit(bk_b, s))
 
 
-def flash_attention(q_BTHD, k_BSKD, v_BSKE, q_pos, k_pos, q_seg, k_seg, *,
+def flash_attention(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, *,
                     spec, scale, logits_soft_cap, block_sizes, backend):
   """Public layout in and out; returns (out [B,T,H,E], lse [B,H,T])."""
-  b, tq, _, _ = q_BTHD.shape
-  tk = k_BSKD.shape[1]
+  t, s = q_BTHK.shape[1], k_BSGK.shape[1]
   default = GPU_BLOCK_SIZES if backend in _GPU else BlockSizes()
-  bs = fit_block_sizes(block_sizes or default, tq, tk, backend)
+  bs = fit_block_sizes(block_sizes or default, t, s, backend)
   lq = math.lcm(bs.block_q, bs.bwd[0])
   lk = math.lcm(bs.block_kv, bs.bwd[1])
-  pq, pk = _round_up(tq, lq) - tq, _round_up(tk, lk) - tk
+  pq, pk = round_up(t, lq) - t, round_up(s, lk) - s
 
-  def prep(x, pad):  # [B, T, H, D] -> [B, H, T + pad, D]
+  def prep(x, pad):  # [B, T, H, K] -> [B, H, T + pad, K]
     x = jnp.swapaxes(x, 1, 2)
     return jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
 
   def pad2(x, pad):
     return jnp.pad(x, ((0, 0), (0, pad))) if pad else x  # zeros: padding
 
-  cfg = _Config(backend, spec, scale, logits_soft_cap, bs, tk)
-  o, lse = _flash(cfg, prep(q_BTHD, pq), prep(k_BSKD, pk), prep(v_BSKE, pk),
+  cfg = _Config(backend, spec, scale, logits_soft_cap, bs, s)
+  o, lse = _flash(cfg, prep(q_BTHK, pq), prep(k_BSGK, pk), prep(v_BSGE, pk),
                   pad2(q_pos, pq), pad2(k_pos, pk), pad2(q_seg, pq),
                   pad2(k_seg, pk))
-  del b
-  return jnp.swapaxes(o[:, :, :tq], 1, 2), lse[:, :, :tq]
+  return jnp.swapaxes(o[:, :, :t], 1, 2), lse[:, :, :t]
