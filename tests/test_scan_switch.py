@@ -6,8 +6,6 @@ to float rounding."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,34 +13,21 @@ import numpy as np
 from efficient_lm import config as config_lib
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
+from tests.test_train import _losses, _train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# On top of test_train's small flags (later overrides win).
 FLAGS = [
-  "--config=configs/tiny.py", "--config.model.num_layers=12",
-  "--config.model.embed_dim=32", "--config.model.num_heads=2",
-  "--config.model.num_kv_heads=1", "--config.model.mlp_dim=64",
-  "--config.data.seq_len=16", "--config.train.batch_size=4",
-  "--config.train.steps=6", "--config.train.warmup_steps=1",
-  "--config.train.weight_decay=5.0", "--config.train.learning_rate=0.01",
-  "--config.train.log_every=1", "--config.train.eval_every=100",
-  "--config.checkpoint.every_steps=6",
+  "--config.model.num_layers=12", "--config.model.embed_dim=32",
+  "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+  "--config.model.mlp_dim=64", "--config.data.seq_len=16",
+  "--config.train.batch_size=4", "--config.train.steps=6",
+  "--config.train.warmup_steps=1", "--config.train.weight_decay=5.0",
+  "--config.train.learning_rate=0.01", "--config.checkpoint.every_steps=6",
 ]
 
 
 def _run(workdir, scan):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)                     # one CPU device
-  proc = subprocess.run(
-    [sys.executable, "-m", "efficient_lm.train", *FLAGS,
-     f"--config.model.scan_layers={scan}", f"--workdir={workdir}"],
-    cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "loss" in rec:
-        losses[rec["step"]] = rec["loss"]
+  _train(workdir, *FLAGS, f"--config.model.scan_layers={scan}")
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = config_lib.from_config_dict(json.load(f))
   t = loop.build_trainer(cfg, jax.devices()[:1])
@@ -51,7 +36,7 @@ def _run(workdir, scan):
   step, state, _ = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
   assert step == 6
-  return losses, jax.device_get(state["params"]), t
+  return _losses(workdir), jax.device_get(state["params"]), t
 
 
 def test_scanned_and_unrolled_train_alike(tmp_path):
