@@ -57,7 +57,11 @@ def build_trainer(cfg: Config, devices=None) -> Trainer:
     jax.random.key(cfg.train.seed), 4)
   data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
 
-  optimizer = optim.make_optimizer(cfg.train)
+  abstract_model = nnx.eval_shape(
+    lambda: transformer.build(cfg.model, nnx.Rngs(params=k_params)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  optimizer = optim.make_optimizer(
+    cfg.train, decay_mask=optim.decay_mask(abstract_params))
   schedule = optim.schedule(cfg.train)
 
   def init_fn():
@@ -66,9 +70,6 @@ def build_trainer(cfg: Config, devices=None) -> Trainer:
     return {"params": params, "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32)}
 
-  abstract_model = nnx.eval_shape(
-    lambda: transformer.build(cfg.model, nnx.Rngs(params=k_params)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_sh = sharding.named(mesh, sharding.param_specs(abstract_params))
   abstract = jax.eval_shape(init_fn)
   replicated = sharding.replicated(mesh)
@@ -123,11 +124,11 @@ def make_iterator(t: Trainer, tok, split: str):
     process_count=jax.process_count(), tokenizer=tok)
 
 
-def evaluate(t: Trainer, it, start_state, params) -> float:
-  """Mean eval loss over the same first `eval_batches` batches each time."""
+def evaluate(t: Trainer, it, start_state, params, num_batches: int) -> float:
+  """Mean eval loss over the same first `num_batches` batches each time."""
   it.set_state(start_state)
   nll, tokens = 0.0, 0.0
-  for _ in range(t.cfg.train.eval_batches):
+  for _ in range(num_batches):
     out = t.eval_step(params, sharding.host_to_global(t.mesh, next(it)))
     nll += float(out["nll_sum"])
     tokens += float(out["tokens"])
@@ -243,7 +244,8 @@ def run(cfg: Config, workdir: str, *,
           pending = None
         if is_eval:
           last["eval_loss"] = evaluate(t, eval_it, eval_start,
-                                       state["params"])
+                                       state["params"],
+                                       cfg.train.eval_batches)
           writer.write(step, {"eval_loss": last["eval_loss"]})
         if must_save:
           ckpt.save(step, state, data_state=train_it.get_state(),
