@@ -51,8 +51,7 @@ def main():
   ckpt.close()
   it = loop.make_iterator(t, tok, "eval")
   n_batches = it.num_pieces // cfg.train.batch_size   # no wrap-around
-  full_val = loop.evaluate(_with_eval_batches(t, n_batches), it,
-                           it.get_state(), state["params"])
+  full_val = loop.evaluate(t, it, it.get_state(), state["params"], n_batches)
 
   result = {
     "steps": summary["final_step"], "val_loss_logged": summary["eval_loss"],
@@ -64,13 +63,6 @@ def main():
     "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
   }
   print(json.dumps(result, indent=2))
-
-
-def _with_eval_batches(t, n):
-  import dataclasses
-  cfg = dataclasses.replace(
-    t.cfg, train=dataclasses.replace(t.cfg.train, eval_batches=n))
-  return dataclasses.replace(t, cfg=cfg)
 
 
 if __name__ == "__main__":
