@@ -70,8 +70,10 @@ def test_weight_decay_is_applied_by_parameter_kind(scan):
   decayed parameter by exactly -lr * wd * p, and nothing else at all."""
   lr, wd = 1e-2, 0.5
   common = {"train.warmup_steps": 0, "train.learning_rate": lr}
-  init, plain, m = _one_step(_cfg(scan, **common, **{"train.weight_decay": 0.0}))
-  _, decayed, _ = _one_step(_cfg(scan, **common, **{"train.weight_decay": wd}))
+  init, plain, m = _one_step(_cfg(scan, **common,
+                                  **{"train.weight_decay": 0.0}))
+  _, decayed, _ = _one_step(_cfg(scan, **common,
+                                 **{"train.weight_decay": wd}))
   assert m["learning_rate"] == pytest.approx(lr, rel=1e-6)
   _, kinds = _kinds(_cfg(scan))
 
