@@ -186,8 +186,9 @@ def _mutate(text: str, m: Mutation) -> str | None:
   return text
 
 
-def _pytest(root: str, tests: tuple[str, ...], timeout: float) -> str:
-  """'fail', 'pass', 'no test', 'error' or 'timeout'."""
+def _pytest(root: str, tests: tuple[str, ...],
+            timeout: float) -> tuple[str, str]:
+  """('fail' | 'pass' | 'no test' | 'error' | 'timeout', pytest's output)."""
   env = dict(os.environ, PYTHONPATH=root, PYTHONDONTWRITEBYTECODE="1")
   cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          *tests]
@@ -195,11 +196,11 @@ def _pytest(root: str, tests: tuple[str, ...], timeout: float) -> str:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return "timeout"
+    return "timeout", ""
   # pytest exit codes: 0 passed, 1 tests failed, 2 interrupted (e.g. a
   # collection error), 4 usage error (e.g. no such file), 5 none collected.
   return {0: "pass", 1: "fail", 2: "error", 4: "no test",
-          5: "no test"}.get(proc.returncode, "error")
+          5: "no test"}.get(proc.returncode, "error"), proc.stdout + proc.stderr
 
 
 def main(argv=None) -> int:
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
   ap.add_argument("--baseline", action="store_true",
                   help="first check that each selection passes unmutated")
   ap.add_argument("--list", action="store_true", help="list ids and exit")
+  ap.add_argument("--show", action="store_true",
+                  help="print the end of pytest's output per mutation")
   args = ap.parse_args(argv)
   only = set(filter(None, args.only.split(",")))
   unknown = only - {m.id for m in MUTATIONS}
@@ -235,17 +238,17 @@ def main(argv=None) -> int:
       path = os.path.join(root, m.path)
       original = open(path).read() if os.path.exists(path) else ""
       mutated = _mutate(original, m)
-      t0 = time.perf_counter()
+      t0, output = time.perf_counter(), ""
       if mutated is None:
         verdict = "stale"
       elif args.baseline and clean.setdefault(
-          m.tests, _pytest(root, m.tests, args.timeout)) != "pass":
+          m.tests, _pytest(root, m.tests, args.timeout)[0]) != "pass":
         verdict = f"clean run: {clean[m.tests]}"
       else:
         with open(path, "w") as f:
           f.write(mutated)
         try:
-          result = _pytest(root, m.tests, args.timeout)
+          result, output = _pytest(root, m.tests, args.timeout)
         finally:
           with open(path, "w") as f:
             f.write(original)
@@ -256,6 +259,8 @@ def main(argv=None) -> int:
       caught += verdict.startswith("caught")
       print(f"{verdict:20s} {m.id:40s} {time.perf_counter() - t0:6.1f}s",
             flush=True)
+      if args.show and output:
+        print("\n".join(output.splitlines()[-15:]), flush=True)
   n = len(chosen)
   print(f"score: {caught}/{n} caught ({100 * caught / max(n, 1):.0f}%)")
   return 0 if caught == n else 1
