@@ -1,13 +1,15 @@
 # The two commands a fresh machine needs:
 #   make train   -- set up .venv, train the tiny byte-level decoder on CPU
 #   make test    -- set up .venv (with dev extras), run the default test suite
+#   make mutate  -- do the tests catch known bugs? (tests/mutate.py; minutes;
+#                   ARGS="-k optim" or ARGS="--only ID,ID" to narrow it)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
 CONFIG ?= configs/tiny.py
 ARGS ?=
 
-.PHONY: setup setup-dev train test test-all bench-shakespeare clean
+.PHONY: setup setup-dev train test test-all mutate bench-shakespeare clean
 
 setup:
 	launch/setup_env.sh
@@ -23,6 +25,9 @@ test: setup-dev
 
 test-all: setup-dev
 	$(PY) -m pytest -q -m "" $(ARGS)
+
+mutate: setup-dev
+	$(PY) tests/mutate.py $(ARGS)
 
 bench-shakespeare: setup
 	$(PY) benchmarks/shakespeare.py --data=$(DATA) $(ARGS)

@@ -113,6 +113,9 @@ class TrainConfig:
   end_learning_rate: float = 1e-4
   warmup_steps: int = 20
   weight_decay: float = 0.1
+  # Weight decay applies to matrices, never to norms; the token embedding
+  # and an untied output head follow this switch.
+  decay_embeddings: bool = True
   b1: float = 0.9
   b2: float = 0.95
   grad_clip: float = 1.0

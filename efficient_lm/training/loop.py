@@ -73,13 +73,17 @@ def build_trainer(cfg: Config, devices=None, *,
     jax.random.key(cfg.train.seed), 4)
   data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
 
-  optimizer = optim.make_optimizer(cfg.train)
+  def make_model():
+    return build_model(cfg.model, nnx.Rngs(params=k_params))
+
+  graphdef, abstract_params, abstract_model_state = nnx.split(
+    nnx.eval_shape(make_model), nnx.Param, models.ModelState)
+  optimizer = optim.make_optimizer(
+    cfg.train, decay_mask=optim.decay_mask(
+      abstract_params, decay_embeddings=cfg.train.decay_embeddings))
   schedule = optim.schedule(cfg.train)
   objective = losses.make_objective(cfg.train.objective,
                                     z_loss=cfg.train.z_loss)
-
-  def make_model():
-    return build_model(cfg.model, nnx.Rngs(params=k_params))
 
   def init_fn():
     _, params, model_state = nnx.split(make_model(), nnx.Param,
@@ -89,8 +93,6 @@ def build_trainer(cfg: Config, devices=None, *,
             "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32)}
 
-  graphdef, abstract_params, abstract_model_state = nnx.split(
-    nnx.eval_shape(make_model), nnx.Param, models.ModelState)
   param_sh = sharding.state_shardings(mesh, abstract_params)
   abstract = jax.eval_shape(init_fn)
   replicated = sharding.replicated(mesh)

@@ -1,0 +1,270 @@
+"""Mutation check: do the tests catch the bugs they are meant to catch?
+
+Each mutation is a small deliberate bug (exact old snippet -> new snippet in
+one file) and the narrow pytest selection that should fail on it. The tool
+copies the repository to a temporary directory (the working tree is never
+touched), applies one mutation at a time there, runs its selection, and
+prints caught / survived per mutation and the score.
+
+  python tests/mutate.py                     # all mutations, working tree
+  python tests/mutate.py -k optim            # ids containing "optim"
+  python tests/mutate.py --only step_z_loss_sign,loop_eval_not_reset
+  python tests/mutate.py --rev 5ca48e4       # the tests of another commit
+  python tests/mutate.py --baseline          # also run each selection clean
+
+A mutation whose old snippet is absent is reported `stale` (the code moved
+on: update the snippet) and counts as not caught. A selection that collects
+no test (file or test missing) is `no test`, also not caught. Not part of the
+default suite: it runs the selected tests once per mutation (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  id: str
+  path: str
+  # (old, new) pairs applied in order; each old must occur exactly once.
+  edits: tuple[tuple[str, str], ...]
+  # pytest arguments: node ids, files, "-k" expressions.
+  tests: tuple[str, ...]
+
+
+def _m(id, path, old, new, *tests):
+  return Mutation(id, path, ((old, new),), tests)
+
+
+# Positions replaced by array indices 0..T-1 (what the packed rows forbid).
+_INDEX_POS = ("jnp.broadcast_to(jnp.arange({0}.shape[1], dtype={0}.dtype), "
+              "{0}.shape)")
+
+MUTATIONS = [
+  # ---- real bugs of issue #12 (the mutation brings the bug back)
+  _m("bug_decay_by_rank", "efficient_lm/training/optim.py",
+     "return var.replace(decays(axes, decay_embeddings=decay_embeddings))",
+     "return var.replace(len(var.shape) >= 2)",
+     "tests/test_optim.py", "-k", "mask"),
+  # The layer-order bug: unrolled layers run in the string order of their
+  # names (layer_0, layer_1, layer_10, ...). Rewrite against the new layer
+  # stack once it lands.
+  _m("bug_unrolled_layer_order", "efficient_lm/models/transformer.py",
+     "for block in self.blocks.values():",
+     "for _, block in sorted(self.blocks.items()):",
+     "tests/test_model.py", "-k", "scan or order"),
+
+  # ---- the surviving mutations listed in issue #12
+  _m("masks_segment_bound", "kernels/masks.py",
+     "(ksmin == ksmax) & (qsmin == ksmin))", "(ksmin == ksmax))",
+     "tests/test_kernels_masks.py", "-k", "block_kinds"),
+  _m("reference_suffix_from_padded_length",
+     "kernels/flash_attention/reference.py",
+     "k_sfx = masks.suffix_columns(spec, tk, tk + pad)",
+     "k_sfx = masks.suffix_columns(spec, tk + pad)",
+     "tests/test_kernels_attention.py", "-k", "xla_chunked_matches"),
+  Mutation(
+    "attention_positions_from_indices", "efficient_lm/models/attention.py",
+    (("q = constrain(rope(q, pos_BT,",
+      f"q = constrain(rope(q, {_INDEX_POS.format('pos_BT')},"),
+     ("k = constrain(rope(k, pos_BT,",
+      f"k = constrain(rope(k, {_INDEX_POS.format('pos_BT')},"),
+     ("q_pos=pos, k_pos=pos,",
+      f"q_pos={_INDEX_POS.format('pos')}, k_pos={_INDEX_POS.format('pos')},")),
+    ("tests/test_model.py", "-k", "packing")),
+  _m("transformer_mlp_residual_dropped", "efficient_lm/models/transformer.py",
+     "x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))",
+     "x_BTD = self.mlp(self.mlp_norm(x_BTD))",
+     "tests/test_model.py", "-k", "residual or packing or scan"),
+  _m("transformer_remat_ignored", "efficient_lm/models/transformer.py",
+     "return jax.checkpoint(block_fn, policy=_REMAT[self.remat])",
+     "return block_fn",
+     "tests/test_model.py", "-k", "remat"),
+  _m("attention_window_off_by_one", "efficient_lm/models/attention.py",
+     "window=(cfg.window - 1, 0))", "window=(cfg.window, 0))",
+     "tests/test_model.py", "-k", "window or causality"),
+  _m("packing_loses_a_piece", "efficient_lm/data/packing.py",
+     "      if not fits_R[row]:\n        break",
+     "      if not fits_R[row]:\n        self._next += 1\n        break",
+     "tests/test_data.py", "-k", "piece or packed"),
+  _m("step_padding_counted", "efficient_lm/training/step.py",
+     'mask_BT = (batch["segment_ids"] > 0)',
+     'mask_BT = (batch["segment_ids"] >= 0)',
+     "tests/test_step.py", "-k", "padding"),
+  _m("step_z_loss_sign", "efficient_lm/training/step.py",
+     "loss = loss + z_loss * (jnp.square(lse_BT)",
+     "loss = loss - z_loss * (jnp.square(lse_BT)",
+     "tests/test_step.py", "-k", "z_loss"),
+  _m("loop_save_unchecked", "efficient_lm/training/loop.py",
+     "        if is_eval or must_save:\n"
+     "          # Never save or evaluate a state whose update was not finite.",
+     "        if is_eval:",
+     "tests/test_loop.py", "-k", "nan"),
+  _m("loop_eval_not_reset", "efficient_lm/training/loop.py",
+     "  it.set_state(start_state)\n  nll, tokens = 0.0, 0.0",
+     "  nll, tokens = 0.0, 0.0",
+     "tests/test_loop.py", "-k", "evaluate"),
+  _m("optim_decay_mask_inverted", "efficient_lm/training/optim.py",
+     "return var.replace(decays(axes, decay_embeddings=decay_embeddings))",
+     "return var.replace(not decays(axes, "
+     "decay_embeddings=decay_embeddings))",
+     "tests/test_optim.py", "-k", "mask"),
+  _m("schedule_shift_logged", "efficient_lm/training/step.py",
+     '"learning_rate": schedule(state["step"]),',
+     '"learning_rate": schedule(state["step"] + 1),',
+     "tests/test_optim.py", "-k", "schedule or logged"),
+  _m("config_num_global_unchecked", "efficient_lm/config.py",
+     'if a.kind == "global_local" and a.num_global <= 0:', "if False:",
+     "tests/test_config.py"),
+  _m("config_embed_fsdp_unchecked", "efficient_lm/config.py",
+     "if m.embed_dim % mesh.fsdp:", "if False:",
+     "tests/test_config.py"),
+
+  # ---- more of the same kind, guarding tests added with issue #12
+  _m("schedule_shift_applied", "efficient_lm/training/optim.py",
+     "optax.adamw(schedule(cfg),",
+     "optax.adamw(lambda s: schedule(cfg)(s + 1),",
+     "tests/test_optim.py", "-k", "schedule or logged"),
+  _m("optim_decay_mask_ignored", "efficient_lm/training/optim.py",
+     "weight_decay=cfg.weight_decay, mask=decay_mask)",
+     "weight_decay=cfg.weight_decay)",
+     "tests/test_optim.py", "-k", "weight_decay_is_applied"),
+  _m("eval_num_batches_ignored", "efficient_lm/training/loop.py",
+     "  for _ in range(num_batches):",
+     "  for _ in range(t.cfg.train.eval_batches):",
+     "tests/test_loop.py", "-k", "evaluate"),
+  _m("sharded_update_dropped", "efficient_lm/training/step.py",
+     'params = optax.apply_updates(state["params"], updates)',
+     'params = state["params"]',
+     "tests/test_sharding.py", "-k", "matches and mesh_shape1"),
+  _m("config_mesh_data_zero", "efficient_lm/config.py",
+     "if mesh.data == 0 or mesh.data < -1:", "if mesh.data < -1:",
+     "tests/test_config.py"),
+  _m("config_head_dim_odd", "efficient_lm/config.py",
+     "if m.resolved_head_dim % 2:", "if False:",
+     "tests/test_config.py"),
+  _m("config_vocab_tensor_unchecked", "efficient_lm/config.py",
+     '                  ("model.vocab_size", m.vocab_size)]:',
+     "                  ]:",
+     "tests/test_config.py"),
+]
+
+
+def _copy_tree(dst: str, rev: str | None) -> None:
+  """Tracked and untracked-but-not-ignored files of the working tree, or the
+  tree of commit `rev`."""
+  if rev is not None:
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dst], input=archive, check=True)
+    return
+  files = subprocess.run(
+    ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    cwd=REPO, check=True, capture_output=True).stdout.decode().split("\0")
+  for rel in filter(None, files):
+    src = os.path.join(REPO, rel)
+    if os.path.isfile(src):        # deleted but still in the index
+      os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+      shutil.copy2(src, os.path.join(dst, rel))
+
+
+def _mutate(text: str, m: Mutation) -> str | None:
+  for old, new in m.edits:
+    if text.count(old) != 1:
+      return None
+    text = text.replace(old, new)
+  return text
+
+
+def _pytest(root: str, tests: tuple[str, ...],
+            timeout: float) -> tuple[str, str]:
+  """('fail' | 'pass' | 'no test' | 'error' | 'timeout', pytest's output)."""
+  env = dict(os.environ, PYTHONPATH=root, PYTHONDONTWRITEBYTECODE="1")
+  cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         *tests]
+  try:
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return "timeout", ""
+  # pytest exit codes: 0 passed, 1 tests failed, 2 interrupted (e.g. a
+  # collection error), 4 usage error (e.g. no such file), 5 none collected.
+  return {0: "pass", 1: "fail", 2: "error", 4: "no test",
+          5: "no test"}.get(proc.returncode, "error"), proc.stdout + proc.stderr
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("-k", default="", help="only ids containing this")
+  ap.add_argument("--only", default="", help="comma-separated ids")
+  ap.add_argument("--rev", default=None,
+                  help="test this commit's tree instead of the working tree")
+  ap.add_argument("--timeout", type=float, default=600.0,
+                  help="seconds per mutation")
+  ap.add_argument("--baseline", action="store_true",
+                  help="first check that each selection passes unmutated")
+  ap.add_argument("--list", action="store_true", help="list ids and exit")
+  ap.add_argument("--show", action="store_true",
+                  help="print the end of pytest's output per mutation")
+  args = ap.parse_args(argv)
+  only = set(filter(None, args.only.split(",")))
+  unknown = only - {m.id for m in MUTATIONS}
+  if unknown:
+    print(f"error: unknown mutation id(s) {', '.join(sorted(unknown))}",
+          file=sys.stderr)
+    return 2
+  chosen = [m for m in MUTATIONS
+            if args.k in m.id and (not only or m.id in only)]
+  if args.list:
+    for m in chosen:
+      print(f"{m.id:40s} {m.path}  [{' '.join(m.tests)}]")
+    return 0
+
+  caught = 0
+  with tempfile.TemporaryDirectory(prefix="mutate_") as root:
+    _copy_tree(root, args.rev)
+    clean: dict[tuple[str, ...], str] = {}
+    for m in chosen:
+      path = os.path.join(root, m.path)
+      original = open(path).read() if os.path.exists(path) else ""
+      mutated = _mutate(original, m)
+      t0, output = time.perf_counter(), ""
+      if mutated is None:
+        verdict = "stale"
+      elif args.baseline and clean.setdefault(
+          m.tests, _pytest(root, m.tests, args.timeout)[0]) != "pass":
+        verdict = f"clean run: {clean[m.tests]}"
+      else:
+        with open(path, "w") as f:
+          f.write(mutated)
+        try:
+          result, output = _pytest(root, m.tests, args.timeout)
+        finally:
+          with open(path, "w") as f:
+            f.write(original)
+        # A collection error or a hang caused by the mutation is a catch.
+        verdict = {"fail": "caught", "error": "caught (error)",
+                   "timeout": "caught (timeout)", "pass": "SURVIVED",
+                   "no test": "SURVIVED (no test)"}[result]
+      caught += verdict.startswith("caught")
+      print(f"{verdict:20s} {m.id:40s} {time.perf_counter() - t0:6.1f}s",
+            flush=True)
+      if args.show and output:
+        print("\n".join(output.splitlines()[-15:]), flush=True)
+  n = len(chosen)
+  print(f"score: {caught}/{n} caught ({100 * caught / max(n, 1):.0f}%)")
+  return 0 if caught == n else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,73 @@
+"""The train step's loss: padding is not counted, z-loss is added.
+
+Tested through the trainer's jitted step and its metrics, with the expected
+values computed here from the model's own logits.
+"""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from efficient_lm import sharding
+from efficient_lm.training import loop
+from tests.helpers import packed_batch, small_config
+
+Z_LOSS = 1e-2
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  cfg = small_config(**{"train.z_loss": Z_LOSS})
+  return loop.build_trainer(cfg, jax.devices()[:1])
+
+
+def _step(t, batch):
+  """Metrics of the first step, and the parameters it saw."""
+  state = t.init_fn()
+  params = jax.device_get(state["params"])
+  _, metrics = t.train_step(state, sharding.host_to_global(t.mesh, batch))
+  return jax.device_get(metrics), params
+
+
+def _logits(t, params, batch):
+  model = nnx.merge(t.graphdef, params)
+  out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  # The model may also return auxiliary outputs beside the logits.
+  return out[0] if isinstance(out, tuple) else out
+
+
+def _batch(t):
+  c = t.cfg
+  return packed_batch(c.train.batch_size, c.data.seq_len, c.model.vocab_size)
+
+
+def test_padding_targets_do_not_count(trainer):
+  batch = _batch(trainer)
+  pad = batch["segment_ids"] == 0
+  assert pad.sum() > 0
+  other = dict(batch, targets=np.where(pad, 7, batch["targets"]))
+  got, _ = _step(trainer, batch)
+  moved, _ = _step(trainer, other)
+  assert got["tokens"] == (~pad).sum()
+  for k in ("loss", "total_loss", "tokens"):
+    np.testing.assert_array_equal(moved[k], got[k], err_msg=k)
+
+
+def test_total_loss_is_ce_plus_z_loss(trainer):
+  batch = _batch(trainer)
+  metrics, params = _step(trainer, batch)
+  logits_BTV = np.asarray(_logits(trainer, params, batch), np.float64)
+  top_BT = logits_BTV.max(axis=-1)
+  lse_BT = top_BT + np.log(np.exp(logits_BTV - top_BT[..., None]).sum(-1))
+  target_BT = np.take_along_axis(logits_BTV, batch["targets"][..., None],
+                                 axis=-1)[..., 0]
+  real = batch["segment_ids"] > 0
+  ce = np.mean((lse_BT - target_BT)[real])
+  z = np.mean(np.square(lse_BT)[real])
+  # Same float32 model, eager here and jitted in the step: rounding only.
+  np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)
+  np.testing.assert_allclose(metrics["total_loss"], ce + Z_LOSS * z,
+                             rtol=1e-5)
+  # The z term is large enough for the tolerance to see it.
+  assert Z_LOSS * z > 1e3 * 1e-5 * ce
