@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from efficient_lm import cpu_runtime
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py).",
   lock_config=True)
@@ -34,6 +36,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save step at INFO; keep the console for progress.
     logging.set_verbosity(logging.WARNING)
+  cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
   import jax
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
