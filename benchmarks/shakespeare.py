@@ -27,6 +27,8 @@ def main():
   ap.add_argument("--workdir", default=None)
   args = ap.parse_args()
 
+  from efficient_lm import cpu_runtime
+  cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
   import jax
   from configs import shakespeare_char
   from efficient_lm import config as config_lib

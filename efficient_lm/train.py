@@ -10,6 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from efficient_lm import cpu_runtime
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py).",
   lock_config=True)
@@ -35,6 +37,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save step at INFO; keep the console for progress.
     logging.set_verbosity(logging.WARNING)
+  cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
   import jax
   from efficient_lm.training import platforms
   platforms.cpu_only_if_no_accelerator()   # keeps libtpu's noise out
