@@ -1,4 +1,17 @@
-"""Host malloc settings for CPU-only runs, chosen by entry points.
+"""Runtime choices for CPU-only runs, made by entry points before JAX starts.
+
+Whether a run is CPU-only is judged once, here, without starting JAX: an
+explicit JAX_PLATFORMS, otherwise the accelerator device files.
+
+`use_cpu_only_without_accelerator()`: with no JAX_PLATFORMS, jax tries
+every backend it knows, TPU first; where libtpu is installed (the dev extra
+installs it for the ahead-of-time TPU compile tests) a CPU-only machine
+loads it, and it prints lines that look fatal (`Failed to find host
+bounds`, `TPU_WORKER_HOSTNAMES`, a source location trace) before jax falls
+back to the CPU. On a machine with no accelerator device, jax is told to
+use the CPU alone.
+
+`keep_freed_host_memory()`: host malloc settings.
 
 XLA's CPU runtime allocates an executable's temporaries as one block per
 call (63 MB for the train step of configs/shakespeare_char.py, 187 MB for
@@ -41,6 +54,20 @@ def cpu_only(environ=os.environ) -> bool:
   if platforms:
     return {p.strip() for p in platforms.lower().split(",")} == {"cpu"}
   return not any(glob.glob(p) for p in ACCELERATOR_DEVICE_FILES)
+
+
+def use_cpu_only_without_accelerator() -> bool:
+  """Restricts jax to the CPU when no accelerator is attached; True if so.
+
+  An explicit JAX_PLATFORMS (or jax_platforms) is left alone.
+  """
+  import jax
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return False
+  if not cpu_only():
+    return False
+  jax.config.update("jax_platforms", "cpu")
+  return True
 
 
 def keep_freed_host_memory() -> bool:

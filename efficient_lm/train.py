@@ -39,8 +39,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
   import jax
-  from efficient_lm.training import platforms
-  platforms.cpu_only_if_no_accelerator()   # keeps libtpu's noise out
+  cpu_runtime.use_cpu_only_without_accelerator()   # keeps libtpu's noise out
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
