@@ -53,7 +53,8 @@ def _measure(model: str, variant: str, data: str) -> dict:
     cpu_runtime.keep_freed_host_memory()
   import jax
   from efficient_lm import config as config_lib
-  from efficient_lm.training import loop, sharding
+  from efficient_lm import sharding
+  from efficient_lm.training import loop
   if variant == "before":
     sharding.host_to_global = lambda mesh, batch: {
       k: jax.make_array_from_process_local_data(
