@@ -246,7 +246,7 @@ def test_slurm_srun(launch, tmp_path, per, tasks, per_node):
 
 def test_gpu_local_dry_run(launch):
   cmds = commands(dry_run(launch, "gpu_local.sh", "--steps=20",
-                          "--workdir=/tmp/w", "--python=py"))
+                          "--workdir=runs/w", "--python=py"))
   check, train, report = cmds
   assert check[:2] == ["py", "-c"] and "jax.devices()" in check[2]
   args = train_argv(train)
@@ -254,7 +254,7 @@ def test_gpu_local_dry_run(launch):
   assert flag(args, "config.model.dtype") == "bfloat16"
   assert flag(args, "config.model.attention.impl") == "pallas_gpu"
   assert flag(args, "config.train.steps") == "20"
-  assert report[-1] == "/tmp/w/metrics.jsonl"
+  assert report[-1] == "runs/w/metrics.jsonl"
 
 
 def test_gpu_local_report_reads_metrics(launch, tmp_path):

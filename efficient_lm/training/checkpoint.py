@@ -17,7 +17,6 @@ No pickle: arrays go through tensorstore, everything else is JSON.
 """
 
 import json
-import logging
 import re
 import sys
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficient_lm.training.read_noise import contain_failed_read_noise, one_line
 from efficient_lm.training.workdir import config_changes, describe_changes
 
 _ITEMS = ("state", "data", "config")
@@ -183,7 +183,7 @@ class Checkpointer:
       return dict(self._mgr.restore(step, args=args)["config"])
     except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
       raise CheckpointError(f"cannot read the config of checkpoint {step} in "
-                            f"{self.directory}: {_one_line(e)}") from e
+                            f"{self.directory}: {one_line(e)}") from e
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
@@ -239,7 +239,7 @@ class Checkpointer:
     try:
       meta = self._mgr.item_metadata(step)["state"]
     except Exception as e:  # corrupt metadata surfaces as any error type
-      return None, None, f"unreadable state metadata ({_one_line(e)})"
+      return None, None, f"unreadable state metadata ({one_line(e)})"
     if meta is None:
       return None, None, "state metadata missing"
     mismatch = _mismatch(_flat(getattr(meta, "tree", meta)),
@@ -261,8 +261,8 @@ class Checkpointer:
     try:
       restored = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore read errors are bare `Exception`s
-      _contain_failed_read_noise()
-      return None, None, _one_line(e)
+      contain_failed_read_noise()
+      return None, None, one_line(e)
     expected = self._mgr.metadata(step).custom_metadata or {}
     bad_key = _first_difference(expected.get("fingerprint"),
                                 _fingerprint(restored["state"]))
@@ -300,63 +300,6 @@ def _checked_json(name: str, obj: Mapping[str, Any] | None) -> dict[str, Any]:
   except (TypeError, ValueError) as e:
     raise TypeError(f"{name} must be JSON-serializable: {e}") from e
   return obj
-
-
-def _one_line(e: BaseException) -> str:
-  # Tensorstore messages run to pages of JSON specs; the head says enough.
-  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  text = text.split(" See full TensorStore details")[0]
-  return f"{type(e).__name__}: {text[:300]}"
-
-
-# Tensorstore reads that fail mid-restore leave futures and callbacks aimed at
-# orbax's event loop, which orbax has closed by the time they fire: each
-# prints a traceback (from a tensorstore thread, at garbage collection, or
-# through asyncio's "exception was never retrieved"), dozens for one bad
-# checkpoint, all after our one-line message. They are recognised here and
-# sent to the log at debug level; everything else passes through.
-_READ_FAILED = "Encountered error while reading array index"
-_noise_contained = False
-
-
-def _is_failed_read_noise(e: BaseException | None) -> bool:
-  return ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
-          or (type(e) is Exception and str(e).startswith(_READ_FAILED)))
-
-
-def _debug_log(what: str, e: BaseException | None) -> None:
-  logging.getLogger(__name__).debug("after a failed checkpoint read: %s: %s",
-                                    what, _one_line(e) if e else "")
-
-
-def _contain_failed_read_noise() -> None:
-  global _noise_contained
-  if _noise_contained:
-    return
-  _noise_contained = True
-  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-  def on_exception(tp, value, tb):   # what tensorstore threads report
-    if _is_failed_read_noise(value):
-      _debug_log("callback error", value)
-    else:
-      excepthook(tp, value, tb)
-
-  def on_unraisable(u):              # coroutines collected unawaited
-    if _is_failed_read_noise(u.exc_value):
-      _debug_log(f"unraisable in {u.object!r}", u.exc_value)
-    else:
-      unraisablehook(u)
-
-  def asyncio_filter(record: logging.LogRecord) -> bool:
-    e = record.exc_info[1] if record.exc_info else None
-    if _is_failed_read_noise(e):
-      _debug_log("asyncio", e)
-      return False
-    return True
-
-  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
-  logging.getLogger("asyncio").addFilter(asyncio_filter)
 
 
 def _agree(problem: str | None) -> str | None:
