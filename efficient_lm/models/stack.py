@@ -57,20 +57,15 @@ class Segment:
   pattern: tuple[LayerSpec, ...]   # unrolled inside the scan body
   repeats: int                     # the scan's length
 
-  @property
-  def num_layers(self) -> int:
-    return len(self.pattern) * self.repeats
 
-
-def layer_plan(cfg: ModelConfig, *, causal: bool = True,
-               num_layers: int | None = None) -> tuple[LayerSpec, ...]:
+def layer_plan(cfg: ModelConfig, *,
+               causal: bool = True) -> tuple[LayerSpec, ...]:
   """One spec per layer; `attention.pattern` cycles over the layers."""
   kinds = cfg.attention.pattern_kinds
-  n = cfg.num_layers if num_layers is None else num_layers
   return tuple(
     LayerSpec(attention=dataclasses.replace(
       cfg.attention, kind=kinds[i % len(kinds)], pattern=""), causal=causal)
-    for i in range(n))
+    for i in range(cfg.num_layers))
 
 
 def segments(plan: tuple[LayerSpec, ...]) -> tuple[Segment, ...]:
@@ -117,7 +112,6 @@ class Stack(nnx.Module):
   def __init__(self, plan: tuple[LayerSpec, ...],
                make_block: Callable[[LayerSpec, nnx.Rngs], nnx.Module], *,
                rngs: nnx.Rngs, scan: bool, remat: str):
-    self.plan = plan
     self.segments = segments(plan)
     self.scan = scan
     self.remat = remat
