@@ -124,6 +124,12 @@ def report(cd, topology_text: str, *, log=print) -> bool:
   topo = parse_topology(topology_text)
   devices = topology_devices(topo)
   n = len(devices)
+  cd = cd.copy_and_resolve_references()
+  impl = cd.model.attention.impl
+  if impl == "auto":
+    # "auto" follows this host's backend (CPU: dense XLA attention); on the
+    # pod it picks the Pallas TPU kernel, so compile that.
+    cd.model.attention.impl = "pallas_tpu"
   cfg = config_lib.from_config_dict(cd, device_count=n)
   # libtpu exposes v4's two TensorCores as two devices (no megacore), so
   # memory is per device: the chip's HBM split between them.
@@ -149,7 +155,8 @@ def report(cd, topology_text: str, *, log=print) -> bool:
     + ("to spare" if total <= hbm else "over"))
   dev = devices[0].device_kind
   log(f"compiled {cfg.name} for {topo.name} ({n} x {dev}, mesh "
-      f"{dict(t.mesh.shape)}) in {seconds:.1f} s")
+      f"{dict(t.mesh.shape)}, attention {cfg.model.attention.impl}"
+      f"{' for auto' if impl == 'auto' else ''}) in {seconds:.1f} s")
   log(f"per device: arguments {_gib(m.argument_size_in_bytes)}, outputs "
       f"{_gib(m.output_size_in_bytes)} ({_gib(m.alias_size_in_bytes)} "
       f"aliased), temporaries {_gib(m.temp_size_in_bytes)}; total "
