@@ -64,6 +64,7 @@ def test_cli_compile_only_prints_report_without_workdir(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "compiled decoder_1b for v5e:2x2 (4 x" in r.stdout
   assert "'fsdp': 2, 'tensor': 2" in r.stdout
+  assert "attention pallas_tpu for auto" in r.stdout   # as on the pod
   assert "of 16.00 GiB HBM: fits" in r.stdout
   assert "XLA cost analysis" in r.stdout
   assert list(tmp_path.iterdir()) == []    # no workdir, nothing written
