@@ -61,8 +61,10 @@ class Topology:
   chips: int
 
 
-def parse_topology(text: str) -> Topology:
+def parse_topology(text: str | None) -> Topology:
   """`v5e-16` or `v5e:4x4` (see the table above) -> Topology."""
+  if not text:
+    raise TopologyError(f"--compile_only needs --topology: {_ACCEPTED}")
   m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", text)
   if m:
     gen, n = m.group(1), int(m.group(2))

@@ -59,7 +59,7 @@ def main(argv):
   if _COMPILE_ONLY.value:
     from efficient_lm import aot
     try:
-      aot.report(_CONFIG.value, _TOPOLOGY.value or "")
+      aot.report(_CONFIG.value, _TOPOLOGY.value)
     except (aot.TopologyError, config_lib.ConfigError) as e:
       sys.exit(f"error: {e}")
     return
