@@ -29,7 +29,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Process count (--distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (--distributed).")
-flags.mark_flags_as_required(["config", "workdir"])
+_COMPILE_ONLY = flags.DEFINE_bool(
+  "compile_only", False,
+  "Compile the train step for --topology on this host (libtpu, no TPU) "
+  "and print per-chip memory and FLOPs; no data, no workdir.")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice for --compile_only: v5e-16, v5p-32, v4-32, "
+  "v6e-8, or a libtpu topology such as v5e:4x4.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -49,6 +56,15 @@ def main(argv):
   from efficient_lm.training import loop
   from efficient_lm.training.checkpoint import CheckpointError
   from efficient_lm.training.workdir import WorkdirBusy
+  if _COMPILE_ONLY.value:
+    from efficient_lm import aot
+    try:
+      aot.report(_CONFIG.value, _TOPOLOGY.value)
+    except (aot.TopologyError, config_lib.ConfigError) as e:
+      sys.exit(f"error: {e}")
+    return
+  if _WORKDIR.value is None:
+    sys.exit("error: --workdir is required (unless --compile_only)")
   try:
     cfg = config_lib.from_config_dict(_CONFIG.value,
                                       device_count=jax.device_count())

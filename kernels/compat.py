@@ -40,11 +40,16 @@ def interpret_mode(interpret: bool):
 
 
 def pallas_call(kernel, *, out_shape, grid_spec, dimension_semantics,
-                interpret, name=None):
+                interpret, name=None, cost=None):
+  """`cost`: (flops, transcendentals, bytes_accessed) for XLA's cost
+  analysis, which otherwise counts a Mosaic kernel as zero FLOPs."""
+  estimate = None if cost is None else pl.CostEstimate(
+    *(int(c) for c in cost))
   return pl.pallas_call(
     kernel, out_shape=out_shape, grid_spec=grid_spec,
     compiler_params=tpu_compiler_params(dimension_semantics),
-    interpret=interpret_mode(interpret), name=name)
+    interpret=interpret_mode(interpret), name=name,
+    cost_estimate=estimate)
 
 
 def _varying(x) -> frozenset:

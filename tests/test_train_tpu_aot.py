@@ -1,5 +1,6 @@
 """The whole train step (model + Pallas TPU attention under shard_map +
-AdamW) compiles ahead of time for TPU pods, and the 1B config fits.
+AdamW) compiles ahead of time for TPU pods (the 1B config on v5e-16:
+tests/test_aot.py).
 
 No TPU needed: libtpu compiles for abstract topologies. Skips without it.
 """
@@ -11,17 +12,14 @@ import pytest
 pytest.importorskip("libtpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from configs import decoder_1b  # noqa: E402
+from efficient_lm import aot  # noqa: E402
 from efficient_lm import config as config_lib  # noqa: E402
-from efficient_lm import sharding
-from efficient_lm.training import loop  # noqa: E402
 from tests.helpers import override  # noqa: E402
 
 pytestmark = pytest.mark.tpu_aot
-V5E_HBM_BYTES = 16 * 2**30
 
 
 def _topology(name):
@@ -33,13 +31,8 @@ def _topology(name):
 
 def _compile_train_step(cd, devices):
   cfg = config_lib.from_config_dict(cd, device_count=len(devices))
-  t = loop.build_trainer(cfg, devices)
-  b, s = cfg.train.batch_size, cfg.data.seq_len
-  bs = sharding.batch_sharding(t.mesh)
-  batch = {k: jax.ShapeDtypeStruct((b, s), "int32", sharding=bs)
-           for k in ("inputs", "targets", "segment_ids", "positions")}
-  lowered = t.train_step.lower(t.abstract_state, batch)
-  return lowered, lowered.compile()
+  _, lowered, compiled = aot.compile_train_step(cfg, devices)
+  return lowered, compiled
 
 
 def test_small_model_with_pallas_tpu_compiles_on_2x2_fsdp_tensor():
@@ -56,18 +49,3 @@ def test_small_model_with_pallas_tpu_compiles_on_2x2_fsdp_tensor():
   assert "tpu_custom_call" in text       # the Mosaic kernels, not XLA
   assert compiled.memory_analysis().temp_size_in_bytes > 0
 
-
-@pytest.mark.slow
-def test_decoder_1b_fits_a_v5e_4x4_pod():
-  """~2 minutes of compilation on 2 cores; prints per-chip memory."""
-  devices = _topology("v5e:4x4").devices
-  cd = override(decoder_1b.get_config(),
-                **{"model.attention.impl": "pallas_tpu"})
-  _, compiled = _compile_train_step(cd, devices)
-  m = compiled.memory_analysis()
-  per_chip = (m.argument_size_in_bytes + m.output_size_in_bytes
-              - m.alias_size_in_bytes + m.temp_size_in_bytes)
-  print(f"decoder_1b on v5e:4x4: {per_chip / 2**30:.2f} GiB per chip "
-        f"(args {m.argument_size_in_bytes / 2**30:.2f}, temp "
-        f"{m.temp_size_in_bytes / 2**30:.2f}) of 16 GiB")
-  assert per_chip < V5E_HBM_BYTES

@@ -160,6 +160,24 @@ def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
   return in_specs, operands
 
 
+def _cost(q, k, v, qk, pv, arrays):
+  """(flops, transcendentals, bytes) of one kernel for XLA's cost analysis.
+
+  FLOPs are counted on the dense T x S tile, as models/flops.py's
+  dense_tile convention does (skipped masked tiles are not credited):
+  `qk` products of width K and `pv` of width E per query-key pair. The
+  backward follows the flash convention of 2.5x the forward: dkv counts its
+  four products (S recomputed, dP, dV, dK), dq only dQ, not the S and dP it
+  recomputes again. One exp per query-key pair; bytes are the operands and
+  results, each read or written once.
+  """
+  b, h, t, kdim = q.shape
+  pairs = b * h * t * k.shape[2]
+  flops = 2 * pairs * (qk * kdim + pv * v.shape[3])
+  nbytes = sum(a.size * a.dtype.itemsize for a in arrays)
+  return flops, pairs, nbytes
+
+
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   b, h, t, _ = q.shape
   s, e = k.shape[2], v.shape[3]
@@ -231,6 +249,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
     kernel, out_shape=out_shape, grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
     interpret=params.interpret, name="flash_fwd",
+    cost=_cost(q, k, v, 1, 1, [*operands, *out_shape]),
   )(*prefetch, *operands)
   return o, lse[..., 0]
 
@@ -339,6 +358,7 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
                          "arbitrary"),
     interpret=params.interpret, name="flash_bwd_dkv",
+    cost=_cost(q, k, v, 2, 2, [*operands, *out_shape]),
   )(*prefetch, *operands)
 
 
@@ -389,11 +409,12 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     grid=(b, h, nq, _grid_width(meta.kv_count, nk, params)),
     in_specs=in_specs, out_specs=[_q_row_spec((None, None, bq, kdim))],
     scratch_shapes=[compat.vmem((bq, kdim), jnp.float32)])
+  out_shape = [compat.out_struct(q.shape, q.dtype, operands[0])]
   (dq,) = compat.pallas_call(
-    kernel, out_shape=[compat.out_struct(q.shape, q.dtype, operands[0])],
-    grid_spec=grid_spec,
+    kernel, out_shape=out_shape, grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
     interpret=params.interpret, name="flash_bwd_dq",
+    cost=_cost(q, k, v, 1, 0, [*operands, *out_shape]),
   )(*prefetch, *operands)
   return dq
 
