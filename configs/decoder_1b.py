@@ -16,8 +16,9 @@ def get_config():
   c.model.mlp_dim = 8192
   c.model.vocab_size = 32_768
   c.model.tie_embeddings = False
-  # AOT for v5e:4x4 (tests/test_train_tpu_aot.py): "full" needs 9.7 GiB of
-  # temporaries per chip; "dots" needs 30.4 GiB and does not fit 16 GiB.
+  # AOT for v5e-16 (tests/test_aot.py, `--compile_only --topology=v5e-16`):
+  # "full" needs 9.00 GiB of temporaries per chip (10.59 GiB in all of 16);
+  # "dots" needed 30.4 GiB on v5e:4x4 when last measured: does not fit.
   c.model.remat = "full"
   c.model.dtype = "bfloat16"
   c.data.seq_len = 2048
