@@ -58,12 +58,12 @@ def test_aux_losses_enter_the_loss_and_the_gradient():
   def grads(weight):
     CountingBlock.weight = weight
     try:
-      (loss, (metrics, _)), g = jax.value_and_grad(
+      (loss, (metrics, aux, _)), g = jax.value_and_grad(
         lambda p: step_lib.loss_fn(graphdef, p, model_state, batch,
                                    objective), has_aux=True)(params)
     finally:
       CountingBlock.weight = 0.5
-    return loss, metrics, g
+    return loss, {**metrics, **aux}, g
 
   loss0, m0, g0 = grads(0.0)
   loss1, m1, g1 = grads(1.0)

@@ -30,11 +30,6 @@ from efficient_lm.training.checkpoint import Checkpointer
 from efficient_lm.training.workdir import WorkdirLock, record_start
 
 
-# Train-step metrics that are not model aux entries (those are averaged
-# over the logging window; these are the logging step's own).
-_STEP_KEYS = ("loss", "total_loss", "grad_norm", "learning_rate", "tokens")
-
-
 class TrainingError(RuntimeError):
   """The run cannot continue (e.g. the loss became NaN)."""
 
@@ -152,11 +147,11 @@ def evaluate(t: Trainer, it, start_state, state, num_batches: int
   for _ in range(num_batches):
     out = t.eval_step(state["params"], state["model_state"],
                       sharding.host_to_global(t.mesh, next(it)))
-    out = {k: float(v) for k, v in jax.device_get(out).items()}
-    nll += out.pop("nll_sum")
-    tokens += out.pop("tokens")
-    for k, v in out.items():
-      aux[k] = aux.get(k, 0.0) + v
+    out = jax.device_get(out)
+    nll += float(out["nll_sum"])
+    tokens += float(out["tokens"])
+    for k, v in out["aux"].items():
+      aux[k] = aux.get(k, 0.0) + float(v)
   return {"eval_loss": nll / max(tokens, 1.0),
           **{f"eval_{k}": v / max(num_batches, 1) for k, v in aux.items()}}
 
@@ -253,7 +248,9 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
 
   def read(step_and_metrics):
     step, m = step_and_metrics
-    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    m = jax.device_get(m)
+    aux = {k: float(v) for k, v in m.pop("aux").items()}
+    host = {k: float(v) for k, v in m.items()}
     if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
       raise TrainingError(
         f"loss={host['loss']} grad_norm={host['grad_norm']} at step {step}: "
@@ -266,9 +263,9 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
       timing["steps_after_first"] += 1
       window["steps"] += 1
     last.update(host, step=step)
-    aux_window.add({k: v for k, v in host.items() if k not in _STEP_KEYS})
+    aux_window.add(aux)
     if step == start + 1:   # the loss before training has moved much
-      writer.write(step, host)
+      writer.write(step, {**host, **aux})
       progress.logged(step, host["loss"], None)
     elif step % cfg.train.log_every == 0 or step == cfg.train.steps:
       elapsed = now - window["t0"]

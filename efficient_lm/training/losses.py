@@ -1,8 +1,7 @@
 """Training objectives: logits, batch and the model's aux -> (loss, metrics).
 
 `train.objective` picks one. Every objective adds the model's `loss/*` aux
-entries to its own loss, and returns the aux dict among its metrics so that
-diagnostics reach metrics.jsonl under their names.
+entries to its own loss; the step reports the aux dict itself.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def next_token(logits_BTV: jax.Array, batch: dict, aux: Metrics, *,
   if z_loss:
     # PaLM's z-loss keeps the softmax normaliser near 1 (log Z near 0).
     loss = loss + z_loss * (jnp.square(lse_BT) * mask_BT).sum() / denom
-  return loss, {"ce": ce, "tokens": tokens, **aux}
+  return loss, {"ce": ce, "tokens": tokens}
 
 
 def make_objective(name: str, *, z_loss: float) -> Objective:

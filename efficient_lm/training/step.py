@@ -25,13 +25,13 @@ Batch = dict[str, jax.Array]
 
 def loss_fn(graphdef: nnx.GraphDef, params: Any, model_state: Any,
             batch: Batch, objective: Objective):
-  """-> (loss, (metrics, updated model_state))."""
+  """-> (loss, (objective metrics, model aux, updated model_state))."""
   model = nnx.merge(graphdef, params, model_state)
   logits_BTV, aux = model(batch["inputs"], batch["positions"],
                           batch["segment_ids"])
   loss, metrics = objective(logits_BTV, batch, aux)
   new_model_state = nnx.to_pure_dict(nnx.state(model, ModelState))
-  return loss, (metrics, new_model_state)
+  return loss, (metrics, aux, new_model_state)
 
 
 def make_train_step(graphdef: nnx.GraphDef,
@@ -43,17 +43,17 @@ def make_train_step(graphdef: nnx.GraphDef,
     grad_fn = jax.value_and_grad(
       lambda p: loss_fn(graphdef, p, state["model_state"], batch, objective),
       has_aux=True)
-    (loss, (aux, model_state)), grads = grad_fn(state["params"])
+    (loss, (obj, aux, model_state)), grads = grad_fn(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"],
                                           state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {
-      **{k: v for k, v in aux.items() if k not in ("ce", "tokens")},
-      "loss": aux["ce"],
+      "loss": obj["ce"],
       "total_loss": loss,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state["step"]),
-      "tokens": aux["tokens"],
+      "tokens": obj["tokens"],
+      "aux": aux,   # the model's own entries, apart from the step's
     }
     new_state = {"params": params, "model_state": model_state,
                  "opt_state": opt_state, "step": state["step"] + 1}
@@ -65,13 +65,13 @@ def make_train_step(graphdef: nnx.GraphDef,
 def make_eval_step(graphdef: nnx.GraphDef,
                    objective: Objective) -> Callable[[Any, Any, Batch], dict]:
   """(params, model_state, batch) -> sums over the batch: `nll_sum` and
-  `tokens` (so batches of different fill combine exactly) and the model's
-  aux entries (per batch; the caller averages them over batches)."""
+  `tokens` (so batches of different fill combine exactly), and the model's
+  `aux` entries (per batch; the caller averages them over batches)."""
 
   def eval_step(params, model_state, batch: Batch):
-    _, (aux, _) = loss_fn(graphdef, params, model_state, batch, objective)
-    extra = {k: v for k, v in aux.items() if k not in ("ce", "tokens")}
-    return {"nll_sum": aux["ce"] * aux["tokens"], "tokens": aux["tokens"],
-            **extra}
+    _, (obj, aux, _) = loss_fn(graphdef, params, model_state, batch,
+                               objective)
+    return {"nll_sum": obj["ce"] * obj["tokens"], "tokens": obj["tokens"],
+            "aux": aux}
 
   return eval_step
