@@ -11,7 +11,8 @@ import pytest
 
 from efficient_lm.training import console, loop, metrics
 from efficient_lm.training.checkpoint import CheckpointError
-from efficient_lm.training.workdir import WorkdirBusy, WorkdirLock
+from efficient_lm.training.workdir import (WorkdirBusy, WorkdirLock,
+                                          config_changes)
 from tests.helpers import small_config
 from tests.test_train import REPO, SMALL_FLAGS, _env
 
@@ -141,3 +142,14 @@ def test_resumed_writer_drops_the_killed_runs_later_rows(tmp_path):
   assert sorted(e.step for e in events if e.summary.value) == [
     1, 2, 3, 4, 5, 6, 6, 7]
   assert [e.step for e in events if e.HasField("session_log")] == [6]
+
+
+def test_config_changes_read_tuples_back_from_json():
+  """config.json and a checkpoint's saved config hold tuples as JSON lists:
+  the same tuple-valued field is no change, a different one is."""
+  cfg = {"model": {"funnel": {"stages": (12, 24)}, "num_layers": 4}}
+  saved = json.loads(json.dumps(cfg))
+  assert config_changes(saved, cfg) == {}
+  other = {"model": {"funnel": {"stages": (12, 12)}, "num_layers": 4}}
+  assert config_changes(saved, other) == {
+    "model.funnel.stages": ([12, 24], [12, 12])}

@@ -110,12 +110,14 @@ class WorkdirLock:
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Dotted keys; tuples as lists, as config.json and checkpoints hold
+  them, so a value read back from JSON equals the one in the config."""
   out = {}
   for k, v in d.items():
     if isinstance(v, Mapping):
       out.update(_flat(v, f"{prefix}{k}."))
     else:
-      out[f"{prefix}{k}"] = v
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
 
 
