@@ -70,12 +70,16 @@ def main(argv):
                                       device_count=jax.device_count())
     if jax.process_index() == 0:
       print("resolved config:\n" + cfg.to_json(), flush=True)
-    loop.run(cfg, _WORKDIR.value,
-             overrides=[a for a in sys.argv[1:] if a.startswith("--config.")])
+    loop.run(cfg, _WORKDIR.value, overrides=_overrides(sys.argv))
   except (config_lib.ConfigError, DataError, CheckpointError,
           loop.TrainingError, WorkdirBusy) as e:
     # Bad input: one line naming the value, no traceback.
     sys.exit(f"error: {e}")
+
+
+def _overrides(argv) -> list[str]:
+  """The command line's `--config.key=value` overrides."""
+  return [a for a in argv[1:] if a.startswith("--config.")]
 
 
 def _config_file_problem(argv) -> str | None:
@@ -128,7 +132,7 @@ def parse_flags(argv):
   except AttributeError as e:  # ml_collections: override of a missing key
     key, _, hint = _plain(e).partition(" Did you mean")
     hint = f"; did you mean{hint}" if hint else ""
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    overrides = _overrides(argv)
     culprits = [a for a in overrides
                 if a.split("=", 1)[0].endswith("." + key.strip("'"))]
     sys.exit(f"error: unknown config key {key} in "
