@@ -14,9 +14,9 @@ error's first line, which is itself the finding; cases pallas_tpu refuses
 Caveats. memory_analysis temp is HBM only: XLA's memory-space assignment
 places what fits (e.g. dense logits at 1k) in VMEM, uncounted; so each case
 is compiled a second time with that pass off, to report the whole temp
-footprint too. cost_analysis flops cannot see inside Mosaic custom calls
-(the kernels give no cost estimate), so for pallas_tpu they count only the
-glue; for xla_chunked they count the scan body once, not per chunk; for
+footprint too. cost_analysis counts a Mosaic custom call by the kernel's
+pl.CostEstimate (dense tile, backward 2.5x forward), so for pallas_tpu it
+credits masked tiles too; for xla_chunked they count the scan body once, not per chunk; for
 dense xla they count every (masked) pair. The model column (visible pairs,
 the convention of attention.py) is the comparable figure.
 """
@@ -114,8 +114,8 @@ def run(args, iter_cases, make_fn, block_sizes):
         "HBM tmp: memory_analysis temp as compiled; all tmp: temp with "
         "MSA off (no VMEM placement: the whole temp footprint); args: "
         "argument bytes. model GF: visible pairs, fwd+bwd = 3.5 x fwd; "
-        "xla GF: cost_analysis (blind to Mosaic kernels, counts a scan "
-        "body once); s: compile s")
+        "xla GF: cost_analysis (Mosaic kernels by their dense-tile cost "
+        "estimate; a scan body once); s: compile s")
   hdr = (f"{'mode':8}{'mask':8}{'K':>4}{'T':>6}{'B':>3}{'H':>3} "
          f"{'impl':12}{'s':>5}{'HBM tmp':>9}{'all tmp':>9}{'args':>8}"
          f"{'xla GF':>8}{'model GF':>9}")
