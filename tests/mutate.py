@@ -179,7 +179,7 @@ MUTATIONS = [
      "tests/test_assembly.py", "-k", "trained_state"),
   _m("loop_aux_not_window_mean", "efficient_lm/training/loop.py",
      "record = {**host, **aux_window.pop(),",
-     "record = {**aux_window.pop(), **host,",
+     "record = {**host, **aux_window.pop(), **aux,",
      "tests/test_assembly.py", "-k", "trained_state"),
   _m("flops_visible_window_wrong", "efficient_lm/models/flops.py",
      "local_after = np.minimum(after, w - 1)",
