@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------- sections
 
 
-AttentionKind = Literal["dense", "sliding_window", "global_local"]
+AttentionKind = Literal["dense", "sliding_window", "global_local",
+                        "block_sparse", "tglobal"]
 ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
 
 
@@ -31,18 +32,42 @@ ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
 class AttentionConfig:
   # "dense": full attention; "sliding_window": a window of `window` tokens
   # including self; "global_local": sliding window plus the first
-  # `num_global` positions visible to every token. Causal in decoders.
+  # `num_global` positions visible to every token; "block_sparse": BigBird,
+  # the sliding window and `num_global` prefix positions plus
+  # `num_random_blocks` random key blocks of `block_size` per query block
+  # (strictly earlier ones in a decoder), drawn once from `random_seed`;
+  # "tglobal": LongT5 transient-global, the sliding window plus one summary
+  # key per `tglobal_block` tokens (completed earlier blocks only in a
+  # decoder). Causal in decoders, bidirectional in encoders.
   kind: AttentionKind = "dense"
   # Comma-separated attention kinds cycled over the layers, e.g.
   # "sliding_window,sliding_window,sliding_window,dense" (3 local : 1
   # global); its length must divide model.num_layers. Empty: every layer
   # uses `kind`. The other keys (window, num_global, ...) are shared.
   pattern: str = ""
-  # "qkv": MHA / GQA / MQA, chosen by model.num_kv_heads.
-  projection: Literal["qkv"] = "qkv"
+  # "qkv": MHA / GQA / MQA, chosen by model.num_kv_heads; "mla": DeepSeek
+  # multi-head latent attention (the *_rank and *_head_dim keys below).
+  projection: Literal["qkv", "mla"] = "qkv"
   window: int = 0
   num_global: int = 0
   logits_soft_cap: Optional[float] = None
+  # block_sparse: key/query block length, random key blocks per query
+  # block, the seed of their draw, and the longest sequence the static
+  # block table covers (positions >= max_len are an error).
+  block_size: int = 64
+  num_random_blocks: int = 3
+  random_seed: int = 0
+  max_len: int = 4096
+  # tglobal: tokens summarised by one global key.
+  tglobal_block: int = 16
+  # mla: latent widths (q_lora_rank 0 = queries projected directly) and
+  # head dims; 0 = DeepSeek-V2's ratios to model head_dim K: kv_lora_rank
+  # 4K, rope_head_dim K/2, nope_head_dim K, v_head_dim K.
+  kv_lora_rank: int = 0
+  q_lora_rank: int = 0
+  rope_head_dim: int = 0
+  nope_head_dim: int = 0
+  v_head_dim: int = 0
   # Entry point implementation passed to kernels.attention.
   impl: str = "auto"
 
@@ -316,8 +341,7 @@ def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
       f"does not divide model.num_layers={num_layers}")
   where = (f"attention.kind={a.kind!r}" if not a.pattern.strip() else
            f"attention.pattern={a.pattern!r}")
-  if any(k in ("sliding_window", "global_local") for k in kinds) and (
-      a.window <= 0):
+  if any(k != "dense" for k in kinds) and a.window <= 0:
     raise ConfigError(
       f"model.attention.window={a.window}: {where} needs a positive window "
       "(tokens including self)")
@@ -325,6 +349,28 @@ def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
     raise ConfigError(
       f"model.attention.num_global={a.num_global}: {where} uses "
       "'global_local', which needs at least one global position")
+  if a.num_global < 0:
+    raise ConfigError(
+      f"model.attention.num_global={a.num_global}: expected >= 0")
+  if "block_sparse" in kinds:
+    for name in ("block_size", "max_len"):
+      _positive(f"model.attention.{name}", getattr(a, name))
+    if a.num_random_blocks < 0:
+      raise ConfigError(
+        f"model.attention.num_random_blocks={a.num_random_blocks}: "
+        "expected >= 0")
+  if "tglobal" in kinds:
+    _positive("model.attention.tglobal_block", a.tglobal_block)
+  for name in ("kv_lora_rank", "q_lora_rank", "rope_head_dim",
+               "nope_head_dim", "v_head_dim"):
+    if getattr(a, name) < 0:
+      raise ConfigError(
+        f"model.attention.{name}={getattr(a, name)}: expected >= 0 (0 = "
+        "derived from model.head_dim)")
+  if a.rope_head_dim % 2:
+    raise ConfigError(
+      f"model.attention.rope_head_dim={a.rope_head_dim} must be even for "
+      "RoPE")
 
 
 def validate(cfg: Config, *, device_count: int | None = None) -> None:
@@ -358,6 +404,12 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     raise ConfigError(
       f"head_dim={m.resolved_head_dim} must be even for RoPE")
   _validate_attention(m.attention, m.num_layers)
+  if ("block_sparse" in m.attention.pattern_kinds
+      and m.attention.max_len < d.seq_len):
+    raise ConfigError(
+      f"model.attention.max_len={m.attention.max_len} is shorter than "
+      f"data.seq_len={d.seq_len}: the block_sparse table must cover every "
+      "position")
   if not 0.0 <= d.eval_fraction < 1.0:
     raise ConfigError(
       f"data.eval_fraction={d.eval_fraction}: expected 0 <= x < 1")
