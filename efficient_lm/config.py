@@ -367,6 +367,10 @@ def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
       raise ConfigError(
         f"model.attention.{name}={getattr(a, name)}: expected >= 0 (0 = "
         "derived from model.head_dim)")
+  if a.projection == "mla" and "tglobal" in kinds:
+    raise ConfigError(
+      f"model.attention.projection='mla' with {where}: MLA with tglobal "
+      "summaries is not supported; use projection='qkv' for tglobal layers")
   if a.rope_head_dim % 2:
     raise ConfigError(
       f"model.attention.rope_head_dim={a.rope_head_dim} must be even for "
