@@ -27,7 +27,7 @@ from efficient_lm.training import console, losses
 from efficient_lm.training import metrics as metrics_lib
 from efficient_lm.training import optim, step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
-from efficient_lm.training.workdir import WorkdirLock, record_start
+from efficient_lm.training.workdir import TOKENIZER, WorkdirLock, record_start
 
 
 class TrainingError(RuntimeError):
@@ -234,6 +234,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
   if is_main:   # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start,
                  overrides=overrides)
+    data_lib.save_tokenizer(tok, os.path.join(workdir, TOKENIZER))
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
                                     start_step=start)
