@@ -185,6 +185,48 @@ MUTATIONS = [
      "local_after = np.minimum(after, w - 1)",
      "local_after = np.minimum(after, w)",
      "tests/test_flops.py", "-k", "brute_force"),
+
+  # ---- evaluating a trained run (issue #8)
+  _m("eval_warmup_batch_skipped", "efficient_lm/runs.py",
+     "  it.set_state(start)\n", "",
+     "tests/test_evaluate.py", "-k", "training_loops_eval_loss"),
+  _m("packing_finite_pass_wraps", "efficient_lm/data/packing.py",
+     "    while self._end is None or self._next < self._end:",
+     "    while True:",
+     "tests/test_evaluate.py", "-k", "full_pass"),
+  _m("char_bytes_per_id_one", "efficient_lm/data/tokenizers.py",
+     'np.array([len(c.encode("utf-8")) for c in self.chars], np.int64)',
+     "np.ones(len(self.chars), np.int64)",
+     "tests/test_evaluate.py", "-k", "full_pass"),
+  _m("read_latest_renames_bad_step", "efficient_lm/training/checkpoint.py",
+     "      return step, config, state\n",
+     "      return step, config, state\n"
+     "    (directory / str(step)).rename(directory / f'{step}.corrupt')\n",
+     "tests/test_checkpoint.py", "-k", "read_latest"),
+  _m("read_latest_fingerprint_unchecked",
+     "efficient_lm/training/checkpoint.py",
+     "  if bad_key is not None:\n    return None, None, f\"array",
+     "  if False:\n    return None, None, f\"array",
+     "tests/test_checkpoint.py", "-k", "fingerprint"),
+  _m("load_run_takes_the_lock", "efficient_lm/runs.py",
+     "  step, _, state = checkpoint.read_latest(ckpt_dir, abstract_for)",
+     "  from efficient_lm.training.workdir import WorkdirLock\n"
+     "  with WorkdirLock(workdir):\n"
+     "    step, _, state = checkpoint.read_latest(ckpt_dir, abstract_for)",
+     "tests/test_evaluate.py", "-k", "untouched"),
+  _m("tokenizer_from_overridden_data", "efficient_lm/runs.py",
+     "  tok = _tokenizer(workdir, saved_data)",
+     "  tok = data_lib.make_tokenizer(cfg.data)",
+     "tests/test_evaluate.py", "-k", "other_data"),
+  _m("tokenizer_json_not_written", "efficient_lm/training/loop.py",
+     "    data_lib.save_tokenizer(tok, os.path.join(workdir, TOKENIZER))\n",
+     "", "tests/test_evaluate.py", "-k", "other_data"),
+  _m("eval_overrides_any_section", "efficient_lm/runs.py",
+     '    if section != "data":', "    if False:",
+     "tests/test_evaluate.py", "-k", "overrides"),
+  _m("sentencepiece_copy_unchecked", "efficient_lm/data/tokenizers.py",
+     '      if digest != desc.get("sha256"):', "      if False:",
+     "tests/test_evaluate.py", "-k", "sentencepiece"),
 ]
 
 
