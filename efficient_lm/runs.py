@@ -48,14 +48,14 @@ ERRORS = (RunError, ConfigError, DataError, CheckpointError)
 class LoadedRun:
   """What load_run read.
 
-  `cfg` is the checkpoint's config with the data overrides applied and a
-  mesh fitted to this host; `tokenizer` the one the run trained with;
+  `config` is the checkpoint's config with the data overrides applied and
+  a mesh fitted to this host; `tokenizer` the one the run trained with;
   `step` the checkpoint's; `trainer` holds the mesh, graphdef and jitted
   eval_step (there is no optimizer state: never call its train_step);
   `params` and `model_state` are pure dicts sharded over its mesh.
   """
   workdir: str
-  cfg: Config
+  config: Config
   tokenizer: Tokenizer
   step: int
   trainer: loop.Trainer
@@ -73,6 +73,12 @@ class LoadedRun:
   def model(self) -> nnx.Module:
     """The model with the restored parameters (a fresh module each call)."""
     return nnx.merge(self.graphdef, self.params, self.model_state)
+
+  @property
+  def variables(self) -> nnx.State:
+    """Params and model state as one nnx.State, as `nnx.split(model)`
+    gives it: `nnx.merge(run.graphdef, run.variables)` is the model."""
+    return nnx.state(self.model())
 
 
 def load_run(workdir: str, *, overrides: Sequence[str] = (),
@@ -119,14 +125,14 @@ def load_run(workdir: str, *, overrides: Sequence[str] = (),
     raise DataError(
       f"the tokenizer of {workdir} has {tok.vocab_size} ids, more than its "
       f"model.vocab_size={cfg.model.vocab_size}")
-  return LoadedRun(workdir=workdir, cfg=cfg, tokenizer=tok, step=step,
+  return LoadedRun(workdir=workdir, config=cfg, tokenizer=tok, step=step,
                    trainer=built["trainer"], params=state["params"],
                    model_state=state["model_state"])
 
 
 def evaluate(run: LoadedRun, num_batches: int | None = None
              ) -> dict[str, Any]:
-  """One pass over the eval split of `run.cfg.data`: every held-out (token,
+  """One pass over the eval split of `run.config.data`: every held-out (token,
   next token) pair once, or only the first `num_batches` batches (the
   ones the training loop's evaluation reads, so its eval_loss compares).
 
@@ -142,7 +148,7 @@ def evaluate(run: LoadedRun, num_batches: int | None = None
   if num_batches is not None and num_batches < 1:
     raise ConfigError(f"num_batches={num_batches}: expected >= 1 (or None: "
                       "the whole eval split)")
-  cfg, t = run.cfg, run.trainer
+  cfg, t = run.config, run.trainer
   state = {"params": run.params, "model_state": run.model_state}
   it = data_lib.make_iterator(
     cfg.data, "eval", global_batch_size=cfg.train.batch_size,

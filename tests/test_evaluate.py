@@ -12,6 +12,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from efficient_lm import data as data_lib
 from efficient_lm import runs
@@ -91,6 +92,11 @@ def test_loss_equals_the_training_loops_eval_loss(trained, loaded):
                              rtol=1e-6)
   assert loaded.first2["ppl"] == pytest.approx(
     math.exp(loaded.first2["loss"]))
+  # The generate path's view of the same model: one State, graphdef.
+  model = nnx.merge(loaded.run.graphdef, loaded.run.variables)
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+               jax.device_get(loaded.run.params))
 
 
 def test_full_pass_reads_every_held_out_target_once(trained, loaded):
@@ -143,7 +149,7 @@ def test_corrupt_newest_checkpoint_is_skipped_not_renamed(trained, tmp_path,
   other = tmp_path / "other"
   shutil.copytree(trained.workdir, other)
   _corrupt(other / "checkpoints" / "4")
-  t = loop.build_trainer(run.cfg, jax.devices()[:run.mesh.size])
+  t = loop.build_trainer(run.config, jax.devices()[:run.mesh.size])
   with Checkpointer(other / "checkpoints", every_steps=2, keep=3) as ckpt:
     step, state, _ = ckpt.restore_latest(t.abstract_state)
   assert step == 2
