@@ -86,8 +86,10 @@ MUTATIONS = [
       f"{_INDEX_POS.format('kv.pos_BT')},")),
     ("tests/test_model.py", "-k", "packing")),
   _m("transformer_mlp_residual_dropped", "efficient_lm/models/transformer.py",
-     "x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))",
-     "x_BTD = self.mlp(self.mlp_norm(x_BTD))",
+     "x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))\n"
+     "    return constrain(x_BTD, BTD), {}\n",
+     "x_BTD = self.mlp(self.mlp_norm(x_BTD))\n"
+     "    return constrain(x_BTD, BTD), {}\n",
      "tests/test_model.py", "-k", "zeroed_output_projections"),
   _m("transformer_remat_ignored", "efficient_lm/models/stack.py",
      'if self.remat != "none":', "if False:",
@@ -163,8 +165,8 @@ MUTATIONS = [
 
   # ---- the model-assembly contracts (issue #6)
   _m("stack_pattern_ignored", "efficient_lm/models/transformer.py",
-     "cfg=spec.attention, causal=spec.causal",
-     "cfg=cfg.attention, causal=spec.causal",
+     "rope_theta=cfg.rope_theta, cfg=a, causal=spec.causal",
+     "rope_theta=cfg.rope_theta, cfg=cfg.attention, causal=spec.causal",
      "tests/test_model.py", "-k", "own_masks"),
   _m("attention_kv_positions_from_q", "efficient_lm/models/attention.py",
      "q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT,",
@@ -227,6 +229,21 @@ MUTATIONS = [
   _m("sentencepiece_copy_unchecked", "efficient_lm/data/tokenizers.py",
      '      if digest != desc.get("sha256"):', "      if False:",
      "tests/test_evaluate.py", "-k", "sentencepiece"),
+  # ---- generation (#8)
+  _m("cache_rolling_buffer_too_small", "efficient_lm/models/attention.py",
+     "Slots.rolling(min(cfg.window, max(max_len - prefix, 1)),",
+     "Slots.rolling(min(cfg.window - 2, max(max_len - prefix, 1)),",
+     "tests/test_generate.py", "-k", "sliding and equals"),
+  _m("generate_decodes_at_the_previous_position", "efficient_lm/generate.py",
+     "jnp.asarray(tok),\n                                     jnp.asarray(cur))",
+     "jnp.asarray(tok),\n                                     "
+     "jnp.asarray(cur - 1))",
+     "tests/test_generate.py", "-k", "greedy and dense_gqa"),
+  _m("attention_step_skips_the_cache", "efficient_lm/models/attention.py",
+     "rows = cache_lib.concat(cache, new)",
+     "rows = new",
+     "tests/test_generate.py", "-k", "forward and dense_gqa"),
+
 ]
 
 
