@@ -27,20 +27,20 @@ MIXED = dict(kv_lora_rank=24, q_lora_rank=20, rope_head_dim=6,
 def _mla(causal=True, seed=0, embed_dim=D, num_heads=H, head_dim=HEAD_DIM,
          cfg=None, **attn):
   cfg = cfg or AttentionConfig(projection="mla", **attn)
-  model = MLAttention(
+  model = nnx.eval_shape(lambda: MLAttention(
     embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=1,
     head_dim=head_dim, rope_theta=THETA, cfg=cfg, causal=causal,
-    rngs=nnx.Rngs(params=seed), param_dtype=jnp.float32, out_std=0.02,
-    norm_eps=EPS)
+    rngs=nnx.Rngs(params=0), param_dtype=jnp.float32, out_std=0.02,
+    norm_eps=EPS))
   # Unit-scale weights (the 0.02 init makes attention nearly uniform,
-  # which would hide a wrong score), norm scales away from 1.
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [1.0 + 0.2 * jax.random.normal(k, a.shape) if a.ndim == 1 else
-            jax.random.normal(k, a.shape) / math.sqrt(a.shape[0])
-            for k, a in zip(keys, leaves)]
-  nnx.update(model, jax.tree.unflatten(tree, leaves))
+  # which would hide a wrong score), norm scales away from 1. numpy draws:
+  # compiling jax.random's sampler costs seconds per shape on CPU.
+  rng = np.random.default_rng(seed)
+  nnx.update(model, jax.tree.map(
+    lambda a: jnp.asarray(
+      1.0 + 0.2 * rng.standard_normal(a.shape) if a.ndim == 1 else
+      rng.standard_normal(a.shape) / math.sqrt(a.shape[0]), jnp.float32),
+    _params(model)))
   return model
 
 
@@ -64,8 +64,13 @@ def _params(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def _normal(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
+
+
 def _tokens(b, t, seed=0, embed_dim=D):
-  x = jax.random.normal(jax.random.key(seed), (b, t, embed_dim))
+  x = _normal((b, t, embed_dim), seed)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   return Tokens(x, pos, jnp.ones((b, t), jnp.int32))
 
@@ -155,24 +160,25 @@ def test_naive_matches_dense_reference_values_and_grads(name, attn, causal):
   dims, window = model.dims, attn.get("window", 0)
   q = _packed()
   graphdef = nnx.graphdef(model)
-  w = jax.random.normal(jax.random.key(9), q.x_BTD.shape)
+  w = _normal(q.x_BTD.shape, 9)
 
-  def loss_model(params, x):
-    m = nnx.merge(graphdef, params)
-    return jnp.sum(m(q._replace(x_BTD=x)) * w)
+  def module(params, x):
+    return nnx.merge(graphdef, params)(q._replace(x_BTD=x))
 
-  def loss_ref(params, x):
+  def reference(params, x):
     y = q._replace(x_BTD=x)
-    return jnp.sum(_reference(params, y, y, dims, causal, window) * w)
+    return _reference(params, y, y, dims, causal, window)
 
-  params = _params(model)
-  got = _jitted(model)(q)
-  want = jax.jit(_reference, static_argnums=(3, 4, 5))(
-    params, q, q, dims, causal, window)
+  @jax.jit
+  def out_and_grads(params):
+    """Outputs, and d(sum(out * w)) by params and x, of one function."""
+    return {name: (lambda o, vjp: (o, vjp(w)))(*jax.vjp(f, params, q.x_BTD))
+            for name, f in (("module", module), ("reference", reference))}
+
+  res = out_and_grads(_params(model))
+  (got, g_model), (want, g_ref) = res["module"], res["reference"]
   assert float(jnp.abs(want).mean()) > 0.1      # not a near-zero output
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  g_model = jax.jit(jax.grad(loss_model, argnums=(0, 1)))(params, q.x_BTD)
-  g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1)))(params, q.x_BTD)
   _close(g_model, g_ref, 1e-5)
 
 
@@ -208,7 +214,7 @@ def test_causality_by_perturbation(attn):
   q = _tokens(1, 16)
   base = model(q)
   for t in (0, 3, 4, 9, 14):
-    other = jax.random.normal(jax.random.key(t + 50), q.x_BTD.shape)
+    other = _normal(q.x_BTD.shape, t + 50)
     x = q.x_BTD.at[:, t + 1:].set(other[:, t + 1:])
     out = model(q._replace(x_BTD=x))
     np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6,
@@ -220,7 +226,8 @@ def test_causality_by_jacobian():
   model = _mla(**MIXED)
   q = _tokens(1, 8)
   jac = jax.jit(jax.jacfwd(
-    lambda x: model(q._replace(x_BTD=x)).sum(-1)[0]))(q.x_BTD)[:, 0]                                   # [T_out, T_in, D]
+    lambda x: model(q._replace(x_BTD=x)).sum(-1)[0]))(q.x_BTD)[:, 0]
+  # jac: [T_out, T_in, D]
   influence = np.abs(np.asarray(jac)).sum(-1)
   assert np.all(influence[np.triu_indices(8, k=1)] == 0.0)
   assert np.all(influence[np.tril_indices(8)] > 0)
@@ -310,7 +317,7 @@ def test_tensor_parallel_equals_single_device():
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model), nnx.Param)
   params = _params(model)
   q = _packed(b=4)
-  w = jax.random.normal(jax.random.key(3), q.x_BTD.shape)
+  w = _normal(q.x_BTD.shape, 3)
 
   def loss(p, x):
     return jnp.sum(nnx.merge(graphdef, p)(q._replace(x_BTD=x)) * w)
@@ -322,10 +329,123 @@ def test_tensor_parallel_equals_single_device():
   fn = jax.jit(sharding.under_mesh(
     mesh, jax.value_and_grad(loss, argnums=(0, 1))),
     in_shardings=(param_sh, x_sh))
-  assert "sdy.manual_computation" in fn.lower(params, q.x_BTD).as_text()
-  got = fn(jax.device_put(params, param_sh), jax.device_put(q.x_BTD, x_sh))
+  params, x = jax.device_put(params, param_sh), jax.device_put(q.x_BTD, x_sh)
+  lowered = fn.lower(params, x)
+  assert "sdy.manual_computation" in lowered.as_text()
+  got = lowered.compile()(params, x)
   _close(got, want, 1e-6)
   P = jax.sharding.PartitionSpec
   assert param_sh["uk_CHN"].spec == P(None, "tensor", None)
   assert param_sh["dkv_DC"].spec == P("fsdp", None)
   assert param_sh["uq_QHK"].spec == P(None, "tensor", None)
+
+
+# --------------------------------------------------------------- generation
+
+
+def _stepper(model):
+  """model.step(x, cache) as one jitted function."""
+  graphdef, state = nnx.split(model)
+  f = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).step(x, c))
+  return lambda x, cache: f(state, x, cache)
+
+
+def _rows(tok: Tokens, start, stop):
+  return Tokens(*(a[:, start:stop] for a in tok))
+
+
+_STEP_CASES = [
+  ("defaults", {}),
+  ("mixed_dims", MIXED),
+  # Window 4 < prompt 6: the rolling cache drops rows during the prefill
+  # and keeps rolling while decoding.
+  ("sliding_window", {"kind": "sliding_window", "window": 4, **MIXED}),
+  ("global_local", {"kind": "global_local", "window": 3, "num_global": 2,
+                    **MIXED}),
+]
+
+
+@pytest.mark.parametrize("name,attn", _STEP_CASES,
+                         ids=[c[0] for c in _STEP_CASES])
+def test_absorbed_step_equals_naive_forward(name, attn):
+  """Prefill (6 tokens on an empty cache), then decode one token at a time
+  and finally 3 at once: the absorbed form over cached latents gives the
+  naive forward's outputs (fp32, atol 1e-5)."""
+  model = _mla(**attn)
+  seq = _tokens(2, 14, seed=4)
+  want = _jitted(model)(seq)
+  step = _stepper(model)
+  cache = model.init_cache(2, 14, jnp.float32)
+  for start, stop in ((0, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11),
+                      (11, 14)):
+    got, cache = step(_rows(seq, start, stop), cache)
+    np.testing.assert_allclose(got, want[:, start:stop], atol=1e-5,
+                               rtol=1e-5, err_msg=f"{start}:{stop}")
+
+
+def test_step_with_ragged_prompts():
+  """Row 1's prompt is 2 tokens shorter (trailing padding, segment 0): its
+  padding is not cached and its decode continues at its own position."""
+  model = _mla(**MIXED)
+  seq = _tokens(2, 8, seed=5)
+  want = _jitted(model)(seq)
+  step = _stepper(model)
+  cache = model.init_cache(2, 8, jnp.float32)
+  prompt = _rows(seq, 0, 5)
+  prompt = prompt._replace(seg_BT=prompt.seg_BT.at[1, 3:].set(0))
+  got, cache = step(prompt, cache)
+  np.testing.assert_allclose(got[0], want[0, :5], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got[1, :3], want[1, :3], atol=1e-5, rtol=1e-5)
+  # Next token: row 0 at position 5, row 1 at position 3.
+  nxt = Tokens(jnp.stack([seq.x_BTD[0, 5:6], seq.x_BTD[1, 3:4]]),
+               jnp.array([[5], [3]], jnp.int32), jnp.ones((2, 1), jnp.int32))
+  got, _ = step(nxt, cache)
+  np.testing.assert_allclose(got[0], want[0, 5:6], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1, 3:4], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_holds_only_the_latent_and_rope_key():
+  """A cache row is C + R numbers (plus pos/seg), no per-head K or V; the
+  step returns a cache of the same structure; cache_bytes_per_token is the
+  row's size."""
+  model = _mla(**MIXED)
+  c, r = MIXED["kv_lora_rank"], MIXED["rope_head_dim"]
+  cache = model.init_cache(3, 10, jnp.bfloat16)
+  shapes = {k: (v.shape, v.dtype) for k, v in cache.items()}
+  assert shapes == {"c": ((3, 10, c), jnp.bfloat16),
+                    "kr": ((3, 10, r), jnp.bfloat16),
+                    "pos": ((3, 10), jnp.int32), "seg": ((3, 10), jnp.int32)}
+  assert model.cache_bytes_per_token(jnp.bfloat16) == (c + r) * 2
+  row_bytes = sum(cache[k].nbytes for k in ("c", "kr")) // (3 * 10)
+  assert model.cache_bytes_per_token(jnp.bfloat16) == row_bytes
+  _, after = jax.eval_shape(model.step, _tokens(3, 4), cache)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == shapes
+  # A sliding-window layer keeps a rolling buffer of `window` rows.
+  local = _mla(kind="sliding_window", window=4, **MIXED)
+  assert local.init_cache(3, 10, jnp.float32)["c"].shape == (3, 4, c)
+
+
+def test_tensor_parallel_step_equals_single_device():
+  """Under tensor=2 the absorbed step's single latent key/value head is
+  replicated while the query heads are split: prefill and a decode step
+  equal the single-device ones."""
+  model = _mla(**MIXED)
+  graphdef, state = nnx.split(model)
+  abstract = nnx.state(nnx.eval_shape(lambda: model), nnx.Param)
+  seq = _tokens(4, 7, seed=6)
+
+  def run(s, seq, cache):
+    m = nnx.merge(graphdef, s)
+    y0, cache = m.step(_rows(seq, 0, 6), cache)
+    y1, cache = m.step(_rows(seq, 6, 7), cache)
+    return jnp.concatenate([y0, y1], axis=1), cache
+
+  cache = model.init_cache(4, 7, jnp.float32)
+  want = jax.jit(run)(state, seq, cache)
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  param_sh = sharding.state_shardings(mesh, abstract)
+  params = jax.device_put(_params(model), param_sh)
+  lowered = jax.jit(sharding.under_mesh(mesh, run)).lower(params, seq, cache)
+  assert "sdy.manual_computation" in lowered.as_text()
+  got = lowered.compile()(params, seq, cache)
+  _close(got, want, 1e-6)

@@ -13,10 +13,27 @@ every head shares on the key side:
 
 Dimension letters beyond the house set: C kv latent (kv_lora_rank), Q
 query latent (q_lora_rank), N no-rope part of a q/k head, R rope part, so
-K = N + R is the q/k head dim the kernel sees and E the value head dim.
+K = N + R is the q/k head dim the kernel sees and E the value head dim; in
+the absorbed form below L = C + R is the width of the one shared key.
 
 Training uses this naive (decompressed) form through `kernels.attention`
 as ordinary multi-head attention with q/k head dim K and value head dim E.
+
+Generation (`step`) caches only c and kr, C + R numbers per token and
+layer, and uses the absorbed form: W_UK moves to the query side and W_UV
+after the softmax,
+
+  q_nope . (c W_UK_h) = (q_nope W_UK_h^T) . c       per head h
+  o_h = (sum_s p_s c_s) W_UV_h
+
+so the scores are [q_nope W_UK^T ; q_rope] . [c ; kr] with one key head
+of width C + R shared by all query heads, and the values are c itself: a
+single `kernels.attention` call (MQA) over the cached rows. Under tensor
+parallelism the query heads are split and that one key/value head is
+replicated on every shard.
+
+The mask is the layer's ordinary one (`attention.mask_spec`), so MLA
+combines with windows and global prefixes; config refuses it for tglobal.
 """
 
 from __future__ import annotations
@@ -30,13 +47,17 @@ from flax import nnx
 
 import kernels
 from efficient_lm.config import AttentionConfig
-from efficient_lm.models.attention import Tokens, mask_spec
+from efficient_lm.models import cache as cache_lib
+from efficient_lm.models.attention import Tokens, cache_slots, mask_spec
 from efficient_lm.models.layers import RMSNorm, param, rope
 from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
                                    shard_map_by_names)
 
 # A latent activation: the latent dim is replicated, like the width.
 BTC = ("batch", "length", None)
+# The absorbed step's single key/value head (the cached latent): every
+# tensor shard holds it whole while the query heads are split.
+BS1L = ("batch", "length", None, None)
 
 
 class MLADims(NamedTuple):
@@ -105,6 +126,7 @@ class MLAttention(nnx.Module):
     self.scale = 1.0 / math.sqrt(n + r) if scale is None else scale
     self.soft_cap = cfg.logits_soft_cap
     self.impl = cfg.impl
+    self.cfg = cfg
 
   def _queries(self, q: Tokens) -> tuple[jax.Array, jax.Array]:
     """(no-rope part [B, T, H, N], rotated rope part [B, T, H, R])."""
@@ -133,6 +155,9 @@ class MLAttention(nnx.Module):
 
   def _attend(self, q_BTHK, k_BSGK, v_BSGE, q: Tokens, kv_pos_BS, kv_seg_BS,
               kv_names) -> jax.Array:
+    """kernels.attention per shard: the query heads split over `tensor`,
+    the key/value heads as `kv_names` say -> [B, T, H, E]."""
+
     def attend(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg):
       return kernels.attention(
         q_BTHK, k_BSGK, v_BSGE, mask=self.mask, q_pos=q_pos, k_pos=k_pos,
@@ -158,3 +183,39 @@ class MLAttention(nnx.Module):
                           kv.pos_BT, kv.seg_BT, BSGK)
     out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
     return constrain(out, BTD)
+
+  # -------------------------------------------------------------- generation
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Empty rows of the normed latent c [C] and the rotated shared key kr
+    [R], laid out by `attention.cache_slots` (rolling for windows)."""
+    c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
+    return cache_lib.empty(cache_slots(self.cfg, max_len), batch,
+                           {"c": ((c,), dtype), "kr": ((r,), dtype)})
+
+  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
+    """T new tokens over the cache and themselves, in the absorbed form
+    (module docstring); equals `__call__` on the whole sequence."""
+    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1])
+    dt = x.x_BTD.dtype
+    qn_BTHN, qr_BTHR = self._queries(x)
+    c_BTC, kr_BTR = self._latents(x)
+    new = {"c": c_BTC, "kr": kr_BTR, "pos": x.pos_BT.astype(jnp.int32),
+           "seg": x.seg_BT.astype(jnp.int32)}
+    rows = cache_lib.concat(cache, new)
+    qc_BTHC = jnp.einsum("BTHN,CHN->BTHC", qn_BTHN,
+                         self.uk_CHN[...].astype(dt))
+    q_BTHL = constrain(jnp.concatenate([qc_BTHC, qr_BTHR], axis=-1), BTHK)
+    c_BSC = constrain(rows["c"].astype(dt), BTC)
+    k_BS1L = jnp.concatenate([c_BSC, rows["kr"].astype(dt)], axis=-1)
+    o_BTHC = self._attend(q_BTHL, k_BS1L[:, :, None], c_BSC[:, :, None], x,
+                          rows["pos"], rows["seg"], BS1L)
+    o_BTHE = jnp.einsum("BTHC,CHE->BTHE", o_BTHC, self.uv_CHE[...].astype(dt))
+    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
+    return constrain(out, BTD), cache_lib.write(cache, new, slots)
+
+  def cache_bytes_per_token(self, dtype) -> int:
+    """The latent and the shared RoPE key: C + R elements (METHODS.md
+    §6.1), whatever the number of heads."""
+    c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
+    return (c + r) * jnp.dtype(dtype).itemsize
