@@ -176,21 +176,32 @@ class Stack(nnx.Module):
 
   # -------------------------------------------------------------- generation
 
+  def _first_blocks(self):
+    """(segment index, pattern position, the block of the first repeat)."""
+    for i, seg in enumerate(self.segments):
+      stacks = self.groups[f"segment_{i}"]
+      for j in range(len(seg.pattern)):
+        gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
+        yield i, j, nnx.merge(gd, *jax.tree.map(lambda a: a[0], (p, st)))
+
+  def cache_bytes_per_token(self, dtype) -> list[int]:
+    """Each layer's cache bytes per cached token, in layer order."""
+    per = {(i, j): blk.cache_bytes_per_token(dtype)
+           for i, j, blk in self._first_blocks()}
+    return [per[i, j] for i, seg in enumerate(self.segments)
+            for _ in range(seg.repeats) for j in range(len(seg.pattern))]
+
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Every layer's empty cache, stacked like the parameters:
     `{"segment_<i>": [cache of pattern position j, leading axis repeats]}`.
     A block's `init_cache` reads only static attributes."""
-    out = {}
-    for i, seg in enumerate(self.segments):
-      stacks = self.groups[f"segment_{i}"]
-      per_layer = []
-      for j in range(len(seg.pattern)):
-        gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
-        first = nnx.merge(gd, *jax.tree.map(lambda a: a[0], (p, st)))
-        one = first.init_cache(batch, max_len, dtype)
-        per_layer.append(jax.tree.map(
-          lambda a, n=seg.repeats: jnp.broadcast_to(a, (n, *a.shape)), one))
-      out[f"segment_{i}"] = per_layer
+    out: dict[str, list] = {f"segment_{i}": []
+                            for i in range(len(self.segments))}
+    for i, _, block in self._first_blocks():
+      n = self.segments[i].repeats
+      out[f"segment_{i}"].append(jax.tree.map(
+        lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)),
+        block.init_cache(batch, max_len, dtype)))
     return out
 
   def step(self, x_BTD, pos_BT, seg_BT, cache: dict):

@@ -62,6 +62,9 @@ class Block(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     return self.attn.init_cache(batch, max_len, dtype)
 
+  def cache_bytes_per_token(self, dtype) -> int:
+    return self.attn.cache_bytes_per_token(dtype)
+
   def step(self, x_BTD, pos_BT, seg_BT, cache):
     """`__call__` for generation: attention reads and extends `cache`."""
     h_BTD = self.attn_norm(x_BTD)
@@ -99,6 +102,10 @@ class Decoder(nnx.Module):
     """Empty generation caches for `batch` rows of up to `max_len`
     positions (models/cache.py)."""
     return self.stack.init_cache(batch, max_len, self.dtype)
+
+  def cache_bytes_per_token(self) -> list[int]:
+    """Each layer's cache bytes per cached token (the modules' formulas)."""
+    return self.stack.cache_bytes_per_token(self.dtype)
 
   def step(self, tokens_BT, pos_BT, seg_BT, cache):
     """The forward over T new tokens that also extends `cache`:
