@@ -27,6 +27,10 @@ T = 24
 VARIANTS = {
   "dense": {},
   "gqa_mqa": {"model.num_kv_heads": 1},
+  "mla": {"model.attention.projection": "mla"},
+  "mla_window": {"model.attention.projection": "mla",
+                 "model.attention.kind": "sliding_window",
+                 "model.attention.window": 5},
   "sliding_window": {"model.attention.kind": "sliding_window",
                      "model.attention.window": 5},
   "global_local": {"model.attention.kind": "global_local",

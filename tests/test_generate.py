@@ -30,6 +30,11 @@ VARIANTS = {
   "global_local": {"model.attention.kind": "global_local",
                    "model.attention.window": 4,
                    "model.attention.num_global": 3},
+  "mla": {"model.attention.projection": "mla"},
+  "mla_qlatent_window": {"model.attention.projection": "mla",
+                         "model.attention.q_lora_rank": 32,
+                         "model.attention.kind": "sliding_window",
+                         "model.attention.window": 5},
   "mixed_3local_1dense": {
     "model.num_layers": 4,
     "model.attention.pattern": "sliding_window,sliding_window,"

@@ -23,6 +23,7 @@ from efficient_lm.config import ModelConfig
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, SwiGLU, param
+from efficient_lm.models.mla import MLAttention
 from efficient_lm.sharding import BTD, BTV, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -37,6 +38,8 @@ def make_attention(cfg: ModelConfig, spec: stack.LayerSpec, *,
     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
     rope_theta=cfg.rope_theta, cfg=a, causal=spec.causal, rngs=rngs,
     param_dtype=DTYPES[cfg.param_dtype], out_std=out_std)
+  if a.projection == "mla":
+    return MLAttention(**kwargs, norm_eps=cfg.norm_eps)
   return Attention(**kwargs)
 
 
