@@ -117,7 +117,7 @@ class Generator:
   def generate(self, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-               pad_id: int = 0, use_cache: bool = True,
+               pad_id: int | None = None, use_cache: bool = True,
                max_len: int | None = None):
     """New token ids per prompt (without the end-of-sequence token) and
     timing stats. `max_len` (default: longest prompt + max_new_tokens)
@@ -141,7 +141,7 @@ class Generator:
       raise ValueError(
         f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
         f"{total} positions exceeds max_len={max_len}")
-    buf = np.full((b, max_len), pad_id, np.int32)
+    buf = np.full((b, max_len), pad_id or 0, np.int32)   # seg 0 hides it
     for i, p in enumerate(rows):
       buf[i, :len(p)] = p
     key = jax.random.key(seed)
@@ -213,8 +213,11 @@ def _flags():
 
 
 def main(argv) -> None:
+  from absl import flags, logging
   from efficient_lm import cpu_runtime, runs
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # orbax logs each read at INFO
   cpu_runtime.use_cpu_only_without_accelerator()
   f = FLAGS
   if not f.prompt:
@@ -240,7 +243,7 @@ def main(argv) -> None:
   outs, stats = gen.generate(
     prompts, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
     top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id,
-    pad_id=0 if tok.pad_id is None else tok.pad_id, use_cache=f.use_cache)
+    pad_id=tok.pad_id, use_cache=f.use_cache)
   for ids in outs:
     sys.stdout.write(tok.decode(ids) + "\n")
   sys.stdout.flush()

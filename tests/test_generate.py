@@ -9,16 +9,24 @@ formulas say; sampling filters do what they claim.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_lm import sharding
+from efficient_lm import runs, sharding
 from efficient_lm.generate import Generator, sample
 from efficient_lm.models import build
+from efficient_lm.training import loop
 from tests.helpers import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> config overrides. Windows are shorter than the prompts below.
 VARIANTS = {
@@ -181,3 +189,53 @@ def test_generation_under_the_training_mesh_rules():
   got, _ = Generator(gd, state, mesh=mesh).generate(prompts,
                                                     max_new_tokens=8)
   assert got == want
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _snapshot(root):
+  out = {}
+  for d, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns,
+                                            hashlib.sha256(f.read()).digest())
+  return out
+
+
+def test_cli_prints_only_completions_and_leaves_the_run_alone(tmp_path):
+  text = "the quick brown fox jumps over the lazy dog\n" * 200
+  (tmp_path / "t.txt").write_text(text)
+  cfg = small_config(**{
+    "data.source": "text", "data.path": str(tmp_path / "t.txt"),
+    "data.tokenizer": "char", "train.steps": 30, "train.eval_every": 30,
+    "train.learning_rate": 1e-2, "checkpoint.every_steps": 30,
+    "checkpoint.async_save": False, "model.attention.kind": "sliding_window",
+    "model.attention.window": 6, "mesh.data": 8})
+  workdir = str(tmp_path / "run")
+  loop.run(cfg, workdir)
+  before = _snapshot(workdir)
+  prompts = ["the quick", "lazy "]
+  run = runs.load_run(workdir)
+  tok = run.tokenizer
+  want, _ = Generator(run.graphdef, run.variables, mesh=run.mesh).generate(
+    [([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(p)
+     for p in prompts], max_new_tokens=12,
+    eos_id=tok.eos_id, pad_id=tok.pad_id)
+  want_text = "".join(tok.decode(ids) + "\n" for ids in want)
+  assert len(set(want[0])) > 2
+
+  def cli(*extra):
+    args = [sys.executable, "-m", "efficient_lm.generate",
+            f"--workdir={workdir}", "--max_new_tokens=12", *extra]
+    args += [f"--prompt={p}" for p in prompts]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=True)
+
+  cached = cli("--stats")
+  assert cached.stdout == want_text
+  assert "cache_bytes_per_token" in cached.stderr
+  assert cli("--use_cache=false").stdout == want_text
+  assert _snapshot(workdir) == before
