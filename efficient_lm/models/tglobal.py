@@ -48,10 +48,20 @@ from flax import nnx
 import kernels
 from efficient_lm.config import AttentionConfig
 from efficient_lm.models.attention import Attention, Tokens
+from efficient_lm.models.attention import mask_spec as local_mask_spec
 from efficient_lm.models.layers import RMSNorm, rope
 from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
                                    shard_map_by_names)
 from kernels.masks import floordiv
+
+
+def mask_spec(cfg: AttentionConfig, *, causal: bool,
+              num_summaries: int) -> kernels.MaskSpec:
+  """The sliding-window layer's mask with the last `num_summaries` keys
+  global."""
+  local = local_mask_spec(dataclasses.replace(cfg, kind="sliding_window"),
+                          causal=causal)
+  return dataclasses.replace(local, global_suffix=num_summaries)
 
 
 class Summaries(NamedTuple):
@@ -139,7 +149,7 @@ class TGlobalAttention(Attention):
     if cfg.kind != "tglobal":
       raise ValueError(f"TGlobalAttention needs attention.kind='tglobal', "
                        f"got {cfg.kind!r}")
-    # The local part is exactly a sliding-window layer's mask.
+    # Attention's projections; its mask (self.mask) is the local part.
     super().__init__(
       embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
       head_dim=head_dim, rope_theta=rope_theta,
@@ -147,6 +157,7 @@ class TGlobalAttention(Attention):
       rngs=rngs, param_dtype=param_dtype, out_std=out_std, scale=scale)
     self.summary_norm = RMSNorm(embed_dim, eps=norm_eps,
                                 param_dtype=param_dtype)
+    self.cfg = cfg
     self.block = cfg.tglobal_block
     self.causal = causal
 
@@ -184,7 +195,8 @@ class TGlobalAttention(Attention):
     q_BTHK = constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
     k_BSGK = constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK)
     v_BSGK = constrain(v_BSGK, BSGK)
-    mask = dataclasses.replace(self.mask, global_suffix=num_summaries)
+    mask = mask_spec(self.cfg, causal=self.causal,
+                     num_summaries=num_summaries)
 
     def attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
       return kernels.attention(
