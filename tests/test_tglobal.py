@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from efficient_lm.config import AttentionConfig
+from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import rope
 from efficient_lm.models.tglobal import TGlobalAttention, summary_slots
@@ -320,13 +321,19 @@ def test_packed_documents_equal_separate_runs(causal):
   pos, seg = _packed()
   x = _x(*pos.shape)
   m = _module(causal)
-  packed = _apply(m, x, pos, seg)
-  for r in range(pos.shape[0]):
-    for s in (1, 2):
-      idx = np.flatnonzero(seg[r] == s)
-      alone = _apply(m, x[r:r + 1, idx], pos[r:r + 1, idx],
-                     np.ones((1, len(idx)), np.int32))
-      assert_close(packed[r:r + 1, idx], alone, 1e-5, f"row {r} doc {s}")
+  packed = m(Tokens(x, jnp.asarray(pos), jnp.asarray(seg)))
+  # Each document alone in its own row (trailing padding), one call.
+  docs = [(r, np.flatnonzero(seg[r] == s)) for r in range(2) for s in (1, 2)]
+  t = pos.shape[1]
+  x_alone = jnp.stack([jnp.pad(x[r, idx], ((0, t - len(idx)), (0, 0)))
+                       for r, idx in docs])
+  pos_alone = np.stack([np.pad(pos[r, idx], (0, t - len(idx)))
+                        for r, idx in docs])
+  seg_alone = (np.arange(t)[None] < np.array([[len(i)] for _, i in docs]))
+  alone = m(Tokens(x_alone, jnp.asarray(pos_alone),
+                   jnp.asarray(seg_alone.astype(np.int32))))
+  for i, (r, idx) in enumerate(docs):
+    assert_close(packed[r, idx], alone[i, :len(idx)], 1e-5, f"doc {i}")
   # Padding rows see nothing: zero output.
   assert np.all(np.asarray(packed[0, 17:]) == 0)
 
@@ -337,3 +344,86 @@ def test_errors_are_one_line():
   x, pos, seg = _one_doc(4)
   with pytest.raises(ValueError, match="self-attention only"):
     _module(True)(Tokens(x, pos, seg), Tokens(x, pos, seg))
+
+
+# ----------------------------------------------------------------- generation
+
+
+@nnx.jit
+def _step(m, x, pos, seg, cache):
+  return m.step(Tokens(x, pos, seg), cache)
+
+
+def _steps(m, x, pos, seg, chunks, max_len):
+  """Outputs of consecutive `step`s over the given chunk lengths."""
+  cache = m.init_cache(x.shape[0], max_len, jnp.float32)
+  outs, start = [], 0
+  for n in chunks:
+    sl = slice(start, start + n)
+    y, cache = _step(m, x[:, sl], pos[:, sl], seg[:, sl], cache)
+    outs.append(y)
+    start += n
+  return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("chunks", [
+  [9] + [1] * 14,          # prefill past the window and a block, then decode
+  [1] * 23,                # decode from the first token
+  [6, 3, 1, 5, 8],         # multi-token steps starting mid-block
+])
+def test_prefill_then_decode_equals_forward(chunks):
+  t_len = sum(chunks)
+  x, pos, seg = _one_doc(t_len)
+  x = jnp.concatenate([x, _x(1, t_len, seed=3)], 0)       # two rows
+  pos, seg = (jnp.concatenate([a, a], 0) for a in (pos, seg))
+  m = _module(True, window=3, tglobal_block=4)
+  want = m(Tokens(x, pos, seg))
+  got, cache = _steps(m, x, pos, seg, chunks, max_len=t_len + 2)
+  assert_close(got, want, 1e-5)
+  # Five complete blocks cached (positions 0..19), 20..22 carried.
+  np.testing.assert_array_equal(cache["global"]["seg"][0], [1] * 5 + [0] * 1)
+  np.testing.assert_array_equal(cache["partial"]["count"], [3, 3])
+
+
+def test_prefill_with_padded_prompts_then_decode():
+  """Prompts of 5 and 10 tokens padded to 10 (segment 0 past the prompt,
+  positions running on, as generate.py prefills), then per-row decode at
+  each row's own positions: equals each row's full forward."""
+  lens, new, width = [5, 10], 9, 10
+  m = _module(True, window=3, tglobal_block=4)
+  xs = [_x(1, n + new, seed=r) for r, n in enumerate(lens)]
+  prompt = jnp.concatenate(
+    [jnp.pad(x[:, :n], ((0, 0), (0, width - n), (0, 0)))
+     for x, n in zip(xs, lens)], 0)
+  pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (2, width))
+  seg = (pos < jnp.asarray(lens)[:, None]).astype(jnp.int32)
+  cache = m.init_cache(2, max(lens) + new, jnp.float32)
+  first, cache = _step(m, prompt, pos, seg, cache)
+  outs = [[first[r:r + 1, :n]] for r, n in enumerate(lens)]
+  for i in range(new):
+    x_B1D = jnp.concatenate([x[:, n + i:n + i + 1]
+                             for x, n in zip(xs, lens)], 0)
+    p_B1 = jnp.asarray([[n + i] for n in lens], jnp.int32)
+    y, cache = _step(m, x_B1D, p_B1, jnp.ones_like(p_B1), cache)
+    for r in range(2):
+      outs[r].append(y[r:r + 1])
+  for r, (x, n) in enumerate(zip(xs, lens)):
+    p = jnp.arange(n + new, dtype=jnp.int32)[None]
+    want = m(Tokens(x, p, jnp.ones_like(p)))
+    assert_close(jnp.concatenate(outs[r], 1), want, 1e-5, f"row {r}")
+
+
+def test_cache_size_and_bytes_per_token():
+  m = _module(True, window=3, tglobal_block=4)
+  shapes = jax.eval_shape(lambda: m.init_cache(2, 30, jnp.float32))
+  per = m.cache_bytes_per_token(jnp.float32)
+  assert per == 2 * G * K * 4
+  rows = 3 + 30 // 4                         # window + completed blocks
+  pos_seg = 2 * rows * 2 * 4
+  partial = 2 * (D * 4 + 3 * 4)              # sum, count, pos, seg
+  assert cache_lib.nbytes(shapes) == 2 * rows * per + pos_seg + partial
+
+
+def test_generation_needs_a_causal_layer():
+  with pytest.raises(ValueError, match="needs a causal"):
+    _module(False).init_cache(1, 8, jnp.float32)

@@ -34,6 +34,17 @@ block's middle. We use RoPE at that position instead of LongT5's side
 relative-position bias (bucketed global index - block id): the model has no
 bias tables, the rotation already makes the query-summary logit depend on
 the token's distance to the block, and the blockwise kernels take no bias.
+
+Generation (causal layers, METHODS.md §4.4): the cache holds the window's
+K/V rows (a rolling buffer, like a sliding-window layer), the K/V of every
+completed block's summary, and the running float32 sum and token count of
+the current partial block. A step treats that partial block as one extra
+input row standing for its tokens, so a block that completes during the
+step is summarised exactly as in the full forward.
+
+Inside a routed (MoD / MoR) block only blocks whose k tokens were all
+routed would be summarised (METHODS.md §7.2); that composition is not
+supported yet.
 """
 
 from __future__ import annotations
@@ -47,9 +58,10 @@ from flax import nnx
 
 import kernels
 from efficient_lm.config import AttentionConfig
-from efficient_lm.models.attention import Attention, Tokens
+from efficient_lm.models import cache as cache_lib
+from efficient_lm.models.attention import Attention, Tokens, cache_slots
 from efficient_lm.models.attention import mask_spec as local_mask_spec
-from efficient_lm.models.layers import RMSNorm, rope
+from efficient_lm.models.layers import RMSNorm
 from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
                                    shard_map_by_names)
 from kernels.masks import floordiv
@@ -59,8 +71,7 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool,
               num_summaries: int) -> kernels.MaskSpec:
   """The sliding-window layer's mask with the last `num_summaries` keys
   global."""
-  local = local_mask_spec(dataclasses.replace(cfg, kind="sliding_window"),
-                          causal=causal)
+  local = local_mask_spec(_local(cfg), causal=causal)
   return dataclasses.replace(local, global_suffix=num_summaries)
 
 
@@ -140,7 +151,8 @@ def summary_sums(x_BTD, slot_BT, num_slots: int) -> jax.Array:
 
 class TGlobalAttention(Attention):
   """Attention's projections over [x ; block summaries]; see the module
-  docstring. Self-attention only."""
+  docstring. Self-attention only; generation (causal layers) keeps the
+  cache of METHODS.md §4.4."""
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, rope_theta: float, cfg: AttentionConfig,
@@ -149,12 +161,11 @@ class TGlobalAttention(Attention):
     if cfg.kind != "tglobal":
       raise ValueError(f"TGlobalAttention needs attention.kind='tglobal', "
                        f"got {cfg.kind!r}")
-    # Attention's projections; its mask (self.mask) is the local part.
     super().__init__(
       embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-      head_dim=head_dim, rope_theta=rope_theta,
-      cfg=dataclasses.replace(cfg, kind="sliding_window"), causal=causal,
-      rngs=rngs, param_dtype=param_dtype, out_std=out_std, scale=scale)
+      head_dim=head_dim, rope_theta=rope_theta, cfg=_local(cfg),
+      causal=causal, rngs=rngs, param_dtype=param_dtype, out_std=out_std,
+      scale=scale)
     self.summary_norm = RMSNorm(embed_dim, eps=norm_eps,
                                 param_dtype=param_dtype)
     self.cfg = cfg
@@ -170,10 +181,11 @@ class TGlobalAttention(Attention):
       raise ValueError("TGlobalAttention is self-attention only; got kv "
                        "tokens (pass kv=None)")
     g = self.summaries(q)
-    keys = Tokens(jnp.concatenate([q.x_BTD, g.x_BTD], 1),
-                  jnp.concatenate([q.pos_BT, g.pos_BT], 1),
-                  jnp.concatenate([q.seg_BT, g.seg_BT], 1))
-    return self._attend(q, keys, num_summaries=g.x_BTD.shape[1])
+    q_BTHK, k_BSGK, v_BSGK = self._project(q, _cat(q, g))
+    return self._attend(q_BTHK, k_BSGK, v_BSGK, q.pos_BT,
+                        jnp.concatenate([q.pos_BT, g.pos_BT], 1), q.seg_BT,
+                        jnp.concatenate([q.seg_BT, g.seg_BT], 1),
+                        num_summaries=g.x_BTD.shape[1])
 
   def summaries(self, q: Tokens) -> Tokens:
     """The summary rows g = RMSNorm(sum of a complete block's inputs) with
@@ -184,17 +196,9 @@ class TGlobalAttention(Attention):
     g_BND = self.summary_norm(summary_sums(q.x_BTD, s.slot_BT, n))
     return Tokens(g_BND.astype(q.x_BTD.dtype), s.pos_BN, s.seg_BN)
 
-  def _attend(self, q: Tokens, kv: Tokens, *, num_summaries: int):
-    """Attention.__call__ with the last `num_summaries` keys global."""
-    dt = q.x_BTD.dtype
-    q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
-    k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD,
-                        self.k_DGK[...].astype(dt))
-    v_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD,
-                        self.v_DGK[...].astype(dt))
-    q_BTHK = constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
-    k_BSGK = constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK)
-    v_BSGK = constrain(v_BSGK, BSGK)
+  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, *,
+              num_summaries: int = 0):
+    """Attention._attend with the last `num_summaries` keys global."""
     mask = mask_spec(self.cfg, causal=self.causal,
                      num_summaries=num_summaries)
 
@@ -206,6 +210,113 @@ class TGlobalAttention(Attention):
 
     o_BTHK = shard_map_by_names(
       attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK)(
-        q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT, q.seg_BT, kv.seg_BT)
+        q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
+    dt = o_BTHK.dtype
     out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
     return constrain(out, BTD)
+
+  # -------------------------------------------------------------- generation
+
+  def _check_causal(self, what: str):
+    if not self.causal:
+      raise ValueError(f"TGlobalAttention.{what}: generation needs a causal "
+                       "(decoder) layer; this one is bidirectional")
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """`local`: rolling K/V rows of the window (models/cache.py);
+    `global`: K/V of the summaries of completed blocks, a full cache over
+    block indices (slot and `pos` field j; the key sits at (j + 1) * k);
+    `partial`: the float32 sum of the current block's inputs so far, how
+    many tokens it holds, and the latest position and segment (segment 0:
+    nothing carried)."""
+    self._check_causal("init_cache")
+    g, k = self.k_DGK.shape[1:]
+    fields = {"k": ((g, k), dtype), "v": ((g, k), dtype)}
+    d = self.q_DHK.shape[0]
+    return {
+      "local": cache_lib.empty(cache_slots(_local(self.cfg), max_len),
+                               batch, fields),
+      "global": cache_lib.empty(
+        cache_lib.Slots.full(max_len // self.block), batch, fields),
+      "partial": {"sum": jnp.zeros((batch, d), jnp.float32),
+                  "count": jnp.zeros((batch,), jnp.int32),
+                  "pos": jnp.zeros((batch,), jnp.int32),
+                  "seg": jnp.zeros((batch,), jnp.int32)}}
+
+  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
+    """T >= 1 new tokens (positions increasing) over the cache: the
+    carried partial block joins the new tokens as one row standing for
+    its `count` tokens, so blocks completed in this call get their
+    summaries here (visible only to later positions, as in `__call__`)."""
+    self._check_causal("step")
+    k, t, dt = self.block, x.x_BTD.shape[1], x.x_BTD.dtype
+    part = cache["partial"]
+    rows = Tokens(
+      jnp.concatenate([part["sum"][:, None], x.x_BTD.astype(jnp.float32)], 1),
+      jnp.concatenate([part["pos"][:, None], x.pos_BT.astype(jnp.int32)], 1),
+      jnp.concatenate([part["seg"][:, None], x.seg_BT.astype(jnp.int32)], 1))
+    weight_BT = jnp.concatenate(
+      [part["count"][:, None], jnp.ones_like(x.pos_BT, jnp.int32)], 1)
+    n = -(-t // k)           # carry < k tokens: at most ceil(T / k) complete
+    s = summary_slots(rows.pos_BT, rows.seg_BT, block=k, causal=True,
+                      num_slots=n, weight_BT=weight_BT)
+    g = Tokens(self.summary_norm(summary_sums(rows.x_BTD, s.slot_BT, n))
+               .astype(dt), s.pos_BN, s.seg_BN)
+    q_BTHK, k_BSGK, v_BSGK = self._project(x, _cat(x, g))
+    new_local = {"k": k_BSGK[:, :t], "v": v_BSGK[:, :t],
+                 "pos": x.pos_BT.astype(jnp.int32),
+                 "seg": x.seg_BT.astype(jnp.int32)}
+    new_global = {"k": k_BSGK[:, t:], "v": v_BSGK[:, t:],
+                  "pos": floordiv(g.pos_BT, k) - 1, "seg": g.seg_BT}
+    local = cache_lib.concat(cache["local"], new_local)
+    glob = cache_lib.concat(cache["global"], new_global)
+    out = self._attend(
+      q_BTHK, constrain(jnp.concatenate([local["k"], glob["k"]], 1), BSGK),
+      constrain(jnp.concatenate([local["v"], glob["v"]], 1), BSGK),
+      x.pos_BT, jnp.concatenate([local["pos"], (glob["pos"] + 1) * k], 1),
+      x.seg_BT, jnp.concatenate([local["seg"], glob["seg"]], 1),
+      num_summaries=glob["pos"].shape[1])
+    local_slots = cache_slots(_local(self.cfg), None,
+                              num_slots=cache["local"]["pos"].shape[1])
+    global_slots = cache_lib.Slots.full(cache["global"]["pos"].shape[1])
+    return out, {
+      "local": cache_lib.write(cache["local"], new_local, local_slots),
+      "global": cache_lib.write(cache["global"], new_global, global_slots),
+      "partial": _carry(rows, weight_BT, k)}
+
+  def cache_bytes_per_token(self, dtype) -> int:
+    """K and V of the kv heads per cached row, 2 * G * K elements, for the
+    window's rows and one summary row per k tokens alike; the partial
+    block's float32 sum (D per sequence) is not per token."""
+    g, k = self.k_DGK.shape[1:]
+    return 2 * g * k * jnp.dtype(dtype).itemsize
+
+
+def _local(cfg: AttentionConfig) -> AttentionConfig:
+  """The sliding-window layer that is the local part of a tglobal one."""
+  return dataclasses.replace(cfg, kind="sliding_window")
+
+
+def _cat(x: Tokens, g: Tokens) -> Tokens:
+  """Keys of a call: the tokens, then the summaries."""
+  return Tokens(*(jnp.concatenate([a, b], 1) for a, b in zip(x, g)))
+
+
+def _carry(rows: Tokens, weight_BT, block: int) -> dict:
+  """The partial block after a step: the (segment, block) of the latest
+  live row, its sum and count, unless that block is complete (then
+  nothing is carried; its summary is in the global cache)."""
+  live_BT = (rows.seg_BT != 0) & (weight_BT > 0)
+  t = live_BT.shape[1]
+  last_B = t - 1 - jnp.argmax(live_BT[:, ::-1], axis=1)
+  pick = lambda a: jnp.take_along_axis(a, last_B[:, None], axis=1)[:, 0]
+  pos_B, seg_B = pick(rows.pos_BT), pick(rows.seg_BT)
+  same_BT = live_BT & (rows.seg_BT == seg_B[:, None]) & (
+    floordiv(rows.pos_BT, block) == floordiv(pos_B, block)[:, None])
+  count_B = jnp.sum(jnp.where(same_BT, weight_BT, 0), axis=1)
+  keep_B = jnp.any(live_BT, axis=1) & (count_B < block)
+  sum_BD = jnp.sum(jnp.where(same_BT[:, :, None], rows.x_BTD, 0), axis=1)
+  return {"sum": jnp.where(keep_B[:, None], sum_BD, 0),
+          "count": jnp.where(keep_B, count_B, 0).astype(jnp.int32),
+          "pos": jnp.where(keep_B, pos_B, 0),
+          "seg": jnp.where(keep_B, seg_B, 0)}
