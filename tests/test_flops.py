@@ -37,6 +37,11 @@ _MASKS = [
     "model.attention.num_global": 9}, False),
   ({"model.attention.kind": "global_local", "model.attention.window": 40,
     "model.attention.num_global": 3}, True),
+  ({"model.attention.kind": "tglobal", "model.attention.window": 5,
+    "model.attention.tglobal_block": 4}, True),
+  ({"model.attention.kind": "tglobal", "model.attention.window": 5,
+    "model.attention.tglobal_block": 4}, False),
+  ({"model.attention.kind": "tglobal", "model.attention.window": 40}, True),
 ]
 
 
@@ -48,12 +53,23 @@ def test_visible_pairs_equal_a_brute_force_count(overrides, causal):
   from efficient_lm.models import stack
   from efficient_lm.models.attention import mask_spec
   from kernels import masks
+  from efficient_lm.models import tglobal
   cfg = small_config(**overrides)
   spec = stack.layer_plan(cfg.model, causal=causal)[0]
   t = 33
   pos = np.arange(t, dtype=np.int32)[None]
-  dense = masks.dense_mask(mask_spec(spec.attention, causal=causal),
-                           pos, pos, None, None)
+  seg = np.ones_like(pos)
+  k_pos, k_seg = pos, seg
+  if spec.attention.kind == "tglobal":
+    n = t // spec.attention.tglobal_block
+    g = tglobal.summary_slots(pos, seg, block=spec.attention.tglobal_block,
+                              causal=causal, num_slots=n)
+    k_pos = np.concatenate([pos, g.pos_BN], 1)
+    k_seg = np.concatenate([seg, g.seg_BN], 1)
+    mspec = tglobal.mask_spec(spec.attention, causal=causal, num_summaries=n)
+  else:
+    mspec = mask_spec(spec.attention, causal=causal)
+  dense = masks.dense_mask(mspec, pos, k_pos, seg, k_seg)
   brute = np.asarray(dense)[0].sum(axis=1)
   np.testing.assert_array_equal(flops.visible_keys(spec, t), brute)
 

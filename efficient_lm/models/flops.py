@@ -50,6 +50,11 @@ def visible_keys(spec: stack.LayerSpec, seq_len: int) -> np.ndarray:
     above = (0 if spec.causal else
              np.maximum(0, np.minimum(g, t) - (i + w)))
     return n + below + above
+  if a.kind == "tglobal":
+    # Plus one summary per complete block: those of earlier blocks when
+    # causal, all T // k otherwise (models/tglobal.py).
+    k = a.tglobal_block
+    return n + (i // k if spec.causal else t // k)
   raise ValueError(f"attention.kind={a.kind!r} has no FLOPs rule")
 
 

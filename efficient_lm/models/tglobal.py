@@ -1,0 +1,322 @@
+"""LongT5 transient-global attention (METHODS.md §4): a sliding window plus
+one summary key per completed block of `tglobal_block` tokens.
+
+Every call builds, from the layer's normalised input x, one summary per
+complete block of each document: g = RMSNorm(sum of the block's x), with its
+own RMSNorm scale. The summaries go through the layer's own K and V
+projections and are appended as extra keys after the ordinary ones, so one
+softmax covers local || global (`kernels.MaskSpec(global_suffix=n)`: suffix
+keys skip the window but keep the segment and causal rules on their own
+positions). Nothing is kept across calls ("transient").
+
+Blocks come from positions: token (seg, pos) is in block pos // k of its
+segment. A block is complete when all k of its positions are present in the
+call (its tokens are counted; positions are unique within a segment), so
+packed documents never share a summary and padding (segment 0) is in none.
+- Causal (decoders, flaxformer's causal form): summary j sits at position
+  (j + 1) * k, so the causal rule lets a token of block b see exactly the
+  summaries j < b of its document. Its own block's summary would leak up to
+  k - 1 later tokens; the trailing partial block ("orphans") is not
+  summarised.
+- Bidirectional (encoders, LongT5): every token sees every summary of its
+  document; orphan tokens (those of incomplete blocks) are adopted into the
+  last complete block of their document (flaxformer's adopt_orphan_tokens);
+  a document shorter than k has no summary.
+
+Static number of summary keys: complete blocks are disjoint sets of k
+tokens, so a call over T tokens has at most T // k of them, however the
+documents are packed or where they start; slots past the complete blocks of
+a row are empty (segment 0, invisible to every query).
+
+Positions of summary keys (also their RoPE positions): causal (j + 1) * k,
+the first position allowed to see it; bidirectional j * k + k // 2, the
+block's middle. We use RoPE at that position instead of LongT5's side
+relative-position bias (bucketed global index - block id): the model has no
+bias tables, the rotation already makes the query-summary logit depend on
+the token's distance to the block, and the blockwise kernels take no bias.
+
+Generation (causal layers, METHODS.md §4.4): the cache holds the window's
+K/V rows (a rolling buffer, like a sliding-window layer), the K/V of every
+completed block's summary, and the running float32 sum and token count of
+the current partial block. A step treats that partial block as one extra
+input row standing for its tokens, so a block that completes during the
+step is summarised exactly as in the full forward.
+
+Inside a routed (MoD / MoR) block only blocks whose k tokens were all
+routed would be summarised (METHODS.md §7.2); that composition is not
+supported yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from efficient_lm.config import AttentionConfig
+from efficient_lm.models import cache as cache_lib
+from efficient_lm.models.attention import Attention, Tokens, cache_slots
+from efficient_lm.models.attention import mask_spec as local_mask_spec
+from efficient_lm.models.layers import RMSNorm
+from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
+                                   shard_map_by_names)
+from kernels.masks import floordiv
+
+
+def mask_spec(cfg: AttentionConfig, *, causal: bool,
+              num_summaries: int) -> kernels.MaskSpec:
+  """The sliding-window layer's mask with the last `num_summaries` keys
+  global."""
+  local = local_mask_spec(_local(cfg), causal=causal)
+  return dataclasses.replace(local, global_suffix=num_summaries)
+
+
+class Summaries(NamedTuple):
+  """Where each token's input is summed, and the summary keys' rows.
+
+  slot_BT: the summary slot a token adds to, -1 for none (padding, causal
+  orphans, documents without a complete block). pos_BN, seg_BN: position
+  and segment of every slot (segment 0 = empty slot)."""
+  slot_BT: jax.Array
+  pos_BN: jax.Array
+  seg_BN: jax.Array
+
+
+def summary_slots(pos_BT, seg_BT, *, block: int, causal: bool,
+                  num_slots: int, weight_BT=None) -> Summaries:
+  """Groups tokens into complete blocks per (segment, pos // block).
+
+  `weight_BT` is how many tokens a row stands for (default 1; 0 drops it);
+  a group is complete when its weights add up to `block`. Slots are
+  numbered in (segment, block) order; groups past `num_slots` are dropped
+  (none are when num_slots >= total weight // block).
+  """
+  if weight_BT is None:
+    weight_BT = jnp.ones_like(pos_BT)
+  group = jax.vmap(lambda p, s, w: _group_row(
+    p, s, w, block=block, causal=causal, num_slots=num_slots))
+  return Summaries(*group(pos_BT.astype(jnp.int32), seg_BT.astype(jnp.int32),
+                          weight_BT.astype(jnp.int32)))
+
+
+def _group_row(pos_T, seg_T, w_T, *, block, causal, num_slots):
+  t = pos_T.shape[0]
+  blk_T = floordiv(pos_T, block)
+  live_T = (seg_T != 0) & (w_T > 0)
+  # Sort by (segment, block), dead rows last: groups become runs.
+  seg_key_T = jnp.where(live_T, seg_T, jnp.iinfo(jnp.int32).max)
+  order_T = jnp.lexsort((blk_T, seg_key_T))
+  seg_s, blk_s = seg_key_T[order_T], blk_T[order_T]
+  live_s, w_s = live_T[order_T], w_T[order_T]
+  new_seg = jnp.concatenate([jnp.ones((1,), bool), seg_s[1:] != seg_s[:-1]])
+  first = new_seg | jnp.concatenate(
+    [jnp.ones((1,), bool), blk_s[1:] != blk_s[:-1]])
+  gid_s = jnp.cumsum(first) - 1                       # group of each token
+  count_G = jax.ops.segment_sum(jnp.where(live_s, w_s, 0), gid_s,
+                                num_segments=t)
+  complete_G = count_G == block
+  slot_G = jnp.where(complete_G, jnp.cumsum(complete_G) - 1, -1)
+  slot_G = jnp.where(slot_G < num_slots, slot_G, -1)
+  own_s = slot_G[gid_s]
+  slot_s = own_s
+  if not causal:
+    # Orphans join the last complete block of their segment: slots grow
+    # with the block inside a segment, so that is the segment's max slot.
+    sid_s = jnp.cumsum(new_seg) - 1
+    last_S = jax.ops.segment_max(own_s, sid_s, num_segments=t)
+    slot_s = jnp.where(own_s >= 0, own_s, last_S[sid_s])
+  slot_s = jnp.where(live_s, slot_s, -1)
+  slot_T = jnp.zeros((t,), jnp.int32).at[order_T].set(slot_s.astype(jnp.int32))
+  # One row per complete group, written at its slot (others dropped).
+  at = jnp.where(first & (own_s >= 0), own_s, num_slots)
+  offset = block if causal else block // 2
+  pos_N = jnp.zeros((num_slots,), jnp.int32).at[at].set(
+    blk_s * block + offset, mode="drop")
+  seg_N = jnp.zeros((num_slots,), jnp.int32).at[at].set(seg_s, mode="drop")
+  return slot_T, pos_N, seg_N
+
+
+def summary_sums(x_BTD, slot_BT, num_slots: int) -> jax.Array:
+  """Float32 [B, N, D]: the sum of each slot's rows of x (one-hot matmul:
+  MXU-friendly and deterministic, unlike a scatter-add)."""
+  x_BTD = jnp.where((slot_BT >= 0)[:, :, None], x_BTD, 0)
+  onehot_BTN = (slot_BT[:, :, None] == jnp.arange(num_slots)[None, None, :])
+  return jnp.einsum("BTN,BTD->BND", onehot_BTN.astype(x_BTD.dtype), x_BTD,
+                    preferred_element_type=jnp.float32)
+
+
+class TGlobalAttention(Attention):
+  """Attention's projections over [x ; block summaries]; see the module
+  docstring. Self-attention only; generation (causal layers) keeps the
+  cache of METHODS.md §4.4."""
+
+  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, rope_theta: float, cfg: AttentionConfig,
+               causal: bool, rngs: nnx.Rngs, param_dtype, out_std: float,
+               norm_eps: float, scale: float | None = None):
+    if cfg.kind != "tglobal":
+      raise ValueError(f"TGlobalAttention needs attention.kind='tglobal', "
+                       f"got {cfg.kind!r}")
+    super().__init__(
+      embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+      head_dim=head_dim, rope_theta=rope_theta, cfg=_local(cfg),
+      causal=causal, rngs=rngs, param_dtype=param_dtype, out_std=out_std,
+      scale=scale)
+    self.summary_norm = RMSNorm(embed_dim, eps=norm_eps,
+                                param_dtype=param_dtype)
+    self.cfg = cfg
+    self.block = cfg.tglobal_block
+    self.causal = causal
+
+  def num_slots(self, seq_len: int) -> int:
+    """Summary keys of a call over seq_len tokens (module docstring)."""
+    return seq_len // self.block
+
+  def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
+    if kv is not None:
+      raise ValueError("TGlobalAttention is self-attention only; got kv "
+                       "tokens (pass kv=None)")
+    g = self.summaries(q)
+    q_BTHK, k_BSGK, v_BSGK = self._project(q, _cat(q, g))
+    return self._attend(q_BTHK, k_BSGK, v_BSGK, q.pos_BT,
+                        jnp.concatenate([q.pos_BT, g.pos_BT], 1), q.seg_BT,
+                        jnp.concatenate([q.seg_BT, g.seg_BT], 1),
+                        num_summaries=g.x_BTD.shape[1])
+
+  def summaries(self, q: Tokens) -> Tokens:
+    """The summary rows g = RMSNorm(sum of a complete block's inputs) with
+    their positions and segments, [B, num_slots(T), D]."""
+    n = self.num_slots(q.x_BTD.shape[1])
+    s = summary_slots(q.pos_BT, q.seg_BT, block=self.block,
+                      causal=self.causal, num_slots=n)
+    g_BND = self.summary_norm(summary_sums(q.x_BTD, s.slot_BT, n))
+    return Tokens(g_BND.astype(q.x_BTD.dtype), s.pos_BN, s.seg_BN)
+
+  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, *,
+              num_summaries: int = 0):
+    """Attention._attend with the last `num_summaries` keys global."""
+    mask = mask_spec(self.cfg, causal=self.causal,
+                     num_summaries=num_summaries)
+
+    def attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
+      return kernels.attention(
+        q_BTHK, k_BSGK, v_BSGK, mask=mask, q_pos=q_pos, k_pos=k_pos,
+        q_segment_ids=q_seg, kv_segment_ids=k_seg, scale=self.scale,
+        logits_soft_cap=self.soft_cap, impl=self.impl)
+
+    o_BTHK = shard_map_by_names(
+      attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK)(
+        q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
+    dt = o_BTHK.dtype
+    out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
+    return constrain(out, BTD)
+
+  # -------------------------------------------------------------- generation
+
+  def _check_causal(self, what: str):
+    if not self.causal:
+      raise ValueError(f"TGlobalAttention.{what}: generation needs a causal "
+                       "(decoder) layer; this one is bidirectional")
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """`local`: rolling K/V rows of the window (models/cache.py);
+    `global`: K/V of the summaries of completed blocks, a full cache over
+    block indices (slot and `pos` field j; the key sits at (j + 1) * k);
+    `partial`: the float32 sum of the current block's inputs so far, how
+    many tokens it holds, and the latest position and segment (segment 0:
+    nothing carried)."""
+    self._check_causal("init_cache")
+    g, k = self.k_DGK.shape[1:]
+    fields = {"k": ((g, k), dtype), "v": ((g, k), dtype)}
+    d = self.q_DHK.shape[0]
+    return {
+      "local": cache_lib.empty(cache_slots(_local(self.cfg), max_len),
+                               batch, fields),
+      "global": cache_lib.empty(
+        cache_lib.Slots.full(max_len // self.block), batch, fields),
+      "partial": {"sum": jnp.zeros((batch, d), jnp.float32),
+                  "count": jnp.zeros((batch,), jnp.int32),
+                  "pos": jnp.zeros((batch,), jnp.int32),
+                  "seg": jnp.zeros((batch,), jnp.int32)}}
+
+  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
+    """T >= 1 new tokens (positions increasing) over the cache: the
+    carried partial block joins the new tokens as one row standing for
+    its `count` tokens, so blocks completed in this call get their
+    summaries here (visible only to later positions, as in `__call__`)."""
+    self._check_causal("step")
+    k, t, dt = self.block, x.x_BTD.shape[1], x.x_BTD.dtype
+    part = cache["partial"]
+    rows = Tokens(
+      jnp.concatenate([part["sum"][:, None], x.x_BTD.astype(jnp.float32)], 1),
+      jnp.concatenate([part["pos"][:, None], x.pos_BT.astype(jnp.int32)], 1),
+      jnp.concatenate([part["seg"][:, None], x.seg_BT.astype(jnp.int32)], 1))
+    weight_BT = jnp.concatenate(
+      [part["count"][:, None], jnp.ones_like(x.pos_BT, jnp.int32)], 1)
+    n = -(-t // k)           # carry < k tokens: at most ceil(T / k) complete
+    s = summary_slots(rows.pos_BT, rows.seg_BT, block=k, causal=True,
+                      num_slots=n, weight_BT=weight_BT)
+    g = Tokens(self.summary_norm(summary_sums(rows.x_BTD, s.slot_BT, n))
+               .astype(dt), s.pos_BN, s.seg_BN)
+    q_BTHK, k_BSGK, v_BSGK = self._project(x, _cat(x, g))
+    new_local = {"k": k_BSGK[:, :t], "v": v_BSGK[:, :t],
+                 "pos": x.pos_BT.astype(jnp.int32),
+                 "seg": x.seg_BT.astype(jnp.int32)}
+    new_global = {"k": k_BSGK[:, t:], "v": v_BSGK[:, t:],
+                  "pos": floordiv(g.pos_BT, k) - 1, "seg": g.seg_BT}
+    local = cache_lib.concat(cache["local"], new_local)
+    glob = cache_lib.concat(cache["global"], new_global)
+    out = self._attend(
+      q_BTHK, constrain(jnp.concatenate([local["k"], glob["k"]], 1), BSGK),
+      constrain(jnp.concatenate([local["v"], glob["v"]], 1), BSGK),
+      x.pos_BT, jnp.concatenate([local["pos"], (glob["pos"] + 1) * k], 1),
+      x.seg_BT, jnp.concatenate([local["seg"], glob["seg"]], 1),
+      num_summaries=glob["pos"].shape[1])
+    local_slots = cache_slots(_local(self.cfg), None,
+                              num_slots=cache["local"]["pos"].shape[1])
+    global_slots = cache_lib.Slots.full(cache["global"]["pos"].shape[1])
+    return out, {
+      "local": cache_lib.write(cache["local"], new_local, local_slots),
+      "global": cache_lib.write(cache["global"], new_global, global_slots),
+      "partial": _carry(rows, weight_BT, k)}
+
+  def cache_bytes_per_token(self, dtype) -> int:
+    """K and V of the kv heads per cached row, 2 * G * K elements, for the
+    window's rows and one summary row per k tokens alike; the partial
+    block's float32 sum (D per sequence) is not per token."""
+    g, k = self.k_DGK.shape[1:]
+    return 2 * g * k * jnp.dtype(dtype).itemsize
+
+
+def _local(cfg: AttentionConfig) -> AttentionConfig:
+  """The sliding-window layer that is the local part of a tglobal one."""
+  return dataclasses.replace(cfg, kind="sliding_window")
+
+
+def _cat(x: Tokens, g: Tokens) -> Tokens:
+  """Keys of a call: the tokens, then the summaries."""
+  return Tokens(*(jnp.concatenate([a, b], 1) for a, b in zip(x, g)))
+
+
+def _carry(rows: Tokens, weight_BT, block: int) -> dict:
+  """The partial block after a step: the (segment, block) of the latest
+  live row, its sum and count, unless that block is complete (then
+  nothing is carried; its summary is in the global cache)."""
+  live_BT = (rows.seg_BT != 0) & (weight_BT > 0)
+  t = live_BT.shape[1]
+  last_B = t - 1 - jnp.argmax(live_BT[:, ::-1], axis=1)
+  pick = lambda a: jnp.take_along_axis(a, last_B[:, None], axis=1)[:, 0]
+  pos_B, seg_B = pick(rows.pos_BT), pick(rows.seg_BT)
+  same_BT = live_BT & (rows.seg_BT == seg_B[:, None]) & (
+    floordiv(rows.pos_BT, block) == floordiv(pos_B, block)[:, None])
+  count_B = jnp.sum(jnp.where(same_BT, weight_BT, 0), axis=1)
+  keep_B = jnp.any(live_BT, axis=1) & (count_B < block)
+  sum_BD = jnp.sum(jnp.where(same_BT[:, :, None], rows.x_BTD, 0), axis=1)
+  return {"sum": jnp.where(keep_B[:, None], sum_BD, 0),
+          "count": jnp.where(keep_B, count_B, 0).astype(jnp.int32),
+          "pos": jnp.where(keep_B, pos_B, 0),
+          "seg": jnp.where(keep_B, seg_B, 0)}
