@@ -43,6 +43,14 @@ VARIANTS = {
                          "model.attention.q_lora_rank": 32,
                          "model.attention.kind": "sliding_window",
                          "model.attention.window": 5},
+  "tglobal": {"model.attention.kind": "tglobal",
+              "model.attention.window": 5,
+              "model.attention.tglobal_block": 4},
+  "mixed_3local_1tglobal": {
+    "model.num_layers": 4,
+    "model.attention.pattern": "sliding_window,sliding_window,"
+                               "sliding_window,tglobal",
+    "model.attention.window": 4, "model.attention.tglobal_block": 3},
   "mixed_3local_1dense": {
     "model.num_layers": 4,
     "model.attention.pattern": "sliding_window,sliding_window,"

@@ -98,12 +98,15 @@ class Attention(nnx.Module):
     k_BSGK = constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK)
     return q_BTHK, k_BSGK, constrain(v_BSGK, BSGK)
 
-  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
-    """Masked attention and the output projection -> [B, T, D]."""
+  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, *,
+              mask: kernels.MaskSpec | None = None):
+    """Masked attention (the layer's mask unless `mask` is given) and the
+    output projection -> [B, T, D]."""
+    mask = self.mask if mask is None else mask
 
     def attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
       return kernels.attention(
-        q_BTHK, k_BSGK, v_BSGK, mask=self.mask, q_pos=q_pos, k_pos=k_pos,
+        q_BTHK, k_BSGK, v_BSGK, mask=mask, q_pos=q_pos, k_pos=k_pos,
         q_segment_ids=q_seg, kv_segment_ids=k_seg, scale=self.scale,
         logits_soft_cap=self.soft_cap, impl=self.impl)
 

@@ -201,19 +201,8 @@ class TGlobalAttention(Attention):
     """Attention._attend with the last `num_summaries` keys global."""
     mask = mask_spec(self.cfg, causal=self.causal,
                      num_summaries=num_summaries)
-
-    def attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
-      return kernels.attention(
-        q_BTHK, k_BSGK, v_BSGK, mask=mask, q_pos=q_pos, k_pos=k_pos,
-        q_segment_ids=q_seg, kv_segment_ids=k_seg, scale=self.scale,
-        logits_soft_cap=self.soft_cap, impl=self.impl)
-
-    o_BTHK = shard_map_by_names(
-      attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK)(
-        q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
-    dt = o_BTHK.dtype
-    out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
-    return constrain(out, BTD)
+    return super()._attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg,
+                           k_seg, mask=mask)
 
   # -------------------------------------------------------------- generation
 

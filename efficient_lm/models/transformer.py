@@ -24,6 +24,7 @@ from efficient_lm.models import stack
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, SwiGLU, param
 from efficient_lm.models.mla import MLAttention
+from efficient_lm.models.tglobal import TGlobalAttention
 from efficient_lm.sharding import BTD, BTV, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,6 +41,8 @@ def make_attention(cfg: ModelConfig, spec: stack.LayerSpec, *,
     param_dtype=DTYPES[cfg.param_dtype], out_std=out_std)
   if a.projection == "mla":
     return MLAttention(**kwargs, norm_eps=cfg.norm_eps)
+  if a.kind == "tglobal":
+    return TGlobalAttention(**kwargs, norm_eps=cfg.norm_eps)
   return Attention(**kwargs)
 
 
