@@ -2,7 +2,10 @@
 
 impl:
   "xla"          dense f32 reference (materialised mask); autodiff backward.
-  "xla_chunked"  online-softmax scan over kv chunks, O(T * chunk) memory.
+  "xla_chunked"  the blockwise kernels' tile loops in XLA ops
+                 (reference.attention_chunked): EMPTY tiles are skipped,
+                 memory is linear in T and S; custom_vjp, so reverse-mode
+                 autodiff only.
   "pallas_tpu"   Mosaic TPU kernels (kernels/flash_attention/pallas_tpu.py).
   "pallas_gpu"   Pallas GPU kernels (kernels/flash_attention/pallas_gpu.py),
                  imported lazily.
@@ -98,10 +101,9 @@ def _run(impl, q, k, v, q_pos, k_pos, q_seg, k_seg, spec, scale, cap,
     return reference.attention_reference(q, k, v, dense, scale=scale,
                                          logits_soft_cap=cap)
   if impl == "xla_chunked":
-    chunk = (block_sizes or vjp.BlockSizes()).block_kv
     return reference.attention_chunked(
       q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
-      logits_soft_cap=cap, chunk_size=chunk)
+      logits_soft_cap=cap, block_sizes=block_sizes)
   return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret(_gpu)
     q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
     logits_soft_cap=cap, block_sizes=block_sizes, backend=impl)
