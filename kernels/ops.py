@@ -19,7 +19,8 @@ impl:
                  and is explicit opt-in for callers that know that.
   "auto"         TPU -> pallas_tpu, GPU -> pallas_gpu, each falling back
                  to xla_chunked when it refuses the case (raises
-                 NotImplementedError) or is absent; CPU -> xla. Explicit
+                 NotImplementedError) or is absent; CPU -> xla while
+                 T * S <= DENSE_MAX_PAIRS, else xla_chunked. Explicit
                  impls never fall back: they raise.
 """
 import math
@@ -55,11 +56,21 @@ def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
       raise ValueError(f"{name} must be [{b}, {n}], got {x.shape}")
 
 
+# "auto" on CPU: the dense reference while T * S is at most this, the tiled
+# xla_chunked past it. The dense path keeps f32 [B, H, T, S] scores and
+# probabilities for its backward pass, so its memory is quadratic; it stays
+# for short lengths because it supports forward-mode autodiff (jax.jacfwd,
+# which the causality tests use) and has no loop overhead. Measured fwd+bwd,
+# causal, B=1, H=4, K=64, f32, 2 CPU cores: T = S = 512 dense 18 ms / 16 MiB
+# temp vs tiled 15 ms / 3.5 MiB; at 1024, 308 ms / 65 MiB vs 52 ms / 7 MiB.
+DENSE_MAX_PAIRS = 2**18
+
+
 def _platform():
   return jax.default_backend()
 
 
-def _candidates(impl):
+def _candidates(impl, t, s):
   """Backends to try in order; only "auto" has fallbacks."""
   if impl != "auto":
     return (impl,)
@@ -68,7 +79,7 @@ def _candidates(impl):
     return ("pallas_tpu", "xla_chunked")
   if platform in ("gpu", "cuda", "rocm"):
     return ("pallas_gpu", "xla_chunked")
-  return ("xla",)
+  return ("xla",) if t * s <= DENSE_MAX_PAIRS else ("xla_chunked",)
 
 
 def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
@@ -134,7 +145,7 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
            else q_segment_ids.astype(jnp.int32))
   k_seg = (jnp.ones_like(k_pos) if kv_segment_ids is None
            else kv_segment_ids.astype(jnp.int32))
-  candidates = _candidates(impl)
+  candidates = _candidates(impl, q.shape[1], k.shape[1])
   for i, name in enumerate(candidates):
     try:
       if name == "cudnn":

@@ -195,6 +195,29 @@ def test_auto_on_cpu_is_xla_and_jits():
     assert_close(a, b, 1e-6)
 
 
+@pytest.mark.parametrize("t,s,want", [
+  (512, 512, "xla"), (513, 512, "xla_chunked"), (64, 4096, "xla"),
+  (64, 4097, "xla_chunked")])
+def test_auto_on_cpu_leaves_the_dense_path_at_long_lengths(t, s, want):
+  """T * S <= ops.DENSE_MAX_PAIRS (2**18) stays dense; past it "auto"
+  traces exactly the chunked path (compared as jaxprs, nothing runs)."""
+  from kernels import ops
+  assert ops.DENSE_MAX_PAIRS == 2**18
+  q = jax.ShapeDtypeStruct((1, t, 2, 8), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, s, 2, 8), jnp.float32)
+  qp = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  kp = jax.ShapeDtypeStruct((1, s), jnp.int32)
+
+  def jaxpr(impl):
+    return str(jax.make_jaxpr(lambda q, k, qp, kp: kernels.attention(
+      q, k, k, mask=MaskSpec(causal=True), q_pos=qp, k_pos=kp,
+      impl=impl))(q, kv, qp, kp))
+
+  auto = jaxpr("auto")
+  assert auto == jaxpr(want)
+  assert ("while" in auto) == (want == "xla_chunked")
+
+
 # ------------------------------------------------ interpret-mode kernel sweep
 
 SWEEP_SPECS = {
