@@ -40,6 +40,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "heads": "tensor",
   "kv_heads": "tensor",
   "head_dim": None,
+  # MLA latents (kv_lora_rank, q_lora_rank): small, shared by all heads.
+  "kv_latent": None,
+  "q_latent": None,
   "norm": None,
   "layers": None,
 }

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_lm.training.checkpoint import (CheckpointError, Checkpointer,
-                                              is_committed)
+                                              is_committed, read_latest)
 
 CONFIG = {"model": {"num_layers": 2, "embed_dim": 16}, "train": {"seed": 0}}
 
@@ -163,6 +163,47 @@ def test_bad_latest_falls_back_and_is_kept(tmp_path, capfd, damage):
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.corrupt"]
 
 
+def _tree_bytes(root) -> dict[str, bytes | None]:
+  out = {}
+  for d, _, files in os.walk(root):
+    out[os.path.relpath(d, root)] = None
+    for f in files:
+      out[os.path.relpath(os.path.join(d, f), root)] = open(
+        os.path.join(d, f), "rb").read()
+  return out
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", [_truncate_data, _delete_data, _flip_bytes,
+                                    _uncommitted])
+def test_read_latest_skips_a_bad_step_and_changes_nothing(tmp_path, capfd,
+                                                          damage):
+  _save_steps(tmp_path, [1, 2, 3]).close()
+  damage(str(tmp_path / "3"))
+  before = _tree_bytes(tmp_path)
+  wanted = {"params": _abstract(_state(_mesh()))["params"]}   # no opt_state
+  step, config, state = read_latest(tmp_path, lambda config: wanted)
+  assert (step, config) == (2, CONFIG)
+  assert set(state) == {"params"}
+  _assert_same(state, {"params": _state(_mesh(), 2)["params"]})
+  assert _tree_bytes(tmp_path) == before
+  [line] = _our_lines(capfd.readouterr().err)
+  assert "step 3" in line and "left as it is" in line
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_latest_with_nothing_usable_names_the_directory(tmp_path):
+  _save_steps(tmp_path, [1, 2]).close()
+  for step in (1, 2):
+    _truncate_data(str(tmp_path / str(step)))
+  before = _tree_bytes(tmp_path)
+  wanted = _abstract(_state(_mesh()))
+  with pytest.raises(CheckpointError, match=f"no usable checkpoint in "
+                     f"{tmp_path}: all 2 are partial or corrupt"):
+    read_latest(tmp_path, lambda config: wanted)
+  assert _tree_bytes(tmp_path) == before
+
+
 def test_silent_bit_flip_is_caught_by_fingerprint(tmp_path, capfd):
   # zstd chunks carry no checksum: this flip restores without any error.
   mesh = _mesh()
@@ -176,12 +217,16 @@ def test_silent_bit_flip_is_caught_by_fingerprint(tmp_path, capfd):
   raw = bytearray(open(largest, "rb").read())
   raw[len(raw) // 3] ^= 0x10
   open(largest, "wb").write(raw)
+  step, _, restored = read_latest(tmp_path, lambda c: _abstract(state(0)))
+  assert step == 1
+  _assert_same(restored, state(1))
   with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
     step, restored, _ = ckpt.restore_latest(_abstract(state(0)))
   assert step == 1
   _assert_same(restored, state(1))
-  [line] = _our_lines(capfd.readouterr().err)
-  assert "'w' does not match its fingerprint" in line
+  lines = _our_lines(capfd.readouterr().err)
+  assert len(lines) == 2   # read_latest's, then restore_latest's
+  assert all("'w' does not match its fingerprint" in x for x in lines)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -11,9 +11,11 @@ from efficient_lm.data.errors import DataError
 from efficient_lm.data.pipeline import DataIterator, make_iterator
 from efficient_lm.data.tokenizers import (ByteTokenizer, CharTokenizer,
                                           SentencePieceTokenizer, Tokenizer,
-                                          make_tokenizer)
+                                          load_tokenizer, make_tokenizer,
+                                          save_tokenizer)
 
 __all__ = [
   "ByteTokenizer", "CharTokenizer", "DataError", "DataIterator",
-  "SentencePieceTokenizer", "Tokenizer", "make_iterator", "make_tokenizer",
+  "SentencePieceTokenizer", "Tokenizer", "load_tokenizer", "make_iterator",
+  "make_tokenizer", "save_tokenizer",
 ]

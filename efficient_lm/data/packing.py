@@ -92,21 +92,30 @@ class PackedBatchIterDataset(grain.IterDataset):
   process makes the same packing decisions (cheap, lengths only) and copies
   just its own rows, so the processes' rows together are exactly the
   one-process batch, and the state does not depend on the process count.
+
+  `num_epochs=None` repeats forever; a number stops after that many passes
+  over the pieces, the last batch holding only what is left (each piece
+  appears exactly once per epoch, never padded out with the next one's).
   """
 
   def __init__(self, pieces: Pieces, order: PieceOrder, *, seq_len: int,
-               num_rows: int, row_start: int, row_stop: int):
+               num_rows: int, row_start: int, row_stop: int,
+               num_epochs: int | None = None):
     super().__init__()
     self.pieces = pieces
     self._order = order
     self._seq_len = seq_len
     self._num_rows = num_rows
     self._rows = (row_start, row_stop)
+    self._num_epochs = num_epochs
 
   def __iter__(self) -> grain.DatasetIterator:
+    end = (None if self._num_epochs is None
+           else self._num_epochs * len(self.pieces))
     return _PackedBatchIterator(self.pieces, self._order,
                                 seq_len=self._seq_len,
-                                num_rows=self._num_rows, rows=self._rows)
+                                num_rows=self._num_rows, rows=self._rows,
+                                end=end)
 
   def __str__(self) -> str:
     return (f"PackedBatchIterDataset(num_pieces={len(self.pieces)}, "
@@ -116,13 +125,14 @@ class PackedBatchIterDataset(grain.IterDataset):
 class _PackedBatchIterator(grain.DatasetIterator):
 
   def __init__(self, pieces: Pieces, order: PieceOrder, *, seq_len: int,
-               num_rows: int, rows: tuple[int, int]):
+               num_rows: int, rows: tuple[int, int], end: int | None):
     super().__init__()
     self._pieces = pieces
     self._order = order
     self._seq_len = seq_len
     self._num_rows = num_rows
     self._rows = rows
+    self._end = end   # stream index to stop at; None: never
     self._arange_T = np.arange(seq_len, dtype=np.int32)
     # Index into the piece stream of the first piece not yet in an emitted
     # batch: the whole iterator state.
@@ -153,7 +163,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
     positions_BT = np.zeros(shape, np.int32)
     free_R = np.full(self._num_rows, self._seq_len, np.int64)
     pieces_R = [0] * self._num_rows
-    while True:
+    if self._end is not None and self._next >= self._end:
+      raise StopIteration
+    while self._end is None or self._next < self._end:
       piece = self._piece_at(self._next)
       n = int(length_P[piece])
       fits_R = free_R >= n

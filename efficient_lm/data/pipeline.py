@@ -9,6 +9,9 @@ The loss mask is `segment_ids > 0`; attention must keep to one segment.
 "train" repeats forever, reshuffling the pieces every epoch (a permutation
 that depends on seed and epoch only); "eval" repeats in a fixed order, so
 the first k batches of a fresh eval iterator are always the same.
+`num_epochs=1` makes either split one finite pass instead: every (token,
+next token) pair of the split is a target exactly once, the last batch
+partly padding.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ def _check_batch(global_batch_size: int, process_index: int,
 def make_iterator(data_cfg: DataConfig, split: Split = "train", *,
                   global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1,
-                  tokenizer: Optional[Tokenizer] = None) -> DataIterator:
+                  tokenizer: Optional[Tokenizer] = None,
+                  num_epochs: Optional[int] = None) -> DataIterator:
   """This process's share of every global batch; see the module docstring.
 
   Reads and tokenises the whole source now, so bad input fails here, before
@@ -128,6 +132,9 @@ def make_iterator(data_cfg: DataConfig, split: Split = "train", *,
   """
   if split not in ("train", "eval"):
     raise DataError(f"split={split!r}: expected 'train' or 'eval'")
+  if num_epochs is not None and num_epochs < 1:
+    raise DataError(f"num_epochs={num_epochs}: expected >= 1 or None "
+                    "(repeat forever)")
   _check_batch(global_batch_size, process_index, process_count)
   seed = int(seed)  # a NumPy / JAX scalar would not survive json.dumps
   seq_len = data_cfg.seq_len
@@ -153,10 +160,12 @@ def make_iterator(data_cfg: DataConfig, split: Split = "train", *,
                      shuffle=split == "train" and data_cfg.shuffle)
   packed = PackedBatchIterDataset(
     pieces, order, seq_len=seq_len, num_rows=global_batch_size,
-    row_start=process_index * rows, row_stop=(process_index + 1) * rows)
+    row_start=process_index * rows, row_stop=(process_index + 1) * rows,
+    num_epochs=num_epochs)
   spec = {"split": split, "source": data_cfg.source,
           "tokenizer": data_cfg.tokenizer, "seq_len": seq_len,
           "global_batch_size": global_batch_size, "seed": seed,
-          "shuffle": bool(data_cfg.shuffle), "num_pieces": len(pieces)}
+          "shuffle": bool(data_cfg.shuffle), "num_pieces": len(pieces),
+          "num_epochs": num_epochs}
   return DataIterator(iter(packed), spec, num_tokens=num_tokens,
                       num_pieces=len(pieces))

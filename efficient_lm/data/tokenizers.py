@@ -4,12 +4,20 @@ All three share one small interface:
   vocab_size, pad_id / bos_id / eos_id (None when the vocabulary has none),
   encode(str | bytes) -> list[int], decode(ids) -> str, and
   encode_array(data: bytes, name) -> int32 array, the fast path the pipeline
-  uses; `name` (a file, or file:line) goes into error messages.
+  uses; `name` (a file, or file:line) goes into error messages;
+  bytes_per_id() -> int64 [vocab_size], the UTF-8 bytes each id stands for
+  (what bits per byte divides by).
 encode never adds bos/eos; the pipeline wraps whole documents with them.
+
+save_tokenizer / load_tokenizer write and read a run's `tokenizer.json`
+(training writes it into the workdir), so a trained model is read back with
+the exact vocabulary it was trained with.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Iterable, Optional, Protocol
 
@@ -33,6 +41,8 @@ class Tokenizer(Protocol):
   def encode_array(self, data: bytes, name: str) -> np.ndarray: ...
 
   def decode(self, ids: Iterable[int]) -> str: ...
+
+  def bytes_per_id(self) -> np.ndarray: ...
 
 
 def _as_bytes(text: str | bytes) -> bytes:
@@ -72,6 +82,10 @@ class ByteTokenizer:
       bytes((i,)) if 0 <= i < 256 else (b"" if i < self.vocab_size else bad)
       for i in map(int, ids))
     return data.decode("utf-8", errors="replace")
+
+  def bytes_per_id(self) -> np.ndarray:
+    """One byte for each of 0..255; specials stand for no text."""
+    return (np.arange(self.vocab_size) < 256).astype(np.int64)
 
 
 class CharTokenizer:
@@ -125,6 +139,10 @@ class CharTokenizer:
     return "".join(self.chars[i] if 0 <= i < n else _REPLACEMENT
                    for i in map(int, ids))
 
+  def bytes_per_id(self) -> np.ndarray:
+    """The UTF-8 length of each character (1 to 4)."""
+    return np.array([len(c.encode("utf-8")) for c in self.chars], np.int64)
+
 
 def _codepoints(text: str) -> np.ndarray:
   # One C-level pass instead of a Python loop over ~1M characters.
@@ -140,7 +158,17 @@ class SentencePieceTokenizer:
         f"data.tokenizer={model_path!r}: no such SentencePiece model file")
     import sentencepiece  # pylint: disable=g-import-not-at-top  (optional)
 
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    self.model_path = model_path
+    # The bytes are kept so save_tokenizer copies the model that is in use,
+    # even if the file changes afterwards.
+    with open(model_path, "rb") as f:
+      self.model_proto = f.read()
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(
+        model_proto=self.model_proto)
+    except RuntimeError as e:
+      raise DataError(f"{model_path}: not a SentencePiece model "
+                      f"({str(e).strip().splitlines()[0]})") from None
     self.vocab_size = int(self._sp.get_piece_size())
     # SentencePiece says -1 for "not defined".
     as_id = lambda i: None if i < 0 else int(i)
@@ -161,6 +189,22 @@ class SentencePieceTokenizer:
     return self._sp.decode(
       [i if 0 <= i < n else self._unk_id for i in map(int, ids)])
 
+  def bytes_per_id(self) -> np.ndarray:
+    """The UTF-8 length of each piece, its word-boundary mark (U+2581)
+    counted as the one space it decodes to; a byte-fallback piece is one
+    byte; control (bos/eos/pad), unknown and unused pieces count zero (an
+    unknown piece's text is not known)."""
+    sp = self._sp
+
+    def length(i: int) -> int:
+      if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        return 0
+      if sp.is_byte(i):
+        return 1
+      return len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+    return np.array([length(i) for i in range(self.vocab_size)], np.int64)
+
 
 def make_tokenizer(data_cfg: DataConfig) -> Tokenizer:
   name = data_cfg.tokenizer
@@ -173,3 +217,75 @@ def make_tokenizer(data_cfg: DataConfig) -> Tokenizer:
   raise DataError(
     f"data.tokenizer={name!r}: expected 'byte', 'char' or a path to a "
     "SentencePiece .model file")
+
+
+# ------------------------------------------------------------ tokenizer.json
+
+SENTENCEPIECE_COPY = "tokenizer.model"
+
+
+def save_tokenizer(tok: Tokenizer, path: str) -> None:
+  """Writes `path` (JSON) describing `tok` so load_tokenizer rebuilds it.
+
+  {"kind": "byte"}; {"kind": "char", "chars": the exact sorted vocabulary};
+  {"kind": "sentencepiece", "model_file": "tokenizer.model", "source": the
+  path it was loaded from, "sha256": of the model}: the model itself is
+  copied beside `path`, so the directory is self-contained even when the
+  original file moves or changes. Files are replaced atomically.
+  """
+  if isinstance(tok, ByteTokenizer):
+    desc = {"kind": "byte"}
+  elif isinstance(tok, CharTokenizer):
+    desc = {"kind": "char", "chars": tok.chars}
+  elif isinstance(tok, SentencePieceTokenizer):
+    directory = os.path.dirname(os.path.abspath(path))
+    _write_atomic(os.path.join(directory, SENTENCEPIECE_COPY),
+                  tok.model_proto)
+    desc = {"kind": "sentencepiece", "model_file": SENTENCEPIECE_COPY,
+            "source": os.path.abspath(tok.model_path),
+            "sha256": hashlib.sha256(tok.model_proto).hexdigest()}
+  else:
+    raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__}")
+  desc["vocab_size"] = tok.vocab_size
+  _write_atomic(path, (json.dumps(desc, ensure_ascii=False, indent=2) + "\n"
+                       ).encode("utf-8"))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """The tokenizer that save_tokenizer described in `path`; DataError (one
+  line) if the file is unreadable or does not describe what it held."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      desc = json.load(f)
+    kind = desc["kind"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(f"{path}: not a readable tokenizer description "
+                    f"({type(e).__name__}: {e})") from None
+  if kind == "byte":
+    tok = ByteTokenizer()
+  elif kind == "char":
+    tok = CharTokenizer(desc.get("chars", ""))
+  elif kind == "sentencepiece":
+    model = os.path.join(os.path.dirname(os.path.abspath(path)),
+                         str(desc.get("model_file")))
+    if os.path.isfile(model):   # else the constructor says it is missing
+      with open(model, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      if digest != desc.get("sha256"):
+        raise DataError(f"{model}: sha256 {digest} differs from the "
+                        f"{desc.get('sha256')} recorded in {path}")
+    tok = SentencePieceTokenizer(model)
+  else:
+    raise DataError(f"{path}: kind={kind!r}: expected 'byte', 'char' or "
+                    "'sentencepiece'")
+  if tok.vocab_size != desc.get("vocab_size"):
+    raise DataError(f"{path}: the {kind} tokenizer has {tok.vocab_size} ids, "
+                    f"the file records vocab_size={desc.get('vocab_size')}")
+  return tok
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)

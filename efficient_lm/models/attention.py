@@ -20,6 +20,7 @@ from flax import nnx
 
 import kernels
 from efficient_lm.config import AttentionConfig
+from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.layers import param, rope
 from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
                                    shard_map_by_names)
@@ -47,6 +48,22 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
   raise ValueError(f"attention.kind={cfg.kind!r} is not supported")
 
 
+def cache_slots(cfg: AttentionConfig, max_len: int | None, *,
+                num_slots: int | None = None) -> cache_lib.Slots:
+  """Where a layer of this kind keeps its generation cache: a rolling
+  buffer of `window` rows (after `num_global` prefix rows) for the local
+  kinds, a full cache of `max_len` rows otherwise. `num_slots` (an existing
+  cache's size) stands in for max_len."""
+  prefix = {"sliding_window": 0, "global_local": cfg.num_global}.get(cfg.kind)
+  if prefix is None:
+    return cache_lib.Slots.full(max_len if num_slots is None else num_slots)
+  if num_slots is not None:
+    return cache_lib.Slots.rolling(num_slots - prefix, prefix=prefix)
+  # No more rows than the sequence can have.
+  return cache_lib.Slots.rolling(min(cfg.window, max(max_len - prefix, 1)),
+                                 prefix=prefix)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
@@ -67,9 +84,10 @@ class Attention(nnx.Module):
     self.scale = 1.0 / math.sqrt(k) if scale is None else scale
     self.soft_cap = cfg.logits_soft_cap
     self.impl = cfg.impl
+    self.cfg = cfg
 
-  def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
-    kv = q if kv is None else kv
+  def _project(self, q: Tokens, kv: Tokens):
+    """RoPE'd q [B, T, H, K] and k, v [B, S, G, K] of the two inputs."""
     dt = q.x_BTD.dtype
     q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
     k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD,
@@ -78,7 +96,10 @@ class Attention(nnx.Module):
                         self.v_DGK[...].astype(dt))
     q_BTHK = constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
     k_BSGK = constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK)
-    v_BSGK = constrain(v_BSGK, BSGK)
+    return q_BTHK, k_BSGK, constrain(v_BSGK, BSGK)
+
+  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
+    """Masked attention and the output projection -> [B, T, D]."""
 
     def attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
       return kernels.attention(
@@ -88,6 +109,38 @@ class Attention(nnx.Module):
 
     o_BTHK = shard_map_by_names(
       attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK)(
-        q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT, q.seg_BT, kv.seg_BT)
+        q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
+    dt = o_BTHK.dtype
     out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
     return constrain(out, BTD)
+
+  def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
+    kv = q if kv is None else kv
+    q_BTHK, k_BSGK, v_BSGK = self._project(q, kv)
+    return self._attend(q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT,
+                        q.seg_BT, kv.seg_BT)
+
+  # -------------------------------------------------------------- generation
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Empty K/V rows (kv heads only) laid out by `cache_slots`."""
+    g, k = self.k_DGK.shape[1:]
+    return cache_lib.empty(cache_slots(self.cfg, max_len), batch,
+                           {"k": ((g, k), dtype), "v": ((g, k), dtype)})
+
+  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
+    """T new tokens attend over the cache and themselves; see cache.py."""
+    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1])
+    q_BTHK, k_BTGK, v_BTGK = self._project(x, x)
+    new = {"k": k_BTGK, "v": v_BTGK, "pos": x.pos_BT.astype(jnp.int32),
+           "seg": x.seg_BT.astype(jnp.int32)}
+    rows = cache_lib.concat(cache, new)
+    out = self._attend(q_BTHK, constrain(rows["k"], BSGK),
+                       constrain(rows["v"], BSGK), x.pos_BT, rows["pos"],
+                       x.seg_BT, rows["seg"])
+    return out, cache_lib.write(cache, new, slots)
+
+  def cache_bytes_per_token(self, dtype) -> int:
+    """K and V of the kv heads: 2 * G * K elements (METHODS.md §6.2)."""
+    g, k = self.k_DGK.shape[1:]
+    return 2 * g * k * jnp.dtype(dtype).itemsize

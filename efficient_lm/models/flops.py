@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import stack
+from efficient_lm.models import mla, stack
 from efficient_lm.models.transformer import layer_plan
 
 
@@ -53,19 +53,35 @@ def visible_keys(spec: stack.LayerSpec, seq_len: int) -> np.ndarray:
   raise ValueError(f"attention.kind={a.kind!r} has no FLOPs rule")
 
 
+def _head_dims(cfg: ModelConfig, spec: stack.LayerSpec) -> tuple[int, int]:
+  """(q/k head dim, value head dim) the attention kernel sees."""
+  k = cfg.resolved_head_dim
+  if spec.attention.projection == "mla":
+    m = mla.resolve_dims(spec.attention, k)
+    return m.nope_head_dim + m.rope_head_dim, m.v_head_dim
+  return k, k
+
+
 def _attention_core(cfg: ModelConfig, spec: stack.LayerSpec, seq_len: int,
                     convention: str) -> float:
   """QK^T and PV per query token."""
-  h, k = cfg.num_heads, cfg.resolved_head_dim
+  qk, v = _head_dims(cfg, spec)
   keys = (seq_len if convention == "dense_tile" else
           float(visible_keys(spec, seq_len).mean()))
-  return 2.0 * 2 * h * k * keys
+  return 2.0 * cfg.num_heads * (qk + v) * keys
 
 
-def _attention_proj(cfg: ModelConfig) -> float:
+def _attention_proj(cfg: ModelConfig, spec: stack.LayerSpec) -> float:
   d, h, g, k = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
                 cfg.resolved_head_dim)
-  return 2.0 * (d * h * k * 2 + d * g * k * 2)      # q, o  +  k, v
+  if spec.attention.projection != "mla":
+    return 2.0 * (d * h * k * 2 + d * g * k * 2)    # q, o  +  k, v
+  c, q, r, n, e = mla.resolve_dims(spec.attention, k)
+  query = d * q + q * h * (n + r) if q else d * h * (n + r)
+  # Training's naive form: every token's latent is decompressed into the
+  # keys and values of all heads (c -> k_nope, v); the shared rope key is
+  # projected once.
+  return 2.0 * (query + d * (c + r) + c * h * (n + e) + h * e * d)
 
 
 def _mlp(cfg: ModelConfig) -> float:
@@ -80,7 +96,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
            "attention_dense_tile": 0.0, "attention_visible": 0.0,
            "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
   for spec in plan:
-    terms["attention_proj"] += _attention_proj(cfg)
+    terms["attention_proj"] += _attention_proj(cfg, spec)
     terms["mlp"] += _mlp(cfg)
     for conv in ("dense_tile", "visible"):
       terms[f"attention_{conv}"] += _attention_core(cfg, spec, seq_len, conv)

@@ -123,7 +123,11 @@ class Stack(nnx.Module):
       groups[f"segment_{i}"] = nnx.Dict(stacks)
     self.groups = nnx.Dict(groups)
 
-  def _run_segment(self, seg: Segment, stacks, x_BTD, pos_BT, seg_BT):
+  def _run_segment(self, seg: Segment, stacks, x_BTD, pos_BT, seg_BT,
+                   caches=None):
+    """One segment's layers; with `caches` (one per pattern position,
+    stacked over repeats) each block runs `step` and the updated caches are
+    returned as well."""
     names = [f"layer_{j}" for j in range(len(seg.pattern))]
     split = [nnx.split(stacks[n], nnx.Param, ModelState) for n in names]
     graphdefs = [s[0] for s in split]
@@ -131,35 +135,82 @@ class Stack(nnx.Module):
     states = [s[2] for s in split]
 
     def body(x, layer):
-      layer_params, layer_states = layer
-      new_states, auxes = [], []
-      for gd, p, st in zip(graphdefs, layer_params, layer_states):
+      layer_params, layer_states, layer_caches = layer
+      new_states, auxes, new_caches = [], [], []
+      for j, (gd, p, st) in enumerate(zip(graphdefs, layer_params,
+                                          layer_states)):
         block = nnx.merge(gd, p, st)
-        x, aux = block(x, pos_BT, seg_BT)
+        if layer_caches is None:
+          x, aux = block(x, pos_BT, seg_BT)
+        else:
+          x, aux, c = block.step(x, pos_BT, seg_BT, layer_caches[j])
+          new_caches.append(c)
         new_states.append(nnx.state(block, ModelState))
         auxes.append(aux)
-      return x, (new_states, auxes)
+      return x, (new_states, auxes, new_caches or None)
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+    xs = (params, states, caches)
     if self.scan:
-      x_BTD, (new_states, auxes) = jax.lax.scan(body, x_BTD,
-                                                (params, states))
+      x_BTD, (new_states, auxes, new_caches) = jax.lax.scan(body, x_BTD, xs)
     else:
       outs = []
       for r in range(seg.repeats):
-        layer = jax.tree.map(lambda a, r=r: a[r], (params, states))
+        layer = jax.tree.map(lambda a, r=r: a[r], xs)
         x_BTD, out = body(x_BTD, layer)
         outs.append(out)
-      new_states, auxes = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      new_states, auxes, new_caches = jax.tree.map(
+        lambda *xs: jnp.stack(xs), *outs)
     for n, st in zip(names, new_states):
       nnx.update(stacks[n], st)
-    return x_BTD, auxes
+    return x_BTD, auxes, new_caches
 
   def __call__(self, x_BTD, pos_BT, seg_BT):
     auxes = []
     for i, seg in enumerate(self.segments):
-      x_BTD, seg_auxes = self._run_segment(
+      x_BTD, seg_auxes, _ = self._run_segment(
         seg, self.groups[f"segment_{i}"], x_BTD, pos_BT, seg_BT)
       auxes.extend(seg_auxes)
     return x_BTD, _combine_aux(auxes)
+
+  # -------------------------------------------------------------- generation
+
+  def _first_blocks(self):
+    """(segment index, pattern position, the block of the first repeat)."""
+    for i, seg in enumerate(self.segments):
+      stacks = self.groups[f"segment_{i}"]
+      for j in range(len(seg.pattern)):
+        gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
+        yield i, j, nnx.merge(gd, *jax.tree.map(lambda a: a[0], (p, st)))
+
+  def cache_bytes_per_token(self, dtype) -> list[int]:
+    """Each layer's cache bytes per cached token, in layer order."""
+    per = {(i, j): blk.cache_bytes_per_token(dtype)
+           for i, j, blk in self._first_blocks()}
+    return [per[i, j] for i, seg in enumerate(self.segments)
+            for _ in range(seg.repeats) for j in range(len(seg.pattern))]
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Every layer's empty cache, stacked like the parameters:
+    `{"segment_<i>": [cache of pattern position j, leading axis repeats]}`.
+    A block's `init_cache` reads only static attributes."""
+    out: dict[str, list] = {f"segment_{i}": []
+                            for i in range(len(self.segments))}
+    for i, _, block in self._first_blocks():
+      n = self.segments[i].repeats
+      out[f"segment_{i}"].append(jax.tree.map(
+        lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)),
+        block.init_cache(batch, max_len, dtype)))
+    return out
+
+  def step(self, x_BTD, pos_BT, seg_BT, cache: dict):
+    """Like `__call__`, each block attending over its cache, which it
+    updates: returns (x_BTD, aux, new cache)."""
+    auxes, new_cache = [], {}
+    for i, seg in enumerate(self.segments):
+      name = f"segment_{i}"
+      x_BTD, seg_auxes, new_cache[name] = self._run_segment(
+        seg, self.groups[name], x_BTD, pos_BT, seg_BT, cache[name])
+      auxes.extend(seg_auxes)
+    return x_BTD, _combine_aux(auxes), new_cache

@@ -23,9 +23,24 @@ from efficient_lm.config import ModelConfig
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, SwiGLU, param
+from efficient_lm.models.mla import MLAttention
 from efficient_lm.sharding import BTD, BTV, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def make_attention(cfg: ModelConfig, spec: stack.LayerSpec, *,
+                   rngs: nnx.Rngs, out_std: float) -> nnx.Module:
+  """The attention module of one layer, by projection and kind."""
+  a = spec.attention
+  kwargs = dict(
+    embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
+    rope_theta=cfg.rope_theta, cfg=a, causal=spec.causal, rngs=rngs,
+    param_dtype=DTYPES[cfg.param_dtype], out_std=out_std)
+  if a.projection == "mla":
+    return MLAttention(**kwargs, norm_eps=cfg.norm_eps)
+  return Attention(**kwargs)
 
 
 class Block(nnx.Module):
@@ -36,11 +51,7 @@ class Block(nnx.Module):
     # GPT-2 style: residual-output projections scaled by 1/sqrt(2 * layers).
     out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
     self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.attn = Attention(
-      embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
-      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
-      rope_theta=cfg.rope_theta, cfg=spec.attention, causal=spec.causal,
-      rngs=rngs, param_dtype=pdt, out_std=out_std)
+    self.attn = make_attention(cfg, spec, rngs=rngs, out_std=out_std)
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.mlp = SwiGLU(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, param_dtype=pdt,
                       out_std=out_std)
@@ -50,6 +61,20 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.attn(Tokens(h_BTD, pos_BT, seg_BT))
     x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
     return constrain(x_BTD, BTD), {}
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    return self.attn.init_cache(batch, max_len, dtype)
+
+  def cache_bytes_per_token(self, dtype) -> int:
+    return self.attn.cache_bytes_per_token(dtype)
+
+  def step(self, x_BTD, pos_BT, seg_BT, cache):
+    """`__call__` for generation: attention reads and extends `cache`."""
+    h_BTD = self.attn_norm(x_BTD)
+    a_BTD, cache = self.attn.step(Tokens(h_BTD, pos_BT, seg_BT), cache)
+    x_BTD = x_BTD + a_BTD
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return constrain(x_BTD, BTD), {}, cache
 
 
 class Decoder(nnx.Module):
@@ -74,6 +99,25 @@ class Decoder(nnx.Module):
   def __call__(self, tokens_BT, pos_BT, seg_BT):
     x_BTD = self.embed(tokens_BT, self.dtype)
     x_BTD, aux = self.stack(x_BTD, pos_BT, seg_BT)
+    return self._logits(x_BTD), aux
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """Empty generation caches for `batch` rows of up to `max_len`
+    positions (models/cache.py)."""
+    return self.stack.init_cache(batch, max_len, self.dtype)
+
+  def cache_bytes_per_token(self) -> list[int]:
+    """Each layer's cache bytes per cached token (the modules' formulas)."""
+    return self.stack.cache_bytes_per_token(self.dtype)
+
+  def step(self, tokens_BT, pos_BT, seg_BT, cache):
+    """The forward over T new tokens that also extends `cache`:
+    (logits_BTV, aux, cache). Prefill is a step on an empty cache."""
+    x_BTD = self.embed(tokens_BT, self.dtype)
+    x_BTD, aux, cache = self.stack.step(x_BTD, pos_BT, seg_BT, cache)
+    return self._logits(x_BTD), aux, cache
+
+  def _logits(self, x_BTD):
     x_BTD = self.final_norm(x_BTD)
     if self.head_DV is None:
       logits = self.embed.attend(x_BTD)
@@ -81,7 +125,7 @@ class Decoder(nnx.Module):
       logits = jnp.einsum("BTD,DV->BTV", x_BTD,
                           self.head_DV[...].astype(x_BTD.dtype),
                           preferred_element_type=jnp.float32)
-    return constrain(logits, BTV), aux
+    return constrain(logits, BTV)
 
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

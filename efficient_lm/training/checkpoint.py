@@ -13,13 +13,15 @@ it when every item is on disk)::
 A step directory that turns out unusable at restore time is renamed to
 `<step>.corrupt` (or `.corrupt-1`, ...), which orbax's step glob ignores, so
 nothing saved is ever deleted and the step number can be saved again.
+`read_latest` is the read-only counterpart for using a finished run
+(evaluation, generation): it skips bad steps instead and writes nothing.
 No pickle: arrays go through tensorstore, everything else is JSON.
 """
 
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from etils import epath
@@ -73,6 +75,88 @@ def commit_problem(step_dir: epath.PathLike) -> str | None:
 
 def is_committed(step_dir: epath.PathLike) -> bool:
   return commit_problem(step_dir) is None
+
+
+def step_numbers(directory: epath.PathLike) -> list[int]:
+  """Every `<step>` directory, newest first, committed or not.
+
+  Not orbax's `all_steps()`: that hides half-written steps in commit-file
+  mode, and those must be moved aside before the step is saved again.
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return []
+  return sorted((int(p.name) for p in directory.iterdir()
+                 if _STEP_NAME.match(p.name) and p.is_dir()), reverse=True)
+
+
+def read_latest(directory: epath.PathLike,
+                abstract_for: Callable[[dict[str, Any]], Any]
+                ) -> tuple[int, dict[str, Any], Any]:
+  """`(step, config, state)` of the newest usable step, strictly read-only.
+
+  `abstract_for(config)` maps a step's saved config to the tree to restore:
+  some of the state's top-level entries (say params and model_state, not
+  the optimizer state) as `jax.ShapeDtypeStruct`s with shardings. A step
+  that is uncommitted, unreadable or fails its fingerprints is skipped with
+  one line on stderr and left exactly as it is: unlike `restore_latest`,
+  nothing in `directory` is renamed, locked or written, so a run still
+  training there is undisturbed. One process (no cross-host agreement).
+  CheckpointError if no step is usable, or if a good step does not fit
+  `abstract_for`'s tree (the model code changed since it was saved).
+  """
+  directory = epath.Path(directory)
+  steps = step_numbers(directory)
+  for step in steps:
+    config, state, problem = _read_step(directory, step, abstract_for)
+    if problem is None:
+      return step, config, state
+    print(f"checkpoint: step {step} in {directory} is unusable ({problem}); "
+          "left as it is, trying the previous one", file=sys.stderr,
+          flush=True)
+  raise CheckpointError(
+    f"no usable checkpoint in {directory}: " + (
+      f"all {len(steps)} are partial or corrupt" if steps else "none saved"))
+
+
+def _read_step(directory: epath.Path, step: int,
+               abstract_for: Callable[[dict[str, Any]], Any]
+               ) -> tuple[dict[str, Any] | None, Any, str | None]:
+  """(config, state, None), or (None, None, problem) for a bad step."""
+  step_dir = directory / str(step)
+  problem = commit_problem(step_dir)
+  if problem:
+    return None, None, problem
+  try:
+    with ocp.Checkpointer(ocp.handlers.JsonCheckpointHandler()) as c:
+      config = dict(c.restore(step_dir / "config"))
+    handler = ocp.handlers.PyTreeCheckpointHandler()
+    try:
+      meta = handler.metadata(step_dir / "state")
+    finally:
+      handler.close()
+  except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
+    return None, None, f"unreadable config or metadata ({one_line(e)})"
+  abstract = abstract_for(config)
+  stored = {k: v for k, v in _flat(getattr(meta, "tree", meta)).items()
+            if k.split(".", 1)[0] in abstract}
+  _check_fits(step, directory, stored, _flat(abstract))
+  args = ocp.args.PyTreeRestore(
+    item=abstract, partial_restore=True,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+  try:
+    with ocp.PyTreeCheckpointer() as c:
+      state = c.restore(step_dir / "state", args=args)
+  except Exception as e:  # tensorstore read errors are bare `Exception`s
+    contain_failed_read_noise()
+    return None, None, one_line(e)
+  record = json.loads((step_dir / _COMMIT_RECORD).read_text())
+  bad_key = _first_difference(
+    (record.get("custom_metadata") or {}).get("fingerprint"),
+    _fingerprint(state))
+  if bad_key is not None:
+    return None, None, f"array {bad_key!r} does not match its fingerprint"
+  return config, state, None
 
 
 class Checkpointer:
@@ -151,7 +235,7 @@ class Checkpointer:
     """
     self.wait()   # an in-flight save of ours is not a partial checkpoint
     self._mgr.reload()
-    steps = self._step_dirs()
+    steps = step_numbers(self.directory)
     for step in steps:
       state, data_state, problem = self._try_restore(step, abstract_state,
                                                      config)
@@ -200,15 +284,6 @@ class Checkpointer:
   def _listdir(self) -> list[epath.Path]:
     return list(self.directory.iterdir()) if self.directory.exists() else []
 
-  def _step_dirs(self) -> list[int]:
-    """Every `<step>` directory, newest first, committed or not.
-
-    Not orbax's `all_steps()`: that hides half-written steps in commit-file
-    mode, and those must be moved aside before the step is saved again.
-    """
-    return sorted((int(p.name) for p in self._listdir()
-                   if _STEP_NAME.match(p.name) and p.is_dir()), reverse=True)
-
   def _try_restore(self, step: int, abstract_state: Any,
                    config: Mapping[str, Any] | None
                    ) -> tuple[Any, dict[str, Any] | None, str | None]:
@@ -242,11 +317,8 @@ class Checkpointer:
       return None, None, f"unreadable state metadata ({one_line(e)})"
     if meta is None:
       return None, None, "state metadata missing"
-    mismatch = _mismatch(_flat(getattr(meta, "tree", meta)),
-                         _flat(abstract_state))
-    if mismatch:
-      raise CheckpointError(f"checkpoint {step} in {self.directory} does not "
-                            f"fit the model: {mismatch}")
+    _check_fits(step, self.directory, _flat(getattr(meta, "tree", meta)),
+                _flat(abstract_state))
     if not (step_dir / "data" / self._data_file).exists():
       others = sorted(p.name for p in (step_dir / "data").glob("process_*"))
       if others:
@@ -335,6 +407,14 @@ def _describe(x: Any) -> str:
 def _params_first(keys) -> list[str]:
   # A model change shows in a parameter first, not in its optimizer moments.
   return sorted(keys, key=lambda k: not k.startswith("params."))
+
+
+def _check_fits(step: int, directory: epath.Path, stored: dict[str, Any],
+                wanted: dict[str, Any]) -> None:
+  mismatch = _mismatch(stored, wanted)
+  if mismatch:
+    raise CheckpointError(f"checkpoint {step} in {directory} does not fit "
+                          f"the model: {mismatch}")
 
 
 def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from efficient_lm.training import console, losses
 from efficient_lm.training import metrics as metrics_lib
 from efficient_lm.training import optim, step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
-from efficient_lm.training.workdir import WorkdirLock, record_start
+from efficient_lm.training.workdir import TOKENIZER, WorkdirLock, record_start
 
 
 class TrainingError(RuntimeError):
@@ -139,21 +139,27 @@ def make_iterator(t: Trainer, tok, split: str):
 
 def evaluate(t: Trainer, it, start_state, state, num_batches: int
              ) -> dict[str, float]:
-  """Eval metrics over the same first `num_batches` batches each time:
-  `eval_loss` (per token) and `eval_<name>` for the model's aux entries
-  (mean over batches)."""
+  """Eval metrics over the same first `num_batches` batches each time."""
   it.set_state(start_state)
-  nll, tokens, aux = 0.0, 0.0, {}
-  for _ in range(num_batches):
+  return evaluate_batches(t, state, (next(it) for _ in range(num_batches)))
+
+
+def evaluate_batches(t: Trainer, state, batches: Iterable[dict]
+                     ) -> dict[str, float]:
+  """`eval_loss` (mean NLL per target token) and `eval_<name>` for the
+  model's aux entries (mean over batches) over the host `batches`."""
+  nll, tokens, aux, n = 0.0, 0.0, {}, 0
+  for batch in batches:
     out = t.eval_step(state["params"], state["model_state"],
-                      sharding.host_to_global(t.mesh, next(it)))
+                      sharding.host_to_global(t.mesh, batch))
     out = jax.device_get(out)
     nll += float(out["nll_sum"])
     tokens += float(out["tokens"])
     for k, v in out["aux"].items():
       aux[k] = aux.get(k, 0.0) + float(v)
+    n += 1
   return {"eval_loss": nll / max(tokens, 1.0),
-          **{f"eval_{k}": v / max(num_batches, 1) for k, v in aux.items()}}
+          **{f"eval_{k}": v / max(n, 1) for k, v in aux.items()}}
 
 
 class _SigtermFlag:
@@ -234,6 +240,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
   if is_main:   # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start,
                  overrides=overrides)
+    data_lib.save_tokenizer(tok, os.path.join(workdir, TOKENIZER))
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
                                     start_step=start)

@@ -8,6 +8,10 @@
   <workdir>/runs.jsonl   one line per start: time, host, pid, start step,
                          command-line overrides, and what changed in the
                          config since the previous start
+  <workdir>/tokenizer.json  the tokenizer of the latest start
+                         (data.save_tokenizer; a SentencePiece model is
+                         copied beside it as tokenizer.model)
+  <workdir>/eval.jsonl   one line per `python -m efficient_lm.evaluate`
 
 Only process 0 touches these files; on a multi-host run the lock belongs to
 the job, and the other processes learn the outcome from process 0.
@@ -32,6 +36,8 @@ from jax.experimental import multihost_utils
 LOCK = "lock"
 CONFIG = "config.json"
 RUNS = "runs.jsonl"
+TOKENIZER = "tokenizer.json"
+EVAL = "eval.jsonl"
 
 
 class WorkdirBusy(RuntimeError):

@@ -1,0 +1,257 @@
+r"""Sample text from a trained run: `python -m efficient_lm.generate`.
+
+  python -m efficient_lm.generate --workdir=/tmp/efficient_lm/tiny \
+      --prompt="def " --prompt="import " --max_new_tokens=64
+
+Each prompt's completion goes to stdout, one after another, each followed by
+a newline and nothing else; progress, timing and `--stats` go to stderr. The
+run is read, never written: the newest good checkpoint's parameters, the
+saved config and tokenizer (`efficient_lm/runs.py`).
+
+Several prompts are one batch. Row b's prompt sits at positions
+0..len_b-1 (right-padded with segment-0 tokens, which every mask hides) and
+its new tokens follow at len_b, len_b+1, ... so rows of different lengths
+decode together. With the cache (default), prefill is one forward over the
+prompts that fills every layer's cache (models/cache.py) and each new token
+is one step over the cache; `--use_cache=false` recomputes the whole
+sequence for every new token, the reference the cached path must equal.
+`--temperature=0` is greedy; otherwise logits / temperature, then top-k,
+then top-p (nucleus) filtering, sampled from `--seed`. A row stops at the
+tokenizer's end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_lm import sharding
+from efficient_lm.models import cache as cache_lib
+
+
+def sample(logits_BV, key, *, temperature: float, top_k: int = 0,
+           top_p: float = 1.0):
+  """Next tokens [B] from float32 logits [B, V]."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (at least one).
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept_BV = jnp.where(before_BV < top_p, sorted_BV, jnp.inf)
+    cut_B1 = jnp.min(kept_BV, axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cut_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def _last(logits_BTV, lens_B):
+  """Logits at each row's last real token [B, V]."""
+  idx = (lens_B - 1)[:, None, None]
+  return jnp.take_along_axis(logits_BTV, idx, axis=1)[:, 0]
+
+
+class Generator:
+  """Jitted prefill / decode / full-forward steps for one model.
+
+  `graphdef` and `variables` (params and model state, placed as the
+  trainer places them) come from `nnx.split(model)`; `mesh` is the mesh
+  they live on (None: the default device).
+  """
+
+  def __init__(self, graphdef, variables, *, mesh=None):
+    self.graphdef, self.variables, self.mesh = graphdef, variables, mesh
+    wrap = (lambda f: f) if mesh is None else (
+      lambda f: sharding.under_mesh(mesh, f))
+
+    def prefill(variables, cache, tokens_BT, lens_B):
+      model = nnx.merge(graphdef, variables)
+      t = tokens_BT.shape[1]
+      pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
+                                tokens_BT.shape)
+      seg_BT = (pos_BT < lens_B[:, None]).astype(jnp.int32)
+      logits_BTV, _, cache = model.step(tokens_BT, pos_BT, seg_BT, cache)
+      return _last(logits_BTV, lens_B), cache
+
+    def decode(variables, cache, tok_B, pos_B):
+      model = nnx.merge(graphdef, variables)
+      logits_BTV, _, cache = model.step(
+        tok_B[:, None], pos_B[:, None], jnp.ones_like(tok_B)[:, None], cache)
+      return logits_BTV[:, 0], cache
+
+    def full(variables, tokens_BL, lens_B):
+      model = nnx.merge(graphdef, variables)
+      pos_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1],
+                                           dtype=jnp.int32), tokens_BL.shape)
+      seg_BL = (pos_BL < lens_B[:, None]).astype(jnp.int32)
+      logits_BLV, _ = model(tokens_BL, pos_BL, seg_BL)
+      return _last(logits_BLV, lens_B)
+
+    self._prefill = jax.jit(wrap(prefill), donate_argnums=1)
+    self._decode = jax.jit(wrap(decode), donate_argnums=1)
+    self._full = jax.jit(wrap(full))
+    self._sample = jax.jit(sample, static_argnames=("temperature", "top_k",
+                                                    "top_p"))
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.variables)
+
+  def cache_stats(self, batch: int, max_len: int) -> dict[str, Any]:
+    """Cache bytes per token per layer (by the module's formula) and the
+    bytes the cache of this batch and length actually allocates."""
+    model = self.model()
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+    return {"cache_bytes_per_token": model.cache_bytes_per_token(),
+            "cache_bytes": cache_lib.nbytes(shapes)}
+
+  def generate(self, prompts: Sequence[Sequence[int]], *,
+               max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+               pad_id: int = 0, use_cache: bool = True,
+               max_len: int | None = None):
+    """New token ids per prompt (without the end-of-sequence token) and
+    timing stats. `max_len` (default: longest prompt + max_new_tokens)
+    bounds positions and the cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+      raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+    n = len(prompts)
+    # Pad the batch to a multiple of the data-parallel size with copies of
+    # the first prompt; their outputs are dropped.
+    dp = 1 if self.mesh is None else (self.mesh.shape["data"]
+                                      * self.mesh.shape["fsdp"])
+    rows = list(prompts) + [prompts[0]] * (-n % dp)
+    b = len(rows)
+    lens = np.array([len(p) for p in rows], np.int32)
+    longest = int(lens.max())
+    total = longest + max_new_tokens
+    max_len = total if max_len is None else max_len
+    if total > max_len:
+      raise ValueError(
+        f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
+        f"{total} positions exceeds max_len={max_len}")
+    buf = np.full((b, max_len), pad_id, np.int32)
+    for i, p in enumerate(rows):
+      buf[i, :len(p)] = p
+    key = jax.random.key(seed)
+    samp = dict(temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p))
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    cur = lens.copy()
+    stats: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if use_cache:
+      cache = self.model().init_cache(b, max_len)
+      logits, cache = self._prefill(self.variables, cache,
+                                    jnp.asarray(buf[:, :longest]),
+                                    jnp.asarray(lens))
+    else:
+      logits = self._full(self.variables, jnp.asarray(buf),
+                          jnp.asarray(lens))
+    jax.block_until_ready(logits)
+    stats["prefill_s"] = time.perf_counter() - t0
+    t1, steps = time.perf_counter(), 0
+    for i in range(max_new_tokens):
+      tok = np.asarray(self._sample(logits, jax.random.fold_in(key, i),
+                                    **samp))
+      for r in range(b):
+        if done[r]:
+          continue
+        if eos_id is not None and tok[r] == eos_id:
+          done[r] = True
+        else:
+          out[r].append(int(tok[r]))
+      if done.all() or i == max_new_tokens - 1:
+        break
+      buf[np.arange(b), cur] = tok
+      if use_cache:
+        logits, cache = self._decode(self.variables, cache, jnp.asarray(tok),
+                                     jnp.asarray(cur))
+      else:
+        logits = self._full(self.variables, jnp.asarray(buf),
+                            jnp.asarray(cur + 1))
+      cur += 1
+      steps += 1
+    jax.block_until_ready(logits)
+    stats["decode_s"] = time.perf_counter() - t1
+    stats["decode_steps"] = steps
+    stats["decode_tokens_per_s"] = (steps * n / stats["decode_s"]
+                                    if steps else 0.0)
+    return out[:n], stats
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "a trained run's directory")
+  flags.DEFINE_multi_string("prompt", [], "a prompt; repeat for a batch")
+  flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+  flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0: all)")
+  flags.DEFINE_float("top_p", 1.0, "nucleus: keep the smallest set of "
+                     "tokens with this probability mass")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_bool("use_cache", True, "false: recompute the whole sequence "
+                    "for every new token (the reference path)")
+  flags.DEFINE_bool("stats", False, "print cache sizes and timing to stderr")
+  flags.mark_flag_as_required("workdir")
+  return flags.FLAGS
+
+
+def main(argv) -> None:
+  from efficient_lm import cpu_runtime, runs
+  del argv
+  cpu_runtime.use_cpu_only_without_accelerator()
+  f = FLAGS
+  if not f.prompt:
+    raise SystemExit("generate: give at least one --prompt")
+  if f.temperature < 0 or not 0 < f.top_p <= 1 or f.top_k < 0:
+    raise SystemExit(
+      f"generate: --temperature={f.temperature} (>= 0), --top_p={f.top_p} "
+      f"(0 < p <= 1), --top_k={f.top_k} (>= 0) out of range")
+  run = runs.load_run(f.workdir)
+  tok = run.tokenizer
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  prompts = [bos + tok.encode(p) for p in f.prompt]
+  max_len = max(len(p) for p in prompts) + f.max_new_tokens
+  coverage = run.config.model.attention.max_len
+  if ("block_sparse" in run.config.model.attention.pattern_kinds
+      and max_len > coverage):
+    raise SystemExit(
+      f"generate: {max_len} positions exceed the block_sparse table's "
+      f"model.attention.max_len={coverage}")
+  gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
+  print(f"generate: step {run.step} of {f.workdir}, {len(prompts)} "
+        f"prompt(s), up to {f.max_new_tokens} new tokens", file=sys.stderr)
+  outs, stats = gen.generate(
+    prompts, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+    top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id,
+    pad_id=0 if tok.pad_id is None else tok.pad_id, use_cache=f.use_cache)
+  for ids in outs:
+    sys.stdout.write(tok.decode(ids) + "\n")
+  sys.stdout.flush()
+  if f.stats:
+    stats.update(gen.cache_stats(len(prompts), max_len) if f.use_cache
+                 else {})
+    for k, v in stats.items():
+      print(f"generate: {k} = {v}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  from absl import app
+  FLAGS = _flags()
+  app.run(main)

@@ -1,0 +1,260 @@
+"""A trained run, loaded read-only for evaluation and generation.
+
+  run = runs.load_run("runs/tiny")       # newest good checkpoint
+  model = run.model()                    # nnx module, params restored
+  ids = run.tokenizer.encode("def f(")
+  result = runs.evaluate(run)            # loss, ppl, bits/byte on eval
+
+Nothing in the workdir is written, renamed or locked, so a run that is still
+training there is undisturbed, and a copy of a run on a read-only disk
+loads too. Callers catch `runs.ERRORS` and print the one-line message.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import itertools
+import math
+import os
+import sys
+import time
+import typing
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+
+from efficient_lm import config as config_lib
+from efficient_lm import data as data_lib
+from efficient_lm import sharding
+from efficient_lm.config import Config, ConfigError, DataConfig
+from efficient_lm.data import DataError, Tokenizer
+from efficient_lm.training import checkpoint, loop
+from efficient_lm.training.checkpoint import CheckpointError
+from efficient_lm.training.workdir import CONFIG, TOKENIZER
+
+
+class RunError(ValueError):
+  """The directory is not a trained run (or holds no checkpoint yet)."""
+
+
+# Every error load_run raises for bad input; each message is one line.
+ERRORS = (RunError, ConfigError, DataError, CheckpointError)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  """What load_run read.
+
+  `config` is the checkpoint's config with the data overrides applied and
+  a mesh fitted to this host; `tokenizer` the one the run trained with;
+  `step` the checkpoint's; `trainer` holds the mesh, graphdef and jitted
+  eval_step (there is no optimizer state: never call its train_step);
+  `params` and `model_state` are pure dicts sharded over its mesh.
+  """
+  workdir: str
+  config: Config
+  tokenizer: Tokenizer
+  step: int
+  trainer: loop.Trainer
+  params: Any
+  model_state: Any
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self.trainer.mesh
+
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    return self.trainer.graphdef
+
+  def model(self) -> nnx.Module:
+    """The model with the restored parameters (a fresh module each call)."""
+    return nnx.merge(self.graphdef, self.params, self.model_state)
+
+  @property
+  def variables(self) -> nnx.State:
+    """Params and model state as one nnx.State, as `nnx.split(model)`
+    gives it: `nnx.merge(run.graphdef, run.variables)` is the model."""
+    return nnx.state(self.model())
+
+
+def load_run(workdir: str, *, overrides: Sequence[str] = (),
+             devices: Sequence[Any] | None = None) -> LoadedRun:
+  """Loads the newest good checkpoint of `workdir`, read-only.
+
+  The parameters and model state come from the newest committed checkpoint
+  whose arrays read back intact (older ones are tried in turn, and a bad
+  one is left where it is); the optimizer state is not read. The config is
+  the one saved in that checkpoint. `overrides` are command-line strings
+  `--config.data.<key>=<value>` (another data set, say); any other key is a
+  ConfigError. `devices` (default: this process's; one process, no
+  jax.distributed) form a data-parallel mesh, keeping the run's
+  `mesh.tensor` where it divides their number, and using as many of them
+  as divide `train.batch_size`.
+  """
+  parse_overrides(overrides)   # bad input fails before anything is read
+  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(workdir):
+    raise RunError(f"workdir {workdir} does not exist")
+  if not (os.path.isdir(ckpt_dir) or os.path.isfile(
+      os.path.join(workdir, CONFIG))):
+    raise RunError(f"{workdir} is not a training run (no checkpoints/ and no "
+                   f"{CONFIG})")
+  if not checkpoint.step_numbers(ckpt_dir):
+    raise RunError(f"workdir {workdir} has no committed checkpoint to load "
+                   "(none saved yet)")
+  devices = list(jax.local_devices() if devices is None else devices)
+  built: dict[str, Any] = {}
+
+  def abstract_for(saved: dict[str, Any]):
+    cfg = _fitted(saved, overrides, len(devices))
+    t = loop.build_trainer(cfg, devices[:cfg.mesh.size])
+    built.update(saved=saved, cfg=cfg, trainer=t)
+    return {k: t.abstract_state[k] for k in ("params", "model_state")}
+
+  step, _, state = checkpoint.read_latest(ckpt_dir, abstract_for)
+  cfg = built["cfg"]
+  # The run's own data config (before overrides) made its tokenizer.
+  saved_data = config_lib.from_config_dict(built["saved"]).data
+  tok = _tokenizer(workdir, saved_data)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise DataError(
+      f"the tokenizer of {workdir} has {tok.vocab_size} ids, more than its "
+      f"model.vocab_size={cfg.model.vocab_size}")
+  return LoadedRun(workdir=workdir, config=cfg, tokenizer=tok, step=step,
+                   trainer=built["trainer"], params=state["params"],
+                   model_state=state["model_state"])
+
+
+def evaluate(run: LoadedRun, num_batches: int | None = None
+             ) -> dict[str, Any]:
+  """One pass over the eval split of `run.config.data`: every held-out (token,
+  next token) pair once, or only the first `num_batches` batches (the
+  ones the training loop's evaluation reads, so its eval_loss compares).
+
+  Returns `loss` (mean NLL per target token, nats), `ppl` (exp(loss)),
+  `bpb` (bits per byte: loss / ln 2 * tokens / bytes, where bytes are the
+  UTF-8 bytes the target tokens stand for, `tokenizer.bytes_per_id()`:
+  byte tokenizer, the non-special targets; char, the UTF-8 length of each
+  target character; SentencePiece, of each target piece; None if that is
+  0), `tokens_per_sec` (target tokens over the pass's wall time; the step
+  is compiled before the clock starts), the counts, the data evaluated on,
+  and the model's aux entries as `eval_<name>`.
+  """
+  if num_batches is not None and num_batches < 1:
+    raise ConfigError(f"num_batches={num_batches}: expected >= 1 (or None: "
+                      "the whole eval split)")
+  cfg, t = run.config, run.trainer
+  state = {"params": run.params, "model_state": run.model_state}
+  it = data_lib.make_iterator(
+    cfg.data, "eval", global_batch_size=cfg.train.batch_size,
+    seed=t.data_seed, tokenizer=run.tokenizer, num_epochs=1)
+  start = it.get_state()
+  jax.block_until_ready(t.eval_step(   # compile outside the timed pass
+    run.params, run.model_state, sharding.host_to_global(t.mesh, next(it))))
+  it.set_state(start)
+  bytes_V = run.tokenizer.bytes_per_id()
+  count = {"batches": 0, "tokens": 0, "bytes": 0}
+
+  def counted(batches):
+    for batch in batches:
+      targets = batch["targets"][batch["segment_ids"] > 0]
+      count["batches"] += 1
+      count["tokens"] += targets.size
+      count["bytes"] += int(bytes_V[targets].sum())
+      yield batch
+
+  t0 = time.perf_counter()
+  metrics = loop.evaluate_batches(
+    t, state, counted(itertools.islice(it, num_batches)))
+  seconds = time.perf_counter() - t0
+  loss = metrics.pop("eval_loss")
+  tokens, num_bytes = count["tokens"], count["bytes"]
+  return {
+    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"),
+    "workdir": run.workdir, "step": run.step,
+    "data_source": cfg.data.source, "data_path": cfg.data.path,
+    "eval_fraction": cfg.data.eval_fraction, "seq_len": cfg.data.seq_len,
+    "batch_size": cfg.train.batch_size, "num_batches": count["batches"],
+    "num_tokens": tokens, "num_bytes": num_bytes,
+    "loss": loss, "ppl": _perplexity(loss),
+    "bpb": loss / math.log(2) * tokens / num_bytes if num_bytes else None,
+    "tokens_per_sec": tokens / seconds, "seconds": seconds, **metrics}
+
+
+def _perplexity(loss: float) -> float:
+  try:
+    return math.exp(loss)
+  except OverflowError:
+    return math.inf
+
+
+def _tokenizer(workdir: str, saved_data: DataConfig) -> Tokenizer:
+  path = os.path.join(workdir, TOKENIZER)
+  if os.path.exists(path):
+    return data_lib.load_tokenizer(path)
+  print(f"warning: {workdir} has no {TOKENIZER} (trained before it was "
+        f"saved): rebuilding data.tokenizer={saved_data.tokenizer!r} from the "
+        "run's data config", file=sys.stderr, flush=True)
+  return data_lib.make_tokenizer(saved_data)
+
+
+def _fitted(saved: dict[str, Any], overrides: Sequence[str],
+            num_devices: int) -> Config:
+  """The saved config with `overrides` applied and a mesh for this host."""
+  d = copy.deepcopy(saved)
+  for key, value in parse_overrides(overrides).items():
+    d["data"][key] = value
+  tensor = d["mesh"]["tensor"]
+  if num_devices % tensor:
+    tensor = 1
+  data = math.gcd(num_devices // tensor, d["train"]["batch_size"])
+  d["mesh"] = {"data": data, "fsdp": 1, "tensor": tensor}
+  return config_lib.from_config_dict(d, device_count=data * tensor)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+  """`--config.data.<key>=<value>` strings -> {key: value}, each value
+  parsed by the type of its DataConfig field (`None` clears data.path)."""
+  hints = typing.get_type_hints(DataConfig)
+  out = {}
+  for text in overrides:
+    name, eq, value = text.partition("=")
+    key = name.removeprefix("--config.")
+    if not (name.startswith("--config.") and eq):
+      raise ConfigError(f"override {text!r}: expected --config.data.KEY="
+                        "VALUE")
+    section, _, field = key.partition(".")
+    if section != "data":
+      raise ConfigError(f"{text}: only data.* keys can be overridden for a "
+                        "trained run (the model, training and mesh are the "
+                        "run's)")
+    if field not in hints:
+      raise ConfigError(f"{text}: unknown key data.{field}; known data keys: "
+                        f"{', '.join(sorted(hints))}")
+    if field == "tokenizer":
+      raise ConfigError(f"{text}: the model was trained with the run's "
+                        f"tokenizer, which {TOKENIZER} records")
+    out[field] = _parse_value(text, value, hints[field])
+  return out
+
+
+_EXPECTED = {int: "an int", float: "a float", bool: "true or false"}
+
+
+def _parse_value(text: str, value: str, tp: Any) -> Any:
+  if value == "None" and type(None) in typing.get_args(tp):
+    return None
+  try:
+    if tp is bool:
+      return {"true": True, "false": False}[value.lower()]
+    if tp in (int, float):
+      return tp(value)
+  except (KeyError, ValueError):
+    raise ConfigError(f"{text}: expected {_EXPECTED[tp]}") from None
+  return value   # str, Optional[str], Literal (config validates those)
