@@ -22,11 +22,19 @@ impl:
                  NotImplementedError) or is absent; CPU -> xla while
                  T * S <= DENSE_MAX_PAIRS, else xla_chunked. Explicit
                  impls never fall back: they raise.
+
+A spec with a block table (`MaskSpec.block_mask`) covers positions below
+`masks.block_mask_coverage(spec)` only; past it the predicate would hide a
+key silently, so concrete positions (not tracers) of real tokens (segment
+!= 0) at or past it raise ValueError. Traced positions cannot be checked:
+config refuses max_len < seq_len for training, and generation must hold its
+positions to `block_mask_coverage` itself.
 """
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import masks
 from kernels.flash_attention import reference
@@ -80,6 +88,28 @@ def _candidates(impl, t, s):
   if platform in ("gpu", "cuda", "rocm"):
     return ("pallas_gpu", "xla_chunked")
   return ("xla",) if t * s <= DENSE_MAX_PAIRS else ("xla_chunked",)
+
+
+def _check_coverage(spec, q_pos, k_pos, q_seg, k_seg):
+  """ValueError if a concrete position of a real token (segment != 0) is
+  past the block table; tracers are not checked (see module docstring)."""
+  coverage = masks.block_mask_coverage(spec)
+  if coverage is None:
+    return
+  concrete = lambda x: not isinstance(x, jax.core.Tracer)
+  # Suffix columns (TGlobal summaries) bypass the table, so skip them.
+  n_keys = k_pos.shape[1] - spec.global_suffix
+  for pos, seg, n in ((q_pos, q_seg, q_pos.shape[1]), (k_pos, k_seg, n_keys)):
+    if not concrete(pos):
+      continue
+    pos = np.asarray(pos)[:, :n]
+    if seg is not None and concrete(seg):
+      pos = pos[np.asarray(seg)[:, :n] != 0]
+    top = int(pos.max(initial=-1))
+    if top >= coverage:
+      raise ValueError(
+        f"position {top} is past the block-sparse table, which covers "
+        f"positions 0..{coverage - 1}; build it for a longer max_len")
 
 
 def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
@@ -138,6 +168,7 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
   if not isinstance(mask, masks.MaskSpec):
     raise TypeError(f"mask must be a MaskSpec, got {type(mask)}")
   _check_shapes(q, k, v, q_pos, k_pos, q_segment_ids, kv_segment_ids)
+  _check_coverage(mask, q_pos, k_pos, q_segment_ids, kv_segment_ids)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   q_pos = q_pos.astype(jnp.int32)
   k_pos = k_pos.astype(jnp.int32)

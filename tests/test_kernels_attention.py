@@ -96,7 +96,10 @@ SPECS = [
   MaskSpec(window=(4, 9)),
   MaskSpec(causal=True, chunk=8),
   MaskSpec(causal=True, window=(5, 0), global_suffix=5),
-  MaskSpec(block_mask=((1, 0, 1), (1, 1, 0), (0, 1, 1)),
+  # Covers positions < 96: make_case(gathered=True) draws up to 2 * S.
+  MaskSpec(block_mask=((1, 0, 1, 0, 1, 1), (1, 1, 0, 0, 0, 1),
+                       (0, 1, 1, 1, 0, 0), (1, 0, 0, 1, 1, 0),
+                       (0, 0, 1, 0, 1, 1), (1, 1, 1, 0, 0, 1)),
            block_mask_sizes=(16, 16)),
 ]
 
