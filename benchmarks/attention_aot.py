@@ -16,7 +16,7 @@ places what fits (e.g. dense logits at 1k) in VMEM, uncounted; so each case
 is compiled a second time with that pass off, to report the whole temp
 footprint too. cost_analysis counts a Mosaic custom call by the kernel's
 pl.CostEstimate (dense tile, backward 2.5x forward), so for pallas_tpu it
-credits masked tiles too; for xla_chunked they count the scan body once, not per chunk; for
+credits masked tiles too; for xla_chunked they count the loop body once, not per tile; for
 dense xla they count every (masked) pair. The model column (visible pairs,
 the convention of attention.py) is the comparable figure.
 """

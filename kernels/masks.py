@@ -18,7 +18,9 @@ Element predicate (true = query may attend to key):
   chunk c:       q_pos // c == k_pos // c
   block_mask:    static table over *position* blocks of size
                  `block_mask_sizes=(bq, bk)`; positions outside the table
-                 are not visible.
+                 are not visible (kernels.attention refuses concrete ones
+                 past `block_mask_coverage`). `bigbird_block_table` builds
+                 BigBird's random blocks.
 
 Transient-global suffix (TGlobal): the caller appends `global_suffix`
 summary keys as the last key columns (after the `S - global_suffix`
@@ -190,6 +192,68 @@ def dense_mask(spec: MaskSpec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS):
   return element_mask(
     spec, q_pos_BT[:, :, None], k_pos_BS[:, None, :],
     q_seg_BT[:, :, None], k_seg_BS[:, None, :], k_sfx)
+
+
+def block_mask_coverage(spec: MaskSpec) -> int | None:
+  """Positions 0..coverage-1 lie inside the spec's block table, for queries
+  and keys alike; None without a table (every position is covered).
+
+  A position at or past it falls outside the table and the predicate makes
+  it invisible, so callers (kernels.attention, generation) refuse it.
+  """
+  if spec.block_mask is None:
+    return None
+  bq, bk = spec.block_mask_sizes
+  return min(len(spec.block_mask) * bq, len(spec.block_mask[0]) * bk)
+
+
+def _mix64(x):
+  """SplitMix64 finaliser on uint64 arrays (wraps mod 2**64)."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=32)
+def bigbird_block_table(num_blocks: int, *, num_random_blocks: int,
+                        seed: int, causal: bool
+                        ) -> tuple[tuple[bool, ...], ...]:
+  """BigBird's random key blocks (METHODS.md §5.5): [num_blocks]^2 table,
+  True where query block i attends key block j at random.
+
+  Each query block gets `num_random_blocks` distinct key blocks drawn from
+  the strictly earlier blocks (causal: fewer for query blocks 0..r-1, which
+  have fewer earlier blocks) or from all the other blocks (bidirectional;
+  fewer if num_blocks <= r). The window and the global prefix are not in
+  the table: MaskSpec.window and .global_prefix add them through the
+  predicate's OR, so random blocks may overlap them.
+
+  The draw is static and deterministic: candidate j of query block i is
+  ranked by a SplitMix64 hash of (seed, i, j) and the r lowest win, so the
+  table depends on nothing but its arguments (no NumPy generator whose
+  stream may change between releases). In causal mode row i does not depend
+  on num_blocks, so a longer table extends a shorter one. One table serves
+  every head and every layer of a model.
+  """
+  if num_blocks <= 0 or num_random_blocks < 0:
+    raise ValueError(
+      f"bigbird_block_table: num_blocks={num_blocks} must be > 0 and "
+      f"num_random_blocks={num_random_blocks} >= 0")
+  i = np.arange(num_blocks, dtype=np.uint64)[:, None]
+  j = np.arange(num_blocks, dtype=np.uint64)[None, :]
+  # 1-element arrays, not NumPy scalars: scalar ops warn on the (intended)
+  # wrap-around.
+  key = _mix64(np.array([seed % 2**64], np.uint64)
+               + np.uint64(0x9E3779B97F4A7C15))
+  rank = _mix64(_mix64(key ^ i) ^ j)
+  eligible = (j < i) if causal else (j != i)
+  # Ineligible blocks sort last; among the eligible, the r lowest ranks.
+  order = np.lexsort((rank, ~eligible), axis=-1)
+  chosen = np.zeros((num_blocks, num_blocks), bool)
+  r = min(num_random_blocks, num_blocks)
+  np.put_along_axis(chosen, order[:, :r], True, axis=-1)
+  chosen &= eligible
+  return tuple(tuple(bool(x) for x in row) for row in chosen)
 
 
 # ---------------------------------------------------------------- metadata

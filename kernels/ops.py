@@ -2,7 +2,10 @@
 
 impl:
   "xla"          dense f32 reference (materialised mask); autodiff backward.
-  "xla_chunked"  online-softmax scan over kv chunks, O(T * chunk) memory.
+  "xla_chunked"  the blockwise kernels' tile loops in XLA ops
+                 (reference.attention_chunked): EMPTY tiles are skipped,
+                 memory is linear in T and S; custom_vjp, so reverse-mode
+                 autodiff only.
   "pallas_tpu"   Mosaic TPU kernels (kernels/flash_attention/pallas_tpu.py).
   "pallas_gpu"   Pallas GPU kernels (kernels/flash_attention/pallas_gpu.py),
                  imported lazily.
@@ -16,13 +19,22 @@ impl:
                  and is explicit opt-in for callers that know that.
   "auto"         TPU -> pallas_tpu, GPU -> pallas_gpu, each falling back
                  to xla_chunked when it refuses the case (raises
-                 NotImplementedError) or is absent; CPU -> xla. Explicit
+                 NotImplementedError) or is absent; CPU -> xla while
+                 T * S <= DENSE_MAX_PAIRS, else xla_chunked. Explicit
                  impls never fall back: they raise.
+
+A spec with a block table (`MaskSpec.block_mask`) covers positions below
+`masks.block_mask_coverage(spec)` only; past it the predicate would hide a
+key silently, so concrete positions (not tracers) of real tokens (segment
+!= 0) at or past it raise ValueError. Traced positions cannot be checked:
+config refuses max_len < seq_len for training, and generation must hold its
+positions to `block_mask_coverage` itself.
 """
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import masks
 from kernels.flash_attention import reference
@@ -52,11 +64,21 @@ def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
       raise ValueError(f"{name} must be [{b}, {n}], got {x.shape}")
 
 
+# "auto" on CPU: the dense reference while T * S is at most this, the tiled
+# xla_chunked past it. The dense path keeps f32 [B, H, T, S] scores and
+# probabilities for its backward pass, so its memory is quadratic; it stays
+# for short lengths because it supports forward-mode autodiff (jax.jacfwd,
+# which the causality tests use) and has no loop overhead. Measured fwd+bwd,
+# causal, B=1, H=4, K=64, f32, 2 CPU cores: T = S = 512 dense 18 ms / 16 MiB
+# temp vs tiled 15 ms / 3.5 MiB; at 1024, 308 ms / 65 MiB vs 52 ms / 7 MiB.
+DENSE_MAX_PAIRS = 2**18
+
+
 def _platform():
   return jax.default_backend()
 
 
-def _candidates(impl):
+def _candidates(impl, t, s):
   """Backends to try in order; only "auto" has fallbacks."""
   if impl != "auto":
     return (impl,)
@@ -65,7 +87,29 @@ def _candidates(impl):
     return ("pallas_tpu", "xla_chunked")
   if platform in ("gpu", "cuda", "rocm"):
     return ("pallas_gpu", "xla_chunked")
-  return ("xla",)
+  return ("xla",) if t * s <= DENSE_MAX_PAIRS else ("xla_chunked",)
+
+
+def _check_coverage(spec, q_pos, k_pos, q_seg, k_seg):
+  """ValueError if a concrete position of a real token (segment != 0) is
+  past the block table; tracers are not checked (see module docstring)."""
+  coverage = masks.block_mask_coverage(spec)
+  if coverage is None:
+    return
+  concrete = lambda x: not isinstance(x, jax.core.Tracer)
+  # Suffix columns (TGlobal summaries) bypass the table, so skip them.
+  n_keys = k_pos.shape[1] - spec.global_suffix
+  for pos, seg, n in ((q_pos, q_seg, q_pos.shape[1]), (k_pos, k_seg, n_keys)):
+    if not concrete(pos):
+      continue
+    pos = np.asarray(pos)[:, :n]
+    if seg is not None and concrete(seg):
+      pos = pos[np.asarray(seg)[:, :n] != 0]
+    top = int(pos.max(initial=-1))
+    if top >= coverage:
+      raise ValueError(
+        f"position {top} is past the block-sparse table, which covers "
+        f"positions 0..{coverage - 1}; build it for a longer max_len")
 
 
 def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
@@ -98,10 +142,9 @@ def _run(impl, q, k, v, q_pos, k_pos, q_seg, k_seg, spec, scale, cap,
     return reference.attention_reference(q, k, v, dense, scale=scale,
                                          logits_soft_cap=cap)
   if impl == "xla_chunked":
-    chunk = (block_sizes or vjp.BlockSizes()).block_kv
     return reference.attention_chunked(
       q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
-      logits_soft_cap=cap, chunk_size=chunk)
+      logits_soft_cap=cap, block_sizes=block_sizes)
   return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret(_gpu)
     q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
     logits_soft_cap=cap, block_sizes=block_sizes, backend=impl)
@@ -125,6 +168,7 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
   if not isinstance(mask, masks.MaskSpec):
     raise TypeError(f"mask must be a MaskSpec, got {type(mask)}")
   _check_shapes(q, k, v, q_pos, k_pos, q_segment_ids, kv_segment_ids)
+  _check_coverage(mask, q_pos, k_pos, q_segment_ids, kv_segment_ids)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   q_pos = q_pos.astype(jnp.int32)
   k_pos = k_pos.astype(jnp.int32)
@@ -132,7 +176,7 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
            else q_segment_ids.astype(jnp.int32))
   k_seg = (jnp.ones_like(k_pos) if kv_segment_ids is None
            else kv_segment_ids.astype(jnp.int32))
-  candidates = _candidates(impl)
+  candidates = _candidates(impl, q.shape[1], k.shape[1])
   for i, name in enumerate(candidates):
     try:
       if name == "cudnn":

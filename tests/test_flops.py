@@ -42,6 +42,15 @@ _MASKS = [
   ({"model.attention.kind": "tglobal", "model.attention.window": 5,
     "model.attention.tglobal_block": 4}, False),
   ({"model.attention.kind": "tglobal", "model.attention.window": 40}, True),
+  # BigBird: 4-token blocks (33 is no multiple), random blocks overlapping
+  # the window and the prefix; bidirectional ones reach later blocks too.
+  *[({"model.attention.kind": "block_sparse", "model.attention.window": w,
+      "model.attention.num_global": g, "model.attention.block_size": 4,
+      "model.attention.num_random_blocks": r,
+      "model.attention.random_seed": seed,
+      "model.attention.max_len": 48}, causal)
+    for w, g, r, seed in ((3, 2, 2, 0), (1, 0, 3, 1), (6, 5, 1, 2))
+    for causal in (True, False)],
 ]
 
 

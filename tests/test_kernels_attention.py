@@ -96,7 +96,10 @@ SPECS = [
   MaskSpec(window=(4, 9)),
   MaskSpec(causal=True, chunk=8),
   MaskSpec(causal=True, window=(5, 0), global_suffix=5),
-  MaskSpec(block_mask=((1, 0, 1), (1, 1, 0), (0, 1, 1)),
+  # Covers positions < 96: make_case(gathered=True) draws up to 2 * S.
+  MaskSpec(block_mask=((1, 0, 1, 0, 1, 1), (1, 1, 0, 0, 0, 1),
+                       (0, 1, 1, 1, 0, 0), (1, 0, 0, 1, 1, 0),
+                       (0, 0, 1, 0, 1, 1), (1, 1, 1, 0, 0, 1)),
            block_mask_sizes=(16, 16)),
 ]
 
@@ -129,14 +132,15 @@ def test_soft_cap_and_explicit_scale():
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_xla_chunked_matches_reference(spec):
+  """Several query tiles and key tiles (29 x 45 is no multiple of them),
+  other tiles in the backward pass, GQA, packed rows, gathered positions,
+  soft cap."""
   case = make_case(2, t=29, s=45, e=8, gathered=True)
-  bs = kernels.BlockSizes(block_kv=16)
-  for a, b in zip(run(case, spec, "xla_chunked", 1.5, bs),
-                  run(case, spec, "xla", 1.5)):
-    assert_close(a, b, F32_TOL)
-  for a, b in zip(grads(case, spec, "xla_chunked", 1.5, bs),
-                  grads(case, spec, "xla", 1.5)):
-    assert_close(a, b, F32_TOL)
+  bs = kernels.BlockSizes(8, 16, 16, 8)
+  got = outputs_and_grads(case, spec, "xla_chunked", 1.5, bs)
+  want = outputs_and_grads(case, spec, "xla", 1.5)
+  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+    assert_close(a, b, F32_TOL, name)
 
 
 @pytest.mark.parametrize("impl", ["xla_chunked", "interpret"])
@@ -192,6 +196,29 @@ def test_auto_on_cpu_is_xla_and_jits():
   f = jax.jit(functools.partial(run, spec=spec, impl="auto"))
   for a, b in zip(f(case), run(case, spec, "xla")):
     assert_close(a, b, 1e-6)
+
+
+@pytest.mark.parametrize("t,s,want", [
+  (512, 512, "xla"), (513, 512, "xla_chunked"), (64, 4096, "xla"),
+  (64, 4097, "xla_chunked")])
+def test_auto_on_cpu_leaves_the_dense_path_at_long_lengths(t, s, want):
+  """T * S <= ops.DENSE_MAX_PAIRS (2**18) stays dense; past it "auto"
+  traces exactly the chunked path (compared as jaxprs, nothing runs)."""
+  from kernels import ops
+  assert ops.DENSE_MAX_PAIRS == 2**18
+  q = jax.ShapeDtypeStruct((1, t, 2, 8), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, s, 2, 8), jnp.float32)
+  qp = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  kp = jax.ShapeDtypeStruct((1, s), jnp.int32)
+
+  def jaxpr(impl):
+    return str(jax.make_jaxpr(lambda q, k, qp, kp: kernels.attention(
+      q, k, k, mask=MaskSpec(causal=True), q_pos=qp, k_pos=kp,
+      impl=impl))(q, kv, qp, kp))
+
+  auto = jaxpr("auto")
+  assert auto == jaxpr(want)
+  assert ("while" in auto) == (want == "xla_chunked")
 
 
 # ------------------------------------------------ interpret-mode kernel sweep
@@ -313,8 +340,11 @@ def test_interpret_fully_masked_rows():
     assert_close(a, b, F32_TOL, name)
 
 
-def test_empty_tiles_are_not_visited():
-  """NaN in the K/V of a kv block leaves every q block that skips it clean.
+@pytest.mark.parametrize("impl", ["interpret", "xla_chunked"])
+def test_empty_tiles_are_not_visited(impl):
+  """NaN in the K/V of a kv block leaves every q block that skips it clean,
+  and NaN in the Q/dO of a q block leaves the dK/dV of every kv block that
+  skips it clean.
 
   A visited tile would leak NaN even with p = 0 (0 * NaN = NaN), so finite,
   unchanged rows prove the kernels never touched the poisoned block.
@@ -329,26 +359,42 @@ def test_empty_tiles_are_not_visited():
   kind = np.asarray(meta.kind)[0]
   assert (kind == masks.EMPTY).sum() > kind.size // 2
 
-  @jax.jit
-  def fwd_bwd(k, v):
-    def loss(q, k, v):
-      o = run(dict(case, q=q, k=k, v=v), spec, "interpret", None, bs)[0]
-      return jnp.sum(o), o
-    (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-      case["q"], k, v)
-    return o, g[0]
+  w = jnp.asarray(np.random.default_rng(0).normal(size=case["q"].shape))
 
-  clean_o, clean_dq = fwd_bwd(case["k"], case["v"])
-  skipped = [j for j in range(t // blk) if (kind[:, j] == masks.EMPTY).any()]
-  assert len(skipped) >= t // blk - 1  # all but the global-prefix block
+  @jax.jit
+  def fwd_bwd(q, k, v, w):
+    def loss(q, k, v):
+      o = run(dict(case, q=q, k=k, v=v), spec, impl, None, bs)[0]
+      return jnp.sum(o * w), o  # w = dO
+    (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+      q, k, v)
+    return (o, *g)
+
+  clean = fwd_bwd(case["q"], case["k"], case["v"], w)
+  n = t // blk
+
+  def poison(x, j):
+    return x.at[:, j * blk:(j + 1) * blk].set(jnp.nan)
+
+  def check(got, want, rows, what):
+    got, want = np.asarray(got)[0, rows], np.asarray(want)[0, rows]
+    assert np.all(np.isfinite(got)), what
+    np.testing.assert_array_equal(got, want)
+
+  skipped = [j for j in range(n) if (kind[:, j] == masks.EMPTY).any()]
+  assert len(skipped) >= n - 1  # all but the global-prefix block
   for j in skipped:
-    poison = jnp.zeros((1, t, 1, 1)).at[:, j * blk:(j + 1) * blk].set(jnp.nan)
-    o, dq = fwd_bwd(case["k"] + poison, case["v"] + poison)
+    o, dq, _, _ = fwd_bwd(case["q"], poison(case["k"], j),
+                          poison(case["v"], j), w)
     skip = np.repeat(kind[:, j] == masks.EMPTY, blk)  # q rows skipping j
-    for got, want in ((o, clean_o), (dq, clean_dq)):
-      got, want = np.asarray(got)[0, skip], np.asarray(want)[0, skip]
-      assert np.all(np.isfinite(got)), f"kv block {j} was visited"
-      np.testing.assert_array_equal(got, want)
+    for got, want in ((o, clean[0]), (dq, clean[1])):
+      check(got, want, skip, f"kv block {j} was visited")
+  for i in range(n):
+    _, _, dk, dv = fwd_bwd(poison(case["q"], i), case["k"], case["v"],
+                           poison(w, i))
+    skip = np.repeat(kind[i] == masks.EMPTY, blk)  # kv rows skipping i
+    for got, want in ((dk, clean[2]), (dv, clean[3])):
+      check(got, want, skip, f"q block {i} was visited for dK/dV")
 
 
 def test_interpret_under_checkpoint_jit_and_shard_map():

@@ -35,7 +35,14 @@ class Tokens(NamedTuple):
 
 def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
   """The mask of one layer; windows count tokens including self (and, in a
-  bidirectional layer, as many after as before)."""
+  bidirectional layer, as many after as before).
+
+  block_sparse (BigBird, METHODS.md §5.5): the window and the num_global
+  prefix, OR'd with a static table of random key blocks of block_size per
+  query block, over ceil(max_len / block_size) blocks; positions past it
+  are an error (kernels.attention, masks.block_mask_coverage). Every head
+  and every layer of that kind share the one table of random_seed.
+  """
   if cfg.kind == "dense":
     return kernels.MaskSpec(causal=causal)
   left = cfg.window - 1
@@ -45,6 +52,14 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
   if cfg.kind == "global_local":
     return kernels.MaskSpec(causal=causal, window=window,
                             global_prefix=cfg.num_global)
+  if cfg.kind == "block_sparse":
+    n = -(-cfg.max_len // cfg.block_size)
+    table = kernels.masks.bigbird_block_table(
+      n, num_random_blocks=cfg.num_random_blocks, seed=cfg.random_seed,
+      causal=causal)
+    return kernels.MaskSpec(causal=causal, window=window,
+                            global_prefix=cfg.num_global, block_mask=table,
+                            block_mask_sizes=(cfg.block_size,) * 2)
   raise ValueError(f"attention.kind={cfg.kind!r} is not supported")
 
 

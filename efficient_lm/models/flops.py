@@ -24,6 +24,7 @@ from flax import nnx
 
 from efficient_lm.config import ModelConfig
 from efficient_lm.models import mla, stack
+from efficient_lm.models.attention import mask_spec
 from efficient_lm.models.transformer import layer_plan
 
 
@@ -55,7 +56,42 @@ def visible_keys(spec: stack.LayerSpec, seq_len: int) -> np.ndarray:
     # causal, all T // k otherwise (models/tglobal.py).
     k = a.tglobal_block
     return n + (i // k if spec.causal else t // k)
+  if a.kind == "block_sparse":
+    return _block_sparse_keys(spec, t)
   raise ValueError(f"attention.kind={a.kind!r} has no FLOPs rule")
+
+
+def _block_sparse_keys(spec: stack.LayerSpec, t: int) -> np.ndarray:
+  """BigBird: |window ∪ prefix ∪ random blocks| per query, each part an
+  interval of keys (clipped to the causal limit), counted as the length of
+  their union: sort by start, add what reaches past the running end."""
+  a = spec.attention
+  table = np.asarray(mask_spec(a, causal=spec.causal).block_mask, bool)
+  bs = a.block_size
+  if t > table.shape[0] * bs:
+    raise ValueError(
+      f"seq_len={t} is past the block_sparse table, which covers "
+      f"{table.shape[0] * bs} positions (model.attention.max_len)")
+  i = np.arange(t)
+  end = i + 1 if spec.causal else np.full(t, t)   # keys < end may be seen
+  w = a.window
+  lo = [np.maximum(0, i - w + 1), np.zeros(t, np.int64)]
+  hi = [np.minimum(t, i + (1 if spec.causal else w)),
+        np.minimum(a.num_global, end)]
+  rows = table[i // bs]                           # [T, blocks]
+  r = max(int(rows.sum(1).max()), 1)
+  blocks = np.argsort(~rows, axis=1, kind="stable")[:, :r]  # chosen first
+  chosen = np.take_along_axis(rows, blocks, axis=1)
+  lo = np.concatenate([np.stack(lo, 1), blocks * bs], axis=1)
+  hi = np.concatenate([np.stack(hi, 1), np.where(
+    chosen, np.minimum((blocks + 1) * bs, end[:, None]), 0)], axis=1)
+  hi = np.maximum(hi, lo)                         # empty, not negative
+  order = np.argsort(lo, axis=1, kind="stable")
+  lo = np.take_along_axis(lo, order, axis=1)
+  hi = np.take_along_axis(hi, order, axis=1)
+  reach = np.concatenate([np.zeros((t, 1), hi.dtype),
+                          np.maximum.accumulate(hi, axis=1)[:, :-1]], axis=1)
+  return np.maximum(0, hi - np.maximum(lo, reach)).sum(axis=1)
 
 
 def _head_dims(cfg: ModelConfig, spec: stack.LayerSpec) -> tuple[int, int]:

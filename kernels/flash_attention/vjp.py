@@ -103,6 +103,9 @@ GPU_BLOCK_SIZES = BlockSizes(64, 128, 64, 64)
 
 
 def _kernels(backend):
+  if backend == "xla_chunked":  # the same tile loops in plain XLA ops
+    from kernels.flash_attention import reference as mod
+    return mod.chunked_fwd, mod.chunked_bwd
   if backend in ("pallas_tpu", "interpret"):
     from kernels.flash_attention import pallas_tpu as mod
   elif backend in _GPU:
