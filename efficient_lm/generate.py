@@ -141,6 +141,12 @@ class Generator:
       raise ValueError(
         f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
         f"{total} positions exceeds max_len={max_len}")
+    limit = self.model().max_positions()
+    if limit is not None and max_len > limit:
+      raise ValueError(
+        f"{max_len} positions exceed the {limit} the block-sparse table "
+        "covers (model.attention.max_len); positions past it would be "
+        "invisible")
     buf = np.full((b, max_len), pad_id or 0, np.int32)   # seg 0 hides it
     for i, p in enumerate(rows):
       buf[i, :len(p)] = p
@@ -231,19 +237,16 @@ def main(argv) -> None:
   bos = [] if tok.bos_id is None else [tok.bos_id]
   prompts = [bos + tok.encode(p) for p in f.prompt]
   max_len = max(len(p) for p in prompts) + f.max_new_tokens
-  coverage = run.config.model.attention.max_len
-  if ("block_sparse" in run.config.model.attention.pattern_kinds
-      and max_len > coverage):
-    raise SystemExit(
-      f"generate: {max_len} positions exceed the block_sparse table's "
-      f"model.attention.max_len={coverage}")
   gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
   print(f"generate: step {run.step} of {f.workdir}, {len(prompts)} "
         f"prompt(s), up to {f.max_new_tokens} new tokens", file=sys.stderr)
-  outs, stats = gen.generate(
-    prompts, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-    top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id,
-    pad_id=tok.pad_id, use_cache=f.use_cache)
+  try:
+    outs, stats = gen.generate(
+      prompts, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+      top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id,
+      pad_id=tok.pad_id, use_cache=f.use_cache)
+  except ValueError as e:
+    raise SystemExit(f"generate: {e}") from None
   for ids in outs:
     sys.stdout.write(tok.decode(ids) + "\n")
   sys.stdout.flush()

@@ -188,6 +188,14 @@ def test_too_long_is_an_error():
     gen.generate([[1, 2, 3, 4, 5]], max_new_tokens=4, max_len=8)
 
 
+def test_positions_past_the_block_table_are_refused():
+  _, model = _model(VARIANTS["block_sparse"])     # max_len 64
+  gen = Generator(*nnx.split(model))
+  gen.generate([[1] * 60], max_new_tokens=4)      # 64 positions: covered
+  with pytest.raises(ValueError, match="65 positions exceed the 64"):
+    gen.generate([[1] * 60], max_new_tokens=5)
+
+
 def test_generation_under_the_training_mesh_rules():
   """Tensor-parallel heads on 8 fake CPU devices give the single-device
   tokens."""

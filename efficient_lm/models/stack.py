@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels
 from efficient_lm.config import AttentionConfig, ModelConfig
 from efficient_lm.models.layers import ModelState
 
@@ -183,6 +184,15 @@ class Stack(nnx.Module):
       for j in range(len(seg.pattern)):
         gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
         yield i, j, nnx.merge(gd, *jax.tree.map(lambda a: a[0], (p, st)))
+
+  def max_positions(self) -> int | None:
+    """The fewest positions any layer's block-sparse table covers (None:
+    no layer limits them); generation refuses longer sequences."""
+    limits = [kernels.masks.block_mask_coverage(blk.attn.mask)
+              for _, _, blk in self._first_blocks()
+              if hasattr(getattr(blk, "attn", None), "mask")]
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
 
   def cache_bytes_per_token(self, dtype) -> list[int]:
     """Each layer's cache bytes per cached token, in layer order."""

@@ -109,6 +109,10 @@ class Decoder(nnx.Module):
     positions (models/cache.py)."""
     return self.stack.init_cache(batch, max_len, self.dtype)
 
+  def max_positions(self) -> int | None:
+    """Positions a sequence may reach (block-sparse tables); None: any."""
+    return self.stack.max_positions()
+
   def cache_bytes_per_token(self) -> list[int]:
     """Each layer's cache bytes per cached token (the modules' formulas)."""
     return self.stack.cache_bytes_per_token(self.dtype)
