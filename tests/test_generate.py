@@ -228,14 +228,18 @@ def _snapshot(root):
 
 
 def test_cli_prints_only_completions_and_leaves_the_run_alone(tmp_path):
+  """A 3 local : 1 tglobal decoder trains, then generates from its run."""
   text = "the quick brown fox jumps over the lazy dog\n" * 200
   (tmp_path / "t.txt").write_text(text)
   cfg = small_config(**{
     "data.source": "text", "data.path": str(tmp_path / "t.txt"),
     "data.tokenizer": "char", "train.steps": 30, "train.eval_every": 30,
     "train.learning_rate": 1e-2, "checkpoint.every_steps": 30,
-    "checkpoint.async_save": False, "model.attention.kind": "sliding_window",
-    "model.attention.window": 6, "mesh.data": 8})
+    "checkpoint.async_save": False, "model.num_layers": 4,
+    "model.attention.pattern": "sliding_window,sliding_window,"
+                               "sliding_window,tglobal",
+    "model.attention.window": 6, "model.attention.tglobal_block": 4,
+    "mesh.data": 8})
   workdir = str(tmp_path / "run")
   loop.run(cfg, workdir)
   before = _snapshot(workdir)
