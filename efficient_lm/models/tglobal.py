@@ -62,8 +62,7 @@ from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.attention import Attention, Tokens, cache_slots
 from efficient_lm.models.attention import mask_spec as local_mask_spec
 from efficient_lm.models.layers import RMSNorm
-from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
-                                   shard_map_by_names)
+from efficient_lm.sharding import BSGK, constrain
 from kernels.masks import floordiv
 
 
