@@ -37,6 +37,49 @@ def small_config(**overrides):
   return config_lib.from_config_dict(override(cd, **overrides))
 
 
+# One layer kind each, small enough for T ~ 14..24 to cross every window,
+# block and summary boundary; the attention-family and generation tests run
+# every variant.
+ATTENTION_VARIANTS = {
+  "dense_mha": {"model.num_kv_heads": 4},
+  "dense_gqa": {},
+  "dense_mqa": {"model.num_kv_heads": 1},
+  "sliding_window": {"model.attention.kind": "sliding_window",
+                     "model.attention.window": 5},
+  "global_local": {"model.attention.kind": "global_local",
+                   "model.attention.window": 4,
+                   "model.attention.num_global": 3},
+  "block_sparse": {"model.attention.kind": "block_sparse",
+                   "model.attention.window": 3,
+                   "model.attention.num_global": 2,
+                   "model.attention.block_size": 4,
+                   "model.attention.num_random_blocks": 1,
+                   "model.attention.max_len": 64},
+  "tglobal": {"model.attention.kind": "tglobal",
+              "model.attention.window": 5,
+              "model.attention.tglobal_block": 4},
+  "mla": {"model.attention.projection": "mla"},
+  "mla_qlatent_window": {"model.attention.projection": "mla",
+                         "model.attention.q_lora_rank": 32,
+                         "model.attention.kind": "sliding_window",
+                         "model.attention.window": 5},
+}
+
+
+def train_sentencepiece(tmp_path, vocab_size=40):
+  """A tiny BPE SentencePiece model trained on a repeated corpus; returns
+  its .model path (skips when sentencepiece is not installed)."""
+  import pytest
+  spm = pytest.importorskip("sentencepiece")
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog",
+                               "a stitch in time saves nine"] * 50))
+  spm.SentencePieceTrainer.train(
+    input=str(corpus), model_prefix=str(tmp_path / "sp"),
+    vocab_size=vocab_size, model_type="bpe", minloglevel=2)
+  return tmp_path / "sp.model"
+
+
 def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
   """Rows holding two documents and trailing padding, like the packer's."""
   rng = np.random.default_rng(seed)

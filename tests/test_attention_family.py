@@ -21,31 +21,10 @@ from flax import nnx
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.transformer import make_attention
-from tests.helpers import small_config
+from tests.helpers import ATTENTION_VARIANTS, small_config
 
 T = 24
-VARIANTS = {
-  "dense": {},
-  "gqa_mqa": {"model.num_kv_heads": 1},
-  "mla": {"model.attention.projection": "mla"},
-  "mla_window": {"model.attention.projection": "mla",
-                 "model.attention.kind": "sliding_window",
-                 "model.attention.window": 5},
-  "block_sparse": {"model.attention.kind": "block_sparse",
-                   "model.attention.window": 3,
-                   "model.attention.num_global": 2,
-                   "model.attention.block_size": 4,
-                   "model.attention.num_random_blocks": 1,
-                   "model.attention.max_len": 64},
-  "tglobal": {"model.attention.kind": "tglobal",
-              "model.attention.window": 4,
-              "model.attention.tglobal_block": 4},
-  "sliding_window": {"model.attention.kind": "sliding_window",
-                     "model.attention.window": 5},
-  "global_local": {"model.attention.kind": "global_local",
-                   "model.attention.window": 4,
-                   "model.attention.num_global": 3},
-}
+VARIANTS = ATTENTION_VARIANTS
 BOUNDARIES = (0, 3, 4, 7, 8, 15, 16, 22)
 
 
@@ -120,7 +99,7 @@ def test_packed_documents_equal_separate_runs(name, causal):
 def test_window_covering_the_sequence_is_dense():
   """Degenerate settings reduce to dense, in both directions."""
   for causal in (True, False):
-    dense = _attn("dense", causal)
+    dense = _attn("dense_gqa", causal)
     cfg = small_config(**{"model.attention.kind": "sliding_window",
                           "model.attention.window": T}).model
     spec = stack.layer_plan(cfg, causal=causal)[0]

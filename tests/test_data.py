@@ -13,6 +13,7 @@ from efficient_lm.data import (ByteTokenizer, CharTokenizer, DataError,
 from efficient_lm.data import sources
 from efficient_lm.data.packing import (PackedBatchIterDataset, PieceOrder,
                                        Pieces)
+from tests.helpers import train_sentencepiece
 
 SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[2] / "shared" /
                "data" / "tinyshakespeare.txt")
@@ -286,13 +287,7 @@ def test_char_round_trip():
 
 
 def test_sentencepiece_model_file(tmp_path):
-  spm = pytest.importorskip("sentencepiece")
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog",
-                               "a stitch in time saves nine"] * 50))
-  spm.SentencePieceTrainer.train(
-    input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
-    model_type="bpe", minloglevel=2)
+  train_sentencepiece(tmp_path)
   (tmp_path / "docs").mkdir()
   cfg = _text_cfg(tmp_path / "docs", tokenizer=str(tmp_path / "sp.model"))
   tok = make_tokenizer(cfg)

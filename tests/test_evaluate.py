@@ -19,7 +19,7 @@ from efficient_lm import runs
 from efficient_lm.data import CharTokenizer, DataError
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.helpers import small_config
+from tests.helpers import small_config, train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Multi-byte UTF-8 characters, so tokens and bytes differ.
@@ -190,13 +190,7 @@ def test_run_without_tokenizer_json_warns_and_rebuilds(trained, tmp_path,
 
 
 def test_sentencepiece_tokenizer_json_is_self_contained(tmp_path):
-  spm = pytest.importorskip("sentencepiece")
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog",
-                               "a stitch in time saves nine"] * 50))
-  spm.SentencePieceTrainer.train(
-    input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
-    model_type="bpe", minloglevel=2)
+  train_sentencepiece(tmp_path)
   tok = data_lib.SentencePieceTokenizer(str(tmp_path / "sp.model"))
   (tmp_path / "run").mkdir()
   path = str(tmp_path / "run" / "tokenizer.json")

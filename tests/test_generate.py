@@ -24,34 +24,13 @@ from efficient_lm import runs, sharding
 from efficient_lm.generate import Generator, sample
 from efficient_lm.models import build
 from efficient_lm.training import loop
-from tests.helpers import small_config
+from tests.helpers import ATTENTION_VARIANTS, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> config overrides. Windows are shorter than the prompts below.
 VARIANTS = {
-  "dense_mha": {"model.num_kv_heads": 4},
-  "dense_gqa": {},
-  "dense_mqa": {"model.num_kv_heads": 1},
-  "sliding_window": {"model.attention.kind": "sliding_window",
-                     "model.attention.window": 5},
-  "global_local": {"model.attention.kind": "global_local",
-                   "model.attention.window": 4,
-                   "model.attention.num_global": 3},
-  "mla": {"model.attention.projection": "mla"},
-  "mla_qlatent_window": {"model.attention.projection": "mla",
-                         "model.attention.q_lora_rank": 32,
-                         "model.attention.kind": "sliding_window",
-                         "model.attention.window": 5},
-  "block_sparse": {"model.attention.kind": "block_sparse",
-                   "model.attention.window": 3,
-                   "model.attention.num_global": 2,
-                   "model.attention.block_size": 4,
-                   "model.attention.num_random_blocks": 1,
-                   "model.attention.max_len": 64},
-  "tglobal": {"model.attention.kind": "tglobal",
-              "model.attention.window": 5,
-              "model.attention.tglobal_block": 4},
+  **ATTENTION_VARIANTS,
   "mixed_3local_1tglobal": {
     "model.num_layers": 4,
     "model.attention.pattern": "sliding_window,sliding_window,"
