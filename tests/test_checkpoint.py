@@ -382,5 +382,7 @@ def test_failed_async_reads_leave_one_line(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["1"]
-  [line] = proc.stderr.strip().splitlines()
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-3000:]
+  [line] = lines
   assert line.startswith("checkpoint: step 2 in ") and "2.corrupt" in line

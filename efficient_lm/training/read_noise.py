@@ -2,8 +2,8 @@
 
 Tensorstore reads that fail mid-restore leave futures and callbacks aimed at
 orbax's event loop, which orbax has closed by the time they fire: each
-prints a traceback (from a tensorstore thread, at garbage collection, or
-through asyncio's "exception was never retrieved"), dozens for one bad
+prints a traceback (from a tensorstore or Python reader thread, at garbage
+collection, or through asyncio's "exception was never retrieved"), dozens for one bad
 checkpoint, all after the checkpointer's one-line message. They are
 recognised here and sent to the log at debug level; everything else passes
 through.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 def one_line(e: BaseException) -> str:
   # Tensorstore messages run to pages of JSON specs; the head says enough.
@@ -41,6 +42,7 @@ def contain_failed_read_noise() -> None:
     return
   _noise_contained = True
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  thread_hook = threading.excepthook
 
   def on_exception(tp, value, tb):   # what tensorstore threads report
     if _is_failed_read_noise(value):
@@ -54,6 +56,12 @@ def contain_failed_read_noise() -> None:
     else:
       unraisablehook(u)
 
+  def on_thread_exception(args):     # a Python reader thread's failure
+    if _is_failed_read_noise(args.exc_value):
+      _debug_log(f"thread {args.thread!r}", args.exc_value)
+    else:
+      thread_hook(args)
+
   def asyncio_filter(record: logging.LogRecord) -> bool:
     e = record.exc_info[1] if record.exc_info else None
     if _is_failed_read_noise(e):
@@ -62,4 +70,5 @@ def contain_failed_read_noise() -> None:
     return True
 
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+  threading.excepthook = on_thread_exception
   logging.getLogger("asyncio").addFilter(asyncio_filter)
