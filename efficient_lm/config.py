@@ -81,12 +81,68 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingConfig:
-  kind: Literal["none"] = "none"
+  # "none": every token through every layer; "mod": mixture-of-depths
+  # (routed blocks process the top `capacity` of each sequence); "mor":
+  # mixture-of-recursions (shared layers applied `num_recursions` times, a
+  # router choosing each token's depth). METHODS.md sections 1 and 2.
+  kind: Literal["none", "mod", "mor"] = "none"
+  # --- mod
+  # Every `every`-th block is routed (2: every other block, the paper's
+  # best), the others dense.
+  every: int = 2
+  # Fraction of each sequence's tokens a routed block processes (top-k).
+  capacity: float = 0.125
+  # The causal decision used by evaluation and generation: "router_bce"
+  # (the router's own logit > 0, trained by a BCE aux loss towards top-k
+  # membership) or "mlp" (a small predictor on stop-gradient inputs).
+  predictor: Literal["router_bce", "mlp"] = "router_bce"
+  # --- shared by mod and mor
+  # Weight of the BCE loss teaching the causal decision top-k membership.
+  aux_loss_weight: float = 0.01
+  # Router z-loss weight (mean squared router logit); 0 = off.
+  router_z_loss: float = 0.0
+  # --- mor
+  num_recursions: int = 2
+  sharing: Literal["cycle", "sequence", "middle_cycle",
+                   "middle_sequence"] = "middle_cycle"
+  router: Literal["expert_choice", "token_choice"] = "expert_choice"
+  # Expert-choice capacity per recursion step; empty = (N_r - r + 1) / N_r.
+  capacities: tuple[float, ...] = ()
+  # Gate scale: g = alpha * sigmoid(z) (expert-choice).
+  alpha: float = 0.1
+  # token_choice load balancing: "aux_loss" (weight `balancing_weight`) or
+  # "loss_free" (a non-trainable per-depth bias moved by `bias_rate`).
+  balancing: Literal["aux_loss", "loss_free"] = "aux_loss"
+  balancing_weight: float = 0.1
+  bias_rate: float = 0.001
+  # How a selected token's state is updated (METHODS.md 1.2 step 5):
+  # "paper": H + g * Block(H) (the block's own residual included);
+  # "residual_delta": H + g * (Block(H) - H), the MoD form.
+  update: Literal["paper", "residual_delta"] = "paper"
+  # "recursion_wise": step r attends only among the tokens active at r;
+  # "recursive_sharing": the first step's keys/values serve every step.
+  kv: Literal["recursion_wise", "recursive_sharing"] = "recursion_wise"
+
+
+@dataclasses.dataclass(frozen=True)
+class FunnelConfig:
+  # funnel_encoder: layers per stage; the sequence is pooled by `factor`
+  # between stages, e.g. (12, 24) = compress once after layer 12 of 36.
+  # hourglass: (full-length, shortened, full-length) layers. The sum must
+  # equal model.num_layers.
+  stages: tuple[int, ...] = (1, 1)
+  factor: int = 2
+  # funnel_encoder: full-length layers of the upsampling decoder.
+  decoder_layers: int = 1
+  # funnel_encoder: also return one mean-pooled vector per document.
+  embedding_head: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  kind: Literal["decoder"] = "decoder"
+  # "decoder": causal LM; "funnel_encoder": bidirectional, pooled through
+  # depth, with an upsampling decoder; "hourglass": causal funnel decoder.
+  kind: Literal["decoder", "funnel_encoder", "hourglass"] = "decoder"
   num_layers: int = 2
   embed_dim: int = 128
   num_heads: int = 4
@@ -105,6 +161,7 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   attention: AttentionConfig = AttentionConfig()
   routing: RoutingConfig = RoutingConfig()
+  funnel: FunnelConfig = FunnelConfig()
 
   @property
   def resolved_head_dim(self) -> int:
@@ -130,7 +187,10 @@ class DataConfig:
 class TrainConfig:
   # Training objective (efficient_lm/training/losses.py): "next_token" =
   # cross-entropy of each next token over non-padding positions.
-  objective: Literal["next_token"] = "next_token"
+  objective: Literal["next_token", "mlm"] = "next_token"
+  # mlm: fraction of non-padding tokens corrupted (BERT 80/10/10: mask id,
+  # random token, unchanged); the loss counts corrupted positions only.
+  mlm_rate: float = 0.15
   steps: int = 300
   batch_size: int = 16
   seed: int = 0
@@ -408,6 +468,8 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     raise ConfigError(
       f"head_dim={m.resolved_head_dim} must be even for RoPE")
   _validate_attention(m.attention, m.num_layers)
+  _validate_routing(m)
+  _validate_funnel(cfg)
   if ("block_sparse" in m.attention.pattern_kinds
       and m.attention.max_len < d.seq_len):
     raise ConfigError(
@@ -444,6 +506,23 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     raise ConfigError(
       f"mesh data*fsdp*tensor={mesh.data}*{mesh.fsdp}*{mesh.tensor}="
       f"{mesh.size} does not match the {device_count} available devices")
+
+
+def _validate_routing(m: ModelConfig) -> None:
+  """model.routing (MoD / MoR) against the model it routes."""
+  if m.routing.kind != "none":
+    raise ConfigError(
+      f"model.routing.kind={m.routing.kind!r} is not implemented yet")
+
+
+def _validate_funnel(cfg: Config) -> None:
+  """model.kind funnel_encoder / hourglass, model.funnel and the objective."""
+  m = cfg.model
+  if m.kind != "decoder":
+    raise ConfigError(f"model.kind={m.kind!r} is not implemented yet")
+  if cfg.train.objective != "next_token":
+    raise ConfigError(
+      f"train.objective={cfg.train.objective!r} is not implemented yet")
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -94,7 +94,7 @@ class Generator:
       pos_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1],
                                            dtype=jnp.int32), tokens_BL.shape)
       seg_BL = (pos_BL < lens_B[:, None]).astype(jnp.int32)
-      logits_BLV, _ = model(tokens_BL, pos_BL, seg_BL)
+      logits_BLV, _ = model(tokens_BL, pos_BL, seg_BL, causal_routing=True)
       return _last(logits_BLV, lens_B)
 
     self._prefill = jax.jit(wrap(prefill), donate_argnums=1)

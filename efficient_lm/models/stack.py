@@ -167,7 +167,8 @@ class Stack(nnx.Module):
       nnx.update(stacks[n], st)
     return x_BTD, auxes, new_caches
 
-  def __call__(self, x_BTD, pos_BT, seg_BT):
+  def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
+    del causal_routing  # no routed blocks yet
     auxes = []
     for i, seg in enumerate(self.segments):
       x_BTD, seg_auxes, _ = self._run_segment(

@@ -99,9 +99,13 @@ class Decoder(nnx.Module):
     self.head_DV = None if cfg.tie_embeddings else param(
       rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
 
-  def __call__(self, tokens_BT, pos_BT, seg_BT):
+  def __call__(self, tokens_BT, pos_BT, seg_BT, *, causal_routing=False):
+    """`causal_routing`: routed layers (MoD / MoR) decide per token from
+    its own router output (evaluation, generation) instead of top-k over
+    the sequence (training); with it the model is strictly causal."""
     x_BTD = self.embed(tokens_BT, self.dtype)
-    x_BTD, aux = self.stack(x_BTD, pos_BT, seg_BT)
+    x_BTD, aux = self.stack(x_BTD, pos_BT, seg_BT,
+                            causal_routing=causal_routing)
     return self._logits(x_BTD), aux
 
   def init_cache(self, batch: int, max_len: int) -> dict:
@@ -119,7 +123,8 @@ class Decoder(nnx.Module):
 
   def step(self, tokens_BT, pos_BT, seg_BT, cache):
     """The forward over T new tokens that also extends `cache`:
-    (logits_BTV, aux, cache). Prefill is a step on an empty cache."""
+    (logits_BTV, aux, cache). Prefill is a step on an empty cache.
+    Routing is always causal here."""
     x_BTD = self.embed(tokens_BT, self.dtype)
     x_BTD, aux, cache = self.stack.step(x_BTD, pos_BT, seg_BT, cache)
     return self._logits(x_BTD), aux, cache

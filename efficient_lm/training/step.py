@@ -24,11 +24,14 @@ Batch = dict[str, jax.Array]
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: Any, model_state: Any,
-            batch: Batch, objective: Objective):
-  """-> (loss, (objective metrics, model aux, updated model_state))."""
+            batch: Batch, objective: Objective, *,
+            causal_routing: bool = False):
+  """-> (loss, (objective metrics, model aux, updated model_state)).
+  Training routes by top-k; evaluation passes `causal_routing=True`."""
   model = nnx.merge(graphdef, params, model_state)
   logits_BTV, aux = model(batch["inputs"], batch["positions"],
-                          batch["segment_ids"])
+                          batch["segment_ids"],
+                          causal_routing=causal_routing)
   loss, metrics = objective(logits_BTV, batch, aux)
   new_model_state = nnx.to_pure_dict(nnx.state(model, ModelState))
   return loss, (metrics, aux, new_model_state)
@@ -70,7 +73,7 @@ def make_eval_step(graphdef: nnx.GraphDef,
 
   def eval_step(params, model_state, batch: Batch):
     _, (obj, aux, _) = loss_fn(graphdef, params, model_state, batch,
-                               objective)
+                               objective, causal_routing=True)
     return {"nll_sum": obj["ce"] * obj["tokens"], "tokens": obj["tokens"],
             "aux": aux}
 
