@@ -517,12 +517,60 @@ def _validate_routing(m: ModelConfig) -> None:
 
 def _validate_funnel(cfg: Config) -> None:
   """model.kind funnel_encoder / hourglass, model.funnel and the objective."""
-  m = cfg.model
-  if m.kind != "decoder":
+  m, t = cfg.model, cfg.train
+  if m.kind == "hourglass":
     raise ConfigError(f"model.kind={m.kind!r} is not implemented yet")
-  if cfg.train.objective != "next_token":
+  if t.objective == "mlm" and m.kind != "funnel_encoder":
     raise ConfigError(
-      f"train.objective={cfg.train.objective!r} is not implemented yet")
+      f"train.objective='mlm' needs a bidirectional model "
+      f"(model.kind='funnel_encoder'); model.kind={m.kind!r} is causal")
+  if t.objective == "next_token" and m.kind == "funnel_encoder":
+    raise ConfigError(
+      "train.objective='next_token' with model.kind='funnel_encoder': a "
+      "bidirectional model sees the tokens it predicts; use "
+      "train.objective='mlm'")
+  if t.objective == "mlm":
+    if not 0 < t.mlm_rate <= 1:
+      raise ConfigError(
+        f"train.mlm_rate={t.mlm_rate}: expected 0 < x <= 1")
+    # The byte tokenizer's mask id is 259, one past its vocabulary
+    # (data/tokenizers.py); other tokenizers are checked once built.
+    if cfg.data.tokenizer == "byte" and m.vocab_size < 260:
+      raise ConfigError(
+        f"model.vocab_size={m.vocab_size} does not cover the byte "
+        "tokenizer's mask id 259 (train.objective='mlm'): expected >= 260")
+  if m.kind != "funnel_encoder":
+    return
+  f = m.funnel
+  if not f.stages or any(n <= 0 for n in f.stages):
+    raise ConfigError(
+      f"model.funnel.stages={f.stages}: expected one or more positive "
+      "layer counts")
+  if sum(f.stages) != m.num_layers:
+    raise ConfigError(
+      f"model.funnel.stages={f.stages} sum to {sum(f.stages)}, not "
+      f"model.num_layers={m.num_layers}")
+  _positive("model.funnel.factor", f.factor)
+  if f.decoder_layers < 0:
+    raise ConfigError(
+      f"model.funnel.decoder_layers={f.decoder_layers}: expected >= 0")
+  stride = f.factor ** (len(f.stages) - 1)
+  if cfg.data.seq_len % stride:
+    raise ConfigError(
+      f"data.seq_len={cfg.data.seq_len} is not divisible by "
+      f"model.funnel.factor**(stages-1)={f.factor}**{len(f.stages) - 1}="
+      f"{stride}")
+  kinds = m.attention.pattern_kinds
+  if "block_sparse" in kinds:
+    raise ConfigError(
+      "model.attention 'block_sparse' with model.kind='funnel_encoder' is "
+      "not supported (its random-block table is drawn over unpooled "
+      "positions)")
+  if "tglobal" in kinds and m.attention.tglobal_block % stride:
+    raise ConfigError(
+      f"model.attention.tglobal_block={m.attention.tglobal_block} is not a "
+      f"multiple of the deepest funnel stride {stride} (a pooled row "
+      "stands for that many positions)")
 
 
 def _validate_train(t: TrainConfig) -> None:

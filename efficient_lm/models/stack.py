@@ -51,6 +51,10 @@ class LayerSpec:
   # and the funnel stage (sequence length = seq_len / factor**stage).
   routed: bool = False
   stage: int = 0
+  # Funnel encoder: the first layer of a pooled stage, whose queries are
+  # pooled and whose keys / values are the previous stage's sequence
+  # (models/funnel.py).
+  pool_query: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

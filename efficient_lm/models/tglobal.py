@@ -42,6 +42,13 @@ the current partial block. A step treats that partial block as one extra
 input row standing for its tokens, so a block that completes during the
 step is summarised exactly as in the full forward.
 
+Funnel encoder (models/funnel.py): in a pooled stage each row stands for
+`stride` = factor**stage positions, so a row weighs `stride` tokens and a
+block of tglobal_block positions is complete when its rows cover it
+(config: tglobal_block a multiple of every stage's stride). The first
+layer of a pooled stage passes pooled queries and `kv` = the previous
+stage's rows (bidirectional only): summaries come from the keys' side.
+
 Inside a routed (MoD / MoR) block only blocks whose k tokens were all
 routed would be summarised (METHODS.md §7.2); that composition is not
 supported yet.
@@ -156,7 +163,8 @@ class TGlobalAttention(Attention):
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, rope_theta: float, cfg: AttentionConfig,
                causal: bool, rngs: nnx.Rngs, param_dtype, out_std: float,
-               norm_eps: float, scale: float | None = None):
+               norm_eps: float, scale: float | None = None,
+               stride: int = 1):
     if cfg.kind != "tglobal":
       raise ValueError(f"TGlobalAttention needs attention.kind='tglobal', "
                        f"got {cfg.kind!r}")
@@ -170,20 +178,24 @@ class TGlobalAttention(Attention):
     self.cfg = cfg
     self.block = cfg.tglobal_block
     self.causal = causal
+    self.stride = stride
 
   def num_slots(self, seq_len: int) -> int:
     """Summary keys of a call over seq_len tokens (module docstring)."""
-    return seq_len // self.block
+    return seq_len * self.stride // self.block
 
   def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
-    if kv is not None:
-      raise ValueError("TGlobalAttention is self-attention only; got kv "
-                       "tokens (pass kv=None)")
-    g = self.summaries(q)
-    q_BTHK, k_BSGK, v_BSGK = self._project(q, _cat(q, g))
+    """Self-attention; in a bidirectional layer `kv` may be another
+    sequence (pooled queries), whose blocks give the summaries."""
+    if kv is not None and self.causal:
+      raise ValueError("causal TGlobalAttention is self-attention only; got "
+                       "kv tokens (pass kv=None)")
+    kv = q if kv is None else kv
+    g = self.summaries(kv)
+    q_BTHK, k_BSGK, v_BSGK = self._project(q, _cat(kv, g))
     return self._attend(q_BTHK, k_BSGK, v_BSGK, q.pos_BT,
-                        jnp.concatenate([q.pos_BT, g.pos_BT], 1), q.seg_BT,
-                        jnp.concatenate([q.seg_BT, g.seg_BT], 1),
+                        jnp.concatenate([kv.pos_BT, g.pos_BT], 1), q.seg_BT,
+                        jnp.concatenate([kv.seg_BT, g.seg_BT], 1),
                         num_summaries=g.x_BTD.shape[1])
 
   def summaries(self, q: Tokens) -> Tokens:
@@ -191,7 +203,8 @@ class TGlobalAttention(Attention):
     their positions and segments, [B, num_slots(T), D]."""
     n = self.num_slots(q.x_BTD.shape[1])
     s = summary_slots(q.pos_BT, q.seg_BT, block=self.block,
-                      causal=self.causal, num_slots=n)
+                      causal=self.causal, num_slots=n,
+                      weight_BT=jnp.full(q.pos_BT.shape, self.stride))
     g_BND = self.summary_norm(summary_sums(q.x_BTD, s.slot_BT, n))
     return Tokens(g_BND.astype(q.x_BTD.dtype), s.pos_BN, s.seg_BN)
 

@@ -42,7 +42,11 @@ def make_attention(cfg: ModelConfig, spec: stack.LayerSpec, *,
   if a.projection == "mla":
     return MLAttention(**kwargs, norm_eps=cfg.norm_eps)
   if a.kind == "tglobal":
-    return TGlobalAttention(**kwargs, norm_eps=cfg.norm_eps)
+    # A funnel's pooled rows stand for factor**stage positions (of the
+    # keys' stage: the previous one in a pool-query layer).
+    stride = (cfg.funnel.factor ** (spec.stage - spec.pool_query)
+              if cfg.kind == "funnel_encoder" else 1)
+    return TGlobalAttention(**kwargs, norm_eps=cfg.norm_eps, stride=stride)
   return Attention(**kwargs)
 
 
@@ -143,6 +147,9 @@ class Decoder(nnx.Module):
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.kind == "decoder":
     return Decoder(cfg, rngs)
+  if cfg.kind == "funnel_encoder":
+    from efficient_lm.models import funnel  # funnel imports this module
+    return funnel.FunnelEncoder(cfg, rngs)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
 
 
@@ -150,4 +157,7 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
   """The layer plan of the model `build(cfg)` makes (for FLOPs)."""
   if cfg.kind == "decoder":
     return stack.layer_plan(cfg, causal=True)
+  if cfg.kind == "funnel_encoder":
+    from efficient_lm.models import funnel  # funnel imports this module
+    return funnel.layer_plan(cfg)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
