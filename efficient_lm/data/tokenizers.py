@@ -2,6 +2,12 @@
 
 All three share one small interface:
   vocab_size, pad_id / bos_id / eos_id (None when the vocabulary has none),
+  mask_id: the MLM mask token (train.objective='mlm'), for every tokenizer
+  the first id past its vocabulary (byte 259, char len(chars),
+  SentencePiece its piece count): no text encodes to it, the model's
+  vocabulary must cover it (model.vocab_size > mask_id), it is never a
+  target, and decode shows it as U+FFFD (SentencePiece: its unknown
+  piece), like any id past the vocabulary;
   encode(str | bytes) -> list[int], decode(ids) -> str, and
   encode_array(data: bytes, name) -> int32 array, the fast path the pipeline
   uses; `name` (a file, or file:line) goes into error messages;
@@ -32,6 +38,7 @@ _REPLACEMENT = "\ufffd"
 
 class Tokenizer(Protocol):
   vocab_size: int
+  mask_id: int
   pad_id: Optional[int]
   bos_id: Optional[int]
   eos_id: Optional[int]
@@ -60,12 +67,15 @@ def _decode_utf8(data: bytes, name: str, tokenizer: str) -> str:
 
 
 class ByteTokenizer:
-  """UTF-8 bytes 0..255, then pad 256, bos 257, eos 258 (vocab 259)."""
+  """UTF-8 bytes 0..255, then pad 256, bos 257, eos 258 (vocab 259); the
+  MLM mask id 259 is past the vocabulary (module docstring), so saved
+  tokenizers and decoders trained before it keep their 259 ids."""
 
   vocab_size = 259
   pad_id = 256
   bos_id = 257
   eos_id = 258
+  mask_id = 259
 
   def encode(self, text: str | bytes) -> list[int]:
     return self.encode_array(_as_bytes(text), "<input>").tolist()
@@ -101,6 +111,7 @@ class CharTokenizer:
       raise DataError("char tokenizer: the text has no characters")
     self.chars = "".join(sorted(set(chars)))
     self.vocab_size = len(self.chars)
+    self.mask_id = self.vocab_size
     self._codepoints_V = _codepoints(self.chars)
 
   @classmethod
@@ -170,6 +181,7 @@ class SentencePieceTokenizer:
       raise DataError(f"{model_path}: not a SentencePiece model "
                       f"({str(e).strip().splitlines()[0]})") from None
     self.vocab_size = int(self._sp.get_piece_size())
+    self.mask_id = self.vocab_size
     # SentencePiece says -1 for "not defined".
     as_id = lambda i: None if i < 0 else int(i)
     self.pad_id = as_id(self._sp.pad_id())

@@ -56,15 +56,19 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, devices=None, *,
-                  build_model: Callable = models.build) -> Trainer:
+                  build_model: Callable = models.build,
+                  mask_id: int | None = None) -> Trainer:
   """Model, shardings and jitted steps; no data and no I/O.
 
   `build_model(model_cfg, rngs)` makes the model (tests pass their own).
+  `mask_id`: the tokenizer's (train.objective='mlm'); None builds the
+  tokenizer of `cfg.data` to read it (the one I/O here, mlm only).
   """
   mesh = sharding.make_mesh(cfg.mesh, devices)
   # One seed, split once (DESIGN contract 6). Dropout / routing keys are
   # reserved for the models that use them.
-  k_params, k_data, _k_dropout, _k_routing = jax.random.split(
+  # The dropout key corrupts MLM batches (training/step.py).
+  k_params, k_data, k_noise, _k_routing = jax.random.split(
     jax.random.key(cfg.train.seed), 4)
   data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
 
@@ -77,8 +81,12 @@ def build_trainer(cfg: Config, devices=None, *,
     cfg.train, decay_mask=optim.decay_mask(
       abstract_params, decay_embeddings=cfg.train.decay_embeddings))
   schedule = optim.schedule(cfg.train)
+  if cfg.train.objective == "mlm" and mask_id is None:
+    mask_id = make_tokenizer(cfg).mask_id
   objective = losses.make_objective(cfg.train.objective,
-                                    z_loss=cfg.train.z_loss)
+                                    z_loss=cfg.train.z_loss,
+                                    mlm_rate=cfg.train.mlm_rate,
+                                    mask_id=mask_id)
 
   def init_fn():
     _, params, model_state = nnx.split(make_model(), nnx.Param,
@@ -104,7 +112,7 @@ def build_trainer(cfg: Config, devices=None, *,
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
     sharding.under_mesh(mesh, step_lib.make_train_step(
-      graphdef, optimizer, schedule, objective)),
+      graphdef, optimizer, schedule, objective, noise_key=k_noise)),
     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
     donate_argnums=(0,))
   eval_step = jax.jit(
@@ -127,6 +135,11 @@ def make_tokenizer(cfg: Config):
     raise ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
       f"{cfg.data.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+  if cfg.train.objective == "mlm" and tok.mask_id >= cfg.model.vocab_size:
+    raise ConfigError(
+      f"model.vocab_size={cfg.model.vocab_size} does not cover the "
+      f"{cfg.data.tokenizer!r} tokenizer's mask id {tok.mask_id} "
+      f"(train.objective='mlm'): expected > {tok.mask_id}")
   return tok
 
 
@@ -206,7 +219,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
          build_model) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   tok = make_tokenizer(cfg)
-  t = build_trainer(cfg, build_model=build_model)
+  t = build_trainer(cfg, build_model=build_model, mask_id=tok.mask_id)
   train_it = make_iterator(t, tok, "train")
   # data.eval_fraction=0 means no held-out data: evaluation is skipped.
   eval_it = (make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0

@@ -6,6 +6,12 @@ models), "opt_state": optax state, "step": int32}. The model graph (nnx
 GraphDef) is static and closed over, so `train_step(state, batch) ->
 (state, metrics)` is one pure function that `jax.jit` compiles once with
 declared shardings and donation.
+
+Objectives with a `corrupt(key, batch)` method (MLM) corrupt the batch
+inside the step: training from `fold_in(noise_key, step)`, so a resumed run
+draws exactly the corruption the uninterrupted one would; evaluation from
+a fixed key folded with a hash of the batch's tokens, the same for every
+evaluation of the same batch (and every seed and mesh).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -21,6 +28,24 @@ from efficient_lm.training.losses import Objective
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+
+# The evaluation corruption's key (objectives with `corrupt`).
+EVAL_NOISE_SEED = 0
+
+
+def _corrupted(objective: Objective, key: jax.Array, batch: Batch) -> Batch:
+  corrupt = getattr(objective, "corrupt", None)
+  return batch if corrupt is None else corrupt(key, batch)
+
+
+def _batch_hash(batch: Batch) -> jax.Array:
+  """A uint32 of the batch's tokens and where they sit (wrapping sums:
+  exact, so every mesh agrees)."""
+  tokens_BT = batch["inputs"].astype(jnp.uint32)
+  weight_T = jnp.arange(1, tokens_BT.shape[1] + 1, dtype=jnp.uint32)
+  row_B = jnp.arange(1, tokens_BT.shape[0] + 1, dtype=jnp.uint32)
+  return jnp.sum(tokens_BT * weight_T[None] * (row_B[:, None] * 40503 + 1),
+                 dtype=jnp.uint32)
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: Any, model_state: Any,
@@ -40,9 +65,16 @@ def loss_fn(graphdef: nnx.GraphDef, params: Any, model_state: Any,
 def make_train_step(graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule,
-                    objective: Objective) -> Callable[[State, Batch], tuple]:
+                    objective: Objective, *,
+                    noise_key: jax.Array | None = None
+                    ) -> Callable[[State, Batch], tuple]:
+  """`noise_key`: the run's key for batch corruption (MLM)."""
+  if noise_key is None:
+    noise_key = jax.random.key(0)
 
   def train_step(state: State, batch: Batch):
+    batch = _corrupted(objective, jax.random.fold_in(noise_key,
+                                                     state["step"]), batch)
     grad_fn = jax.value_and_grad(
       lambda p: loss_fn(graphdef, p, state["model_state"], batch, objective),
       has_aux=True)
@@ -72,6 +104,9 @@ def make_eval_step(graphdef: nnx.GraphDef,
   `aux` entries (per batch; the caller averages them over batches)."""
 
   def eval_step(params, model_state, batch: Batch):
+    key = jax.random.fold_in(jax.random.key(EVAL_NOISE_SEED),
+                             _batch_hash(batch))
+    batch = _corrupted(objective, key, batch)
     _, (obj, aux, _) = loss_fn(graphdef, params, model_state, batch,
                                objective, causal_routing=True)
     return {"nll_sum": obj["ce"] * obj["tokens"], "tokens": obj["tokens"],
