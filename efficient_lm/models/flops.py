@@ -13,9 +13,20 @@ conventions, side by side:
 
 Training is 3x forward (backward = 2x); rematerialisation is not counted
 (model FLOPs, as MFU requires).
+
+Funnel encoders: a layer of stage s runs T / f**s queries, and its keys are
+at the same length except in a pool-query layer (the previous stage's);
+FLOPs per *input* token weigh each layer's query-side terms (q and output
+projections, MLP, scores) by its query count and the key-side ones (k, v
+projections) by its key count, over T. Pooled rows sit f**s positions
+apart, so windows, global prefixes and TGlobal blocks (in positions) cover
+f**s times fewer rows there (`_in_rows`). Pooling and upsampling are means
+and copies: no matmul FLOPs.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Any
 
@@ -103,26 +114,43 @@ def _head_dims(cfg: ModelConfig, spec: stack.LayerSpec) -> tuple[int, int]:
   return k, k
 
 
-def _attention_core(cfg: ModelConfig, spec: stack.LayerSpec, seq_len: int,
-                    convention: str) -> float:
-  """QK^T and PV per query token."""
-  qk, v = _head_dims(cfg, spec)
-  keys = (seq_len if convention == "dense_tile" else
-          float(visible_keys(spec, seq_len).mean()))
-  return 2.0 * cfg.num_heads * (qk + v) * keys
-
-
-def _attention_proj(cfg: ModelConfig, spec: stack.LayerSpec) -> float:
+def _attention_proj_split(cfg: ModelConfig, spec: stack.LayerSpec
+                          ) -> tuple[float, float]:
+  """(per query token: q and output projections, per key token: k, v)."""
   d, h, g, k = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
                 cfg.resolved_head_dim)
   if spec.attention.projection != "mla":
-    return 2.0 * (d * h * k * 2 + d * g * k * 2)    # q, o  +  k, v
+    return 2.0 * d * h * k * 2, 2.0 * d * g * k * 2   # q, o  |  k, v
   c, q, r, n, e = mla.resolve_dims(spec.attention, k)
   query = d * q + q * h * (n + r) if q else d * h * (n + r)
   # Training's naive form: every token's latent is decompressed into the
   # keys and values of all heads (c -> k_nope, v); the shared rope key is
   # projected once.
-  return 2.0 * (query + d * (c + r) + c * h * (n + e) + h * e * d)
+  return 2.0 * (query + h * e * d), 2.0 * (d * (c + r) + c * h * (n + e))
+
+
+def _attention_proj(cfg: ModelConfig, spec: stack.LayerSpec) -> float:
+  return sum(_attention_proj_split(cfg, spec))
+
+
+def _strides(cfg: ModelConfig, spec: stack.LayerSpec) -> tuple[int, int]:
+  """Positions per query row and per key row of a layer (funnel stages)."""
+  if cfg.kind != "funnel_encoder":
+    return 1, 1
+  f = cfg.funnel.factor
+  return f ** spec.stage, f ** (spec.stage - spec.pool_query)
+
+
+def _in_rows(spec: stack.LayerSpec, stride: int) -> stack.LayerSpec:
+  """The spec with its position extents counted in rows `stride`
+  positions apart (the same masks on positions 0, stride, 2 stride...)."""
+  a = spec.attention
+  if stride == 1:
+    return spec
+  return dataclasses.replace(spec, attention=dataclasses.replace(
+    a, window=(a.window - 1) // stride + 1,
+    num_global=-(-a.num_global // stride),
+    tglobal_block=max(a.tglobal_block // stride, 1)))
 
 
 def _mlp(cfg: ModelConfig) -> float:
@@ -137,10 +165,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
            "attention_dense_tile": 0.0, "attention_visible": 0.0,
            "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
   for spec in plan:
-    terms["attention_proj"] += _attention_proj(cfg, spec)
-    terms["mlp"] += _mlp(cfg)
-    for conv in ("dense_tile", "visible"):
-      terms[f"attention_{conv}"] += _attention_core(cfg, spec, seq_len, conv)
+    sq, sk = _strides(cfg, spec)
+    nq, nk = seq_len // sq, seq_len // sk       # query rows, key rows
+    per_q, per_k = _attention_proj_split(cfg, spec)
+    terms["attention_proj"] += (nq * per_q + nk * per_k) / seq_len
+    terms["mlp"] += nq * _mlp(cfg) / seq_len
+    qk, v = _head_dims(cfg, spec)
+    # A pool-query layer's query i sits where key row i * (sq // sk) does.
+    keys = visible_keys(_in_rows(spec, sk), nk)[::sq // sk]
+    terms["attention_dense_tile"] += (
+      nq * 2.0 * cfg.num_heads * (qk + v) * nk / seq_len)
+    terms["attention_visible"] += (
+      nq * 2.0 * cfg.num_heads * (qk + v) * float(keys.mean()) / seq_len)
   shared = terms["attention_proj"] + terms["mlp"] + terms["lm_head"]
   forward = shared + terms["attention_dense_tile"]
   forward_visible = shared + terms["attention_visible"]
