@@ -120,9 +120,9 @@ def _blocks(st: stack.Stack):
 
 @pytest.fixture(scope="module")
 def factor_one():
-  cfg = _cfg(**{"model.num_layers": 3, "model.funnel.stages": (2, 1),
+  cfg = _cfg(**{"model.num_layers": 2, "model.funnel.stages": (1, 1),
                 "model.funnel.factor": 1, "model.funnel.decoder_layers": 1,
-                "model.attention.pattern": "dense,sliding_window,tglobal",
+                "model.attention.pattern": "sliding_window,tglobal",
                 "model.attention.window": 5,
                 "model.attention.tglobal_block": 4})
   return models.build(cfg.model, nnx.Rngs(params=0))
@@ -219,11 +219,35 @@ def test_bidirectional_but_documents_do_not_leak(packed_model):
   assert np.abs(np.asarray(fwd(late, pos, seg))[0, 5] - base[0, 5]).max() > 0
 
 
+def test_tglobal_in_a_pooled_stage_summarises_its_blocks():
+  """Pooled rows stand for f**s positions: a block of 8 positions holds 4
+  rows at stride 2 and is complete, so a row sees a far row of its
+  document (outside the window) through the block summaries."""
+  from efficient_lm.models.transformer import make_attention
+  cfg = _cfg(**{"model.num_layers": 3, "model.funnel.stages": (1, 2),
+                "model.attention.kind": "tglobal",
+                "model.attention.window": 3,
+                "model.attention.tglobal_block": 8})
+  spec = funnel.layer_plan(cfg.model)[2]
+  assert (spec.stage, spec.pool_query) == (1, False)
+  attn = make_attention(cfg.model, spec, rngs=nnx.Rngs(0), out_std=0.02)
+  n = 16
+  pos = jnp.arange(n)[None] * 2
+  seg = jnp.ones_like(pos)
+  x = jax.random.normal(jax.random.key(0), (1, n, 64))
+  g = attn.summaries(Tokens(x, pos, seg))
+  assert int((g.seg_BT > 0).sum()) == 2 * n // 8
+  base = attn(Tokens(x, pos, seg))
+  far = attn(Tokens(x.at[:, 12].add(1.0), pos, seg))
+  assert float(jnp.abs(far[0, 0] - base[0, 0]).max()) > 1e-4
+
+
 def test_embed_documents_is_the_per_document_mean(packed_model):
   m, _ = packed_model
   tokens, pos, seg = map(jnp.asarray, _packed())
-  got = np.asarray(jax.jit(m.embed_documents)(tokens, pos, seg))
-  last = jax.jit(lambda *a: m.encode(*a)[1])(tokens, pos, seg)
+  got, last = jax.jit(lambda *a: (m.embed_documents(*a), m.encode(*a)[1]))(
+    tokens, pos, seg)
+  got = np.asarray(got)
   x, s = np.asarray(last.x_BTD, np.float64), np.asarray(last.seg_BT)
   scale = np.asarray(m.doc_norm.scale[...])
   for r in range(2):
