@@ -205,6 +205,3 @@ class FunnelEncoder(nnx.Module):
                           preferred_element_type=jnp.float32)
     return constrain(logits, BTV)
 
-  def max_positions(self) -> int | None:
-    return None
-
