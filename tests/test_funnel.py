@@ -164,28 +164,42 @@ def test_pool_query_layer_is_dense_attention_with_pooled_queries(kind):
   blk = Block(cfg.model, spec, nnx.Rngs(params=1))
   _, pos, seg = _packed()
   x = jax.random.normal(jax.random.key(2), (2, T, 64))
-  kv = Tokens(x, jnp.asarray(pos), jnp.asarray(seg))
-  q = funnel.pool(kv, 2)
-  got = jax.jit(lambda q, kv: funnel.pool_query_call(blk, q, kv))(q, kv)
-  # Reference: one dense masked softmax over every (pooled query, key).
-  a = blk.attn
-  hq, hk = blk.attn_norm(q.x_BTD), blk.attn_norm(kv.x_BTD)
-  qh = rope(jnp.einsum("BTD,DHK->BTHK", hq, a.q_DHK[...]), q.pos_BT, 1e4)
-  kh = rope(jnp.einsum("BSD,DGK->BSGK", hk, a.k_DGK[...]), kv.pos_BT, 1e4)
-  vh = jnp.einsum("BSD,DGK->BSGK", hk, a.v_DGK[...])
-  rep = qh.shape[2] // kh.shape[2]
-  kh, vh = jnp.repeat(kh, rep, 2), jnp.repeat(vh, rep, 2)
-  s = jnp.einsum("BTHK,BSHK->BHTS", qh, kh) / np.sqrt(qh.shape[-1])
-  ok = ((q.seg_BT[:, :, None] == kv.seg_BT[:, None, :])
-        & (q.seg_BT[:, :, None] > 0))
-  if kind == "sliding_window":
-    ok &= jnp.abs(q.pos_BT[:, :, None] - kv.pos_BT[:, None, :]) <= 5
-  s = jnp.where(ok[:, None], s, -jnp.inf)
-  w = jnp.nan_to_num(jax.nn.softmax(s, axis=-1))
-  o = jnp.einsum("BHTS,BSHK->BTHK", w, vh)
-  y = q.x_BTD + jnp.einsum("BTHK,HKD->BTD", o, a.o_HKD[...])
-  want = y + blk.mlp(blk.mlp_norm(y))
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+
+  def ours(x):
+    kv = Tokens(x, pos, seg)
+    return funnel.pool_query_call(blk, funnel.pool(kv, 2), kv)
+
+  def reference(x):
+    """One dense masked softmax over every (pooled query, key)."""
+    kv = Tokens(x, pos, seg)
+    q = funnel.pool(kv, 2)
+    a = blk.attn
+    hq, hk = blk.attn_norm(q.x_BTD), blk.attn_norm(kv.x_BTD)
+    qh = rope(jnp.einsum("BTD,DHK->BTHK", hq, a.q_DHK[...]), q.pos_BT, 1e4)
+    kh = rope(jnp.einsum("BSD,DGK->BSGK", hk, a.k_DGK[...]), kv.pos_BT,
+              1e4)
+    vh = jnp.einsum("BSD,DGK->BSGK", hk, a.v_DGK[...])
+    rep = qh.shape[2] // kh.shape[2]
+    kh, vh = jnp.repeat(kh, rep, 2), jnp.repeat(vh, rep, 2)
+    s = jnp.einsum("BTHK,BSHK->BHTS", qh, kh) / np.sqrt(qh.shape[-1])
+    ok = ((q.seg_BT[:, :, None] == kv.seg_BT[:, None, :])
+          & (q.seg_BT[:, :, None] > 0))
+    if kind == "sliding_window":
+      ok &= jnp.abs(q.pos_BT[:, :, None] - kv.pos_BT[:, None, :]) <= 5
+    s = jnp.where(ok[:, None], s, -1e30)
+    # Rows with no key (pooled padding) give zeros.
+    w = jax.nn.softmax(s, axis=-1) * ok.any(-1)[:, None, :, None]
+    o = jnp.einsum("BHTS,BSHK->BTHK", w, vh)
+    y = q.x_BTD + jnp.einsum("BTHK,HKD->BTD", o, a.o_HKD[...])
+    return y + blk.mlp(blk.mlp_norm(y))
+
+  np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(reference)(x),
+                             atol=2e-5, rtol=0)
+  r = jax.random.normal(jax.random.key(3), (2, T // 2, 64))
+  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * r)))(x)
+  np.testing.assert_allclose(grad(ours), grad(reference), atol=1e-4,
+                             rtol=0)
 
 
 @pytest.fixture(scope="module")
