@@ -234,6 +234,23 @@ def test_prefill_then_decode_equals_forward(overrides, prompts):
                                rtol=0, err_msg=f"prompt of {p}")
 
 
+def test_shortened_layers_cache_one_row_per_group(models):
+  model, _ = models
+  max_len, p = 14, 9
+  cache = model.init_cache(1, max_len)
+  slots = lambda c: c["segment_0"][0]["pos"].shape[-1]
+  assert slots(cache["pre"]) == max_len
+  assert slots(cache["short"]) == -(-max_len // K)
+  tok = jnp.arange(p, dtype=jnp.int32)[None]
+  _, cache = _stepper(model)(tok, _positions(1, p), jnp.ones((1, p),
+                                                             jnp.int32), cache)
+  rows = cache["short"]["segment_0"][0]
+  np.testing.assert_array_equal(rows["pos"][0, 0], [0, 4, 8, 0])
+  np.testing.assert_array_equal(rows["seg"][0, 0], [1, 1, 1, 0])
+  per_token = model.cache_bytes_per_token()
+  assert per_token[1] * K == per_token[0]
+
+
 def test_greedy_with_cache_equals_recompute():
   """Rows of different lengths complete their groups at different steps."""
   model = build(_cfg().model, nnx.Rngs(0))

@@ -39,10 +39,11 @@ also keeps a rolling buffer of the last k pre-layer outputs h (to pool the
 group that completes) and the newest upsampled update (reused for the k - 1
 positions after its slot). A step over T > 1 tokens is a prefill on an
 empty cache with index == position (generate.py's prefill); T == 1 is a
-decode step at any position. The shortened layers' caches are laid out by
-position like any layer's (a slot at position jk in row jk), so they hold
-max_len rows of which one in k is used: the saving is in compute, not yet
-in cache memory.
+decode step at any position, and the shortened layers run in it only when
+some row completes a group. Their full caches have ceil(max_len / k) rows
+(the slot at position jk in row j: `Attention.cache_stride`); a sliding-
+window kind keeps its rolling buffer of `window` rows keyed by position,
+of which about window / k hold slots.
 """
 
 from __future__ import annotations
@@ -127,12 +128,18 @@ class Hourglass(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
                        param_dtype=pdt)
 
-    def make(specs):
-      return stack.Stack(specs, lambda spec, r: block(cfg, spec, r),
-                         rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat)
+    def make(specs, stride=1):
+      def make_block(spec, r):
+        blk = block(cfg, spec, r)
+        if stride > 1 and hasattr(blk, "attn"):
+          # Slots sit `stride` positions apart: one full-cache row each.
+          blk.attn.cache_stride = stride
+        return blk
+      return stack.Stack(specs, make_block, rngs=rngs, scan=cfg.scan_layers,
+                         remat=cfg.remat)
 
     self.pre = make(plan[:pre])
-    self.short = make(plan[pre:pre + short])
+    self.short = make(plan[pre:pre + short], stride=self.factor)
     self.post = make(plan[pre + short:])
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.head_DV = None if cfg.tie_embeddings else param(
@@ -177,10 +184,10 @@ class Hourglass(nnx.Module):
     return min(limits) if limits else None
 
   def cache_bytes_per_token(self) -> list[int]:
-    """Each layer's bytes per cached row, in layer order; a shortened
-    layer caches one row per `factor` tokens (but allocates max_len rows,
-    see the module docstring)."""
-    return [n for s in self._stacks()
+    """Each layer's cache bytes per token, in layer order: a shortened
+    layer caches one row per `factor` tokens (rounded down)."""
+    return [n // stride for s, stride in zip(self._stacks(),
+                                             (1, self.factor, 1))
             for n in s.cache_bytes_per_token(self.dtype)]
 
   def init_cache(self, batch: int, max_len: int) -> dict:
