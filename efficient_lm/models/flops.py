@@ -14,9 +14,10 @@ conventions, side by side:
 Training is 3x forward (backward = 2x); rematerialisation is not counted
 (model FLOPs, as MFU requires).
 
-Funnel encoders: a layer of stage s runs T / f**s queries, and its keys are
-at the same length except in a pool-query layer (the previous stage's);
-FLOPs per *input* token weigh each layer's query-side terms (q and output
+Pooled layers (funnel encoder / hourglass stage s, `LayerSpec.stage`): a
+layer of stage s runs T / f**s queries, and its keys are at the same length
+except in a funnel's pool-query layer (the previous stage's); FLOPs per
+*input* token weigh each layer's query-side terms (q and output
 projections, MLP, scores) by its query count and the key-side ones (k, v
 projections) by its key count, over T. Pooled rows sit f**s positions
 apart, so windows, global prefixes and TGlobal blocks (in positions) cover
@@ -134,11 +135,17 @@ def _attention_proj(cfg: ModelConfig, spec: stack.LayerSpec) -> float:
 
 
 def _strides(cfg: ModelConfig, spec: stack.LayerSpec) -> tuple[int, int]:
-  """Positions per query row and per key row of a layer (funnel stages)."""
-  if cfg.kind != "funnel_encoder":
-    return 1, 1
+  """Positions per query row and per key row of a layer: stage s runs on
+  seq_len / factor**s rows (a decoder's layers are all stage 0)."""
   f = cfg.funnel.factor
   return f ** spec.stage, f ** (spec.stage - spec.pool_query)
+
+
+def _pooled_visible_keys(spec: stack.LayerSpec, seq_len: int,
+                         stride: int) -> np.ndarray:
+  """Keys each row of a pooled layer sees, rows `stride` positions apart
+  (positions 0, stride, ...: one document filling the sequence)."""
+  return visible_keys(_in_rows(spec, stride), seq_len // stride)
 
 
 def _in_rows(spec: stack.LayerSpec, stride: int) -> stack.LayerSpec:

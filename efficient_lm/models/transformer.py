@@ -150,6 +150,9 @@ def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.kind == "funnel_encoder":
     from efficient_lm.models import funnel  # funnel imports this module
     return funnel.FunnelEncoder(cfg, rngs)
+  if cfg.kind == "hourglass":
+    from efficient_lm.models import hourglass   # it imports Block from here
+    return hourglass.Hourglass(cfg, rngs)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
 
 
@@ -160,4 +163,7 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
   if cfg.kind == "funnel_encoder":
     from efficient_lm.models import funnel  # funnel imports this module
     return funnel.layer_plan(cfg)
+  if cfg.kind == "hourglass":
+    from efficient_lm.models import hourglass
+    return hourglass.layer_plan(cfg)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
