@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import stack
+from efficient_lm.models import mor, stack
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, SwiGLU, param
 from efficient_lm.models.mla import MLAttention
@@ -91,10 +91,15 @@ class Decoder(nnx.Module):
     self.dtype = DTYPES[cfg.dtype]
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
                        param_dtype=pdt)
-    self.stack = stack.Stack(
-      stack.layer_plan(cfg, causal=True),
-      lambda spec, r: block(cfg, spec, r), rngs=rngs,
-      scan=cfg.scan_layers, remat=cfg.remat)
+    if cfg.routing.kind == "mor":
+      # Shared layers applied recursively (models/mor.py), same interface.
+      self.stack = mor.Recursions(cfg, lambda spec, r: block(cfg, spec, r),
+                                  rngs=rngs)
+    else:
+      self.stack = stack.Stack(
+        stack.layer_plan(cfg, causal=True),
+        lambda spec, r: block(cfg, spec, r), rngs=rngs,
+        scan=cfg.scan_layers, remat=cfg.remat)
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.head_DV = None if cfg.tie_embeddings else param(
       rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
