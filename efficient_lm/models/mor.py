@@ -279,7 +279,8 @@ class Recursions(nnx.Module):
     bce, zl, agree = 0.0, 0.0, 0.0
     for r in range(self.num_recursions):
       c = self.capacities[r]
-      z_BT = self._logits(x_BTD)[..., r]
+      z_BT = jnp.einsum("BTD,D->BT", x_BTD.astype(jnp.float32),
+                        self.router_DN[:, r].astype(jnp.float32))
       g_BT = self.alpha * jax.nn.sigmoid(z_BT)
       idx, ok, top = top_k_selection(z_BT, active, n_valid, c)
       if causal:
@@ -318,7 +319,7 @@ class Recursions(nnx.Module):
     p_BTN = jax.nn.softmax(z_BTN, axis=-1)
     bias = (jnp.zeros((n,), jnp.float32) if self.bias_N is None
             else self.bias_N[...])
-    depth_BT = jnp.argmax(p_BTN + bias, axis=-1)
+    depth_BT = jnp.argmax(p_BTN + bias[None, None], axis=-1)
     g_BT = jnp.take_along_axis(p_BTN, depth_BT[..., None], axis=-1)[..., 0]
     onehot = jax.nn.one_hot(depth_BT, n) * valid[..., None]
     load_N = onehot.sum((0, 1)) / total
