@@ -136,7 +136,8 @@ def _grads(model, f):
 
 @pytest.mark.parametrize("sharing,layers,n", [
   ("cycle", 2, 1),            # one recursion: the vanilla model
-  ("cycle", 4, 2), ("middle_cycle", 4, 2), ("middle_cycle", 5, 3)])
+  ("cycle", 4, 2), pytest.param("middle_cycle", 4, 2, marks=pytest.mark.slow),
+  ("middle_cycle", 5, 3)])
 def test_full_capacity_unit_gate_is_the_weight_tied_model(sharing, layers, n):
   """Capacity 1 at every step, gate 1 (alpha 2, zero router: 2 sigmoid(0)),
   residual_delta: logits equal the plain decoder whose layers are copies of
