@@ -524,3 +524,31 @@ def test_flops_per_token_within_5_percent_of_xla(overrides):
   xla = aot.xla_flops(compiled)
   ours = flops.flops_per_token(cfg.model, 128)["train"] * 4 * 128
   assert abs(xla / ours - 1) < 0.05, (xla, ours)
+
+
+def test_loss_free_bias_is_model_state_trained_and_checkpointed(tmp_path):
+  """The bias lives in state["model_state"] (not params: no gradient, no
+  optimizer), moves by exactly +-u per training step and is restored from
+  the checkpoint."""
+  import os
+  from efficient_lm.training.checkpoint import Checkpointer
+  u = 0.01
+  cfg = _cfg(**{"model.routing.router": "token_choice",
+                "model.routing.balancing": "loss_free",
+                "model.routing.bias_rate": u, "train.steps": 3,
+                "train.eval_every": 100, "mesh.data": 8,
+                "checkpoint.every_steps": 3,
+                "checkpoint.async_save": False})
+  t = loop.build_trainer(cfg)
+  assert t.abstract_state["model_state"]["stack"]["bias_N"].shape == (2,)
+  assert "bias_N" not in t.abstract_state["params"]["stack"]
+  loop.run(cfg, str(tmp_path))
+  ckpt = Checkpointer(os.path.join(tmp_path, "checkpoints"), every_steps=1,
+                      keep=None, async_save=False)
+  step, state, _ = ckpt.restore_latest(t.abstract_state)
+  ckpt.close()
+  assert step == 3
+  bias = np.asarray(jax.device_get(state["model_state"]["stack"]["bias_N"]))
+  # Two depths: each step moves them by +-u in opposite directions.
+  np.testing.assert_allclose(bias[0], -bias[1], atol=1e-7)
+  assert round(abs(float(bias[0])) / u, 4) in (1.0, 3.0), bias
