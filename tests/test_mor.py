@@ -254,7 +254,8 @@ class Times3(nnx.Module):
     self.calls = nnx.Variable(jnp.zeros(shape, jnp.int32))
 
   def __call__(self, x, pos, seg):
-    self.calls[...] = self.calls[...] + (seg != 0)
+    if seg.shape == self.calls.shape:      # full-length (masked) steps
+      self.calls[...] = self.calls[...] + (seg != 0)
     return 3.0 * x, {}
 
 
@@ -296,6 +297,32 @@ def test_combine_rules_on_a_hand_example(update):
   p2 = float(jax.nn.softmax(jnp.array([0.0, 1.0]))[1])
   want = h + p2 * 9 * h if update == "paper" else h + p2 * (9 * h - h)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("routing", [
+  {"capacities": (1.0, 0.5)},
+  {"router": "token_choice"}])
+def test_routers_receive_gradient(routing):
+  """The LM loss reaches every router column through the gates (no aux
+  loss: weights 0)."""
+  t = 8
+  rec = _probe_recursions(2, t, aux_loss_weight=0.0, balancing_weight=0.0,
+                          **routing)
+  rec.router_DN[...] = jnp.array([[1.0, -1.0], [0.5, 2.0]])
+  x = jax.random.normal(jax.random.key(9), (1, t, 2))
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+  seg = jnp.ones((1, t), jnp.int32)
+  gd, p, rest = jax.tree.map(
+    lambda v: nnx.to_pure_dict(v) if isinstance(v, nnx.State) else v,
+    nnx.split(rec, nnx.Param, ...), is_leaf=lambda v: isinstance(v, nnx.State))
+
+  def loss(p, rest):
+    out, aux = nnx.merge(gd, p, rest)(x, pos, seg)
+    return jnp.sum(out ** 2) + sum(v for k, v in aux.items()
+                                   if k.startswith("loss/"))
+
+  g = np.asarray(jax.grad(loss)(p, rest)["router_DN"])
+  assert np.all(np.abs(g).max(0) > 1e-6), g
 
 
 def test_bce_targets_are_the_top_k_and_the_value_is_by_hand():
