@@ -282,7 +282,7 @@ MUTATIONS = [
      "tests/test_mor.py", "-k", "flops"),
   _m("mor_loss_free_bias_not_updated", "efficient_lm/models/mor.py",
      "self.bias_N[...] = bias + self.bias_rate", "_ = bias + self.bias_rate",
-     "tests/test_mor.py", "-k", "loss_free_bias_is"),
+     "tests/test_mor.py", "-k", "loss_free_bias_is_model_state_moved"),
   _m("mor_gate_without_gradient", "efficient_lm/models/mor.py",
      "g = g_BK[..., None].astype(x_BKD.dtype)",
      "g = jax.lax.stop_gradient(g_BK[..., None]).astype(x_BKD.dtype)",
