@@ -248,6 +248,10 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
   name: str = "run"
+  # The TPU slice a pod-sized config is meant for (e.g. "v5p-32"): the
+  # default of `--compile_only --topology`, and the slice the train
+  # command's host-memory error points to. Empty: none.
+  topology: str = ""
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -524,6 +528,10 @@ def _validate_mor(m: ModelConfig) -> None:
   """Mixture-of-recursions (models/mor.py, METHODS.md §1)."""
   r = m.routing
   n = r.num_recursions
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.routing.kind='mor' with model.kind={m.kind!r}: MoR routes the "
+      "decoder's layers only; use model.kind='decoder'")
   if n < 1:
     raise ConfigError(
       f"model.routing.num_recursions={n}: expected a positive count")
@@ -589,11 +597,45 @@ def _validate_mor(m: ModelConfig) -> None:
 def _validate_funnel(cfg: Config) -> None:
   """model.kind funnel_encoder / hourglass, model.funnel and the objective."""
   m = cfg.model
-  if m.kind != "decoder":
+  if m.kind == "hourglass":
+    _validate_hourglass(cfg)
+  elif m.kind != "decoder":
     raise ConfigError(f"model.kind={m.kind!r} is not implemented yet")
   if cfg.train.objective != "next_token":
     raise ConfigError(
       f"train.objective={cfg.train.objective!r} is not implemented yet")
+
+
+def _validate_hourglass(cfg: Config) -> None:
+  """model.funnel for the causal funnel: (pre, shortened, post) layers, a
+  factor dividing the sequence, attention kinds the slots can use."""
+  m, f = cfg.model, cfg.model.funnel
+  stages = tuple(f.stages)
+  if len(stages) != 3:
+    raise ConfigError(
+      f"model.funnel.stages={stages}: hourglass expects 3 layer counts "
+      "(pre, shortened, post)")
+  if min(stages) < 0 or stages[1] < 1:
+    raise ConfigError(
+      f"model.funnel.stages={stages}: expected counts >= 0 and at least one "
+      "shortened layer")
+  if sum(stages) != m.num_layers:
+    raise ConfigError(
+      f"model.funnel.stages={stages} sum to {sum(stages)}, not "
+      f"model.num_layers={m.num_layers}")
+  if f.factor < 1:
+    raise ConfigError(f"model.funnel.factor={f.factor}: expected >= 1")
+  if cfg.data.seq_len % f.factor:
+    raise ConfigError(
+      f"data.seq_len={cfg.data.seq_len} is not divisible by "
+      f"model.funnel.factor={f.factor}")
+  kinds = m.attention.pattern_kinds
+  for i in range(stages[0], stages[0] + stages[1]):
+    if kinds[i % len(kinds)] == "tglobal" and f.factor > 1:
+      raise ConfigError(
+        f"layer {i} is shortened and tglobal: its blocks count tokens at "
+        f"unit position spacing, which slots {f.factor} positions apart "
+        "never fill; use another kind for the shortened layers")
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -419,6 +419,27 @@ def test_causal_routing_is_causal(name):
   assert _leaks(model, True) == []
 
 
+@pytest.mark.parametrize("name", ["expert_recursion_wise",
+                                  "token_recursion_wise"])
+def test_routing_decisions_are_the_causal_steps(name):
+  """What `efficient_lm.plot routing` draws: nested per-step masks whose
+  means are the forward's `routing/mor_step{r}_fraction`."""
+  _, model = _model({"model.num_layers": 5,
+                     "model.routing.num_recursions": 3, **_KINDS[name]},
+                    router_scale=50.0)
+  tokens, pos, seg = _inputs()
+  _, aux = model(tokens, pos, seg, causal_routing=True)
+  got = model.routing_decisions(tokens, pos, seg)
+  assert list(got) == [f"recursion step {r}" for r in (1, 2, 3)]
+  prev = np.ones(tokens.shape, bool)
+  for r, mask in enumerate(got.values()):
+    mask = np.asarray(mask)
+    assert not np.any(mask & ~prev)
+    np.testing.assert_allclose(mask.mean(),
+                               aux[f"routing/mor_step{r + 1}_fraction"])
+    prev = mask
+
+
 def test_top_k_routing_is_not_causal():
   """Training's top-k: a future token can take an earlier one's place."""
   _, model = _model({"model.num_layers": 5,

@@ -269,7 +269,7 @@ class Recursions(nnx.Module):
   # ----------------------------------------------------------- routers
 
   def _expert_choice(self, x_BTD, pos_BT, seg_BT, causal: bool,
-                     caches=None):
+                     caches=None, decisions=None):
     b, t, _ = x_BTD.shape
     valid = seg_BT != 0
     n_valid = valid.sum(1)
@@ -303,6 +303,8 @@ class Recursions(nnx.Module):
       x_BTD = constrain(_scatter(x_BTD, idx, ok,
                                  self._combine(xs, y, _take(g_BT, idx))), BTD)
       active = chosen
+      if decisions is not None:
+        decisions.append(chosen)
       aux[f"routing/mor_step{r + 1}_fraction"] = chosen.sum() / total
     aux["loss/mor_bce"] = self.aux_loss_weight * bce
     if self.router_z_loss:
@@ -311,7 +313,8 @@ class Recursions(nnx.Module):
       aux["routing/mor_agreement"] = agree / self.num_recursions
     return x_BTD, aux, auxes, new_caches
 
-  def _token_choice(self, x_BTD, pos_BT, seg_BT, causal: bool, caches=None):
+  def _token_choice(self, x_BTD, pos_BT, seg_BT, causal: bool, caches=None,
+                    decisions=None):
     n = self.num_recursions
     valid = seg_BT != 0
     total = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
@@ -338,6 +341,8 @@ class Recursions(nnx.Module):
     h1_BTD, auxes, rows, new_caches = x_BTD, [], None, []
     for r in range(n):
       act = valid & (depth_BT >= r)
+      if decisions is not None:
+        decisions.append(act)
       y, a, rows, cs = self._shared(
         x_BTD, pos_BT, jnp.where(act, seg_BT, 0), r, rows,
         None if caches is None else caches[r])
@@ -350,10 +355,11 @@ class Recursions(nnx.Module):
       aux[f"routing/mor_step{r + 1}_fraction"] = act.sum() / total
     return x_BTD, aux, auxes, new_caches
 
-  def _route(self, x_BTD, pos_BT, seg_BT, causal, caches=None):
+  def _route(self, x_BTD, pos_BT, seg_BT, causal, caches=None,
+             decisions=None):
     f = (self._expert_choice if self.router_kind == "expert_choice"
          else self._token_choice)
-    return f(x_BTD, pos_BT, seg_BT, causal, caches)
+    return f(x_BTD, pos_BT, seg_BT, causal, caches, decisions)
 
   # ----------------------------------------------------------- interface
 
@@ -368,6 +374,15 @@ class Recursions(nnx.Module):
       x_BTD, a = self.last(x_BTD, pos_BT, seg_BT)
       auxes.append(a)
     return x_BTD, {**stack._combine_aux(auxes), **aux}
+
+  def routing_decisions(self, x_BTD, pos_BT, seg_BT) -> dict[str, jax.Array]:
+    """{"recursion step r": [B, T] bool}: the tokens step r processes under
+    causal routing (efficient_lm.plot routing)."""
+    if self.first is not None:
+      x_BTD, _ = self.first(x_BTD, pos_BT, seg_BT)
+    decisions = []
+    self._route(x_BTD, pos_BT, seg_BT, True, decisions=decisions)
+    return {f"recursion step {r + 1}": d for r, d in enumerate(decisions)}
 
   def step(self, x_BTD, pos_BT, seg_BT, cache: dict):
     """`__call__` with causal routing over caches: (x, aux, new cache).

@@ -134,6 +134,14 @@ class Decoder(nnx.Module):
     x_BTD, aux, cache = self.stack.step(x_BTD, pos_BT, seg_BT, cache)
     return self._logits(x_BTD), aux, cache
 
+  def routing_decisions(self, tokens_BT, pos_BT, seg_BT) -> dict:
+    """{name: [B, T] bool} — which tokens each routed block / recursion
+    step processes under the causal decision (efficient_lm.plot routing)."""
+    if not hasattr(self.stack, "routing_decisions"):
+      raise ValueError("this model has no routed layers")
+    x_BTD = self.embed(tokens_BT, self.dtype)
+    return self.stack.routing_decisions(x_BTD, pos_BT, seg_BT)
+
   def _logits(self, x_BTD):
     x_BTD = self.final_norm(x_BTD)
     if self.head_DV is None:
@@ -148,6 +156,9 @@ class Decoder(nnx.Module):
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.kind == "decoder":
     return Decoder(cfg, rngs)
+  if cfg.kind == "hourglass":
+    from efficient_lm.models import hourglass   # it imports Block from here
+    return hourglass.Hourglass(cfg, rngs)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
 
 
@@ -155,4 +166,7 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
   """The layer plan of the model `build(cfg)` makes (for FLOPs)."""
   if cfg.kind == "decoder":
     return stack.layer_plan(cfg, causal=True)
+  if cfg.kind == "hourglass":
+    from efficient_lm.models import hourglass
+    return hourglass.layer_plan(cfg)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
