@@ -510,7 +510,10 @@ def test_compacted_attention_equals_dense_attention_with_keys_masked():
 
 
 def _mor_sharded_cfg(**mesh):
-  return _cfg(**{"model.routing.router": "expert_choice", **mesh})
+  # One shared layer applied twice (capacities 1, 1/2): the smallest
+  # compile that still gathers, routes and scatters.
+  return _cfg(**{"model.routing.sharing": "cycle", "model.num_layers": 2,
+                 **mesh})
 
 
 def _two_steps(cfg, devices=None):
@@ -584,7 +587,9 @@ def test_loss_free_bias_is_model_state_moved_by_the_train_step():
   """The bias lives in state["model_state"] (not params: no gradient, no
   optimizer) and each train step moves it by exactly +-u."""
   u = 0.01
-  t = loop.build_trainer(_loss_free_cfg(u), jax.devices()[:1])
+  t = loop.build_trainer(_loss_free_cfg(u, **{
+    "model.routing.sharing": "cycle", "model.num_layers": 2}),
+    jax.devices()[:1])
   assert "bias_N" not in t.abstract_state["params"]["stack"]
   state = t.init_fn()
   batch = packed_batch(8, 32, 384)
