@@ -117,8 +117,11 @@ class RoutingConfig:
   bias_rate: float = 0.001
   # How a selected token's state is updated (METHODS.md 1.2 step 5):
   # "paper": H + g * Block(H) (the block's own residual included);
-  # "residual_delta": H + g * (Block(H) - H), the MoD form.
-  update: Literal["paper", "residual_delta"] = "paper"
+  # "residual_delta": H + g * (Block(H) - H), the MoD form. Default "paper":
+  # the released code's rule, kept for reproduction (the residual stream
+  # grows by (1 + g) per step). token_choice applies it once, at a token's
+  # last step, against the recursions' input (models/mor.py).
+  update_rule: Literal["paper", "residual_delta"] = "paper"
   # "recursion_wise": step r attends only among the tokens active at r;
   # "recursive_sharing": the first step's keys/values serve every step.
   kv: Literal["recursion_wise", "recursive_sharing"] = "recursion_wise"
@@ -514,9 +517,81 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
 
 def _validate_routing(m: ModelConfig) -> None:
   """model.routing (MoD / MoR) against the model it routes."""
-  if m.routing.kind != "none":
+  if m.routing.kind == "mor":
+    _validate_mor(m)
+  elif m.routing.kind != "none":
     raise ConfigError(
       f"model.routing.kind={m.routing.kind!r} is not implemented yet")
+
+
+def _validate_mor(m: ModelConfig) -> None:
+  """Mixture-of-recursions (models/mor.py, METHODS.md §1)."""
+  r = m.routing
+  n = r.num_recursions
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.routing.kind='mor' with model.kind={m.kind!r}: MoR routes the "
+      "decoder's layers only; use model.kind='decoder'")
+  if n < 1:
+    raise ConfigError(
+      f"model.routing.num_recursions={n}: expected a positive count")
+  middle = r.sharing.startswith("middle_")
+  recursed = m.num_layers - 2 if middle else m.num_layers
+  if recursed < n or recursed % n:
+    what = "num_layers - 2" if middle else "num_layers"
+    raise ConfigError(
+      f"model.num_layers={m.num_layers} does not fit "
+      f"model.routing.sharing={r.sharing!r} with "
+      f"model.routing.num_recursions={n}: {what} must be a positive "
+      f"multiple of {n}")
+  if r.sharing.endswith("sequence"):
+    raise ConfigError(
+      f"model.routing.sharing={r.sharing!r}: MoR routing needs a contiguous "
+      "recursion block; use 'cycle' or 'middle_cycle'")
+  if r.capacities:
+    if len(r.capacities) != n:
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)} has "
+        f"{len(r.capacities)} entries; expected one per recursion "
+        f"(num_recursions={n})")
+    if not all(0 < c <= 1 for c in r.capacities):
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)}: expected "
+        "fractions in (0, 1]")
+    if any(b > a for a, b in zip(r.capacities, r.capacities[1:])):
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)}: expected "
+        "non-increasing (active sets are nested)")
+  if r.alpha <= 0:
+    raise ConfigError(f"model.routing.alpha={r.alpha}: expected > 0")
+  for name in ("aux_loss_weight", "router_z_loss", "balancing_weight",
+               "bias_rate"):
+    if getattr(r, name) < 0:
+      raise ConfigError(
+        f"model.routing.{name}={getattr(r, name)}: expected >= 0")
+  if r.kv == "recursive_sharing":
+    if r.router == "expert_choice" and r.capacities and r.capacities[0] < 1:
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)}: "
+        "kv='recursive_sharing' needs capacities[0] = 1 (every token "
+        "writes the first step's keys/values)")
+    if (m.attention.projection != "qkv"
+        or "tglobal" in m.attention.pattern_kinds):
+      raise ConfigError(
+        "model.routing.kv='recursive_sharing' supports qkv attention "
+        f"without tglobal (got projection={m.attention.projection!r}, "
+        f"kinds={m.attention.pattern_kinds})")
+  kinds = m.attention.pattern_kinds
+  start = 1 if middle else 0
+  depth = recursed // n
+  for i in range(recursed):
+    a = kinds[(start + i) % len(kinds)]
+    b = kinds[(start + i % depth) % len(kinds)]
+    if a != b:
+      raise ConfigError(
+        f"model.attention.pattern={m.attention.pattern!r}: layer "
+        f"{start + i} ({a}) shares parameters with layer "
+        f"{start + i % depth} ({b}) under MoR; shared layers need one kind")
 
 
 def _validate_funnel(cfg: Config) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import mla, stack
+from efficient_lm.models import mla, mor, stack
 from efficient_lm.models.attention import mask_spec
 from efficient_lm.models.transformer import layer_plan
 
@@ -164,14 +164,56 @@ def _mlp(cfg: ModelConfig) -> float:
   return 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim      # SwiGLU: gate, up, down
 
 
+def _mor_applications(cfg: ModelConfig, seq_len: int):
+  """MoR (models/mor.py): (spec, fraction of the T tokens it runs on, keys
+  per query in the dense tile, keys per query visible) per layer
+  application. Expert-choice training gathers K_r = max(1, floor(c_r T))
+  tokens at step r; token-choice runs every step on all T tokens (masked),
+  so its FLOPs are the full depth's. Recursion-wise attention is among the
+  K_r gathered tokens (visible: causal over them as one document);
+  recursive sharing attends the K_r queries over the step-1 keys of all T."""
+  r = cfg.routing
+  plan = layer_plan(cfg)
+  mapping = mor.layer_map(r.sharing, cfg.num_layers, r.num_recursions)
+  middle = r.sharing.startswith("middle_")
+  depth = mor.recursed_layers(r.sharing, cfg.num_layers) // r.num_recursions
+  full = lambda spec: (spec, 1.0, seq_len,
+                       float(visible_keys(spec, seq_len).mean()))
+  out = [full(plan[0])] if middle else []
+  off = 1 if middle else 0
+  for step, c in enumerate(mor.capacities(r)):
+    n = (mor.capacity_tokens(c, seq_len) if r.router == "expert_choice"
+         else seq_len)
+    for j in range(depth):
+      spec = plan[mapping.index(off + j)]
+      if r.kv == "recursive_sharing" and step > 0:
+        out.append((spec, n / seq_len, seq_len,
+                    float(visible_keys(spec, seq_len).mean())))
+      else:
+        out.append((spec, n / seq_len, n, float(visible_keys(spec, n).mean())))
+  if middle:
+    out.append(full(plan[-1]))
+  return out
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   """Forward and training FLOPs per token; `forward`/`train` use the
-  dense_tile convention, `*_visible` the visible one."""
-  plan = layer_plan(cfg)
+  dense_tile convention, `*_visible` the visible one. Routed models count
+  what runs: a layer applied to a fraction of the tokens costs that
+  fraction (capacity-aware), a recursed layer once per application."""
   terms = {"attention_proj": 0.0, "mlp": 0.0,
            "attention_dense_tile": 0.0, "attention_visible": 0.0,
            "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
-  for spec in plan:
+  if cfg.routing.kind == "mor":
+    terms["router"] = 2.0 * cfg.embed_dim * cfg.routing.num_recursions
+    for spec, frac, dense_keys, seen_keys in _mor_applications(cfg, seq_len):
+      terms["attention_proj"] += frac * _attention_proj(cfg, spec)
+      terms["mlp"] += frac * _mlp(cfg)
+      qk, v = _head_dims(cfg, spec)
+      per_key = 2.0 * cfg.num_heads * (qk + v)
+      terms["attention_dense_tile"] += frac * per_key * dense_keys
+      terms["attention_visible"] += frac * per_key * seen_keys
+  for spec in (layer_plan(cfg) if cfg.routing.kind != "mor" else ()):
     sq, sk = _strides(cfg, spec)
     nq, nk = seq_len // sq, seq_len // sk       # query rows, key rows
     per_q, per_k = _attention_proj_split(cfg, spec)
@@ -184,7 +226,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
       nq * 2.0 * cfg.num_heads * (qk + v) * nk / seq_len)
     terms["attention_visible"] += (
       nq * 2.0 * cfg.num_heads * (qk + v) * float(keys.mean()) / seq_len)
-  shared = terms["attention_proj"] + terms["mlp"] + terms["lm_head"]
+  shared = (terms["attention_proj"] + terms["mlp"] + terms["lm_head"]
+            + terms.get("router", 0.0))
   forward = shared + terms["attention_dense_tile"]
   forward_visible = shared + terms["attention_visible"]
   return {"forward": forward, "train": 3 * forward,
@@ -193,12 +236,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
           **{f"forward/{k}": v for k, v in terms.items()}}
 
 
-def param_count(abstract_params: Any) -> dict[str, int]:
+def param_count(abstract_params: Any,
+                cfg: ModelConfig | None = None) -> dict[str, int]:
   """Counts from the (abstract) parameter tree: `total`, and
-  `non_embedding` = total minus the input embedding table."""
+  `non_embedding` = total minus the input embedding table (unique
+  parameters: a shared layer counts once). With `cfg`, also
+  `effective_non_embedding`: each layer counted once per application (MoR's
+  shared layers `num_recursions` times; the plain model's depth)."""
   sizes = {}
   for path, leaf in nnx.to_flat_state(abstract_params):
     sizes[path] = int(np.prod(leaf.shape)) if leaf.shape else 1
   total = sum(sizes.values())
   embedding = sum(n for path, n in sizes.items() if path[0] == "embed")
-  return {"total": total, "non_embedding": total - embedding}
+  out = {"total": total, "non_embedding": total - embedding}
+  if cfg is not None:
+    shared = (sum(n for path, n in sizes.items()
+                  if path[:2] == ("stack", "shared"))
+              if cfg.routing.kind == "mor" else 0)
+    reuse = (cfg.routing.num_recursions - 1) if shared else 0
+    out["effective_non_embedding"] = out["non_embedding"] + reuse * shared
+  return out

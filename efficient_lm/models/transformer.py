@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import stack
+from efficient_lm.models import mor, stack
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, SwiGLU, param
 from efficient_lm.models.mla import MLAttention
@@ -95,10 +95,15 @@ class Decoder(nnx.Module):
     self.dtype = DTYPES[cfg.dtype]
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
                        param_dtype=pdt)
-    self.stack = stack.Stack(
-      stack.layer_plan(cfg, causal=True),
-      lambda spec, r: block(cfg, spec, r), rngs=rngs,
-      scan=cfg.scan_layers, remat=cfg.remat)
+    if cfg.routing.kind == "mor":
+      # Shared layers applied recursively (models/mor.py), same interface.
+      self.stack = mor.Recursions(cfg, lambda spec, r: block(cfg, spec, r),
+                                  rngs=rngs)
+    else:
+      self.stack = stack.Stack(
+        stack.layer_plan(cfg, causal=True),
+        lambda spec, r: block(cfg, spec, r), rngs=rngs,
+        scan=cfg.scan_layers, remat=cfg.remat)
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.head_DV = None if cfg.tie_embeddings else param(
       rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
@@ -132,6 +137,14 @@ class Decoder(nnx.Module):
     x_BTD = self.embed(tokens_BT, self.dtype)
     x_BTD, aux, cache = self.stack.step(x_BTD, pos_BT, seg_BT, cache)
     return self._logits(x_BTD), aux, cache
+
+  def routing_decisions(self, tokens_BT, pos_BT, seg_BT) -> dict:
+    """{name: [B, T] bool} — which tokens each routed block / recursion
+    step processes under the causal decision (efficient_lm.plot routing)."""
+    if not hasattr(self.stack, "routing_decisions"):
+      raise ValueError("this model has no routed layers")
+    x_BTD = self.embed(tokens_BT, self.dtype)
+    return self.stack.routing_decisions(x_BTD, pos_BT, seg_BT)
 
   def _logits(self, x_BTD):
     x_BTD = self.final_norm(x_BTD)

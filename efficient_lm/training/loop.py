@@ -125,7 +125,7 @@ def build_trainer(cfg: Config, devices=None, *,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
     train_step=train_step, eval_step=eval_step,
     flops=flops_lib.flops_per_token(cfg.model, cfg.data.seq_len),
-    param_count=flops_lib.param_count(abstract_params),
+    param_count=flops_lib.param_count(abstract_params, cfg.model),
     data_seed=data_seed)
 
 

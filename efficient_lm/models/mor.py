@@ -1,0 +1,448 @@
+"""Mixture-of-Recursions (METHODS.md §1): shared layers applied up to
+`num_recursions` times, a router choosing how deep each token goes.
+
+Layout (`routing.sharing`, §1.1): the decoder's L virtual layers map onto
+unique layers by `layer_map`. The middle schemes keep the first and last
+layers unique and recurse over the middle L - 2; the recursion block is the
+D = (L or L - 2) / N_r consecutive unique layers, applied N_r times. Unique
+layers are ordinary decoder `Block`s that exist once (their parameters are
+shared by every use; gradients sum over uses). The `sequence` schemes are
+parameter maps only: routing needs a contiguous recursion block, so config
+validation refuses them with MoR (as the reference code does).
+
+Routers (the hidden state is read in float32):
+  * expert_choice: one linear router per step r, z = H w_r, gate
+    g = alpha * sigmoid(z). Training (`causal_routing=False`) selects per
+    row the top k_r = max(1, floor(c_r * n)) of the tokens still active
+    (n = the row's non-padding tokens; nested sets S_r ⊆ S_{r-1}), gathers
+    them in ascending index order with their own positions and segment ids
+    into a static [B, K_r] array (K_r = max(1, floor(c_r * T))), runs the
+    shared layers on them alone and scatters the result back; other tokens
+    are not touched (bitwise). A BCE loss teaches z > 0 <=> selected
+    (`loss/mor_bce`, weight aux_loss_weight; optional `loss/router_z`).
+  * token_choice: one router z = H^1 W [N_r], p = softmax(z); depth
+    i = argmax(p + bias) (+1), gate g = p_i; a token runs steps 1..i.
+    Balancing: `loss/mor_balance` = w * N_r * sum_j f_j P_j, or loss-free: a
+    non-trainable bias (`layers.ModelState`, checkpointed) moved by
+    bias_rate * sign(mean load - load) in every training forward.
+
+Update (`routing.update_rule`; default "paper", the released code's rule):
+  expert_choice  paper:          H <- H + g * Blocks(H)
+                 residual_delta: H <- H + g * (Blocks(H) - H)
+  token_choice   continuing tokens H <- Blocks(H) (no gate); a token ending
+                 at its depth: H^1 + g * Blocks(H) (paper) or
+                 H^1 + g * (Blocks(H) - H^1) (residual_delta), H^1 = the
+                 input of the recursions.
+
+Causal routing (evaluation, generation): expert-choice tokens continue at
+step r iff they were active at r-1 and z_r > 0 (a step of capacity 1
+passes every active token: top-k would too); token-choice is causal as is.
+Then every step runs on all T tokens with inactive ones given segment id 0
+(masked out of attention as queries and keys, dropped from caches) and
+their state kept by a select: the decision of one token never depends on
+another, so the model is strictly causal.
+
+KV (`routing.kv`): "recursion_wise" — step r attends only among tokens
+active at r (each step has its own cache per shared layer);
+"recursive_sharing" — step 1 (which every token passes: capacities[0] = 1)
+computes K/V of every shared layer once; later steps' queries (active
+tokens) attend over those.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from efficient_lm.config import ModelConfig, RoutingConfig
+from efficient_lm.models import cache as cache_lib
+from efficient_lm.models import stack
+from efficient_lm.models.attention import Tokens, cache_slots
+from efficient_lm.models.layers import ModelState, param
+from efficient_lm.sharding import BTD, constrain
+
+# floor(c * n) is taken with this slack so that c = 2/3 of 6 tokens is 4.
+_FLOOR_EPS = 1e-6
+
+
+# ------------------------------------------------------------- the schemes
+
+
+def recursed_layers(sharing: str, num_layers: int) -> int:
+  """Virtual layers inside the recursion (all, or all but first/last)."""
+  return num_layers - 2 if sharing.startswith("middle_") else num_layers
+
+
+def fits(sharing: str, num_layers: int, num_recursions: int) -> bool:
+  m = recursed_layers(sharing, num_layers)
+  return num_recursions >= 1 and m >= num_recursions and m % num_recursions == 0
+
+
+def layer_map(sharing: str, num_layers: int,
+              num_recursions: int) -> tuple[int, ...]:
+  """Unique layer used by each virtual layer (METHODS.md §1.1): cycle
+  l -> l mod D; sequence l -> l // N_r; middle_*: the first layer is 0, the
+  last D + 1, the middle ones 1 + (cycle or sequence map of l - 1)."""
+  if not fits(sharing, num_layers, num_recursions):
+    raise ValueError(
+      f"model.num_layers={num_layers} does not fit sharing={sharing!r} with "
+      f"num_recursions={num_recursions}")
+  m = recursed_layers(sharing, num_layers)
+  d = m // num_recursions
+  if sharing.endswith("cycle"):
+    inner = [i % d for i in range(m)]
+  else:
+    inner = [i // num_recursions for i in range(m)]
+  if sharing.startswith("middle_"):
+    return (0, *[1 + u for u in inner], d + 1)
+  return tuple(inner)
+
+
+def capacities(r: RoutingConfig) -> tuple[float, ...]:
+  """c_r per step; default (N_r - r + 1) / N_r."""
+  n = r.num_recursions
+  return tuple(r.capacities) or tuple((n - i) / n for i in range(n))
+
+
+def capacity_tokens(c: float, n):
+  """k = max(1, floor(c * n)) for a Python int or an int array."""
+  if isinstance(n, int):
+    return max(1, math.floor(c * n + _FLOOR_EPS))
+  return jnp.maximum(1, jnp.floor(c * n + _FLOOR_EPS).astype(jnp.int32))
+
+
+# ---------------------------------------------------- gather and selection
+
+
+def _take(a_BT, idx_BK):
+  """a[b, idx[b, k]] for [B, T] or [B, T, D] arrays."""
+  if a_BT.ndim == 2:
+    return jnp.take_along_axis(a_BT, idx_BK, axis=1)
+  return jnp.take_along_axis(a_BT, idx_BK[..., None], axis=1)
+
+
+def _scatter(x_BTD, idx_BK, ok_BK, new_BKD):
+  """x with rows idx[b, k] (where ok) replaced by new; others untouched."""
+  t = x_BTD.shape[1]
+  idx = jnp.where(ok_BK, idx_BK, t)         # t: dropped
+  return jax.vmap(lambda d, i, s: d.at[i].set(s.astype(d.dtype),
+                                              mode="drop"))(x_BTD, idx, new_BKD)
+
+
+def top_k_selection(z_BT, cand_BT, n_valid_B, c: float):
+  """Expert-choice selection of one step: per row the top
+  k = min(max(1, floor(c * n_valid)), |candidates|) candidates by z.
+
+  Returns (idx_BK int32 ascending, ok_BK, chosen_BT): K = max(1, floor(c *
+  T)) slots, the first k of each row real token indices in ascending order,
+  the rest `ok = False` (index clipped to T - 1 for gathering)."""
+  t = z_BT.shape[1]
+  kk = capacity_tokens(c, t)
+  k_B = jnp.minimum(capacity_tokens(c, n_valid_B), cand_BT.sum(1))
+  score = jnp.where(cand_BT, z_BT, -jnp.inf)
+  _, top_BK = jax.lax.top_k(score, kk)
+  keep = jnp.arange(kk)[None] < k_B[:, None]
+  idx_BK = jnp.sort(jnp.where(keep, top_BK, t), axis=1).astype(jnp.int32)
+  ok_BK = idx_BK < t
+  chosen = jax.vmap(lambda i: jnp.zeros((t,), bool).at[i].set(
+    True, mode="drop"))(jnp.where(ok_BK, idx_BK, t))
+  return jnp.minimum(idx_BK, t - 1), ok_BK, chosen
+
+
+def _bce(z, target, where):
+  """Mean BCE-with-logits over `where` (float32)."""
+  per = jnp.maximum(z, 0) - z * target + jnp.log1p(jnp.exp(-jnp.abs(z)))
+  return jnp.sum(per * where) / jnp.maximum(jnp.sum(where), 1)
+
+
+# ------------------------------------------------------------- one layer
+
+
+def shared_kv_layer(block, x_BTD, pos_BT, seg_BT, *, rows=None, cache=None):
+  """A decoder Block whose attention may read given K/V rows (recursive
+  sharing). rows=None: the layer attends over its own K/V (and `cache`,
+  which it extends); returns (x, the rows it attended, new cache)."""
+  attn = block.attn
+  h_BTD = block.attn_norm(x_BTD)
+  t = Tokens(h_BTD, pos_BT, seg_BT)
+  q_BTHK, k_BTGK, v_BTGK = attn._project(t, t)
+  new_cache = cache
+  if rows is None:
+    rows = {"k": k_BTGK, "v": v_BTGK, "pos": pos_BT.astype(jnp.int32),
+            "seg": seg_BT.astype(jnp.int32)}
+    if cache is not None:
+      slots = cache_slots(attn.cfg, None, num_slots=cache["pos"].shape[1])
+      new_cache = cache_lib.write(cache, rows, slots)
+      rows = cache_lib.concat(cache, rows)
+  a_BTD = attn._attend(q_BTHK, rows["k"], rows["v"], pos_BT, rows["pos"],
+                       seg_BT, rows["seg"])
+  x_BTD = x_BTD + a_BTD
+  x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+  return constrain(x_BTD, BTD), rows, new_cache
+
+
+# ------------------------------------------------------------ the module
+
+
+class Recursions(nnx.Module):
+  """The decoder's layer stack under MoR; the `stack.Stack` interface."""
+
+  def __init__(self, cfg: ModelConfig,
+               make_block: Callable[[stack.LayerSpec, nnx.Rngs], nnx.Module],
+               *, rngs: nnx.Rngs):
+    r = cfg.routing
+    self.num_recursions = n = r.num_recursions
+    self.router_kind = r.router
+    self.update = r.update_rule
+    self.kv = r.kv
+    self.alpha = r.alpha
+    self.capacities = capacities(r)
+    self.aux_loss_weight = r.aux_loss_weight
+    self.router_z_loss = r.router_z_loss
+    self.balancing = r.balancing
+    self.balancing_weight = r.balancing_weight
+    self.bias_rate = r.bias_rate
+    plan = stack.layer_plan(cfg, causal=True)
+    mapping = layer_map(r.sharing, cfg.num_layers, n)
+    middle = r.sharing.startswith("middle_")
+    self.depth = recursed_layers(r.sharing, cfg.num_layers) // n
+    # Each unique layer takes the spec of its first use (validation checks
+    # that all uses agree).
+    spec_of = {}
+    for layer, u in enumerate(mapping):
+      spec_of.setdefault(u, plan[layer])
+    off = 1 if middle else 0
+    self.first = make_block(spec_of[0], rngs) if middle else None
+    self.shared = nnx.List([make_block(spec_of[off + j], rngs)
+                            for j in range(self.depth)])
+    self.last = make_block(spec_of[self.depth + 1], rngs) if middle else None
+    pdt = jnp.dtype(cfg.param_dtype)
+    # One column per recursion step (expert-choice) or per depth
+    # (token-choice); N(0, 0.02) as the released linear routers.
+    self.router_DN = param(rngs, (cfg.embed_dim, n), ("embed", None), 0.02,
+                           pdt)
+    self.bias_N = (ModelState(jnp.zeros((n,), jnp.float32),
+                              logical_axes=(None,))
+                   if r.router == "token_choice" and r.balancing == "loss_free"
+                   else None)
+
+  # ----------------------------------------------------------- pieces
+
+  def _logits(self, x_BTD):
+    """Router logits [B, T, N] in float32."""
+    return jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32),
+                      self.router_DN[...].astype(jnp.float32))
+
+  def _shared(self, x_BTD, pos_BT, seg_BT, step: int, rows, caches):
+    """The D shared layers on one step's tokens. recursion_wise: attention
+    among these tokens (and `caches[j]` if given); recursive_sharing: step 0
+    attends over its own K/V and returns them as `rows`, later steps attend
+    over `rows`. -> (x, auxes, rows, new caches)."""
+    auxes, out_rows, new_caches = [], [], []
+    for j, blk in enumerate(self.shared):
+      cache = None if caches is None else caches[j]
+      if self.kv == "recursion_wise":
+        if cache is None:
+          x_BTD, aux = blk(x_BTD, pos_BT, seg_BT)
+        else:
+          x_BTD, aux, cache = blk.step(x_BTD, pos_BT, seg_BT, cache)
+        auxes.append(aux)
+      else:
+        x_BTD, rj, cache = shared_kv_layer(
+          blk, x_BTD, pos_BT, seg_BT, rows=None if step == 0 else rows[j],
+          cache=cache)
+        out_rows.append(rj)
+      new_caches.append(cache)
+    return x_BTD, auxes, (out_rows if step == 0 else rows), new_caches
+
+  def _combine(self, x_BKD, y_BKD, g_BK):
+    g = g_BK[..., None].astype(x_BKD.dtype)
+    if self.update == "paper":
+      return x_BKD + g * y_BKD
+    return x_BKD + g * (y_BKD - x_BKD)
+
+  # ----------------------------------------------------------- routers
+
+  def _expert_choice(self, x_BTD, pos_BT, seg_BT, causal: bool,
+                     caches=None, decisions=None):
+    b, t, _ = x_BTD.shape
+    valid = seg_BT != 0
+    n_valid = valid.sum(1)
+    total = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    active = valid
+    aux, auxes, rows, new_caches = {}, [], None, []
+    bce, zl, agree = 0.0, 0.0, 0.0
+    for r in range(self.num_recursions):
+      c = self.capacities[r]
+      z_BT = jnp.einsum("BTD,D->BT", x_BTD.astype(jnp.float32),
+                        self.router_DN[:, r].astype(jnp.float32))
+      g_BT = self.alpha * jax.nn.sigmoid(z_BT)
+      idx, ok, top = top_k_selection(z_BT, active, n_valid, c)
+      if causal:
+        chosen = active & ((z_BT > 0) | (c >= 1.0))
+        agree += (jnp.sum((chosen == top) & active)
+                  / jnp.maximum(active.sum(), 1))
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        ok = chosen
+      else:
+        chosen = top
+      bce += _bce(z_BT, top.astype(jnp.float32), active.astype(jnp.float32))
+      zl += jnp.sum(jnp.square(z_BT) * active) / jnp.maximum(active.sum(), 1)
+      xs = _take(x_BTD, idx)
+      ss = jnp.where(ok, _take(seg_BT, idx), 0)
+      y, a, rows, cs = self._shared(
+        xs, _take(pos_BT, idx), ss, r, rows,
+        None if caches is None else caches[r])
+      auxes += a
+      new_caches.append(cs)
+      x_BTD = constrain(_scatter(x_BTD, idx, ok,
+                                 self._combine(xs, y, _take(g_BT, idx))), BTD)
+      active = chosen
+      if decisions is not None:
+        decisions.append(chosen)
+      aux[f"routing/mor_step{r + 1}_fraction"] = chosen.sum() / total
+    aux["loss/mor_bce"] = self.aux_loss_weight * bce
+    if self.router_z_loss:
+      aux["loss/router_z"] = self.router_z_loss * zl
+    if causal:
+      aux["routing/mor_agreement"] = agree / self.num_recursions
+    return x_BTD, aux, auxes, new_caches
+
+  def _token_choice(self, x_BTD, pos_BT, seg_BT, causal: bool, caches=None,
+                    decisions=None):
+    n = self.num_recursions
+    valid = seg_BT != 0
+    total = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    z_BTN = self._logits(x_BTD)
+    p_BTN = jax.nn.softmax(z_BTN, axis=-1)
+    bias = (jnp.zeros((n,), jnp.float32) if self.bias_N is None
+            else self.bias_N[...])
+    depth_BT = jnp.argmax(p_BTN + bias[None, None], axis=-1)
+    g_BT = jnp.take_along_axis(p_BTN, depth_BT[..., None], axis=-1)[..., 0]
+    onehot = jax.nn.one_hot(depth_BT, n) * valid[..., None]
+    load_N = onehot.sum((0, 1)) / total
+    prob_N = (p_BTN * valid[..., None]).sum((0, 1)) / total
+    aux = {}
+    if self.balancing == "aux_loss":
+      aux["loss/mor_balance"] = self.balancing_weight * n * jnp.sum(
+        load_N * prob_N)
+    elif not causal:
+      self.bias_N[...] = bias + self.bias_rate * jnp.sign(
+        jax.lax.stop_gradient(load_N.mean() - load_N))
+    if self.router_z_loss:
+      lse = jax.nn.logsumexp(z_BTN, axis=-1)
+      aux["loss/router_z"] = self.router_z_loss * jnp.sum(
+        jnp.square(lse) * valid) / total
+    h1_BTD, auxes, rows, new_caches = x_BTD, [], None, []
+    for r in range(n):
+      act = valid & (depth_BT >= r)
+      if decisions is not None:
+        decisions.append(act)
+      y, a, rows, cs = self._shared(
+        x_BTD, pos_BT, jnp.where(act, seg_BT, 0), r, rows,
+        None if caches is None else caches[r])
+      auxes += a
+      new_caches.append(cs)
+      final = self._combine(h1_BTD, y, g_BT)
+      x_BTD = jnp.where((valid & (depth_BT > r))[..., None], y, x_BTD)
+      x_BTD = jnp.where((valid & (depth_BT == r))[..., None], final, x_BTD)
+      x_BTD = constrain(x_BTD, BTD)
+      aux[f"routing/mor_step{r + 1}_fraction"] = act.sum() / total
+    return x_BTD, aux, auxes, new_caches
+
+  def _route(self, x_BTD, pos_BT, seg_BT, causal, caches=None,
+             decisions=None):
+    f = (self._expert_choice if self.router_kind == "expert_choice"
+         else self._token_choice)
+    return f(x_BTD, pos_BT, seg_BT, causal, caches, decisions)
+
+  # ----------------------------------------------------------- interface
+
+  def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
+    auxes = []
+    if self.first is not None:
+      x_BTD, a = self.first(x_BTD, pos_BT, seg_BT)
+      auxes.append(a)
+    x_BTD, aux, a, _ = self._route(x_BTD, pos_BT, seg_BT, causal_routing)
+    auxes += a
+    if self.last is not None:
+      x_BTD, a = self.last(x_BTD, pos_BT, seg_BT)
+      auxes.append(a)
+    return x_BTD, {**stack._combine_aux(auxes), **aux}
+
+  def routing_decisions(self, x_BTD, pos_BT, seg_BT) -> dict[str, jax.Array]:
+    """{"recursion step r": [B, T] bool}: the tokens step r processes under
+    causal routing (efficient_lm.plot routing)."""
+    if self.first is not None:
+      x_BTD, _ = self.first(x_BTD, pos_BT, seg_BT)
+    decisions = []
+    self._route(x_BTD, pos_BT, seg_BT, True, decisions=decisions)
+    return {f"recursion step {r + 1}": d for r, d in enumerate(decisions)}
+
+  def step(self, x_BTD, pos_BT, seg_BT, cache: dict):
+    """`__call__` with causal routing over caches: (x, aux, new cache).
+    Cache: {"first", "last"} for the unique ends and "steps": per step r a
+    list of the shared layers' caches (recursion_wise), or "shared": the
+    shared layers' step-1 caches (recursive_sharing)."""
+    auxes, new = [], {}
+    if self.first is not None:
+      x_BTD, a, new["first"] = self.first.step(x_BTD, pos_BT, seg_BT,
+                                               cache["first"])
+      auxes.append(a)
+    if self.kv == "recursion_wise":
+      caches = cache["steps"]
+    else:
+      caches = [cache["shared"]] + [None] * (self.num_recursions - 1)
+    x_BTD, aux, a, new_caches = self._route(x_BTD, pos_BT, seg_BT, True,
+                                            caches)
+    auxes += a
+    if self.kv == "recursion_wise":
+      new["steps"] = new_caches
+    else:
+      new["shared"] = new_caches[0]
+    if self.last is not None:
+      x_BTD, a, new["last"] = self.last.step(x_BTD, pos_BT, seg_BT,
+                                             cache["last"])
+      auxes.append(a)
+    return x_BTD, {**stack._combine_aux(auxes), **aux}, new
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    def layers():
+      return [blk.init_cache(batch, max_len, dtype) for blk in self.shared]
+    out = {}
+    if self.kv == "recursion_wise":
+      out["steps"] = [layers() for _ in range(self.num_recursions)]
+    else:
+      out["shared"] = layers()
+    if self.first is not None:
+      out["first"] = self.first.init_cache(batch, max_len, dtype)
+      out["last"] = self.last.init_cache(batch, max_len, dtype)
+    return out
+
+  def _blocks(self):
+    ends = [b for b in (self.first, self.last) if b is not None]
+    return [*ends, *self.shared]
+
+  def max_positions(self) -> int | None:
+    limits = [kernels.masks.block_mask_coverage(b.attn.mask)
+              for b in self._blocks()
+              if hasattr(getattr(b, "attn", None), "mask")]
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
+
+  def cache_bytes_per_token(self, dtype) -> list[int]:
+    """Per cache (first, each step's shared layers or the shared step-1
+    layers, last): bytes per cached token. Recursion-wise step r caches only
+    the tokens active at r."""
+    shared = [b.cache_bytes_per_token(dtype) for b in self.shared]
+    steps = self.num_recursions if self.kv == "recursion_wise" else 1
+    ends = ([] if self.first is None else
+            [self.first.cache_bytes_per_token(dtype)])
+    return ends + shared * steps + [b.cache_bytes_per_token(dtype)
+                                    for b in ([] if self.last is None
+                                              else [self.last])]
