@@ -280,14 +280,14 @@ def test_combine_rules_on_a_hand_example(update):
   h = jnp.array([[[1.0, -2.0]]])
   pos = jnp.zeros((1, 1), jnp.int32)
   seg = jnp.ones((1, 1), jnp.int32)
-  rec = _probe_recursions(1, update=update, capacities=(1.0,))
+  rec = _probe_recursions(1, update_rule=update, capacities=(1.0,))
   rec.router_DN[...] = jnp.zeros_like(rec.router_DN[...])
   got, _ = rec(h, pos, seg)
   g = 0.1 * 0.5
   want = h + g * 3 * h if update == "paper" else h + g * 2 * h
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
-  rec = _probe_recursions(2, update=update, router="token_choice")
+  rec = _probe_recursions(2, update_rule=update, router="token_choice")
   rec.router_DN[...] = jnp.zeros_like(rec.router_DN[...])
   got, _ = rec(h, pos, seg)
   want = h + 0.5 * 3 * h if update == "paper" else h + 0.5 * 2 * h
