@@ -67,7 +67,15 @@ def main(argv):
     return
   if _WORKDIR.value is None:
     sys.exit("error: --workdir is required (unless --compile_only)")
+  from efficient_lm.training import memory
   try:
+    if jax.default_backend() == "cpu":
+      # A pod-sized config on a small host: say that it cannot fit here
+      # before the mesh check says only that the devices are missing.
+      problem = memory.config_problem(
+        config_lib.from_config_dict(_CONFIG.value))
+      if problem:
+        raise loop.TrainingError(problem)
     cfg = config_lib.from_config_dict(_CONFIG.value,
                                       device_count=jax.device_count())
     if jax.process_index() == 0:

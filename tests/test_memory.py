@@ -43,7 +43,7 @@ def test_too_big_is_one_line_naming_need_host_and_ways_forward():
   msg = memory.fits_problem(t.abstract_state, mesh1, num_params=10,
                             topology="v5p-32", available=need - 1)
   assert "\n" not in msg
-  assert f"{need / memory.GIB:.1f} GiB per device" in msg
+  assert f"needs {need / memory.GIB:.1f} GiB of host memory" in msg
   assert "--compile_only --topology=v5p-32" in msg
   assert "configs/tiny" in msg
 

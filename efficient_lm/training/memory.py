@@ -55,10 +55,28 @@ def device_limit_bytes(device) -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
+def _problem(*, per_device: int, devices: int, need: int, where: str,
+             num_params: int, topology: str, host: bool) -> str:
+  """One line: what the state needs, what there is, the ways forward."""
+  what = (f"{num_params / 1e9:.2f}B parameters with gradients and optimizer "
+          "state")
+  if host:   # CPU devices share the host's memory: lead with the total
+    needs = (f"{need / GIB:.1f} GiB of host memory before any activation "
+             f"({what}; {per_device / GIB:.1f} GiB per device over "
+             f"{devices} device(s))")
+  else:
+    needs = (f"{per_device / GIB:.1f} GiB per device before any activation "
+             f"({what})")
+  return (f"the training state needs {needs} but {where}; compile it for "
+          f"the slice it is sized for instead (--compile_only "
+          f"--topology={topology or '<slice>'}) or train a small config "
+          f"(configs/tiny.py, configs/tiny_funnel.py)")
+
+
 def fits_problem(abstract_state: Any, mesh: jax.sharding.Mesh, *,
                  num_params: int, topology: str = "",
                  available: int | None = None) -> str | None:
-  """Why the state cannot fit, as one line; None if it may.
+  """Why the sharded state cannot fit, as one line; None if it may.
 
   CPU devices share the host's memory: the need is per device times the
   local devices. `available` overrides what the host reports (tests)."""
@@ -77,11 +95,34 @@ def fits_problem(abstract_state: Any, mesh: jax.sharding.Mesh, *,
     where = f"each {devices[0].device_kind} has {(have or 0) / GIB:.1f} GiB"
   if have is None or need <= have:
     return None
-  slice_ = topology or "<slice>"
-  return (
-    f"the training state needs {per_device / GIB:.1f} GiB per device before "
-    f"any activation ({num_params / 1e9:.2f}B parameters with gradients and "
-    f"optimizer state, over {len(devices)} {platform} device(s): "
-    f"{need / GIB:.1f} GiB) but {where}; compile it for the slice it is "
-    f"sized for instead (--compile_only --topology={slice_}) or train a "
-    f"small config (configs/tiny.py, configs/tiny_funnel.py)")
+  return _problem(per_device=per_device, devices=len(devices), need=need,
+                  where=where, num_params=num_params, topology=topology,
+                  host=platform == "cpu")
+
+
+def config_problem(cfg, *, available: int | None = None) -> str | None:
+  """The same question before any mesh exists, for a CPU-only host: every
+  byte of the state must live in host memory at least once, however it is
+  sharded, so a state larger than the host cannot train here, whatever
+  devices the config's mesh asks for (a pod config's mesh also fails the
+  device-count check, which would hide the real problem)."""
+  from flax import nnx
+  from efficient_lm import models
+  from efficient_lm.training import optim
+  abstract = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  opt = optim.make_optimizer(cfg.train, decay_mask=optim.decay_mask(
+    params, decay_embeddings=cfg.train.decay_embeddings))
+  opt_state = jax.eval_shape(opt.init, pure)
+  nbytes = lambda tree: sum(a.size * a.dtype.itemsize
+                            for a in jax.tree.leaves(tree))
+  need = 2 * nbytes(pure) + nbytes(opt_state)
+  have = host_available_bytes() if available is None else available
+  if have is None or need <= have:
+    return None
+  devices = cfg.mesh.fsdp * cfg.mesh.tensor * max(cfg.mesh.data, 1)
+  return _problem(per_device=need // devices, devices=devices, need=need,
+                  where=f"this host has {have / GIB:.1f} GiB available",
+                  num_params=sum(a.size for a in jax.tree.leaves(pure)),
+                  topology=cfg.topology, host=True)
