@@ -13,6 +13,16 @@ conventions, side by side:
 
 Training is 3x forward (backward = 2x); rematerialisation is not counted
 (model FLOPs, as MFU requires).
+
+Mixture-of-depths: a routed layer runs attention projections and MLP on
+k = floor(capacity * T) tokens of T, and attention among those k only
+(dense_tile: the k x k tile; visible: the pairs its mask lets through on
+k consecutive positions, exact for dense causal layers, an upper bound for
+local ones), so per token of the sequence it costs k / T of those terms;
+its router (and MLP predictor) runs on every token. These are the FLOPs of
+the training (top-k) forward; causal routing (evaluation, generation)
+computes every token at static shapes and discards the unprocessed ones,
+so it costs what a dense layer costs.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import mla, stack
+from efficient_lm.models import mla, routing, stack
 from efficient_lm.models.attention import mask_spec
 from efficient_lm.models.transformer import layer_plan
 
@@ -107,6 +117,8 @@ def _attention_core(cfg: ModelConfig, spec: stack.LayerSpec, seq_len: int,
                     convention: str) -> float:
   """QK^T and PV per query token."""
   qk, v = _head_dims(cfg, spec)
+  if seq_len == 0:
+    return 0.0
   keys = (seq_len if convention == "dense_tile" else
           float(visible_keys(spec, seq_len).mean()))
   return 2.0 * cfg.num_heads * (qk + v) * keys
@@ -129,19 +141,35 @@ def _mlp(cfg: ModelConfig) -> float:
   return 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim      # SwiGLU: gate, up, down
 
 
+def _router(cfg: ModelConfig) -> float:
+  """A routed layer's router r = w.x (+ the MLP predictor), every token."""
+  d = cfg.embed_dim
+  if cfg.routing.predictor != "mlp":
+    return 2.0 * d
+  f = routing.predictor_width(d)
+  return 2.0 * (d + d * f + f)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   """Forward and training FLOPs per token; `forward`/`train` use the
   dense_tile convention, `*_visible` the visible one."""
   plan = layer_plan(cfg)
   terms = {"attention_proj": 0.0, "mlp": 0.0,
            "attention_dense_tile": 0.0, "attention_visible": 0.0,
-           "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
+           "router": 0.0, "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
   for spec in plan:
-    terms["attention_proj"] += _attention_proj(cfg, spec)
-    terms["mlp"] += _mlp(cfg)
+    # A routed layer processes k of the seq_len tokens, among themselves.
+    n = seq_len
+    if spec.routed:
+      n = routing.capacity_tokens(cfg.routing.capacity, seq_len)
+      terms["router"] += _router(cfg)
+    frac = n / seq_len
+    terms["attention_proj"] += frac * _attention_proj(cfg, spec)
+    terms["mlp"] += frac * _mlp(cfg)
     for conv in ("dense_tile", "visible"):
-      terms[f"attention_{conv}"] += _attention_core(cfg, spec, seq_len, conv)
-  shared = terms["attention_proj"] + terms["mlp"] + terms["lm_head"]
+      terms[f"attention_{conv}"] += frac * _attention_core(cfg, spec, n, conv)
+  shared = (terms["attention_proj"] + terms["mlp"] + terms["router"]
+            + terms["lm_head"])
   forward = shared + terms["attention_dense_tile"]
   forward_visible = shared + terms["attention_visible"]
   return {"forward": forward, "train": 3 * forward,
