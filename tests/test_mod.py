@@ -58,20 +58,26 @@ def _inputs(b=2, t=T, d=64, seed=0, padded=False):
   pos = jnp.broadcast_to(pos, (b, t)).astype(jnp.int32)
   seg = jnp.broadcast_to(jnp.where(jnp.arange(t) < t // 2, 1, 2),
                          (b, t)).astype(jnp.int32)
-  if padded:     # row 0 ends in 5 padding tokens
-    seg = seg.at[0, -5:].set(0)
+  if padded:     # row 0 ends in 5 padding tokens, row 1 has 4 real ones
+    seg = seg.at[0, -5:].set(0).at[1, 4:].set(0)
   return x, pos, seg
 
 
-def _grads(fn, block, x):
-  """Gradients of sum(fn(block, x) * w) w.r.t. (params, x); w fixed."""
+def _grads(fn, block, x, split=False):
+  """Gradients of sum(fn(block, x) * w) w.r.t. (params, x); w fixed. With
+  `split`, fn returns [2, ...] (two functions stacked): one jit, both
+  functions' gradients."""
   gd, params, rest = nnx.split(block, nnx.Param, ...)
   w = jax.random.normal(jax.random.key(9), x.shape)
 
-  def loss(p, x):
-    return jnp.sum(fn(nnx.merge(gd, p, rest), x) * w)
+  def loss(p, x, i=None):
+    out = fn(nnx.merge(gd, p, rest), x)
+    return jnp.sum((out if i is None else out[i]) * w)
 
-  return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  grad = jax.grad(loss, argnums=(0, 1))
+  if split:
+    return jax.jit(lambda p, x: (grad(p, x, 0), grad(p, x, 1)))(params, x)
+  return jax.jit(grad)(params, x)
 
 
 # ---------------------------------------------------------------- block
@@ -92,9 +98,10 @@ def test_capacity_one_with_unit_gate_is_the_dense_block():
   def dense(b, x):
     return Block.__call__(b, x, pos, seg)[0]
 
-  np.testing.assert_allclose(routed(blk, x), dense(blk, x), atol=1e-6,
-                             rtol=0)
-  (gp_r, gx_r), (gp_d, gx_d) = _grads(routed, blk, x), _grads(dense, blk, x)
+  both = jax.jit(lambda x: (routed(blk, x), dense(blk, x)))
+  np.testing.assert_allclose(*both(x), atol=1e-6, rtol=0)
+  (gp_r, gx_r), (gp_d, gx_d) = _grads(
+    lambda b, x: jnp.stack([routed(b, x), dense(b, x)]), blk, x, split=True)
   np.testing.assert_allclose(gx_r, gx_d, atol=1e-5, rtol=0)
   for (path, a), (_, b) in zip(nnx.to_flat_state(gp_r),
                                nnx.to_flat_state(gp_d)):
@@ -143,14 +150,23 @@ def test_unselected_tokens_pass_bitwise_and_selected_ones_change():
   k = routing.capacity_tokens(m.routing.capacity, T)
   idx, ok = routing.top_k(r, seg, k)
   member = np.asarray(routing.membership(idx, ok, T))
-  out, aux = blk(x, pos, seg)
+  out, aux = jax.jit(lambda x: blk(x, pos, seg))(x)
   out, x = np.asarray(out), np.asarray(x)
   np.testing.assert_array_equal(out[~member], x[~member])
   assert np.all(np.abs(out[member] - x[member]).max(-1) > 0)
-  assert member.sum(1).tolist() == [k, k]
-  assert not member[0, -5:].any()                      # padding never
+  assert member.sum(1).tolist() == [k, 4]      # row 1: fewer real than k
+  assert not member[np.asarray(seg) == 0].any()        # padding never
+  real = np.asarray(seg) != 0
   assert float(aux["routing/mod_fraction"]) == pytest.approx(
-    member.sum() / (seg != 0).sum())
+    member.sum() / real.sum())
+  # BCE of the router logit against top-k membership, real tokens only.
+  r = np.asarray(r, np.float64)
+  per = np.logaddexp(0, r) - member * r
+  np.testing.assert_allclose(aux["loss/mod_bce"],
+                             m.routing.aux_loss_weight * per[real].mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux["routing/mod_agreement"],
+                             ((r > 0) == member)[real].mean(), rtol=1e-6)
 
 
 def _masked_dense_reference(blk, x, pos, seg):
@@ -174,11 +190,12 @@ def test_gathered_block_equals_dense_attention_masked_to_the_selection(
   _, blk = _block(capacity=0.4, predictor=predictor)
   blk = _sharpen_routers(blk, 50.0)
   x, pos, seg = _inputs(padded=True)
-  want, member = _masked_dense_reference(blk, x, pos, seg)
+  want, member = jax.jit(
+    lambda x: _masked_dense_reference(blk, x, pos, seg))(x)
   member = np.asarray(member)
   # The selection is not a prefix of either segment or of the row.
   assert not all(np.all(np.diff(row.astype(int)) <= 0) for row in member)
-  got, _ = blk(x, pos, seg)
+  got, _ = jax.jit(lambda x: blk(x, pos, seg))(x)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
   def ref(b, x):
@@ -215,11 +232,13 @@ def test_layer_plan_routes_every_nth_block():
     assert [i for i, s in enumerate(plan) if s.routed] == want
   assert not any(s.routed for s in stack.layer_plan(small_config().model))
   # Only routed layers carry a router; metrics name those layers.
-  _, model = _model()
-  params = nnx.state(model, nnx.Param)
+  def shapes():
+    model = build(_cfg().model, nnx.Rngs(0))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), model(*_tokens())
+
+  params, (_, aux) = jax.eval_shape(shapes)
   layers = params["stack"]["groups"]["segment_0"]
   assert "router" in layers["layer_1"] and "router" not in layers["layer_0"]
-  _, aux = model(*_tokens())
   assert {k for k in aux if "layer" in k} == {
     "routing/mod_layer1_fraction", "routing/mod_layer3_fraction"}
 
@@ -227,7 +246,7 @@ def test_layer_plan_routes_every_nth_block():
 @pytest.mark.parametrize("predictor", ["router_bce", "mlp"])
 def test_routers_learn_and_the_predictor_does_not_touch_the_trunk(
     predictor):
-  cfg, model = _model(predictor)
+  cfg, model = _model(predictor, **{"model.num_layers": 2})
   b = packed_batch(2, T, cfg.model.vocab_size)
   gd, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -275,7 +294,7 @@ def _leaks(model, causal_routing, t_len=T):
 
 @pytest.mark.parametrize("predictor", ["router_bce", "mlp"])
 def test_causal_routing_is_causal_and_top_k_is_not(predictor):
-  _, model = _model(predictor)
+  _, model = _model(predictor, **{"model.num_layers": 2})
   assert _leaks(model, causal_routing=True) == []
   # Top-k over the row: later tokens' scores move earlier tokens in or
   # out of the selection. The same check sees that leak.
@@ -363,8 +382,8 @@ def test_train_step_sharded_equals_one_device(one_device_steps, mesh_shape):
 
 @pytest.mark.parametrize("extra", [
   {},
-  {"model.routing.predictor": "mlp", "model.routing.every": 1,
-   "model.routing.capacity": 0.5}])
+  pytest.param({"model.routing.predictor": "mlp", "model.routing.every": 1,
+                "model.routing.capacity": 0.5}, marks=pytest.mark.slow)])
 def test_flops_per_token_within_5_percent_of_xla(extra):
   # Unrolled layers (XLA counts a while-loop body once); see test_flops.py.
   cfg = _cfg(**{
