@@ -17,8 +17,11 @@ the same seed gives the same parameters either way and checkpoints move
 between the two. `remat` wraps each scanned body.
 
 A block is called `block(x_BTD, pos_BT, seg_BT) -> (x_BTD, aux)`, `aux` a
-dict of float32 scalars. The stack sums `loss/*` entries over layers and
-averages the others (diagnostics) over the layers that report them.
+dict of float32 scalars; a routed block (`spec.routed`, mixture-of-depths)
+also takes `causal_routing=`. The stack sums `loss/*` entries over layers
+and averages the others (diagnostics) over the layers that report them; a
+key holding `{layer}` is reported per layer, named by the layer's index in
+the plan (`routing/mod_layer{layer}_fraction` -> `..._layer3_fraction`).
 Non-trainable variables (`layers.ModelState`) that a block updates are
 carried out of the scan and written back.
 """
