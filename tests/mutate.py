@@ -299,6 +299,12 @@ MUTATIONS = [
      "routed=bool(every) and (i + 1) % every == 0)",
      "routed=bool(every) and i % every == 0)",
      "tests/test_mod.py", "-k", "layer_plan"),
+  # The same bug seen by a sliding window: a window in rank, not position.
+  _m("mod_window_over_ranks", "efficient_lm/models/transformer.py",
+     "routing.gather(pos_BT, idx_BK), seg_sel)",
+     "jnp.broadcast_to(jnp.arange(idx_BK.shape[1]), idx_BK.shape), seg_sel)",
+     "tests/test_mod.py", "-m", "slow", "-k",
+     "every_attention_kind and sliding_window"),
   _m("mod_flops_ignore_capacity", "efficient_lm/models/flops.py",
      "n = routing.capacity_tokens(cfg.routing.capacity, seq_len)",
      "n = seq_len",

@@ -21,7 +21,7 @@ from efficient_lm.models import build, flops, routing, stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.transformer import Block, RoutedBlock
 from efficient_lm.training import loop
-from tests.helpers import packed_batch, small_config
+from tests.helpers import ATTENTION_VARIANTS, packed_batch, small_config
 
 MOD = {"model.routing.kind": "mod", "model.num_layers": 4}
 T = 24
@@ -418,3 +418,42 @@ def test_config_errors_are_one_line(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match) as e:
     _cfg(**overrides)
   assert "\n" not in str(e.value)
+
+
+# ------------------------------------------- composition (METHODS.md §7)
+
+_COMPOSED = {k: v for k, v in ATTENTION_VARIANTS.items() if k != "tglobal"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_COMPOSED))
+def test_every_attention_kind_routes_at_positions_and_decodes(name):
+  """Windows, global prefixes, BigBird tables and MLA inside a routed
+  block: gathered == dense masked to the selection (a window in position,
+  not in rank), prefill + decode == forward, causal routing causal."""
+  ov = _COMPOSED[name]
+  m = _cfg(**ov).model
+  m = dataclasses.replace(
+    m, routing=dataclasses.replace(m.routing, capacity=0.4))
+  blk = _sharpen_routers(RoutedBlock(m, stack.layer_plan(m)[1],
+                                     nnx.Rngs(0)), 50.0)
+  x, pos, seg = _inputs(padded=True)
+  want, _ = jax.jit(lambda x: _masked_dense_reference(blk, x, pos, seg))(x)
+  got, _ = jax.jit(lambda x: blk(x, pos, seg))(x)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+  cfg, model = _model(**ov)
+  b, t, p = 2, 14, 6
+  tok, pos, seg = _tokens(b, t)
+  want, _ = jax.jit(lambda *a: model(*a, causal_routing=True))(tok, pos, seg)
+  step = jax.jit(lambda *a: model.step(*a)[::2])
+  got, cache = step(tok[:, :p], pos[:, :p], seg[:, :p],
+                    model.init_cache(b, t))
+  outs = [got]
+  for i in range(p, t):
+    got, cache = step(tok[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1],
+                      cache)
+    outs.append(got)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
+                             rtol=0)
+  assert _leaks(model, causal_routing=True) == []
