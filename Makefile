@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
 CONFIG ?= configs/tiny.py
 ARGS ?=
+# pytest-xdist workers for the test targets (one per core on the 2-core CI
+# machine; each worker compiles its own files' tests).
+WORKERS ?= 2
 
 .PHONY: setup setup-dev train test test-all mutate bench-shakespeare clean
 
@@ -21,10 +24,10 @@ train: setup
 	$(PY) -m efficient_lm.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: setup-dev
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile $(ARGS)
 
 test-all: setup-dev
-	$(PY) -m pytest -q -m "" $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "" $(ARGS)
 
 mutate: setup-dev
 	$(PY) tests/mutate.py $(ARGS)

@@ -34,4 +34,5 @@ def get_config():
   c.checkpoint.every_steps = 1000
   c.mesh.fsdp = 8
   c.mesh.tensor = 1
+  c.topology = "v5e-16"
   return c

@@ -246,6 +246,10 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
   name: str = "run"
+  # The TPU slice a pod-sized config is meant for (e.g. "v5p-32"): the
+  # default of `--compile_only --topology`, and the slice the train
+  # command's host-memory error points to. Empty: none.
+  topology: str = ""
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -35,7 +35,8 @@ _COMPILE_ONLY = flags.DEFINE_bool(
   "and print per-chip memory and FLOPs; no data, no workdir.")
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "TPU slice for --compile_only: v5e-16, v5p-32, v4-32, "
-  "v6e-8, or a libtpu topology such as v5e:4x4.")
+  "v6e-8, or a libtpu topology such as v5e:4x4 (default: the config's "
+  "`topology`).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -59,7 +60,8 @@ def main(argv):
   if _COMPILE_ONLY.value:
     from efficient_lm import aot
     try:
-      aot.report(_CONFIG.value, _TOPOLOGY.value)
+      aot.report(_CONFIG.value,
+                 _TOPOLOGY.value or _CONFIG.value.get("topology") or None)
     except (aot.TopologyError, config_lib.ConfigError) as e:
       sys.exit(f"error: {e}")
     return

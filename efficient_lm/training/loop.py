@@ -23,7 +23,7 @@ from efficient_lm import data as data_lib
 from efficient_lm import models, sharding
 from efficient_lm.config import Config, ConfigError
 from efficient_lm.models import flops as flops_lib
-from efficient_lm.training import console, losses
+from efficient_lm.training import console, losses, memory
 from efficient_lm.training import metrics as metrics_lib
 from efficient_lm.training import optim, step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
@@ -207,6 +207,11 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
   is_main = jax.process_index() == 0
   tok = make_tokenizer(cfg)
   t = build_trainer(cfg, build_model=build_model)
+  problem = memory.fits_problem(t.abstract_state, t.mesh,
+                                num_params=t.param_count["total"],
+                                topology=cfg.topology)
+  if problem:   # before anything is allocated or written
+    raise TrainingError(problem)
   train_it = make_iterator(t, tok, "train")
   # data.eval_fraction=0 means no held-out data: evaluation is skipped.
   eval_it = (make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0

@@ -1,0 +1,148 @@
+"""Dense vs mixture-of-depths vs mixture-of-recursions on tinyshakespeare.
+
+  python benchmarks/routing.py --data=../shared/data/tinyshakespeare.txt
+  python benchmarks/routing.py --data=... --steps=300 --out=routing_loss.png
+
+Every variant is the same character-level decoder (configs/shakespeare_char
+shape, `--layers` virtual layers, seq `--seq_len`), trained in one run each:
+
+  dense       every token through every layer
+  mod         MoD, capacity 12.5%, every other block routed
+  mor2_ec     MoR, 2 recursions, middle_cycle, expert-choice
+  mor3_ec     MoR, 3 recursions, expert-choice
+  mor2_tc     MoR, 2 recursions, token-choice (aux-loss balancing)
+  mor3_tc     MoR, 3 recursions, token-choice
+
+Equal steps: every variant's eval loss after `--steps` steps. Equal FLOPs:
+a variant cheaper per token than dense trains on until it has spent
+dense's training FLOPs (steps x dense FLOPs/token / its FLOPs/token, rounded
+to the eval interval), and its eval loss there is the iso-FLOP figure.
+FLOPs per token are the layer plan's (models/flops.py, capacity-aware);
+unique parameters are the model's own count (shared layers once). Eval
+uses the causal routing decision (what sampling does). Each run's curves
+go to `--out` (loss vs steps and vs training FLOPs, efficient_lm.plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VARIANTS = {
+  "dense": {},
+  "mod": {"kind": "mod", "capacity": 0.125, "every": 2},
+  "mor2_ec": {"kind": "mor", "num_recursions": 2, "router": "expert_choice"},
+  "mor3_ec": {"kind": "mor", "num_recursions": 3, "router": "expert_choice"},
+  "mor2_tc": {"kind": "mor", "num_recursions": 2, "router": "token_choice"},
+  "mor3_tc": {"kind": "mor", "num_recursions": 3, "router": "token_choice"},
+}
+
+
+def _config(name: str, args, steps: int):
+  from configs import shakespeare_char
+  cd = shakespeare_char.get_config()
+  cd.model.num_layers = args.layers
+  cd.data.path = os.path.abspath(args.data)
+  cd.data.seq_len = args.seq_len
+  cd.train.batch_size = args.batch_size
+  cd.train.steps = steps
+  cd.train.warmup_steps = min(100, steps // 10)
+  cd.train.eval_every = args.eval_every
+  cd.train.log_every = args.eval_every // 5 or 1
+  cd.checkpoint.every_steps = steps
+  for key, value in VARIANTS[name].items():
+    cd.model.routing[key] = value
+  cd.mesh.data = -1
+  return cd
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--data", required=True, help="tinyshakespeare.txt")
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--steps", type=int, default=600)
+  ap.add_argument("--eval_every", type=int, default=100)
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--seq_len", type=int, default=256)
+  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--workdir", default=None, help="keep the runs here")
+  ap.add_argument("--out", default="routing_loss.png")
+  args = ap.parse_args()
+  if not os.path.exists(args.data):
+    print(f"skipped: {args.data} not found")
+    return
+  if args.steps % args.eval_every:
+    sys.exit(f"error: --steps={args.steps} is not a multiple of "
+             f"--eval_every={args.eval_every}")
+
+  from efficient_lm import cpu_runtime
+  cpu_runtime.keep_freed_host_memory()
+  import jax
+  from flax import nnx
+  from efficient_lm import config as config_lib, models, plot
+  from efficient_lm.models import flops as flops_lib
+  from efficient_lm.training import loop
+
+  root = args.workdir or tempfile.mkdtemp(prefix="routing_bench_")
+  names = args.variants.split(",")
+  fpt, unique = {}, {}
+  for name in names:
+    cfg = config_lib.from_config_dict(_config(name, args, args.steps),
+                                      device_count=jax.device_count())
+    fpt[name] = flops_lib.flops_per_token(cfg.model, args.seq_len)["train"]
+    abstract = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(0)))
+    unique[name] = flops_lib.param_count(
+      nnx.state(abstract, nnx.Param))["non_embedding"]
+  dense_fpt = fpt.get("dense", max(fpt.values()))
+
+  rows = {}
+  for name in names:
+    iso = args.steps * dense_fpt / fpt[name]
+    iso_steps = max(args.steps, int(round(iso / args.eval_every))
+                    * args.eval_every)
+    cd = _config(name, args, iso_steps)
+    cfg = config_lib.from_config_dict(cd, device_count=jax.device_count())
+    workdir = os.path.join(root, name)
+    t0 = time.perf_counter()
+    summary = loop.run(cfg, workdir)
+    wall = time.perf_counter() - t0
+    _, evals = plot.read_metrics(workdir)
+    evals = dict(evals)
+    rows[name] = {
+      "eval_loss_equal_steps": evals[args.steps],
+      "eval_loss_equal_flops": evals[iso_steps], "iso_flop_steps": iso_steps,
+      "train_flops_per_token": fpt[name],
+      "flops_ratio_vs_dense": fpt[name] / dense_fpt,
+      "unique_non_embedding_params": unique[name],
+      "tokens_per_sec": summary["tokens_per_sec"], "wall_seconds": wall}
+    print(json.dumps({name: rows[name]}), flush=True)
+
+  plot.curves([os.path.join(root, n) for n in names], args.out)
+  d = rows.get("dense")
+  print(f"\n{args.layers} layers, seq {args.seq_len}, batch "
+        f"{args.batch_size}, {args.steps} steps; runs in {root}; curves in "
+        f"{args.out}\n")
+  print("| variant | eval loss, equal steps | vs dense | eval loss, equal "
+        "FLOPs (steps) | vs dense | train FLOPs/token vs dense | unique "
+        "params vs dense | tokens/s vs dense |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, r in rows.items():
+    def ratio(key):
+      return f"{r[key] / d[key]:.3f}" if d else "-"
+    print(f"| {name} | {r['eval_loss_equal_steps']:.4f} | "
+          f"{ratio('eval_loss_equal_steps')} | "
+          f"{r['eval_loss_equal_flops']:.4f} ({r['iso_flop_steps']}) | "
+          f"{r['eval_loss_equal_flops'] / d['eval_loss_equal_steps']:.3f} | "
+          f"{r['flops_ratio_vs_dense']:.3f} | "
+          f"{ratio('unique_non_embedding_params')} | "
+          f"{ratio('tokens_per_sec')} |" if d else f"| {name} | ... |")
+
+
+if __name__ == "__main__":
+  main()
