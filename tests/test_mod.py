@@ -319,17 +319,23 @@ def test_prefill_decode_equals_forward_and_caches_hold_processed_tokens(
     outs.append(got)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
                              rtol=0)
-  # Cache rows per layer (segment_0 = pattern (dense, routed) x 2 repeats).
-  rows = [np.asarray(c["seg"] != 0).sum(axis=(1, 2))
-          for c in cache["segment_0"]]          # per position, [repeats]
+  # Cache rows per layer (segment_0 = pattern (dense, routed) x 2 repeats):
+  # a routed layer holds exactly the positions its decision processed.
+  decisions = jax.jit(model.routing_decisions)(tok, pos, seg)
+  assert sorted(decisions) == ["layer 1", "layer 3"]
   for layer in range(cfg.model.num_layers):
-    n = rows[layer % 2][layer // 2]
+    rows = cache["segment_0"][layer % 2]
+    cached = np.asarray(rows["seg"][layer // 2] != 0)        # [B, slots]
+    slot_pos = np.asarray(rows["pos"][layer // 2])
     if layer % 2 == 0:
-      assert n == b * t
-    else:
-      frac = float(aux[f"routing/mod_layer{layer}_fraction"])
-      assert 0 < frac < 1, frac          # the check means something
-      assert n == round(frac * b * t), (layer, n, frac)
+      assert cached.sum() == b * t
+      continue
+    done = np.asarray(decisions[f"layer {layer}"])
+    frac = float(aux[f"routing/mod_layer{layer}_fraction"])
+    assert 0 < frac < 1 and done.mean() == pytest.approx(frac)
+    for row in range(b):
+      np.testing.assert_array_equal(np.sort(slot_pos[row][cached[row]]),
+                                    np.flatnonzero(done[row]))
 
 
 # ------------------------------------------------------------- training

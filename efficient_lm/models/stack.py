@@ -218,6 +218,28 @@ class Stack(nnx.Module):
       auxes.extend(_name_layers(seg, first, seg_auxes))
     return x_BTD, _combine_aux(auxes)
 
+  def routing_decisions(self, x_BTD, pos_BT, seg_BT) -> dict:
+    """Each routed layer's causal decision (`block.decision`, bool [B, T])
+    as `{"layer <i>": ...}`, the layers run one by one with causal routing
+    (what evaluation and generation compute; for plots and tests)."""
+    out = {}
+    for i, (seg, first) in enumerate(zip(self.segments,
+                                         self._first_layers())):
+      stacks = self.groups[f"segment_{i}"]
+      split = [nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
+               for j in range(len(seg.pattern))]
+      for r in range(seg.repeats):
+        for j, spec in enumerate(seg.pattern):
+          gd, p, st = split[j]
+          block = nnx.merge(gd, *jax.tree.map(lambda a, r=r: a[r], (p, st)))
+          if spec.routed:
+            layer = first + r * len(seg.pattern) + j
+            out[f"layer {layer}"] = block.decision(x_BTD, seg_BT)
+            x_BTD, _ = block(x_BTD, pos_BT, seg_BT, causal_routing=True)
+          else:
+            x_BTD, _ = block(x_BTD, pos_BT, seg_BT)
+    return out
+
   # -------------------------------------------------------------- generation
 
   def _first_blocks(self):

@@ -147,6 +147,11 @@ class RoutedBlock(Block):
                                   routing.capacity_tokens(self.capacity, t))
     return idx_BK, ok_BK, routing.membership(idx_BK, ok_BK, t)
 
+  def decision(self, x_BTD, seg_BT) -> jax.Array:
+    """The causal decision, bool [B, T]: processed iff the decision logit
+    is > 0 (never padding). Reads only each token's own state."""
+    return (self.router(x_BTD)[1] > 0) & (seg_BT != 0)
+
   def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
     r_BT, z_BT = self.router(x_BTD)
     idx_BK, ok_BK, member_BT = self._topk_membership(r_BT, seg_BT)
@@ -225,6 +230,12 @@ class Decoder(nnx.Module):
     """Empty generation caches for `batch` rows of up to `max_len`
     positions (models/cache.py)."""
     return self.stack.init_cache(batch, max_len, self.dtype)
+
+  def routing_decisions(self, tokens_BT, pos_BT, seg_BT) -> dict:
+    """`{"layer <i>": bool [B, T]}`: which tokens each routed layer
+    processes under causal routing (for plots; layers run one by one)."""
+    x_BTD = self.embed(tokens_BT, self.dtype)
+    return self.stack.routing_decisions(x_BTD, pos_BT, seg_BT)
 
   def max_positions(self) -> int | None:
     """Positions a sequence may reach (block-sparse tables); None: any."""
