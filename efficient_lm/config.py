@@ -525,6 +525,10 @@ def _validate_routing(m: ModelConfig, seq_len: int) -> None:
 def _validate_mod(m: ModelConfig, seq_len: int) -> None:
   """Mixture-of-depths: which blocks, how many tokens, loss weights."""
   r = m.routing
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.routing.kind='mod' with model.kind={m.kind!r}: mixture-of-"
+      "depths routes the plain decoder's blocks only (model.kind='decoder')")
   if not 1 <= r.every <= m.num_layers:
     raise ConfigError(
       f"model.routing.every={r.every}: expected 1 <= every <= "
@@ -551,11 +555,45 @@ def _validate_mod(m: ModelConfig, seq_len: int) -> None:
 def _validate_funnel(cfg: Config) -> None:
   """model.kind funnel_encoder / hourglass, model.funnel and the objective."""
   m = cfg.model
-  if m.kind != "decoder":
+  if m.kind == "hourglass":
+    _validate_hourglass(cfg)
+  elif m.kind != "decoder":
     raise ConfigError(f"model.kind={m.kind!r} is not implemented yet")
   if cfg.train.objective != "next_token":
     raise ConfigError(
       f"train.objective={cfg.train.objective!r} is not implemented yet")
+
+
+def _validate_hourglass(cfg: Config) -> None:
+  """model.funnel for the causal funnel: (pre, shortened, post) layers, a
+  factor dividing the sequence, attention kinds the slots can use."""
+  m, f = cfg.model, cfg.model.funnel
+  stages = tuple(f.stages)
+  if len(stages) != 3:
+    raise ConfigError(
+      f"model.funnel.stages={stages}: hourglass expects 3 layer counts "
+      "(pre, shortened, post)")
+  if min(stages) < 0 or stages[1] < 1:
+    raise ConfigError(
+      f"model.funnel.stages={stages}: expected counts >= 0 and at least one "
+      "shortened layer")
+  if sum(stages) != m.num_layers:
+    raise ConfigError(
+      f"model.funnel.stages={stages} sum to {sum(stages)}, not "
+      f"model.num_layers={m.num_layers}")
+  if f.factor < 1:
+    raise ConfigError(f"model.funnel.factor={f.factor}: expected >= 1")
+  if cfg.data.seq_len % f.factor:
+    raise ConfigError(
+      f"data.seq_len={cfg.data.seq_len} is not divisible by "
+      f"model.funnel.factor={f.factor}")
+  kinds = m.attention.pattern_kinds
+  for i in range(stages[0], stages[0] + stages[1]):
+    if kinds[i % len(kinds)] == "tglobal" and f.factor > 1:
+      raise ConfigError(
+        f"layer {i} is shortened and tglobal: its blocks count tokens at "
+        f"unit position spacing, which slots {f.factor} positions apart "
+        "never fill; use another kind for the shortened layers")
 
 
 def _validate_train(t: TrainConfig) -> None:

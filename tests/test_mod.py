@@ -423,6 +423,8 @@ def test_flops_per_token_within_5_percent_of_xla(extra):
   ({"model.routing.aux_loss_weight": -1.0}, "aux_loss_weight=-1.0"),
   ({"model.routing.router_z_loss": -0.1}, "router_z_loss=-0.1"),
   ({"model.attention.kind": "tglobal"}, "tglobal"),
+  ({"model.kind": "hourglass", "model.funnel.stages": (1, 2, 1)},
+   "model.kind='hourglass'"),
   ({"model.routing.kind": "mor"}, "'mor' is not implemented"),
 ])
 def test_config_errors_are_one_line(overrides, match):

@@ -64,14 +64,18 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
 
 
 def cache_slots(cfg: AttentionConfig, max_len: int | None, *,
-                num_slots: int | None = None) -> cache_lib.Slots:
+                num_slots: int | None = None,
+                stride: int = 1) -> cache_lib.Slots:
   """Where a layer of this kind keeps its generation cache: a rolling
   buffer of `window` rows (after `num_global` prefix rows) for the local
-  kinds, a full cache of `max_len` rows otherwise. `num_slots` (an existing
-  cache's size) stands in for max_len."""
+  kinds, a full cache of `max_len` rows otherwise (max_len / stride when
+  the layer's tokens sit `stride` positions apart). `num_slots` (an
+  existing cache's size) stands in for max_len."""
   prefix = {"sliding_window": 0, "global_local": cfg.num_global}.get(cfg.kind)
   if prefix is None:
-    return cache_lib.Slots.full(max_len if num_slots is None else num_slots)
+    if num_slots is not None:
+      return cache_lib.Slots(num_slots=num_slots, stride=stride)
+    return cache_lib.Slots.full(max_len, stride)
   if num_slots is not None:
     return cache_lib.Slots.rolling(num_slots - prefix, prefix=prefix)
   # No more rows than the sequence can have.
@@ -80,6 +84,9 @@ def cache_slots(cfg: AttentionConfig, max_len: int | None, *,
 
 
 class Attention(nnx.Module):
+  # Positions between this layer's tokens at generation, for the full
+  # cache's layout (models/hourglass.py sets it on its shortened layers).
+  cache_stride: int = 1
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, rope_theta: float, cfg: AttentionConfig,
@@ -143,12 +150,14 @@ class Attention(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Empty K/V rows (kv heads only) laid out by `cache_slots`."""
     g, k = self.k_DGK.shape[1:]
-    return cache_lib.empty(cache_slots(self.cfg, max_len), batch,
-                           {"k": ((g, k), dtype), "v": ((g, k), dtype)})
+    return cache_lib.empty(
+      cache_slots(self.cfg, max_len, stride=self.cache_stride), batch,
+      {"k": ((g, k), dtype), "v": ((g, k), dtype)})
 
   def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens attend over the cache and themselves; see cache.py."""
-    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1])
+    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1],
+                        stride=self.cache_stride)
     q_BTHK, k_BTGK, v_BTGK = self._project(x, x)
     new = {"k": k_BTGK, "v": v_BTGK, "pos": x.pos_BT.astype(jnp.int32),
            "seg": x.seg_BT.astype(jnp.int32)}

@@ -8,7 +8,9 @@ no flag of its own and attention over a cache is ordinary attention over its
 rows, visibility decided by their stored positions (METHODS.md §0.2).
 
 `Slots` says where position p lives:
-  * full cache (`window=None`): slot p, `num_slots` = the longest sequence;
+  * full cache (`window=None`): slot p // stride, `num_slots` = the longest
+    sequence / stride (stride > 1: a layer whose tokens sit `stride`
+    positions apart, the hourglass's shortened layers);
   * rolling buffer: p < prefix -> slot p (global prefix rows kept forever),
     otherwise prefix + p % window. With positions contiguous per row, the
     `window` newest rows never collide, so a sliding window of W tokens
@@ -35,16 +37,19 @@ class Slots:
   num_slots: int
   prefix: int = 0
   window: int | None = None   # None: a full cache, slot = position
+  stride: int = 1             # full cache: slot = position // stride
 
   def __post_init__(self):
+    if self.window is not None and self.stride != 1:
+      raise ValueError(f"rolling cache: stride={self.stride} must be 1")
     if self.window is not None and self.num_slots != self.prefix + self.window:
       raise ValueError(
         f"rolling cache: num_slots={self.num_slots} must be prefix "
         f"{self.prefix} + window {self.window}")
 
   @classmethod
-  def full(cls, max_len: int) -> Slots:
-    return cls(num_slots=max_len)
+  def full(cls, max_len: int, stride: int = 1) -> Slots:
+    return cls(num_slots=-(-max_len // stride), stride=stride)
 
   @classmethod
   def rolling(cls, window: int, prefix: int = 0) -> Slots:
@@ -54,7 +59,7 @@ class Slots:
     """Slot of each position (int32, same shape)."""
     pos = pos.astype(jnp.int32)
     if self.window is None:
-      return pos
+      return pos // self.stride
     return jnp.where(pos < self.prefix, pos, self.prefix + pos % self.window)
 
 

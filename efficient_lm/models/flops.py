@@ -12,7 +12,10 @@ conventions, side by side:
               window or sparse layer really costs.
 
 Training is 3x forward (backward = 2x); rematerialisation is not counted
-(model FLOPs, as MFU requires).
+(model FLOPs, as MFU requires). A pooled layer (a funnel / hourglass stage
+s, `LayerSpec.stage`) runs on seq_len / factor**s slots, so it costs
+1 / factor**s of a full-length layer per token, its attention over that
+many keys; pooling and upsampling are not matmuls and are not counted.
 
 Mixture-of-depths: a routed layer runs attention projections and MLP on
 k = floor(capacity * T) tokens of T, and attention among those k only
@@ -115,13 +118,40 @@ def _head_dims(cfg: ModelConfig, spec: stack.LayerSpec) -> tuple[int, int]:
 
 def _attention_core(cfg: ModelConfig, spec: stack.LayerSpec, seq_len: int,
                     convention: str) -> float:
-  """QK^T and PV per query token."""
+  """QK^T and PV per query token (per slot of a pooled stage)."""
   qk, v = _head_dims(cfg, spec)
-  if seq_len == 0:
+  if seq_len == 0:      # a routed layer with no token
     return 0.0
-  keys = (seq_len if convention == "dense_tile" else
-          float(visible_keys(spec, seq_len).mean()))
+  if convention == "dense_tile":
+    keys = seq_len // _stride(cfg, spec)
+  elif spec.stage:
+    keys = float(_pooled_visible_keys(spec, seq_len, _stride(cfg, spec))
+                 .mean())
+  else:
+    keys = float(visible_keys(spec, seq_len).mean())
   return 2.0 * cfg.num_heads * (qk + v) * keys
+
+
+def _stride(cfg: ModelConfig, spec: stack.LayerSpec) -> int:
+  """Positions between neighbouring tokens of the layer's sequence: a
+  stage-s layer of a funnel runs on seq_len / factor**s slots."""
+  return cfg.funnel.factor ** spec.stage
+
+
+def _pooled_visible_keys(spec: stack.LayerSpec, seq_len: int,
+                         stride: int) -> np.ndarray:
+  """Keys each slot of a pooled layer sees: slots sit `stride` positions
+  apart (hourglass slot j at position j * stride), and windows and
+  prefixes are in positions, so count with the mask predicate itself."""
+  from kernels import masks
+  if spec.attention.kind == "tglobal":
+    raise ValueError("a pooled tglobal layer has no FLOPs rule")
+  n = seq_len // stride
+  pos = (np.arange(n, dtype=np.int32) * stride)[None]
+  seg = np.ones_like(pos)
+  mask = masks.dense_mask(mask_spec(spec.attention, causal=spec.causal),
+                          pos, pos, seg, seg)
+  return np.asarray(mask)[0].sum(axis=1)
 
 
 def _attention_proj(cfg: ModelConfig, spec: stack.LayerSpec) -> float:
@@ -158,16 +188,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
            "attention_dense_tile": 0.0, "attention_visible": 0.0,
            "router": 0.0, "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
   for spec in plan:
-    # A routed layer processes k of the seq_len tokens, among themselves.
+    # A pooled layer (funnel stage s) runs once per factor**s tokens; a
+    # routed layer processes k of the seq_len tokens, among themselves.
+    per_token = 1.0 / _stride(cfg, spec)
     n = seq_len
     if spec.routed:
       n = routing.capacity_tokens(cfg.routing.capacity, seq_len)
+      per_token *= n / seq_len
       terms["router"] += _router(cfg)
-    frac = n / seq_len
-    terms["attention_proj"] += frac * _attention_proj(cfg, spec)
-    terms["mlp"] += frac * _mlp(cfg)
+    terms["attention_proj"] += _attention_proj(cfg, spec) * per_token
+    terms["mlp"] += _mlp(cfg) * per_token
     for conv in ("dense_tile", "visible"):
-      terms[f"attention_{conv}"] += frac * _attention_core(cfg, spec, n, conv)
+      terms[f"attention_{conv}"] += (
+        _attention_core(cfg, spec, n, conv) * per_token)
   shared = (terms["attention_proj"] + terms["mlp"] + terms["router"]
             + terms["lm_head"])
   forward = shared + terms["attention_dense_tile"]

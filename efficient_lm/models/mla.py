@@ -91,6 +91,7 @@ class MLAttention(nnx.Module):
   head has its own keys and values, decompressed from the shared latent.
   `head_dim` only sets the widths left at 0 in `cfg` (`resolve_dims`).
   """
+  cache_stride: int = 1   # as attention.Attention.cache_stride
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, rope_theta: float, cfg: AttentionConfig,
@@ -190,13 +191,15 @@ class MLAttention(nnx.Module):
     """Empty rows of the normed latent c [C] and the rotated shared key kr
     [R], laid out by `attention.cache_slots` (rolling for windows)."""
     c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
-    return cache_lib.empty(cache_slots(self.cfg, max_len), batch,
-                           {"c": ((c,), dtype), "kr": ((r,), dtype)})
+    return cache_lib.empty(
+      cache_slots(self.cfg, max_len, stride=self.cache_stride), batch,
+      {"c": ((c,), dtype), "kr": ((r,), dtype)})
 
   def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens over the cache and themselves, in the absorbed form
     (module docstring); equals `__call__` on the whole sequence."""
-    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1])
+    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1],
+                        stride=self.cache_stride)
     dt = x.x_BTD.dtype
     qn_BTHN, qr_BTHR = self._queries(x)
     c_BTC, kr_BTR = self._latents(x)

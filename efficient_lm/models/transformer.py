@@ -267,6 +267,9 @@ class Decoder(nnx.Module):
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.kind == "decoder":
     return Decoder(cfg, rngs)
+  if cfg.kind == "hourglass":
+    from efficient_lm.models import hourglass   # it imports Block from here
+    return hourglass.Hourglass(cfg, rngs)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
 
 
@@ -274,4 +277,7 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
   """The layer plan of the model `build(cfg)` makes (for FLOPs)."""
   if cfg.kind == "decoder":
     return stack.layer_plan(cfg, causal=True)
+  if cfg.kind == "hourglass":
+    from efficient_lm.models import hourglass
+    return hourglass.layer_plan(cfg)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
