@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, Optional
@@ -475,7 +476,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     raise ConfigError(
       f"head_dim={m.resolved_head_dim} must be even for RoPE")
   _validate_attention(m.attention, m.num_layers)
-  _validate_routing(m)
+  _validate_routing(m, d.seq_len)
   _validate_funnel(cfg)
   if ("block_sparse" in m.attention.pattern_kinds
       and m.attention.max_len < d.seq_len):
@@ -515,10 +516,12 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
       f"{mesh.size} does not match the {device_count} available devices")
 
 
-def _validate_routing(m: ModelConfig) -> None:
+def _validate_routing(m: ModelConfig, seq_len: int) -> None:
   """model.routing (MoD / MoR) against the model it routes."""
   if m.routing.kind == "mor":
     _validate_mor(m)
+  elif m.routing.kind == "mod":
+    _validate_mod(m, seq_len)
   elif m.routing.kind != "none":
     raise ConfigError(
       f"model.routing.kind={m.routing.kind!r} is not implemented yet")
@@ -592,6 +595,36 @@ def _validate_mor(m: ModelConfig) -> None:
         f"model.attention.pattern={m.attention.pattern!r}: layer "
         f"{start + i} ({a}) shares parameters with layer "
         f"{start + i % depth} ({b}) under MoR; shared layers need one kind")
+
+
+def _validate_mod(m: ModelConfig, seq_len: int) -> None:
+  """Mixture-of-depths: which blocks, how many tokens, loss weights."""
+  r = m.routing
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.routing.kind='mod' with model.kind={m.kind!r}: mixture-of-"
+      "depths routes the plain decoder's blocks only (model.kind='decoder')")
+  if not 1 <= r.every <= m.num_layers:
+    raise ConfigError(
+      f"model.routing.every={r.every}: expected 1 <= every <= "
+      f"model.num_layers={m.num_layers} (every every-th block is routed)")
+  if not 0.0 < r.capacity <= 1.0:
+    raise ConfigError(
+      f"model.routing.capacity={r.capacity}: expected 0 < capacity <= 1 "
+      "(the fraction of each sequence a routed block processes)")
+  if math.floor(r.capacity * seq_len + 1e-9) < 1:
+    raise ConfigError(
+      f"model.routing.capacity={r.capacity} selects no token of "
+      f"data.seq_len={seq_len}: expected capacity * seq_len >= 1")
+  for name in ("aux_loss_weight", "router_z_loss"):
+    if getattr(r, name) < 0:
+      raise ConfigError(
+        f"model.routing.{name}={getattr(r, name)}: expected >= 0 "
+        "(0 turns it off)")
+  if "tglobal" in m.attention.pattern_kinds:
+    raise ConfigError(
+      "model.routing.kind='mod' with tglobal attention is not supported: "
+      "tglobal summaries over a routed subset are not defined here")
 
 
 def _validate_funnel(cfg: Config) -> None:

@@ -23,6 +23,16 @@ projections) by its key count, over T. Pooled rows sit f**s positions
 apart, so windows, global prefixes and TGlobal blocks (in positions) cover
 f**s times fewer rows there (`_in_rows`). Pooling and upsampling are means
 and copies: no matmul FLOPs.
+
+Mixture-of-depths: a routed layer runs attention projections and MLP on
+k = floor(capacity * T) tokens of T, and attention among those k only
+(dense_tile: the k x k tile; visible: the pairs its mask lets through on
+k consecutive positions, exact for dense causal layers, an upper bound for
+local ones), so per token of the sequence it costs k / T of those terms;
+its router (and MLP predictor) runs on every token. These are the FLOPs of
+the training (top-k) forward; causal routing (evaluation, generation)
+computes every token at static shapes and discards the unprocessed ones,
+so it costs what a dense layer costs.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import mla, mor, stack
+from efficient_lm.models import mla, mor, routing, stack
 from efficient_lm.models.attention import mask_spec
 from efficient_lm.models.transformer import layer_plan
 
@@ -164,6 +174,15 @@ def _mlp(cfg: ModelConfig) -> float:
   return 2.0 * 3 * cfg.embed_dim * cfg.mlp_dim      # SwiGLU: gate, up, down
 
 
+def _router(cfg: ModelConfig) -> float:
+  """A routed layer's router r = w.x (+ the MLP predictor), every token."""
+  d = cfg.embed_dim
+  if cfg.routing.predictor != "mlp":
+    return 2.0 * d
+  f = routing.predictor_width(d)
+  return 2.0 * (d + d * f + f)
+
+
 def _mor_applications(cfg: ModelConfig, seq_len: int):
   """MoR (models/mor.py): (spec, fraction of the T tokens it runs on, keys
   per query in the dense tile, keys per query visible) per layer
@@ -203,7 +222,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   fraction (capacity-aware), a recursed layer once per application."""
   terms = {"attention_proj": 0.0, "mlp": 0.0,
            "attention_dense_tile": 0.0, "attention_visible": 0.0,
-           "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
+           "router": 0.0, "lm_head": 2.0 * cfg.embed_dim * cfg.vocab_size}
   if cfg.routing.kind == "mor":
     terms["router"] = 2.0 * cfg.embed_dim * cfg.routing.num_recursions
     for spec, frac, dense_keys, seen_keys in _mor_applications(cfg, seq_len):
@@ -216,6 +235,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   for spec in (layer_plan(cfg) if cfg.routing.kind != "mor" else ()):
     sq, sk = _strides(cfg, spec)
     nq, nk = seq_len // sq, seq_len // sk       # query rows, key rows
+    if spec.routed:   # MoD: k gathered tokens, attending among themselves
+      nq = nk = routing.capacity_tokens(cfg.routing.capacity, seq_len)
+      terms["router"] += _router(cfg)
+      if nq == 0:
+        continue
     per_q, per_k = _attention_proj_split(cfg, spec)
     terms["attention_proj"] += (nq * per_q + nk * per_k) / seq_len
     terms["mlp"] += nq * _mlp(cfg) / seq_len
@@ -227,7 +251,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     terms["attention_visible"] += (
       nq * 2.0 * cfg.num_heads * (qk + v) * float(keys.mean()) / seq_len)
   shared = (terms["attention_proj"] + terms["mlp"] + terms["lm_head"]
-            + terms.get("router", 0.0))
+            + terms["router"])
   forward = shared + terms["attention_dense_tile"]
   forward_visible = shared + terms["attention_visible"]
   return {"forward": forward, "train": 3 * forward,

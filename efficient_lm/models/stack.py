@@ -17,8 +17,11 @@ the same seed gives the same parameters either way and checkpoints move
 between the two. `remat` wraps each scanned body.
 
 A block is called `block(x_BTD, pos_BT, seg_BT) -> (x_BTD, aux)`, `aux` a
-dict of float32 scalars. The stack sums `loss/*` entries over layers and
-averages the others (diagnostics) over the layers that report them.
+dict of float32 scalars; a routed block (`spec.routed`, mixture-of-depths)
+also takes `causal_routing=`. The stack sums `loss/*` entries over layers
+and averages the others (diagnostics) over the layers that report them; a
+key holding `{layer}` is reported per layer, named by the layer's index in
+the plan (`routing/mod_layer{layer}_fraction` -> `..._layer3_fraction`).
 Non-trainable variables (`layers.ModelState`) that a block updates are
 carried out of the scan and written back.
 """
@@ -65,11 +68,18 @@ class Segment:
 
 def layer_plan(cfg: ModelConfig, *,
                causal: bool = True) -> tuple[LayerSpec, ...]:
-  """One spec per layer; `attention.pattern` cycles over the layers."""
+  """One spec per layer; `attention.pattern` cycles over the layers.
+
+  Mixture-of-depths (routing.kind "mod") routes every `routing.every`-th
+  block counting from 1: layers i (0-based) with (i + 1) % every == 0, so
+  every=2 gives dense, routed, dense, routed, ... (the paper's
+  interleaving, the first block always dense unless every=1)."""
   kinds = cfg.attention.pattern_kinds
+  every = cfg.routing.every if cfg.routing.kind == "mod" else 0
   return tuple(
     LayerSpec(attention=dataclasses.replace(
-      cfg.attention, kind=kinds[i % len(kinds)], pattern=""), causal=causal)
+      cfg.attention, kind=kinds[i % len(kinds)], pattern=""), causal=causal,
+      routed=bool(every) and (i + 1) % every == 0)
     for i in range(cfg.num_layers))
 
 
@@ -85,6 +95,26 @@ def segments(plan: tuple[LayerSpec, ...]) -> tuple[Segment, ...]:
     else:
       runs.append([spec, 1])
   return tuple(Segment((spec,), r) for spec, r in runs)
+
+
+def _name_layers(seg: Segment, first_layer: int,
+                 auxes: list[dict[str, jax.Array]]) -> list[dict]:
+  """Per-layer keys: an entry whose key holds `{layer}` (values stacked
+  over the segment's repeats) becomes one entry per layer, named by its
+  index in the plan; other entries pass as they are."""
+  out = []
+  for j, aux in enumerate(auxes):
+    named = {}
+    for key, value in aux.items():
+      if "{layer}" not in key:
+        named[key] = value
+        continue
+      value = jnp.reshape(value, (seg.repeats,))
+      for r in range(seg.repeats):
+        layer = first_layer + r * len(seg.pattern) + j
+        named[key.format(layer=layer)] = value[r]
+    out.append(named)
+  return out
 
 
 def _combine_aux(auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
@@ -129,10 +159,10 @@ class Stack(nnx.Module):
     self.groups = nnx.Dict(groups)
 
   def _run_segment(self, seg: Segment, stacks, x_BTD, pos_BT, seg_BT,
-                   caches=None):
+                   caches=None, causal_routing=False):
     """One segment's layers; with `caches` (one per pattern position,
     stacked over repeats) each block runs `step` and the updated caches are
-    returned as well."""
+    returned as well. Routed blocks also get `causal_routing`."""
     names = [f"layer_{j}" for j in range(len(seg.pattern))]
     split = [nnx.split(stacks[n], nnx.Param, ModelState) for n in names]
     graphdefs = [s[0] for s in split]
@@ -145,7 +175,9 @@ class Stack(nnx.Module):
       for j, (gd, p, st) in enumerate(zip(graphdefs, layer_params,
                                           layer_states)):
         block = nnx.merge(gd, p, st)
-        if layer_caches is None:
+        if layer_caches is None and seg.pattern[j].routed:
+          x, aux = block(x, pos_BT, seg_BT, causal_routing=causal_routing)
+        elif layer_caches is None:
           x, aux = block(x, pos_BT, seg_BT)
         else:
           x, aux, c = block.step(x, pos_BT, seg_BT, layer_caches[j])
@@ -171,14 +203,46 @@ class Stack(nnx.Module):
       nnx.update(stacks[n], st)
     return x_BTD, auxes, new_caches
 
+  def _first_layers(self):
+    """Each segment's first layer index in the plan."""
+    first, out = 0, []
+    for seg in self.segments:
+      out.append(first)
+      first += seg.repeats * len(seg.pattern)
+    return out
+
   def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
-    del causal_routing  # no routed blocks yet
+    """`causal_routing` reaches the routed blocks (mixture-of-depths)."""
     auxes = []
-    for i, seg in enumerate(self.segments):
+    for i, (seg, first) in enumerate(zip(self.segments,
+                                         self._first_layers())):
       x_BTD, seg_auxes, _ = self._run_segment(
-        seg, self.groups[f"segment_{i}"], x_BTD, pos_BT, seg_BT)
-      auxes.extend(seg_auxes)
+        seg, self.groups[f"segment_{i}"], x_BTD, pos_BT, seg_BT,
+        causal_routing=causal_routing)
+      auxes.extend(_name_layers(seg, first, seg_auxes))
     return x_BTD, _combine_aux(auxes)
+
+  def routing_decisions(self, x_BTD, pos_BT, seg_BT) -> dict:
+    """Each routed layer's causal decision (`block.decision`, bool [B, T])
+    as `{"layer <i>": ...}`, the layers run one by one with causal routing
+    (what evaluation and generation compute; for plots and tests)."""
+    out = {}
+    for i, (seg, first) in enumerate(zip(self.segments,
+                                         self._first_layers())):
+      stacks = self.groups[f"segment_{i}"]
+      split = [nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
+               for j in range(len(seg.pattern))]
+      for r in range(seg.repeats):
+        for j, spec in enumerate(seg.pattern):
+          gd, p, st = split[j]
+          block = nnx.merge(gd, *jax.tree.map(lambda a, r=r: a[r], (p, st)))
+          if spec.routed:
+            layer = first + r * len(seg.pattern) + j
+            out[f"layer {layer}"] = block.decision(x_BTD, seg_BT)
+            x_BTD, _ = block(x_BTD, pos_BT, seg_BT, causal_routing=True)
+          else:
+            x_BTD, _ = block(x_BTD, pos_BT, seg_BT)
+    return out
 
   # -------------------------------------------------------------- generation
 
@@ -223,9 +287,10 @@ class Stack(nnx.Module):
     """Like `__call__`, each block attending over its cache, which it
     updates: returns (x_BTD, aux, new cache)."""
     auxes, new_cache = [], {}
-    for i, seg in enumerate(self.segments):
+    for i, (seg, first) in enumerate(zip(self.segments,
+                                         self._first_layers())):
       name = f"segment_{i}"
       x_BTD, seg_auxes, new_cache[name] = self._run_segment(
         seg, self.groups[name], x_BTD, pos_BT, seg_BT, cache[name])
-      auxes.extend(seg_auxes)
+      auxes.extend(_name_layers(seg, first, seg_auxes))
     return x_BTD, _combine_aux(auxes), new_cache
