@@ -71,9 +71,13 @@ def main(argv):
   try:
     if jax.default_backend() == "cpu":
       # A pod-sized config on a small host: say that it cannot fit here
-      # before the mesh check says only that the devices are missing.
-      problem = memory.config_problem(
-        config_lib.from_config_dict(_CONFIG.value))
+      # before the mesh check says only that the devices are missing. (A
+      # config that is bad apart from the mesh fails below, as usual.)
+      try:
+        unmeshed = config_lib.from_config_dict(_CONFIG.value)
+      except config_lib.ConfigError:
+        unmeshed = None
+      problem = unmeshed and memory.config_problem(unmeshed)
       if problem:
         raise loop.TrainingError(problem)
     cfg = config_lib.from_config_dict(_CONFIG.value,

@@ -425,7 +425,6 @@ def test_flops_per_token_within_5_percent_of_xla(extra):
   ({"model.attention.kind": "tglobal"}, "tglobal"),
   ({"model.kind": "hourglass", "model.funnel.stages": (1, 2, 1)},
    "model.kind='hourglass'"),
-  ({"model.routing.kind": "mor"}, "'mor' is not implemented"),
 ])
 def test_config_errors_are_one_line(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match) as e:
