@@ -17,6 +17,9 @@ Equal steps: every variant's eval loss after `--steps` steps. Equal FLOPs:
 a variant cheaper per token than dense trains on until it has spent
 dense's training FLOPs (steps x dense FLOPs/token / its FLOPs/token, rounded
 to the eval interval), and its eval loss there is the iso-FLOP figure.
+Each run has its own full schedule (warmup, cosine to the end), so a
+cheaper variant's equal-steps figure is read mid-schedule, before its
+learning rate has decayed as far as dense's: that reading favours dense.
 FLOPs per token are the layer plan's (models/flops.py, capacity-aware);
 unique parameters are the model's own count (shared layers once). Eval
 uses the causal routing decision (what sampling does). Each run's curves
