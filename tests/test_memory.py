@@ -6,9 +6,7 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
-from efficient_lm import config as config_lib
 from efficient_lm.training import loop, memory
 from tests.helpers import small_config
 

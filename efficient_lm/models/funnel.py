@@ -49,8 +49,8 @@ from efficient_lm.config import ModelConfig
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, param
-from efficient_lm.models.transformer import DTYPES, Block
-from efficient_lm.sharding import BTD, BTV, constrain
+from efficient_lm.models.transformer import DTYPES, Block, output_logits
+from efficient_lm.sharding import BTD, constrain
 
 
 # ---------------------------------------------------------------- pooling
@@ -196,12 +196,5 @@ class FunnelEncoder(nnx.Module):
     return jnp.where(count_BN1 > 0, self.doc_norm(mean_BND), 0.0)
 
   def _logits(self, x_BTD):
-    x_BTD = self.final_norm(x_BTD)
-    if self.head_DV is None:
-      logits = self.embed.attend(x_BTD)
-    else:
-      logits = jnp.einsum("BTD,DV->BTV", x_BTD,
-                          self.head_DV[...].astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
-    return constrain(logits, BTV)
+    return output_logits(self, x_BTD)
 

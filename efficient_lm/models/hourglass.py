@@ -59,8 +59,8 @@ from efficient_lm.models import cache as cache_lib
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.layers import Embed, RMSNorm, param
-from efficient_lm.models.transformer import DTYPES, Block
-from efficient_lm.sharding import BTD, BTV, constrain
+from efficient_lm.models.transformer import DTYPES, Block, output_logits
+from efficient_lm.sharding import BTD, constrain
 
 
 def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
@@ -164,14 +164,7 @@ class Hourglass(nnx.Module):
     return x_BTD, _merge_aux(aux_pre, aux_short, aux_post)
 
   def _logits(self, x_BTD):
-    x_BTD = self.final_norm(x_BTD)
-    if self.head_DV is None:
-      logits = self.embed.attend(x_BTD)
-    else:
-      logits = jnp.einsum("BTD,DV->BTV", x_BTD,
-                          self.head_DV[...].astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
-    return constrain(logits, BTV)
+    return output_logits(self, x_BTD)
 
   # -------------------------------------------------------------- generation
 

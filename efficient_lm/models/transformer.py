@@ -267,14 +267,20 @@ class Decoder(nnx.Module):
     return out
 
   def _logits(self, x_BTD):
-    x_BTD = self.final_norm(x_BTD)
-    if self.head_DV is None:
-      logits = self.embed.attend(x_BTD)
-    else:
-      logits = jnp.einsum("BTD,DV->BTV", x_BTD,
-                          self.head_DV[...].astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
-    return constrain(logits, BTV)
+    return output_logits(self, x_BTD)
+
+
+def output_logits(model: nnx.Module, x_BTD: jax.Array) -> jax.Array:
+  """`model.final_norm`, then the tied embedding (`head_DV` None) or the
+  untied head: float32 logits [B, T, V]. Shared by every model kind."""
+  x_BTD = model.final_norm(x_BTD)
+  if model.head_DV is None:
+    logits = model.embed.attend(x_BTD)
+  else:
+    logits = jnp.einsum("BTD,DV->BTV", x_BTD,
+                        model.head_DV[...].astype(x_BTD.dtype),
+                        preferred_element_type=jnp.float32)
+  return constrain(logits, BTV)
 
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
