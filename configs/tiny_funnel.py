@@ -1,7 +1,7 @@
 """A small byte-level funnel encoder trained with masked-LM on the embedded
 corpus (CPU, about two minutes on 2 cores):
 
-  python -m efficient_lm.train --config=configs/tiny_funnel.py --workdir=/tmp/f
+  python -m efficient_lm.train --config=configs/tiny_funnel.py --workdir=runs/tiny_funnel
 
 Compression after layer 2 of 4 (sequence 128 -> 64), one full-length
 decoder layer after the upsampling. The unpooled baseline at the same size

@@ -4,7 +4,7 @@ shared middle layer applied twice: 3 unique layers), expert-choice routing
 with the default capacities (1, 1/2), the BCE aux loss that teaches the
 causal decision evaluation and generation use. CPU: ~1-2 minutes.
 
-  python -m efficient_lm.train --config=configs/tiny_mor.py --workdir=/tmp/x
+  python -m efficient_lm.train --config=configs/tiny_mor.py --workdir=runs/tiny_mor
 """
 
 from configs import tiny
