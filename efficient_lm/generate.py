@@ -1,6 +1,6 @@
 r"""Sample text from a trained run: `python -m efficient_lm.generate`.
 
-  python -m efficient_lm.generate --workdir=/tmp/efficient_lm/tiny \
+  python -m efficient_lm.generate --workdir=runs/tiny \
       --prompt="def " --prompt="import " --max_new_tokens=64
 
 Each prompt's completion goes to stdout, one after another, each followed by

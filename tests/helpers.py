@@ -98,6 +98,37 @@ def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
           "positions": pos}
 
 
+def two_train_steps(t, state):
+  """Two train steps of trainer `t` from `state` on one fixed packed batch:
+  (the state after the second step, the first step's metrics on the host).
+  The sharded-equals-one-device tests compare these."""
+  import jax
+  from efficient_lm import sharding
+  batch = sharding.host_to_global(
+    t.mesh, packed_batch(t.cfg.train.batch_size, t.cfg.data.seq_len,
+                         t.cfg.model.vocab_size))
+  state, metrics = t.train_step(state, batch)
+  metrics = jax.device_get(metrics)
+  state, _ = t.train_step(state, batch)
+  return state, metrics
+
+
+def prefill_then_decode(step, tokens_BT, pos_BT, seg_BT, cache,
+                        prompt_len: int):
+  """A model's `step(tokens, pos, seg, cache) -> (logits, aux, cache)`
+  (jitted or not) over the first `prompt_len` tokens, then one token at a
+  time: (logits of every position [B, T, V], the final cache)."""
+  import jax.numpy as jnp
+  p = prompt_len
+  got, _, cache = step(tokens_BT[:, :p], pos_BT[:, :p], seg_BT[:, :p], cache)
+  outs = [got]
+  for i in range(p, tokens_BT.shape[1]):
+    got, _, cache = step(tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1],
+                         seg_BT[:, i:i + 1], cache)
+    outs.append(got)
+  return jnp.concatenate(outs, 1), cache
+
+
 def assert_close(got, want, tol, what=""):
   """Same non-finite entries exactly (e.g. lse -inf), finite ones to atol."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

@@ -24,7 +24,7 @@ from efficient_lm import runs, sharding
 from efficient_lm.generate import Generator, sample
 from efficient_lm.models import build
 from efficient_lm.training import loop
-from tests.helpers import ATTENTION_VARIANTS, small_config
+from tests.helpers import ATTENTION_VARIANTS, prefill_then_decode, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,15 +68,9 @@ def test_prefill_then_decode_equals_forward(name):
   pos = _positions(b, t)
   seg = jnp.ones((b, t), jnp.int32)
   want, _ = model(tokens, pos, seg)
-  cache = model.init_cache(b, t)
-  got, _, cache = model.step(tokens[:, :p], pos[:, :p], seg[:, :p], cache)
-  outs = [got]
-  for i in range(p, t):
-    got, _, cache = model.step(tokens[:, i:i + 1], pos[:, i:i + 1],
-                               seg[:, i:i + 1], cache)
-    outs.append(got)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
-                             rtol=0)
+  got, _ = prefill_then_decode(model.step, tokens, pos, seg,
+                               model.init_cache(b, t), p)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_lm import aot, config as config_lib, sharding
+from efficient_lm import aot, config as config_lib
 from efficient_lm.models import build, flops, routing, stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.transformer import Block, RoutedBlock
 from efficient_lm.training import loop
-from tests.helpers import ATTENTION_VARIANTS, packed_batch, small_config
+from tests.helpers import (ATTENTION_VARIANTS, packed_batch,
+                           prefill_then_decode, small_config,
+                           two_train_steps)
 
 MOD = {"model.routing.kind": "mod", "model.num_layers": 4}
 T = 24
@@ -314,16 +316,9 @@ def test_prefill_decode_equals_forward_and_caches_hold_processed_tokens(
   tok, pos, seg = _tokens(b, t)
   want, aux = jax.jit(lambda *a: model(*a, causal_routing=True))(
     tok, pos, seg)
-  step = jax.jit(lambda *a: model.step(*a)[::2])     # (logits, cache)
-  got, cache = step(tok[:, :p], pos[:, :p], seg[:, :p],
-                    model.init_cache(b, t))
-  outs = [got]
-  for i in range(p, t):
-    got, cache = step(tok[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1],
-                      cache)
-    outs.append(got)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
-                             rtol=0)
+  got, cache = prefill_then_decode(jax.jit(model.step), tok, pos, seg,
+                                   model.init_cache(b, t), p)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Cache rows per layer (segment_0 = pattern (dense, routed) x 2 repeats):
   # a routed layer holds exactly the positions its decision processed.
   decisions = jax.jit(model.routing_decisions)(tok, pos, seg)
@@ -357,12 +352,7 @@ def _two_steps(cfg, devices=None):
   state["params"] = jax.tree_util.tree_map_with_path(
     lambda path, v: v * 50.0 if "w_D" in jax.tree_util.keystr(path) else v,
     state["params"])
-  batch = sharding.host_to_global(
-    t.mesh, packed_batch(cfg.train.batch_size, cfg.data.seq_len,
-                         cfg.model.vocab_size))
-  state, metrics = t.train_step(state, batch)
-  metrics = jax.device_get(metrics)
-  state, _ = t.train_step(state, batch)
+  state, metrics = two_train_steps(t, state)
   return jax.device_get(state["params"]), metrics
 
 
@@ -458,14 +448,7 @@ def test_every_attention_kind_routes_at_positions_and_decodes(name):
   b, t, p = 2, 14, 6
   tok, pos, seg = _tokens(b, t)
   want, _ = jax.jit(lambda *a: model(*a, causal_routing=True))(tok, pos, seg)
-  step = jax.jit(lambda *a: model.step(*a)[::2])
-  got, cache = step(tok[:, :p], pos[:, :p], seg[:, :p],
-                    model.init_cache(b, t))
-  outs = [got]
-  for i in range(p, t):
-    got, cache = step(tok[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1],
-                      cache)
-    outs.append(got)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
-                             rtol=0)
+  got, cache = prefill_then_decode(jax.jit(model.step), tok, pos, seg,
+                                   model.init_cache(b, t), p)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   assert _leaks(model, causal_routing=True) == []

@@ -18,11 +18,11 @@ import pytest
 from flax import nnx
 
 from efficient_lm import config as config_lib
-from efficient_lm import sharding
 from efficient_lm.models import build, flops, mor
 from efficient_lm.models.attention import Tokens
 from efficient_lm.training import loop
-from tests.helpers import packed_batch, small_config
+from tests.helpers import (packed_batch, prefill_then_decode, small_config,
+                           two_train_steps)
 
 T = 16
 
@@ -457,15 +457,9 @@ def test_prefill_then_decode_equals_causal_forward(name):
   want, aux = model(tokens, pos, seg, causal_routing=True)
   # Routing really splits the tokens at a later step.
   assert 0 < float(aux["routing/mor_step3_fraction"]) < 1
-  cache = model.init_cache(b, t)
-  got, _, cache = model.step(tokens[:, :p], pos[:, :p], seg[:, :p], cache)
-  outs = [got]
-  for i in range(p, t):
-    got, _, cache = model.step(tokens[:, i:i + 1], pos[:, i:i + 1],
-                               seg[:, i:i + 1], cache)
-    outs.append(got)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
-                             rtol=0)
+  got, cache = prefill_then_decode(model.step, tokens, pos, seg,
+                                   model.init_cache(b, t), p)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Cache rows: step r of recursion_wise holds |S_r| tokens; sharing holds
   # every token once.
   steps = cache.get("steps") or [cache["shared"]]
@@ -524,13 +518,7 @@ def _two_steps(cfg, devices=None):
     return model
 
   t = loop.build_trainer(cfg, devices, build_model=build_model)
-  state = t.init_fn()
-  batch = sharding.host_to_global(
-    t.mesh, packed_batch(cfg.train.batch_size, cfg.data.seq_len,
-                         cfg.model.vocab_size))
-  state, metrics = t.train_step(state, batch)
-  metrics = jax.device_get(metrics)
-  state, _ = t.train_step(state, batch)
+  state, metrics = two_train_steps(t, t.init_fn())
   return jax.device_get(state["params"]), metrics
 
 

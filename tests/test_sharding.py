@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from efficient_lm import sharding
 from efficient_lm.training import loop
-from tests.helpers import packed_batch, small_config
+from tests.helpers import small_config, two_train_steps
 
 # Float32 everywhere; differences come only from reduction order across
 # devices. Loss: rtol 1e-5. Parameters after two AdamW steps (warmup from 0:
@@ -24,12 +24,7 @@ def _two_steps(cfg, devices=None):
   t = loop.build_trainer(cfg, devices)
   state = t.init_fn()
   init_params = jax.device_get(state["params"])
-  batch = sharding.host_to_global(
-    t.mesh, packed_batch(cfg.train.batch_size, cfg.data.seq_len,
-                         cfg.model.vocab_size))
-  state, metrics = t.train_step(state, batch)
-  metrics = jax.device_get(metrics)
-  state, _ = t.train_step(state, batch)
+  state, metrics = two_train_steps(t, state)
   return t, state, metrics, init_params
 
 
