@@ -518,13 +518,18 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
 
 def _validate_routing(m: ModelConfig, seq_len: int) -> None:
   """model.routing (MoD / MoR) against the model it routes."""
-  if m.routing.kind == "mor":
+  r = m.routing
+  if r.kind == "none":
+    return
+  for name in ("aux_loss_weight", "router_z_loss"):
+    if getattr(r, name) < 0:
+      raise ConfigError(
+        f"model.routing.{name}={getattr(r, name)}: expected >= 0 "
+        "(0 turns it off)")
+  if r.kind == "mor":
     _validate_mor(m)
-  elif m.routing.kind == "mod":
+  else:
     _validate_mod(m, seq_len)
-  elif m.routing.kind != "none":
-    raise ConfigError(
-      f"model.routing.kind={m.routing.kind!r} is not implemented yet")
 
 
 def _validate_mor(m: ModelConfig) -> None:
@@ -567,8 +572,7 @@ def _validate_mor(m: ModelConfig) -> None:
         "non-increasing (active sets are nested)")
   if r.alpha <= 0:
     raise ConfigError(f"model.routing.alpha={r.alpha}: expected > 0")
-  for name in ("aux_loss_weight", "router_z_loss", "balancing_weight",
-               "bias_rate"):
+  for name in ("balancing_weight", "bias_rate"):
     if getattr(r, name) < 0:
       raise ConfigError(
         f"model.routing.{name}={getattr(r, name)}: expected >= 0")
@@ -616,11 +620,6 @@ def _validate_mod(m: ModelConfig, seq_len: int) -> None:
     raise ConfigError(
       f"model.routing.capacity={r.capacity} selects no token of "
       f"data.seq_len={seq_len}: expected capacity * seq_len >= 1")
-  for name in ("aux_loss_weight", "router_z_loss"):
-    if getattr(r, name) < 0:
-      raise ConfigError(
-        f"model.routing.{name}={getattr(r, name)}: expected >= 0 "
-        "(0 turns it off)")
   if "tglobal" in m.attention.pattern_kinds:
     raise ConfigError(
       "model.routing.kind='mod' with tglobal attention is not supported: "
