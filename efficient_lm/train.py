@@ -29,6 +29,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Process count (--distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (--distributed).")
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout", 60,
+  "--distributed: seconds without a heartbeat after which a process counts "
+  "as lost; every other process then exits (status 1) within about this "
+  "bound instead of waiting forever in a collective.")
 _COMPILE_ONLY = flags.DEFINE_bool(
   "compile_only", False,
   "Compile the train step for --topology on this host (libtpu, no TPU) "
@@ -48,10 +53,13 @@ def main(argv):
   cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
   import jax
   cpu_runtime.use_cpu_only_without_accelerator()   # keeps libtpu's noise out
+  from efficient_lm import multihost
   if _DISTRIBUTED.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    try:
+      multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, _HEARTBEAT.value)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
   from efficient_lm import config as config_lib
   from efficient_lm.data import DataError
   from efficient_lm.training import loop
@@ -89,6 +97,10 @@ def main(argv):
           loop.TrainingError, WorkdirBusy) as e:
     # Bad input: one line naming the value, no traceback.
     sys.exit(f"error: {e}")
+  except Exception as e:
+    if jax.process_count() > 1:   # a peer may be gone: do not wait for it
+      multihost.exit_after_failure(e, _HEARTBEAT.value)
+    raise
 
 
 def _overrides(argv) -> list[str]:

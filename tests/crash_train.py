@@ -1,8 +1,9 @@
-"""`python -m efficient_lm.train` that SIGKILLs itself after a given step.
+"""`python -m efficient_lm.train` that signals itself after a given step.
 
-Used by the resume test to simulate a preempted/killed process (no clean
-exit, no final save). Usage: python tests/crash_train.py --crash_at=N
-<the usual train flags>. The kill waits until the checkpoint directory of
+Used by the resume test to simulate a killed process (no clean exit, no
+final save), and by the multi-process tests to kill or preempt (SIGTERM)
+one process of several. Usage: python tests/crash_train.py --crash_at=N
+[--crash_signal=TERM] [--crash_process=I] <the usual train flags>. The kill waits until the checkpoint directory of
 `--crash_after_checkpoint` is committed (orbax renames it into place), so
 the test is deterministic even though saves are asynchronous.
 """
@@ -22,6 +23,10 @@ from efficient_lm.training import loop  # noqa: E402
 _CRASH_AT = flags.DEFINE_integer("crash_at", None, "kill after this step")
 _AFTER = flags.DEFINE_integer("crash_after_checkpoint", None,
                               "wait for this committed checkpoint first")
+_SIGNAL = flags.DEFINE_enum("crash_signal", "KILL", ["KILL", "TERM"],
+                            "the signal sent")
+_PROCESS = flags.DEFINE_integer("crash_process", None,
+                                "only this process index signals itself")
 
 
 def _install_hook():
@@ -31,13 +36,15 @@ def _install_hook():
     ckpt_dir = os.path.join(workdir, "checkpoints")
 
     def crash(step):
-      if step != _CRASH_AT.value:
+      import jax
+      if step != _CRASH_AT.value or _PROCESS.value not in (
+          None, jax.process_index()):
         return
       deadline = time.time() + 60
       while (_AFTER.value is not None and time.time() < deadline and
              not os.path.isdir(os.path.join(ckpt_dir, str(_AFTER.value)))):
         time.sleep(0.05)
-      os.kill(os.getpid(), signal.SIGKILL)
+      os.kill(os.getpid(), getattr(signal, "SIG" + _SIGNAL.value))
 
     return real_run(cfg, workdir, hooks=(*hooks, crash), **kwargs)
 

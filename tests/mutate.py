@@ -110,12 +110,24 @@ MUTATIONS = [
      "loss = loss - z_loss * (jnp.square(lse_BT)",
      "tests/test_step.py", "-k", "z_loss"),
   _m("loop_save_unchecked", "efficient_lm/training/loop.py",
-     "            or sigterm.raised):\n"
+     "            or preempted):\n"
      "          if pending is not None:\n"
      "            read(pending)\n"
      "            pending = None\n",
-     "            or sigterm.raised):\n",
+     "            or preempted):\n",
      "tests/test_loop.py", "-k", "nan"),
+  # Multi-process (tests/test_multihost.py; each a few minutes).
+  _m("preemption_not_agreed", "efficient_lm/training/preemption.py",
+     "    self._sync = _runtime_syncs_preemption()",
+     "    self._sync = False",
+     "tests/test_multihost.py", "-k", "sigterm"),
+  _m("data_state_own_file_only", "efficient_lm/training/checkpoint.py",
+     'for name in (own, "process_0.json"):', "for name in (own,):",
+     "tests/test_multihost.py", "-k", "one_process_checkpoint"),
+  _m("heartbeat_not_configured", "efficient_lm/multihost.py",
+     "process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,",
+     "process_id=process_id,",
+     "tests/test_multihost.py", "-k", "killed"),
   _m("loop_eval_not_reset", "efficient_lm/training/loop.py",
      "  it.set_state(start_state)\n  return evaluate_batches(",
      "  return evaluate_batches(",

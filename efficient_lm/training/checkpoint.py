@@ -181,15 +181,14 @@ class Checkpointer:
                    else ocp.args.JsonSave)
       registry.add(item, ocp.args.StandardRestore if item == "state"
                    else ocp.args.JsonRestore)
-    # Each process has its own iterator position, so each writes its own
-    # file (orbax's JSON handler otherwise writes from host 0 only).
+    # Each process writes its own file (orbax's JSON handler otherwise
+    # writes from host 0 only), read back by _read_data_state.
     self._data_file = f"process_{jax.process_index()}.json"
     data_handler = ocp.handlers.JsonCheckpointHandler(
       self._data_file,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
         primary_host=None))
     registry.add("data", ocp.args.JsonSave, data_handler)
-    registry.add("data", ocp.args.JsonRestore, data_handler)
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
       enable_async_checkpointing=async_save)
@@ -319,16 +318,13 @@ class Checkpointer:
       return None, None, "state metadata missing"
     _check_fits(step, self.directory, _flat(getattr(meta, "tree", meta)),
                 _flat(abstract_state))
-    if not (step_dir / "data" / self._data_file).exists():
-      others = sorted(p.name for p in (step_dir / "data").glob("process_*"))
-      if others:
-        raise CheckpointError(
-          f"checkpoint {step} in {self.directory} has data-iterator state "
-          f"for {others}, none for process {jax.process_index()} of "
-          f"{jax.process_count()}: was it saved with another process count?")
+    try:
+      data_state = _read_data_state(step_dir / "data", self._data_file)
+    except (OSError, ValueError) as e:
+      return None, None, f"unreadable data-iterator state ({one_line(e)})"
+    if data_state is None:
       return None, None, f"data/{self._data_file} missing"
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore(),
                               config=ocp.args.JsonRestore())
     try:
       restored = self._mgr.restore(step, args=args)
@@ -343,7 +339,7 @@ class Checkpointer:
     if changes and jax.process_index() == 0:
       print(f"checkpoint: resuming step {step} with a changed config: "
             f"{describe_changes(changes)}", file=sys.stderr, flush=True)
-    return restored["state"], dict(restored["data"]), None
+    return restored["state"], data_state, None
 
   def _set_aside(self, step: int, problem: str) -> None:
     dst, k = self.directory / f"{step}.corrupt", 0
@@ -363,6 +359,25 @@ class Checkpointer:
     self._barriers += 1   # orbax wants a fresh barrier name every time
     ocp.multihost.sync_global_processes(
       f"efficient_lm_checkpoint_{name}_{self._barriers}")
+
+
+def _read_data_state(data_dir: epath.Path, own: str) -> dict[str, Any] | None:
+  """This process's data-iterator state, saved as `own` in `data_dir`.
+
+  Every process makes the same packing decisions and keeps only its rows
+  (data/packing.py), so all processes save the same state and it does not
+  depend on the process count: a run saved by N processes resumes on M. A
+  process with no file of its own (M > N) reads process 0's. None if the
+  step holds no data state at all.
+  """
+  for name in (own, "process_0.json"):
+    path = data_dir / name
+    if path.exists():
+      state = json.loads(path.read_text())
+      if not isinstance(state, dict):
+        raise ValueError(f"{name} holds {type(state).__name__}, not a dict")
+      return state
+  return None
 
 
 def _checked_json(name: str, obj: Mapping[str, Any] | None) -> dict[str, Any]:

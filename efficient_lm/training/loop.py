@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ from efficient_lm.training import console, losses, memory
 from efficient_lm.training import metrics as metrics_lib
 from efficient_lm.training import optim, step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
+from efficient_lm.training.preemption import Preemption
 from efficient_lm.training.workdir import TOKENIZER, WorkdirLock, record_start
 
 
@@ -175,29 +175,6 @@ def evaluate_batches(t: Trainer, state, batches: Iterable[dict]
           **{f"eval_{k}": v / max(n, 1) for k, v in aux.items()}}
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag checked between steps (preemption-safe)."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker)
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def run(cfg: Config, workdir: str, *,
         hooks: Sequence[Callable[[int], None]] = (),
         overrides: Sequence[str] = (),
@@ -307,7 +284,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
       window.update(t0=now, steps=0)
 
   try:
-    with _SigtermFlag() as sigterm:
+    with Preemption() as preemption:
       for step in range(start + 1, cfg.train.steps + 1):
         batch = sharding.host_to_global(t.mesh, next(train_it))
         state, m = t.train_step(state, batch)
@@ -327,8 +304,10 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
           writer.write(step, eval_metrics)
           progress.evaluated(step, last["eval_loss"])
         # Decided after the evaluation: a SIGTERM during it saves this step.
+        # Every process decides the same (training/preemption.py).
+        preempted = preemption.reached(step)
         if (ckpt.should_save(step) or step == cfg.train.steps
-            or sigterm.raised):
+            or preempted):
           if pending is not None:
             read(pending)
             pending = None
@@ -336,8 +315,11 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
                     config=cfg.to_dict(), force=True)
         for hook in hooks:
           hook(step)
-        if sigterm.raised:
+        if preempted:
           summary["status"] = "preempted"
+          if not is_main:   # each host's log says where it stopped
+            print(f"process {jax.process_index()}: preempted at step {step}, "
+                  "saved", file=sys.stderr, flush=True)
           break
       if pending is not None:
         read(pending)
