@@ -5,6 +5,9 @@ memory of a config on a pod is known before the pod is rented:
 
   python -m efficient_lm.train --config=configs/decoder_1b.py \
       --compile_only --topology=v5e-16
+
+With `--config.mesh.dcn=N` it compiles for N such slices (multi-slice over
+the data-center network); the report stays per chip.
 """
 
 from __future__ import annotations
@@ -85,14 +88,18 @@ def parse_topology(text: str | None) -> Topology:
   raise TopologyError(f"unknown --topology={text!r}; expected {_ACCEPTED}")
 
 
-def topology_devices(topo: Topology) -> list:
+def topology_devices(topo: Topology, num_slices: int = 1) -> list:
+  """Compile-only devices of `num_slices` slices; with more than one each
+  carries its `slice_index`, as on a multi-slice pod."""
   from jax.experimental import topologies
   try:
     desc = topologies.get_topology_desc(platform="tpu",
-                                        topology_name=topo.name)
+                                        topology_name=topo.name,
+                                        num_slices=num_slices)
   except Exception as e:   # no libtpu, or it rejects the shape
-    raise TopologyError(f"cannot compile for --topology={topo.name}: "
-                        f"{' '.join(str(e).split())[:300]}") from e
+    slices = f" x {num_slices} slices" if num_slices > 1 else ""
+    raise TopologyError(f"cannot compile for --topology={topo.name}"
+                        f"{slices}: {' '.join(str(e).split())[:300]}") from e
   return list(desc.devices)
 
 
@@ -124,18 +131,22 @@ def report(cd, topology_text: str, *, log=print) -> bool:
   """Compiles `cd`'s train step for the slice and logs the per-device
   report; True when it fits HBM. Raises TopologyError, ConfigError."""
   topo = parse_topology(topology_text)
-  devices = topology_devices(topo)
-  n = len(devices)
   cd = cd.copy_and_resolve_references()
   impl = cd.model.attention.impl
   if impl == "auto":
     # "auto" follows this host's backend (CPU: dense XLA attention); on the
     # pod it picks the Pallas TPU kernel, so compile that.
     cd.model.attention.impl = "pallas_tpu"
+  # mesh.dcn is the number of slices to compile for: validated (without a
+  # device count) before libtpu is asked for them, which would read 0 or -1
+  # as one slice.
+  slices = config_lib.from_config_dict(cd).mesh.dcn
+  devices = topology_devices(topo, num_slices=slices)
+  n = len(devices)
   cfg = config_lib.from_config_dict(cd, device_count=n)
   # libtpu exposes v4's two TensorCores as two devices (no megacore), so
   # memory is per device: the chip's HBM split between them.
-  hbm = CHIP_HBM_GIB[topo.generation] * GIB * topo.chips / n
+  hbm = CHIP_HBM_GIB[topo.generation] * GIB * topo.chips * slices / n
   start = time.perf_counter()
   t, _, compiled = compile_train_step(cfg, devices)
   seconds = time.perf_counter() - start
@@ -156,7 +167,8 @@ def report(cd, topology_text: str, *, log=print) -> bool:
     f", {_gib(abs(hbm - total))} "
     + ("to spare" if total <= hbm else "over"))
   dev = devices[0].device_kind
-  log(f"compiled {cfg.name} for {topo.name} ({n} x {dev}, mesh "
+  where = topo.name if slices == 1 else f"{slices} slices of {topo.name}"
+  log(f"compiled {cfg.name} for {where} ({n} x {dev}, mesh "
       f"{dict(t.mesh.shape)}, attention {cfg.model.attention.impl}"
       f"{' for auto' if impl == 'auto' else ''}) in {seconds:.1f} s")
   log(f"per device: arguments {_gib(m.argument_size_in_bytes)}, outputs "

@@ -226,19 +226,23 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  # -1: every device not used by fsdp * tensor (resolved from the device
-  # count before validation).
+  # Slices (multi-slice TPU; processes where devices have no slice index):
+  # data parallelism over the data-center network, the outermost mesh axis.
+  # Parameters are replicated across slices, sharded by fsdp within one.
+  dcn: int = 1
+  # -1: every device not used by dcn * fsdp * tensor (resolved from the
+  # device count before validation).
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
 
   @property
-  def shape(self) -> tuple[int, int, int]:
-    return (self.data, self.fsdp, self.tensor)
+  def shape(self) -> tuple[int, int, int, int]:
+    return (self.dcn, self.data, self.fsdp, self.tensor)
 
   @property
   def size(self) -> int:
-    return self.data * self.fsdp * self.tensor
+    return self.dcn * self.data * self.fsdp * self.tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,18 +376,29 @@ def _to_dataclass(path: str, value: Any, cls: type) -> Any:
   return cls(**kwargs)
 
 
+def _mesh_product(mesh: MeshConfig, names: tuple[str, ...],
+                  prefix: str = "mesh.") -> str:
+  """`mesh.fsdp*mesh.tensor=2*1` for error messages. dcn is named only when
+  it is not 1, so single-slice messages read as they always did."""
+  names = tuple(n for n in names if n != "dcn" or mesh.dcn != 1)
+  keys = "*".join(prefix + n for n in names)
+  return f"{keys}={'*'.join(str(getattr(mesh, n)) for n in names)}"
+
+
 def from_config_dict(cd: ml_collections.ConfigDict | dict,
                      *, device_count: int | None = None) -> Config:
   """Converts and validates. `device_count` enables the mesh-size check."""
   cfg = _to_dataclass("", cd, Config)
-  if device_count is not None and cfg.mesh.data == -1:
-    rest = cfg.mesh.fsdp * cfg.mesh.tensor
+  mesh = cfg.mesh
+  _positive("mesh.dcn", mesh.dcn)    # before it divides the device count
+  if device_count is not None and mesh.data == -1:
+    rest = mesh.dcn * mesh.fsdp * mesh.tensor
     if rest <= 0 or device_count % rest:
       raise ConfigError(
-        f"mesh.fsdp*mesh.tensor={cfg.mesh.fsdp}*{cfg.mesh.tensor} does not "
-        f"divide the {device_count} available devices")
+        f"{_mesh_product(mesh, ('dcn', 'fsdp', 'tensor'))} does not divide "
+        f"the {device_count} available devices")
     cfg = dataclasses.replace(
-      cfg, mesh=dataclasses.replace(cfg.mesh, data=device_count // rest))
+      cfg, mesh=dataclasses.replace(mesh, data=device_count // rest))
   validate(cfg, device_count=device_count)
   return cfg
 
@@ -455,8 +470,8 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
     ("train.eval_every", t.eval_every), ("checkpoint.every_steps",
                                          cfg.checkpoint.every_steps),
-    ("checkpoint.keep", cfg.checkpoint.keep), ("mesh.fsdp", mesh.fsdp),
-    ("mesh.tensor", mesh.tensor),
+    ("checkpoint.keep", cfg.checkpoint.keep), ("mesh.dcn", mesh.dcn),
+    ("mesh.fsdp", mesh.fsdp), ("mesh.tensor", mesh.tensor),
   ]:
     _positive(path, v)
   _validate_train(t)
@@ -491,11 +506,12 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     raise ConfigError(
       f"data.path is empty: data.source={d.source!r} needs a path "
       "(--config.data.path=...)")
-  dp = max(mesh.data, 1) * mesh.fsdp
+  dp = mesh.dcn * max(mesh.data, 1) * mesh.fsdp
   if t.batch_size % dp:
     raise ConfigError(
       f"train.batch_size={t.batch_size} is not divisible by the "
-      f"data-parallel size mesh.data*mesh.fsdp={mesh.data}*{mesh.fsdp}={dp}")
+      f"data-parallel size {_mesh_product(mesh, ('dcn', 'data', 'fsdp'))}="
+      f"{dp}")
   if m.num_kv_heads % mesh.tensor:
     raise ConfigError(
       f"model.num_kv_heads={m.num_kv_heads} is not divisible by "
@@ -512,7 +528,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
   if (device_count is not None and mesh.data != -1
       and mesh.size != device_count):
     raise ConfigError(
-      f"mesh data*fsdp*tensor={mesh.data}*{mesh.fsdp}*{mesh.tensor}="
+      f"mesh {_mesh_product(mesh, ('dcn', 'data', 'fsdp', 'tensor'), '')}="
       f"{mesh.size} does not match the {device_count} available devices")
 
 

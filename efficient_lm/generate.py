@@ -129,8 +129,7 @@ class Generator:
     n = len(prompts)
     # Pad the batch to a multiple of the data-parallel size with copies of
     # the first prompt; their outputs are dropped.
-    dp = 1 if self.mesh is None else (self.mesh.shape["data"]
-                                      * self.mesh.shape["fsdp"])
+    dp = 1 if self.mesh is None else sharding.batch_shards(self.mesh)
     rows = list(prompts) + [prompts[0]] * (-n % dp)
     b = len(rows)
     lens = np.array([len(p) for p in rows], np.int32)

@@ -10,23 +10,30 @@ Models and training both import this module; it imports neither.
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_lm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# dcn (slices over the data-center network) outermost, tensor innermost.
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
+# No parameter name maps to "dcn": parameters and optimizer state are
+# replicated across slices, so the only traffic over the slow network is
+# the gradient all-reduce (pure data parallelism between slices).
 RULES: dict[str, str | tuple[str, ...] | None] = {
   # activations
-  "batch": ("data", "fsdp"),
+  "batch": ("dcn", "data", "fsdp"),
   "length": None,
   "act_embed": None,
   "act_heads": "tensor",
@@ -59,14 +66,52 @@ BSGK = ("batch", "length", "act_kv_heads", None)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+  return Mesh(device_grid(cfg, devices), MESH_AXES)
+
+
+def device_grid(cfg: MeshConfig,
+                devices: Sequence[Any] | None = None) -> np.ndarray:
+  """The devices in the mesh's shape (dcn, data, fsdp, tensor).
+
+  One slice: a plain reshape of the devices in order, which keeps `tensor`
+  innermost (fastest links on TPU slices and NVLink islands). Several
+  (dcn > 1): each slice's devices fill one dcn index, laid out within the
+  slice by mesh_utils for its ICI torus.
+  """
   devices = list(jax.devices() if devices is None else devices)
   if cfg.size != len(devices):
     raise ConfigError(
-      f"mesh data*fsdp*tensor={cfg.data}*{cfg.fsdp}*{cfg.tensor}={cfg.size} "
-      f"does not match the {len(devices)} available devices")
-  # Plain reshape keeps `tensor` innermost (fastest links on TPU slices and
-  # NVLink islands); good enough until a topology-aware layout is needed.
-  return Mesh(np.asarray(devices).reshape(cfg.shape), MESH_AXES)
+      f"mesh dcn*data*fsdp*tensor={cfg.dcn}*{cfg.data}*{cfg.fsdp}*"
+      f"{cfg.tensor}={cfg.size} does not match the {len(devices)} available "
+      "devices")
+  if cfg.dcn == 1:
+    return np.asarray(devices).reshape(cfg.shape)
+  # Devices of a multi-slice TPU run carry distinct slice_index values.
+  # CPU devices of a multi-process run all say slice_index 0 (measured,
+  # jax 0.11.2; jax.distributed.initialize(partition_index=...) reaches only
+  # PJRT plugin clients, not the CPU one), so when every device is in one
+  # slice, each process stands for a slice (process_is_granule).
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+  key, granules = (("slice_index", "slices") if by_slice else
+                   ("process_index", "processes"))
+  sizes = collections.Counter(getattr(d, key) for d in devices)
+  if len(sizes) != cfg.dcn or len(set(sizes.values())) != 1:
+    why = "" if by_slice else " (the devices are in one slice)"
+    raise ConfigError(
+      f"mesh.dcn={cfg.dcn}: expected the {len(devices)} devices in "
+      f"{cfg.dcn} equal {granules}{why}; found {len(sizes)}, of "
+      f"{'/'.join(str(n) for n in sizes.values())} devices")
+  # allow_split_physical_axes: without it a slice's torus takes only axes
+  # that are products of whole torus dims (fsdp=8 on a 4x4 v5e fails).
+  try:
+    return mesh_utils.create_hybrid_device_mesh(
+      (1, cfg.data, cfg.fsdp, cfg.tensor), (cfg.dcn, 1, 1, 1), devices,
+      process_is_granule=not by_slice, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError) as e:
+    raise ConfigError(
+      f"mesh data*fsdp*tensor={cfg.data}*{cfg.fsdp}*{cfg.tensor} cannot be "
+      f"laid out on each of the {cfg.dcn} {granules}: "
+      f"{' '.join(str(e).split())[:300]}") from e
 
 
 def logical_to_spec(names: Sequence[str | None]) -> P:
@@ -180,6 +225,13 @@ def optax_state_shardings(optimizer: optax.GradientTransformation,
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(BT))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways `batch_sharding` splits the batch (dcn*data*fsdp)."""
+  axes = RULES["batch"]
+  axes = (axes,) if isinstance(axes, str) else axes or ()
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

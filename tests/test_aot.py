@@ -1,5 +1,6 @@
-"""`--compile_only --topology=...`: TPU slice names, the CLI report, the
-FLOPs XLA counts for the Pallas kernel, and the 1B config on v5e-16.
+"""`--compile_only --topology=...`: TPU slice names, the CLI report (one
+slice or several, mesh.dcn), the FLOPs XLA counts for the Pallas kernel,
+and the 1B config on v5e-16.
 
 No TPU needed: libtpu compiles for abstract topologies. Skips without it.
 """
@@ -68,6 +69,32 @@ def test_cli_compile_only_prints_report_without_workdir(tmp_path):
   assert "of 16.00 GiB HBM: fits" in r.stdout
   assert "XLA cost analysis" in r.stdout
   assert list(tmp_path.iterdir()) == []    # no workdir, nothing written
+
+
+def test_report_for_two_slices_is_per_chip_and_names_the_slices():
+  """--config.mesh.dcn=2 compiles for two slices of the topology: 8 chips
+  of v5e:2x2, each still with its own 16 GiB."""
+  _devices(aot.parse_topology("v5e:2x2"))   # skips where libtpu cannot
+  cd = override(decoder_1b.get_config(), **{
+    **SMALL, "train.batch_size": 8, "mesh.dcn": 2, "mesh.fsdp": 2,
+    "mesh.tensor": 2})
+  lines = []
+  assert aot.report(cd, "v5e:2x2", log=lines.append), lines
+  assert lines[0].startswith(
+    "compiled decoder_1b for 2 slices of v5e:2x2 (8 x TPU v5 lite, mesh "
+    "{'dcn': 2, 'data': 1, 'fsdp': 2, 'tensor': 2}"), lines[0]
+  assert "of 16.00 GiB HBM: fits" in lines[1], lines[1]
+
+
+def test_bad_dcn_is_one_line_error_before_libtpu(monkeypatch):
+  # libtpu itself reads num_slices 0 or -1 as one slice.
+  def no_libtpu(*args, **kwargs):
+    raise AssertionError("libtpu asked for slices of a bad config")
+  monkeypatch.setattr(aot, "topology_devices", no_libtpu)
+  cd = override(decoder_1b.get_config(), **{"mesh.dcn": -1})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^mesh.dcn=-1: expected a positive value$"):
+    aot.report(cd, "v5e:2x2")
 
 
 def test_cli_unknown_topology_is_one_line_error(tmp_path):

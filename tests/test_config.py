@@ -71,7 +71,8 @@ POSITIVE = [
   "model.num_layers", "model.embed_dim", "model.num_heads",
   "model.num_kv_heads", "model.mlp_dim", "model.vocab_size", "data.seq_len",
   "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
-  "checkpoint.every_steps", "checkpoint.keep", "mesh.fsdp", "mesh.tensor"]
+  "checkpoint.every_steps", "checkpoint.keep", "mesh.dcn", "mesh.fsdp",
+  "mesh.tensor"]
 
 
 @pytest.mark.parametrize("path", POSITIVE)
@@ -104,8 +105,42 @@ def test_unknown_keys_and_wrong_types():
 
 def test_data_minus_one_takes_remaining_devices():
   cfg = config_lib.from_config_dict(_cd(**{"mesh.tensor": 2}), device_count=8)
-  assert cfg.mesh.shape == (4, 1, 2)
+  assert cfg.mesh.shape == (1, 4, 1, 2)
   assert cfg.model.resolved_head_dim == 32
+  # Slices are taken first: 16 devices in 2 slices, tensor 2 -> data 4.
+  cfg = config_lib.from_config_dict(
+    _cd(**{"mesh.dcn": 2, "mesh.tensor": 2}), device_count=16)
+  assert cfg.mesh.shape == (2, 4, 1, 2) and cfg.mesh.size == 16
+
+
+@pytest.mark.parametrize("overrides,device_count,message", [
+  ({"mesh.dcn": 0}, None, "mesh.dcn=0: expected a positive value"),
+  ({"mesh.dcn": -2}, 8, "mesh.dcn=-2: expected a positive value"),
+  ({"mesh.dcn": 3}, 8,
+   "mesh.dcn*mesh.fsdp*mesh.tensor=3*1*1 does not divide the 8 available "
+   "devices"),
+  ({"mesh.dcn": 2, "mesh.data": 2, "mesh.fsdp": 4}, 8,
+   "mesh dcn*data*fsdp*tensor=2*2*4*1=16 does not match the 8 available "
+   "devices"),
+  # The batch is split over dcn*data*fsdp: 12 rows over 2*2*2=8 shards.
+  ({"mesh.dcn": 2, "mesh.data": 2, "mesh.fsdp": 2, "train.batch_size": 12},
+   8, "train.batch_size=12 is not divisible by the data-parallel size "
+   "mesh.dcn*mesh.data*mesh.fsdp=2*2*2=8"),
+])
+def test_dcn_errors_are_one_line_naming_the_value(overrides, device_count,
+                                                  message):
+  with pytest.raises(ConfigError) as e:
+    config_lib.from_config_dict(_cd(**overrides), device_count=device_count)
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_dcn_is_a_config_key_with_default_one():
+  """configs/base.py is generated from the dataclass defaults, so the key
+  exists for `--config.mesh.dcn=2` overrides."""
+  assert base.get_config().mesh.dcn == 1
+  cfg = config_lib.from_config_dict(_cd(**{"mesh.dcn": 2}), device_count=8)
+  assert cfg.mesh.shape == (2, 4, 1, 1)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -1,11 +1,15 @@
 """One train step is the same on any mesh; parameters are sharded by rules."""
 
+import dataclasses
+import os
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from efficient_lm import sharding
+from efficient_lm.config import ConfigError, MeshConfig
 from efficient_lm.training import loop
 from tests.helpers import small_config, two_train_steps
 
@@ -86,8 +90,86 @@ def test_activations_are_constrained_and_attention_is_shard_mapped():
 
 
 def test_logical_rules_do_not_reuse_a_mesh_axis():
-  # 'batch' uses data+fsdp; 'embed' (fsdp) in the same spec must replicate.
-  assert sharding.logical_to_spec(("batch", "embed")) == P(("data", "fsdp"),
-                                                          None)
+  # 'batch' uses dcn+data+fsdp; 'embed' (fsdp) in the same spec replicates.
+  assert sharding.logical_to_spec(("batch", "embed")) == P(
+    ("dcn", "data", "fsdp"), None)
   with pytest.raises(KeyError, match="no rule"):
     sharding.logical_to_spec(("no_such_axis",))
+
+
+def test_batch_is_split_over_slices_and_parameters_are_not():
+  """Across slices (dcn) only data parallelism: the batch is split over
+  dcn*data*fsdp, and no parameter or optimizer moment is sharded over dcn
+  (each slice holds a full fsdp-sharded copy)."""
+  t = loop.build_trainer(small_config(**{"mesh.data": 2, "mesh.fsdp": 2,
+                                         "mesh.tensor": 2}))
+  assert t.mesh.axis_names == ("dcn", "data", "fsdp", "tensor")
+  assert sharding.batch_sharding(t.mesh).spec == P(("dcn", "data", "fsdp"),
+                                                   None)
+  assert sharding.batch_shards(t.mesh) == 4
+  specs = [a.sharding.spec for a in jax.tree.leaves(t.abstract_state)]
+  assert any("fsdp" in str(s) for s in specs)   # the check below can fail
+  assert not [s for s in specs if "dcn" in str(s)]
+
+
+def test_one_slice_mesh_keeps_the_device_order():
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  assert mesh.devices.shape == (1, 2, 2, 2)
+  assert list(mesh.devices.flat) == jax.devices()
+
+
+def test_dcn_without_slices_or_processes_is_one_line_error():
+  # 8 CPU devices in this one process: no slice_index, one process.
+  with pytest.raises(ConfigError) as e:
+    sharding.make_mesh(MeshConfig(dcn=2, data=4))
+  assert str(e.value) == (
+    "mesh.dcn=2: expected the 8 devices in 2 equal processes (the devices "
+    "are in one slice); found 1, of 8 devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class _CpuDevice:
+  """What mesh_utils reads of a CPU device of a multi-process run: its
+  slice_index is 0 on every process (jax 0.11.2)."""
+  id: int
+  process_index: int
+  slice_index: int = 0
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+
+
+def test_dcn_groups_processes_when_devices_are_in_one_slice():
+  # Two processes of four devices, listed interleaved: each process's
+  # devices must fill one dcn index all the same.
+  devices = [_CpuDevice(i, i % 2) for i in range(8)]
+  grid = sharding.device_grid(MeshConfig(dcn=2, data=1, fsdp=2, tensor=2),
+                              devices)
+  assert grid.shape == (2, 1, 2, 2)
+  assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [
+    {0}, {1}]
+  # Three processes (5 + 3 devices) cannot be two equal slices.
+  uneven = [_CpuDevice(i, int(i >= 5)) for i in range(8)]
+  with pytest.raises(ConfigError, match=r"found 2, of 5/3 devices$"):
+    sharding.device_grid(MeshConfig(dcn=2, data=4), uneven)
+
+
+@pytest.mark.tpu_aot
+def test_dcn_puts_each_tpu_slice_in_one_dcn_index():
+  """Real multi-slice device descriptions (libtpu, compile-only) carry
+  slice_index; their order must not matter."""
+  pytest.importorskip("libtpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    desc = topologies.get_topology_desc(platform="tpu",
+                                        topology_name="v5e:2x2", num_slices=2)
+  except Exception as e:  # libtpu present but unusable on this host
+    pytest.skip(f"no compile-only TPU topology v5e:2x2 x 2: {e}")
+  devices = list(desc.devices)[::-1]          # slice 1 first
+  mesh = sharding.make_mesh(MeshConfig(dcn=2, data=1, fsdp=2, tensor=2),
+                            devices)
+  assert mesh.devices.shape == (2, 1, 2, 2)
+  assert [{d.slice_index for d in mesh.devices[i].flat}
+          for i in range(2)] == [{0}, {1}]
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(
+    d.id for d in devices)

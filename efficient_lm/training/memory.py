@@ -121,7 +121,8 @@ def config_problem(cfg, *, available: int | None = None) -> str | None:
   have = host_available_bytes() if available is None else available
   if have is None or need <= have:
     return None
-  devices = cfg.mesh.fsdp * cfg.mesh.tensor * max(cfg.mesh.data, 1)
+  devices = (cfg.mesh.dcn * max(cfg.mesh.data, 1) * cfg.mesh.fsdp
+             * cfg.mesh.tensor)
   return _problem(per_device=need // devices, devices=devices, need=need,
                   where=f"this host has {have / GIB:.1f} GiB available",
                   num_params=sum(a.size for a in jax.tree.leaves(pure)),
