@@ -182,3 +182,14 @@ def test_killed_process_stops_the_other_within_the_bound(tmp_path):
   # Our line, or the runtime's own when it ends the process first.
   assert ("lost process 1 of 2" in err
           or "stopped sending heartbeats):\n1" in err), err[-3000:]
+
+
+def test_two_slices_over_dcn_equal_one_process(runs, tmp_path):
+  """mesh.dcn=2 across 2 processes (CPU devices report one slice, so each
+  process is a slice) x data 4: the batch is split over dcn x data and the
+  run is the single-process data=8 run."""
+  work = tmp_path / "dcn"
+  _run(work, 2, 4, "--config.mesh.dcn=2")
+  saved = json.load(open(work / "config.json"))["mesh"]
+  assert (saved["dcn"], saved["data"]) == (2, 4), saved
+  _assert_same_run(work, runs["single"], exact=False)
