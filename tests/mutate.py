@@ -127,6 +127,12 @@ MUTATIONS = [
   _m("batch_not_split_over_dcn", "efficient_lm/sharding.py",
      '"batch": ("dcn", "data", "fsdp"),', '"batch": ("data", "fsdp"),',
      "tests/test_multihost.py", "-k", "dcn"),
+  _m("restore_hosts_not_agreed_before_read",
+     "efficient_lm/training/checkpoint.py",
+     "                                                    config)\n"
+     "    problem = _agree(problem)\n",
+     "                                                    config)\n",
+     "tests/test_multihost.py", "-k", "set_aside"),
   _m("heartbeat_not_configured", "efficient_lm/multihost.py",
      "process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,",
      "process_id=process_id,",

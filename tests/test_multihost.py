@@ -193,3 +193,18 @@ def test_two_slices_over_dcn_equal_one_process(runs, tmp_path):
   saved = json.load(open(work / "config.json"))["mesh"]
   assert (saved["dcn"], saved["data"]) == (2, 4), saved
   _assert_same_run(work, runs["single"], exact=False)
+
+
+def test_step_one_process_cannot_read_is_set_aside_by_all(runs, tmp_path):
+  """Process 1's iterator state of the newest step is damaged: both
+  processes drop that step (renamed once, by process 0) and resume from the
+  previous one, which ends as the uninterrupted run."""
+  work = tmp_path / "damaged"
+  shutil.copytree(runs["multi"], work)
+  os.truncate(work / "checkpoints" / str(STEPS) / "data" / "process_1.json",
+              3)
+  errs = _run(work, 2, 4)
+  assert "resumed from step 4" in errs[0], errs[0][-2000:]
+  names = os.listdir(work / "checkpoints")
+  assert f"{STEPS}.corrupt" in names and f"{STEPS}.corrupt-1" not in names
+  _assert_same_run(work, runs["multi"], exact=True)

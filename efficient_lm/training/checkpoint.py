@@ -290,17 +290,51 @@ class Checkpointer:
 
     Raises CheckpointError if the checkpoint is fine but does not fit
     `abstract_state` or `config`: that is a config change, not corruption.
+    With several processes a problem may show on one host only (its own
+    data file, its shards): the hosts agree after the local checks and
+    after the read, so that either all or none enter the next collective
+    (orbax's restore barrier, the fingerprint sums over sharded arrays).
     """
+    data_state, changes, problem = self._check_step(step, abstract_state,
+                                                    config)
+    problem = _agree(problem)
+    if problem:
+      return None, None, problem
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    try:
+      restored = self._mgr.restore(step, args=args)
+    except Exception as e:  # tensorstore read errors are bare `Exception`s
+      contain_failed_read_noise()
+      problem = one_line(e)
+    problem = _agree(problem)
+    if problem:
+      return None, None, problem
+    expected = self._mgr.metadata(step).custom_metadata or {}
+    bad_key = _first_difference(expected.get("fingerprint"),
+                                _fingerprint(restored["state"]))
+    if bad_key is not None:
+      return None, None, f"array {bad_key!r} does not match its fingerprint"
+    if changes and jax.process_index() == 0:
+      print(f"checkpoint: resuming step {step} with a changed config: "
+            f"{describe_changes(changes)}", file=sys.stderr, flush=True)
+    return restored["state"], data_state, None
+
+  def _check_step(self, step: int, abstract_state: Any,
+                  config: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, Any] | None, dict[str, Any],
+                             str | None]:
+    """`(data_state, config changes, problem)` from this host's reads of
+    `step`'s small files, with no collective."""
     step_dir = self.directory / str(step)
     problem = commit_problem(step_dir)
     if problem:
-      return None, None, problem
+      return None, {}, problem
     changes = {}
     if config is not None:
-      try:
-        saved = self.saved_config(step)
-      except CheckpointError as e:
-        return None, None, str(e)
+      try:   # read directly: orbax's restore would be a barrier
+        saved = json.loads((step_dir / "config" / "metadata").read_text())
+      except (OSError, ValueError) as e:
+        return None, {}, f"unreadable config ({one_line(e)})"
       changes = config_changes(saved, config)
       model = [k for k in changes if k.startswith("model.")
                and k not in _RUNTIME_MODEL_KEYS]
@@ -313,33 +347,18 @@ class Checkpointer:
     try:
       meta = self._mgr.item_metadata(step)["state"]
     except Exception as e:  # corrupt metadata surfaces as any error type
-      return None, None, f"unreadable state metadata ({one_line(e)})"
+      return None, {}, f"unreadable state metadata ({one_line(e)})"
     if meta is None:
-      return None, None, "state metadata missing"
+      return None, {}, "state metadata missing"
     _check_fits(step, self.directory, _flat(getattr(meta, "tree", meta)),
                 _flat(abstract_state))
     try:
       data_state = _read_data_state(step_dir / "data", self._data_file)
     except (OSError, ValueError) as e:
-      return None, None, f"unreadable data-iterator state ({one_line(e)})"
+      return None, {}, f"unreadable data-iterator state ({one_line(e)})"
     if data_state is None:
-      return None, None, f"data/{self._data_file} missing"
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              config=ocp.args.JsonRestore())
-    try:
-      restored = self._mgr.restore(step, args=args)
-    except Exception as e:  # tensorstore read errors are bare `Exception`s
-      contain_failed_read_noise()
-      return None, None, one_line(e)
-    expected = self._mgr.metadata(step).custom_metadata or {}
-    bad_key = _first_difference(expected.get("fingerprint"),
-                                _fingerprint(restored["state"]))
-    if bad_key is not None:
-      return None, None, f"array {bad_key!r} does not match its fingerprint"
-    if changes and jax.process_index() == 0:
-      print(f"checkpoint: resuming step {step} with a changed config: "
-            f"{describe_changes(changes)}", file=sys.stderr, flush=True)
-    return restored["state"], data_state, None
+      return None, {}, f"data/{self._data_file} missing"
+    return data_state, changes, None
 
   def _set_aside(self, step: int, problem: str) -> None:
     dst, k = self.directory / f"{step}.corrupt", 0
