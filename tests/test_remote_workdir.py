@@ -92,16 +92,20 @@ def _losses(text):
 
 # ------------------------------------------------------------ malformed URLs
 
-@pytest.mark.parametrize("workdir", [
-  "gs:/bucket/x", "gs:bucket/x", "gs://", "gs:///x", "s4://x", "foo://x",
-  "gs://Bad_Bucket/x"])
+@pytest.mark.parametrize("workdir,problem", [
+  ("gs:/bucket/x", "is a malformed URL"), ("gs:bucket/x", "is a malformed URL"),
+  ("gs://", "names no bucket"), ("gs:///x", "names no bucket"),
+  ("s4://x", "has the unsupported scheme 's4'"),
+  ("foo://x", "has the unsupported scheme 'foo'"),
+  ("gs://Bad_Bucket/x", "has no valid bucket name ('Bad_Bucket')")])
 def test_malformed_workdir_url_fails_before_anything_is_written(
-    workdir, tmp_path, monkeypatch):
+    workdir, problem, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)   # where a mangled path would be created
   with pytest.raises(config_lib.ConfigError) as e:
     loop.run(small_config(), workdir)
   message = str(e.value)
-  assert f"workdir {workdir!r}" in message and "expected" in message
+  assert message.startswith(f"workdir {workdir!r} {problem}")
+  assert "expected" in message
   assert "\n" not in message
   assert os.listdir(tmp_path) == []
 
@@ -158,8 +162,10 @@ def test_metrics_on_gcs_sync_and_drop_a_killed_runs_rows(gcs, tmp_path):
   for step in range(1, 8):
     first.write(step, {"loss": float(step)})
   assert not (workdir / "metrics.jsonl").exists()   # not synced yet
-  first.sync()
+  first.sync()   # right after the writes: nothing may still be queued
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 7
+  synced = _remote_events(workdir / "tensorboard", tmp_path / "synced")
+  assert [e.step for e in synced if e.summary.value] == [1, 2, 3, 4, 5, 6, 7]
   first.close()
   torn = (workdir / "metrics.jsonl").read_text() + '{"step": 8, "lo'
   (workdir / "metrics.jsonl").write_text(torn)   # a killed run's last row
@@ -174,12 +180,18 @@ def test_metrics_on_gcs_sync_and_drop_a_killed_runs_rows(gcs, tmp_path):
           (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["loss"]) for r in rows] == [
     (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
-  for f in (workdir / "tensorboard").iterdir():   # parsed locally
-    (tmp_path / f.name).write_bytes(f.read_bytes())
-  events = _tensorboard_events(tmp_path)
+  events = _remote_events(workdir / "tensorboard", tmp_path / "final")
   assert sorted(e.step for e in events if e.summary.value) == [
     1, 2, 3, 4, 5, 6, 6, 7]
   assert [e.step for e in events if e.HasField("session_log")] == [6]
+
+
+def _remote_events(directory, local):
+  """The events of the files under `directory` (epath), read locally."""
+  local.mkdir()
+  for f in directory.iterdir():
+    (local / f.name).write_bytes(f.read_bytes())
+  return _tensorboard_events(local)
 
 
 def test_train_killed_and_resumed_in_gcs_equals_local(gcs, tmp_path):
