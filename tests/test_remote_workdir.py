@@ -159,9 +159,10 @@ def test_metrics_on_gcs_sync_and_drop_a_killed_runs_rows(gcs, tmp_path):
   from etils import epath
   workdir = epath.Path(f"gs://{BUCKET}/metrics")
   first = metrics.MetricWriter(workdir, sync_seconds=3600)
-  for step in range(1, 8):
-    first.write(step, {"loss": float(step)})
+  first.write(1, {"loss": 1.0})
   assert not (workdir / "metrics.jsonl").exists()   # not synced yet
+  for step in range(2, 8):
+    first.write(step, {"loss": float(step)})
   first.sync()   # right after the writes: nothing may still be queued
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 7
   synced = _remote_events(workdir / "tensorboard", tmp_path / "synced")
