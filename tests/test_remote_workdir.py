@@ -208,11 +208,12 @@ def test_train_killed_and_resumed_in_gcs_equals_local(gcs, tmp_path):
       [sys.executable, *script, *SMALL_FLAGS, *extra], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=300)
 
-  killed = train(f"--workdir={workdir}", "--crash_at=12",
-                 "--crash_after_checkpoint=10",
+  # keep=1: the resume's save of step 20 deletes step 10 from the bucket.
+  killed = train(f"--workdir={workdir}", "--config.checkpoint.keep=1",
+                 "--crash_at=12", "--crash_after_checkpoint=10",
                  script=("tests/crash_train.py",))
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  resumed = train(f"--workdir={workdir}")
+  resumed = train(f"--workdir={workdir}", "--config.checkpoint.keep=1")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"warning: {workdir} is remote" in resumed.stderr
   assert f"resumed from step 10 in {workdir}/checkpoints" in resumed.stderr
@@ -223,7 +224,7 @@ def test_train_killed_and_resumed_in_gcs_equals_local(gcs, tmp_path):
   root = epath.Path(workdir)
   assert {"config.json", "runs.jsonl", "metrics.jsonl", "tokenizer.json",
           "tensorboard", "checkpoints"} <= {p.name for p in root.iterdir()}
-  assert {p.name for p in (root / "checkpoints").iterdir()} == {"10", "20"}
+  assert {p.name for p in (root / "checkpoints").iterdir()} == {"20"}
   # One event file a start; the killed run's reached the bucket with every
   # step up to its checkpoint, uploaded before the save.
   tb_steps = {}
