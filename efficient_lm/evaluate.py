@@ -11,7 +11,6 @@ to stdout, and appends that JSON as a line to <workdir>/eval.jsonl.
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
@@ -31,7 +30,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # orbax logs each read at INFO
   cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
   cpu_runtime.use_cpu_only_without_accelerator()
-  from efficient_lm import runs
+  from etils import epath
+  from efficient_lm import paths, runs
   from efficient_lm.training.workdir import EVAL
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
   try:
@@ -42,10 +42,9 @@ def main(argv):
   print(summary(result), file=sys.stderr, flush=True)
   line = json.dumps(result)
   print(line, flush=True)
-  path = os.path.join(run.workdir, EVAL)
+  path = epath.Path(run.workdir) / EVAL
   try:
-    with open(path, "a") as f:
-      f.write(line + "\n")
+    paths.append_text(path, line + "\n")
   except OSError as e:   # a run on a read-only disk still evaluates
     print(f"warning: could not append to {path}: {e}", file=sys.stderr)
 

@@ -18,27 +18,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
 def read_metrics(workdir: str) -> tuple[list, list]:
   """(train rows, eval rows) of <workdir>/metrics.jsonl: (step, loss)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = _workdir(workdir) / "metrics.jsonl"
+  if not path.exists():
     raise ValueError(f"--workdir={workdir}: no metrics.jsonl (not a run "
                      "directory, or it has not logged a step yet)")
   train, evals = {}, {}
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue   # a line cut short by a kill
-      if "loss" in rec:
-        train[rec["step"]] = rec["loss"]   # a resumed run's rows win
-      if "eval_loss" in rec:
-        evals[rec["step"]] = rec["eval_loss"]
+  for line in path.read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue   # a line cut short by a kill
+    if "loss" in rec:
+      train[rec["step"]] = rec["loss"]   # a resumed run's rows win
+    if "eval_loss" in rec:
+      evals[rec["step"]] = rec["eval_loss"]
   return sorted(train.items()), sorted(evals.items())
 
 
@@ -46,13 +44,18 @@ def flops_per_step(workdir: str) -> float:
   """Training FLOPs of one step of the run, from its saved config."""
   from efficient_lm import config as config_lib
   from efficient_lm.models import flops as flops_lib
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = _workdir(workdir) / "config.json"
+  if not path.exists():
     raise ValueError(f"--workdir={workdir}: no config.json")
-  with open(path) as f:
-    cfg = config_lib.from_config_dict(json.load(f))
+  cfg = config_lib.from_config_dict(json.loads(path.read_text()))
   per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["train"]
   return per_token * cfg.train.batch_size * cfg.data.seq_len
+
+
+def _workdir(workdir: str):
+  """`workdir` as an epath.Path (local or gs://); PathError if malformed."""
+  from efficient_lm import paths
+  return paths.resolve(workdir)
 
 
 def curves(workdirs: list[str], out: str) -> None:
@@ -64,7 +67,7 @@ def curves(workdirs: list[str], out: str) -> None:
   for i, wd in enumerate(workdirs):
     train, evals = read_metrics(wd)
     per_step = flops_per_step(wd)
-    label = os.path.basename(os.path.normpath(wd))
+    label = _workdir(wd).name
     color = f"C{i}"
     for ax, scale in ((by_step, 1.0), (by_flops, per_step)):
       if train:
@@ -114,7 +117,7 @@ def routing(workdir: str, text: str, out: str, max_tokens: int) -> None:
                 [repr(p)[1:-1] or " " for p in pieces], fontsize=7,
                 rotation=90)
   kind = run.config.model.routing.kind
-  ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: tokens "
+  ax.set_title(f"{_workdir(workdir).name}: tokens "
                f"each routed {'recursion step' if kind == 'mor' else 'block'}"
                " processes (causal decision, step "
                f"{run.step}); processed {grid.mean():.0%}", fontsize=9)

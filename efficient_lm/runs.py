@@ -17,18 +17,18 @@ import dataclasses
 import datetime
 import itertools
 import math
-import os
 import sys
 import time
 import typing
 from typing import Any, Sequence
 
 import jax
+from etils import epath
 from flax import nnx
 
 from efficient_lm import config as config_lib
 from efficient_lm import data as data_lib
-from efficient_lm import sharding
+from efficient_lm import paths, sharding
 from efficient_lm.config import Config, ConfigError, DataConfig
 from efficient_lm.data import DataError, Tokenizer
 from efficient_lm.training import checkpoint, loop
@@ -96,12 +96,13 @@ def load_run(workdir: str, *, overrides: Sequence[str] = (),
   as divide `train.batch_size`.
   """
   parse_overrides(overrides)   # bad input fails before anything is read
-  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(workdir):
+  # Local: made absolute (orbax needs that); gs://: as it is.
+  path = paths.resolve(workdir)
+  workdir = str(path)
+  ckpt_dir = path / "checkpoints"
+  if not path.is_dir():
     raise RunError(f"workdir {workdir} does not exist")
-  if not (os.path.isdir(ckpt_dir) or os.path.isfile(
-      os.path.join(workdir, CONFIG))):
+  if not (ckpt_dir.is_dir() or (path / CONFIG).is_file()):
     raise RunError(f"{workdir} is not a training run (no checkpoints/ and no "
                    f"{CONFIG})")
   if not checkpoint.step_numbers(ckpt_dir):
@@ -195,8 +196,8 @@ def _perplexity(loss: float) -> float:
 
 
 def _tokenizer(workdir: str, saved_data: DataConfig) -> Tokenizer:
-  path = os.path.join(workdir, TOKENIZER)
-  if os.path.exists(path):
+  path = epath.Path(workdir) / TOKENIZER
+  if path.exists():
     return data_lib.load_tokenizer(path)
   print(f"warning: {workdir} has no {TOKENIZER} (trained before it was "
         f"saved): rebuilding data.tokenizer={saved_data.tokenizer!r} from the "

@@ -3,9 +3,11 @@
 Used by the resume test to simulate a killed process (no clean exit, no
 final save), and by the multi-process tests to kill or preempt (SIGTERM)
 one process of several. Usage: python tests/crash_train.py --crash_at=N
-[--crash_signal=TERM] [--crash_process=I] <the usual train flags>. The kill waits until the checkpoint directory of
-`--crash_after_checkpoint` is committed (orbax renames it into place), so
-the test is deterministic even though saves are asynchronous.
+[--crash_signal=TERM] [--crash_process=I] <the usual train flags>. The
+signal waits until the checkpoint directory of `--crash_after_checkpoint`
+is committed (its orbax commit record is written, on a local disk and on
+gs:// alike), so the test is deterministic even though saves are
+asynchronous.
 """
 
 import os
@@ -14,11 +16,12 @@ import sys
 import time
 
 from absl import app, flags
+from etils import epath
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from efficient_lm import train  # noqa: E402  (defines the train flags)
-from efficient_lm.training import loop  # noqa: E402
+from efficient_lm.training import checkpoint, loop  # noqa: E402
 
 _CRASH_AT = flags.DEFINE_integer("crash_at", None, "kill after this step")
 _AFTER = flags.DEFINE_integer("crash_after_checkpoint", None,
@@ -33,7 +36,7 @@ def _install_hook():
   real_run = loop.run
 
   def run(cfg, workdir, *, hooks=(), **kwargs):
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
 
     def crash(step):
       import jax
@@ -42,7 +45,7 @@ def _install_hook():
         return
       deadline = time.time() + 60
       while (_AFTER.value is not None and time.time() < deadline and
-             not os.path.isdir(os.path.join(ckpt_dir, str(_AFTER.value)))):
+             not checkpoint.is_committed(ckpt_dir / str(_AFTER.value))):
         time.sleep(0.05)
       os.kill(os.getpid(), getattr(signal, "SIG" + _SIGNAL.value))
 

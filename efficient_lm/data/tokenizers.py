@@ -28,7 +28,9 @@ import os
 from typing import Iterable, Optional, Protocol
 
 import numpy as np
+from etils import epath
 
+from efficient_lm import paths
 from efficient_lm.config import DataConfig
 from efficient_lm.data.errors import DataError
 from efficient_lm.data.sources import Corpus, load_corpus
@@ -164,7 +166,8 @@ class SentencePieceTokenizer:
   """A trained SentencePiece model file; specials are whatever it defines."""
 
   def __init__(self, model_path: str):
-    if not os.path.isfile(model_path):
+    # epath: the copy in a gs:// workdir is read from there.
+    if not epath.Path(model_path).is_file():
       raise DataError(
         f"data.tokenizer={model_path!r}: no such SentencePiece model file")
     import sentencepiece  # pylint: disable=g-import-not-at-top  (optional)
@@ -172,8 +175,7 @@ class SentencePieceTokenizer:
     self.model_path = model_path
     # The bytes are kept so save_tokenizer copies the model that is in use,
     # even if the file changes afterwards.
-    with open(model_path, "rb") as f:
-      self.model_proto = f.read()
+    self.model_proto = epath.Path(model_path).read_bytes()
     try:
       self._sp = sentencepiece.SentencePieceProcessor(
         model_proto=self.model_proto)
@@ -236,7 +238,7 @@ def make_tokenizer(data_cfg: DataConfig) -> Tokenizer:
 SENTENCEPIECE_COPY = "tokenizer.model"
 
 
-def save_tokenizer(tok: Tokenizer, path: str) -> None:
+def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
   """Writes `path` (JSON) describing `tok` so load_tokenizer rebuilds it.
 
   {"kind": "byte"}; {"kind": "char", "chars": the exact sorted vocabulary};
@@ -245,30 +247,32 @@ def save_tokenizer(tok: Tokenizer, path: str) -> None:
   copied beside `path`, so the directory is self-contained even when the
   original file moves or changes. Files are replaced atomically.
   """
+  path = epath.Path(path)
   if isinstance(tok, ByteTokenizer):
     desc = {"kind": "byte"}
   elif isinstance(tok, CharTokenizer):
     desc = {"kind": "char", "chars": tok.chars}
   elif isinstance(tok, SentencePieceTokenizer):
-    directory = os.path.dirname(os.path.abspath(path))
-    _write_atomic(os.path.join(directory, SENTENCEPIECE_COPY),
-                  tok.model_proto)
+    paths.write_atomic(path.parent / SENTENCEPIECE_COPY, tok.model_proto)
+    source = tok.model_path
+    if not paths.is_remote(source):
+      source = os.path.abspath(source)
     desc = {"kind": "sentencepiece", "model_file": SENTENCEPIECE_COPY,
-            "source": os.path.abspath(tok.model_path),
+            "source": source,
             "sha256": hashlib.sha256(tok.model_proto).hexdigest()}
   else:
     raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__}")
   desc["vocab_size"] = tok.vocab_size
-  _write_atomic(path, (json.dumps(desc, ensure_ascii=False, indent=2) + "\n"
-                       ).encode("utf-8"))
+  paths.write_atomic(path, (json.dumps(desc, ensure_ascii=False, indent=2)
+                            + "\n").encode("utf-8"))
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: epath.PathLike) -> Tokenizer:
   """The tokenizer that save_tokenizer described in `path`; DataError (one
   line) if the file is unreadable or does not describe what it held."""
+  path = epath.Path(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      desc = json.load(f)
+    desc = json.loads(path.read_text(encoding="utf-8"))
     kind = desc["kind"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise DataError(f"{path}: not a readable tokenizer description "
@@ -278,15 +282,15 @@ def load_tokenizer(path: str) -> Tokenizer:
   elif kind == "char":
     tok = CharTokenizer(desc.get("chars", ""))
   elif kind == "sentencepiece":
-    model = os.path.join(os.path.dirname(os.path.abspath(path)),
-                         str(desc.get("model_file")))
-    if os.path.isfile(model):   # else the constructor says it is missing
-      with open(model, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    model = path.parent / str(desc.get("model_file"))
+    if not paths.is_remote(model):
+      model = model.resolve()
+    if model.is_file():   # else the constructor says it is missing
+      digest = hashlib.sha256(model.read_bytes()).hexdigest()
       if digest != desc.get("sha256"):
         raise DataError(f"{model}: sha256 {digest} differs from the "
                         f"{desc.get('sha256')} recorded in {path}")
-    tok = SentencePieceTokenizer(model)
+    tok = SentencePieceTokenizer(os.fspath(model))
   else:
     raise DataError(f"{path}: kind={kind!r}: expected 'byte', 'char' or "
                     "'sentencepiece'")
@@ -294,10 +298,3 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise DataError(f"{path}: the {kind} tokenizer has {tok.vocab_size} ids, "
                     f"the file records vocab_size={desc.get('vocab_size')}")
   return tok
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)

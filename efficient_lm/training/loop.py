@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from efficient_lm import data as data_lib
-from efficient_lm import models, sharding
+from efficient_lm import models, paths, sharding
 from efficient_lm.config import Config, ConfigError
 from efficient_lm.models import flops as flops_lib
 from efficient_lm.training import console, losses, memory
@@ -186,8 +186,12 @@ def run(cfg: Config, workdir: str, *,
   are called with each finished step; `build_model` replaces `models.build`
   (tests train their own modules through the real loop).
   """
-  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
-  os.makedirs(workdir, exist_ok=True)
+  # Local: made absolute (orbax needs that); gs://: as it is. A malformed
+  # URL fails here, before anything compiles or is written.
+  workdir = paths.resolve(workdir)
+  if not paths.is_remote(workdir):   # object stores have no directories
+    workdir.mkdir(parents=True, exist_ok=True)
+  workdir = str(workdir)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _run(cfg, workdir, hooks, overrides, build_model)
 
@@ -207,7 +211,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
   eval_it = (make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0
              else None)
   eval_start = eval_it.get_state() if eval_it is not None else None
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = Checkpointer(epath.Path(workdir) / "checkpoints",
                       every_steps=cfg.checkpoint.every_steps,
                       keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
@@ -235,7 +239,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
   if is_main:   # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start,
                  overrides=overrides)
-    data_lib.save_tokenizer(tok, os.path.join(workdir, TOKENIZER))
+    data_lib.save_tokenizer(tok, epath.Path(workdir) / TOKENIZER)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
                                     start_step=start)
@@ -311,6 +315,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
           if pending is not None:
             read(pending)
             pending = None
+          writer.sync()   # a resume from this step finds all its rows
           ckpt.save(step, state, data_state=train_it.get_state(),
                     config=cfg.to_dict(), force=True)
         for hook in hooks:

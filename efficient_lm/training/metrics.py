@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
+from etils import epath
+
+from efficient_lm import paths
+
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched by substring
 # of `device.device_kind`, most specific first.
@@ -76,29 +85,51 @@ class MetricWriter:
   `start_step` is the step the run resumes from: rows a killed run wrote
   past it are dropped (those steps run again), and TensorBoard is told to
   purge them, so every step appears once.
+
+  A remote workdir (gs://) cannot be appended to, and tensorboardX's own
+  gs:// writer goes around epath (google-cloud-storage, its own credential
+  lookup) and re-uploads the whole event file at every flush. So both
+  files are written to a local staging directory and `sync()` uploads each
+  one that changed, whole, through epath: every upload replaces a complete
+  object, never a torn one. It runs at most every `sync_seconds` from
+  `write`, at each checkpoint save (the loop calls it first, so a resumed
+  run finds every row up to its checkpoint) and at `close`. The cost is
+  the file size per sync, not per row. On a local workdir the files are
+  written in place and `sync()` does nothing.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True,
-               start_step: int = 0):
+  def __init__(self, workdir: epath.PathLike, *, enabled: bool = True,
+               start_step: int = 0, sync_seconds: float = 60.0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._remote = None
+    self._synced: dict[str, tuple[int, int]] = {}   # name -> (size, mtime)
+    self._sync_seconds = sync_seconds
+    self._last_sync = time.monotonic()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    _drop_rows_after(path, start_step)
-    self._jsonl = open(path, "a")
+    workdir = epath.Path(workdir)
+    if paths.is_remote(workdir):
+      self._remote = workdir
+      self._local = epath.Path(tempfile.mkdtemp(prefix="efficient_lm-"))
+    else:
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._local = workdir
+    kept = _rows_up_to(workdir / METRICS, start_step)
+    if kept is not None:
+      paths.write_atomic(self._local / METRICS, "".join(kept))
+    self._jsonl = (self._local / METRICS).open("a")
     try:
-      from tensorboardX import SummaryWriter
       # Event files are named by the second and host only: a resume within
       # the same second would overwrite the previous file without a suffix.
-      self._tb = SummaryWriter(
-        os.path.join(workdir, "tensorboard"),
-        purge_step=start_step + 1 if start_step else None,
-        filename_suffix=f".{os.getpid()}.{start_step}")
+      self._tb = _EventFile(self._local / TENSORBOARD,
+                            purge_step=start_step + 1 if start_step else None,
+                            suffix=f".{os.getpid()}.{start_step}")
     except ImportError:  # tensorboardX is a dependency; stay usable anyway
       self._tb = None
+    if kept is not None:
+      self.sync()   # the dropped rows leave the remote copy now
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -110,19 +141,79 @@ class MetricWriter:
       for k, v in clean.items():
         if math.isfinite(v):
           self._tb.add_scalar(k, v, step)
+    if time.monotonic() - self._last_sync >= self._sync_seconds:
+      self.sync()
+
+  def sync(self) -> None:
+    """Uploads every staged file that changed (remote workdirs only)."""
+    if self._remote is None:
+      return
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    for local in [self._local / METRICS,
+                  *(self._local / TENSORBOARD).glob("*")]:
+      name = os.fspath(local.relative_to(self._local))
+      st = os.stat(local)
+      if self._synced.get(name) == (st.st_size, st.st_mtime_ns):
+        continue
+      (self._remote / name).write_bytes(local.read_bytes())
+      self._synced[name] = (st.st_size, st.st_mtime_ns)
+    self._last_sync = time.monotonic()
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    self._jsonl = self._tb = None
+    if self._remote is not None:
+      self.sync()
+      shutil.rmtree(self._local, ignore_errors=True)
+      self._remote = None
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+class _EventFile:
+  """TensorBoard scalars, written to the file synchronously.
+
+  tensorboardX's SummaryWriter hands events to a worker thread through a
+  multiprocessing queue, and its flush() misses what is still queued: an
+  upload right after it lacked the last events in 9 of 10 tries here, even
+  after waiting for the queue to report empty. EventsWriter, the file layer
+  under SummaryWriter, writes in the caller's thread.
+  """
+
+  def __init__(self, directory: epath.Path, *, purge_step: int | None,
+               suffix: str):
+    from tensorboardX import summary
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    self._pb, self._scalar = event_pb2, summary.scalar
+    directory.mkdir(parents=True, exist_ok=True)
+    self._writer = EventsWriter(os.fspath(directory / "events"), suffix)
+    if purge_step is not None:   # TensorBoard hides the later events
+      self._writer.write_event(event_pb2.Event(
+        wall_time=time.time(), step=purge_step,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self._writer.write_event(self._pb.Event(
+      wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _rows_up_to(path: epath.Path, step: int) -> list[str] | None:
+  """The rows of `path` up to `step`, or None if it needs no rewrite (it
+  is missing, or local and holds no later or torn row)."""
+  if not path.exists():
+    return None
+  lines = path.read_text().splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -130,11 +221,9 @@ def _drop_rows_after(path: str, step: int) -> None:
         keep.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError, TypeError):
       pass   # the torn last line of a killed run
-  if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+  if len(keep) == len(lines) and not paths.is_remote(path):
+    return None
+  return keep
 
 
 def human(n: float) -> str:

@@ -15,6 +15,12 @@
 
 Only process 0 touches these files; on a multi-host run the lock belongs to
 the job, and the other processes learn the outcome from process 0.
+
+The workdir may be gs://BUCKET/PATH (efficient_lm.paths): every file here
+goes through etils.epath. An object store has no flock, and a lock object
+alone could not tell a live holder from a preempted one (whose lock would
+then block its own resume), so a remote workdir is not locked: the run
+warns and goes on unguarded, as on a local filesystem without flock.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
+
+from efficient_lm import paths
 
 LOCK = "lock"
 CONFIG = "config.json"
@@ -65,8 +74,8 @@ class WorkdirLock:
   by a run that died, and is taken over with a message.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
-    self.path = os.path.join(workdir, LOCK)
+  def __init__(self, workdir: epath.PathLike, *, enabled: bool = True):
+    self.path = epath.Path(workdir) / LOCK
     self.enabled = enabled
     self._fd: int | None = None
 
@@ -82,6 +91,11 @@ class WorkdirLock:
     return self
 
   def _acquire(self) -> str | None:
+    if paths.is_remote(self.path):
+      print(f"warning: {self.path.parent} is remote: object stores have no "
+            "lock, so nothing guards against a second run in this workdir",
+            file=sys.stderr, flush=True)
+      return None
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -89,7 +103,7 @@ class WorkdirLock:
       previous = os.pread(fd, 4096, 0).decode(errors="replace")
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        return (f"workdir {os.path.dirname(self.path)} is in use by another "
+        return (f"workdir {self.path.parent} is in use by another "
                 f"run ({_holder(previous)}); wait for it or use another "
                 "--workdir")
       # A filesystem without flock (some FUSE mounts): run unguarded.
@@ -141,26 +155,23 @@ def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
                    for k, (old, new) in changes.items())
 
 
-def record_start(workdir: str, config: Mapping[str, Any], *, start_step: int,
-                 overrides: Sequence[str] = ()) -> None:
+def record_start(workdir: epath.PathLike, config: Mapping[str, Any], *,
+                 start_step: int, overrides: Sequence[str] = ()) -> None:
   """Writes config.json and appends this start to runs.jsonl.
 
   Called once the run is known to start (config valid, checkpoint
   restored), so the record never describes a run that did not happen.
   """
-  config_path = os.path.join(workdir, CONFIG)
+  workdir = epath.Path(workdir)
+  config_path = workdir / CONFIG
   try:
-    with open(config_path) as f:
-      changed = config_changes(json.load(f), config)
+    changed = config_changes(json.loads(config_path.read_text()), config)
   except (OSError, ValueError):
     changed = None   # first start here (or an unreadable record)
   entry = {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(),
            "start_step": start_step, "overrides": list(overrides),
            "changed": (None if changed is None else
                        {k: list(v) for k, v in changed.items()})}
-  tmp = config_path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(json.dumps(config, indent=2, sort_keys=True))
-  os.replace(tmp, config_path)   # never a half-written config.json
-  with open(os.path.join(workdir, RUNS), "a") as f:
-    f.write(json.dumps(entry) + "\n")
+  # Never a half-written config.json.
+  paths.write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
+  paths.append_text(workdir / RUNS, json.dumps(entry) + "\n")
