@@ -4,7 +4,6 @@ element mask, its degenerate forms (sliding window, dense), the block
 aggregates and orphan rules, causality, packing and position-only block ids.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

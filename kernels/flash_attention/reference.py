@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import compat, masks
-from kernels.flash_attention.tiles import round_up, soft_cap
+from kernels.flash_attention.tiles import soft_cap
 
 _HI = jax.lax.Precision.HIGHEST
 
