@@ -14,7 +14,8 @@
 #   (cloud.google.com/gke-tpu-accelerator / gke-tpu-topology, or
 #   cloud.google.com/gke-accelerator for GPUs).
 # - --image has this repository at its working directory with the package
-#   installed (jax[tpu] or jax[cuda12]); no image is built here.
+#   installed (jax[tpu] or jax[cuda12], and the gcs extra for gs://
+#   workdirs); no image is built here.
 # - TPU: GKE injects the worker list into each pod (TPU_WORKER_HOSTNAMES /
 #   TPU_WORKER_ID, MEGASCALE_* for multi-slice) and JAX reads it, so every
 #   pod runs the same command with --distributed. GPU: no such detection;

@@ -169,9 +169,9 @@ ${UV} pip install -q --python .venv/bin/python"
 COPY=("$SRC_TGZ")
 if [ -n "$WHEEL" ]; then
   COPY+=("$WHEEL")
-  INSTALL="${INSTALL} $(shell_word "../$(basename "$WHEEL")[tpu]")"
+  INSTALL="${INSTALL} $(shell_word "../$(basename "$WHEEL")[tpu,gcs]")"
 else
-  INSTALL="${INSTALL} -e 'src[tpu]'"
+  INSTALL="${INSTALL} -e 'src[tpu,gcs]'"
 fi
 
 # The one train command, identical on every host of every slice.

@@ -143,6 +143,8 @@ def test_tpu_multislice_same_command_on_every_worker(launch):
   installs = [c for c in cmds if tpu_gcloud(c, "tpu-vm", "ssh")
               and "pip install" in flag(c, "command")]
   assert [c[5] for c in installs] == ["ms-0", "ms-1", "ms-2"]
+  # The TPU runtime and gcsfs, which gs:// workdirs read and write through.
+  assert all("src[tpu,gcs]" in flag(c, "command") for c in installs)
 
 
 @pytest.mark.parametrize("extra, verb", [
