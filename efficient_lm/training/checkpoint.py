@@ -26,12 +26,12 @@ from typing import Any
 
 from etils import epath
 import jax
-from jax import lax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficient_lm.training import fingerprints
+from efficient_lm.training.fingerprints import flat
 from efficient_lm.training.read_noise import contain_failed_read_noise, one_line
 from efficient_lm.training.workdir import config_changes, describe_changes
 
@@ -138,9 +138,9 @@ def _read_step(directory: epath.Path, step: int,
   except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
     return None, None, f"unreadable config or metadata ({one_line(e)})"
   abstract = abstract_for(config)
-  stored = {k: v for k, v in _flat(getattr(meta, "tree", meta)).items()
+  stored = {k: v for k, v in flat(getattr(meta, "tree", meta)).items()
             if k.split(".", 1)[0] in abstract}
-  _check_fits(step, directory, stored, _flat(abstract))
+  _check_fits(step, directory, stored, flat(abstract))
   args = ocp.args.PyTreeRestore(
     item=abstract, partial_restore=True,
     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
@@ -151,9 +151,9 @@ def _read_step(directory: epath.Path, step: int,
     contain_failed_read_noise()
     return None, None, one_line(e)
   record = json.loads((step_dir / _COMMIT_RECORD).read_text())
-  bad_key = _first_difference(
+  bad_key = fingerprints.first_difference(
     (record.get("custom_metadata") or {}).get("fingerprint"),
-    _fingerprint(state))
+    fingerprints.of(state))
   if bad_key is not None:
     return None, None, f"array {bad_key!r} does not match its fingerprint"
   return config, state, None
@@ -218,8 +218,9 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config))
-    return self._mgr.save(step, args=args, force=True,
-                          custom_metadata={"fingerprint": _fingerprint(state)})
+    return self._mgr.save(
+      step, args=args, force=True,
+      custom_metadata={"fingerprint": fingerprints.of(state)})
 
   def restore_latest(self, abstract_state: Any, *,
                      config: Mapping[str, Any] | None = None
@@ -310,8 +311,8 @@ class Checkpointer:
     if problem:
       return None, None, problem
     expected = self._mgr.metadata(step).custom_metadata or {}
-    bad_key = _first_difference(expected.get("fingerprint"),
-                                _fingerprint(restored["state"]))
+    bad_key = fingerprints.first_difference(
+      expected.get("fingerprint"), fingerprints.of(restored["state"]))
     if bad_key is not None:
       return None, None, f"array {bad_key!r} does not match its fingerprint"
     if changes and jax.process_index() == 0:
@@ -350,8 +351,8 @@ class Checkpointer:
       return None, {}, f"unreadable state metadata ({one_line(e)})"
     if meta is None:
       return None, {}, "state metadata missing"
-    _check_fits(step, self.directory, _flat(getattr(meta, "tree", meta)),
-                _flat(abstract_state))
+    _check_fits(step, self.directory, flat(getattr(meta, "tree", meta)),
+                flat(abstract_state))
     try:
       data_state = _read_data_state(step_dir / "data", self._data_file)
     except (OSError, ValueError) as e:
@@ -418,20 +419,6 @@ def _agree(problem: str | None) -> str | None:
   return problem
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):   # DictKey, GetAttrKey, SequenceKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  """Leaves by dotted path; orbax stores namedtuples as lists and int dict
-  keys as strings, so only the key names are compared."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {".".join(_key_name(k) for k in path): x for path, x in leaves}
-
-
 def _describe(x: Any) -> str:
   dtype = getattr(x, "dtype", None)
   shape = tuple(getattr(x, "shape", ()))
@@ -469,48 +456,4 @@ def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     if key not in wanted:
       return (f"key {key!r}: checkpoint has {_describe(have)}, model has no "
               "such entry")
-  return None
-
-
-# Fingerprints catch what orbax cannot: zstd chunks carry no checksum, so a
-# flipped byte in a data file restores silently as a wrong value. Integer
-# sums mod 2^32 are exact, so the value is independent of the sharding.
-_POSITION_MIX = np.uint32(0x9E3779B1)
-_VALUE_MIX = np.uint32(0x85EBCA6B)
-
-
-@jax.jit
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if jnp.iscomplexobj(x):
-    x = jnp.stack([x.real, x.imag])
-  if x.dtype == jnp.bool_:
-    u = x.astype(jnp.uint32)
-  elif x.dtype.itemsize >= 4:   # 8-byte types gain a trailing axis of 2
-    u = lax.bitcast_convert_type(x, jnp.uint32)
-  else:
-    unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
-    u = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  # Linear positions without a reshape, which could reshard `x`.
-  pos, stride = jnp.zeros(u.shape, jnp.uint32), 1
-  for axis in reversed(range(u.ndim)):
-    iota = lax.broadcasted_iota(jnp.uint32, u.shape, axis)
-    pos, stride = pos + iota * np.uint32(stride % 2**32), stride * u.shape[axis]
-  return jnp.sum((u ^ (pos * _POSITION_MIX)) * _VALUE_MIX, dtype=jnp.uint32)
-
-
-def _fingerprint(state: Any) -> dict[str, int]:
-  # One jit per leaf: leaves may live on different device sets.
-  sums = {k: _leaf_fingerprint(jnp.asarray(x)) for k, x in _flat(state).items()}
-  return {k: int(v) for k, v in jax.device_get(sums).items()}
-
-
-def _first_difference(expected: dict[str, int] | None,
-                      actual: dict[str, int]) -> str | None:
-  if expected is None:   # saved without fingerprints: nothing to check
-    return None
-  for key, value in actual.items():
-    if expected.get(key) != value:
-      return key
   return None
