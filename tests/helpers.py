@@ -1,11 +1,51 @@
-"""Small shared builders for tests (configs and synthetic batches)."""
+"""Small shared builders for tests (configs, synthetic batches, CLI runs)."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 
 from configs import base
 from efficient_lm import config as config_lib
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small byte-level model on the embedded corpus, 1 CPU device.
+SMALL_FLAGS = [
+  "--config=configs/tiny.py", "--config.model.num_layers=2",
+  "--config.model.embed_dim=64", "--config.model.mlp_dim=128",
+  "--config.data.seq_len=32", "--config.train.batch_size=8",
+  "--config.train.steps=20", "--config.train.warmup_steps=2",
+  "--config.train.log_every=1", "--config.train.eval_every=100",
+  "--config.train.eval_batches=2", "--config.checkpoint.every_steps=10",
+  "--config.checkpoint.keep=5",
+]
+
+
+def cli_env():
+  """The environment of a CLI subprocess: the repo importable, one CPU
+  device (no XLA_FLAGS), no accelerator."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)          # one CPU device in subprocesses
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def logged_losses(workdir):
+  """step -> loss of <workdir>/metrics.jsonl; a step logged twice (a
+  resume that kept the killed run's rows) fails here."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      if "loss" in rec:
+        assert rec["step"] not in out, f"step {rec['step']} logged twice"
+        out[rec["step"]] = rec["loss"]
+  return out
 
 
 def override(cd, **overrides):

@@ -19,7 +19,7 @@ import pytest
 from efficient_lm import config as config_lib
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.test_train import REPO, SMALL_FLAGS, _env, _losses
+from tests.helpers import REPO, SMALL_FLAGS, cli_env, logged_losses
 
 STEPS = 8
 FLAGS = [*SMALL_FLAGS, f"--config.train.steps={STEPS}",
@@ -36,7 +36,7 @@ def _port() -> int:
 def _start(workdir, processes: int, devices: int, *extra,
            script=("-m", "efficient_lm.train")) -> list[subprocess.Popen]:
   """`processes` processes of `devices` CPU devices each, one run."""
-  env = _env()
+  env = cli_env()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   dist = []
   port = _port()
@@ -82,7 +82,7 @@ def _final(workdir):
 
 def _assert_same_run(got, want, *, exact: bool, steps=None):
   """Losses at every step (or `steps`) and the final params and data."""
-  a, b = _losses(want), _losses(got)
+  a, b = logged_losses(want), logged_losses(got)
   steps = sorted(a) if steps is None else steps
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   for s in steps:

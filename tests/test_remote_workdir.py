@@ -26,7 +26,7 @@ from efficient_lm import paths
 from efficient_lm.training import loop, metrics
 from efficient_lm.training.workdir import WorkdirLock, record_start
 from tests.helpers import small_config
-from tests.test_train import REPO, SMALL_FLAGS, _env
+from tests.helpers import REPO, SMALL_FLAGS, cli_env
 from tests.test_workdir import _tensorboard_events
 
 BUCKET = "efficient-lm-test"
@@ -77,7 +77,7 @@ def gcs():
 
 
 def _remote_env(gcs):
-  return {**_env(), **gcs}
+  return {**cli_env(), **gcs}
 
 
 def _losses(text):
@@ -114,7 +114,7 @@ def test_malformed_workdir_url_is_one_error_line(tmp_path):
   flags = [f"--config={REPO}/configs/tiny.py", *SMALL_FLAGS[1:]]
   proc = subprocess.run(
     [sys.executable, "-m", "efficient_lm.train", *flags,
-     "--workdir=gs:/bucket/run"], cwd=tmp_path, env=_env(),
+     "--workdir=gs:/bucket/run"], cwd=tmp_path, env=cli_env(),
     capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines() == [

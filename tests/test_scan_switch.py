@@ -13,7 +13,8 @@ import numpy as np
 from efficient_lm import config as config_lib
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.test_train import _losses, _train
+from tests.helpers import logged_losses
+from tests.test_train import _train
 
 # On top of test_train's small flags (later overrides win).
 FLAGS = [
@@ -36,7 +37,7 @@ def _run(workdir, scan):
   step, state, _ = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
   assert step == 6
-  return _losses(workdir), jax.device_get(state["params"]), t
+  return logged_losses(workdir), jax.device_get(state["params"]), t
 
 
 def test_scanned_and_unrolled_train_alike(tmp_path):

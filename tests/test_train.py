@@ -14,51 +14,17 @@ import pytest
 from efficient_lm import config as config_lib
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.helpers import small_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A small byte-level model on the embedded corpus, 1 CPU device.
-SMALL_FLAGS = [
-  "--config=configs/tiny.py", "--config.model.num_layers=2",
-  "--config.model.embed_dim=64", "--config.model.mlp_dim=128",
-  "--config.data.seq_len=32", "--config.train.batch_size=8",
-  "--config.train.steps=20", "--config.train.warmup_steps=2",
-  "--config.train.log_every=1", "--config.train.eval_every=100",
-  "--config.train.eval_batches=2", "--config.checkpoint.every_steps=10",
-  "--config.checkpoint.keep=5",
-]
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)          # one CPU device in subprocesses
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO
-  return env
-
+from tests.helpers import (REPO, SMALL_FLAGS, cli_env, logged_losses,
+                           small_config)
 
 def _train(workdir, *extra, script=("-m", "efficient_lm.train"), check=True):
   cmd = [sys.executable, *script, *SMALL_FLAGS, f"--workdir={workdir}",
          *extra]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True,
+  proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True,
                         text=True, timeout=600)
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
-
-
-def _losses(workdir):
-  """step -> loss; a step logged twice (a resume that kept the killed run's
-  rows) fails here."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "loss" in rec:
-        assert rec["step"] not in out, f"step {rec['step']} logged twice"
-        out[rec["step"]] = rec["loss"]
-  return out
 
 
 def _final_params(workdir):
@@ -81,14 +47,14 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   # It really died mid-run, after checkpoint 10 (metrics are read one step
   # late, so the last logged step is 11 or 12).
-  assert 10 < max(_losses(crashed)) <= 12
-  killed_rows = _losses(crashed)
+  assert 10 < max(logged_losses(crashed)) <= 12
+  killed_rows = logged_losses(crashed)
   resumed = _train(crashed)
   assert "resumed from step 10" in resumed.stderr
   runs = [json.loads(x) for x in open(crashed / "runs.jsonl")]
   assert [r["start_step"] for r in runs] == [0, 10]
 
-  a, b = _losses(straight), _losses(crashed)
+  a, b = logged_losses(straight), logged_losses(crashed)
   assert sorted(a) == sorted(b) == list(range(1, 21))
   for step in a:
     assert a[step] == b[step], (step, a[step], b[step])   # bit-identical
@@ -126,7 +92,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "efficient_lm.train", *SMALL_FLAGS,
          f"--workdir={workdir}", "--config.train.steps=100000"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 300
@@ -140,7 +106,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints")
                  if d.isdigit())
   assert steps and steps[-1] >= 3
-  assert steps[-1] == max(_losses(workdir))    # saved where it stopped
+  assert steps[-1] == max(logged_losses(workdir))    # saved where it stopped
 
 
 def test_sigterm_during_evaluation_saves_that_step(tmp_path, monkeypatch):
@@ -170,7 +136,7 @@ def test_nan_before_any_save_says_there_is_no_checkpoint(tmp_path):
 
 
 def test_cli_log_lines_without_a_terminal_and_without_libtpu(tmp_path):
-  env = _env()
+  env = cli_env()
   del env["JAX_PLATFORMS"]          # what a user's shell has
   proc = subprocess.run(
     [sys.executable, "-m", "efficient_lm.train", *SMALL_FLAGS,
@@ -185,7 +151,7 @@ def test_cli_log_lines_without_a_terminal_and_without_libtpu(tmp_path):
   for line in ("step 1/4: loss ", "step 2/4: eval loss ", "step 4/4: loss "):
     assert f"\n{line}" in err, err[-3000:]
   # The first step is logged (the step-1 loss the README quotes).
-  assert min(_losses(tmp_path)) == 1
+  assert min(logged_losses(tmp_path)) == 1
   # A CPU run never asks libtpu for a TPU.
   for libtpu_line in ("backend 'tpu'", "TPU_WORKER_HOSTNAMES",
                       "Failed to find host bounds", "Source Location Trace"):
@@ -201,7 +167,7 @@ def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(tmp_path):
   assert last.startswith("error: loss=") and "last good checkpoint" in last
   good = [int(d) for d in os.listdir(tmp_path / "checkpoints")
           if d.isdigit()]
-  losses = _losses(tmp_path)
+  losses = logged_losses(tmp_path)
   assert all(np.isfinite(losses[s]) for s in good)
 
 

@@ -14,7 +14,7 @@ from efficient_lm.training.checkpoint import CheckpointError
 from efficient_lm.training.workdir import (WorkdirBusy, WorkdirLock,
                                           config_changes)
 from tests.helpers import small_config
-from tests.test_train import REPO, SMALL_FLAGS, _env
+from tests.helpers import REPO, SMALL_FLAGS, cli_env
 
 
 def test_second_run_on_a_held_workdir_fails_fast(tmp_path):
@@ -22,7 +22,7 @@ def test_second_run_on_a_held_workdir_fails_fast(tmp_path):
   with WorkdirLock(str(tmp_path)):
     proc = subprocess.run(
       [sys.executable, "-m", "efficient_lm.train", *SMALL_FLAGS,
-       f"--workdir={tmp_path}"], cwd=REPO, env=_env(), capture_output=True,
+       f"--workdir={tmp_path}"], cwd=REPO, env=cli_env(), capture_output=True,
       text=True, timeout=300)
   assert proc.returncode != 0
   [line] = proc.stderr.strip().splitlines()
