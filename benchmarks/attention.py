@@ -21,6 +21,7 @@ the published anchors printed at the end do.
 for an abstract TPU slice instead, and reports per-chip compiled memory and
 flops (benchmarks/attention_aot.py); --batch is then per chip.
 """
+
 import argparse
 import os
 import pathlib
@@ -51,8 +52,16 @@ ANCHORS = """Published anchors, one H100 SXM (989 TFLOP/s bf16 dense peak):
   cuDNN forward, d128 causal, 16k:                  ~539 TFLOP/s
   FlashAttention-3 forward, d128 non-causal, 16k:   ~648 TFLOP/s"""
 
-IMPLS = ("pallas_gpu", "pallas_gpu_hopper", "cudnn", "xla", "xla_chunked",
-         "pallas_tpu", "interpret", "interpret_gpu")
+IMPLS = (
+  "pallas_gpu",
+  "pallas_gpu_hopper",
+  "cudnn",
+  "xla",
+  "xla_chunked",
+  "pallas_tpu",
+  "interpret",
+  "interpret_gpu",
+)
 # pallas_gpu with the tiles its Mosaic GPU (wgmma) kernels take on sm90;
 # plain pallas_gpu with default 128 x 128 tiles runs its Triton kernels.
 HOPPER_TILES = vjp.BlockSizes(64, 128, 64, 64)
@@ -72,36 +81,70 @@ def parse_args(argv=None):
   # AOT targets a TPU whatever the host is, so it takes the TPU defaults.
   on_cpu = jax.default_backend() == "cpu" and not aot
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--seq", type=_ints, default=_ints(
-    "512,1024" if on_cpu else "1024,2048,4096,8192,16384,32768"))
-  p.add_argument("--head_dim", type=_ints, default=_ints(
-    "64" if on_cpu else "64,128"))
-  p.add_argument("--mask", type=_words, default=_words(
-    "causal,window,global_local"))
-  p.add_argument("--impl", type=_words,
-                 default=list(attention_aot.IMPLS if aot else IMPLS))
-  p.add_argument("--aot_tpu", default="", metavar="TOPOLOGY",
-                 help="compile only, for a TPU topology such as v5e:2x2")
+  p.add_argument(
+    "--seq",
+    type=_ints,
+    default=_ints("512,1024" if on_cpu else "1024,2048,4096,8192,16384,32768"),
+  )
+  p.add_argument(
+    "--head_dim", type=_ints, default=_ints("64" if on_cpu else "64,128")
+  )
+  p.add_argument(
+    "--mask", type=_words, default=_words("causal,window,global_local")
+  )
+  p.add_argument(
+    "--impl", type=_words, default=list(attention_aot.IMPLS if aot else IMPLS)
+  )
+  p.add_argument(
+    "--aot_tpu",
+    default="",
+    metavar="TOPOLOGY",
+    help="compile only, for a TPU topology such as v5e:2x2",
+  )
   p.add_argument("--mode", type=_words, default=_words("fwd,fwd_bwd"))
-  p.add_argument("--tokens", type=int, default=1024 if on_cpu else 16384,
-                 help="batch = max(1, tokens // seq), unless --batch")
+  p.add_argument(
+    "--tokens",
+    type=int,
+    default=1024 if on_cpu else 16384,
+    help="batch = max(1, tokens // seq), unless --batch",
+  )
   p.add_argument("--batch", type=int, default=0)
-  p.add_argument("--hidden", type=int, default=128 if on_cpu else 2048,
-                 help="query heads = hidden // head_dim, unless --heads")
+  p.add_argument(
+    "--hidden",
+    type=int,
+    default=128 if on_cpu else 2048,
+    help="query heads = hidden // head_dim, unless --heads",
+  )
   p.add_argument("--heads", type=int, default=0, help="query heads")
   p.add_argument("--kv_heads", type=int, default=0, help="0: = query heads")
-  p.add_argument("--window", type=int, default=256 if on_cpu else 1024,
-                 help="causal window in tokens, self included")
-  p.add_argument("--globals", type=int, default=64,
-                 help="global prefix tokens for global_local")
+  p.add_argument(
+    "--window",
+    type=int,
+    default=256 if on_cpu else 1024,
+    help="causal window in tokens, self included",
+  )
+  p.add_argument(
+    "--globals",
+    type=int,
+    default=64,
+    help="global prefix tokens for global_local",
+  )
   p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
-  p.add_argument("--block_sizes", type=_ints, default=None,
-                 help="block_q,block_kv[,block_q_bwd,block_kv_bwd]")
+  p.add_argument(
+    "--block_sizes",
+    type=_ints,
+    default=None,
+    help="block_q,block_kv[,block_q_bwd,block_kv_bwd]",
+  )
   p.add_argument("--iters", type=int, default=3 if on_cpu else 20)
-  p.add_argument("--xla_max_gib", type=float, default=2.0 if on_cpu else 16,
-                 help="skip the dense xla impl above this logits size "
-                 "(not with --aot_tpu: there the compiler's verdict is "
-                 "reported)")
+  p.add_argument(
+    "--xla_max_gib",
+    type=float,
+    default=2.0 if on_cpu else 16,
+    help="skip the dense xla impl above this logits size "
+    "(not with --aot_tpu: there the compiler's verdict is "
+    "reported)",
+  )
   args = p.parse_args(argv)
   allowed = attention_aot.IMPLS if aot else IMPLS
   for name in args.impl:
@@ -116,8 +159,9 @@ def mask_spec(name, args):
   if name == "window":
     return masks.MaskSpec(causal=True, window=(args.window - 1, 0))
   if name == "global_local":
-    return masks.MaskSpec(causal=True, window=(args.window - 1, 0),
-                          global_prefix=args.globals)
+    return masks.MaskSpec(
+      causal=True, window=(args.window - 1, 0), global_prefix=args.globals
+    )
   if name == "full":
     return masks.MaskSpec()
   raise ValueError(f"unknown mask {name!r}")
@@ -134,12 +178,12 @@ def visible_pairs(spec, t, rows=512):
     q = start + jnp.arange(rows, dtype=jnp.int32)
     seg_q = jnp.ones((rows, 1), jnp.int32)  # one segment, no padding
     seg_k = jnp.ones((1, t), jnp.int32)
-    vis = masks.element_mask(spec, q[:, None], pos[None, :], seg_q, seg_k,
-                             False)
+    vis = masks.element_mask(
+      spec, q[:, None], pos[None, :], seg_q, seg_k, False
+    )
     return jnp.sum(vis & (q < t)[:, None], dtype=jnp.int32)
 
   return int(jnp.sum(jax.jit(lambda s: jax.lax.map(count, s))(starts)))
-
 
 
 class Case(NamedTuple):
@@ -148,7 +192,7 @@ class Case(NamedTuple):
   spec: masks.MaskSpec
   kdim: int
   t: int
-  b: int       # sequences (per chip in --aot_tpu mode)
+  b: int  # sequences (per chip in --aot_tpu mode)
   h: int
   g: int
   flops: float  # visible (query, key) pairs; fwd+bwd = 3.5 x fwd
@@ -166,16 +210,24 @@ def iter_cases(args):
           b = args.batch or max(1, args.tokens // t)
           h = args.heads or max(1, args.hidden // kdim)
           g = args.kv_heads or h
-          flops = (b * h * visible_pairs(spec, t) * 2 * (kdim + kdim)
-                   * (3.5 if mode != "fwd" else 1))
+          flops = (
+            b
+            * h
+            * visible_pairs(spec, t)
+            * 2
+            * (kdim + kdim)
+            * (3.5 if mode != "fwd" else 1)
+          )
           yield Case(mode, mask_name, spec, kdim, t, b, h, g, flops, first)
           first = False
+
 
 def unavailable(impl, spec, args, b, h, t):
   """Why `impl` cannot run here (None when it can)."""
   platform = jax.default_backend()
   if impl in ("pallas_gpu", "pallas_gpu_hopper", "cudnn") and (
-      platform != "gpu"):
+    platform != "gpu"
+  ):
     return f"needs a CUDA GPU (platform is {platform})"
   if impl == "pallas_gpu_hopper":
     cc = getattr(jax.devices()[0], "compute_capability", "0")
@@ -202,8 +254,16 @@ def make_fn(impl, spec, mode, block_sizes, wrap=None):
   def attend(q, k, v, pos):
     # Explicit impls raise rather than fall back, so a timing is never
     # silently another impl's.
-    return kernels.attention(q, k, v, mask=spec, q_pos=pos, k_pos=pos,
-                             impl=impl, block_sizes=block_sizes)
+    return kernels.attention(
+      q,
+      k,
+      v,
+      mask=spec,
+      q_pos=pos,
+      k_pos=pos,
+      impl=impl,
+      block_sizes=block_sizes,
+    )
 
   if wrap is not None:
     attend = wrap(attend)
@@ -244,19 +304,33 @@ def main(argv=None):
     return
   dev = jax.devices()[0]
   dtype = jnp.dtype(args.dtype)
-  print(f"device: {dev.device_kind} ({jax.default_backend()}), "
-        f"dtype {dtype.name}, jax {jax.__version__}")
-  print(f"masks: window={args.window} tokens incl. self, globals="
-        f"{args.globals}; block sizes: {bs or vjp.BlockSizes()}")
+  print(
+    f"device: {dev.device_kind} ({jax.default_backend()}), "
+    f"dtype {dtype.name}, jax {jax.__version__}"
+  )
+  print(
+    f"masks: window={args.window} tokens incl. self, globals="
+    f"{args.globals}; block sizes: {bs or vjp.BlockSizes()}"
+  )
   print("FLOPs count visible (query, key) pairs only; fwd+bwd = 3.5 x fwd")
-  hdr = (f"{'mode':8}{'mask':13}{'K':>4}{'T':>7}{'B':>4}{'H':>4} "
-         f"{'impl':18}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
-         f"{'vs xla':>8}{'temp MiB/seq':>14}")
+  hdr = (
+    f"{'mode':8}{'mask':13}{'K':>4}{'T':>7}{'B':>4}{'H':>4} "
+    f"{'impl':18}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
+    f"{'vs xla':>8}{'temp MiB/seq':>14}"
+  )
   memory = {}  # (mode, mask, kdim, impl) -> [(t, temp bytes per sequence)]
   rng = np.random.default_rng(0)
   for c in iter_cases(args):
     mode, mask_name, spec, kdim, t, b, h, g = (
-      c.mode, c.mask_name, c.spec, c.kdim, c.t, c.b, c.h, c.g)
+      c.mode,
+      c.mask_name,
+      c.spec,
+      c.kdim,
+      c.t,
+      c.b,
+      c.h,
+      c.g,
+    )
     if c.first_of_mode:
       print("\n" + hdr)
     q = jnp.asarray(rng.normal(size=(b, t, h, kdim)), dtype)
@@ -271,16 +345,14 @@ def main(argv=None):
       why = unavailable(impl, spec, args, b, h, t)
       if why is None:
         try:
-          rows[impl] = run_one(make_fn(impl, spec, mode, bs), call,
-                               args.iters)
+          rows[impl] = run_one(make_fn(impl, spec, mode, bs), call, args.iters)
           continue
         except Exception as e:  # report and keep benchmarking
           why = f"failed: {type(e).__name__}: {str(e)[:90]}"
       rows[impl] = why
     secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
     for impl, r in rows.items():
-      head = (f"{mode:8}{mask_name:13}{kdim:>4}{t:>7}{b:>4}{h:>4} "
-              f"{impl:18}")
+      head = f"{mode:8}{mask_name:13}{kdim:>4}{t:>7}{b:>4}{h:>4} {impl:18}"
       if isinstance(r, str):
         print(f"{head}skipped: {r}")
         continue
@@ -288,19 +360,24 @@ def main(argv=None):
       mib = "-"
       if temp is not None:
         memory.setdefault((mode, mask_name, kdim, impl), []).append(
-          (t, temp / b))
+          (t, temp / b)
+        )
         mib = f"{temp / b / 2**20:.1f}"
-      print(f"{head}{sec * 1e3:10.2f}{c.flops / sec / 1e12:10.3f}"
-            f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
-            f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}")
+      print(
+        f"{head}{sec * 1e3:10.2f}{c.flops / sec / 1e12:10.3f}"
+        f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
+        f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}"
+      )
   print_memory(memory)
   if jax.default_backend() == "gpu":
     stats = dev.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     if peak is not None:
-      print(f"GPU process peak bytes in use (whole run): {peak / 2**30:.2f} "
-            "GiB (memory_stats peak is monotone; per-config figures above "
-            "are the compiled temp sizes)")
+      print(
+        f"GPU process peak bytes in use (whole run): {peak / 2**30:.2f} "
+        "GiB (memory_stats peak is monotone; per-config figures above "
+        "are the compiled temp sizes)"
+      )
   print("\n" + ANCHORS)
   if jax.default_backend() != "gpu":
     print("GPU figures pending: this run had no GPU.")
@@ -310,15 +387,19 @@ def print_memory(memory):
   """Temp bytes per sequence vs T, with the growth exponent per doubling."""
   if not memory:
     return
-  print("\nCompiled temp memory per sequence (memory_analysis), growth "
-        "exponent log(m2/m1)/log(T2/T1): ~1 linear, ~2 quadratic")
+  print(
+    "\nCompiled temp memory per sequence (memory_analysis), growth "
+    "exponent log(m2/m1)/log(T2/T1): ~1 linear, ~2 quadratic"
+  )
   for (mode, mask_name, kdim, impl), pts in sorted(memory.items()):
     pts.sort()
     cells = [f"T={t}: {m / 2**20:.1f} MiB" for t, m in pts]
     exps = attention_aot.growth_exponents(pts)
     exp = ", ".join(f"{e:.2f}" for e in exps) or "-"
-    print(f"  {mode:8}{mask_name:13}K={kdim:<4}{impl:18} "
-          f"{'; '.join(cells)}  exponent {exp}")
+    print(
+      f"  {mode:8}{mask_name:13}K={kdim:<4}{impl:18} "
+      f"{'; '.join(cells)}  exponent {exp}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ credits masked tiles too; for xla_chunked they count the loop body once, not per
 dense xla they count every (masked) pair. The model column (visible pairs,
 the convention of attention.py) is the comparable figure.
 """
+
 import math
 import time
 
@@ -42,9 +43,16 @@ def shard_batch(mesh, check_vma=True):
   """Wraps attend(q, k, v, pos) to run per chip on its batch shard: the
   Mosaic kernels only lower inside shard_map, and per-chip programs are
   what memory_analysis then describes."""
+
   def wrap(attend):
-    return jax.shard_map(attend, mesh=mesh, in_specs=(P("data"),) * 4,
-                         out_specs=P("data"), check_vma=check_vma)
+    return jax.shard_map(
+      attend,
+      mesh=mesh,
+      in_specs=(P("data"),) * 4,
+      out_specs=P("data"),
+      check_vma=check_vma,
+    )
+
   return wrap
 
 
@@ -94,8 +102,9 @@ def run(args, iter_cases, make_fn, block_sizes):
   try:
     mesh = topology_mesh(args.aot_tpu)
   except Exception as e:  # e.g. v5e:1x1: not a multiple of a 2x2 host
-    raise SystemExit(f"--aot_tpu={args.aot_tpu}: no compile-only topology: "
-                     f"{_first_line(e)}") from None
+    raise SystemExit(
+      f"--aot_tpu={args.aot_tpu}: no compile-only topology: {_first_line(e)}"
+    ) from None
   n = mesh.devices.size
   dev = mesh.devices.flat[0]
   dtype = jnp.dtype(args.dtype)
@@ -106,39 +115,57 @@ def run(args, iter_cases, make_fn, block_sizes):
   # memory can still be measured; its rows are marked with '*'.
   loose = shard_batch(mesh, check_vma=False)
   vma_errors = {}  # impl -> first failure under check_vma=True
-  print(f"AOT compile for {args.aot_tpu}: {n} x {dev.device_kind}, dtype "
-        f"{dtype.name}, jax {jax.__version__}; nothing runs, no timings")
-  print(f"masks: window={args.window} tokens incl. self, globals="
-        f"{args.globals}; block sizes: {block_sizes or 'impl defaults'}")
-  print("All figures per chip (batch sharded over chips); memory in MiB. "
-        "HBM tmp: memory_analysis temp as compiled; all tmp: temp with "
-        "MSA off (no VMEM placement: the whole temp footprint); args: "
-        "argument bytes. model GF: visible pairs, fwd+bwd = 3.5 x fwd; "
-        "xla GF: cost_analysis (Mosaic kernels by their dense-tile cost "
-        "estimate; a scan body once); s: compile s")
-  hdr = (f"{'mode':8}{'mask':8}{'K':>4}{'T':>6}{'B':>3}{'H':>3} "
-         f"{'impl':12}{'s':>5}{'HBM tmp':>9}{'all tmp':>9}{'args':>8}"
-         f"{'xla GF':>8}{'model GF':>9}")
+  print(
+    f"AOT compile for {args.aot_tpu}: {n} x {dev.device_kind}, dtype "
+    f"{dtype.name}, jax {jax.__version__}; nothing runs, no timings"
+  )
+  print(
+    f"masks: window={args.window} tokens incl. self, globals="
+    f"{args.globals}; block sizes: {block_sizes or 'impl defaults'}"
+  )
+  print(
+    "All figures per chip (batch sharded over chips); memory in MiB. "
+    "HBM tmp: memory_analysis temp as compiled; all tmp: temp with "
+    "MSA off (no VMEM placement: the whole temp footprint); args: "
+    "argument bytes. model GF: visible pairs, fwd+bwd = 3.5 x fwd; "
+    "xla GF: cost_analysis (Mosaic kernels by their dense-tile cost "
+    "estimate; a scan body once); s: compile s"
+  )
+  hdr = (
+    f"{'mode':8}{'mask':8}{'K':>4}{'T':>6}{'B':>3}{'H':>3} "
+    f"{'impl':12}{'s':>5}{'HBM tmp':>9}{'all tmp':>9}{'args':>8}"
+    f"{'xla GF':>8}{'model GF':>9}"
+  )
   # (mode, mask, kdim, impl) -> [(t, HBM temp, all temp)], bytes per chip
   temps = {}
   for c in iter_cases(args):  # b is per chip here
     mode, mask_name, spec, kdim, t, b, h, g = (
-      c.mode, c.mask_name, c.spec, c.kdim, c.t, c.b, c.h, c.g)
+      c.mode,
+      c.mask_name,
+      c.spec,
+      c.kdim,
+      c.t,
+      c.b,
+      c.h,
+      c.g,
+    )
     model = c.flops
     if c.first_of_mode:
       print("\n" + hdr)
 
     def sds(shape, dt):
-      return jax.ShapeDtypeStruct((b * n,) + shape, dt,
-                                  sharding=shard)
+      return jax.ShapeDtypeStruct((b * n,) + shape, dt, sharding=shard)
 
-    abstract = (sds((t, h, kdim), dtype), sds((t, g, kdim), dtype),
-                sds((t, g, kdim), dtype), sds((t,), jnp.int32))
+    abstract = (
+      sds((t, h, kdim), dtype),
+      sds((t, g, kdim), dtype),
+      sds((t, g, kdim), dtype),
+      sds((t,), jnp.int32),
+    )
     if mode != "fwd":
       abstract += (sds((t, h, kdim), jnp.float32),)
     for impl in args.impl:
-      head = (f"{mode:8}{mask_name:8}{kdim:>4}{t:>6}{b:>3}{h:>3} "
-              f"{impl:12}")
+      head = f"{mode:8}{mask_name:8}{kdim:>4}{t:>6}{b:>3}{h:>3} {impl:12}"
       try:
         try:
           fn = make_fn(impl, spec, mode, block_sizes, wrap=wrap)
@@ -159,32 +186,42 @@ def run(args, iter_cases, make_fn, block_sizes):
       mem = compiled.memory_analysis()
       temp, whole = mem.temp_size_in_bytes, all_temp(lowered)
       temps.setdefault((mode, mask_name, kdim, impl), []).append(
-        (t, temp, whole))
+        (t, temp, whole)
+      )
       flops = _flops(compiled)
       xla_gf = "-" if flops is None else f"{flops / 1e9:.1f}"
       whole = "-" if whole is None else f"{whole / 2**20:.1f}"
-      print(f"{head}{secs:5.1f}{temp / 2**20:9.1f}{whole:>9}"
-            f"{mem.argument_size_in_bytes / 2**20:8.1f}"
-            f"{xla_gf:>8}{model / 1e9:9.1f}")
+      print(
+        f"{head}{secs:5.1f}{temp / 2**20:9.1f}{whole:>9}"
+        f"{mem.argument_size_in_bytes / 2**20:8.1f}"
+        f"{xla_gf:>8}{model / 1e9:9.1f}"
+      )
   for impl, err in vma_errors.items():
-    print(f"\n* {impl} compiled with shard_map(check_vma=False): with "
-          f"check_vma=True it fails to trace: {err}")
+    print(
+      f"\n* {impl} compiled with shard_map(check_vma=False): with "
+      f"check_vma=True it fails to trace: {err}"
+    )
   print_growth(temps)
 
 
 def growth_exponents(pts):
   """log(m2/m1)/log(t2/t1) between consecutive (t, m) points (m > 0)."""
-  return [math.log(m2 / m1) / math.log(t2 / t1)
-          for (t1, m1), (t2, m2) in zip(pts, pts[1:]) if m1 > 0 and m2 > 0]
+  return [
+    math.log(m2 / m1) / math.log(t2 / t1)
+    for (t1, m1), (t2, m2) in zip(pts, pts[1:])
+    if m1 > 0 and m2 > 0
+  ]
 
 
 def print_growth(temps):
   if not temps:
     return
-  print("\nPer-chip temp MiB vs T and exponents log(m2/m1)/log(T2/T1) "
-        "between consecutive lengths (~1 linear, ~2 quadratic). 'all' "
-        "(MSA off) is the footprint; 'HBM' undercounts whatever fit in "
-        "VMEM, so its exponents overstate growth.")
+  print(
+    "\nPer-chip temp MiB vs T and exponents log(m2/m1)/log(T2/T1) "
+    "between consecutive lengths (~1 linear, ~2 quadratic). 'all' "
+    "(MSA off) is the footprint; 'HBM' undercounts whatever fit in "
+    "VMEM, so its exponents overstate growth."
+  )
   for (mode, mask_name, kdim, impl), pts in sorted(temps.items()):
     pts.sort()
     print(f"  {mode:8}{mask_name:8}K={kdim:<4}{impl}")
@@ -193,8 +230,10 @@ def print_growth(temps):
       cells = "; ".join(f"{t}: {m / 2**20:.1f}" for t, m in col)
       exps = ", ".join(f"{e:.2f}" for e in growth_exponents(col)) or "-"
       print(f"    {label} {cells}  exponent {exps}")
-  print("\npallas_tpu / xla temp per chip, all (HBM); '-': xla did not "
-        "compile or used none")
+  print(
+    "\npallas_tpu / xla temp per chip, all (HBM); '-': xla did not "
+    "compile or used none"
+  )
   for (mode, mask_name, kdim, impl), pts in sorted(temps.items()):
     if impl != "pallas_tpu":
       continue
@@ -202,7 +241,9 @@ def print_growth(temps):
     cells = []
     for t, temp, whole in pts:
       x = dense.get(t)
-      r = [f"{a / b:.4f}" if x and a is not None and b else "-"
-           for a, b in ((whole, x and x[2]), (temp, x and x[1]))]
+      r = [
+        f"{a / b:.4f}" if x and a is not None and b else "-"
+        for a, b in ((whole, x and x[2]), (temp, x and x[1]))
+      ]
       cells.append(f"{t}: {r[0]} ({r[1]})")
     print(f"  {mode:8}{mask_name:8}K={kdim:<4} {'; '.join(cells)}")

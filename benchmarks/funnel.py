@@ -40,6 +40,7 @@ POINTS = (6, 12, 18, 24)
 def _encoder(after: int | None, args):
   """36 layers, compressed once after `after` (None: unpooled)."""
   from configs import tiny_funnel
+
   cd = tiny_funnel.get_config()
   m = cd.model
   m.num_layers = 36
@@ -47,7 +48,7 @@ def _encoder(after: int | None, args):
   m.num_heads = m.num_kv_heads = max(1, args.width // 64)
   m.funnel.stages = (12, 24) if after is None else (after, 36 - after)
   m.funnel.factor = 1 if after is None else 2
-  m.scan_layers = False        # XLA counts every layer (no while loop)
+  m.scan_layers = False  # XLA counts every layer (no while loop)
   m.dtype = "float32"
   cd.data.seq_len = args.seq_len
   cd.train.batch_size = args.batch_size
@@ -58,15 +59,17 @@ def _encoder(after: int | None, args):
 def _step_seconds(t, reps: int) -> float:
   import jax
   import numpy as np
+
   b, s = t.cfg.train.batch_size, t.cfg.data.seq_len
   rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, 256, (b, s), dtype=np.int32),
-           "targets": rng.integers(0, 256, (b, s), dtype=np.int32),
-           "segment_ids": np.ones((b, s), np.int32),
-           "positions": np.broadcast_to(np.arange(s, dtype=np.int32),
-                                        (b, s)).copy()}
+  batch = {
+    "inputs": rng.integers(0, 256, (b, s), dtype=np.int32),
+    "targets": rng.integers(0, 256, (b, s), dtype=np.int32),
+    "segment_ids": np.ones((b, s), np.int32),
+    "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+  }
   state = t.init_fn()
-  state, _ = t.train_step(state, batch)   # compile + warm up
+  state, _ = t.train_step(state, batch)  # compile + warm up
   jax.block_until_ready(state)
   times = []
   for _ in range(reps):
@@ -81,6 +84,7 @@ def compression(args):
   import jax
   from efficient_lm import aot, config as config_lib
   from efficient_lm.training import loop
+
   rows = {}
   for after in (None, *POINTS):
     name = "unpooled" if after is None else f"after {after}"
@@ -88,10 +92,13 @@ def compression(args):
     cfg = config_lib.from_config_dict(cd, device_count=1)
     t, _, compiled = aot.compile_train_step(cfg, jax.devices()[:1])
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    row = {"flops_per_token": t.flops["train"],
-           "xla_flops_per_token": aot.xla_flops(compiled) / tokens,
-           "cpu_step_seconds": _step_seconds(
-             loop.build_trainer(cfg, jax.devices()[:1]), args.reps)}
+    row = {
+      "flops_per_token": t.flops["train"],
+      "xla_flops_per_token": aot.xla_flops(compiled) / tokens,
+      "cpu_step_seconds": _step_seconds(
+        loop.build_trainer(cfg, jax.devices()[:1]), args.reps
+      ),
+    }
     if args.topology:
       cd.model.attention.impl = "pallas_tpu"
       devices = aot.topology_devices(aot.parse_topology(args.topology))
@@ -101,13 +108,18 @@ def compression(args):
       _, _, tpu = aot.compile_train_step(tcfg, devices)
       mem = tpu.memory_analysis()
       row["tpu_gib_per_chip"] = (
-        mem.argument_size_in_bytes + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**30
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+      ) / 2**30
     rows[name] = row
     print(json.dumps({name: row}), flush=True)
   base = rows["unpooled"]
-  print(f"\n36-layer funnel encoder, width {args.width}, seq {args.seq_len}, "
-        f"batch {args.batch_size}; ratios to unpooled\n")
+  print(
+    f"\n36-layer funnel encoder, width {args.width}, seq {args.seq_len}, "
+    f"batch {args.batch_size}; ratios to unpooled\n"
+  )
   cols = ["flops_per_token", "xla_flops_per_token", "cpu_step_seconds"]
   if args.topology:
     cols.append("tpu_gib_per_chip")
@@ -123,6 +135,7 @@ def shakespeare(args):
   from configs import tiny_funnel, tiny_hourglass
   from efficient_lm import config as config_lib
   from efficient_lm.training import loop
+
   if not os.path.exists(args.shakespeare):
     print(f"skipped: {args.shakespeare} not found")
     return
@@ -147,13 +160,17 @@ def shakespeare(args):
   decoder = tiny_hourglass.get_config()
   decoder.model.kind = "decoder"
   pairs.append(("hourglass", run(hourglass), "decoder", run(decoder)))
-  print(f"\n| model | eval loss at {args.train_steps} steps | baseline | "
-        "its loss | ratio | tokens/s ratio |")
+  print(
+    f"\n| model | eval loss at {args.train_steps} steps | baseline | "
+    "its loss | ratio | tokens/s ratio |"
+  )
   print("|---|---|---|---|---|---|")
   for name, s, base_name, b in pairs:
-    print(f"| {name} | {s['eval_loss']:.4f} | {base_name} | "
-          f"{b['eval_loss']:.4f} | {s['eval_loss'] / b['eval_loss']:.3f} | "
-          f"{s['tokens_per_sec'] / b['tokens_per_sec']:.2f} |")
+    print(
+      f"| {name} | {s['eval_loss']:.4f} | {base_name} | "
+      f"{b['eval_loss']:.4f} | {s['eval_loss'] / b['eval_loss']:.3f} | "
+      f"{s['tokens_per_sec'] / b['tokens_per_sec']:.2f} |"
+    )
 
 
 def main():
@@ -170,6 +187,7 @@ def main():
   if args.no_aot:
     args.topology = None
   from efficient_lm import cpu_runtime
+
   cpu_runtime.keep_freed_host_memory()
   if args.shakespeare:
     shakespeare(args)

@@ -40,6 +40,7 @@ KINDS = ("dense", "sliding_window", "global_local", "block_sparse", "tglobal")
 
 def _config(kind: str, seq_len: int, args, base=None):
   from configs import tiny
+
   cd = (base or tiny).get_config()
   m = cd.model
   if base is None:
@@ -59,30 +60,32 @@ def _config(kind: str, seq_len: int, args, base=None):
 
 def _batch(b, t, vocab):
   import numpy as np
+
   rng = np.random.default_rng(0)
-  return {"inputs": rng.integers(0, vocab, (b, t), dtype=np.int32),
-          "targets": rng.integers(0, vocab, (b, t), dtype=np.int32),
-          "segment_ids": np.ones((b, t), np.int32),
-          "positions": np.broadcast_to(np.arange(t, dtype=np.int32),
-                                       (b, t)).copy()}
+  return {
+    "inputs": rng.integers(0, vocab, (b, t), dtype=np.int32),
+    "targets": rng.integers(0, vocab, (b, t), dtype=np.int32),
+    "segment_ids": np.ones((b, t), np.int32),
+    "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+  }
 
 
 def cpu(args):
   import jax
   from efficient_lm import config as config_lib
   from efficient_lm.training import loop
+
   rows = []
   for t in args.lengths:
     base_time = base_mem = None
     for kind in args.kinds:
-      cfg = config_lib.from_config_dict(_config(kind, t, args),
-                                        device_count=1)
+      cfg = config_lib.from_config_dict(_config(kind, t, args), device_count=1)
       trainer = loop.build_trainer(cfg, jax.devices()[:1])
       batch = _batch(cfg.train.batch_size, t, cfg.model.vocab_size)
       state = trainer.init_fn()
       compiled = trainer.train_step.lower(state, batch).compile()
       temp = compiled.memory_analysis().temp_size_in_bytes
-      state, m = compiled(state, batch)          # warm-up
+      state, m = compiled(state, batch)  # warm-up
       jax.block_until_ready(m)
       start = time.perf_counter()
       for _ in range(args.steps):
@@ -91,10 +94,14 @@ def cpu(args):
       sec = (time.perf_counter() - start) / args.steps
       if kind == "dense":
         base_time, base_mem = sec, temp
-      row = {"len": t, "kind": kind, "step_s": round(sec, 4),
-             "temp_MiB": round(temp / 2**20, 1),
-             "time_vs_dense": base_time and round(sec / base_time, 3),
-             "temp_vs_dense": base_mem and round(temp / base_mem, 3)}
+      row = {
+        "len": t,
+        "kind": kind,
+        "step_s": round(sec, 4),
+        "temp_MiB": round(temp / 2**20, 1),
+        "time_vs_dense": base_time and round(sec / base_time, 3),
+        "temp_vs_dense": base_mem and round(temp / base_mem, 3),
+      }
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
@@ -103,6 +110,7 @@ def cpu(args):
 def aot_tpu(args):
   from efficient_lm import aot
   from efficient_lm import config as config_lib
+
   topo = aot.parse_topology(args.aot_tpu)
   devices = aot.topology_devices(topo)
   for t in args.lengths:
@@ -115,9 +123,12 @@ def aot_tpu(args):
       cfg = config_lib.from_config_dict(cd, device_count=len(devices))
       try:
         trainer, _, compiled = aot.compile_train_step(cfg, devices)
-      except Exception as e:   # the failure (e.g. out of memory) is the row
-        print(json.dumps({"len": t, "kind": kind,
-                          "error": str(e).splitlines()[0][:200]}))
+      except Exception as e:  # the failure (e.g. out of memory) is the row
+        print(
+          json.dumps(
+            {"len": t, "kind": kind, "error": str(e).splitlines()[0][:200]}
+          )
+        )
         continue
       mem = compiled.memory_analysis()
       flops = aot.xla_flops(compiled)
@@ -125,14 +136,21 @@ def aot_tpu(args):
       visible = trainer.flops["train_visible"] * tokens
       if kind == "dense":
         base = (flops, visible)
-      print(json.dumps({
-        "topology": topo.name, "len": t, "kind": kind,
-        "temp_GiB_per_chip": round(mem.temp_size_in_bytes / 2**30, 3),
-        "xla_flops_per_chip": f"{flops:.3e}",
-        "xla_flops_vs_dense": base and round(flops / base[0], 3),
-        "visible_flops_per_chip": f"{visible:.3e}",
-        "visible_vs_dense": base and round(visible / base[1], 3)}),
-        flush=True)
+      print(
+        json.dumps(
+          {
+            "topology": topo.name,
+            "len": t,
+            "kind": kind,
+            "temp_GiB_per_chip": round(mem.temp_size_in_bytes / 2**30, 3),
+            "xla_flops_per_chip": f"{flops:.3e}",
+            "xla_flops_vs_dense": base and round(flops / base[0], 3),
+            "visible_flops_per_chip": f"{visible:.3e}",
+            "visible_vs_dense": base and round(visible / base[1], 3),
+          }
+        ),
+        flush=True,
+      )
 
 
 def shakespeare(args):
@@ -140,6 +158,7 @@ def shakespeare(args):
   from configs import shakespeare_char
   from efficient_lm import config as config_lib
   from efficient_lm.training import loop
+
   if not os.path.exists(args.shakespeare):
     print(f"skipped: {args.shakespeare} not found")
     return
@@ -155,13 +174,15 @@ def shakespeare(args):
       summary = loop.run(cfg, workdir)
     results[kind] = summary
   dense = results.get("dense", {}).get("eval_loss")
-  print(f"| kind | eval loss at {args.train_steps} steps | vs dense | "
-        "tokens/s |")
+  print(
+    f"| kind | eval loss at {args.train_steps} steps | vs dense | tokens/s |"
+  )
   print("|---|---|---|---|")
   for kind, s in results.items():
     ratio = f"{s['eval_loss'] / dense:.3f}" if dense else "-"
-    print(f"| {kind} | {s['eval_loss']:.4f} | {ratio} | "
-          f"{s['tokens_per_sec']:.0f} |")
+    print(
+      f"| {kind} | {s['eval_loss']:.4f} | {ratio} | {s['tokens_per_sec']:.0f} |"
+    )
 
 
 def main():
@@ -179,7 +200,7 @@ def main():
   args = ap.parse_args()
   args.kinds = [k for k in args.kinds.split(",") if k]
   args.lengths = [int(x) for x in args.lengths.split(",") if x]
-  if "dense" in args.kinds:   # the baseline first, so ratios exist
+  if "dense" in args.kinds:  # the baseline first, so ratios exist
     args.kinds.remove("dense")
     args.kinds.insert(0, "dense")
   if args.aot_tpu:
@@ -188,6 +209,7 @@ def main():
     shakespeare(args)
   else:
     from efficient_lm import cpu_runtime
+
     cpu_runtime.keep_freed_host_memory()
     cpu(args)
 

@@ -49,6 +49,7 @@ VARIANTS = {
 
 def _config(name: str, args, steps: int):
   from configs import shakespeare_char
+
   cd = shakespeare_char.get_config()
   cd.model.num_layers = args.layers
   cd.data.path = os.path.abspath(args.data)
@@ -81,10 +82,13 @@ def main():
     print(f"skipped: {args.data} not found")
     return
   if args.steps % args.eval_every:
-    sys.exit(f"error: --steps={args.steps} is not a multiple of "
-             f"--eval_every={args.eval_every}")
+    sys.exit(
+      f"error: --steps={args.steps} is not a multiple of "
+      f"--eval_every={args.eval_every}"
+    )
 
   from efficient_lm import cpu_runtime
+
   cpu_runtime.keep_freed_host_memory()
   import jax
   from flax import nnx
@@ -96,19 +100,22 @@ def main():
   names = args.variants.split(",")
   fpt, unique = {}, {}
   for name in names:
-    cfg = config_lib.from_config_dict(_config(name, args, args.steps),
-                                      device_count=jax.device_count())
+    cfg = config_lib.from_config_dict(
+      _config(name, args, args.steps), device_count=jax.device_count()
+    )
     fpt[name] = flops_lib.flops_per_token(cfg.model, args.seq_len)["train"]
     abstract = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(0)))
-    unique[name] = flops_lib.param_count(
-      nnx.state(abstract, nnx.Param))["non_embedding"]
+    unique[name] = flops_lib.param_count(nnx.state(abstract, nnx.Param))[
+      "non_embedding"
+    ]
   dense_fpt = fpt.get("dense", max(fpt.values()))
 
   rows = {}
   for name in names:
     iso = args.steps * dense_fpt / fpt[name]
-    iso_steps = max(args.steps, int(round(iso / args.eval_every))
-                    * args.eval_every)
+    iso_steps = max(
+      args.steps, int(round(iso / args.eval_every)) * args.eval_every
+    )
     cd = _config(name, args, iso_steps)
     cfg = config_lib.from_config_dict(cd, device_count=jax.device_count())
     workdir = os.path.join(root, name)
@@ -119,32 +126,45 @@ def main():
     evals = dict(evals)
     rows[name] = {
       "eval_loss_equal_steps": evals[args.steps],
-      "eval_loss_equal_flops": evals[iso_steps], "iso_flop_steps": iso_steps,
+      "eval_loss_equal_flops": evals[iso_steps],
+      "iso_flop_steps": iso_steps,
       "train_flops_per_token": fpt[name],
       "flops_ratio_vs_dense": fpt[name] / dense_fpt,
       "unique_non_embedding_params": unique[name],
-      "tokens_per_sec": summary["tokens_per_sec"], "wall_seconds": wall}
+      "tokens_per_sec": summary["tokens_per_sec"],
+      "wall_seconds": wall,
+    }
     print(json.dumps({name: rows[name]}), flush=True)
 
   plot.curves([os.path.join(root, n) for n in names], args.out)
   d = rows.get("dense")
-  print(f"\n{args.layers} layers, seq {args.seq_len}, batch "
-        f"{args.batch_size}, {args.steps} steps; runs in {root}; curves in "
-        f"{args.out}\n")
-  print("| variant | eval loss, equal steps | vs dense | eval loss, equal "
-        "FLOPs (steps) | vs dense | train FLOPs/token vs dense | unique "
-        "params vs dense | tokens/s vs dense |")
+  print(
+    f"\n{args.layers} layers, seq {args.seq_len}, batch "
+    f"{args.batch_size}, {args.steps} steps; runs in {root}; curves in "
+    f"{args.out}\n"
+  )
+  print(
+    "| variant | eval loss, equal steps | vs dense | eval loss, equal "
+    "FLOPs (steps) | vs dense | train FLOPs/token vs dense | unique "
+    "params vs dense | tokens/s vs dense |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   for name, r in rows.items():
+
     def ratio(key):
       return f"{r[key] / d[key]:.3f}" if d else "-"
-    print(f"| {name} | {r['eval_loss_equal_steps']:.4f} | "
-          f"{ratio('eval_loss_equal_steps')} | "
-          f"{r['eval_loss_equal_flops']:.4f} ({r['iso_flop_steps']}) | "
-          f"{r['eval_loss_equal_flops'] / d['eval_loss_equal_steps']:.3f} | "
-          f"{r['flops_ratio_vs_dense']:.3f} | "
-          f"{ratio('unique_non_embedding_params')} | "
-          f"{ratio('tokens_per_sec')} |" if d else f"| {name} | ... |")
+
+    print(
+      f"| {name} | {r['eval_loss_equal_steps']:.4f} | "
+      f"{ratio('eval_loss_equal_steps')} | "
+      f"{r['eval_loss_equal_flops']:.4f} ({r['iso_flop_steps']}) | "
+      f"{r['eval_loss_equal_flops'] / d['eval_loss_equal_steps']:.3f} | "
+      f"{r['flops_ratio_vs_dense']:.3f} | "
+      f"{ratio('unique_non_embedding_params')} | "
+      f"{ratio('tokens_per_sec')} |"
+      if d
+      else f"| {name} | ... |"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def main():
   args = ap.parse_args()
 
   from efficient_lm import cpu_runtime
-  cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
+
+  cpu_runtime.keep_freed_host_memory()  # before JAX starts its CPU client
   import jax
   from configs import shakespeare_char
   from efficient_lm import config as config_lib
@@ -47,20 +48,26 @@ def main():
   # Whole val split with the final parameters.
   tok = loop.make_tokenizer(cfg)
   t = loop.build_trainer(cfg)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                      keep=None, async_save=False)
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=1,
+    keep=None,
+    async_save=False,
+  )
   _, state, _ = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
   it = loop.make_iterator(t, tok, "eval")
-  n_batches = it.num_pieces // cfg.train.batch_size   # no wrap-around
-  full_val = loop.evaluate(t, it, it.get_state(), state,
-                           n_batches)["eval_loss"]
+  n_batches = it.num_pieces // cfg.train.batch_size  # no wrap-around
+  full_val = loop.evaluate(t, it, it.get_state(), state, n_batches)["eval_loss"]
 
   result = {
-    "steps": summary["final_step"], "val_loss_logged": summary["eval_loss"],
-    "val_loss_full_split": full_val, "val_batches_full": n_batches,
+    "steps": summary["final_step"],
+    "val_loss_logged": summary["eval_loss"],
+    "val_loss_full_split": full_val,
+    "val_batches_full": n_batches,
     "train_loss": summary["train_loss"],
-    "tokens_per_sec": summary["tokens_per_sec"], "wall_seconds": wall,
+    "tokens_per_sec": summary["tokens_per_sec"],
+    "wall_seconds": wall,
     "nanogpt_val_loss": NANOGPT_VAL_LOSS,
     "ratio_val_loss_vs_nanogpt": summary["eval_loss"] / NANOGPT_VAL_LOSS,
     "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",

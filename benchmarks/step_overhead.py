@@ -32,12 +32,20 @@ STEPS = {"zero": (3000, 200), "shakespeare": (300, 50)}  # steps, warmup
 
 def _config(model: str, data: str, steps: int):
   from configs import base, shakespeare_char
+
   if model == "shakespeare":
     c = shakespeare_char.get_config()
   else:
     c = base.get_config()
-    c.model.update(num_layers=1, embed_dim=8, num_heads=1, num_kv_heads=1,
-                   mlp_dim=8, vocab_size=128, dtype="float32")
+    c.model.update(
+      num_layers=1,
+      embed_dim=8,
+      num_heads=1,
+      num_kv_heads=1,
+      mlp_dim=8,
+      vocab_size=128,
+      dtype="float32",
+    )
     c.data.update(source="text", tokenizer="char", seq_len=8)
     c.train.update(batch_size=1, log_every=100, eval_every=steps)
     c.checkpoint.every_steps = steps
@@ -49,36 +57,50 @@ def _config(model: str, data: str, steps: int):
 def _measure(model: str, variant: str, data: str) -> dict:
   """One run in this process; `variant` must be chosen before JAX starts."""
   from efficient_lm import cpu_runtime
+
   if variant == "after":
     cpu_runtime.keep_freed_host_memory()
   import jax
   from efficient_lm import config as config_lib
   from efficient_lm import sharding
   from efficient_lm.training import loop
+
   if variant == "before":
     sharding.host_to_global = lambda mesh, batch: {
       k: jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh), v) for k, v in batch.items()}
+        sharding.batch_sharding(mesh), v
+      )
+      for k, v in batch.items()
+    }
   steps, warmup = STEPS[model]
-  cfg = config_lib.from_config_dict(_config(model, data, steps),
-                                    device_count=jax.device_count())
+  cfg = config_lib.from_config_dict(
+    _config(model, data, steps), device_count=jax.device_count()
+  )
   marks = {}
 
   def mark(step):
     if step in (warmup, steps - 1):
       r = resource.getrusage(resource.RUSAGE_SELF)
-      marks[step] = (time.perf_counter(), r.ru_utime + r.ru_stime,
-                     r.ru_stime, r.ru_minflt)
+      marks[step] = (
+        time.perf_counter(),
+        r.ru_utime + r.ru_stime,
+        r.ru_stime,
+        r.ru_minflt,
+      )
 
   with tempfile.TemporaryDirectory() as workdir:
     summary = loop.run(cfg, workdir, hooks=[mark])
   (w0, c0, s0, f0), (w1, c1, s1, f1) = marks[warmup], marks[steps - 1]
   n = steps - 1 - warmup
-  return {"ms_step": 1e3 * (w1 - w0) / n, "steps_s": n / (w1 - w0),
-          "cpu_ms_step": 1e3 * (c1 - c0) / n,
-          "sys_ms_step": 1e3 * (s1 - s0) / n, "faults_step": (f1 - f0) / n,
-          "train_loss": summary["train_loss"],
-          "eval_loss": summary["eval_loss"]}
+  return {
+    "ms_step": 1e3 * (w1 - w0) / n,
+    "steps_s": n / (w1 - w0),
+    "cpu_ms_step": 1e3 * (c1 - c0) / n,
+    "sys_ms_step": 1e3 * (s1 - s0) / n,
+    "faults_step": (f1 - f0) / n,
+    "train_loss": summary["train_loss"],
+    "eval_loss": summary["eval_loss"],
+  }
 
 
 def main():
@@ -98,28 +120,49 @@ def main():
     for model in args.models.split(","):
       for variant in VARIANTS:
         out = subprocess.run(
-          [sys.executable, "-m", "benchmarks.step_overhead",
-           f"--data={args.data}", f"--child={model}:{variant}"],
-          capture_output=True, text=True, check=True).stdout
+          [
+            sys.executable,
+            "-m",
+            "benchmarks.step_overhead",
+            f"--data={args.data}",
+            f"--child={model}:{variant}",
+          ],
+          capture_output=True,
+          text=True,
+          check=True,
+        ).stdout
         r = json.loads(out.split("RESULT ", 1)[1])
         runs.setdefault((model, variant), []).append(r)
-        print(f"pair {pair} {model:11s} {variant:6s} " + " ".join(
-          f"{k}={v:.4g}" for k, v in r.items()), flush=True)
+        print(
+          f"pair {pair} {model:11s} {variant:6s} "
+          + " ".join(f"{k}={v:.4g}" for k, v in r.items()),
+          flush=True,
+        )
 
   print(f"\nmedians over {args.pairs} pairs")
-  keys = ("ms_step", "steps_s", "cpu_ms_step", "sys_ms_step", "faults_step",
-          "train_loss")
+  keys = (
+    "ms_step",
+    "steps_s",
+    "cpu_ms_step",
+    "sys_ms_step",
+    "faults_step",
+    "train_loss",
+  )
   print(f"{'model':11s} {'variant':7s} " + " ".join(f"{k:>12s}" for k in keys))
   for model in args.models.split(","):
     for variant in VARIANTS:
       rs = runs[(model, variant)]
-      print(f"{model:11s} {variant:7s} " + " ".join(
-        f"{statistics.median(r[k] for r in rs):12.5g}" for k in keys))
+      print(
+        f"{model:11s} {variant:7s} "
+        + " ".join(f"{statistics.median(r[k] for r in rs):12.5g}" for k in keys)
+      )
     ratio = statistics.median(
       a["ms_step"] / b["ms_step"]
-      for a, b in zip(runs[(model, "after")], runs[(model, "before")]))
-    print(f"{model:11s} after/before wall per step, median of pairs: "
-          f"{ratio:.3f}")
+      for a, b in zip(runs[(model, "after")], runs[(model, "before")])
+    )
+    print(
+      f"{model:11s} after/before wall per step, median of pairs: {ratio:.3f}"
+    )
 
 
 if __name__ == "__main__":

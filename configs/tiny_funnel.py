@@ -21,6 +21,6 @@ def get_config():
   c.model.funnel.decoder_layers = 1
   c.train.objective = "mlm"
   c.train.mlm_rate = 0.15
-  c.train.steps = 200          # ~2 minutes on 2 CPU cores
+  c.train.steps = 200  # ~2 minutes on 2 CPU cores
   c.train.warmup_steps = 20
   return c

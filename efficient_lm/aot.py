@@ -45,12 +45,29 @@ CORES_IN_NAME = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 #     128   8x16        4x4x8         v5e-128, v4-256,  v5p-256
 #     256   16x16       4x8x8         v5e-256, v4-512,  v5p-512
 #     512               8x8x8                  v4-1024, v5p-1024
-_SHAPES_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
-              128: "8x16", 256: "16x16"}
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4",
-              64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
-_ACCEPTED = ("a Cloud TPU type (v4-32, v5e-16, v5p-32, v6e-8) or a libtpu "
-             "topology (v5e:4x4, v5p:2x2x4, v4:2x2x2, v6e:2x2)")
+_SHAPES_2D = {
+  4: "2x2",
+  8: "2x4",
+  16: "4x4",
+  32: "4x8",
+  64: "8x8",
+  128: "8x16",
+  256: "16x16",
+}
+_SHAPES_3D = {
+  4: "2x2x1",
+  8: "2x2x2",
+  16: "2x2x4",
+  32: "2x4x4",
+  64: "4x4x4",
+  128: "4x4x8",
+  256: "4x8x8",
+  512: "8x8x8",
+}
+_ACCEPTED = (
+  "a Cloud TPU type (v4-32, v5e-16, v5p-32, v6e-8) or a libtpu "
+  "topology (v5e:4x4, v5p:2x2x4, v4:2x2x2, v6e:2x2)"
+)
 
 
 class TopologyError(ValueError):
@@ -59,8 +76,8 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True)
 class Topology:
-  generation: str    # key of CHIP_HBM_GIB
-  name: str          # libtpu topology string, e.g. "v5e:4x4"
+  generation: str  # key of CHIP_HBM_GIB
+  name: str  # libtpu topology string, e.g. "v5e:4x4"
   chips: int
 
 
@@ -75,8 +92,10 @@ def parse_topology(text: str | None) -> Topology:
     shapes = _SHAPES_2D if gen in ("v5e", "v6e") else _SHAPES_3D
     if rem or chips not in shapes:
       sizes = ", ".join(f"{gen}-{c * CORES_IN_NAME[gen]}" for c in shapes)
-      raise TopologyError(f"--topology={text}: no standard {gen} slice of "
-                          f"that size; expected one of {sizes}")
+      raise TopologyError(
+        f"--topology={text}: no standard {gen} slice of "
+        f"that size; expected one of {sizes}"
+      )
     return Topology(gen, f"{gen}:{shapes[chips]}", chips)
   m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", text)
   if m:
@@ -92,14 +111,17 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
   """Compile-only devices of `num_slices` slices; with more than one each
   carries its `slice_index`, as on a multi-slice pod."""
   from jax.experimental import topologies
+
   try:
-    desc = topologies.get_topology_desc(platform="tpu",
-                                        topology_name=topo.name,
-                                        num_slices=num_slices)
-  except Exception as e:   # no libtpu, or it rejects the shape
+    desc = topologies.get_topology_desc(
+      platform="tpu", topology_name=topo.name, num_slices=num_slices
+    )
+  except Exception as e:  # no libtpu, or it rejects the shape
     slices = f" x {num_slices} slices" if num_slices > 1 else ""
-    raise TopologyError(f"cannot compile for --topology={topo.name}"
-                        f"{slices}: {' '.join(str(e).split())[:300]}") from e
+    raise TopologyError(
+      f"cannot compile for --topology={topo.name}"
+      f"{slices}: {' '.join(str(e).split())[:300]}"
+    ) from e
   return list(desc.devices)
 
 
@@ -109,8 +131,10 @@ def compile_train_step(cfg: config_lib.Config, devices):
   t = loop.build_trainer(cfg, devices)
   b, s = cfg.train.batch_size, cfg.data.seq_len
   bs = sharding.batch_sharding(t.mesh)
-  batch = {k: jax.ShapeDtypeStruct((b, s), "int32", sharding=bs)
-           for k in ("inputs", "targets", "segment_ids", "positions")}
+  batch = {
+    k: jax.ShapeDtypeStruct((b, s), "int32", sharding=bs)
+    for k in ("inputs", "targets", "segment_ids", "positions")
+  }
   lowered = t.train_step.lower(t.abstract_state, batch)
   return t, lowered, lowered.compile()
 
@@ -118,7 +142,7 @@ def compile_train_step(cfg: config_lib.Config, devices):
 def xla_flops(compiled) -> float:
   """FLOPs XLA's cost analysis counts for one device's program."""
   cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):   # older jax: one dict per program
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0]
   return float(cost.get("flops", 0.0))
 
@@ -151,32 +175,44 @@ def report(cd, topology_text: str, *, log=print) -> bool:
   t, _, compiled = compile_train_step(cfg, devices)
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes
-           - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  total = (
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+    + m.temp_size_in_bytes
+  )
   b, s = cfg.train.batch_size, cfg.data.seq_len
   model_flops = t.flops["train"] * b * s / n
   counted = xla_flops(compiled)
   if cfg.model.scan_layers:
     # The while loop's body is counted once, not once per layer; say so
     # rather than guess a split (unrolling costs a second compile).
-    how = (f"scanned layer stack: 1 of {cfg.model.num_layers} layers "
-           "counted; --config.model.scan_layers=False counts them all")
+    how = (
+      f"scanned layer stack: 1 of {cfg.model.num_layers} layers "
+      "counted; --config.model.scan_layers=False counts them all"
+    )
   else:
     how = "unrolled layers: all counted"
   verdict = ("fits" if total <= hbm else "does NOT fit") + (
-    f", {_gib(abs(hbm - total))} "
-    + ("to spare" if total <= hbm else "over"))
+    f", {_gib(abs(hbm - total))} " + ("to spare" if total <= hbm else "over")
+  )
   dev = devices[0].device_kind
   where = topo.name if slices == 1 else f"{slices} slices of {topo.name}"
-  log(f"compiled {cfg.name} for {where} ({n} x {dev}, mesh "
-      f"{dict(t.mesh.shape)}, attention {cfg.model.attention.impl}"
-      f"{' for auto' if impl == 'auto' else ''}) in {seconds:.1f} s")
-  log(f"per device: arguments {_gib(m.argument_size_in_bytes)}, outputs "
-      f"{_gib(m.output_size_in_bytes)} ({_gib(m.alias_size_in_bytes)} "
-      f"aliased), temporaries {_gib(m.temp_size_in_bytes)}; total "
-      f"{_gib(total)} of {_gib(hbm)} HBM: {verdict}")
-  log(f"FLOPs per device per step: model {model_flops:.3e} (analytical, "
-      f"dense_tile, backward 2x, remat not counted); XLA cost analysis "
-      f"{counted:.3e} ({how}; remat={cfg.model.remat} recomputation "
-      "included)")
+  log(
+    f"compiled {cfg.name} for {where} ({n} x {dev}, mesh "
+    f"{dict(t.mesh.shape)}, attention {cfg.model.attention.impl}"
+    f"{' for auto' if impl == 'auto' else ''}) in {seconds:.1f} s"
+  )
+  log(
+    f"per device: arguments {_gib(m.argument_size_in_bytes)}, outputs "
+    f"{_gib(m.output_size_in_bytes)} ({_gib(m.alias_size_in_bytes)} "
+    f"aliased), temporaries {_gib(m.temp_size_in_bytes)}; total "
+    f"{_gib(total)} of {_gib(hbm)} HBM: {verdict}"
+  )
+  log(
+    f"FLOPs per device per step: model {model_flops:.3e} (analytical, "
+    f"dense_tile, backward 2x, remat not counted); XLA cost analysis "
+    f"{counted:.3e} ({how}; remat={cfg.model.remat} recomputation "
+    "included)"
+  )
   return total <= hbm

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------- sections
 
 
-AttentionKind = Literal["dense", "sliding_window", "global_local",
-                        "block_sparse", "tglobal"]
+AttentionKind = Literal[
+  "dense", "sliding_window", "global_local", "block_sparse", "tglobal"
+]
 ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
 
 
@@ -104,8 +105,9 @@ class RoutingConfig:
   router_z_loss: float = 0.0
   # --- mor
   num_recursions: int = 2
-  sharing: Literal["cycle", "sequence", "middle_cycle",
-                   "middle_sequence"] = "middle_cycle"
+  sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = (
+    "middle_cycle"
+  )
   router: Literal["expert_choice", "token_choice"] = "expert_choice"
   # Expert-choice capacity per recursion step; empty = (N_r - r + 1) / N_r.
   capacities: tuple[float, ...] = ()
@@ -304,13 +306,17 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
         return _check_value(path, value, arg)
       except ConfigError as e:
         errors.append(str(e))
-    raise errors[0] if len(errors) == 1 else ConfigError(
-      f"{path}={value!r}: expected one of {args}")
+    raise (
+      errors[0]
+      if len(errors) == 1
+      else ConfigError(f"{path}={value!r}: expected one of {args}")
+    )
   if origin is Literal:
     allowed = typing.get_args(tp)
     if value not in allowed:
       raise ConfigError(
-        f"{path}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+        f"{path}={value!r}: expected one of {', '.join(map(repr, allowed))}"
+      )
     return value
   if tp is bool:
     if not isinstance(value, bool):
@@ -319,17 +325,20 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
   if tp is int:
     if isinstance(value, bool) or not isinstance(value, int):
       raise ConfigError(
-        f"{path}={value!r}: expected an int, got {type(value).__name__}")
+        f"{path}={value!r}: expected an int, got {type(value).__name__}"
+      )
     return value
   if tp is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(
-        f"{path}={value!r}: expected a float, got {type(value).__name__}")
+        f"{path}={value!r}: expected a float, got {type(value).__name__}"
+      )
     return float(value)
   if tp is str:
     if not isinstance(value, str):
       raise ConfigError(
-        f"{path}={value!r}: expected a str, got {type(value).__name__}")
+        f"{path}={value!r}: expected a str, got {type(value).__name__}"
+      )
     return value
   if origin is tuple:
     return _check_tuple(path, value, typing.get_args(tp))
@@ -343,7 +352,8 @@ def _check_tuple(path: str, value: Any, args: tuple[Any, ...]) -> tuple:
   JSON arrays) and every element is checked."""
   if isinstance(value, str) or not isinstance(value, (tuple, list)):
     raise ConfigError(
-      f"{path}={value!r}: expected a tuple, got {type(value).__name__}")
+      f"{path}={value!r}: expected a tuple, got {type(value).__name__}"
+    )
   if len(args) == 2 and args[1] is Ellipsis:
     types_ = (args[0],) * len(value)
   else:
@@ -351,9 +361,12 @@ def _check_tuple(path: str, value: Any, args: tuple[Any, ...]) -> tuple:
     if len(value) != len(args):
       raise ConfigError(
         f"{path}={tuple(value)!r}: expected {len(args)} elements, got "
-        f"{len(value)}")
-  return tuple(_check_value(f"{path}[{i}]", v, tp)
-               for i, (v, tp) in enumerate(zip(value, types_)))
+        f"{len(value)}"
+      )
+  return tuple(
+    _check_value(f"{path}[{i}]", v, tp)
+    for i, (v, tp) in enumerate(zip(value, types_))
+  )
 
 
 def _to_dataclass(path: str, value: Any, cls: type) -> Any:
@@ -368,16 +381,19 @@ def _to_dataclass(path: str, value: Any, cls: type) -> Any:
     where = f"{path}." if path else ""
     raise ConfigError(
       f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-      f"known keys of {path or 'the config'}: {', '.join(sorted(fields))}")
+      f"known keys of {path or 'the config'}: {', '.join(sorted(fields))}"
+    )
   kwargs = {}
   for name, v in value.items():
-    kwargs[name] = _check_value(f"{path}.{name}" if path else name, v,
-                                hints[name])
+    kwargs[name] = _check_value(
+      f"{path}.{name}" if path else name, v, hints[name]
+    )
   return cls(**kwargs)
 
 
-def _mesh_product(mesh: MeshConfig, names: tuple[str, ...],
-                  prefix: str = "mesh.") -> str:
+def _mesh_product(
+  mesh: MeshConfig, names: tuple[str, ...], prefix: str = "mesh."
+) -> str:
   """`mesh.fsdp*mesh.tensor=2*1` for error messages. dcn is named only when
   it is not 1, so single-slice messages read as they always did."""
   names = tuple(n for n in names if n != "dcn" or mesh.dcn != 1)
@@ -385,20 +401,23 @@ def _mesh_product(mesh: MeshConfig, names: tuple[str, ...],
   return f"{keys}={'*'.join(str(getattr(mesh, n)) for n in names)}"
 
 
-def from_config_dict(cd: ml_collections.ConfigDict | dict,
-                     *, device_count: int | None = None) -> Config:
+def from_config_dict(
+  cd: ml_collections.ConfigDict | dict, *, device_count: int | None = None
+) -> Config:
   """Converts and validates. `device_count` enables the mesh-size check."""
   cfg = _to_dataclass("", cd, Config)
   mesh = cfg.mesh
-  _positive("mesh.dcn", mesh.dcn)    # before it divides the device count
+  _positive("mesh.dcn", mesh.dcn)  # before it divides the device count
   if device_count is not None and mesh.data == -1:
     rest = mesh.dcn * mesh.fsdp * mesh.tensor
     if rest <= 0 or device_count % rest:
       raise ConfigError(
         f"{_mesh_product(mesh, ('dcn', 'fsdp', 'tensor'))} does not divide "
-        f"the {device_count} available devices")
+        f"the {device_count} available devices"
+      )
     cfg = dataclasses.replace(
-      cfg, mesh=dataclasses.replace(mesh, data=device_count // rest))
+      cfg, mesh=dataclasses.replace(mesh, data=device_count // rest)
+    )
   validate(cfg, device_count=device_count)
   return cfg
 
@@ -417,119 +436,154 @@ def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
   if unknown:
     raise ConfigError(
       f"model.attention.pattern={a.pattern!r}: unknown kind {unknown[0]!r}; "
-      f"expected comma-separated kinds from {', '.join(ATTENTION_KINDS)}")
+      f"expected comma-separated kinds from {', '.join(ATTENTION_KINDS)}"
+    )
   if num_layers % len(kinds):
     raise ConfigError(
       f"model.attention.pattern={a.pattern!r} has {len(kinds)} kinds, which "
-      f"does not divide model.num_layers={num_layers}")
-  where = (f"attention.kind={a.kind!r}" if not a.pattern.strip() else
-           f"attention.pattern={a.pattern!r}")
+      f"does not divide model.num_layers={num_layers}"
+    )
+  where = (
+    f"attention.kind={a.kind!r}"
+    if not a.pattern.strip()
+    else f"attention.pattern={a.pattern!r}"
+  )
   if any(k != "dense" for k in kinds) and a.window <= 0:
     raise ConfigError(
       f"model.attention.window={a.window}: {where} needs a positive window "
-      "(tokens including self)")
+      "(tokens including self)"
+    )
   if "global_local" in kinds and a.num_global <= 0:
     raise ConfigError(
       f"model.attention.num_global={a.num_global}: {where} uses "
-      "'global_local', which needs at least one global position")
+      "'global_local', which needs at least one global position"
+    )
   if a.num_global < 0:
     raise ConfigError(
-      f"model.attention.num_global={a.num_global}: expected >= 0")
+      f"model.attention.num_global={a.num_global}: expected >= 0"
+    )
   if "block_sparse" in kinds:
     for name in ("block_size", "max_len"):
       _positive(f"model.attention.{name}", getattr(a, name))
     if a.num_random_blocks < 0:
       raise ConfigError(
         f"model.attention.num_random_blocks={a.num_random_blocks}: "
-        "expected >= 0")
+        "expected >= 0"
+      )
   if "tglobal" in kinds:
     _positive("model.attention.tglobal_block", a.tglobal_block)
-  for name in ("kv_lora_rank", "q_lora_rank", "rope_head_dim",
-               "nope_head_dim", "v_head_dim"):
+  for name in (
+    "kv_lora_rank",
+    "q_lora_rank",
+    "rope_head_dim",
+    "nope_head_dim",
+    "v_head_dim",
+  ):
     if getattr(a, name) < 0:
       raise ConfigError(
         f"model.attention.{name}={getattr(a, name)}: expected >= 0 (0 = "
-        "derived from model.head_dim)")
+        "derived from model.head_dim)"
+      )
   if a.projection == "mla" and "tglobal" in kinds:
     raise ConfigError(
       f"model.attention.projection='mla' with {where}: MLA with tglobal "
-      "summaries is not supported; use projection='qkv' for tglobal layers")
+      "summaries is not supported; use projection='qkv' for tglobal layers"
+    )
   if a.rope_head_dim % 2:
     raise ConfigError(
-      f"model.attention.rope_head_dim={a.rope_head_dim} must be even for "
-      "RoPE")
+      f"model.attention.rope_head_dim={a.rope_head_dim} must be even for RoPE"
+    )
 
 
 def validate(cfg: Config, *, device_count: int | None = None) -> None:
   m, t, d, mesh = cfg.model, cfg.train, cfg.data, cfg.mesh
   for path, v in [
-    ("model.num_layers", m.num_layers), ("model.embed_dim", m.embed_dim),
-    ("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
-    ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
-    ("data.seq_len", d.seq_len), ("train.steps", t.steps),
-    ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
-    ("train.eval_every", t.eval_every), ("checkpoint.every_steps",
-                                         cfg.checkpoint.every_steps),
-    ("checkpoint.keep", cfg.checkpoint.keep), ("mesh.dcn", mesh.dcn),
-    ("mesh.fsdp", mesh.fsdp), ("mesh.tensor", mesh.tensor),
+    ("model.num_layers", m.num_layers),
+    ("model.embed_dim", m.embed_dim),
+    ("model.num_heads", m.num_heads),
+    ("model.num_kv_heads", m.num_kv_heads),
+    ("model.mlp_dim", m.mlp_dim),
+    ("model.vocab_size", m.vocab_size),
+    ("data.seq_len", d.seq_len),
+    ("train.steps", t.steps),
+    ("train.batch_size", t.batch_size),
+    ("train.log_every", t.log_every),
+    ("train.eval_every", t.eval_every),
+    ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+    ("checkpoint.keep", cfg.checkpoint.keep),
+    ("mesh.dcn", mesh.dcn),
+    ("mesh.fsdp", mesh.fsdp),
+    ("mesh.tensor", mesh.tensor),
   ]:
     _positive(path, v)
   _validate_train(t)
   if mesh.data == 0 or mesh.data < -1:
     raise ConfigError(
       f"mesh.data={mesh.data}: expected a positive size or -1 (all "
-      "remaining devices)")
+      "remaining devices)"
+    )
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(
       f"model.num_heads={m.num_heads} is not divisible by "
-      f"model.num_kv_heads={m.num_kv_heads} (GQA groups must be whole)")
+      f"model.num_kv_heads={m.num_kv_heads} (GQA groups must be whole)"
+    )
   if m.head_dim is None and m.embed_dim % m.num_heads:
     raise ConfigError(
       f"model.embed_dim={m.embed_dim} is not divisible by "
-      f"model.num_heads={m.num_heads}; set model.head_dim explicitly")
+      f"model.num_heads={m.num_heads}; set model.head_dim explicitly"
+    )
   if m.resolved_head_dim % 2:
-    raise ConfigError(
-      f"head_dim={m.resolved_head_dim} must be even for RoPE")
+    raise ConfigError(f"head_dim={m.resolved_head_dim} must be even for RoPE")
   _validate_attention(m.attention, m.num_layers)
   _validate_routing(m, d.seq_len)
   _validate_funnel(cfg)
-  if ("block_sparse" in m.attention.pattern_kinds
-      and m.attention.max_len < d.seq_len):
+  if (
+    "block_sparse" in m.attention.pattern_kinds
+    and m.attention.max_len < d.seq_len
+  ):
     raise ConfigError(
       f"model.attention.max_len={m.attention.max_len} is shorter than "
       f"data.seq_len={d.seq_len}: the block_sparse table must cover every "
-      "position")
+      "position"
+    )
   if not 0.0 <= d.eval_fraction < 1.0:
     raise ConfigError(
-      f"data.eval_fraction={d.eval_fraction}: expected 0 <= x < 1")
+      f"data.eval_fraction={d.eval_fraction}: expected 0 <= x < 1"
+    )
   if d.source != "default" and not d.path:
     raise ConfigError(
       f"data.path is empty: data.source={d.source!r} needs a path "
-      "(--config.data.path=...)")
+      "(--config.data.path=...)"
+    )
   dp = mesh.dcn * max(mesh.data, 1) * mesh.fsdp
   if t.batch_size % dp:
     raise ConfigError(
       f"train.batch_size={t.batch_size} is not divisible by the "
       f"data-parallel size {_mesh_product(mesh, ('dcn', 'data', 'fsdp'))}="
-      f"{dp}")
+      f"{dp}"
+    )
   if m.num_kv_heads % mesh.tensor:
     raise ConfigError(
       f"model.num_kv_heads={m.num_kv_heads} is not divisible by "
-      f"mesh.tensor={mesh.tensor}")
-  for path, v in [("model.mlp_dim", m.mlp_dim),
-                  ("model.vocab_size", m.vocab_size)]:
+      f"mesh.tensor={mesh.tensor}"
+    )
+  for path, v in [
+    ("model.mlp_dim", m.mlp_dim),
+    ("model.vocab_size", m.vocab_size),
+  ]:
     if v % mesh.tensor:
       raise ConfigError(
-        f"{path}={v} is not divisible by mesh.tensor={mesh.tensor}")
+        f"{path}={v} is not divisible by mesh.tensor={mesh.tensor}"
+      )
   if m.embed_dim % mesh.fsdp:
     raise ConfigError(
-      f"model.embed_dim={m.embed_dim} is not divisible by "
-      f"mesh.fsdp={mesh.fsdp}")
-  if (device_count is not None and mesh.data != -1
-      and mesh.size != device_count):
+      f"model.embed_dim={m.embed_dim} is not divisible by mesh.fsdp={mesh.fsdp}"
+    )
+  if device_count is not None and mesh.data != -1 and mesh.size != device_count:
     raise ConfigError(
       f"mesh {_mesh_product(mesh, ('dcn', 'data', 'fsdp', 'tensor'), '')}="
-      f"{mesh.size} does not match the {device_count} available devices")
+      f"{mesh.size} does not match the {device_count} available devices"
+    )
 
 
 def _validate_routing(m: ModelConfig, seq_len: int) -> None:
@@ -541,7 +595,8 @@ def _validate_routing(m: ModelConfig, seq_len: int) -> None:
     if getattr(r, name) < 0:
       raise ConfigError(
         f"model.routing.{name}={getattr(r, name)}: expected >= 0 "
-        "(0 turns it off)")
+        "(0 turns it off)"
+      )
   if r.kind == "mor":
     _validate_mor(m)
   else:
@@ -555,10 +610,12 @@ def _validate_mor(m: ModelConfig) -> None:
   if m.kind != "decoder":
     raise ConfigError(
       f"model.routing.kind='mor' with model.kind={m.kind!r}: MoR routes the "
-      "decoder's layers only; use model.kind='decoder'")
+      "decoder's layers only; use model.kind='decoder'"
+    )
   if n < 1:
     raise ConfigError(
-      f"model.routing.num_recursions={n}: expected a positive count")
+      f"model.routing.num_recursions={n}: expected a positive count"
+    )
   middle = r.sharing.startswith("middle_")
   recursed = m.num_layers - 2 if middle else m.num_layers
   if recursed < n or recursed % n:
@@ -567,43 +624,52 @@ def _validate_mor(m: ModelConfig) -> None:
       f"model.num_layers={m.num_layers} does not fit "
       f"model.routing.sharing={r.sharing!r} with "
       f"model.routing.num_recursions={n}: {what} must be a positive "
-      f"multiple of {n}")
+      f"multiple of {n}"
+    )
   if r.sharing.endswith("sequence"):
     raise ConfigError(
       f"model.routing.sharing={r.sharing!r}: MoR routing needs a contiguous "
-      "recursion block; use 'cycle' or 'middle_cycle'")
+      "recursion block; use 'cycle' or 'middle_cycle'"
+    )
   if r.capacities:
     if len(r.capacities) != n:
       raise ConfigError(
         f"model.routing.capacities={tuple(r.capacities)} has "
         f"{len(r.capacities)} entries; expected one per recursion "
-        f"(num_recursions={n})")
+        f"(num_recursions={n})"
+      )
     if not all(0 < c <= 1 for c in r.capacities):
       raise ConfigError(
         f"model.routing.capacities={tuple(r.capacities)}: expected "
-        "fractions in (0, 1]")
+        "fractions in (0, 1]"
+      )
     if any(b > a for a, b in zip(r.capacities, r.capacities[1:])):
       raise ConfigError(
         f"model.routing.capacities={tuple(r.capacities)}: expected "
-        "non-increasing (active sets are nested)")
+        "non-increasing (active sets are nested)"
+      )
   if r.alpha <= 0:
     raise ConfigError(f"model.routing.alpha={r.alpha}: expected > 0")
   for name in ("balancing_weight", "bias_rate"):
     if getattr(r, name) < 0:
       raise ConfigError(
-        f"model.routing.{name}={getattr(r, name)}: expected >= 0")
+        f"model.routing.{name}={getattr(r, name)}: expected >= 0"
+      )
   if r.kv == "recursive_sharing":
     if r.router == "expert_choice" and r.capacities and r.capacities[0] < 1:
       raise ConfigError(
         f"model.routing.capacities={tuple(r.capacities)}: "
         "kv='recursive_sharing' needs capacities[0] = 1 (every token "
-        "writes the first step's keys/values)")
-    if (m.attention.projection != "qkv"
-        or "tglobal" in m.attention.pattern_kinds):
+        "writes the first step's keys/values)"
+      )
+    if (
+      m.attention.projection != "qkv" or "tglobal" in m.attention.pattern_kinds
+    ):
       raise ConfigError(
         "model.routing.kv='recursive_sharing' supports qkv attention "
         f"without tglobal (got projection={m.attention.projection!r}, "
-        f"kinds={m.attention.pattern_kinds})")
+        f"kinds={m.attention.pattern_kinds})"
+      )
   kinds = m.attention.pattern_kinds
   start = 1 if middle else 0
   depth = recursed // n
@@ -614,7 +680,8 @@ def _validate_mor(m: ModelConfig) -> None:
       raise ConfigError(
         f"model.attention.pattern={m.attention.pattern!r}: layer "
         f"{start + i} ({a}) shares parameters with layer "
-        f"{start + i % depth} ({b}) under MoR; shared layers need one kind")
+        f"{start + i % depth} ({b}) under MoR; shared layers need one kind"
+      )
 
 
 def _validate_mod(m: ModelConfig, seq_len: int) -> None:
@@ -623,23 +690,28 @@ def _validate_mod(m: ModelConfig, seq_len: int) -> None:
   if m.kind != "decoder":
     raise ConfigError(
       f"model.routing.kind='mod' with model.kind={m.kind!r}: mixture-of-"
-      "depths routes the plain decoder's blocks only (model.kind='decoder')")
+      "depths routes the plain decoder's blocks only (model.kind='decoder')"
+    )
   if not 1 <= r.every <= m.num_layers:
     raise ConfigError(
       f"model.routing.every={r.every}: expected 1 <= every <= "
-      f"model.num_layers={m.num_layers} (every every-th block is routed)")
+      f"model.num_layers={m.num_layers} (every every-th block is routed)"
+    )
   if not 0.0 < r.capacity <= 1.0:
     raise ConfigError(
       f"model.routing.capacity={r.capacity}: expected 0 < capacity <= 1 "
-      "(the fraction of each sequence a routed block processes)")
+      "(the fraction of each sequence a routed block processes)"
+    )
   if math.floor(r.capacity * seq_len + 1e-9) < 1:
     raise ConfigError(
       f"model.routing.capacity={r.capacity} selects no token of "
-      f"data.seq_len={seq_len}: expected capacity * seq_len >= 1")
+      f"data.seq_len={seq_len}: expected capacity * seq_len >= 1"
+    )
   if "tglobal" in m.attention.pattern_kinds:
     raise ConfigError(
       "model.routing.kind='mod' with tglobal attention is not supported: "
-      "tglobal summaries over a routed subset are not defined here")
+      "tglobal summaries over a routed subset are not defined here"
+    )
 
 
 def _validate_funnel(cfg: Config) -> None:
@@ -650,54 +722,62 @@ def _validate_funnel(cfg: Config) -> None:
   if t.objective == "mlm" and m.kind != "funnel_encoder":
     raise ConfigError(
       f"train.objective='mlm' needs a bidirectional model "
-      f"(model.kind='funnel_encoder'); model.kind={m.kind!r} is causal")
+      f"(model.kind='funnel_encoder'); model.kind={m.kind!r} is causal"
+    )
   if t.objective == "next_token" and m.kind == "funnel_encoder":
     raise ConfigError(
       "train.objective='next_token' with model.kind='funnel_encoder': a "
       "bidirectional model sees the tokens it predicts; use "
-      "train.objective='mlm'")
+      "train.objective='mlm'"
+    )
   if t.objective == "mlm":
     if not 0 < t.mlm_rate <= 1:
-      raise ConfigError(
-        f"train.mlm_rate={t.mlm_rate}: expected 0 < x <= 1")
+      raise ConfigError(f"train.mlm_rate={t.mlm_rate}: expected 0 < x <= 1")
     # The byte tokenizer's mask id is 259, one past its vocabulary
     # (data/tokenizers.py); other tokenizers are checked once built.
     if cfg.data.tokenizer == "byte" and m.vocab_size < 260:
       raise ConfigError(
         f"model.vocab_size={m.vocab_size} does not cover the byte "
-        "tokenizer's mask id 259 (train.objective='mlm'): expected >= 260")
+        "tokenizer's mask id 259 (train.objective='mlm'): expected >= 260"
+      )
   if m.kind != "funnel_encoder":
     return
   f = m.funnel
   if not f.stages or any(n <= 0 for n in f.stages):
     raise ConfigError(
       f"model.funnel.stages={f.stages}: expected one or more positive "
-      "layer counts")
+      "layer counts"
+    )
   if sum(f.stages) != m.num_layers:
     raise ConfigError(
       f"model.funnel.stages={f.stages} sum to {sum(f.stages)}, not "
-      f"model.num_layers={m.num_layers}")
+      f"model.num_layers={m.num_layers}"
+    )
   _positive("model.funnel.factor", f.factor)
   if f.decoder_layers < 0:
     raise ConfigError(
-      f"model.funnel.decoder_layers={f.decoder_layers}: expected >= 0")
+      f"model.funnel.decoder_layers={f.decoder_layers}: expected >= 0"
+    )
   stride = f.factor ** (len(f.stages) - 1)
   if cfg.data.seq_len % stride:
     raise ConfigError(
       f"data.seq_len={cfg.data.seq_len} is not divisible by "
       f"model.funnel.factor**(stages-1)={f.factor}**{len(f.stages) - 1}="
-      f"{stride}")
+      f"{stride}"
+    )
   kinds = m.attention.pattern_kinds
   if "block_sparse" in kinds:
     raise ConfigError(
       "model.attention 'block_sparse' with model.kind='funnel_encoder' is "
       "not supported (its random-block table is drawn over unpooled "
-      "positions)")
+      "positions)"
+    )
   if "tglobal" in kinds and m.attention.tglobal_block % stride:
     raise ConfigError(
       f"model.attention.tglobal_block={m.attention.tglobal_block} is not a "
       f"multiple of the deepest funnel stride {stride} (a pooled row "
-      "stands for that many positions)")
+      "stands for that many positions)"
+    )
 
 
 def _validate_hourglass(cfg: Config) -> None:
@@ -708,28 +788,33 @@ def _validate_hourglass(cfg: Config) -> None:
   if len(stages) != 3:
     raise ConfigError(
       f"model.funnel.stages={stages}: hourglass expects 3 layer counts "
-      "(pre, shortened, post)")
+      "(pre, shortened, post)"
+    )
   if min(stages) < 0 or stages[1] < 1:
     raise ConfigError(
       f"model.funnel.stages={stages}: expected counts >= 0 and at least one "
-      "shortened layer")
+      "shortened layer"
+    )
   if sum(stages) != m.num_layers:
     raise ConfigError(
       f"model.funnel.stages={stages} sum to {sum(stages)}, not "
-      f"model.num_layers={m.num_layers}")
+      f"model.num_layers={m.num_layers}"
+    )
   if f.factor < 1:
     raise ConfigError(f"model.funnel.factor={f.factor}: expected >= 1")
   if cfg.data.seq_len % f.factor:
     raise ConfigError(
       f"data.seq_len={cfg.data.seq_len} is not divisible by "
-      f"model.funnel.factor={f.factor}")
+      f"model.funnel.factor={f.factor}"
+    )
   kinds = m.attention.pattern_kinds
   for i in range(stages[0], stages[0] + stages[1]):
     if kinds[i % len(kinds)] == "tglobal" and f.factor > 1:
       raise ConfigError(
         f"layer {i} is shortened and tglobal: its blocks count tokens at "
         f"unit position spacing, which slots {f.factor} positions apart "
-        "never fill; use another kind for the shortened layers")
+        "never fill; use another kind for the shortened layers"
+      )
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -737,21 +822,26 @@ def _validate_train(t: TrainConfig) -> None:
   if t.learning_rate < 0:
     raise ConfigError(
       f"train.learning_rate={t.learning_rate}: expected >= 0 (a negative "
-      "rate is gradient ascent)")
+      "rate is gradient ascent)"
+    )
   if not 0 <= t.end_learning_rate <= t.learning_rate:
     raise ConfigError(
       f"train.end_learning_rate={t.end_learning_rate}: expected between 0 "
-      f"and the peak train.learning_rate={t.learning_rate}")
+      f"and the peak train.learning_rate={t.learning_rate}"
+    )
   if not 0 <= t.warmup_steps <= t.steps:
     raise ConfigError(
       f"train.warmup_steps={t.warmup_steps}: expected between 0 and "
-      f"train.steps={t.steps}")
+      f"train.steps={t.steps}"
+    )
   for path, v in [("train.b1", t.b1), ("train.b2", t.b2)]:
     if not 0 <= v < 1:
       raise ConfigError(f"{path}={v}: expected 0 <= x < 1")
-  for path, v in [("train.weight_decay", t.weight_decay),
-                  ("train.grad_clip", t.grad_clip),
-                  ("train.z_loss", t.z_loss)]:
+  for path, v in [
+    ("train.weight_decay", t.weight_decay),
+    ("train.grad_clip", t.grad_clip),
+    ("train.z_loss", t.z_loss),
+  ]:
     if v < 0:
       raise ConfigError(f"{path}={v}: expected >= 0 (0 turns it off)")
   _positive("train.eval_batches", t.eval_batches)

@@ -39,13 +39,19 @@ import sys
 
 # glibc <malloc.h> mallopt parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_SETTINGS = ((_M_ARENA_MAX, 1),               # worker threads share one heap
-             (_M_MMAP_MAX, 0),                # large blocks from the heap too
-             (_M_TRIM_THRESHOLD, 2**31 - 1))  # never shrink the heap
+_SETTINGS = (
+  (_M_ARENA_MAX, 1),  # worker threads share one heap
+  (_M_MMAP_MAX, 0),  # large blocks from the heap too
+  (_M_TRIM_THRESHOLD, 2**31 - 1),
+)  # never shrink the heap
 # Device files of the accelerators JAX can use: NVIDIA, AMD (ROCm), TPU
 # (accel: v2-v4; vfio groups: v5e and later).
-ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd",
-                            "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+ACCELERATOR_DEVICE_FILES = (
+  "/dev/nvidia[0-9]*",
+  "/dev/kfd",
+  "/dev/accel[0-9]*",
+  "/dev/vfio/[0-9]*",
+)
 
 
 def cpu_only(environ=os.environ) -> bool:
@@ -62,6 +68,7 @@ def use_cpu_only_without_accelerator() -> bool:
   An explicit JAX_PLATFORMS (or jax_platforms) is left alone.
   """
   import jax
+
   if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
     return False
   if not cpu_only():
@@ -78,11 +85,14 @@ def keep_freed_host_memory() -> bool:
   The process then never returns freed memory to the system: its resident
   size stays at its peak, which a training process reaches every step.
   """
-  if (not sys.platform.startswith("linux") or not cpu_only()
-      or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
-      or any(k.startswith("MALLOC_") for k in os.environ)):
+  if (
+    not sys.platform.startswith("linux")
+    or not cpu_only()
+    or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    or any(k.startswith("MALLOC_") for k in os.environ)
+  ):
     return False
   libc = ctypes.CDLL(None)
-  if not hasattr(libc, "gnu_get_libc_version"):   # musl and others
+  if not hasattr(libc, "gnu_get_libc_version"):  # musl and others
     return False
   return all(libc.mallopt(p, v) == 1 for p, v in _SETTINGS)

@@ -19,20 +19,24 @@ from efficient_lm import cpu_runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
 _NUM_BATCHES = flags.DEFINE_integer(
-  "num_batches", None, "Evaluate the first N eval batches only (those the "
+  "num_batches",
+  None,
+  "Evaluate the first N eval batches only (those the "
   "training loop's eval_loss reads). Default: the whole eval split, each "
-  "example once.")
+  "example once.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax logs each read at INFO
-  cpu_runtime.keep_freed_host_memory()   # before JAX starts its CPU client
+    logging.set_verbosity(logging.WARNING)  # orbax logs each read at INFO
+  cpu_runtime.keep_freed_host_memory()  # before JAX starts its CPU client
   cpu_runtime.use_cpu_only_without_accelerator()
   from etils import epath
   from efficient_lm import paths, runs
   from efficient_lm.training.workdir import EVAL
+
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
   try:
     run = runs.load_run(_WORKDIR.value, overrides=overrides)
@@ -45,17 +49,19 @@ def main(argv):
   path = epath.Path(run.workdir) / EVAL
   try:
     paths.append_text(path, line + "\n")
-  except OSError as e:   # a run on a read-only disk still evaluates
+  except OSError as e:  # a run on a read-only disk still evaluates
     print(f"warning: could not append to {path}: {e}", file=sys.stderr)
 
 
 def summary(r: dict) -> str:
   data = r["data_path"] or f"the {r['data_source']} corpus"
   bpb = "n/a" if r["bpb"] is None else f"{r['bpb']:.4f}"
-  return (f"step {r['step']}: eval loss {r['loss']:.4f}, ppl {r['ppl']:.3f}, "
-          f"{bpb} bits/byte over {r['num_tokens']:,} tokens "
-          f"({r['num_bytes']:,} bytes, {r['num_batches']} batches) of {data}; "
-          f"{r['tokens_per_sec']:,.0f} tokens/s")
+  return (
+    f"step {r['step']}: eval loss {r['loss']:.4f}, ppl {r['ppl']:.3f}, "
+    f"{bpb} bits/byte over {r['num_tokens']:,} tokens "
+    f"({r['num_bytes']:,} bytes, {r['num_batches']} batches) of {data}; "
+    f"{r['tokens_per_sec']:,.0f} tokens/s"
+  )
 
 
 def parse_flags(argv):
@@ -66,8 +72,10 @@ def parse_flags(argv):
   except flags.Error as e:
     sys.exit(f"error: {e}")
   if positional:
-    sys.exit(f"error: unexpected argument {positional[0]!r} (overrides are "
-             "written --config.data.KEY=VALUE)")
+    sys.exit(
+      f"error: unexpected argument {positional[0]!r} (overrides are "
+      "written --config.data.KEY=VALUE)"
+    )
   return argv
 
 

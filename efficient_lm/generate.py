@@ -35,8 +35,9 @@ from efficient_lm import sharding
 from efficient_lm.models import cache as cache_lib
 
 
-def sample(logits_BV, key, *, temperature: float, top_k: int = 0,
-           top_p: float = 1.0):
+def sample(
+  logits_BV, key, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+):
   """Next tokens [B] from float32 logits [B, V]."""
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -71,14 +72,16 @@ class Generator:
 
   def __init__(self, graphdef, variables, *, mesh=None):
     self.graphdef, self.variables, self.mesh = graphdef, variables, mesh
-    wrap = (lambda f: f) if mesh is None else (
-      lambda f: sharding.under_mesh(mesh, f))
+    wrap = (
+      (lambda f: f)
+      if mesh is None
+      else (lambda f: sharding.under_mesh(mesh, f))
+    )
 
     def prefill(variables, cache, tokens_BT, lens_B):
       model = nnx.merge(graphdef, variables)
       t = tokens_BT.shape[1]
-      pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
-                                tokens_BT.shape)
+      pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_BT.shape)
       seg_BT = (pos_BT < lens_B[:, None]).astype(jnp.int32)
       logits_BTV, _, cache = model.step(tokens_BT, pos_BT, seg_BT, cache)
       return _last(logits_BTV, lens_B), cache
@@ -86,13 +89,15 @@ class Generator:
     def decode(variables, cache, tok_B, pos_B):
       model = nnx.merge(graphdef, variables)
       logits_BTV, _, cache = model.step(
-        tok_B[:, None], pos_B[:, None], jnp.ones_like(tok_B)[:, None], cache)
+        tok_B[:, None], pos_B[:, None], jnp.ones_like(tok_B)[:, None], cache
+      )
       return logits_BTV[:, 0], cache
 
     def full(variables, tokens_BL, lens_B):
       model = nnx.merge(graphdef, variables)
-      pos_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1],
-                                           dtype=jnp.int32), tokens_BL.shape)
+      pos_BL = jnp.broadcast_to(
+        jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape
+      )
       seg_BL = (pos_BL < lens_B[:, None]).astype(jnp.int32)
       logits_BLV, _ = model(tokens_BL, pos_BL, seg_BL, causal_routing=True)
       return _last(logits_BLV, lens_B)
@@ -100,8 +105,9 @@ class Generator:
     self._prefill = jax.jit(wrap(prefill), donate_argnums=1)
     self._decode = jax.jit(wrap(decode), donate_argnums=1)
     self._full = jax.jit(wrap(full))
-    self._sample = jax.jit(sample, static_argnames=("temperature", "top_k",
-                                                    "top_p"))
+    self._sample = jax.jit(
+      sample, static_argnames=("temperature", "top_k", "top_p")
+    )
 
   def model(self):
     return nnx.merge(self.graphdef, self.variables)
@@ -111,14 +117,25 @@ class Generator:
     bytes the cache of this batch and length actually allocates."""
     model = self.model()
     shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len))
-    return {"cache_bytes_per_token": model.cache_bytes_per_token(),
-            "cache_bytes": cache_lib.nbytes(shapes)}
+    return {
+      "cache_bytes_per_token": model.cache_bytes_per_token(),
+      "cache_bytes": cache_lib.nbytes(shapes),
+    }
 
-  def generate(self, prompts: Sequence[Sequence[int]], *,
-               max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-               pad_id: int | None = None, use_cache: bool = True,
-               max_len: int | None = None):
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    use_cache: bool = True,
+    max_len: int | None = None,
+  ):
     """New token ids per prompt (without the end-of-sequence token) and
     timing stats. `max_len` (default: longest prompt + max_new_tokens)
     bounds positions and the cache."""
@@ -139,19 +156,22 @@ class Generator:
     if total > max_len:
       raise ValueError(
         f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
-        f"{total} positions exceeds max_len={max_len}")
+        f"{total} positions exceeds max_len={max_len}"
+      )
     limit = self.model().max_positions()
     if limit is not None and max_len > limit:
       raise ValueError(
         f"{max_len} positions exceed the {limit} the block-sparse table "
         "covers (model.attention.max_len); positions past it would be "
-        "invisible")
-    buf = np.full((b, max_len), pad_id or 0, np.int32)   # seg 0 hides it
+        "invisible"
+      )
+    buf = np.full((b, max_len), pad_id or 0, np.int32)  # seg 0 hides it
     for i, p in enumerate(rows):
-      buf[i, :len(p)] = p
+      buf[i, : len(p)] = p
     key = jax.random.key(seed)
-    samp = dict(temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p))
+    samp = dict(
+      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
+    )
     out: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     cur = lens.copy()
@@ -159,18 +179,16 @@ class Generator:
     t0 = time.perf_counter()
     if use_cache:
       cache = self.model().init_cache(b, max_len)
-      logits, cache = self._prefill(self.variables, cache,
-                                    jnp.asarray(buf[:, :longest]),
-                                    jnp.asarray(lens))
+      logits, cache = self._prefill(
+        self.variables, cache, jnp.asarray(buf[:, :longest]), jnp.asarray(lens)
+      )
     else:
-      logits = self._full(self.variables, jnp.asarray(buf),
-                          jnp.asarray(lens))
+      logits = self._full(self.variables, jnp.asarray(buf), jnp.asarray(lens))
     jax.block_until_ready(logits)
     stats["prefill_s"] = time.perf_counter() - t0
     t1, steps = time.perf_counter(), 0
     for i in range(max_new_tokens):
-      tok = np.asarray(self._sample(logits, jax.random.fold_in(key, i),
-                                    **samp))
+      tok = np.asarray(self._sample(logits, jax.random.fold_in(key, i), **samp))
       for r in range(b):
         if done[r]:
           continue
@@ -182,18 +200,21 @@ class Generator:
         break
       buf[np.arange(b), cur] = tok
       if use_cache:
-        logits, cache = self._decode(self.variables, cache, jnp.asarray(tok),
-                                     jnp.asarray(cur))
+        logits, cache = self._decode(
+          self.variables, cache, jnp.asarray(tok), jnp.asarray(cur)
+        )
       else:
-        logits = self._full(self.variables, jnp.asarray(buf),
-                            jnp.asarray(cur + 1))
+        logits = self._full(
+          self.variables, jnp.asarray(buf), jnp.asarray(cur + 1)
+        )
       cur += 1
       steps += 1
     jax.block_until_ready(logits)
     stats["decode_s"] = time.perf_counter() - t1
     stats["decode_steps"] = steps
-    stats["decode_tokens_per_s"] = (steps * n / stats["decode_s"]
-                                    if steps else 0.0)
+    stats["decode_tokens_per_s"] = (
+      steps * n / stats["decode_s"] if steps else 0.0
+    )
     return out[:n], stats
 
 
@@ -202,16 +223,24 @@ class Generator:
 
 def _flags():
   from absl import flags
+
   flags.DEFINE_string("workdir", None, "a trained run's directory")
   flags.DEFINE_multi_string("prompt", [], "a prompt; repeat for a batch")
   flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy")
   flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0: all)")
-  flags.DEFINE_float("top_p", 1.0, "nucleus: keep the smallest set of "
-                     "tokens with this probability mass")
+  flags.DEFINE_float(
+    "top_p",
+    1.0,
+    "nucleus: keep the smallest set of tokens with this probability mass",
+  )
   flags.DEFINE_integer("seed", 0, "sampling seed")
-  flags.DEFINE_bool("use_cache", True, "false: recompute the whole sequence "
-                    "for every new token (the reference path)")
+  flags.DEFINE_bool(
+    "use_cache",
+    True,
+    "false: recompute the whole sequence "
+    "for every new token (the reference path)",
+  )
   flags.DEFINE_bool("stats", False, "print cache sizes and timing to stderr")
   flags.mark_flag_as_required("workdir")
   return flags.FLAGS
@@ -220,9 +249,10 @@ def _flags():
 def main(argv) -> None:
   from absl import flags, logging
   from efficient_lm import cpu_runtime, runs
+
   del argv
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax logs each read at INFO
+    logging.set_verbosity(logging.WARNING)  # orbax logs each read at INFO
   cpu_runtime.use_cpu_only_without_accelerator()
   f = FLAGS
   if not f.prompt:
@@ -230,33 +260,44 @@ def main(argv) -> None:
   if f.temperature < 0 or not 0 < f.top_p <= 1 or f.top_k < 0:
     raise SystemExit(
       f"generate: --temperature={f.temperature} (>= 0), --top_p={f.top_p} "
-      f"(0 < p <= 1), --top_k={f.top_k} (>= 0) out of range")
+      f"(0 < p <= 1), --top_k={f.top_k} (>= 0) out of range"
+    )
   run = runs.load_run(f.workdir)
   tok = run.tokenizer
   bos = [] if tok.bos_id is None else [tok.bos_id]
   prompts = [bos + tok.encode(p) for p in f.prompt]
   max_len = max(len(p) for p in prompts) + f.max_new_tokens
   gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
-  print(f"generate: step {run.step} of {f.workdir}, {len(prompts)} "
-        f"prompt(s), up to {f.max_new_tokens} new tokens", file=sys.stderr)
+  print(
+    f"generate: step {run.step} of {f.workdir}, {len(prompts)} "
+    f"prompt(s), up to {f.max_new_tokens} new tokens",
+    file=sys.stderr,
+  )
   try:
     outs, stats = gen.generate(
-      prompts, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-      top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id,
-      pad_id=tok.pad_id, use_cache=f.use_cache)
+      prompts,
+      max_new_tokens=f.max_new_tokens,
+      temperature=f.temperature,
+      top_k=f.top_k,
+      top_p=f.top_p,
+      seed=f.seed,
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
+      use_cache=f.use_cache,
+    )
   except ValueError as e:
     raise SystemExit(f"generate: {e}") from None
   for ids in outs:
     sys.stdout.write(tok.decode(ids) + "\n")
   sys.stdout.flush()
   if f.stats:
-    stats.update(gen.cache_stats(len(prompts), max_len) if f.use_cache
-                 else {})
+    stats.update(gen.cache_stats(len(prompts), max_len) if f.use_cache else {})
     for k, v in stats.items():
       print(f"generate: {k} = {v}", file=sys.stderr)
 
 
 if __name__ == "__main__":
   from absl import app
+
   FLAGS = _flags()
   app.run(main)

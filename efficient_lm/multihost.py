@@ -33,9 +33,12 @@ from efficient_lm.training.read_noise import one_line
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 
-def initialize(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None,
-               heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
+def initialize(
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+) -> None:
   """jax.distributed.initialize with our failure bound.
 
   The three addresses may be None on Cloud TPU and SLURM, where JAX
@@ -44,12 +47,17 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   end of the run, a preemption) arrive within seconds of each other.
   """
   if heartbeat_timeout_s < 1:
-    raise ValueError(f"--heartbeat_timeout={heartbeat_timeout_s}: expected "
-                     "a positive number of seconds")
+    raise ValueError(
+      f"--heartbeat_timeout={heartbeat_timeout_s}: expected "
+      "a positive number of seconds"
+    )
   jax.distributed.initialize(
-    coordinator_address=coordinator_address, num_processes=num_processes,
-    process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,
-    shutdown_timeout_seconds=heartbeat_timeout_s)
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    heartbeat_timeout_seconds=heartbeat_timeout_s,
+    shutdown_timeout_seconds=heartbeat_timeout_s,
+  )
 
 
 def live_processes(timeout_s: float) -> list[int] | None:
@@ -57,7 +65,8 @@ def live_processes(timeout_s: float) -> list[int] | None:
   within `timeout_s`: it is unreachable, or every process is alive and the
   others have not asked (the question is a barrier among the living, which
   a dead process leaves once its heartbeats are missed)."""
-  from jax._src import distributed   # the client has no public accessor
+  from jax._src import distributed  # the client has no public accessor
+
   client = distributed.global_state.client
   if client is None:
     return None
@@ -65,8 +74,9 @@ def live_processes(timeout_s: float) -> list[int] | None:
 
   def ask():
     try:
-      answer["live"] = sorted(client.get_live_nodes(
-        list(range(jax.process_count()))))
+      answer["live"] = sorted(
+        client.get_live_nodes(list(range(jax.process_count())))
+      )
     except Exception:  # the coordinator itself is gone
       pass
 
@@ -85,24 +95,35 @@ def exit_after_failure(error: BaseException, heartbeat_timeout_s: int):
   would.
   """
   me, n = jax.process_index(), jax.process_count()
-  print(f"error: process {me} of {n} stopped: {one_line(error)}; asking the "
-        f"coordinator which processes are alive (up to "
-        f"{heartbeat_timeout_s} s)", file=sys.stderr, flush=True)
+  print(
+    f"error: process {me} of {n} stopped: {one_line(error)}; asking the "
+    f"coordinator which processes are alive (up to "
+    f"{heartbeat_timeout_s} s)",
+    file=sys.stderr,
+    flush=True,
+  )
   wait_s = heartbeat_timeout_s + 5
   live = live_processes(wait_s)
   lost = [p for p in range(n) if live is not None and p not in live]
   if lost:
-    print(f"error: lost process{'es' if len(lost) > 1 else ''} "
-          f"{', '.join(map(str, lost))} of {n} (no heartbeat for "
-          f"{heartbeat_timeout_s} s: killed, crashed or its host gone); "
-          f"stopping process {me}", file=sys.stderr, flush=True)
+    print(
+      f"error: lost process{'es' if len(lost) > 1 else ''} "
+      f"{', '.join(map(str, lost))} of {n} (no heartbeat for "
+      f"{heartbeat_timeout_s} s: killed, crashed or its host gone); "
+      f"stopping process {me}",
+      file=sys.stderr,
+      flush=True,
+    )
   else:
     traceback.print_exception(error, file=sys.stderr)
     if live is None:
-      print(f"error: the coordinator did not say within {wait_s} s which "
-            "processes are alive: process 0 is lost, or all are alive and "
-            f"the failure above is process {me}'s own", file=sys.stderr,
-            flush=True)
+      print(
+        f"error: the coordinator did not say within {wait_s} s which "
+        "processes are alive: process 0 is lost, or all are alive and "
+        f"the failure above is process {me}'s own",
+        file=sys.stderr,
+        flush=True,
+      )
   sys.stderr.flush()
   sys.stdout.flush()
-  os._exit(1)   # the shutdown barrier would wait for the lost peers
+  os._exit(1)  # the shutdown barrier would wait for the lost peers

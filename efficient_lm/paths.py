@@ -43,26 +43,33 @@ def resolve(path: str | os.PathLike) -> epath.Path:
   turn gs://b/x into <cwd>/gs:/b/x). PathError for a malformed URL."""
   text = os.fspath(path)
   m = _SCHEME.match(text)
-  if m is None:   # a local path (a one-letter "scheme" is a Windows drive)
+  if m is None:  # a local path (a one-letter "scheme" is a Windows drive)
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
-  scheme, rest = m.group(1), text[m.end():]
+  scheme, rest = m.group(1), text[m.end() :]
   if not rest.startswith("//"):
     if not (rest.startswith("/") or scheme.lower() in _URL_SCHEMES):
       return epath.Path(os.path.abspath(os.path.expanduser(text)))
-    raise PathError(f"workdir {text!r} is a malformed URL: expected "
-                    f"{scheme}://BUCKET/PATH (two slashes) or a local path")
+    raise PathError(
+      f"workdir {text!r} is a malformed URL: expected "
+      f"{scheme}://BUCKET/PATH (two slashes) or a local path"
+    )
   if scheme not in REMOTE_SCHEMES:
-    raise PathError(f"workdir {text!r} has the unsupported scheme "
-                    f"{scheme!r}: expected a local path or "
-                    "gs://BUCKET/PATH")
+    raise PathError(
+      f"workdir {text!r} has the unsupported scheme "
+      f"{scheme!r}: expected a local path or "
+      "gs://BUCKET/PATH"
+    )
   bucket = rest[2:].split("/", 1)[0]
   if not bucket:
-    raise PathError(f"workdir {text!r} names no bucket: expected "
-                    f"{scheme}://BUCKET/PATH")
+    raise PathError(
+      f"workdir {text!r} names no bucket: expected {scheme}://BUCKET/PATH"
+    )
   if not _BUCKET.match(bucket):
-    raise PathError(f"workdir {text!r} has no valid bucket name "
-                    f"({bucket!r}): expected gs://BUCKET/PATH with BUCKET "
-                    "3-222 characters of a-z, 0-9, '-', '_', '.'")
+    raise PathError(
+      f"workdir {text!r} has no valid bucket name "
+      f"({bucket!r}): expected gs://BUCKET/PATH with BUCKET "
+      "3-222 characters of a-z, 0-9, '-', '_', '.'"
+    )
   return epath.Path(text.rstrip("/"))
 
 
@@ -73,7 +80,7 @@ def is_remote(path: epath.PathLike) -> bool:
 def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
   """Replaces `path` so that no reader sees it half-written."""
   path = epath.Path(path)
-  if is_remote(path):   # an object is published whole when its upload ends
+  if is_remote(path):  # an object is published whole when its upload ends
     _write(path, data)
     return
   tmp = path.with_name(path.name + ".tmp")

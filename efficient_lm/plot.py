@@ -25,16 +25,18 @@ def read_metrics(workdir: str) -> tuple[list, list]:
   """(train rows, eval rows) of <workdir>/metrics.jsonl: (step, loss)."""
   path = _workdir(workdir) / "metrics.jsonl"
   if not path.exists():
-    raise ValueError(f"--workdir={workdir}: no metrics.jsonl (not a run "
-                     "directory, or it has not logged a step yet)")
+    raise ValueError(
+      f"--workdir={workdir}: no metrics.jsonl (not a run "
+      "directory, or it has not logged a step yet)"
+    )
   train, evals = {}, {}
   for line in path.read_text().splitlines():
     try:
       rec = json.loads(line)
     except json.JSONDecodeError:
-      continue   # a line cut short by a kill
+      continue  # a line cut short by a kill
     if "loss" in rec:
-      train[rec["step"]] = rec["loss"]   # a resumed run's rows win
+      train[rec["step"]] = rec["loss"]  # a resumed run's rows win
     if "eval_loss" in rec:
       evals[rec["step"]] = rec["eval_loss"]
   return sorted(train.items()), sorted(evals.items())
@@ -44,6 +46,7 @@ def flops_per_step(workdir: str) -> float:
   """Training FLOPs of one step of the run, from its saved config."""
   from efficient_lm import config as config_lib
   from efficient_lm.models import flops as flops_lib
+
   path = _workdir(workdir) / "config.json"
   if not path.exists():
     raise ValueError(f"--workdir={workdir}: no config.json")
@@ -55,14 +58,17 @@ def flops_per_step(workdir: str) -> float:
 def _workdir(workdir: str):
   """`workdir` as an epath.Path (local or gs://); PathError if malformed."""
   from efficient_lm import paths
+
   return paths.resolve(workdir)
 
 
 def curves(workdirs: list[str], out: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import matplotlib.ticker
+
   fig, (by_step, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
   for i, wd in enumerate(workdirs):
     train, evals = read_metrics(wd)
@@ -75,8 +81,14 @@ def curves(workdirs: list[str], out: str) -> None:
         ax.plot([x * scale for x in s], l, color=color, label=label)
       if evals:
         s, l = zip(*evals)
-        ax.plot([x * scale for x in s], l, "o--", color=color, ms=3,
-                label=f"{label} (eval)")
+        ax.plot(
+          [x * scale for x in s],
+          l,
+          "o--",
+          color=color,
+          ms=3,
+          label=f"{label} (eval)",
+        )
   by_step.set_xlabel("step")
   by_flops.set_xlabel("training FLOPs (model, dense_tile)")
   by_flops.set_xscale("log")
@@ -93,6 +105,7 @@ def routing(workdir: str, text: str, out: str, max_tokens: int) -> None:
   import numpy as np
   import jax.numpy as jnp
   from efficient_lm import runs
+
   run = runs.load_run(workdir)
   ids = run.tokenizer.encode(text)[:max_tokens]
   if not ids:
@@ -106,21 +119,30 @@ def routing(workdir: str, text: str, out: str, max_tokens: int) -> None:
   grid = np.stack([np.asarray(decisions[n][0], np.float32) for n in names])
   pieces = [run.tokenizer.decode([i]) for i in ids]
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   width = max(6.0, 0.18 * len(ids))
   fig, ax = plt.subplots(figsize=(width, 0.45 * len(names) + 1.2))
-  ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1,
-            interpolation="nearest")
+  ax.imshow(
+    grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest"
+  )
   ax.set_yticks(range(len(names)), names, fontsize=8)
-  ax.set_xticks(range(len(ids)),
-                [repr(p)[1:-1] or " " for p in pieces], fontsize=7,
-                rotation=90)
+  ax.set_xticks(
+    range(len(ids)),
+    [repr(p)[1:-1] or " " for p in pieces],
+    fontsize=7,
+    rotation=90,
+  )
   kind = run.config.model.routing.kind
-  ax.set_title(f"{_workdir(workdir).name}: tokens "
-               f"each routed {'recursion step' if kind == 'mor' else 'block'}"
-               " processes (causal decision, step "
-               f"{run.step}); processed {grid.mean():.0%}", fontsize=9)
+  ax.set_title(
+    f"{_workdir(workdir).name}: tokens "
+    f"each routed {'recursion step' if kind == 'mor' else 'block'}"
+    " processes (causal decision, step "
+    f"{run.step}); processed {grid.mean():.0%}",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(out, dpi=120)
 
@@ -142,6 +164,7 @@ def main(argv=None) -> None:
   except ImportError:
     sys.exit("error: plotting needs matplotlib: pip install -e '.[plot]'")
   from efficient_lm import runs
+
   try:
     if args.command == "curves":
       curves(args.workdir, args.out)

@@ -54,6 +54,7 @@ class LoadedRun:
   eval_step (there is no optimizer state: never call its train_step);
   `params` and `model_state` are pure dicts sharded over its mesh.
   """
+
   workdir: str
   config: Config
   tokenizer: Tokenizer
@@ -81,8 +82,12 @@ class LoadedRun:
     return nnx.state(self.model())
 
 
-def load_run(workdir: str, *, overrides: Sequence[str] = (),
-             devices: Sequence[Any] | None = None) -> LoadedRun:
+def load_run(
+  workdir: str,
+  *,
+  overrides: Sequence[str] = (),
+  devices: Sequence[Any] | None = None,
+) -> LoadedRun:
   """Loads the newest good checkpoint of `workdir`, read-only.
 
   The parameters and model state come from the newest committed checkpoint
@@ -95,7 +100,7 @@ def load_run(workdir: str, *, overrides: Sequence[str] = (),
   `mesh.tensor` where it divides their number, and using as many of them
   as divide `train.batch_size`.
   """
-  parse_overrides(overrides)   # bad input fails before anything is read
+  parse_overrides(overrides)  # bad input fails before anything is read
   # Local: made absolute (orbax needs that); gs://: as it is.
   path = paths.resolve(workdir)
   workdir = str(path)
@@ -103,17 +108,19 @@ def load_run(workdir: str, *, overrides: Sequence[str] = (),
   if not path.is_dir():
     raise RunError(f"workdir {workdir} does not exist")
   if not (ckpt_dir.is_dir() or (path / CONFIG).is_file()):
-    raise RunError(f"{workdir} is not a training run (no checkpoints/ and no "
-                   f"{CONFIG})")
+    raise RunError(
+      f"{workdir} is not a training run (no checkpoints/ and no {CONFIG})"
+    )
   if not checkpoint.step_numbers(ckpt_dir):
-    raise RunError(f"workdir {workdir} has no committed checkpoint to load "
-                   "(none saved yet)")
+    raise RunError(
+      f"workdir {workdir} has no committed checkpoint to load (none saved yet)"
+    )
   devices = list(jax.local_devices() if devices is None else devices)
   built: dict[str, Any] = {}
 
   def abstract_for(saved: dict[str, Any]):
     cfg = _fitted(saved, overrides, len(devices))
-    t = loop.build_trainer(cfg, devices[:cfg.mesh.size])
+    t = loop.build_trainer(cfg, devices[: cfg.mesh.size])
     built.update(saved=saved, cfg=cfg, trainer=t)
     return {k: t.abstract_state[k] for k in ("params", "model_state")}
 
@@ -125,14 +132,20 @@ def load_run(workdir: str, *, overrides: Sequence[str] = (),
   if tok.vocab_size > cfg.model.vocab_size:
     raise DataError(
       f"the tokenizer of {workdir} has {tok.vocab_size} ids, more than its "
-      f"model.vocab_size={cfg.model.vocab_size}")
-  return LoadedRun(workdir=workdir, config=cfg, tokenizer=tok, step=step,
-                   trainer=built["trainer"], params=state["params"],
-                   model_state=state["model_state"])
+      f"model.vocab_size={cfg.model.vocab_size}"
+    )
+  return LoadedRun(
+    workdir=workdir,
+    config=cfg,
+    tokenizer=tok,
+    step=step,
+    trainer=built["trainer"],
+    params=state["params"],
+    model_state=state["model_state"],
+  )
 
 
-def evaluate(run: LoadedRun, num_batches: int | None = None
-             ) -> dict[str, Any]:
+def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
   """One pass over the eval split of `run.config.data`: every held-out (token,
   next token) pair once, or only the first `num_batches` batches (the
   ones the training loop's evaluation reads, so its eval_loss compares).
@@ -147,16 +160,26 @@ def evaluate(run: LoadedRun, num_batches: int | None = None
   and the model's aux entries as `eval_<name>`.
   """
   if num_batches is not None and num_batches < 1:
-    raise ConfigError(f"num_batches={num_batches}: expected >= 1 (or None: "
-                      "the whole eval split)")
+    raise ConfigError(
+      f"num_batches={num_batches}: expected >= 1 (or None: "
+      "the whole eval split)"
+    )
   cfg, t = run.config, run.trainer
   state = {"params": run.params, "model_state": run.model_state}
   it = data_lib.make_iterator(
-    cfg.data, "eval", global_batch_size=cfg.train.batch_size,
-    seed=t.data_seed, tokenizer=run.tokenizer, num_epochs=1)
+    cfg.data,
+    "eval",
+    global_batch_size=cfg.train.batch_size,
+    seed=t.data_seed,
+    tokenizer=run.tokenizer,
+    num_epochs=1,
+  )
   start = it.get_state()
-  jax.block_until_ready(t.eval_step(   # compile outside the timed pass
-    run.params, run.model_state, sharding.host_to_global(t.mesh, next(it))))
+  jax.block_until_ready(
+    t.eval_step(  # compile outside the timed pass
+      run.params, run.model_state, sharding.host_to_global(t.mesh, next(it))
+    )
+  )
   it.set_state(start)
   bytes_V = run.tokenizer.bytes_per_id()
   count = {"batches": 0, "tokens": 0, "bytes": 0}
@@ -171,21 +194,32 @@ def evaluate(run: LoadedRun, num_batches: int | None = None
 
   t0 = time.perf_counter()
   metrics = loop.evaluate_batches(
-    t, state, counted(itertools.islice(it, num_batches)))
+    t, state, counted(itertools.islice(it, num_batches))
+  )
   seconds = time.perf_counter() - t0
   loss = metrics.pop("eval_loss")
   tokens, num_bytes = count["tokens"], count["bytes"]
   return {
     "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"),
-    "workdir": run.workdir, "step": run.step,
-    "data_source": cfg.data.source, "data_path": cfg.data.path,
-    "eval_fraction": cfg.data.eval_fraction, "seq_len": cfg.data.seq_len,
-    "batch_size": cfg.train.batch_size, "num_batches": count["batches"],
-    "num_tokens": tokens, "num_bytes": num_bytes,
-    "loss": loss, "ppl": _perplexity(loss),
+      timespec="seconds"
+    ),
+    "workdir": run.workdir,
+    "step": run.step,
+    "data_source": cfg.data.source,
+    "data_path": cfg.data.path,
+    "eval_fraction": cfg.data.eval_fraction,
+    "seq_len": cfg.data.seq_len,
+    "batch_size": cfg.train.batch_size,
+    "num_batches": count["batches"],
+    "num_tokens": tokens,
+    "num_bytes": num_bytes,
+    "loss": loss,
+    "ppl": _perplexity(loss),
     "bpb": loss / math.log(2) * tokens / num_bytes if num_bytes else None,
-    "tokens_per_sec": tokens / seconds, "seconds": seconds, **metrics}
+    "tokens_per_sec": tokens / seconds,
+    "seconds": seconds,
+    **metrics,
+  }
 
 
 def _perplexity(loss: float) -> float:
@@ -199,14 +233,19 @@ def _tokenizer(workdir: str, saved_data: DataConfig) -> Tokenizer:
   path = epath.Path(workdir) / TOKENIZER
   if path.exists():
     return data_lib.load_tokenizer(path)
-  print(f"warning: {workdir} has no {TOKENIZER} (trained before it was "
-        f"saved): rebuilding data.tokenizer={saved_data.tokenizer!r} from the "
-        "run's data config", file=sys.stderr, flush=True)
+  print(
+    f"warning: {workdir} has no {TOKENIZER} (trained before it was "
+    f"saved): rebuilding data.tokenizer={saved_data.tokenizer!r} from the "
+    "run's data config",
+    file=sys.stderr,
+    flush=True,
+  )
   return data_lib.make_tokenizer(saved_data)
 
 
-def _fitted(saved: dict[str, Any], overrides: Sequence[str],
-            num_devices: int) -> Config:
+def _fitted(
+  saved: dict[str, Any], overrides: Sequence[str], num_devices: int
+) -> Config:
   """The saved config with `overrides` applied and a mesh for this host."""
   d = copy.deepcopy(saved)
   for key, value in parse_overrides(overrides).items():
@@ -228,19 +267,24 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     name, eq, value = text.partition("=")
     key = name.removeprefix("--config.")
     if not (name.startswith("--config.") and eq):
-      raise ConfigError(f"override {text!r}: expected --config.data.KEY="
-                        "VALUE")
+      raise ConfigError(f"override {text!r}: expected --config.data.KEY=VALUE")
     section, _, field = key.partition(".")
     if section != "data":
-      raise ConfigError(f"{text}: only data.* keys can be overridden for a "
-                        "trained run (the model, training and mesh are the "
-                        "run's)")
+      raise ConfigError(
+        f"{text}: only data.* keys can be overridden for a "
+        "trained run (the model, training and mesh are the "
+        "run's)"
+      )
     if field not in hints:
-      raise ConfigError(f"{text}: unknown key data.{field}; known data keys: "
-                        f"{', '.join(sorted(hints))}")
+      raise ConfigError(
+        f"{text}: unknown key data.{field}; known data keys: "
+        f"{', '.join(sorted(hints))}"
+      )
     if field == "tokenizer":
-      raise ConfigError(f"{text}: the model was trained with the run's "
-                        f"tokenizer, which {TOKENIZER} records")
+      raise ConfigError(
+        f"{text}: the model was trained with the run's "
+        f"tokenizer, which {TOKENIZER} records"
+      )
     out[field] = _parse_value(text, value, hints[field])
   return out
 
@@ -258,4 +302,4 @@ def _parse_value(text: str, value: str, tp: Any) -> Any:
       return tp(value)
   except (KeyError, ValueError):
     raise ConfigError(f"{text}: expected {_EXPECTED[tp]}") from None
-  return value   # str, Optional[str], Literal (config validates those)
+  return value  # str, Optional[str], Literal (config validates those)

@@ -69,8 +69,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
   return Mesh(device_grid(cfg, devices), MESH_AXES)
 
 
-def device_grid(cfg: MeshConfig,
-                devices: Sequence[Any] | None = None) -> np.ndarray:
+def device_grid(
+  cfg: MeshConfig, devices: Sequence[Any] | None = None
+) -> np.ndarray:
   """The devices in the mesh's shape (dcn, data, fsdp, tensor).
 
   One slice: a plain reshape of the devices in order, which keeps `tensor`
@@ -83,7 +84,8 @@ def device_grid(cfg: MeshConfig,
     raise ConfigError(
       f"mesh dcn*data*fsdp*tensor={cfg.dcn}*{cfg.data}*{cfg.fsdp}*"
       f"{cfg.tensor}={cfg.size} does not match the {len(devices)} available "
-      "devices")
+      "devices"
+    )
   if cfg.dcn == 1:
     return np.asarray(devices).reshape(cfg.shape)
   # Devices of a multi-slice TPU run carry distinct slice_index values.
@@ -92,26 +94,33 @@ def device_grid(cfg: MeshConfig,
   # PJRT plugin clients, not the CPU one), so when every device is in one
   # slice, each process stands for a slice (process_is_granule).
   by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
-  key, granules = (("slice_index", "slices") if by_slice else
-                   ("process_index", "processes"))
+  key, granules = (
+    ("slice_index", "slices") if by_slice else ("process_index", "processes")
+  )
   sizes = collections.Counter(getattr(d, key) for d in devices)
   if len(sizes) != cfg.dcn or len(set(sizes.values())) != 1:
     why = "" if by_slice else " (the devices are in one slice)"
     raise ConfigError(
       f"mesh.dcn={cfg.dcn}: expected the {len(devices)} devices in "
       f"{cfg.dcn} equal {granules}{why}; found {len(sizes)}, of "
-      f"{'/'.join(str(n) for n in sizes.values())} devices")
+      f"{'/'.join(str(n) for n in sizes.values())} devices"
+    )
   # allow_split_physical_axes: without it a slice's torus takes only axes
   # that are products of whole torus dims (fsdp=8 on a 4x4 v5e fails).
   try:
     return mesh_utils.create_hybrid_device_mesh(
-      (1, cfg.data, cfg.fsdp, cfg.tensor), (cfg.dcn, 1, 1, 1), devices,
-      process_is_granule=not by_slice, allow_split_physical_axes=True)
+      (1, cfg.data, cfg.fsdp, cfg.tensor),
+      (cfg.dcn, 1, 1, 1),
+      devices,
+      process_is_granule=not by_slice,
+      allow_split_physical_axes=True,
+    )
   except (ValueError, NotImplementedError) as e:
     raise ConfigError(
       f"mesh data*fsdp*tensor={cfg.data}*{cfg.fsdp}*{cfg.tensor} cannot be "
       f"laid out on each of the {cfg.dcn} {granules}: "
-      f"{' '.join(str(e).split())[:300]}") from e
+      f"{' '.join(str(e).split())[:300]}"
+    ) from e
 
 
 def logical_to_spec(names: Sequence[str | None]) -> P:
@@ -139,8 +148,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
-def shard_map_by_names(fn: Callable, in_names: Sequence[Sequence[str | None]],
-                       out_names: Sequence[str | None]) -> Callable:
+def shard_map_by_names(
+  fn: Callable,
+  in_names: Sequence[Sequence[str | None]],
+  out_names: Sequence[str | None],
+) -> Callable:
   """Runs `fn` per shard (jax.shard_map) with specs from logical names.
 
   Kernels (Pallas/Mosaic custom calls) cannot be partitioned by GSPMD, so
@@ -151,8 +163,12 @@ def shard_map_by_names(fn: Callable, in_names: Sequence[Sequence[str | None]],
   if mesh.empty:
     return fn
   return jax.shard_map(
-    fn, mesh=mesh, in_specs=tuple(logical_to_spec(n) for n in in_names),
-    out_specs=logical_to_spec(out_names), check_vma=False)
+    fn,
+    mesh=mesh,
+    in_specs=tuple(logical_to_spec(n) for n in in_names),
+    out_specs=logical_to_spec(out_names),
+    check_vma=False,
+  )
 
 
 def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
@@ -180,7 +196,8 @@ def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
   if len(names) != ndim:
     raise ValueError(
       f"variable of shape {var.shape} has logical axes {names}: every "
-      "model variable needs one logical name per dimension")
+      "model variable needs one logical name per dimension"
+    )
   return names
 
 
@@ -204,8 +221,9 @@ def param_specs(abstract_state: nnx.State) -> dict[Any, Any]:
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def state_shardings(mesh: Mesh, abstract_vars: nnx.State) -> dict[Any, Any]:
@@ -214,13 +232,20 @@ def state_shardings(mesh: Mesh, abstract_vars: nnx.State) -> dict[Any, Any]:
   return named(mesh, param_specs(abstract_vars))
 
 
-def optax_state_shardings(optimizer: optax.GradientTransformation,
-                          abstract_opt_state: Any, param_sh: Any,
-                          mesh: Mesh) -> Any:
+def optax_state_shardings(
+  optimizer: optax.GradientTransformation,
+  abstract_opt_state: Any,
+  param_sh: Any,
+  mesh: Mesh,
+) -> Any:
   """Moments follow their parameter's sharding; scalars are replicated."""
   return optax.tree_map_params(
-    optimizer, lambda _, s: s, abstract_opt_state, param_sh,
-    transform_non_params=lambda _: replicated(mesh))
+    optimizer,
+    lambda _, s: s,
+    abstract_opt_state,
+    param_sh,
+    transform_non_params=lambda _: replicated(mesh),
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -249,5 +274,6 @@ def host_to_global(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict:
   """
   if jax.process_count() == 1:
     return dict(batch)
-  return jax.make_array_from_process_local_data(batch_sharding(mesh),
-                                                dict(batch))
+  return jax.make_array_from_process_local_data(
+    batch_sharding(mesh), dict(batch)
+  )

@@ -4,6 +4,7 @@ Names moved between releases (TPUCompilerParams -> CompilerParams,
 TPUMemorySpace -> MemorySpace, `interpret=` growing TPU-specific params);
 kernels import them from here so an upgrade touches one file.
 """
+
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -39,17 +40,28 @@ def interpret_mode(interpret: bool):
   return bool(interpret)
 
 
-def pallas_call(kernel, *, out_shape, grid_spec, dimension_semantics,
-                interpret, name=None, cost=None):
+def pallas_call(
+  kernel,
+  *,
+  out_shape,
+  grid_spec,
+  dimension_semantics,
+  interpret,
+  name=None,
+  cost=None,
+):
   """`cost`: (flops, transcendentals, bytes_accessed) for XLA's cost
   analysis, which otherwise counts a Mosaic kernel as zero FLOPs."""
-  estimate = None if cost is None else pl.CostEstimate(
-    *(int(c) for c in cost))
+  estimate = None if cost is None else pl.CostEstimate(*(int(c) for c in cost))
   return pl.pallas_call(
-    kernel, out_shape=out_shape, grid_spec=grid_spec,
+    kernel,
+    out_shape=out_shape,
+    grid_spec=grid_spec,
     compiler_params=tpu_compiler_params(dimension_semantics),
-    interpret=interpret_mode(interpret), name=name,
-    cost_estimate=estimate)
+    interpret=interpret_mode(interpret),
+    name=name,
+    cost_estimate=estimate,
+  )
 
 
 def _varying(x) -> frozenset:

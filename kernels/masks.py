@@ -53,6 +53,7 @@ positions it is exact for each single part (causal, window, chunk, prefix,
 suffix, block mask) and for causal + window; unions (window OR prefix) can
 give PARTIAL for a tile that is in fact FULL.
 """
+
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -97,8 +98,7 @@ class MaskSpec:
         raise ValueError("block_mask needs block_mask_sizes=(bq, bk)")
       if min(self.block_mask_sizes) <= 0:
         raise ValueError(f"bad block_mask_sizes {self.block_mask_sizes}")
-      object.__setattr__(
-        self, "block_mask_sizes", tuple(self.block_mask_sizes))
+      object.__setattr__(self, "block_mask_sizes", tuple(self.block_mask_sizes))
 
   @property
   def has_local(self) -> bool:
@@ -129,8 +129,9 @@ def _block_lookup(spec, q_pos, k_pos):
   return inside & flat[idx]
 
 
-def element_mask(spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix, *,
-                 block_lookup=None):
+def element_mask(
+  spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix, *, block_lookup=None
+):
   """The predicate of the module docstring on broadcastable int arrays.
 
   Used by the dense reference ([B, T, 1] vs [B, 1, S]) and by the kernels
@@ -152,8 +153,9 @@ def element_mask(spec: MaskSpec, q_pos, k_pos, q_seg, k_seg, k_is_suffix, *,
       if right is not None:
         local = local & (k_pos <= q_pos + right)
     if spec.chunk is not None:
-      local = local & (floordiv(q_pos, spec.chunk)
-                       == floordiv(k_pos, spec.chunk))
+      local = local & (
+        floordiv(q_pos, spec.chunk) == floordiv(k_pos, spec.chunk)
+      )
     parts.append(local)
   if spec.block_mask is not None:
     lookup = block_lookup or functools.partial(_block_lookup, spec)
@@ -179,7 +181,8 @@ def suffix_columns(spec: MaskSpec, kv_len: int, padded_len: int | None = None):
   padded_len = kv_len if padded_len is None else padded_len
   if spec.global_suffix > kv_len:
     raise ValueError(
-      f"global_suffix={spec.global_suffix} exceeds key length {kv_len}")
+      f"global_suffix={spec.global_suffix} exceeds key length {kv_len}"
+    )
   col = np.arange(padded_len)
   return (col >= kv_len - spec.global_suffix) & (col < kv_len)
 
@@ -190,8 +193,13 @@ def dense_mask(spec: MaskSpec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS):
   k_seg_BS = jnp.ones_like(k_pos_BS) if k_seg_BS is None else k_seg_BS
   k_sfx = jnp.asarray(suffix_columns(spec, k_pos_BS.shape[1]))[None, None, :]
   return element_mask(
-    spec, q_pos_BT[:, :, None], k_pos_BS[:, None, :],
-    q_seg_BT[:, :, None], k_seg_BS[:, None, :], k_sfx)
+    spec,
+    q_pos_BT[:, :, None],
+    k_pos_BS[:, None, :],
+    q_seg_BT[:, :, None],
+    k_seg_BS[:, None, :],
+    k_sfx,
+  )
 
 
 def block_mask_coverage(spec: MaskSpec) -> int | None:
@@ -215,9 +223,9 @@ def _mix64(x):
 
 
 @functools.lru_cache(maxsize=32)
-def bigbird_block_table(num_blocks: int, *, num_random_blocks: int,
-                        seed: int, causal: bool
-                        ) -> tuple[tuple[bool, ...], ...]:
+def bigbird_block_table(
+  num_blocks: int, *, num_random_blocks: int, seed: int, causal: bool
+) -> tuple[tuple[bool, ...], ...]:
   """BigBird's random key blocks (METHODS.md §5.5): [num_blocks]^2 table,
   True where query block i attends key block j at random.
 
@@ -238,13 +246,15 @@ def bigbird_block_table(num_blocks: int, *, num_random_blocks: int,
   if num_blocks <= 0 or num_random_blocks < 0:
     raise ValueError(
       f"bigbird_block_table: num_blocks={num_blocks} must be > 0 and "
-      f"num_random_blocks={num_random_blocks} >= 0")
+      f"num_random_blocks={num_random_blocks} >= 0"
+    )
   i = np.arange(num_blocks, dtype=np.uint64)[:, None]
   j = np.arange(num_blocks, dtype=np.uint64)[None, :]
   # 1-element arrays, not NumPy scalars: scalar ops warn on the (intended)
   # wrap-around.
-  key = _mix64(np.array([seed % 2**64], np.uint64)
-               + np.uint64(0x9E3779B97F4A7C15))
+  key = _mix64(
+    np.array([seed % 2**64], np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+  )
   rank = _mix64(_mix64(key ^ i) ^ j)
   eligible = (j < i) if causal else (j != i)
   # Ineligible blocks sort last; among the eligible, the r lowest ranks.
@@ -271,6 +281,7 @@ class BlockMetadata(NamedTuple):
 
 class _Bounds(NamedTuple):
   """(maybe any element true, surely every element true) per tile."""
+
   any: jax.Array
   all: jax.Array
 
@@ -318,8 +329,17 @@ def _table_bounds(spec, qlo, qhi, klo, khi):
   return _Bounds(count > 0, inside & (count == area) & (area > 0))
 
 
-def classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
-                    block_q, block_kv, kv_len=None):
+def classify_blocks(
+  spec,
+  q_pos_BT,
+  k_pos_BS,
+  q_seg_BT,
+  k_seg_BS,
+  *,
+  block_q,
+  block_kv,
+  kv_len=None,
+):
   """Kind [B, NQ, NK] of every tile, conservative (see module docstring).
 
   `kv_len`: the caller's unpadded key length (locates suffix columns);
@@ -329,23 +349,25 @@ def classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
   if t % block_q or s % block_kv:
     raise ValueError(
       f"lengths ({t}, {s}) must be multiples of blocks "
-      f"({block_q}, {block_kv}); pad first")
+      f"({block_q}, {block_kv}); pad first"
+    )
   kv_len = s if kv_len is None else kv_len
   qmin, qmax, qsmin, qsmax, qany, qall = _block_stats(
-    q_pos_BT, q_seg_BT, block_q)
+    q_pos_BT, q_seg_BT, block_q
+  )
   kmin, kmax, ksmin, ksmax, kany, kall = _block_stats(
-    k_pos_BS, k_seg_BS, block_kv)
+    k_pos_BS, k_seg_BS, block_kv
+  )
   # Tile axes: [B, NQ, 1] against [B, 1, NK].
-  qmin, qmax, qsmin, qsmax = (x[:, :, None] for x in (qmin, qmax, qsmin,
-                                                        qsmax))
+  qmin, qmax, qsmin, qsmax = (x[:, :, None] for x in (qmin, qmax, qsmin, qsmax))
   qany, qall = qany[:, :, None], qall[:, :, None]
-  kmin, kmax, ksmin, ksmax = (x[:, None, :] for x in (kmin, kmax, ksmin,
-                                                        ksmax))
+  kmin, kmax, ksmin, ksmax = (x[:, None, :] for x in (kmin, kmax, ksmin, ksmax))
   kany, kall = kany[:, None, :], kall[:, None, :]
 
   seg = _Bounds(
     qany & kany & (qsmin <= ksmax) & (ksmin <= qsmax),
-    qall & kall & (qsmin == qsmax) & (ksmin == ksmax) & (qsmin == ksmin))
+    qall & kall & (qsmin == qsmax) & (ksmin == ksmax) & (qsmin == ksmin),
+  )
   # Causal and window both bound d = k_pos - q_pos; intersecting them first
   # keeps causal + window exact on contiguous positions.
   lo, hi = -np.inf, np.inf
@@ -377,8 +399,13 @@ def classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
       c = spec.chunk
       qc0, qc1 = floordiv(qmin, c), floordiv(qmax, c)
       kc0, kc1 = floordiv(kmin, c), floordiv(kmax, c)
-      local = _and(local, _Bounds((qc0 <= kc1) & (kc0 <= qc1),
-                                  (qc0 == qc1) & (kc0 == kc1) & (qc0 == kc0)))
+      local = _and(
+        local,
+        _Bounds(
+          (qc0 <= kc1) & (kc0 <= qc1),
+          (qc0 == qc1) & (kc0 == kc1) & (qc0 == kc0),
+        ),
+      )
     parts.append(local)
   if spec.block_mask is not None:
     blocks = _table_bounds(spec, qmin, qmax, kmin, kmax)
@@ -389,8 +416,7 @@ def classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
       pattern = _or(pattern, p)
     if spec.global_prefix:
       n = spec.global_prefix
-      pattern = _or(pattern, _and(causal_only,
-                                  _Bounds(kmin < n, kmax < n)))
+      pattern = _or(pattern, _and(causal_only, _Bounds(kmin < n, kmax < n)))
     if spec.global_suffix:
       sfx = suffix_columns(spec, kv_len, s).reshape(s // block_kv, block_kv)
       sfx_any = jnp.asarray(sfx.any(-1))[None, None, :]
@@ -399,8 +425,9 @@ def classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
     total = _and(seg, pattern)
   else:
     total = _and(seg, causal_only)
-  return jnp.where(total.all, FULL,
-                   jnp.where(total.any, PARTIAL, EMPTY)).astype(jnp.int32)
+  return jnp.where(
+    total.all, FULL, jnp.where(total.any, PARTIAL, EMPTY)
+  ).astype(jnp.int32)
 
 
 def _compact(kind_BMN):
@@ -413,19 +440,39 @@ def _compact(kind_BMN):
   order = order.astype(jnp.int32)
   j = jax.lax.broadcasted_iota(jnp.int32, kind_BMN.shape, kind_BMN.ndim - 1)
   last = jnp.take_along_axis(
-    order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    order, jnp.maximum(count - 1, 0)[..., None], axis=-1
+  )
   index = jnp.where(j < count[..., None], order, last)
-  kind = jnp.where(j < count[..., None],
-                   jnp.take_along_axis(kind_BMN, order, axis=-1), EMPTY)
+  kind = jnp.where(
+    j < count[..., None], jnp.take_along_axis(kind_BMN, order, axis=-1), EMPTY
+  )
   return count, index, kind.astype(jnp.int32)
 
 
-def block_metadata(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
-                   block_q, block_kv, kv_len=None) -> BlockMetadata:
+def block_metadata(
+  spec,
+  q_pos_BT,
+  k_pos_BS,
+  q_seg_BT,
+  k_seg_BS,
+  *,
+  block_q,
+  block_kv,
+  kv_len=None,
+) -> BlockMetadata:
   """Tile kinds plus the compacted row and transposed tables."""
-  kind = classify_blocks(spec, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS,
-                         block_q=block_q, block_kv=block_kv, kv_len=kv_len)
+  kind = classify_blocks(
+    spec,
+    q_pos_BT,
+    k_pos_BS,
+    q_seg_BT,
+    k_seg_BS,
+    block_q=block_q,
+    block_kv=block_kv,
+    kv_len=kv_len,
+  )
   kv_count, kv_index, kv_kind = _compact(kind)
   q_count, q_index, q_kind = _compact(jnp.swapaxes(kind, 1, 2))
-  return BlockMetadata(kind, kv_count, kv_index, kv_kind,
-                       q_count, q_index, q_kind)
+  return BlockMetadata(
+    kind, kv_count, kv_index, kv_kind, q_count, q_index, q_kind
+  )

@@ -30,6 +30,7 @@ key silently, so concrete positions (not tracers) of real tokens (segment
 config refuses max_len < seq_len for training, and generation must hold its
 positions to `block_mask_coverage` itself.
 """
+
 import math
 
 import jax
@@ -40,15 +41,24 @@ from kernels import masks
 from kernels.flash_attention import reference
 from kernels.flash_attention import vjp
 
-IMPLS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu",
-         "interpret", "interpret_gpu", "cudnn")
+IMPLS = (
+  "auto",
+  "xla",
+  "xla_chunked",
+  "pallas_tpu",
+  "pallas_gpu",
+  "interpret",
+  "interpret_gpu",
+  "cudnn",
+)
 
 
 def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(
       f"q must be [B, T, H, K], k, v [B, S, G, K]/[B, S, G, E]; got "
-      f"{q.shape} {k.shape} {v.shape}")
+      f"{q.shape} {k.shape} {v.shape}"
+    )
   b, t, h, kdim = q.shape
   if k.shape[:3] != v.shape[:3] or k.shape[0] != b:
     raise ValueError(f"k {k.shape} and v {v.shape} disagree (or with q)")
@@ -57,9 +67,12 @@ def _check_shapes(q, k, v, q_pos, k_pos, q_seg, k_seg):
   g, s = k.shape[2], k.shape[1]
   if h % g:
     raise ValueError(f"query heads {h} not a multiple of kv heads {g}")
-  for name, x, n in (("q_pos", q_pos, t), ("k_pos", k_pos, s),
-                     ("q_segment_ids", q_seg, t),
-                     ("kv_segment_ids", k_seg, s)):
+  for name, x, n in (
+    ("q_pos", q_pos, t),
+    ("k_pos", k_pos, s),
+    ("q_segment_ids", q_seg, t),
+    ("kv_segment_ids", k_seg, s),
+  ):
     if x is not None and x.shape != (b, n):
       raise ValueError(f"{name} must be [{b}, {n}], got {x.shape}")
 
@@ -109,7 +122,8 @@ def _check_coverage(spec, q_pos, k_pos, q_seg, k_seg):
     if top >= coverage:
       raise ValueError(
         f"position {top} is past the block-sparse table, which covers "
-        f"positions 0..{coverage - 1}; build it for a longer max_len")
+        f"positions 0..{coverage - 1}; build it for a longer max_len"
+      )
 
 
 def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
@@ -122,38 +136,87 @@ def _cudnn(q, k, v, spec, q_seg, k_seg, scale, cap, return_lse):
     if left is None or right is None:
       raise NotImplementedError("cudnn needs a bounded window")
     window = (left, right)
-  if (return_lse or cap is not None or q_seg is not None
-      or k_seg is not None or spec.chunk is not None
-      or spec.block_mask is not None or spec.global_prefix
-      or spec.global_suffix or q.shape[1] != k.shape[1]):
+  if (
+    return_lse
+    or cap is not None
+    or q_seg is not None
+    or k_seg is not None
+    or spec.chunk is not None
+    or spec.block_mask is not None
+    or spec.global_prefix
+    or spec.global_suffix
+    or q.shape[1] != k.shape[1]
+  ):
     raise NotImplementedError(
       "cudnn handles causal / window masks without segments, soft cap, "
-      "globals or lse only")
+      "globals or lse only"
+    )
   out = jax.nn.dot_product_attention(
-    q, k, v, scale=scale, is_causal=spec.causal, local_window_size=window,
-    implementation="cudnn")
+    q,
+    k,
+    v,
+    scale=scale,
+    is_causal=spec.causal,
+    local_window_size=window,
+    implementation="cudnn",
+  )
   return out, None
 
 
-def _run(impl, q, k, v, q_pos, k_pos, q_seg, k_seg, spec, scale, cap,
-         block_sizes):
+def _run(
+  impl, q, k, v, q_pos, k_pos, q_seg, k_seg, spec, scale, cap, block_sizes
+):
   if impl == "xla":
     dense = masks.dense_mask(spec, q_pos, k_pos, q_seg, k_seg)
-    return reference.attention_reference(q, k, v, dense, scale=scale,
-                                         logits_soft_cap=cap)
+    return reference.attention_reference(
+      q, k, v, dense, scale=scale, logits_soft_cap=cap
+    )
   if impl == "xla_chunked":
     return reference.attention_chunked(
-      q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
-      logits_soft_cap=cap, block_sizes=block_sizes)
+      q,
+      k,
+      v,
+      q_pos,
+      k_pos,
+      q_seg,
+      k_seg,
+      spec=spec,
+      scale=scale,
+      logits_soft_cap=cap,
+      block_sizes=block_sizes,
+    )
   return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret(_gpu)
-    q, k, v, q_pos, k_pos, q_seg, k_seg, spec=spec, scale=scale,
-    logits_soft_cap=cap, block_sizes=block_sizes, backend=impl)
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    spec=spec,
+    scale=scale,
+    logits_soft_cap=cap,
+    block_sizes=block_sizes,
+    backend=impl,
+  )
 
 
-def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
-              q_segment_ids=None, kv_segment_ids=None, scale=None,
-              logits_soft_cap=None, impl="auto",
-              block_sizes: vjp.BlockSizes | None = None, return_lse=False):
+def attention(
+  q,
+  k,
+  v,
+  *,
+  mask: masks.MaskSpec,
+  q_pos,
+  k_pos,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  scale=None,
+  logits_soft_cap=None,
+  impl="auto",
+  block_sizes: vjp.BlockSizes | None = None,
+  return_lse=False,
+):
   """Attention of q [B, T, H, K] over k [B, S, G, K], v [B, S, G, E].
 
   H must be a multiple of G (GQA / MQA). Positions and segment ids are
@@ -172,19 +235,46 @@ def attention(q, k, v, *, mask: masks.MaskSpec, q_pos, k_pos,
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   q_pos = q_pos.astype(jnp.int32)
   k_pos = k_pos.astype(jnp.int32)
-  q_seg = (jnp.ones_like(q_pos) if q_segment_ids is None
-           else q_segment_ids.astype(jnp.int32))
-  k_seg = (jnp.ones_like(k_pos) if kv_segment_ids is None
-           else kv_segment_ids.astype(jnp.int32))
+  q_seg = (
+    jnp.ones_like(q_pos)
+    if q_segment_ids is None
+    else q_segment_ids.astype(jnp.int32)
+  )
+  k_seg = (
+    jnp.ones_like(k_pos)
+    if kv_segment_ids is None
+    else kv_segment_ids.astype(jnp.int32)
+  )
   candidates = _candidates(impl, q.shape[1], k.shape[1])
   for i, name in enumerate(candidates):
     try:
       if name == "cudnn":
-        out, lse = _cudnn(q, k, v, mask, q_segment_ids, kv_segment_ids,
-                          scale, logits_soft_cap, return_lse)
+        out, lse = _cudnn(
+          q,
+          k,
+          v,
+          mask,
+          q_segment_ids,
+          kv_segment_ids,
+          scale,
+          logits_soft_cap,
+          return_lse,
+        )
       else:
-        out, lse = _run(name, q, k, v, q_pos, k_pos, q_seg, k_seg, mask,
-                        scale, logits_soft_cap, block_sizes)
+        out, lse = _run(
+          name,
+          q,
+          k,
+          v,
+          q_pos,
+          k_pos,
+          q_seg,
+          k_seg,
+          mask,
+          scale,
+          logits_soft_cap,
+          block_sizes,
+        )
       break
     except (ImportError, NotImplementedError):
       # The backend refuses this case (or is not installed): under "auto"

@@ -24,12 +24,15 @@ from efficient_lm import train  # noqa: E402  (defines the train flags)
 from efficient_lm.training import checkpoint, loop  # noqa: E402
 
 _CRASH_AT = flags.DEFINE_integer("crash_at", None, "kill after this step")
-_AFTER = flags.DEFINE_integer("crash_after_checkpoint", None,
-                              "wait for this committed checkpoint first")
-_SIGNAL = flags.DEFINE_enum("crash_signal", "KILL", ["KILL", "TERM"],
-                            "the signal sent")
-_PROCESS = flags.DEFINE_integer("crash_process", None,
-                                "only this process index signals itself")
+_AFTER = flags.DEFINE_integer(
+  "crash_after_checkpoint", None, "wait for this committed checkpoint first"
+)
+_SIGNAL = flags.DEFINE_enum(
+  "crash_signal", "KILL", ["KILL", "TERM"], "the signal sent"
+)
+_PROCESS = flags.DEFINE_integer(
+  "crash_process", None, "only this process index signals itself"
+)
 
 
 def _install_hook():
@@ -40,12 +43,18 @@ def _install_hook():
 
     def crash(step):
       import jax
+
       if step != _CRASH_AT.value or _PROCESS.value not in (
-          None, jax.process_index()):
+        None,
+        jax.process_index(),
+      ):
         return
       deadline = time.time() + 60
-      while (_AFTER.value is not None and time.time() < deadline and
-             not checkpoint.is_committed(ckpt_dir / str(_AFTER.value))):
+      while (
+        _AFTER.value is not None
+        and time.time() < deadline
+        and not checkpoint.is_committed(ckpt_dir / str(_AFTER.value))
+      ):
         time.sleep(0.05)
       os.kill(os.getpid(), getattr(signal, "SIG" + _SIGNAL.value))
 

@@ -15,12 +15,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small byte-level model on the embedded corpus, 1 CPU device.
 SMALL_FLAGS = [
-  "--config=configs/tiny.py", "--config.model.num_layers=2",
-  "--config.model.embed_dim=64", "--config.model.mlp_dim=128",
-  "--config.data.seq_len=32", "--config.train.batch_size=8",
-  "--config.train.steps=20", "--config.train.warmup_steps=2",
-  "--config.train.log_every=1", "--config.train.eval_every=100",
-  "--config.train.eval_batches=2", "--config.checkpoint.every_steps=10",
+  "--config=configs/tiny.py",
+  "--config.model.num_layers=2",
+  "--config.model.embed_dim=64",
+  "--config.model.mlp_dim=128",
+  "--config.data.seq_len=32",
+  "--config.train.batch_size=8",
+  "--config.train.steps=20",
+  "--config.train.warmup_steps=2",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=100",
+  "--config.train.eval_batches=2",
+  "--config.checkpoint.every_steps=10",
   "--config.checkpoint.keep=5",
 ]
 
@@ -29,7 +35,7 @@ def cli_env():
   """The environment of a CLI subprocess: the repo importable, one CPU
   device (no XLA_FLAGS), no accelerator."""
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)          # one CPU device in subprocesses
+  env.pop("XLA_FLAGS", None)  # one CPU device in subprocesses
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
   return env
@@ -84,25 +90,35 @@ ATTENTION_VARIANTS = {
   "dense_mha": {"model.num_kv_heads": 4},
   "dense_gqa": {},
   "dense_mqa": {"model.num_kv_heads": 1},
-  "sliding_window": {"model.attention.kind": "sliding_window",
-                     "model.attention.window": 5},
-  "global_local": {"model.attention.kind": "global_local",
-                   "model.attention.window": 4,
-                   "model.attention.num_global": 3},
-  "block_sparse": {"model.attention.kind": "block_sparse",
-                   "model.attention.window": 3,
-                   "model.attention.num_global": 2,
-                   "model.attention.block_size": 4,
-                   "model.attention.num_random_blocks": 1,
-                   "model.attention.max_len": 64},
-  "tglobal": {"model.attention.kind": "tglobal",
-              "model.attention.window": 5,
-              "model.attention.tglobal_block": 4},
+  "sliding_window": {
+    "model.attention.kind": "sliding_window",
+    "model.attention.window": 5,
+  },
+  "global_local": {
+    "model.attention.kind": "global_local",
+    "model.attention.window": 4,
+    "model.attention.num_global": 3,
+  },
+  "block_sparse": {
+    "model.attention.kind": "block_sparse",
+    "model.attention.window": 3,
+    "model.attention.num_global": 2,
+    "model.attention.block_size": 4,
+    "model.attention.num_random_blocks": 1,
+    "model.attention.max_len": 64,
+  },
+  "tglobal": {
+    "model.attention.kind": "tglobal",
+    "model.attention.window": 5,
+    "model.attention.tglobal_block": 4,
+  },
   "mla": {"model.attention.projection": "mla"},
-  "mla_qlatent_window": {"model.attention.projection": "mla",
-                         "model.attention.q_lora_rank": 32,
-                         "model.attention.kind": "sliding_window",
-                         "model.attention.window": 5},
+  "mla_qlatent_window": {
+    "model.attention.projection": "mla",
+    "model.attention.q_lora_rank": 32,
+    "model.attention.kind": "sliding_window",
+    "model.attention.window": 5,
+  },
 }
 
 
@@ -110,13 +126,25 @@ def train_sentencepiece(tmp_path, vocab_size=40):
   """A tiny BPE SentencePiece model trained on a repeated corpus; returns
   its .model path (skips when sentencepiece is not installed)."""
   import pytest
+
   spm = pytest.importorskip("sentencepiece")
   corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog",
-                               "a stitch in time saves nine"] * 50))
+  corpus.write_text(
+    "\n".join(
+      [
+        "the quick brown fox jumps over the lazy dog",
+        "a stitch in time saves nine",
+      ]
+      * 50
+    )
+  )
   spm.SentencePieceTrainer.train(
-    input=str(corpus), model_prefix=str(tmp_path / "sp"),
-    vocab_size=vocab_size, model_type="bpe", minloglevel=2)
+    input=str(corpus),
+    model_prefix=str(tmp_path / "sp"),
+    vocab_size=vocab_size,
+    model_type="bpe",
+    minloglevel=2,
+  )
   return tmp_path / "sp.model"
 
 
@@ -134,8 +162,12 @@ def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
     pos[b, :cut] = np.arange(cut)
     pos[b, cut:end] = np.arange(end - cut)
   targets[seg == 0] = 0
-  return {"inputs": inputs, "targets": targets, "segment_ids": seg,
-          "positions": pos}
+  return {
+    "inputs": inputs,
+    "targets": targets,
+    "segment_ids": seg,
+    "positions": pos,
+  }
 
 
 def two_train_steps(t, state):
@@ -144,27 +176,34 @@ def two_train_steps(t, state):
   The sharded-equals-one-device tests compare these."""
   import jax
   from efficient_lm import sharding
+
   batch = sharding.host_to_global(
-    t.mesh, packed_batch(t.cfg.train.batch_size, t.cfg.data.seq_len,
-                         t.cfg.model.vocab_size))
+    t.mesh,
+    packed_batch(
+      t.cfg.train.batch_size, t.cfg.data.seq_len, t.cfg.model.vocab_size
+    ),
+  )
   state, metrics = t.train_step(state, batch)
   metrics = jax.device_get(metrics)
   state, _ = t.train_step(state, batch)
   return state, metrics
 
 
-def prefill_then_decode(step, tokens_BT, pos_BT, seg_BT, cache,
-                        prompt_len: int):
+def prefill_then_decode(
+  step, tokens_BT, pos_BT, seg_BT, cache, prompt_len: int
+):
   """A model's `step(tokens, pos, seg, cache) -> (logits, aux, cache)`
   (jitted or not) over the first `prompt_len` tokens, then one token at a
   time: (logits of every position [B, T, V], the final cache)."""
   import jax.numpy as jnp
+
   p = prompt_len
   got, _, cache = step(tokens_BT[:, :p], pos_BT[:, :p], seg_BT[:, :p], cache)
   outs = [got]
   for i in range(p, tokens_BT.shape[1]):
-    got, _, cache = step(tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1],
-                         seg_BT[:, i:i + 1], cache)
+    got, _, cache = step(
+      tokens_BT[:, i : i + 1], pos_BT[:, i : i + 1], seg_BT[:, i : i + 1], cache
+    )
     outs.append(got)
   return jnp.concatenate(outs, 1), cache
 
@@ -176,5 +215,6 @@ def assert_close(got, want, tol, what=""):
   fin = np.isfinite(want)
   np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=what)
   np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
-  np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=0,
-                             err_msg=what)
+  np.testing.assert_allclose(
+    got[fin], want[fin], atol=tol, rtol=0, err_msg=what
+  )

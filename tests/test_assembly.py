@@ -21,19 +21,21 @@ from tests.helpers import packed_batch, small_config
 class CountingBlock(Block):
   """A decoder block that counts its calls (non-trainable state) and adds
   `weight * mean(x_out^2)` as the auxiliary loss `loss/act_l2`."""
+
   weight = 0.5
 
   def __init__(self, cfg, spec, rngs):
     super().__init__(cfg, spec, rngs)
-    self.calls = models.ModelState(jnp.zeros((), jnp.int32),
-                                   logical_axes=())
+    self.calls = models.ModelState(jnp.zeros((), jnp.int32), logical_axes=())
 
   def __call__(self, x_BTD, pos_BT, seg_BT):
     x_BTD, aux = super().__call__(x_BTD, pos_BT, seg_BT)
     self.calls[...] = self.calls[...] + 1
-    return x_BTD, {**aux,
-                   "loss/act_l2": self.weight * jnp.mean(jnp.square(x_BTD)),
-                   "count/calls": self.calls[...]}
+    return x_BTD, {
+      **aux,
+      "loss/act_l2": self.weight * jnp.mean(jnp.square(x_BTD)),
+      "count/calls": self.calls[...],
+    }
 
 
 def counting_decoder(cfg, rngs):
@@ -41,8 +43,9 @@ def counting_decoder(cfg, rngs):
 
 
 def _batch(cfg, seed=0):
-  return packed_batch(cfg.train.batch_size, cfg.data.seq_len,
-                      cfg.model.vocab_size, seed)
+  return packed_batch(
+    cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, seed
+  )
 
 
 def test_aux_losses_enter_the_loss_and_the_gradient():
@@ -51,7 +54,8 @@ def test_aux_losses_enter_the_loss_and_the_gradient():
   graphdef, params, model_state = jax.tree.map(
     lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x,
     nnx.split(model, nnx.Param, models.ModelState),
-    is_leaf=lambda x: isinstance(x, nnx.State))
+    is_leaf=lambda x: isinstance(x, nnx.State),
+  )
   batch = jax.tree.map(jnp.asarray, _batch(cfg))
   objective = losses.make_objective("next_token", z_loss=0.0)
 
@@ -59,8 +63,9 @@ def test_aux_losses_enter_the_loss_and_the_gradient():
     CountingBlock.weight = weight
     try:
       (loss, (metrics, aux, _)), g = jax.value_and_grad(
-        lambda p: step_lib.loss_fn(graphdef, p, model_state, batch,
-                                   objective), has_aux=True)(params)
+        lambda p: step_lib.loss_fn(graphdef, p, model_state, batch, objective),
+        has_aux=True,
+      )(params)
     finally:
       CountingBlock.weight = 0.5
     return loss, {**metrics, **aux}, g
@@ -72,8 +77,10 @@ def test_aux_losses_enter_the_loss_and_the_gradient():
   np.testing.assert_allclose(loss1, m1["ce"] + m1["loss/act_l2"], rtol=1e-6)
   np.testing.assert_allclose(loss0, m0["ce"], rtol=1e-6)
   np.testing.assert_allclose(m0["ce"], m1["ce"], rtol=1e-6)
-  diff = max(float(jnp.abs(a - b).max())
-             for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+  diff = max(
+    float(jnp.abs(a - b).max())
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))
+  )
   assert diff > 1e-4, diff
   # Diagnostics are averaged over layers (each layer has been called once).
   assert float(m1["count/calls"]) == 1.0
@@ -83,35 +90,50 @@ def test_model_state_is_trained_state_and_logged(tmp_path):
   """Through the real loop: the counters live in state["model_state"],
   are sharded like params, advance once per step (not in eval), and the
   aux entries reach metrics.jsonl averaged over each logging window."""
-  cfg = small_config(**{"train.steps": 6, "train.log_every": 2,
-                        "train.eval_every": 3, "train.eval_batches": 1,
-                        "train.batch_size": 8, "mesh.data": 8,
-                        "checkpoint.every_steps": 3})
+  cfg = small_config(
+    **{
+      "train.steps": 6,
+      "train.log_every": 2,
+      "train.eval_every": 3,
+      "train.eval_batches": 1,
+      "train.batch_size": 8,
+      "mesh.data": 8,
+      "checkpoint.every_steps": 3,
+    }
+  )
   t = loop.build_trainer(cfg, build_model=counting_decoder)
   counts = t.abstract_state["model_state"]["stack"]["groups"]["segment_0"][
-    "layer_0"]["calls"]
-  assert counts.shape == (2,)                          # one per layer
+    "layer_0"
+  ]["calls"]
+  assert counts.shape == (2,)  # one per layer
   assert counts.sharding.spec == sharding.logical_to_spec(("layers",))
 
   loop.run(cfg, str(tmp_path), build_model=counting_decoder)
-  rows = [json.loads(line)
-          for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  rows = [
+    json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))
+  ]
   train = {r["step"]: r for r in rows if "loss" in r}
   evals = {r["step"]: r for r in rows if "eval_loss" in r}
   # Window of steps 1-2 saw counters 1 and 2; steps 3-4 saw 3 and 4.
   assert train[2]["count/calls"] == 1.5
   assert train[4]["count/calls"] == 3.5
   assert train[2]["loss/act_l2"] > 0
-  assert evals[3]["eval_count/calls"] == 4.0        # state after 3 steps, +1
+  assert evals[3]["eval_count/calls"] == 4.0  # state after 3 steps, +1
   assert evals[3]["eval_loss/act_l2"] > 0
 
 
 def test_model_state_survives_a_crash_and_resume(tmp_path):
   """A run that dies after step 4 (checkpoint at 3) and is resumed ends
   with the same params and model state as an uninterrupted run."""
-  cfg = small_config(**{"train.steps": 6, "train.eval_every": 100,
-                        "mesh.data": 8, "checkpoint.every_steps": 3,
-                        "checkpoint.async_save": False})
+  cfg = small_config(
+    **{
+      "train.steps": 6,
+      "train.eval_every": 100,
+      "mesh.data": 8,
+      "checkpoint.every_steps": 3,
+      "checkpoint.async_save": False,
+    }
+  )
 
   class Crash(Exception):
     pass
@@ -128,19 +150,29 @@ def test_model_state_survives_a_crash_and_resume(tmp_path):
   assert summary["start_step"] == 3
 
   from efficient_lm.training.checkpoint import Checkpointer
+
   t = loop.build_trainer(cfg, build_model=counting_decoder)
   finals = []
   for workdir in (whole, broken):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                        keep=None, async_save=False)
+    ckpt = Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      every_steps=1,
+      keep=None,
+      async_save=False,
+    )
     step, state, _ = ckpt.restore_latest(t.abstract_state)
     ckpt.close()
     assert step == 6
     finals.append(jax.device_get(state))
-  calls = finals[0]["model_state"]["stack"]["groups"]["segment_0"][
-    "layer_0"]["calls"]
+  calls = finals[0]["model_state"]["stack"]["groups"]["segment_0"]["layer_0"][
+    "calls"
+  ]
   np.testing.assert_array_equal(calls, [6, 6])
-  jax.tree.map(np.testing.assert_array_equal, finals[0]["model_state"],
-               finals[1]["model_state"])
-  jax.tree.map(np.testing.assert_array_equal, finals[0]["params"],
-               finals[1]["params"])
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    finals[0]["model_state"],
+    finals[1]["model_state"],
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, finals[0]["params"], finals[1]["params"]
+  )

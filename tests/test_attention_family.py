@@ -36,8 +36,7 @@ def _attn(name, causal):
 
 def _run(attn, x_BTD, pos_BT=None, seg_BT=None):
   b, t, _ = x_BTD.shape
-  pos_BT = (jnp.broadcast_to(jnp.arange(t), (b, t)) if pos_BT is None
-            else pos_BT)
+  pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if pos_BT is None else pos_BT
   seg_BT = jnp.ones((b, t), jnp.int32) if seg_BT is None else seg_BT
   return attn(Tokens(x_BTD, pos_BT, seg_BT))
 
@@ -48,9 +47,10 @@ def _leaks(attn, d):
   base = _run(attn, x)
   leaks = []
   for t in BOUNDARIES:
-    other = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(t + 1),
-                                                  (1, T - t - 1, d)))
-    moved = jnp.abs(_run(attn, other)[:, :t + 1] - base[:, :t + 1]).max()
+    other = x.at[:, t + 1 :].set(
+      jax.random.normal(jax.random.key(t + 1), (1, T - t - 1, d))
+    )
+    moved = jnp.abs(_run(attn, other)[:, : t + 1] - base[:, : t + 1]).max()
     if moved > 1e-6:
       leaks.append(t)
   return leaks
@@ -59,8 +59,8 @@ def _leaks(attn, d):
 def _future_jacobian(attn, d, t=T // 2):
   """max |d out[t] / d in[s]| over s > t."""
   x = jax.random.normal(jax.random.key(1), (1, T, d))
-  jac = jax.jacfwd(lambda x: _run(attn, x)[0, t])(x)   # [D, 1, T, D]
-  return float(jnp.abs(jac[:, 0, t + 1:]).max())
+  jac = jax.jacfwd(lambda x: _run(attn, x)[0, t])(x)  # [D, 1, T, D]
+  return float(jnp.abs(jac[:, 0, t + 1 :]).max())
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -87,8 +87,9 @@ def test_packed_documents_equal_separate_runs(name, causal):
   cut = 10
   x = jax.random.normal(jax.random.key(2), (1, T, d))
   pos = jnp.concatenate([jnp.arange(cut), jnp.arange(T - cut)])[None]
-  seg = jnp.concatenate([jnp.ones(cut, jnp.int32),
-                         jnp.full(T - cut, 2, jnp.int32)])[None]
+  seg = jnp.concatenate(
+    [jnp.ones(cut, jnp.int32), jnp.full(T - cut, 2, jnp.int32)]
+  )[None]
   packed = _run(attn, x, pos, seg)
   first = _run(attn, x[:, :cut])
   second = _run(attn, x[:, cut:])
@@ -100,16 +101,19 @@ def test_window_covering_the_sequence_is_dense():
   """Degenerate settings reduce to dense, in both directions."""
   for causal in (True, False):
     dense = _attn("dense_gqa", causal)
-    cfg = small_config(**{"model.attention.kind": "sliding_window",
-                          "model.attention.window": T}).model
+    cfg = small_config(
+      **{"model.attention.kind": "sliding_window", "model.attention.window": T}
+    ).model
     spec = stack.layer_plan(cfg, causal=causal)[0]
     local = make_attention(cfg, spec, rngs=nnx.Rngs(0), out_std=0.02)
     x = jax.random.normal(jax.random.key(3), (2, T, cfg.embed_dim))
-    np.testing.assert_allclose(_run(local, x), _run(dense, x), atol=1e-6,
-                               rtol=0)
+    np.testing.assert_allclose(
+      _run(local, x), _run(dense, x), atol=1e-6, rtol=0
+    )
     # One token short of the sequence is no longer dense (bidirectional:
     # the first and last tokens stop seeing each other).
-    short = dataclasses.replace(spec, attention=dataclasses.replace(
-      spec.attention, window=T - 1))
+    short = dataclasses.replace(
+      spec, attention=dataclasses.replace(spec.attention, window=T - 1)
+    )
     local = make_attention(cfg, short, rngs=nnx.Rngs(0), out_std=0.02)
     assert jnp.abs(_run(local, x) - _run(dense, x)).max() > 1e-4

@@ -33,11 +33,15 @@ from tests.test_attention_family import T, _future_jacobian, _leaks, _run
 from tests.test_kernels_attention import make_case, outputs_and_grads
 
 # 4-token blocks over max_len 32: 8 blocks, 2 random ones per query block.
-BIGBIRD = {"model.attention.kind": "block_sparse",
-           "model.attention.window": 3, "model.attention.num_global": 2,
-           "model.attention.block_size": 4,
-           "model.attention.num_random_blocks": 2,
-           "model.attention.random_seed": 3, "model.attention.max_len": 32}
+BIGBIRD = {
+  "model.attention.kind": "block_sparse",
+  "model.attention.window": 3,
+  "model.attention.num_global": 2,
+  "model.attention.block_size": 4,
+  "model.attention.num_random_blocks": 2,
+  "model.attention.random_seed": 3,
+  "model.attention.max_len": 32,
+}
 F32_TOL = 1e-4
 
 
@@ -46,15 +50,17 @@ def _cfg(**overrides):
 
 
 def _table(n, r, seed, causal):
-  return np.asarray(masks.bigbird_block_table(
-    n, num_random_blocks=r, seed=seed, causal=causal))
+  return np.asarray(
+    masks.bigbird_block_table(n, num_random_blocks=r, seed=seed, causal=causal)
+  )
 
 
 # ------------------------------------------------------------------ table
 
 
-@pytest.mark.parametrize("n,r,seed", [(1, 3, 0), (2, 3, 0), (9, 3, 1),
-                                      (40, 2, 7), (40, 0, 0)])
+@pytest.mark.parametrize(
+  "n,r,seed", [(1, 3, 0), (2, 3, 0), (9, 3, 1), (40, 2, 7), (40, 0, 0)]
+)
 def test_causal_table_draws_only_strictly_earlier_blocks(n, r, seed):
   t = _table(n, r, seed, causal=True)
   assert t.shape == (n, n)
@@ -83,12 +89,19 @@ def test_table_is_a_fixed_function_of_its_arguments():
   longer = _table(48, 3, 5, causal=True)
   np.testing.assert_array_equal(longer[:32, :32], table)
   # Nor on the process (no str hash, no global RNG state).
-  code = ("from kernels import masks; print(masks.bigbird_block_table("
-          "32, num_random_blocks=3, seed=5, causal=True) == {!r})")
+  code = (
+    "from kernels import masks; print(masks.bigbird_block_table("
+    "32, num_random_blocks=3, seed=5, causal=True) == {!r})"
+  )
   env = dict(os.environ, PYTHONHASHSEED="123", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code.format(table)],
-                       capture_output=True, text=True, env=env, check=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  out = subprocess.run(
+    [sys.executable, "-c", code.format(table)],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=True,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
@@ -96,12 +109,14 @@ def test_every_layer_and_head_shares_one_table():
   """All block_sparse layers of a model (and, the table having no head
   axis, all heads) use the table of the configured seed."""
   cfg = _cfg(**{"model.num_layers": 4})
-  specs = [mask_spec(s.attention, causal=s.causal)
-           for s in stack.layer_plan(cfg, causal=True)]
-  want = masks.bigbird_block_table(8, num_random_blocks=2, seed=3,
-                                   causal=True)
-  assert all(s.block_mask == want and s.block_mask_sizes == (4, 4)
-             for s in specs)
+  specs = [
+    mask_spec(s.attention, causal=s.causal)
+    for s in stack.layer_plan(cfg, causal=True)
+  ]
+  want = masks.bigbird_block_table(8, num_random_blocks=2, seed=3, causal=True)
+  assert all(
+    s.block_mask == want and s.block_mask_sizes == (4, 4) for s in specs
+  )
 
 
 # --------------------------------------------------------- mask and tiles
@@ -115,35 +130,48 @@ def brute_visible(a, causal, table, qp, kp, qs, ks):
     return False
   w = a.window
   in_window = qp - (w - 1) <= kp <= qp + (0 if causal else w - 1)
-  return bool(in_window or kp < a.num_global
-              or table[qp // a.block_size][kp // a.block_size])
+  return bool(
+    in_window
+    or kp < a.num_global
+    or table[qp // a.block_size][kp // a.block_size]
+  )
 
 
 def brute_mask(a, causal, qp, kp, qs, ks):
-  table = _table(-(-a.max_len // a.block_size), a.num_random_blocks,
-                 a.random_seed, causal)
-  return np.array([[brute_visible(a, causal, table, qp[i], kp[j], qs[i],
-                                  ks[j]) for j in range(len(kp))]
-                   for i in range(len(qp))])
+  table = _table(
+    -(-a.max_len // a.block_size), a.num_random_blocks, a.random_seed, causal
+  )
+  return np.array(
+    [
+      [
+        brute_visible(a, causal, table, qp[i], kp[j], qs[i], ks[j])
+        for j in range(len(kp))
+      ]
+      for i in range(len(qp))
+    ]
+  )
 
 
 def _random_cfg(rng):
   """A random BigBird plan; max_len not a multiple of the block size."""
   bs = int(rng.choice([3, 4, 8]))
-  return _cfg(**{
-    "model.attention.block_size": bs,
-    "model.attention.window": int(rng.integers(1, 7)),
-    "model.attention.num_global": int(rng.integers(0, 6)),
-    "model.attention.num_random_blocks": int(rng.integers(0, 4)),
-    "model.attention.random_seed": int(rng.integers(0, 1000)),
-    "model.attention.max_len": 45}).attention
+  return _cfg(
+    **{
+      "model.attention.block_size": bs,
+      "model.attention.window": int(rng.integers(1, 7)),
+      "model.attention.num_global": int(rng.integers(0, 6)),
+      "model.attention.num_random_blocks": int(rng.integers(0, 4)),
+      "model.attention.random_seed": int(rng.integers(0, 1000)),
+      "model.attention.max_len": 45,
+    }
+  ).attention
 
 
 def _layouts(rng, t):
   """(positions, segments): one document with trailing padding, and a
   packed row whose positions restart at each document."""
   seg = np.ones(t, np.int32)
-  seg[t - int(rng.integers(0, 4)):] = 0
+  seg[t - int(rng.integers(0, 4)) :] = 0
   yield np.arange(t, dtype=np.int32), seg
   cut = int(rng.integers(5, t - 5))
   pos = np.concatenate([np.arange(cut), np.arange(t - cut)]).astype(np.int32)
@@ -158,17 +186,20 @@ def test_dense_mask_matches_the_element_rule(causal):
     spec = mask_spec(a, causal=causal)
     t = int(rng.integers(20, 46))  # never past max_len = 45
     for pos, seg in _layouts(rng, t):
-      got = masks.dense_mask(spec, *(jnp.asarray(x)[None] for x in
-                                     (pos, pos, seg, seg)))[0]
-      np.testing.assert_array_equal(np.asarray(got),
-                                    brute_mask(a, causal, pos, pos, seg, seg))
+      got = masks.dense_mask(
+        spec, *(jnp.asarray(x)[None] for x in (pos, pos, seg, seg))
+      )[0]
+      np.testing.assert_array_equal(
+        np.asarray(got), brute_mask(a, causal, pos, pos, seg, seg)
+      )
 
 
 def _kinds(m_TS, bq, bk):
   t, s = m_TS.shape
   tiles = m_TS.reshape(t // bq, bq, s // bk, bk).transpose(0, 2, 1, 3)
-  return np.where(tiles.all((-1, -2)), FULL,
-                  np.where(tiles.any((-1, -2)), PARTIAL, EMPTY))
+  return np.where(
+    tiles.all((-1, -2)), FULL, np.where(tiles.any((-1, -2)), PARTIAL, EMPTY)
+  )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -186,9 +217,14 @@ def test_tile_kinds_are_conservative_and_empty_is_exact(causal):
       want_m = brute_mask(a, causal, pos, pos, seg, seg)
       for bq, bk in ((bs, bs), (bs, 2 * bs), (2 * bs, bs), (t, bs)):
         want = _kinds(want_m, bq, bk)
-        got = np.asarray(masks.classify_blocks(
-          spec, *(jnp.asarray(x)[None] for x in (pos, pos, seg, seg)),
-          block_q=bq, block_kv=bk))[0]
+        got = np.asarray(
+          masks.classify_blocks(
+            spec,
+            *(jnp.asarray(x)[None] for x in (pos, pos, seg, seg)),
+            block_q=bq,
+            block_kv=bk,
+          )
+        )[0]
         assert not np.any((got == EMPTY) & (want != EMPTY)), "tile skipped"
         assert not np.any((got == FULL) & (want != FULL)), "mask dropped"
         if layout == "one" and (bq, bk) == (bs, bs):
@@ -205,8 +241,10 @@ def _explicit(a, causal):
   n = a.max_len
   pos = np.arange(n)
   ones = np.ones(n, np.int32)
-  return MaskSpec(block_mask=brute_mask(a, causal, pos, pos, ones, ones),
-                  block_mask_sizes=(1, 1))
+  return MaskSpec(
+    block_mask=brute_mask(a, causal, pos, pos, ones, ones),
+    block_mask_sizes=(1, 1),
+  )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -218,8 +256,7 @@ def test_kernel_impls_equal_the_dense_reference(causal):
   case = make_case(4, b=2, t=29, s=29, h=4, g=2, kdim=16)
   want = outputs_and_grads(case, _explicit(a, causal), "xla")
   for impl in ("xla", "xla_chunked", "interpret"):
-    got = outputs_and_grads(case, spec, impl, None,
-                            kernels.BlockSizes(8, 8))
+    got = outputs_and_grads(case, spec, impl, None, kernels.BlockSizes(8, 8))
     for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want):
       assert_close(x, y, F32_TOL, f"{impl} {name}")
 
@@ -238,8 +275,9 @@ def _out_and_grads(attn, x, pos, seg):
     y = _run(nnx.merge(graphdef, state), x, pos, seg)
     return jnp.sum(y * w), y
 
-  (_, y), (d_state, dx) = jax.jit(jax.value_and_grad(
-    loss, argnums=(0, 1), has_aux=True))(state, x)
+  (_, y), (d_state, dx) = jax.jit(
+    jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  )(state, x)
   return y, dx, jax.tree.leaves(d_state)
 
 
@@ -250,16 +288,19 @@ def test_attention_module_equals_the_explicit_mask(causal):
   d = _cfg().embed_dim
   x = jax.random.normal(jax.random.key(5), (2, T, d))
   cut = 11
-  pos = jnp.asarray([np.arange(T), np.r_[np.arange(cut), np.arange(T - cut)]],
-                    jnp.int32)
-  seg = jnp.asarray([np.ones(T), np.r_[np.ones(cut), np.full(T - cut, 2)]],
-                    jnp.int32)
+  pos = jnp.asarray(
+    [np.arange(T), np.r_[np.arange(cut), np.arange(T - cut)]], jnp.int32
+  )
+  seg = jnp.asarray(
+    [np.ones(T), np.r_[np.ones(cut), np.full(T - cut, 2)]], jnp.int32
+  )
   ref = _module(causal, **{"model.attention.impl": "xla"})
   ref.mask = _explicit(_cfg().attention, causal)
   want = _out_and_grads(ref, x, pos, seg)
   for impl in ("xla", "xla_chunked", "interpret"):
-    got = _out_and_grads(_module(causal, **{"model.attention.impl": impl}),
-                         x, pos, seg)
+    got = _out_and_grads(
+      _module(causal, **{"model.attention.impl": impl}), x, pos, seg
+    )
     assert_close(got[0], want[0], F32_TOL, f"{impl} out")
     assert_close(got[1], want[1], F32_TOL, f"{impl} d x")
     for g, w in zip(got[2], want[2]):
@@ -291,9 +332,12 @@ def test_the_random_blocks_alone_decide_causality(table_causal):
   a = _cfg(**{"model.attention.num_global": 0}).attention
   attn = _module(True, **{"model.attention.num_global": 0})
   attn.mask = dataclasses.replace(
-    mask_spec(a, causal=True), causal=False,
-    block_mask=masks.bigbird_block_table(8, num_random_blocks=2, seed=3,
-                                         causal=table_causal))
+    mask_spec(a, causal=True),
+    causal=False,
+    block_mask=masks.bigbird_block_table(
+      8, num_random_blocks=2, seed=3, causal=table_causal
+    ),
+  )
   d = _cfg().embed_dim
   assert bool(_leaks(attn, d)) != table_causal
 
@@ -311,9 +355,17 @@ def test_positions_past_the_table_are_an_error():
   def attend(q_pos, k_pos, seg=None):
     q_pos, k_pos = (jnp.asarray([p], jnp.int32) for p in (q_pos, k_pos))
     seg = None if seg is None else jnp.asarray([seg], jnp.int32)
-    return kernels.attention(q, q, q, mask=spec, q_pos=q_pos, k_pos=k_pos,
-                             q_segment_ids=seg, kv_segment_ids=seg,
-                             impl="xla")
+    return kernels.attention(
+      q,
+      q,
+      q,
+      mask=spec,
+      q_pos=q_pos,
+      k_pos=k_pos,
+      q_segment_ids=seg,
+      kv_segment_ids=seg,
+      impl="xla",
+    )
 
   attend([28, 29, 30, 31], [28, 29, 30, 31])  # the last covered block
   msg = r"position {} is past the block-sparse table, which covers "

@@ -1,4 +1,5 @@
 """Checkpointer: round trips, retention, and falling back past bad steps."""
+
 import os
 import subprocess
 import sys
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from efficient_lm.training.checkpoint import (CheckpointError, Checkpointer,
-                                              is_committed, read_latest)
+from efficient_lm.training.checkpoint import (
+  CheckpointError,
+  Checkpointer,
+  is_committed,
+  read_latest,
+)
 
 CONFIG = {"model": {"num_layers": 2, "embed_dim": 16}, "train": {"seed": 0}}
 
@@ -21,14 +26,18 @@ def _mesh() -> Mesh:
 
 def _state(mesh: Mesh, offset: float = 0.0) -> dict:
   """A small train-state-like pytree; `offset` makes distinct versions."""
+
   def put(x, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
+
   w_DF = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8) + offset
   return {
-    "params": {"w": put(w_DF, P("data", "model")),
-               "b": put(jnp.full((8,), offset, jnp.bfloat16), P("model")),
-               # int keys, as in nnx.State.to_pure_dict() for layer lists
-               "layers": {0: {"scale": put(jnp.ones(4) + offset, P())}}},
+    "params": {
+      "w": put(w_DF, P("data", "model")),
+      "b": put(jnp.full((8,), offset, jnp.bfloat16), P("model")),
+      # int keys, as in nnx.State.to_pure_dict() for layer lists
+      "layers": {0: {"scale": put(jnp.ones(4) + offset, P())}},
+    },
     "opt_state": (put(w_DF * 0.5, P("data", "model")), {}),
     "step": put(jnp.int32(7), P()),
   }
@@ -36,8 +45,8 @@ def _state(mesh: Mesh, offset: float = 0.0) -> dict:
 
 def _abstract(state: dict) -> dict:
   return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-    state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -49,16 +58,20 @@ def _assert_same(a: dict, b: dict) -> None:
 def _save_steps(directory, steps, keep=5, **kw) -> Checkpointer:
   ckpt = Checkpointer(directory, every_steps=1, keep=keep, **kw)
   for step in steps:
-    assert ckpt.save(step, _state(_mesh(), step), data_state={"pos": step},
-                     config=CONFIG)
+    assert ckpt.save(
+      step, _state(_mesh(), step), data_state={"pos": step}, config=CONFIG
+    )
   ckpt.wait()
   return ckpt
 
 
 def _data_files(step_dir):
-  return sorted(os.path.join(d, f)
-                for d, _, files in os.walk(os.path.join(step_dir, "state"))
-                for f in files if os.sep + "d" + os.sep in os.path.join(d, f))
+  return sorted(
+    os.path.join(d, f)
+    for d, _, files in os.walk(os.path.join(step_dir, "state"))
+    for f in files
+    if os.sep + "d" + os.sep in os.path.join(d, f)
+  )
 
 
 def _our_lines(err: str) -> list[str]:
@@ -69,13 +82,15 @@ def test_round_trip_sharded_with_requested_shardings(tmp_path):
   mesh = _mesh()
   state = _state(mesh, 1.0)
   with Checkpointer(tmp_path, every_steps=5, keep=3) as ckpt:
-    assert ckpt.save(10, state, data_state={"pos": 123, "epoch": 1},
-                     config=CONFIG)
+    assert ckpt.save(
+      10, state, data_state={"pos": 123, "epoch": 1}, config=CONFIG
+    )
   # Restore in a fresh Checkpointer with other shardings than were saved.
   abstract = _abstract(state)
   other = NamedSharding(mesh, P("model", "data"))
-  abstract["params"]["w"] = jax.ShapeDtypeStruct((16, 8), jnp.float32,
-                                                 sharding=other)
+  abstract["params"]["w"] = jax.ShapeDtypeStruct(
+    (16, 8), jnp.float32, sharding=other
+  )
   with Checkpointer(tmp_path, every_steps=5, keep=3) as ckpt:
     step, restored, data_state = ckpt.restore_latest(abstract)
     assert ckpt.saved_config() == CONFIG
@@ -83,8 +98,9 @@ def test_round_trip_sharded_with_requested_shardings(tmp_path):
   assert step == 10
   assert data_state == {"pos": 123, "epoch": 1}
   _assert_same(restored, state)
-  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract),
-                       strict=True):
+  for got, want in zip(
+    jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True
+  ):
     assert got.sharding == want.sharding
   assert restored["params"]["w"].sharding == other
   assert list(restored["params"]["layers"]) == [0]
@@ -98,10 +114,13 @@ def test_empty_directory_restores_none(tmp_path):
 
 def test_should_save_and_keep_last_k(tmp_path):
   ckpt = Checkpointer(tmp_path, every_steps=2, keep=2)
-  saved = [s for s in range(1, 9)
-           if ckpt.save(s, _state(_mesh()), data_state={}, config={})]
+  saved = [
+    s
+    for s in range(1, 9)
+    if ckpt.save(s, _state(_mesh()), data_state={}, config={})
+  ]
   assert saved == [2, 4, 6, 8]
-  assert not ckpt.save(8, _state(_mesh()), force=True)   # already there
+  assert not ckpt.save(8, _state(_mesh()), force=True)  # already there
   assert ckpt.save(9, _state(_mesh()), force=True)
   ckpt.close()
   assert sorted(os.listdir(tmp_path)) == ["8", "9"]
@@ -111,7 +130,7 @@ def test_should_save_and_keep_last_k(tmp_path):
 def test_save_then_wait_commits(tmp_path, async_save):
   ckpt = Checkpointer(tmp_path, every_steps=1, keep=2, async_save=async_save)
   assert ckpt.save(3, _state(_mesh()), data_state={"pos": 3}, config=CONFIG)
-  if not async_save:   # a synchronous save is on disk when save() returns
+  if not async_save:  # a synchronous save is on disk when save() returns
     assert is_committed(tmp_path / "3")
   ckpt.wait()
   assert is_committed(tmp_path / "3")
@@ -128,14 +147,14 @@ def _delete_data(step_dir):
   os.remove(_data_files(step_dir)[0])
 
 
-def _flip_bytes(step_dir):   # tiny arrays: hits OCDBT's checked metadata
+def _flip_bytes(step_dir):  # tiny arrays: hits OCDBT's checked metadata
   for f in _data_files(step_dir):
     raw = bytearray(open(f, "rb").read())
     raw[len(raw) // 2] ^= 0xFF
     open(f, "wb").write(raw)
 
 
-def _uncommitted(step_dir):   # as if killed before orbax's commit record
+def _uncommitted(step_dir):  # as if killed before orbax's commit record
   os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
 
 
@@ -146,14 +165,21 @@ def _truncate_iterator_state(step_dir):
 # Failed tensorstore reads leave callbacks aimed at orbax's closed event
 # loop; they surface as unraisable "Event loop is closed" noise only.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_truncate_data, _delete_data, _flip_bytes,
-                                    _uncommitted, _truncate_iterator_state])
+@pytest.mark.parametrize(
+  "damage",
+  [
+    _truncate_data,
+    _delete_data,
+    _flip_bytes,
+    _uncommitted,
+    _truncate_iterator_state,
+  ],
+)
 def test_bad_latest_falls_back_and_is_kept(tmp_path, capfd, damage):
   _save_steps(tmp_path, [1, 2, 3]).close()
   damage(str(tmp_path / "3"))
   with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
-    step, restored, data_state = ckpt.restore_latest(
-      _abstract(_state(_mesh())))
+    step, restored, data_state = ckpt.restore_latest(_abstract(_state(_mesh())))
     assert ckpt.latest_step() == 2
   assert (step, data_state) == (2, {"pos": 2})
   _assert_same(restored, _state(_mesh(), 2))
@@ -169,19 +195,22 @@ def _tree_bytes(root) -> dict[str, bytes | None]:
     out[os.path.relpath(d, root)] = None
     for f in files:
       out[os.path.relpath(os.path.join(d, f), root)] = open(
-        os.path.join(d, f), "rb").read()
+        os.path.join(d, f), "rb"
+      ).read()
   return out
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_truncate_data, _delete_data, _flip_bytes,
-                                    _uncommitted])
-def test_read_latest_skips_a_bad_step_and_changes_nothing(tmp_path, capfd,
-                                                          damage):
+@pytest.mark.parametrize(
+  "damage", [_truncate_data, _delete_data, _flip_bytes, _uncommitted]
+)
+def test_read_latest_skips_a_bad_step_and_changes_nothing(
+  tmp_path, capfd, damage
+):
   _save_steps(tmp_path, [1, 2, 3]).close()
   damage(str(tmp_path / "3"))
   before = _tree_bytes(tmp_path)
-  wanted = {"params": _abstract(_state(_mesh()))["params"]}   # no opt_state
+  wanted = {"params": _abstract(_state(_mesh()))["params"]}  # no opt_state
   step, config, state = read_latest(tmp_path, lambda config: wanted)
   assert (step, config) == (2, CONFIG)
   assert set(state) == {"params"}
@@ -198,8 +227,10 @@ def test_read_latest_with_nothing_usable_names_the_directory(tmp_path):
     _truncate_data(str(tmp_path / str(step)))
   before = _tree_bytes(tmp_path)
   wanted = _abstract(_state(_mesh()))
-  with pytest.raises(CheckpointError, match=f"no usable checkpoint in "
-                     f"{tmp_path}: all 2 are partial or corrupt"):
+  with pytest.raises(
+    CheckpointError,
+    match=f"no usable checkpoint in {tmp_path}: all 2 are partial or corrupt",
+  ):
     read_latest(tmp_path, lambda config: wanted)
   assert _tree_bytes(tmp_path) == before
 
@@ -207,9 +238,11 @@ def test_read_latest_with_nothing_usable_names_the_directory(tmp_path):
 def test_silent_bit_flip_is_caught_by_fingerprint(tmp_path, capfd):
   # zstd chunks carry no checksum: this flip restores without any error.
   mesh = _mesh()
+
   def state(offset):
     w = jnp.arange(256 * 256, dtype=jnp.float32).reshape(256, 256) + offset
     return {"w": jax.device_put(w, NamedSharding(mesh, P("data", "model")))}
+
   with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
     for step in (1, 2):
       ckpt.save(step, state(step))
@@ -225,7 +258,7 @@ def test_silent_bit_flip_is_caught_by_fingerprint(tmp_path, capfd):
   assert step == 1
   _assert_same(restored, state(1))
   lines = _our_lines(capfd.readouterr().err)
-  assert len(lines) == 2   # read_latest's, then restore_latest's
+  assert len(lines) == 2  # read_latest's, then restore_latest's
   assert all("'w' does not match its fingerprint" in x for x in lines)
 
 
@@ -249,7 +282,8 @@ def test_shape_mismatch_is_an_error_not_corruption(tmp_path):
   mesh = _mesh()
   abstract = _abstract(_state(mesh))
   abstract["params"]["w"] = jax.ShapeDtypeStruct(
-    (32, 8), jnp.float32, sharding=NamedSharding(mesh, P("data", "model")))
+    (32, 8), jnp.float32, sharding=NamedSharding(mesh, P("data", "model"))
+  )
   with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
     with pytest.raises(CheckpointError) as err:
       ckpt.restore_latest(abstract)
@@ -265,7 +299,8 @@ def test_dtype_and_tree_mismatch_name_the_key(tmp_path):
   ckpt = Checkpointer(tmp_path, every_steps=1, keep=5)
   abstract = _abstract(_state(_mesh()))
   abstract["params"]["b"] = jax.ShapeDtypeStruct(
-    (8,), jnp.float32, sharding=abstract["step"].sharding)
+    (8,), jnp.float32, sharding=abstract["step"].sharding
+  )
   with pytest.raises(CheckpointError, match=r"params\.b.*bfloat16.*float32"):
     ckpt.restore_latest(abstract)
   abstract = _abstract(_state(_mesh()))
@@ -283,8 +318,9 @@ def test_saving_again_after_fallback(tmp_path, capfd):
   with Checkpointer(tmp_path, every_steps=1, keep=3) as ckpt:
     assert ckpt.restore_latest(abstract)[0] == 2
     # Training resumes from 2 and reaches step 3 again, with new values.
-    assert ckpt.save(3, _state(_mesh(), 30.0), data_state={"pos": 30},
-                     config=CONFIG)
+    assert ckpt.save(
+      3, _state(_mesh(), 30.0), data_state={"pos": 30}, config=CONFIG
+    )
     ckpt.wait()
     step, restored, data_state = ckpt.restore_latest(abstract)
     assert (step, data_state) == (3, {"pos": 30})
@@ -292,8 +328,13 @@ def test_saving_again_after_fallback(tmp_path, capfd):
     _truncate_data(str(tmp_path / "3"))
     assert ckpt.restore_latest(abstract)[0] == 2
     assert ckpt.save(4, _state(_mesh(), 4.0), force=True)
-  assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.corrupt",
-                                          "3.corrupt-1", "4"]
+  assert sorted(os.listdir(tmp_path)) == [
+    "1",
+    "2",
+    "3.corrupt",
+    "3.corrupt-1",
+    "4",
+  ]
   assert len(_our_lines(capfd.readouterr().err)) == 2
 
 
@@ -321,18 +362,25 @@ def test_checkpoint_config_of_another_model_is_refused(tmp_path, capfd):
   # The arrays fit, but the checkpoint says it holds another model.
   tampered = {**CONFIG, "model": {**CONFIG["model"], "num_layers": 3}}
   with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
-    with pytest.raises(CheckpointError, match=(
+    with pytest.raises(
+      CheckpointError,
+      match=(
         r"checkpoint 1 .* holds another model: model\.num_layers=2 there, "
-        r"3 in this run's config")):
+        r"3 in this run's config"
+      ),
+    ):
       ckpt.restore_latest(abstract, config=tampered)
     # A changed schedule is allowed, in one line saying what changed.
     longer = {**CONFIG, "train": {"seed": 0, "steps": 9}, "name": "x"}
-    assert ckpt.restore_latest(abstract, config={**CONFIG, "train": {
-      "seed": 5}})[0] == 1
+    assert (
+      ckpt.restore_latest(abstract, config={**CONFIG, "train": {"seed": 5}})[0]
+      == 1
+    )
     assert ckpt.restore_latest(abstract, config=longer)[0] == 1
   lines = _our_lines(capfd.readouterr().err)
-  assert lines == ["checkpoint: resuming step 1 with a changed config: "
-                   "train.seed 0 -> 5"]
+  assert lines == [
+    "checkpoint: resuming step 1 with a changed config: train.seed 0 -> 5"
+  ]
   assert os.listdir(tmp_path) == ["1"]
 
 
@@ -341,8 +389,9 @@ def test_model_change_is_named_by_a_parameter_not_a_moment(tmp_path):
   mesh = _mesh()
   abstract = _abstract(_state(mesh))
   # A wider model: the parameter and its optimizer moment both change.
-  wide = jax.ShapeDtypeStruct((32, 8), jnp.float32,
-                              sharding=NamedSharding(mesh, P("data", "model")))
+  wide = jax.ShapeDtypeStruct(
+    (32, 8), jnp.float32, sharding=NamedSharding(mesh, P("data", "model"))
+  )
   abstract["params"]["w"] = wide
   abstract["opt_state"] = (wide, {})
   with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
@@ -374,12 +423,19 @@ with Checkpointer(d, every_steps=1, keep=5) as ckpt:
 
 
 def test_failed_async_reads_leave_one_line(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+  )
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _RESTORE_TRUNCATED,
-                         str(tmp_path / "ckpt")], env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _RESTORE_TRUNCATED, str(tmp_path / "ckpt")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["1"]
   lines = proc.stderr.strip().splitlines()

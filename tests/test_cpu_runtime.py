@@ -62,18 +62,27 @@ print("RESULT", json.dumps({"applied": applied, "pages": temp / 4096,
 
 def _run(child, mode):
   """`child` in a fresh process (malloc settings are process-wide)."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith("MALLOC_") and k not in ("XLA_FLAGS",
-                                                      "GLIBC_TUNABLES")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith("MALLOC_") and k not in ("XLA_FLAGS", "GLIBC_TUNABLES")
+  }
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", child, mode], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300,
-                       check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", child, mode],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout
   return json.loads(out.split("RESULT ", 1)[1])
 
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="glibc malloc settings")
+linux_only = pytest.mark.skipif(
+  not sys.platform.startswith("linux"), reason="glibc malloc settings"
+)
 
 
 @linux_only
@@ -89,22 +98,24 @@ def test_thread_reuses_a_freed_large_block():
 @linux_only
 def test_xla_temporary_is_reused_not_faulted_in_each_call():
   default, kept = _run(_XLA_CHILD, "default"), _run(_XLA_CHILD, "keep")
-  assert default["pages"] > 64 * 2**20 / 4096   # over both mmap limits
+  assert default["pages"] > 64 * 2**20 / 4096  # over both mmap limits
   assert min(default["faults"]) > 0.5 * default["pages"], default
   # Most calls reuse pages of earlier calls (the heap may still grow once).
   assert kept["applied"], kept
   assert statistics.median(kept["faults"]) < 0.02 * kept["pages"], kept
 
 
-def test_cpu_only_follows_jax_platforms_then_device_files(tmp_path,
-                                                          monkeypatch):
+def test_cpu_only_follows_jax_platforms_then_device_files(
+  tmp_path, monkeypatch
+):
   assert cpu_runtime.cpu_only({"JAX_PLATFORMS": "cpu"})
   assert cpu_runtime.cpu_only({"JAX_PLATFORMS": " CPU "})
   assert not cpu_runtime.cpu_only({"JAX_PLATFORMS": "cuda"})
   assert not cpu_runtime.cpu_only({"JAX_PLATFORMS": "cpu,tpu"})
   # Unset: an accelerator's device file means "not CPU-only".
-  monkeypatch.setattr(cpu_runtime, "ACCELERATOR_DEVICE_FILES",
-                      (str(tmp_path / "nvidia[0-9]*"),))
+  monkeypatch.setattr(
+    cpu_runtime, "ACCELERATOR_DEVICE_FILES", (str(tmp_path / "nvidia[0-9]*"),)
+  )
   assert cpu_runtime.cpu_only({})
   (tmp_path / "nvidia0").touch()
   assert not cpu_runtime.cpu_only({})

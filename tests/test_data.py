@@ -8,27 +8,41 @@ import numpy as np
 import pytest
 
 from efficient_lm.config import DataConfig
-from efficient_lm.data import (ByteTokenizer, CharTokenizer, DataError,
-                               make_iterator, make_tokenizer)
+from efficient_lm.data import (
+  ByteTokenizer,
+  CharTokenizer,
+  DataError,
+  make_iterator,
+  make_tokenizer,
+)
 from efficient_lm.data import sources
-from efficient_lm.data.packing import (PackedBatchIterDataset, PieceOrder,
-                                       Pieces)
+from efficient_lm.data.packing import PackedBatchIterDataset, PieceOrder, Pieces
 from tests.helpers import train_sentencepiece
 
-SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[2] / "shared" /
-               "data" / "tinyshakespeare.txt")
+SHAKESPEARE = (
+  pathlib.Path(__file__).resolve().parents[2]
+  / "shared"
+  / "data"
+  / "tinyshakespeare.txt"
+)
 
 # Distinct documents of uneven lengths, so rows mix full and partial pieces.
-DOCS = [(f"doc{i} " + "abcdefghij"[i] * (3 + 7 * i) + f" end{i}\n")
-        for i in range(10)]
+DOCS = [
+  (f"doc{i} " + "abcdefghij"[i] * (3 + 7 * i) + f" end{i}\n") for i in range(10)
+]
 
 
 def _text_cfg(tmp_path, docs=DOCS, **overrides) -> DataConfig:
   for i, doc in enumerate(docs):
     data = doc if isinstance(doc, bytes) else doc.encode()
     (tmp_path / f"{i:02d}.txt").write_bytes(data)
-  fields = dict(source="text", path=str(tmp_path), seq_len=16,
-                tokenizer="byte", eval_fraction=0.0)
+  fields = dict(
+    source="text",
+    path=str(tmp_path),
+    seq_len=16,
+    tokenizer="byte",
+    eval_fraction=0.0,
+  )
   return DataConfig(**(fields | overrides))
 
 
@@ -50,8 +64,11 @@ def _segments(batch):
     seg = batch["segment_ids"][b]
     for s in range(1, seg.max() + 1):
       cols = seg == s
-      yield (batch["inputs"][b, cols], batch["targets"][b, cols],
-             batch["positions"][b, cols])
+      yield (
+        batch["inputs"][b, cols],
+        batch["targets"][b, cols],
+        batch["positions"][b, cols],
+      )
 
 
 # ------------------------------------------------------------------ packing
@@ -80,8 +97,9 @@ def test_rows_are_packed_pieces_of_single_documents(tmp_path):
       np.testing.assert_array_equal(inputs[1:], targets[:-1])
       piece = list(inputs) + [targets[-1]]
       # The whole piece, targets included, lies inside ONE document.
-      assert any(piece == d[i:i + len(piece)]
-                 for d in docs for i in range(len(d))), piece
+      assert any(
+        piece == d[i : i + len(piece)] for d in docs for i in range(len(d))
+      ), piece
   assert pieces_seen > 12 * 4  # some rows really hold several pieces
 
 
@@ -90,11 +108,14 @@ def test_pieces_cover_every_pair_once():
   start_N, end_N = np.array([0, 10, 11, 40]), np.array([10, 11, 40, 100])
   pieces = Pieces.from_spans(tokens_T, start_N, end_N, seq_len=8)
   assert (1 <= pieces.length_P).all() and (pieces.length_P <= 8).all()
-  pairs = [(s + j, s + j + 1) for s, n in zip(pieces.start_P,
-                                               pieces.length_P)
-           for j in range(n)]
-  expected = [(t, t + 1) for s, e in zip(start_N, end_N)
-              for t in range(s, e - 1)]
+  pairs = [
+    (s + j, s + j + 1)
+    for s, n in zip(pieces.start_P, pieces.length_P)
+    for j in range(n)
+  ]
+  expected = [
+    (t, t + 1) for s, e in zip(start_N, end_N) for t in range(s, e - 1)
+  ]
   assert sorted(pairs) == expected  # each pair once; none across spans
 
 
@@ -104,19 +125,27 @@ def test_every_piece_is_emitted_once_per_epoch():
   rng = np.random.default_rng(0)
   bounds = np.cumsum(np.concatenate([[0], rng.integers(2, 40, 60)]))
   # Token t has value t, so a piece's first input names the piece.
-  pieces = Pieces.from_spans(np.arange(bounds[-1], dtype=np.int32),
-                             bounds[:-1], bounds[1:], seq_len=16)
+  pieces = Pieces.from_spans(
+    np.arange(bounds[-1], dtype=np.int32), bounds[:-1], bounds[1:], seq_len=16
+  )
   order = PieceOrder(len(pieces), shuffle=True, seed=5)
-  it = iter(PackedBatchIterDataset(pieces, order, seq_len=16, num_rows=3,
-                                   row_start=0, row_stop=3))
+  it = iter(
+    PackedBatchIterDataset(
+      pieces, order, seq_len=16, num_rows=3, row_start=0, row_stop=3
+    )
+  )
   piece_of_start = {int(s): p for p, s in enumerate(pieces.start_P)}
-  emitted = [piece_of_start[int(inputs[0])]
-             for _ in range(60) for inputs, _, _ in _segments(next(it))]
-  stream = np.concatenate([order.epoch(e) for e in range(len(emitted)
-                                                         // len(pieces) + 2)])
+  emitted = [
+    piece_of_start[int(inputs[0])]
+    for _ in range(60)
+    for inputs, _, _ in _segments(next(it))
+  ]
+  stream = np.concatenate(
+    [order.epoch(e) for e in range(len(emitted) // len(pieces) + 2)]
+  )
   assert len(emitted) > 2 * len(pieces)  # crosses two epoch boundaries
   assert it.get_state()["next_piece"] == len(emitted)
-  assert sorted(emitted) == sorted(stream[:len(emitted)])
+  assert sorted(emitted) == sorted(stream[: len(emitted)])
 
 
 def test_epochs_are_permutations_that_differ():
@@ -125,10 +154,10 @@ def test_epochs_are_permutations_that_differ():
   assert sorted(e0) == sorted(e1) == list(range(50))
   assert list(e0) != list(e1)
   np.testing.assert_array_equal(
-    e0, PieceOrder(50, shuffle=True, seed=3).epoch(0))
+    e0, PieceOrder(50, shuffle=True, seed=3).epoch(0)
+  )
   assert list(PieceOrder(50, shuffle=True, seed=4).epoch(0)) != list(e0)
-  assert list(PieceOrder(50, shuffle=False, seed=3).epoch(7)) == list(
-    range(50))
+  assert list(PieceOrder(50, shuffle=False, seed=3).epoch(7)) == list(range(50))
 
 
 # ------------------------------------------------- resume, determinism, shards
@@ -147,44 +176,48 @@ def test_resume_is_exact_across_epoch_boundaries(tmp_path):
     state = json.loads(json.dumps(it.get_state()))  # as a JSON checkpoint
     restored = make()
     restored.set_state(state)
-    _assert_same(_batches(restored, 6), reference[k:k + 6])
+    _assert_same(_batches(restored, 6), reference[k : k + 6])
 
 
 def test_two_fresh_iterators_agree_and_seeds_differ(tmp_path):
   cfg = _text_cfg(tmp_path)
-  make = lambda seed: make_iterator(cfg, "train", global_batch_size=4,
-                                    seed=seed)
+  make = lambda seed: make_iterator(
+    cfg, "train", global_batch_size=4, seed=seed
+  )
   _assert_same(_batches(make(0), 8), _batches(make(0), 8))
   a, b = _batches(make(0), 8), _batches(make(1), 8)
   assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(a, b))
 
 
 def test_eval_is_deterministic_and_disjoint_from_train(tmp_path):
-  lines = [json.dumps({"text": f"record {i} " + "xyz" * i}) for i in
-           range(20)]
+  lines = [json.dumps({"text": f"record {i} " + "xyz" * i}) for i in range(20)]
   path = tmp_path / "d.jsonl"
   path.write_text("\n".join(lines) + "\n\n")
-  cfg = DataConfig(source="jsonl", path=str(path), seq_len=16,
-                   eval_fraction=0.25)
-  make = lambda split: make_iterator(cfg, split, global_batch_size=3,
-                                     seed=0)
+  cfg = DataConfig(
+    source="jsonl", path=str(path), seq_len=16, eval_fraction=0.25
+  )
+  make = lambda split: make_iterator(cfg, split, global_batch_size=3, seed=0)
   _assert_same(_batches(make("eval"), 5), _batches(make("eval"), 5))
   tok = make_tokenizer(cfg)
-  text = lambda batches: {tok.decode(i) for b in batches
-                          for i, _, _ in _segments(b)}
-  eval_text, train_text = "".join(text(_batches(make("eval"), 10))), "".join(
-    text(_batches(make("train"), 10)))
+  text = lambda batches: {
+    tok.decode(i) for b in batches for i, _, _ in _segments(b)
+  }
+  eval_text, train_text = (
+    "".join(text(_batches(make("eval"), 10))),
+    "".join(text(_batches(make("train"), 10))),
+  )
   assert "record 15" in eval_text and "record 19" in eval_text
   assert "record 14" not in eval_text and "record 15" not in train_text
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_rows_of_the_global_batch(
-    tmp_path, process_count):
+  tmp_path, process_count
+):
   cfg = _text_cfg(tmp_path)
-  make = lambda p, n: make_iterator(cfg, "train", global_batch_size=8,
-                                    seed=0, process_index=p,
-                                    process_count=n)
+  make = lambda p, n: make_iterator(
+    cfg, "train", global_batch_size=8, seed=0, process_index=p, process_count=n
+  )
   whole = _batches(make(0, 1), 6)
   shards = [make(p, process_count) for p in range(process_count)]
   for step in range(6):
@@ -192,7 +225,8 @@ def test_process_shards_are_disjoint_rows_of_the_global_batch(
     for k in whole[step]:
       assert parts[0][k].shape[0] == 8 // process_count
       np.testing.assert_array_equal(
-        np.concatenate([p[k] for p in parts]), whole[step][k])
+        np.concatenate([p[k] for p in parts]), whole[step][k]
+      )
   # The state does not depend on the process: resume on another count.
   states = [it.get_state() for it in shards]
   assert all(s == states[0] for s in states)
@@ -203,8 +237,7 @@ def test_process_shards_are_disjoint_rows_of_the_global_batch(
 
 def test_state_from_another_configuration_is_refused(tmp_path):
   cfg = _text_cfg(tmp_path)
-  state = make_iterator(cfg, "train", global_batch_size=4,
-                        seed=0).get_state()
+  state = make_iterator(cfg, "train", global_batch_size=4, seed=0).get_state()
   other = make_iterator(cfg, "train", global_batch_size=2, seed=0)
   with pytest.raises(DataError, match=r"global_batch_size=4 \(saved\) vs 2"):
     other.set_state(state)
@@ -219,21 +252,23 @@ def test_default_corpus_is_deterministic_and_nontrivial():
   assert a.names == b.names and a.docs == b.docs
   assert list(a.names) == sorted(a.names)
   assert len(a.docs) >= 50 and sum(map(len, a.docs)) > 1_000_000
-  assert not any("_sysconfigdata" in n or "site-packages" in n
-                 for n in a.names)
+  assert not any("_sysconfigdata" in n or "site-packages" in n for n in a.names)
   assert any(n.endswith("/os.py") for n in a.names)
   assert 0.05 < a.is_eval_N.mean() < 0.15
   train = make_iterator(cfg, "train", global_batch_size=4, seed=0)
   evals = make_iterator(cfg, "eval", global_batch_size=4, seed=0)
   assert train.num_tokens > 5 * evals.num_tokens > 0
-  _assert_same(_batches(train, 2), _batches(
-    make_iterator(cfg, "train", global_batch_size=4, seed=0), 2))
+  _assert_same(
+    _batches(train, 2),
+    _batches(make_iterator(cfg, "train", global_batch_size=4, seed=0), 2),
+  )
   assert (next(evals)["segment_ids"] > 0).mean() > 0.9
 
 
 def test_text_split_is_the_last_fraction_of_the_token_stream(tmp_path):
-  cfg = _text_cfg(tmp_path, docs=["a" * 500, "b" * 500],
-                  tokenizer="char", eval_fraction=0.1)
+  cfg = _text_cfg(
+    tmp_path, docs=["a" * 500, "b" * 500], tokenizer="char", eval_fraction=0.1
+  )
   train = make_iterator(cfg, "train", global_batch_size=2, seed=0)
   evals = make_iterator(cfg, "eval", global_batch_size=2, seed=0)
   assert (train.num_tokens, evals.num_tokens) == (900, 100)
@@ -242,14 +277,21 @@ def test_text_split_is_the_last_fraction_of_the_token_stream(tmp_path):
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="no tinyshakespeare")
 def test_tinyshakespeare_matches_nanogpt_char_split():
-  cfg = DataConfig(source="text", path=str(SHAKESPEARE), seq_len=64,
-                   tokenizer="char", eval_fraction=0.1)
+  cfg = DataConfig(
+    source="text",
+    path=str(SHAKESPEARE),
+    seq_len=64,
+    tokenizer="char",
+    eval_fraction=0.1,
+  )
   tok = make_tokenizer(cfg)
   assert tok.vocab_size == 65
-  train = make_iterator(cfg, "train", global_batch_size=12, seed=0,
-                        tokenizer=tok)
-  evals = make_iterator(cfg, "eval", global_batch_size=12, seed=0,
-                        tokenizer=tok)
+  train = make_iterator(
+    cfg, "train", global_batch_size=12, seed=0, tokenizer=tok
+  )
+  evals = make_iterator(
+    cfg, "eval", global_batch_size=12, seed=0, tokenizer=tok
+  )
   assert (train.num_tokens, evals.num_tokens) == (1_003_854, 111_540)
   assert next(train)["inputs"].shape == (12, 64)
 
@@ -271,8 +313,11 @@ def test_char_vocabulary_comes_from_the_text(tmp_path):
 @pytest.mark.parametrize("text", ["plain ascii", "Grüße, 世界 🙂", ""])
 def test_byte_round_trip(text):
   tok = ByteTokenizer()
-  assert tok.vocab_size == 259 and (tok.pad_id, tok.bos_id,
-                                    tok.eos_id) == (256, 257, 258)
+  assert tok.vocab_size == 259 and (tok.pad_id, tok.bos_id, tok.eos_id) == (
+    256,
+    257,
+    258,
+  )
   ids = tok.encode(text)
   assert ids == list(text.encode()) == tok.encode(text.encode())
   assert tok.decode(ids) == text
@@ -293,8 +338,9 @@ def test_sentencepiece_model_file(tmp_path):
   tok = make_tokenizer(cfg)
   assert tok.vocab_size == 40 and tok.bos_id is not None
   assert tok.decode(tok.encode("the lazy fox")) == "the lazy fox"
-  batch = next(make_iterator(cfg, "train", global_batch_size=2, seed=0,
-                             tokenizer=tok))
+  batch = next(
+    make_iterator(cfg, "train", global_batch_size=2, seed=0, tokenizer=tok)
+  )
   assert batch["inputs"].max() < 40
 
 
@@ -327,13 +373,18 @@ def test_missing_empty_and_unmatched_paths(tmp_path):
   _raises(r"empty\.txt' is empty", _iterator, text(tmp_path / "empty.txt"))
   (tmp_path / "sub").mkdir()
   _raises(r"sub'.*no \*\.txt files", _iterator, text(tmp_path / "sub"))
-  _raises(r"\*\.md'.*glob matched no files", _iterator,
-          text(tmp_path / "*.md"))
+  _raises(r"\*\.md'.*glob matched no files", _iterator, text(tmp_path / "*.md"))
   _raises(r"data.path is empty", _iterator, DataConfig(source="jsonl"))
-  _raises(r"tokenizer='words'.*'byte', 'char'", make_tokenizer,
-          DataConfig(tokenizer="words"))
-  _raises(r"missing\.model'.*no such SentencePiece", make_tokenizer,
-          DataConfig(tokenizer=str(tmp_path / "missing.model")))
+  _raises(
+    r"tokenizer='words'.*'byte', 'char'",
+    make_tokenizer,
+    DataConfig(tokenizer="words"),
+  )
+  _raises(
+    r"missing\.model'.*no such SentencePiece",
+    make_tokenizer,
+    DataConfig(tokenizer=str(tmp_path / "missing.model")),
+  )
 
 
 def test_bad_jsonl_lines_name_file_and_line(tmp_path):
@@ -342,8 +393,12 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path):
   path.write_text('{"text": "ok"}\n{"text": broken\n')
   _raises(r"d\.jsonl:2: not valid JSON", _iterator, jsonl)
   path.write_text('{"text": "ok"}\n\n{"body": "no text"}\n')
-  _raises(r"d\.jsonl:3: expected an object with a string 'text' field, got "
-          r"keys \['body'\]", _iterator, jsonl)
+  _raises(
+    r"d\.jsonl:3: expected an object with a string 'text' field, got "
+    r"keys \['body'\]",
+    _iterator,
+    jsonl,
+  )
   path.write_text('{"text": "ok"}\n\n{"text": 3}\n')
   _raises(r"d\.jsonl:3: 'text' must be a string, got int$", _iterator, jsonl)
   path.write_text('{"text": ""}\n')
@@ -353,16 +408,36 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path):
 def test_too_few_tokens_names_split_count_and_seq_len(tmp_path):
   cfg = _text_cfg(tmp_path, docs=["x" * 40], seq_len=32, eval_fraction=0.1)
   _iterator(cfg, "train")  # 37 of 42 tokens: one row of 33 fits
-  _raises(r"split 'eval' has 5 tokens.*seq_len\+1=33.*data.seq_len=32",
-          _iterator, cfg, "eval")
-  _raises(r"split 'eval' has 0 tokens \(data.eval_fraction=0.0\)",
-          _iterator, dataclasses.replace(cfg, eval_fraction=0.0), "eval")
+  _raises(
+    r"split 'eval' has 5 tokens.*seq_len\+1=33.*data.seq_len=32",
+    _iterator,
+    cfg,
+    "eval",
+  )
+  _raises(
+    r"split 'eval' has 0 tokens \(data.eval_fraction=0.0\)",
+    _iterator,
+    dataclasses.replace(cfg, eval_fraction=0.0),
+    "eval",
+  )
 
 
 def test_bad_batch_and_split_arguments(tmp_path):
   cfg = _text_cfg(tmp_path)
-  _raises(r"global_batch_size=6 is not divisible by process_count=4",
-          _iterator, cfg, batch=6, process_index=0, process_count=4)
-  _raises(r"process_index=2, process_count=2", _iterator, cfg, batch=4,
-          process_index=2, process_count=2)
+  _raises(
+    r"global_batch_size=6 is not divisible by process_count=4",
+    _iterator,
+    cfg,
+    batch=6,
+    process_index=0,
+    process_count=4,
+  )
+  _raises(
+    r"process_index=2, process_count=2",
+    _iterator,
+    cfg,
+    batch=4,
+    process_index=2,
+    process_count=2,
+  )
   _raises(r"split='test'", _iterator, cfg, "test")

@@ -12,11 +12,19 @@ from tests.helpers import small_config
 def test_flops_per_token_within_5_percent_of_xla(kv_heads, tied):
   # Unrolled layers: XLA's cost analysis counts a while-loop body once,
   # whatever its trip count, so the scanned model would be undercounted.
-  cfg = small_config(**{
-    "model.embed_dim": 256, "model.mlp_dim": 768, "model.num_heads": 4,
-    "model.num_kv_heads": kv_heads, "model.tie_embeddings": tied,
-    "model.scan_layers": False, "data.seq_len": 128,
-    "train.batch_size": 4, "mesh.data": 1})
+  cfg = small_config(
+    **{
+      "model.embed_dim": 256,
+      "model.mlp_dim": 768,
+      "model.num_heads": 4,
+      "model.num_kv_heads": kv_heads,
+      "model.tie_embeddings": tied,
+      "model.scan_layers": False,
+      "data.seq_len": 128,
+      "train.batch_size": 4,
+      "mesh.data": 1,
+    }
+  )
   _, _, compiled = aot.compile_train_step(cfg, jax.devices()[:1])
   xla_flops = aot.xla_flops(compiled)
   b, s = cfg.train.batch_size, cfg.data.seq_len
@@ -27,30 +35,73 @@ def test_flops_per_token_within_5_percent_of_xla(kv_heads, tied):
 _MASKS = [
   ({"model.attention.kind": "dense"}, True),
   ({"model.attention.kind": "dense"}, False),
-  ({"model.attention.kind": "sliding_window", "model.attention.window": 7},
-   True),
-  ({"model.attention.kind": "sliding_window", "model.attention.window": 7},
-   False),
-  ({"model.attention.kind": "global_local", "model.attention.window": 5,
-    "model.attention.num_global": 9}, True),
-  ({"model.attention.kind": "global_local", "model.attention.window": 5,
-    "model.attention.num_global": 9}, False),
-  ({"model.attention.kind": "global_local", "model.attention.window": 40,
-    "model.attention.num_global": 3}, True),
-  ({"model.attention.kind": "tglobal", "model.attention.window": 5,
-    "model.attention.tglobal_block": 4}, True),
-  ({"model.attention.kind": "tglobal", "model.attention.window": 5,
-    "model.attention.tglobal_block": 4}, False),
+  (
+    {"model.attention.kind": "sliding_window", "model.attention.window": 7},
+    True,
+  ),
+  (
+    {"model.attention.kind": "sliding_window", "model.attention.window": 7},
+    False,
+  ),
+  (
+    {
+      "model.attention.kind": "global_local",
+      "model.attention.window": 5,
+      "model.attention.num_global": 9,
+    },
+    True,
+  ),
+  (
+    {
+      "model.attention.kind": "global_local",
+      "model.attention.window": 5,
+      "model.attention.num_global": 9,
+    },
+    False,
+  ),
+  (
+    {
+      "model.attention.kind": "global_local",
+      "model.attention.window": 40,
+      "model.attention.num_global": 3,
+    },
+    True,
+  ),
+  (
+    {
+      "model.attention.kind": "tglobal",
+      "model.attention.window": 5,
+      "model.attention.tglobal_block": 4,
+    },
+    True,
+  ),
+  (
+    {
+      "model.attention.kind": "tglobal",
+      "model.attention.window": 5,
+      "model.attention.tglobal_block": 4,
+    },
+    False,
+  ),
   ({"model.attention.kind": "tglobal", "model.attention.window": 40}, True),
   # BigBird: 4-token blocks (33 is no multiple), random blocks overlapping
   # the window and the prefix; bidirectional ones reach later blocks too.
-  *[({"model.attention.kind": "block_sparse", "model.attention.window": w,
-      "model.attention.num_global": g, "model.attention.block_size": 4,
-      "model.attention.num_random_blocks": r,
-      "model.attention.random_seed": seed,
-      "model.attention.max_len": 48}, causal)
+  *[
+    (
+      {
+        "model.attention.kind": "block_sparse",
+        "model.attention.window": w,
+        "model.attention.num_global": g,
+        "model.attention.block_size": 4,
+        "model.attention.num_random_blocks": r,
+        "model.attention.random_seed": seed,
+        "model.attention.max_len": 48,
+      },
+      causal,
+    )
     for w, g, r, seed in ((3, 2, 2, 0), (1, 0, 3, 1), (6, 5, 1, 2))
-    for causal in (True, False)],
+    for causal in (True, False)
+  ],
 ]
 
 
@@ -63,6 +114,7 @@ def test_visible_pairs_equal_a_brute_force_count(overrides, causal):
   from efficient_lm.models.attention import mask_spec
   from kernels import masks
   from efficient_lm.models import tglobal
+
   cfg = small_config(**overrides)
   spec = stack.layer_plan(cfg.model, causal=causal)[0]
   t = 33
@@ -71,8 +123,9 @@ def test_visible_pairs_equal_a_brute_force_count(overrides, causal):
   k_pos, k_seg = pos, seg
   if spec.attention.kind == "tglobal":
     n = t // spec.attention.tglobal_block
-    g = tglobal.summary_slots(pos, seg, block=spec.attention.tglobal_block,
-                              causal=causal, num_slots=n)
+    g = tglobal.summary_slots(
+      pos, seg, block=spec.attention.tglobal_block, causal=causal, num_slots=n
+    )
     k_pos = np.concatenate([pos, g.pos_BN], 1)
     k_seg = np.concatenate([seg, g.seg_BN], 1)
     mspec = tglobal.mask_spec(spec.attention, causal=causal, num_summaries=n)
@@ -88,13 +141,22 @@ def test_flops_conventions_side_by_side():
   counts causal/window pairs, so a 3-local : 1-global pattern costs less."""
   common = {"model.num_layers": 4, "model.attention.window": 8}
   dense = flops.flops_per_token(small_config(**common).model, 256)
-  pattern = flops.flops_per_token(small_config(**common, **{
-    "model.attention.pattern":
-    "sliding_window,sliding_window,sliding_window,dense"}).model, 256)
-  assert pattern["forward"] == dense["forward"]            # dense_tile
+  pattern = flops.flops_per_token(
+    small_config(
+      **common,
+      **{
+        "model.attention.pattern": "sliding_window,sliding_window,sliding_window,dense"
+      },
+    ).model,
+    256,
+  )
+  assert pattern["forward"] == dense["forward"]  # dense_tile
   assert pattern["forward_visible"] < dense["forward_visible"]
-  assert dense["forward_visible"] < dense["forward"]       # causal half
+  assert dense["forward_visible"] < dense["forward"]  # causal half
   # Module terms add up to the totals.
-  parts = [v for k, v in dense.items() if k.startswith("forward/")
-           and k != "forward/attention_visible"]
+  parts = [
+    v
+    for k, v in dense.items()
+    if k.startswith("forward/") and k != "forward/attention_visible"
+  ]
   assert abs(sum(parts) - dense["forward"]) < 1e-6 * dense["forward"]

@@ -29,8 +29,11 @@ from efficient_lm.training import loop, losses
 from tests.helpers import small_config, train_sentencepiece
 
 T = 32
-FUNNEL = {"model.kind": "funnel_encoder", "train.objective": "mlm",
-          "data.seq_len": T}
+FUNNEL = {
+  "model.kind": "funnel_encoder",
+  "train.objective": "mlm",
+  "data.seq_len": T,
+}
 
 
 def _cfg(**overrides):
@@ -48,8 +51,8 @@ def _packed(seed=0, t=T, b=2, vocab=256):
   for r in range(b):
     c = cuts[r % 2]
     for i in range(3):
-      seg[r, c[i]:c[i + 1]] = i + 1
-      pos[r, c[i]:c[i + 1]] = np.arange(c[i + 1] - c[i])
+      seg[r, c[i] : c[i + 1]] = i + 1
+      pos[r, c[i] : c[i + 1]] = np.arange(c[i + 1] - c[i])
   return tokens, pos, seg
 
 
@@ -81,10 +84,11 @@ def test_pool_matches_brute_force_and_no_slot_mixes_documents(f):
   _, pos, seg = _packed(t=t)
   x = np.random.default_rng(1).normal(size=(2, t, 8)).astype(np.float32)
   p = Tokens(jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
-  for _ in range(2):                       # two stages deep
+  for _ in range(2):  # two stages deep
     got = funnel.pool(p, f)
-    want = _pool_reference(np.asarray(p.x_BTD), np.asarray(p.pos_BT),
-                           np.asarray(p.seg_BT), f)
+    want = _pool_reference(
+      np.asarray(p.x_BTD), np.asarray(p.pos_BT), np.asarray(p.seg_BT), f
+    )
     np.testing.assert_allclose(got.x_BTD, want[0], atol=1e-6)
     np.testing.assert_array_equal(got.pos_BT, want[1])
     np.testing.assert_array_equal(got.seg_BT, want[2])
@@ -95,15 +99,16 @@ def test_pool_matches_brute_force_and_no_slot_mixes_documents(f):
       changed = np.abs(np.asarray(moved.x_BTD - got.x_BTD)).max(-1) > 0
       assert np.all(np.asarray(got.seg_BT)[changed] == doc), doc
     p = got
-  assert p.x_BTD.shape[1] == t // f ** 2
+  assert p.x_BTD.shape[1] == t // f**2
   # Upsampling restores T; a row gets its slot only within its document.
-  up = funnel.upsample(p, jnp.asarray(seg), f ** 2)
+  up = funnel.upsample(p, jnp.asarray(seg), f**2)
   assert up.shape == (2, t, 8)
-  rep = np.repeat(np.asarray(p.seg_BT), f ** 2, axis=1)
+  rep = np.repeat(np.asarray(p.seg_BT), f**2, axis=1)
   zero = (rep != seg) | (seg == 0)
   assert np.all(np.asarray(up)[zero] == 0)
   np.testing.assert_array_equal(
-    np.asarray(up)[~zero], np.repeat(np.asarray(p.x_BTD), f ** 2, 1)[~zero])
+    np.asarray(up)[~zero], np.repeat(np.asarray(p.x_BTD), f**2, 1)[~zero]
+  )
 
 
 def _blocks(st: stack.Stack):
@@ -112,19 +117,26 @@ def _blocks(st: stack.Stack):
   for i, seg in enumerate(st.segments):
     for r in range(seg.repeats):
       for j in range(len(seg.pattern)):
-        gd, p, s = nnx.split(st.groups[f"segment_{i}"][f"layer_{j}"],
-                             nnx.Param, models.ModelState)
+        gd, p, s = nnx.split(
+          st.groups[f"segment_{i}"][f"layer_{j}"], nnx.Param, models.ModelState
+        )
         out.append(nnx.merge(gd, *jax.tree.map(lambda a: a[r], (p, s))))
   return out
 
 
 @pytest.fixture(scope="module")
 def factor_one():
-  cfg = _cfg(**{"model.num_layers": 2, "model.funnel.stages": (1, 1),
-                "model.funnel.factor": 1, "model.funnel.decoder_layers": 1,
-                "model.attention.pattern": "sliding_window,tglobal",
-                "model.attention.window": 5,
-                "model.attention.tglobal_block": 4})
+  cfg = _cfg(
+    **{
+      "model.num_layers": 2,
+      "model.funnel.stages": (1, 1),
+      "model.funnel.factor": 1,
+      "model.funnel.decoder_layers": 1,
+      "model.attention.pattern": "sliding_window,tglobal",
+      "model.attention.window": 5,
+      "model.attention.tglobal_block": 4,
+    }
+  )
   return models.build(cfg.model, nnx.Rngs(params=0))
 
 
@@ -150,17 +162,25 @@ def test_factor_1_is_a_plain_bidirectional_stack(factor_one):
 
   want = reference(tokens, pos, seg)
   live = np.asarray(seg) > 0
-  np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live],
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(got)[live], np.asarray(want)[live], atol=1e-5, rtol=0
+  )
 
 
 @pytest.mark.parametrize("kind", ["dense", "sliding_window"])
 def test_pool_query_layer_is_dense_attention_with_pooled_queries(kind):
-  cfg = _cfg(**{"model.num_layers": 2, "model.funnel.stages": (1, 1),
-                "model.attention.kind": kind, "model.attention.window": 6})
+  cfg = _cfg(
+    **{
+      "model.num_layers": 2,
+      "model.funnel.stages": (1, 1),
+      "model.attention.kind": kind,
+      "model.attention.window": 6,
+    }
+  )
   spec = funnel.layer_plan(cfg.model)[1]
   assert spec.pool_query and spec.stage == 1
   from efficient_lm.models.transformer import Block
+
   blk = Block(cfg.model, spec, nnx.Rngs(params=1))
   _, pos, seg = _packed()
   x = jax.random.normal(jax.random.key(2), (2, T, 64))
@@ -177,14 +197,14 @@ def test_pool_query_layer_is_dense_attention_with_pooled_queries(kind):
     a = blk.attn
     hq, hk = blk.attn_norm(q.x_BTD), blk.attn_norm(kv.x_BTD)
     qh = rope(jnp.einsum("BTD,DHK->BTHK", hq, a.q_DHK[...]), q.pos_BT, 1e4)
-    kh = rope(jnp.einsum("BSD,DGK->BSGK", hk, a.k_DGK[...]), kv.pos_BT,
-              1e4)
+    kh = rope(jnp.einsum("BSD,DGK->BSGK", hk, a.k_DGK[...]), kv.pos_BT, 1e4)
     vh = jnp.einsum("BSD,DGK->BSGK", hk, a.v_DGK[...])
     rep = qh.shape[2] // kh.shape[2]
     kh, vh = jnp.repeat(kh, rep, 2), jnp.repeat(vh, rep, 2)
     s = jnp.einsum("BTHK,BSHK->BHTS", qh, kh) / np.sqrt(qh.shape[-1])
-    ok = ((q.seg_BT[:, :, None] == kv.seg_BT[:, None, :])
-          & (q.seg_BT[:, :, None] > 0))
+    ok = (q.seg_BT[:, :, None] == kv.seg_BT[:, None, :]) & (
+      q.seg_BT[:, :, None] > 0
+    )
     if kind == "sliding_window":
       ok &= jnp.abs(q.pos_BT[:, :, None] - kv.pos_BT[:, None, :]) <= 5
     s = jnp.where(ok[:, None], s, -1e30)
@@ -194,22 +214,27 @@ def test_pool_query_layer_is_dense_attention_with_pooled_queries(kind):
     y = q.x_BTD + jnp.einsum("BTHK,HKD->BTD", o, a.o_HKD[...])
     return y + blk.mlp(blk.mlp_norm(y))
 
-  np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(reference)(x),
-                             atol=2e-5, rtol=0)
+  np.testing.assert_allclose(
+    jax.jit(ours)(x), jax.jit(reference)(x), atol=2e-5, rtol=0
+  )
   r = jax.random.normal(jax.random.key(3), (2, T // 2, 64))
   grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * r)))(x)
-  np.testing.assert_allclose(grad(ours), grad(reference), atol=1e-4,
-                             rtol=0)
+  np.testing.assert_allclose(grad(ours), grad(reference), atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
 def packed_model():
-  cfg = _cfg(**{"model.num_layers": 3, "model.funnel.stages": (1, 1, 1),
-                "model.funnel.decoder_layers": 1,
-                "model.funnel.embedding_head": True,
-                "model.attention.pattern": "tglobal,dense,sliding_window",
-                "model.attention.window": 9,
-                "model.attention.tglobal_block": 8})
+  cfg = _cfg(
+    **{
+      "model.num_layers": 3,
+      "model.funnel.stages": (1, 1, 1),
+      "model.funnel.decoder_layers": 1,
+      "model.funnel.embedding_head": True,
+      "model.attention.pattern": "tglobal,dense,sliding_window",
+      "model.attention.window": 9,
+      "model.attention.tglobal_block": 8,
+    }
+  )
   m = models.build(cfg.model, nnx.Rngs(params=3))
   return m, jax.jit(lambda tok, pos, seg: m(tok, pos, seg)[0])
 
@@ -238,10 +263,16 @@ def test_tglobal_in_a_pooled_stage_summarises_its_blocks():
   rows at stride 2 and is complete, so a row sees a far row of its
   document (outside the window) through the block summaries."""
   from efficient_lm.models.transformer import make_attention
-  cfg = _cfg(**{"model.num_layers": 3, "model.funnel.stages": (1, 2),
-                "model.attention.kind": "tglobal",
-                "model.attention.window": 3,
-                "model.attention.tglobal_block": 8})
+
+  cfg = _cfg(
+    **{
+      "model.num_layers": 3,
+      "model.funnel.stages": (1, 2),
+      "model.attention.kind": "tglobal",
+      "model.attention.window": 3,
+      "model.attention.tglobal_block": 8,
+    }
+  )
   spec = funnel.layer_plan(cfg.model)[2]
   assert (spec.stage, spec.pool_query) == (1, False)
   attn = make_attention(cfg.model, spec, rngs=nnx.Rngs(0), out_std=0.02)
@@ -260,7 +291,8 @@ def test_embed_documents_is_the_per_document_mean(packed_model):
   m, _ = packed_model
   tokens, pos, seg = map(jnp.asarray, _packed())
   got, last = jax.jit(lambda *a: (m.embed_documents(*a), m.encode(*a)[1]))(
-    tokens, pos, seg)
+    tokens, pos, seg
+  )
   got = np.asarray(got)
   x, s = np.asarray(last.x_BTD, np.float64), np.asarray(last.seg_BT)
   scale = np.asarray(m.doc_norm.scale[...])
@@ -271,11 +303,12 @@ def test_embed_documents_is_the_per_document_mean(packed_model):
         assert np.all(got[r, n] == 0)
         continue
       mean = rows.mean(0)
-      want = mean / np.sqrt(np.mean(mean ** 2) + 1e-6) * scale
+      want = mean / np.sqrt(np.mean(mean**2) + 1e-6) * scale
       np.testing.assert_allclose(got[r, n], want, atol=1e-5)
   with pytest.raises(ValueError, match="embedding_head=True"):
-    models.build(_cfg(**{"model.funnel.stages": (1, 1)}).model,
-                 nnx.Rngs(params=0)).embed_documents(tokens, pos, seg)
+    models.build(
+      _cfg(**{"model.funnel.stages": (1, 1)}).model, nnx.Rngs(params=0)
+    ).embed_documents(tokens, pos, seg)
 
 
 # ---------------------------------------------------------------------- MLM
@@ -284,11 +317,13 @@ def test_embed_documents_is_the_per_document_mean(packed_model):
 def _mlm_batch(b=64, t=512, seed=0):
   rng = np.random.default_rng(seed)
   seg = np.ones((b, t), np.int32)
-  seg[:, t - 40:] = 0
-  return {"inputs": jnp.asarray(rng.integers(0, 259, (b, t)), jnp.int32),
-          "targets": jnp.zeros((b, t), jnp.int32),
-          "segment_ids": jnp.asarray(seg),
-          "positions": jnp.zeros((b, t), jnp.int32)}
+  seg[:, t - 40 :] = 0
+  return {
+    "inputs": jnp.asarray(rng.integers(0, 259, (b, t)), jnp.int32),
+    "targets": jnp.zeros((b, t), jnp.int32),
+    "segment_ids": jnp.asarray(seg),
+    "positions": jnp.zeros((b, t), jnp.int32),
+  }
 
 
 def test_mlm_corruption_is_bert_80_10_10_over_live_tokens():
@@ -334,18 +369,29 @@ def test_mlm_loss_counts_corrupted_positions_only():
 
 @pytest.fixture(scope="module")
 def mlm_trainer():
-  cfg = _cfg(**{"model.num_layers": 2, "model.funnel.stages": (1, 1),
-                "model.embed_dim": 32, "model.mlp_dim": 64,
-                "train.batch_size": 2})
+  cfg = _cfg(
+    **{
+      "model.num_layers": 2,
+      "model.funnel.stages": (1, 1),
+      "model.embed_dim": 32,
+      "model.mlp_dim": 64,
+      "train.batch_size": 2,
+    }
+  )
   return cfg, loop.build_trainer(cfg, jax.devices()[:1])
 
 
 def test_mlm_step_corruption_depends_on_the_step_and_resumes_exactly(
-    mlm_trainer):
+  mlm_trainer,
+):
   cfg, t = mlm_trainer
   tokens, pos, seg = _packed()
-  batch = {"inputs": tokens, "targets": tokens * 0, "positions": pos,
-           "segment_ids": seg}
+  batch = {
+    "inputs": tokens,
+    "targets": tokens * 0,
+    "positions": pos,
+    "segment_ids": seg,
+  }
   state = t.init_fn()
   snap = jax.device_get(state)
   run = []
@@ -357,19 +403,23 @@ def test_mlm_step_corruption_depends_on_the_step_and_resumes_exactly(
   # From step 1's state, restored to the host and back (a checkpoint),
   # the run continues bit-identically: the corruption key is the step's.
   put = lambda tree: jax.device_put(
-    tree, jax.tree.map(lambda a: a.sharding, state))
+    tree, jax.tree.map(lambda a: a.sharding, state)
+  )
   state2, resumed = put(after_one), []
   for _ in range(2):
     state2, m = t.train_step(state2, batch)
     resumed.append(float(m["loss"]))
   assert resumed == run[1:]
-  for a, b in zip(jax.tree.leaves(jax.device_get(state2["params"])),
-                  jax.tree.leaves(jax.device_get(state["params"]))):
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(state2["params"])),
+    jax.tree.leaves(jax.device_get(state["params"])),
+  ):
     np.testing.assert_array_equal(a, b)
   # Same parameters, same batch, another step number: another corruption.
   l0 = float(t.train_step(put(snap), batch)[1]["loss"])
-  l1 = float(t.train_step(put(dict(snap, step=snap["step"] + 1)),
-                          batch)[1]["loss"])
+  l1 = float(
+    t.train_step(put(dict(snap, step=snap["step"] + 1)), batch)[1]["loss"]
+  )
   assert l0 == run[0] and l1 != l0
 
 
@@ -387,8 +437,9 @@ def test_tokenizers_mask_id_is_past_the_vocabulary(tmp_path):
   assert sp.mask_id not in sp.encode("the quick brown fox")
   # The model's vocabulary must cover the mask id.
   cfg = _cfg(**{"data.tokenizer": str(train_sentencepiece(tmp_path))})
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-    cfg.model, vocab_size=sp.vocab_size))
+  cfg = dataclasses.replace(
+    cfg, model=dataclasses.replace(cfg.model, vocab_size=sp.vocab_size)
+  )
   with pytest.raises(ConfigError, match=r"mask id 40 .*expected > 40"):
     loop.make_tokenizer(cfg)
 
@@ -397,11 +448,17 @@ def test_tokenizers_mask_id_is_past_the_vocabulary(tmp_path):
 
 
 def test_pooled_stages_cost_less_and_match_xla():
-  over = {"model.num_layers": 4, "model.funnel.stages": (2, 2),
-          "model.funnel.decoder_layers": 1, "model.scan_layers": False,
-          "model.embed_dim": 128, "model.mlp_dim": 384,
-          "model.num_kv_heads": 4, "data.seq_len": 64,
-          "train.batch_size": 2}
+  over = {
+    "model.num_layers": 4,
+    "model.funnel.stages": (2, 2),
+    "model.funnel.decoder_layers": 1,
+    "model.scan_layers": False,
+    "model.embed_dim": 128,
+    "model.mlp_dim": 384,
+    "model.num_kv_heads": 4,
+    "data.seq_len": 64,
+    "train.batch_size": 2,
+  }
   pooled = _cfg(**over)
   flat = _cfg(**{**over, "model.funnel.factor": 1})
   f_pooled = flops.flops_per_token(pooled.model, 64)
@@ -413,18 +470,23 @@ def test_pooled_stages_cost_less_and_match_xla():
   assert abs(aot.xla_flops(compiled) / ours - 1) < 0.05
 
 
-@pytest.mark.parametrize("kind", ["sliding_window", "global_local",
-                                  "tglobal"])
+@pytest.mark.parametrize("kind", ["sliding_window", "global_local", "tglobal"])
 def test_visible_keys_of_pooled_rows_equal_the_mask(kind):
   """The visible convention in a pooled stage counts exactly the pairs
   the layer's mask passes on rows f**s positions apart."""
   from efficient_lm.models import tglobal
   from efficient_lm.models.attention import mask_spec
   from kernels import masks
-  cfg = _cfg(**{"model.attention.kind": kind, "model.attention.window": 11,
-                "model.attention.num_global": 5,
-                "model.attention.tglobal_block": 8,
-                "model.funnel.stages": (1, 1)})
+
+  cfg = _cfg(
+    **{
+      "model.attention.kind": kind,
+      "model.attention.window": 11,
+      "model.attention.num_global": 5,
+      "model.attention.tglobal_block": 8,
+      "model.funnel.stages": (1, 1),
+    }
+  )
   spec = funnel.layer_plan(cfg.model)[0]
   for stride, n in ((2, 20), (4, 12)):
     pos = (np.arange(n) * stride)[None].astype(np.int32)
@@ -434,41 +496,69 @@ def test_visible_keys_of_pooled_rows_equal_the_mask(kind):
       mspec = mask_spec(spec.attention, causal=False)
     else:
       num = n * stride // 8
-      g = tglobal.summary_slots(pos, seg, block=8, causal=False,
-                                num_slots=num,
-                                weight_BT=np.full_like(pos, stride))
+      g = tglobal.summary_slots(
+        pos,
+        seg,
+        block=8,
+        causal=False,
+        num_slots=num,
+        weight_BT=np.full_like(pos, stride),
+      )
       k_pos = np.concatenate([pos, g.pos_BN], 1)
       k_seg = np.concatenate([seg, g.seg_BN], 1)
-      mspec = tglobal.mask_spec(spec.attention, causal=False,
-                                num_summaries=num)
+      mspec = tglobal.mask_spec(spec.attention, causal=False, num_summaries=num)
     brute = np.asarray(masks.dense_mask(mspec, pos, k_pos, seg, k_seg))
     np.testing.assert_array_equal(
-      flops.visible_keys(flops._in_rows(spec, stride), n), brute[0].sum(1))
+      flops.visible_keys(flops._in_rows(spec, stride), n), brute[0].sum(1)
+    )
 
 
 # ------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("overrides,message", [
-  ({"model.funnel.stages": (1, 2)}, r"stages=\(1, 2\) sum to 3, not "
-   r"model.num_layers=2"),
-  ({"model.funnel.stages": (1, 0, 1)}, "positive layer counts"),
-  ({"model.funnel.stages": (1, 1), "model.funnel.factor": 3},
-   r"data.seq_len=32 is not divisible by .*=3"),
-  ({"model.funnel.factor": 0}, "model.funnel.factor=0"),
-  ({"model.funnel.decoder_layers": -1}, "decoder_layers=-1"),
-  ({"train.objective": "next_token"}, "bidirectional model sees"),
-  ({"model.kind": "decoder"}, "needs a bidirectional model"),
-  ({"model.kind": "hourglass", "model.num_layers": 3,
-    "model.funnel.stages": (1, 1, 1)}, "needs a bidirectional model"),
-  ({"train.mlm_rate": 0.0}, "mlm_rate=0.0"),
-  ({"model.vocab_size": 259}, "mask id 259"),
-  ({"model.attention.kind": "tglobal", "model.attention.window": 3,
-    "model.attention.tglobal_block": 6, "model.num_layers": 3,
-    "model.funnel.stages": (1, 1, 1)}, "tglobal_block=6 is not a multiple"),
-  ({"model.attention.kind": "block_sparse", "model.attention.window": 3},
-   "block_sparse"),
-])
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (
+      {"model.funnel.stages": (1, 2)},
+      r"stages=\(1, 2\) sum to 3, not "
+      r"model.num_layers=2",
+    ),
+    ({"model.funnel.stages": (1, 0, 1)}, "positive layer counts"),
+    (
+      {"model.funnel.stages": (1, 1), "model.funnel.factor": 3},
+      r"data.seq_len=32 is not divisible by .*=3",
+    ),
+    ({"model.funnel.factor": 0}, "model.funnel.factor=0"),
+    ({"model.funnel.decoder_layers": -1}, "decoder_layers=-1"),
+    ({"train.objective": "next_token"}, "bidirectional model sees"),
+    ({"model.kind": "decoder"}, "needs a bidirectional model"),
+    (
+      {
+        "model.kind": "hourglass",
+        "model.num_layers": 3,
+        "model.funnel.stages": (1, 1, 1),
+      },
+      "needs a bidirectional model",
+    ),
+    ({"train.mlm_rate": 0.0}, "mlm_rate=0.0"),
+    ({"model.vocab_size": 259}, "mask id 259"),
+    (
+      {
+        "model.attention.kind": "tglobal",
+        "model.attention.window": 3,
+        "model.attention.tglobal_block": 6,
+        "model.num_layers": 3,
+        "model.funnel.stages": (1, 1, 1),
+      },
+      "tglobal_block=6 is not a multiple",
+    ),
+    (
+      {"model.attention.kind": "block_sparse", "model.attention.window": 3},
+      "block_sparse",
+    ),
+  ],
+)
 def test_config_errors_are_one_line(overrides, message):
   with pytest.raises(ConfigError, match=message) as e:
     _cfg(**{"model.funnel.stages": (1, 1), **overrides})
@@ -483,22 +573,39 @@ def test_small_funnel_tglobal_mlm_step_compiles_for_tpu():
   pytest.importorskip("libtpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   try:
     devices = topologies.get_topology_desc(
-      platform="tpu", topology_name="v5e:2x2").devices
+      platform="tpu", topology_name="v5e:2x2"
+    ).devices
   except Exception as e:  # libtpu present but unusable on this host
     pytest.skip(f"no compile-only TPU topology: {e}")
   from efficient_lm import config as config_lib
   from configs import base
   from tests.helpers import override
-  cd = override(base.get_config(), **{
-    **FUNNEL, "model.num_layers": 2, "model.funnel.stages": (1, 1),
-    "model.embed_dim": 128, "model.num_heads": 4, "model.num_kv_heads": 2,
-    "model.mlp_dim": 256, "model.vocab_size": 512,
-    "model.attention.kind": "tglobal", "model.attention.window": 16,
-    "model.attention.tglobal_block": 16, "model.attention.impl": "pallas_tpu",
-    "data.seq_len": 256, "train.batch_size": 4, "mesh.data": 1,
-    "mesh.fsdp": 2, "mesh.tensor": 2})
+
+  cd = override(
+    base.get_config(),
+    **{
+      **FUNNEL,
+      "model.num_layers": 2,
+      "model.funnel.stages": (1, 1),
+      "model.embed_dim": 128,
+      "model.num_heads": 4,
+      "model.num_kv_heads": 2,
+      "model.mlp_dim": 256,
+      "model.vocab_size": 512,
+      "model.attention.kind": "tglobal",
+      "model.attention.window": 16,
+      "model.attention.tglobal_block": 16,
+      "model.attention.impl": "pallas_tpu",
+      "data.seq_len": 256,
+      "train.batch_size": 4,
+      "mesh.data": 1,
+      "mesh.fsdp": 2,
+      "mesh.tensor": 2,
+    },
+  )
   cfg = config_lib.from_config_dict(cd, device_count=len(devices))
   _, lowered, compiled = aot.compile_train_step(cfg, devices)
   assert "tpu_custom_call" in lowered.as_text()

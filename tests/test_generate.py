@@ -34,13 +34,16 @@ VARIANTS = {
   "mixed_3local_1tglobal": {
     "model.num_layers": 4,
     "model.attention.pattern": "sliding_window,sliding_window,"
-                               "sliding_window,tglobal",
-    "model.attention.window": 4, "model.attention.tglobal_block": 3},
+    "sliding_window,tglobal",
+    "model.attention.window": 4,
+    "model.attention.tglobal_block": 3,
+  },
   "mixed_3local_1dense": {
     "model.num_layers": 4,
     "model.attention.pattern": "sliding_window,sliding_window,"
-                               "sliding_window,dense",
-    "model.attention.window": 4},
+    "sliding_window,dense",
+    "model.attention.window": 4,
+  },
 }
 
 
@@ -63,13 +66,14 @@ def _positions(b, t):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_prefill_then_decode_equals_forward(name):
   _, model = _model(VARIANTS[name])
-  b, t, p = 2, 14, 8     # prompt > every window; 6 decode steps
+  b, t, p = 2, 14, 8  # prompt > every window; 6 decode steps
   tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 300)
   pos = _positions(b, t)
   seg = jnp.ones((b, t), jnp.int32)
   want, _ = model(tokens, pos, seg)
-  got, _ = prefill_then_decode(model.step, tokens, pos, seg,
-                               model.init_cache(b, t), p)
+  got, _ = prefill_then_decode(
+    model.step, tokens, pos, seg, model.init_cache(b, t), p
+  )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
@@ -77,7 +81,7 @@ def test_prefill_then_decode_equals_forward(name):
 def test_greedy_with_cache_equals_recompute(name):
   _, model = _model(VARIANTS[name], scale=6.0)
   gen = Generator(*nnx.split(model))
-  prompts = [list(range(40, 52)), [7, 3, 9]]    # 12 tokens > window
+  prompts = [list(range(40, 52)), [7, 3, 9]]  # 12 tokens > window
   cached, _ = gen.generate(prompts, max_new_tokens=14)
   recomputed, _ = gen.generate(prompts, max_new_tokens=14, use_cache=False)
   assert cached == recomputed
@@ -90,10 +94,11 @@ def test_rolling_cache_keeps_the_newest_window_rows():
   b, p, window = 1, 12, 5
   cache = model.init_cache(b, 32)
   rows = cache["segment_0"][0]
-  assert rows["k"].shape[2] == window      # [layers, B, slots, G, K]
+  assert rows["k"].shape[2] == window  # [layers, B, slots, G, K]
   tokens = jnp.arange(p, dtype=jnp.int32)[None]
-  _, _, cache = model.step(tokens, _positions(b, p),
-                           jnp.ones((b, p), jnp.int32), cache)
+  _, _, cache = model.step(
+    tokens, _positions(b, p), jnp.ones((b, p), jnp.int32), cache
+  )
   stored = np.sort(np.asarray(cache["segment_0"][0]["pos"][0, 0]))
   np.testing.assert_array_equal(stored, np.arange(p - window, p))
 
@@ -107,12 +112,13 @@ def test_padding_rows_are_not_cached():
   np.testing.assert_array_equal(filled[:5], [1, 1, 1, 0, 0])
 
 
-@pytest.mark.parametrize("name,kv_heads", [("dense_mha", 4), ("dense_gqa", 2),
-                                           ("dense_mqa", 1)])
+@pytest.mark.parametrize(
+  "name,kv_heads", [("dense_mha", 4), ("dense_gqa", 2), ("dense_mqa", 1)]
+)
 def test_cache_bytes_per_token_follow_the_gqa_formula(name, kv_heads):
   cfg, model = _model(VARIANTS[name])
   k = cfg.model.resolved_head_dim
-  want = 2 * kv_heads * k * 4                     # K and V, float32
+  want = 2 * kv_heads * k * 4  # K and V, float32
   assert model.cache_bytes_per_token() == [want] * cfg.model.num_layers
   gen = Generator(*nnx.split(model))
   stats = gen.cache_stats(batch=3, max_len=10)
@@ -126,16 +132,17 @@ def test_sampling_filters():
   keys = [jax.random.key(i) for i in range(5)]
   for key in keys:
     np.testing.assert_array_equal(
-      sample(logits, key, temperature=1.0, top_k=1), greedy)
+      sample(logits, key, temperature=1.0, top_k=1), greedy
+    )
     np.testing.assert_array_equal(
-      sample(logits, key, temperature=1.0, top_p=1e-6), greedy)
+      sample(logits, key, temperature=1.0, top_p=1e-6), greedy
+    )
   # top_k = 3: every draw is one of the three largest.
   top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
   for key in keys:
     drawn = np.asarray(sample(logits, key, temperature=2.0, top_k=3))
     assert all(d in row for d, row in zip(drawn, top3))
-  draws = {tuple(np.asarray(sample(logits, k, temperature=2.0)))
-           for k in keys}
+  draws = {tuple(np.asarray(sample(logits, k, temperature=2.0))) for k in keys}
   assert len(draws) > 1
 
 
@@ -162,9 +169,9 @@ def test_too_long_is_an_error():
 
 
 def test_positions_past_the_block_table_are_refused():
-  _, model = _model(VARIANTS["block_sparse"])     # max_len 64
+  _, model = _model(VARIANTS["block_sparse"])  # max_len 64
   gen = Generator(*nnx.split(model))
-  gen.generate([[1] * 60], max_new_tokens=4)      # 64 positions: covered
+  gen.generate([[1] * 60], max_new_tokens=4)  # 64 positions: covered
   with pytest.raises(ValueError, match="65 positions exceed the 64"):
     gen.generate([[1] * 60], max_new_tokens=5)
 
@@ -176,13 +183,13 @@ def test_generation_under_the_training_mesh_rules():
   prompts = [list(range(30, 40)), [4, 5], [9], [11, 12, 13]]
   want, _ = Generator(*nnx.split(model)).generate(prompts, max_new_tokens=8)
   mesh = sharding.make_mesh(
-    type(cfg.mesh)(data=4, fsdp=1, tensor=2), jax.devices()[:8])
+    type(cfg.mesh)(data=4, fsdp=1, tensor=2), jax.devices()[:8]
+  )
   gd, state = nnx.split(model)
   shard = sharding.state_shardings(mesh, state)
   placed = jax.device_put(nnx.to_pure_dict(state), shard)
   nnx.replace_by_pure_dict(state, placed)
-  got, _ = Generator(gd, state, mesh=mesh).generate(prompts,
-                                                    max_new_tokens=8)
+  got, _ = Generator(gd, state, mesh=mesh).generate(prompts, max_new_tokens=8)
   assert got == want
 
 
@@ -195,8 +202,10 @@ def _snapshot(root):
     for name in files:
       path = os.path.join(d, name)
       with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns,
-                                            hashlib.sha256(f.read()).digest())
+        out[os.path.relpath(path, root)] = (
+          os.stat(path).st_mtime_ns,
+          hashlib.sha256(f.read()).digest(),
+        )
   return out
 
 
@@ -204,15 +213,24 @@ def test_cli_prints_only_completions_and_leaves_the_run_alone(tmp_path):
   """A 3 local : 1 tglobal decoder trains, then generates from its run."""
   text = "the quick brown fox jumps over the lazy dog\n" * 200
   (tmp_path / "t.txt").write_text(text)
-  cfg = small_config(**{
-    "data.source": "text", "data.path": str(tmp_path / "t.txt"),
-    "data.tokenizer": "char", "train.steps": 30, "train.eval_every": 30,
-    "train.learning_rate": 1e-2, "checkpoint.every_steps": 30,
-    "checkpoint.async_save": False, "model.num_layers": 4,
-    "model.attention.pattern": "sliding_window,sliding_window,"
-                               "sliding_window,tglobal",
-    "model.attention.window": 6, "model.attention.tglobal_block": 4,
-    "mesh.data": 8})
+  cfg = small_config(
+    **{
+      "data.source": "text",
+      "data.path": str(tmp_path / "t.txt"),
+      "data.tokenizer": "char",
+      "train.steps": 30,
+      "train.eval_every": 30,
+      "train.learning_rate": 1e-2,
+      "checkpoint.every_steps": 30,
+      "checkpoint.async_save": False,
+      "model.num_layers": 4,
+      "model.attention.pattern": "sliding_window,sliding_window,"
+      "sliding_window,tglobal",
+      "model.attention.window": 6,
+      "model.attention.tglobal_block": 4,
+      "mesh.data": 8,
+    }
+  )
   workdir = str(tmp_path / "run")
   loop.run(cfg, workdir)
   before = _snapshot(workdir)
@@ -220,18 +238,30 @@ def test_cli_prints_only_completions_and_leaves_the_run_alone(tmp_path):
   run = runs.load_run(workdir)
   tok = run.tokenizer
   want, _ = Generator(run.graphdef, run.variables, mesh=run.mesh).generate(
-    [([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(p)
-     for p in prompts], max_new_tokens=12,
-    eos_id=tok.eos_id, pad_id=tok.pad_id)
+    [
+      ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(p)
+      for p in prompts
+    ],
+    max_new_tokens=12,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+  )
   want_text = "".join(tok.decode(ids) + "\n" for ids in want)
   assert len(set(want[0])) > 2
 
   def cli(*extra):
-    args = [sys.executable, "-m", "efficient_lm.generate",
-            f"--workdir={workdir}", "--max_new_tokens=12", *extra]
+    args = [
+      sys.executable,
+      "-m",
+      "efficient_lm.generate",
+      f"--workdir={workdir}",
+      "--max_new_tokens=12",
+      *extra,
+    ]
     args += [f"--prompt={p}" for p in prompts]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True,
-                          timeout=300, check=True)
+    return subprocess.run(
+      args, cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
 
   cached = cli("--stats")
   assert cached.stdout == want_text

@@ -29,15 +29,23 @@ def test_evaluate_is_repeatable_and_reads_num_batches():
 def test_nan_never_reaches_a_checkpoint(tmp_path):
   """Saving every step, the run stops at the first non-finite step and its
   latest checkpoint holds finite parameters."""
-  cfg = small_config(**{
-    "train.learning_rate": 1e12, "train.grad_clip": 0.0, "train.steps": 60,
-    "checkpoint.every_steps": 1, "checkpoint.async_save": False,
-    "train.eval_every": 1000, "mesh.data": 8})
+  cfg = small_config(
+    **{
+      "train.learning_rate": 1e12,
+      "train.grad_clip": 0.0,
+      "train.steps": 60,
+      "checkpoint.every_steps": 1,
+      "checkpoint.async_save": False,
+      "train.eval_every": 1000,
+      "mesh.data": 8,
+    }
+  )
   with pytest.raises(loop.TrainingError, match="last good checkpoint"):
     loop.run(cfg, str(tmp_path))
   t = loop.build_trainer(cfg)
-  with Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=None,
-                    async_save=False) as ckpt:
+  with Checkpointer(
+    tmp_path / "checkpoints", every_steps=1, keep=None, async_save=False
+  ) as ckpt:
     step, state, _ = ckpt.restore_latest(t.abstract_state)
   assert step >= 1
   for leaf in jax.tree.leaves(jax.device_get(state["params"])):

@@ -20,27 +20,56 @@ from tests.helpers import small_config
 D, H, HEAD_DIM, THETA, EPS = 32, 4, 8, 10_000.0, 1e-6
 # Every width different (N + R != E, C != D) so that a swapped dimension
 # cannot go unnoticed; and a query latent.
-MIXED = dict(kv_lora_rank=24, q_lora_rank=20, rope_head_dim=6,
-             nope_head_dim=10, v_head_dim=12)
+MIXED = dict(
+  kv_lora_rank=24,
+  q_lora_rank=20,
+  rope_head_dim=6,
+  nope_head_dim=10,
+  v_head_dim=12,
+)
 
 
-def _mla(causal=True, seed=0, embed_dim=D, num_heads=H, head_dim=HEAD_DIM,
-         cfg=None, **attn):
+def _mla(
+  causal=True,
+  seed=0,
+  embed_dim=D,
+  num_heads=H,
+  head_dim=HEAD_DIM,
+  cfg=None,
+  **attn,
+):
   cfg = cfg or AttentionConfig(projection="mla", **attn)
-  model = nnx.eval_shape(lambda: MLAttention(
-    embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=1,
-    head_dim=head_dim, rope_theta=THETA, cfg=cfg, causal=causal,
-    rngs=nnx.Rngs(params=0), param_dtype=jnp.float32, out_std=0.02,
-    norm_eps=EPS))
+  model = nnx.eval_shape(
+    lambda: MLAttention(
+      embed_dim=embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=1,
+      head_dim=head_dim,
+      rope_theta=THETA,
+      cfg=cfg,
+      causal=causal,
+      rngs=nnx.Rngs(params=0),
+      param_dtype=jnp.float32,
+      out_std=0.02,
+      norm_eps=EPS,
+    )
+  )
   # Unit-scale weights (the 0.02 init makes attention nearly uniform,
   # which would hide a wrong score), norm scales away from 1. numpy draws:
   # compiling jax.random's sampler costs seconds per shape on CPU.
   rng = np.random.default_rng(seed)
-  nnx.update(model, jax.tree.map(
-    lambda a: jnp.asarray(
-      1.0 + 0.2 * rng.standard_normal(a.shape) if a.ndim == 1 else
-      rng.standard_normal(a.shape) / math.sqrt(a.shape[0]), jnp.float32),
-    _params(model)))
+  nnx.update(
+    model,
+    jax.tree.map(
+      lambda a: jnp.asarray(
+        1.0 + 0.2 * rng.standard_normal(a.shape)
+        if a.ndim == 1
+        else rng.standard_normal(a.shape) / math.sqrt(a.shape[0]),
+        jnp.float32,
+      ),
+      _params(model),
+    ),
+  )
   return model
 
 
@@ -54,9 +83,12 @@ def _jitted(model):
 def _close(got, want, tol):
   """Tree-wise allclose with atol = tol x the leaf's largest entry (float32
   rounding scales with it; gradients here reach ~50)."""
+
   def check(a, b):
-    np.testing.assert_allclose(a, b, rtol=tol,
-                               atol=tol * max(1.0, float(np.abs(b).max())))
+    np.testing.assert_allclose(
+      a, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max()))
+    )
+
   jax.tree.map(check, got, want)
 
 
@@ -65,8 +97,9 @@ def _params(model):
 
 
 def _normal(shape, seed):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
-                     jnp.float32)
+  return jnp.asarray(
+    np.random.default_rng(seed).standard_normal(shape), jnp.float32
+  )
 
 
 def _tokens(b, t, seed=0, embed_dim=D):
@@ -95,23 +128,27 @@ def _rope_ref(x, pos_BT):
   angle = pos_BT[..., None].astype(jnp.float32) * inv[None, None, :]
   if x.ndim == 4:
     angle = angle[:, :, None, :]
-  z = (x[..., : r // 2] + 1j * x[..., r // 2:]) * jnp.exp(1j * angle)
+  z = (x[..., : r // 2] + 1j * x[..., r // 2 :]) * jnp.exp(1j * angle)
   return jnp.concatenate([z.real, z.imag], axis=-1).astype(x.dtype)
 
 
 def _rms(x, scale):
-  return (x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + EPS)
-          * scale[None, None, :])
+  return (
+    x
+    / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + EPS)
+    * scale[None, None, :]
+  )
 
 
 def _visible(q, kv, causal, window):
   qp, kp = q.pos_BT[:, :, None], kv.pos_BT[:, None, :]
   vis = (q.seg_BT[:, :, None] == kv.seg_BT[:, None, :]) & (
-    q.seg_BT[:, :, None] != 0)
+    q.seg_BT[:, :, None] != 0
+  )
   if causal:
     vis &= kp <= qp
   if window:
-    vis &= (kp >= qp - (window - 1))
+    vis &= kp >= qp - (window - 1)
     if not causal:
       vis &= kp <= qp + (window - 1)
   return vis
@@ -123,9 +160,9 @@ def _reference(p, q, kv, dims: MLADims, causal, window=0):
   c_dim, q_dim, r, n, e = dims
   x, y = q.x_BTD, kv.x_BTD
   if q_dim:
-    q_all = jnp.einsum("btq,qhk->bthk",
-                       _rms(x @ p["dq_DQ"], p["q_norm"]["scale"]),
-                       p["uq_QHK"])
+    q_all = jnp.einsum(
+      "btq,qhk->bthk", _rms(x @ p["dq_DQ"], p["q_norm"]["scale"]), p["uq_QHK"]
+    )
   else:
     q_all = jnp.einsum("btd,dhk->bthk", x, p["q_DHK"])
   q_nope, q_rope = q_all[..., :n], _rope_ref(q_all[..., n:], q.pos_BT)
@@ -140,7 +177,7 @@ def _reference(p, q, kv, dims: MLADims, causal, window=0):
     s = jnp.einsum("btk,bsk->bts", q_h, k_h) / math.sqrt(n + r)
     s = jnp.where(vis, s, -1e9)
     w = jnp.exp(s - s.max(-1, keepdims=True)) * vis
-    w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)   # empty row: 0
+    w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)  # empty row: 0
     out = out + jnp.einsum("bts,bse->bte", w, v_h) @ p["o_HED"][h]
   return out
 
@@ -153,8 +190,7 @@ _CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,attn,causal", _CASES,
-                         ids=[c[0] for c in _CASES])
+@pytest.mark.parametrize("name,attn,causal", _CASES, ids=[c[0] for c in _CASES])
 def test_naive_matches_dense_reference_values_and_grads(name, attn, causal):
   model = _mla(causal=causal, **attn)
   dims, window = model.dims, attn.get("window", 0)
@@ -172,12 +208,14 @@ def test_naive_matches_dense_reference_values_and_grads(name, attn, causal):
   @jax.jit
   def out_and_grads(params):
     """Outputs, and d(sum(out * w)) by params and x, of one function."""
-    return {name: (lambda o, vjp: (o, vjp(w)))(*jax.vjp(f, params, q.x_BTD))
-            for name, f in (("module", module), ("reference", reference))}
+    return {
+      name: (lambda o, vjp: (o, vjp(w)))(*jax.vjp(f, params, q.x_BTD))
+      for name, f in (("module", module), ("reference", reference))
+    }
 
   res = out_and_grads(_params(model))
   (got, g_model), (want, g_ref) = res["module"], res["reference"]
-  assert float(jnp.abs(want).mean()) > 0.1      # not a near-zero output
+  assert float(jnp.abs(want).mean()) > 0.1  # not a near-zero output
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   _close(g_model, g_ref, 1e-5)
 
@@ -188,12 +226,16 @@ def test_separate_queries_and_keys_match_reference():
   kv = _tokens(2, 12, seed=1)
   q = Tokens(_tokens(2, 5, seed=2).x_BTD, kv.pos_BT[:, 7:], kv.seg_BT[:, 7:])
   np.testing.assert_allclose(
-    _jitted(model)(q, kv), _reference(_params(model), q, kv, model.dims, True),
-    atol=1e-5, rtol=1e-5)
+    _jitted(model)(q, kv),
+    _reference(_params(model), q, kv, model.dims, True),
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
-@pytest.mark.parametrize("attn", [MIXED, {"kind": "sliding_window",
-                                          "window": 3}])
+@pytest.mark.parametrize(
+  "attn", [MIXED, {"kind": "sliding_window", "window": 3}]
+)
 def test_position_shift_invariance(attn):
   """RoPE is only on the decoupled part and only relative positions
   matter: the same constant added to every position changes nothing, but
@@ -203,30 +245,33 @@ def test_position_shift_invariance(attn):
   base = model(q)
   shifted = model(q._replace(pos_BT=q.pos_BT + 1000))
   np.testing.assert_allclose(shifted, base, atol=2e-5, rtol=1e-5)
-  kv = q._replace(pos_BT=q.pos_BT - 2)      # keys 2 earlier, all visible
+  kv = q._replace(pos_BT=q.pos_BT - 2)  # keys 2 earlier, all visible
   assert not np.allclose(model(q, kv), base, atol=1e-3)
 
 
-@pytest.mark.parametrize("attn", [MIXED, {"kind": "sliding_window",
-                                          "window": 4}])
+@pytest.mark.parametrize(
+  "attn", [MIXED, {"kind": "sliding_window", "window": 4}]
+)
 def test_causality_by_perturbation(attn):
   model = _jitted(_mla(**attn))
   q = _tokens(1, 16)
   base = model(q)
   for t in (0, 3, 4, 9, 14):
     other = _normal(q.x_BTD.shape, t + 50)
-    x = q.x_BTD.at[:, t + 1:].set(other[:, t + 1:])
+    x = q.x_BTD.at[:, t + 1 :].set(other[:, t + 1 :])
     out = model(q._replace(x_BTD=x))
-    np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6,
-                               rtol=0)
-    assert not np.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-4)
+    np.testing.assert_allclose(
+      out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0
+    )
+    assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :], atol=1e-4)
 
 
 def test_causality_by_jacobian():
   model = _mla(**MIXED)
   q = _tokens(1, 8)
-  jac = jax.jit(jax.jacfwd(
-    lambda x: model(q._replace(x_BTD=x)).sum(-1)[0]))(q.x_BTD)[:, 0]
+  jac = jax.jit(jax.jacfwd(lambda x: model(q._replace(x_BTD=x)).sum(-1)[0]))(
+    q.x_BTD
+  )[:, 0]
   # jac: [T_out, T_in, D]
   influence = np.abs(np.asarray(jac)).sum(-1)
   assert np.all(influence[np.triu_indices(8, k=1)] == 0.0)
@@ -238,41 +283,71 @@ def test_v2_lite_shapes_and_param_count():
   d_c 512, d_R 64, nope 128, v 128): from the ratio defaults and
   spelled out, shape-checked without allocating; the count from the
   parameter tree equals the hand formula."""
-  explicit = dict(kv_lora_rank=512, rope_head_dim=64, nope_head_dim=128,
-                  v_head_dim=128)
+  explicit = dict(
+    kv_lora_rank=512, rope_head_dim=64, nope_head_dim=128, v_head_dim=128
+  )
   d, h = 2048, 16
   assert resolve_dims(AttentionConfig(projection="mla"), 128) == MLADims(
-    512, 0, 64, 128, 128)
+    512, 0, 64, 128, 128
+  )
   for attn in ({}, explicit):
-    model = nnx.eval_shape(lambda: MLAttention(
-      embed_dim=d, num_heads=h, num_kv_heads=16, head_dim=128,
-      rope_theta=THETA, cfg=AttentionConfig(projection="mla", **attn),
-      causal=True, rngs=nnx.Rngs(params=0), param_dtype=jnp.float32,
-      out_std=0.02, norm_eps=EPS))
+    model = nnx.eval_shape(
+      lambda: MLAttention(
+        embed_dim=d,
+        num_heads=h,
+        num_kv_heads=16,
+        head_dim=128,
+        rope_theta=THETA,
+        cfg=AttentionConfig(projection="mla", **attn),
+        causal=True,
+        rngs=nnx.Rngs(params=0),
+        param_dtype=jnp.float32,
+        out_std=0.02,
+        norm_eps=EPS,
+      )
+    )
     params = nnx.state(model, nnx.Param)
     shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(params))
     assert shapes == {
-      "q_DHK": (d, h, 192), "dkv_DC": (d, 512), "kv_norm": {"scale": (512,)},
-      "kr_DR": (d, 64), "uk_CHN": (512, h, 128), "uv_CHE": (512, h, 128),
-      "o_HED": (h, 128, d)}
+      "q_DHK": (d, h, 192),
+      "dkv_DC": (d, 512),
+      "kv_norm": {"scale": (512,)},
+      "kr_DR": (d, 64),
+      "uk_CHN": (512, h, 128),
+      "uv_CHE": (512, h, 128),
+      "o_HED": (h, 128, d),
+    }
     # HF's DeepSeek-V2-Lite: q_proj 2048x3072, kv_a_proj_with_mqa
     # 2048x576, kv_a_layernorm 512, kv_b_proj 512x4096, o_proj 2048x2048.
     total = d * h * 192 + d * (512 + 64) + 512 + 512 * h * 256 + h * 128 * d
-    assert flops.param_count(params) == {"total": total,
-                                         "non_embedding": total}
+    assert flops.param_count(params) == {"total": total, "non_embedding": total}
     assert total == 13_763_072
-    out = nnx.eval_shape(lambda m: m(Tokens(
-      jnp.zeros((2, 16, d)), jnp.zeros((2, 16), jnp.int32),
-      jnp.ones((2, 16), jnp.int32))), model)
+    out = nnx.eval_shape(
+      lambda m: m(
+        Tokens(
+          jnp.zeros((2, 16, d)),
+          jnp.zeros((2, 16), jnp.int32),
+          jnp.ones((2, 16), jnp.int32),
+        )
+      ),
+      model,
+    )
     assert out.shape == (2, 16, d)
 
 
 def test_query_latent_shapes():
   model = _mla(**MIXED)
   shapes = jax.tree.map(lambda a: a.shape, _params(model))
-  c, q, r, n, e = (MIXED[k] for k in ("kv_lora_rank", "q_lora_rank",
-                                      "rope_head_dim", "nope_head_dim",
-                                      "v_head_dim"))
+  c, q, r, n, e = (
+    MIXED[k]
+    for k in (
+      "kv_lora_rank",
+      "q_lora_rank",
+      "rope_head_dim",
+      "nope_head_dim",
+      "v_head_dim",
+    )
+  )
   assert shapes["dq_DQ"] == (D, q) and shapes["q_norm"] == {"scale": (q,)}
   assert shapes["uq_QHK"] == (q, H, n + r) and "q_DHK" not in shapes
   assert shapes["uk_CHN"] == (c, H, n) and shapes["uv_CHE"] == (c, H, e)
@@ -289,23 +364,37 @@ def test_flops_match_xla_cost_analysis(q_lora_rank):
   """flops_per_token's MLA projection and score/value terms (one layer,
   dense tile) are what XLA counts for the module's forward, within 5%
   (the rest: norms, RoPE, softmax)."""
-  cfg = small_config(**{
-    "model.num_layers": 1, "model.embed_dim": 256, "model.num_heads": 4,
-    "model.num_kv_heads": 4, "model.attention.projection": "mla",
-    "model.attention.q_lora_rank": q_lora_rank,
-    "model.attention.v_head_dim": 48})
+  cfg = small_config(
+    **{
+      "model.num_layers": 1,
+      "model.embed_dim": 256,
+      "model.num_heads": 4,
+      "model.num_kv_heads": 4,
+      "model.attention.projection": "mla",
+      "model.attention.q_lora_rank": q_lora_rank,
+      "model.attention.v_head_dim": 48,
+    }
+  )
   m, t, b = cfg.model, 128, 2
-  model = _mla(embed_dim=m.embed_dim, num_heads=m.num_heads,
-               head_dim=m.resolved_head_dim, cfg=m.attention)
+  model = _mla(
+    embed_dim=m.embed_dim,
+    num_heads=m.num_heads,
+    head_dim=m.resolved_head_dim,
+    cfg=m.attention,
+  )
   q = _tokens(b, t, embed_dim=m.embed_dim)
   graphdef, params = nnx.split(model)
-  compiled = jax.jit(lambda p, q: nnx.merge(graphdef, p)(q)).lower(
-    params, q).compile()
+  compiled = (
+    jax.jit(lambda p, q: nnx.merge(graphdef, p)(q)).lower(params, q).compile()
+  )
   cost = compiled.cost_analysis()
   xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
   ours = flops.flops_per_token(m, t)
-  ours = (ours["forward/attention_proj"]
-          + ours["forward/attention_dense_tile"]) * b * t
+  ours = (
+    (ours["forward/attention_proj"] + ours["forward/attention_dense_tile"])
+    * b
+    * t
+  )
   assert abs(xla / ours - 1) < 0.05, (xla, ours)
 
 
@@ -326,9 +415,10 @@ def test_tensor_parallel_equals_single_device():
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   param_sh = sharding.state_shardings(mesh, abstract)
   x_sh = jax.NamedSharding(mesh, sharding.logical_to_spec(sharding.BTD))
-  fn = jax.jit(sharding.under_mesh(
-    mesh, jax.value_and_grad(loss, argnums=(0, 1))),
-    in_shardings=(param_sh, x_sh))
+  fn = jax.jit(
+    sharding.under_mesh(mesh, jax.value_and_grad(loss, argnums=(0, 1))),
+    in_shardings=(param_sh, x_sh),
+  )
   params, x = jax.device_put(params, param_sh), jax.device_put(q.x_BTD, x_sh)
   lowered = fn.lower(params, x)
   assert "sdy.manual_computation" in lowered.as_text()
@@ -360,13 +450,16 @@ _STEP_CASES = [
   # Window 4 < prompt 6: the rolling cache drops rows during the prefill
   # and keeps rolling while decoding.
   ("sliding_window", {"kind": "sliding_window", "window": 4, **MIXED}),
-  ("global_local", {"kind": "global_local", "window": 3, "num_global": 2,
-                    **MIXED}),
+  (
+    "global_local",
+    {"kind": "global_local", "window": 3, "num_global": 2, **MIXED},
+  ),
 ]
 
 
-@pytest.mark.parametrize("name,attn", _STEP_CASES,
-                         ids=[c[0] for c in _STEP_CASES])
+@pytest.mark.parametrize(
+  "name,attn", _STEP_CASES, ids=[c[0] for c in _STEP_CASES]
+)
 def test_absorbed_step_equals_naive_forward(name, attn):
   """Prefill (6 tokens on an empty cache), then decode one token at a time
   and finally 3 at once: the absorbed form over cached latents gives the
@@ -376,11 +469,19 @@ def test_absorbed_step_equals_naive_forward(name, attn):
   want = _jitted(model)(seq)
   step = _stepper(model)
   cache = model.init_cache(2, 14, jnp.float32)
-  for start, stop in ((0, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11),
-                      (11, 14)):
+  for start, stop in (
+    (0, 6),
+    (6, 7),
+    (7, 8),
+    (8, 9),
+    (9, 10),
+    (10, 11),
+    (11, 14),
+  ):
     got, cache = step(_rows(seq, start, stop), cache)
-    np.testing.assert_allclose(got, want[:, start:stop], atol=1e-5,
-                               rtol=1e-5, err_msg=f"{start}:{stop}")
+    np.testing.assert_allclose(
+      got, want[:, start:stop], atol=1e-5, rtol=1e-5, err_msg=f"{start}:{stop}"
+    )
 
 
 def test_step_with_ragged_prompts():
@@ -397,8 +498,11 @@ def test_step_with_ragged_prompts():
   np.testing.assert_allclose(got[0], want[0, :5], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(got[1, :3], want[1, :3], atol=1e-5, rtol=1e-5)
   # Next token: row 0 at position 5, row 1 at position 3.
-  nxt = Tokens(jnp.stack([seq.x_BTD[0, 5:6], seq.x_BTD[1, 3:4]]),
-               jnp.array([[5], [3]], jnp.int32), jnp.ones((2, 1), jnp.int32))
+  nxt = Tokens(
+    jnp.stack([seq.x_BTD[0, 5:6], seq.x_BTD[1, 3:4]]),
+    jnp.array([[5], [3]], jnp.int32),
+    jnp.ones((2, 1), jnp.int32),
+  )
   got, _ = step(nxt, cache)
   np.testing.assert_allclose(got[0], want[0, 5:6], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(got[1], want[1, 3:4], atol=1e-5, rtol=1e-5)
@@ -412,9 +516,12 @@ def test_cache_holds_only_the_latent_and_rope_key():
   c, r = MIXED["kv_lora_rank"], MIXED["rope_head_dim"]
   cache = model.init_cache(3, 10, jnp.bfloat16)
   shapes = {k: (v.shape, v.dtype) for k, v in cache.items()}
-  assert shapes == {"c": ((3, 10, c), jnp.bfloat16),
-                    "kr": ((3, 10, r), jnp.bfloat16),
-                    "pos": ((3, 10), jnp.int32), "seg": ((3, 10), jnp.int32)}
+  assert shapes == {
+    "c": ((3, 10, c), jnp.bfloat16),
+    "kr": ((3, 10, r), jnp.bfloat16),
+    "pos": ((3, 10), jnp.int32),
+    "seg": ((3, 10), jnp.int32),
+  }
   assert model.cache_bytes_per_token(jnp.bfloat16) == (c + r) * 2
   row_bytes = sum(cache[k].nbytes for k in ("c", "kr")) // (3 * 10)
   assert model.cache_bytes_per_token(jnp.bfloat16) == row_bytes

@@ -21,9 +21,13 @@ from efficient_lm.models import build, flops, routing, stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.transformer import Block, RoutedBlock
 from efficient_lm.training import loop
-from tests.helpers import (ATTENTION_VARIANTS, packed_batch,
-                           prefill_then_decode, small_config,
-                           two_train_steps)
+from tests.helpers import (
+  ATTENTION_VARIANTS,
+  packed_batch,
+  prefill_then_decode,
+  small_config,
+  two_train_steps,
+)
 
 MOD = {"model.routing.kind": "mod", "model.num_layers": 4}
 T = 24
@@ -48,7 +52,8 @@ def _block(capacity=0.5, predictor="router_bce", seed=0):
   """A lone routed block (capacity set directly: 0 is allowed here)."""
   m = _cfg(**{"model.routing.predictor": predictor}).model
   m = dataclasses.replace(
-    m, routing=dataclasses.replace(m.routing, capacity=capacity))
+    m, routing=dataclasses.replace(m.routing, capacity=capacity)
+  )
   spec = stack.layer_plan(m)[1]
   assert spec.routed
   return m, RoutedBlock(m, spec, nnx.Rngs(seed))
@@ -58,9 +63,10 @@ def _inputs(b=2, t=T, d=64, seed=0, padded=False):
   x = jax.random.normal(jax.random.key(seed), (b, t, d))
   pos = jnp.concatenate([jnp.arange(t // 2), jnp.arange(t - t // 2)])
   pos = jnp.broadcast_to(pos, (b, t)).astype(jnp.int32)
-  seg = jnp.broadcast_to(jnp.where(jnp.arange(t) < t // 2, 1, 2),
-                         (b, t)).astype(jnp.int32)
-  if padded:     # row 0 ends in 5 padding tokens, row 1 has 4 real ones
+  seg = jnp.broadcast_to(
+    jnp.where(jnp.arange(t) < t // 2, 1, 2), (b, t)
+  ).astype(jnp.int32)
+  if padded:  # row 0 ends in 5 padding tokens, row 1 has 4 real ones
     seg = seg.at[0, -5:].set(0).at[1, 4:].set(0)
   return x, pos, seg
 
@@ -103,16 +109,19 @@ def test_capacity_one_with_unit_gate_is_the_dense_block():
   both = jax.jit(lambda x: (routed(blk, x), dense(blk, x)))
   np.testing.assert_allclose(*both(x), atol=1e-6, rtol=0)
   (gp_r, gx_r), (gp_d, gx_d) = _grads(
-    lambda b, x: jnp.stack([routed(b, x), dense(b, x)]), blk, x, split=True)
+    lambda b, x: jnp.stack([routed(b, x), dense(b, x)]), blk, x, split=True
+  )
   np.testing.assert_allclose(gx_r, gx_d, atol=1e-5, rtol=0)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(gp_r),
-                               nnx.to_flat_state(gp_d)):
+  for (path, a), (_, b) in zip(
+    nnx.to_flat_state(gp_r), nnx.to_flat_state(gp_d)
+  ):
     if "router" not in path:
-      np.testing.assert_allclose(a.get_value(), b.get_value(), atol=1e-5,
-                                 rtol=0, err_msg=str(path))
+      np.testing.assert_allclose(
+        a.get_value(), b.get_value(), atol=1e-5, rtol=0, err_msg=str(path)
+      )
 
 
-@pytest.mark.parametrize("capacity", [0.0, 0.04])   # k = floor(c * 24) = 0
+@pytest.mark.parametrize("capacity", [0.0, 0.04])  # k = floor(c * 24) = 0
 def test_capacity_zero_is_the_identity(capacity):
   _, blk = _block(capacity=capacity)
   x, pos, seg = _inputs()
@@ -126,15 +135,16 @@ def test_top_k_picks_exactly_k_sorted_non_padding_tokens():
   b, t, k = 4, 20, 6
   score = rng.normal(size=(b, t)).astype(np.float32)
   seg = np.ones((b, t), np.int32)
-  seg[1, 15:] = 0                  # 15 real tokens
+  seg[1, 15:] = 0  # 15 real tokens
   seg[2, :] = 0
-  seg[2, [3, 9, 11]] = 1           # fewer real tokens than k
-  seg[3, 2:8] = 0                  # padding in the middle
-  idx, ok = map(np.asarray, routing.top_k(jnp.asarray(score),
-                                          jnp.asarray(seg), k))
+  seg[2, [3, 9, 11]] = 1  # fewer real tokens than k
+  seg[3, 2:8] = 0  # padding in the middle
+  idx, ok = map(
+    np.asarray, routing.top_k(jnp.asarray(score), jnp.asarray(seg), k)
+  )
   assert idx.shape == (b, k)
   for r in range(b):
-    assert np.all(np.diff(idx[r]) > 0)                   # sorted, unique
+    assert np.all(np.diff(idx[r]) > 0)  # sorted, unique
     real = np.flatnonzero(seg[r])
     want = real[np.argsort(-score[r, real])[:k]]
     np.testing.assert_array_equal(idx[r][ok[r]], np.sort(want))
@@ -156,31 +166,35 @@ def test_unselected_tokens_pass_bitwise_and_selected_ones_change():
   out, x = np.asarray(out), np.asarray(x)
   np.testing.assert_array_equal(out[~member], x[~member])
   assert np.all(np.abs(out[member] - x[member]).max(-1) > 0)
-  assert member.sum(1).tolist() == [k, 4]      # row 1: fewer real than k
-  assert not member[np.asarray(seg) == 0].any()        # padding never
+  assert member.sum(1).tolist() == [k, 4]  # row 1: fewer real than k
+  assert not member[np.asarray(seg) == 0].any()  # padding never
   real = np.asarray(seg) != 0
   assert float(aux["routing/mod_fraction"]) == pytest.approx(
-    member.sum() / real.sum())
+    member.sum() / real.sum()
+  )
   # BCE of the router logit against top-k membership, real tokens only.
   r = np.asarray(r, np.float64)
   per = np.logaddexp(0, r) - member * r
-  np.testing.assert_allclose(aux["loss/mod_bce"],
-                             m.routing.aux_loss_weight * per[real].mean(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(aux["routing/mod_agreement"],
-                             ((r > 0) == member)[real].mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+    aux["loss/mod_bce"], m.routing.aux_loss_weight * per[real].mean(), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    aux["routing/mod_agreement"], ((r > 0) == member)[real].mean(), rtol=1e-6
+  )
 
 
 def _masked_dense_reference(blk, x, pos, seg):
   """Every token through the dense block's modules, keys masked to the
   top-k set (at original positions), update sigmoid(r) * Δ on it."""
   r, _ = blk.router(x)
-  idx, ok = routing.top_k(r, seg, routing.capacity_tokens(blk.capacity,
-                                                          x.shape[1]))
+  idx, ok = routing.top_k(
+    r, seg, routing.capacity_tokens(blk.capacity, x.shape[1])
+  )
   member = routing.membership(idx, ok, x.shape[1])
   h = blk.attn_norm(x)
-  a = blk.attn(Tokens(h, pos, seg),
-               kv=Tokens(h, pos, jnp.where(member, seg, 0)))
+  a = blk.attn(
+    Tokens(h, pos, seg), kv=Tokens(h, pos, jnp.where(member, seg, 0))
+  )
   delta = a + blk.mlp(blk.mlp_norm(x + a))
   new = x + jax.nn.sigmoid(r)[..., None] * delta
   return jnp.where(member[..., None], new, x), member
@@ -193,12 +207,12 @@ _PREDICTORS = ["router_bce", pytest.param("mlp", marks=pytest.mark.slow)]
 
 @pytest.mark.parametrize("predictor", _PREDICTORS)
 def test_gathered_block_equals_dense_attention_masked_to_the_selection(
-    predictor):
+  predictor,
+):
   _, blk = _block(capacity=0.4, predictor=predictor)
   blk = _sharpen_routers(blk, 50.0)
   x, pos, seg = _inputs(padded=True)
-  want, member = jax.jit(
-    lambda x: _masked_dense_reference(blk, x, pos, seg))(x)
+  want, member = jax.jit(lambda x: _masked_dense_reference(blk, x, pos, seg))(x)
   member = np.asarray(member)
   # The selection is not a prefix of either segment or of the row.
   assert not all(np.all(np.diff(row.astype(int)) <= 0) for row in member)
@@ -214,8 +228,9 @@ def test_gathered_block_equals_dense_attention_masked_to_the_selection(
   (gp, gx), (rp, rx) = _grads(routed, blk, x), _grads(ref, blk, x)
   np.testing.assert_allclose(gx, rx, atol=2e-5, rtol=0)
   for (path, a), (_, b) in zip(nnx.to_flat_state(gp), nnx.to_flat_state(rp)):
-    np.testing.assert_allclose(a.get_value(), b.get_value(), atol=2e-5,
-                               rtol=0, err_msg=str(path))
+    np.testing.assert_allclose(
+      a.get_value(), b.get_value(), atol=2e-5, rtol=0, err_msg=str(path)
+    )
 
 
 # ---------------------------------------------------------------- model
@@ -238,6 +253,7 @@ def test_layer_plan_routes_every_nth_block():
     plan = stack.layer_plan(_cfg(**{"model.routing.every": every}).model)
     assert [i for i, s in enumerate(plan) if s.routed] == want
   assert not any(s.routed for s in stack.layer_plan(small_config().model))
+
   # Only routed layers carry a router; metrics name those layers.
   def shapes():
     model = build(_cfg().model, nnx.Rngs(0))
@@ -247,35 +263,44 @@ def test_layer_plan_routes_every_nth_block():
   layers = params["stack"]["groups"]["segment_0"]
   assert "router" in layers["layer_1"] and "router" not in layers["layer_0"]
   assert {k for k in aux if "layer" in k} == {
-    "routing/mod_layer1_fraction", "routing/mod_layer3_fraction"}
+    "routing/mod_layer1_fraction",
+    "routing/mod_layer3_fraction",
+  }
 
 
 @pytest.mark.parametrize("predictor", ["router_bce", "mlp"])
-def test_routers_learn_and_the_predictor_does_not_touch_the_trunk(
-    predictor):
+def test_routers_learn_and_the_predictor_does_not_touch_the_trunk(predictor):
   cfg, model = _model(predictor, **{"model.num_layers": 2})
   b = packed_batch(2, T, cfg.model.vocab_size)
   gd, params, rest = nnx.split(model, nnx.Param, ...)
 
   def losses(p):
     logits, aux = nnx.merge(gd, p, rest)(
-      jnp.asarray(b["inputs"]), jnp.asarray(b["positions"]),
-      jnp.asarray(b["segment_ids"]))
-    return jnp.mean(logits ** 2), aux["loss/mod_bce"]
+      jnp.asarray(b["inputs"]),
+      jnp.asarray(b["positions"]),
+      jnp.asarray(b["segment_ids"]),
+    )
+    return jnp.mean(logits**2), aux["loss/mod_bce"]
 
   def flat(g):
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g)}
 
-  g_main, g_bce = map(flat, jax.jit(lambda p: (
-    jax.grad(lambda p: losses(p)[0])(p),
-    jax.grad(lambda p: losses(p)[1])(p)))(params))
+  g_main, g_bce = map(
+    flat,
+    jax.jit(
+      lambda p: (
+        jax.grad(lambda p: losses(p)[0])(p),
+        jax.grad(lambda p: losses(p)[1])(p),
+      )
+    )(params),
+  )
   router_w = [p for p in g_main if p[-1] == "w_D"]
   # The router learns from the main loss through the gate sigmoid(r).
   assert router_w and all(np.abs(g_main[p]).max() > 0 for p in router_w)
   pred = [p for p in g_bce if "pred" in p[-1]]
   if predictor == "mlp":
     assert pred and all(np.abs(g_bce[p]).max() > 0 for p in pred)
-    for p, g in g_bce.items():       # stop_gradient: nothing else moves
+    for p, g in g_bce.items():  # stop_gradient: nothing else moves
       if p not in pred:
         assert np.abs(g).max() == 0, p
   else:
@@ -286,15 +311,17 @@ def test_routers_learn_and_the_predictor_does_not_touch_the_trunk(
 
 def _leaks(model, causal_routing, t_len=T):
   tok, pos, seg = _tokens(1, t_len)
-  fwd = jax.jit(lambda tok: model(tok, pos, seg,
-                                  causal_routing=causal_routing)[0])
+  fwd = jax.jit(
+    lambda tok: model(tok, pos, seg, causal_routing=causal_routing)[0]
+  )
   base = fwd(tok)
   leaks = []
   for t in (3, 8, 12, 17, 20):
-    other = tok.at[:, t + 1:].set(
-      jax.random.randint(jax.random.key(t), (1, t_len - t - 1), 0, 300))
+    other = tok.at[:, t + 1 :].set(
+      jax.random.randint(jax.random.key(t), (1, t_len - t - 1), 0, 300)
+    )
     out = fwd(other)
-    if jnp.abs(out[:, :t + 1] - base[:, :t + 1]).max() > 1e-6:
+    if jnp.abs(out[:, : t + 1] - base[:, : t + 1]).max() > 1e-6:
       leaks.append(t)
   return leaks
 
@@ -310,14 +337,15 @@ def test_causal_routing_is_causal_and_top_k_is_not(predictor):
 
 @pytest.mark.parametrize("predictor", _PREDICTORS)
 def test_prefill_decode_equals_forward_and_caches_hold_processed_tokens(
-    predictor):
+  predictor,
+):
   cfg, model = _model(predictor)
   b, t, p = 2, 14, 6
   tok, pos, seg = _tokens(b, t)
-  want, aux = jax.jit(lambda *a: model(*a, causal_routing=True))(
-    tok, pos, seg)
-  got, cache = prefill_then_decode(jax.jit(model.step), tok, pos, seg,
-                                   model.init_cache(b, t), p)
+  want, aux = jax.jit(lambda *a: model(*a, causal_routing=True))(tok, pos, seg)
+  got, cache = prefill_then_decode(
+    jax.jit(model.step), tok, pos, seg, model.init_cache(b, t), p
+  )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Cache rows per layer (segment_0 = pattern (dense, routed) x 2 repeats):
   # a routed layer holds exactly the positions its decision processed.
@@ -325,7 +353,7 @@ def test_prefill_decode_equals_forward_and_caches_hold_processed_tokens(
   assert sorted(decisions) == ["layer 1", "layer 3"]
   for layer in range(cfg.model.num_layers):
     rows = cache["segment_0"][layer % 2]
-    cached = np.asarray(rows["seg"][layer // 2] != 0)        # [B, slots]
+    cached = np.asarray(rows["seg"][layer // 2] != 0)  # [B, slots]
     slot_pos = np.asarray(rows["pos"][layer // 2])
     if layer % 2 == 0:
       assert cached.sum() == b * t
@@ -334,8 +362,9 @@ def test_prefill_decode_equals_forward_and_caches_hold_processed_tokens(
     frac = float(aux[f"routing/mod_layer{layer}_fraction"])
     assert 0 < frac < 1 and done.mean() == pytest.approx(frac)
     for row in range(b):
-      np.testing.assert_array_equal(np.sort(slot_pos[row][cached[row]]),
-                                    np.flatnonzero(done[row]))
+      np.testing.assert_array_equal(
+        np.sort(slot_pos[row][cached[row]]), np.flatnonzero(done[row])
+      )
 
 
 # ------------------------------------------------------------- training
@@ -351,15 +380,23 @@ def _two_steps(cfg, devices=None):
   state = t.init_fn()
   state["params"] = jax.tree_util.tree_map_with_path(
     lambda path, v: v * 50.0 if "w_D" in jax.tree_util.keystr(path) else v,
-    state["params"])
+    state["params"],
+  )
   state, metrics = two_train_steps(t, state)
   return jax.device_get(state["params"]), metrics
 
 
 def _mesh_cfg(d=1, f=1, tp=1):
   """Two layers (dense, routed): the smallest model with both kinds."""
-  return _cfg(**{"model.num_layers": 2, "data.seq_len": 16, "mesh.data": d,
-                 "mesh.fsdp": f, "mesh.tensor": tp})
+  return _cfg(
+    **{
+      "model.num_layers": 2,
+      "data.seq_len": 16,
+      "mesh.data": d,
+      "mesh.fsdp": f,
+      "mesh.tensor": tp,
+    }
+  )
 
 
 @pytest.fixture(scope="module")
@@ -377,45 +414,76 @@ def test_train_step_sharded_equals_one_device(one_device_steps, mesh_shape):
   assert ref["aux"]["loss/mod_bce"] > 0
   for k, v in ref["aux"].items():
     np.testing.assert_allclose(got["aux"][k], v, rtol=1e-5, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               params, ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params
+  )
 
 
-@pytest.mark.parametrize("extra", [
-  {},
-  pytest.param({"model.routing.predictor": "mlp", "model.routing.every": 1,
-                "model.routing.capacity": 0.5}, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "extra",
+  [
+    {},
+    pytest.param(
+      {
+        "model.routing.predictor": "mlp",
+        "model.routing.every": 1,
+        "model.routing.capacity": 0.5,
+      },
+      marks=pytest.mark.slow,
+    ),
+  ],
+)
 def test_flops_per_token_within_5_percent_of_xla(extra):
   # Unrolled layers (XLA counts a while-loop body once); see test_flops.py.
-  cfg = _cfg(**{
-    "model.embed_dim": 256, "model.mlp_dim": 768, "model.num_kv_heads": 4,
-    "model.scan_layers": False, "data.seq_len": 128,
-    "train.batch_size": 4, "mesh.data": 1, **extra})
+  cfg = _cfg(
+    **{
+      "model.embed_dim": 256,
+      "model.mlp_dim": 768,
+      "model.num_kv_heads": 4,
+      "model.scan_layers": False,
+      "data.seq_len": 128,
+      "train.batch_size": 4,
+      "mesh.data": 1,
+      **extra,
+    }
+  )
   _, _, compiled = aot.compile_train_step(cfg, jax.devices()[:1])
   b, s = cfg.train.batch_size, cfg.data.seq_len
   ours = flops.flops_per_token(cfg.model, s)["train"] * b * s
   assert abs(aot.xla_flops(compiled) / ours - 1) < 0.05
-  dense = flops.flops_per_token(_cfg(**{
-    "model.embed_dim": 256, "model.mlp_dim": 768,
-    "model.routing.kind": "none"}).model, s)
+  dense = flops.flops_per_token(
+    _cfg(
+      **{
+        "model.embed_dim": 256,
+        "model.mlp_dim": 768,
+        "model.routing.kind": "none",
+      }
+    ).model,
+    s,
+  )
   assert ours < 0.9 * dense["train"] * b * s
 
 
 # --------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("overrides,match", [
-  ({"model.routing.capacity": 0.0}, "capacity=0.0: expected 0 < capacity"),
-  ({"model.routing.capacity": 1.5}, "capacity=1.5: expected 0 < capacity"),
-  ({"model.routing.every": 0}, "every=0: expected 1 <= every"),
-  ({"model.routing.every": 5}, "every=5: .*num_layers=4"),
-  ({"model.routing.capacity": 0.01}, "selects no token of data.seq_len=32"),
-  ({"model.routing.aux_loss_weight": -1.0}, "aux_loss_weight=-1.0"),
-  ({"model.routing.router_z_loss": -0.1}, "router_z_loss=-0.1"),
-  ({"model.attention.kind": "tglobal"}, "tglobal"),
-  ({"model.kind": "hourglass", "model.funnel.stages": (1, 2, 1)},
-   "model.kind='hourglass'"),
-])
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    ({"model.routing.capacity": 0.0}, "capacity=0.0: expected 0 < capacity"),
+    ({"model.routing.capacity": 1.5}, "capacity=1.5: expected 0 < capacity"),
+    ({"model.routing.every": 0}, "every=0: expected 1 <= every"),
+    ({"model.routing.every": 5}, "every=5: .*num_layers=4"),
+    ({"model.routing.capacity": 0.01}, "selects no token of data.seq_len=32"),
+    ({"model.routing.aux_loss_weight": -1.0}, "aux_loss_weight=-1.0"),
+    ({"model.routing.router_z_loss": -0.1}, "router_z_loss=-0.1"),
+    ({"model.attention.kind": "tglobal"}, "tglobal"),
+    (
+      {"model.kind": "hourglass", "model.funnel.stages": (1, 2, 1)},
+      "model.kind='hourglass'",
+    ),
+  ],
+)
 def test_config_errors_are_one_line(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match) as e:
     _cfg(**overrides)
@@ -436,9 +504,11 @@ def test_every_attention_kind_routes_at_positions_and_decodes(name):
   ov = _COMPOSED[name]
   m = _cfg(**ov).model
   m = dataclasses.replace(
-    m, routing=dataclasses.replace(m.routing, capacity=0.4))
-  blk = _sharpen_routers(RoutedBlock(m, stack.layer_plan(m)[1],
-                                     nnx.Rngs(0)), 50.0)
+    m, routing=dataclasses.replace(m.routing, capacity=0.4)
+  )
+  blk = _sharpen_routers(
+    RoutedBlock(m, stack.layer_plan(m)[1], nnx.Rngs(0)), 50.0
+  )
   x, pos, seg = _inputs(padded=True)
   want, _ = jax.jit(lambda x: _masked_dense_reference(blk, x, pos, seg))(x)
   got, _ = jax.jit(lambda x: blk(x, pos, seg))(x)
@@ -448,7 +518,8 @@ def test_every_attention_kind_routes_at_positions_and_decodes(name):
   b, t, p = 2, 14, 6
   tok, pos, seg = _tokens(b, t)
   want, _ = jax.jit(lambda *a: model(*a, causal_routing=True))(tok, pos, seg)
-  got, cache = prefill_then_decode(jax.jit(model.step), tok, pos, seg,
-                                   model.init_cache(b, t), p)
+  got, cache = prefill_then_decode(
+    jax.jit(model.step), tok, pos, seg, model.init_cache(b, t), p
+  )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   assert _leaks(model, causal_routing=True) == []

@@ -21,15 +21,20 @@ from efficient_lm import config as config_lib
 from efficient_lm.models import build, flops, mor
 from efficient_lm.models.attention import Tokens
 from efficient_lm.training import loop
-from tests.helpers import (packed_batch, prefill_then_decode, small_config,
-                           two_train_steps)
+from tests.helpers import (
+  packed_batch,
+  prefill_then_decode,
+  small_config,
+  two_train_steps,
+)
 
 T = 16
 
 
 def _cfg(**overrides):
-  return small_config(**{"model.routing.kind": "mor", "model.num_layers": 4,
-                         **overrides})
+  return small_config(
+    **{"model.routing.kind": "mor", "model.num_layers": 4, **overrides}
+  )
 
 
 def _model(overrides, router_scale=1.0):
@@ -58,23 +63,31 @@ def _unique_blocks(rec):
 # ---------------------------------------------------------------- schemes
 
 
-@pytest.mark.parametrize("sharing,layers,n", [
-  ("cycle", 6, 2), ("cycle", 6, 3), ("sequence", 6, 2), ("sequence", 6, 3),
-  ("middle_cycle", 8, 2), ("middle_cycle", 8, 3), ("middle_sequence", 8, 2),
-  ("middle_sequence", 8, 3)])
+@pytest.mark.parametrize(
+  "sharing,layers,n",
+  [
+    ("cycle", 6, 2),
+    ("cycle", 6, 3),
+    ("sequence", 6, 2),
+    ("sequence", 6, 3),
+    ("middle_cycle", 8, 2),
+    ("middle_cycle", 8, 3),
+    ("middle_sequence", 8, 2),
+    ("middle_sequence", 8, 3),
+  ],
+)
 def test_layer_maps_follow_the_schemes(sharing, layers, n):
   """§1.1: cycle l mod D, sequence l // N_r, middle_*: first/last unique."""
   got = mor.layer_map(sharing, layers, n)
   m = layers - 2 if sharing.startswith("middle_") else layers
   d = m // n
-  inner = [(i % d) if sharing.endswith("cycle") else (i // n)
-           for i in range(m)]
+  inner = [(i % d) if sharing.endswith("cycle") else (i // n) for i in range(m)]
   if sharing.startswith("middle_"):
     want = [0] + [1 + u for u in inner] + [d + 1]
   else:
     want = inner
   assert list(got) == want
-  assert len(set(got)) == layers - m + d          # unique layers
+  assert len(set(got)) == layers - m + d  # unique layers
   # A hand example of each kind (4 virtual middle layers, 2 recursions).
   assert mor.layer_map("cycle", 4, 2) == (0, 1, 0, 1)
   assert mor.layer_map("sequence", 4, 2) == (0, 0, 1, 1)
@@ -82,25 +95,43 @@ def test_layer_maps_follow_the_schemes(sharing, layers, n):
   assert mor.layer_map("middle_sequence", 6, 2) == (0, 1, 1, 2, 2, 3)
 
 
-@pytest.mark.parametrize("overrides,match", [
-  ({"model.num_layers": 5}, r"num_layers=5 does not fit .*middle_cycle.*"
-                            r"num_recursions=2"),
-  ({"model.routing.sharing": "cycle", "model.num_layers": 3},
-   r"num_layers=3 does not fit .*'cycle'.*num_recursions=2"),
-  ({"model.routing.num_recursions": 0}, r"num_recursions=0"),
-  ({"model.routing.sharing": "sequence"}, r"sharing='sequence'"),
-  ({"model.routing.capacities": (1.0,)}, r"capacities=\(1.0,\) has 1"),
-  ({"model.routing.capacities": (0.5, 1.0)}, r"non-increasing"),
-  ({"model.routing.capacities": (1.0, 0.0)}, r"in \(0, 1\]"),
-  ({"model.routing.kv": "recursive_sharing",
-    "model.routing.capacities": (0.5, 0.5)}, r"capacities\[0\] = 1"),
-  ({"model.routing.alpha": 0.0}, r"alpha=0.0"),
-  ({"model.routing.aux_loss_weight": -1.0}, r"aux_loss_weight=-1.0"),
-  ({"model.attention.pattern": "dense,sliding_window",
-    "model.attention.window": 4, "model.routing.sharing": "cycle",
-    "model.routing.num_recursions": 4},
-   r"shares parameters .* one kind"),
-])
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    (
+      {"model.num_layers": 5},
+      r"num_layers=5 does not fit .*middle_cycle.*"
+      r"num_recursions=2",
+    ),
+    (
+      {"model.routing.sharing": "cycle", "model.num_layers": 3},
+      r"num_layers=3 does not fit .*'cycle'.*num_recursions=2",
+    ),
+    ({"model.routing.num_recursions": 0}, r"num_recursions=0"),
+    ({"model.routing.sharing": "sequence"}, r"sharing='sequence'"),
+    ({"model.routing.capacities": (1.0,)}, r"capacities=\(1.0,\) has 1"),
+    ({"model.routing.capacities": (0.5, 1.0)}, r"non-increasing"),
+    ({"model.routing.capacities": (1.0, 0.0)}, r"in \(0, 1\]"),
+    (
+      {
+        "model.routing.kv": "recursive_sharing",
+        "model.routing.capacities": (0.5, 0.5),
+      },
+      r"capacities\[0\] = 1",
+    ),
+    ({"model.routing.alpha": 0.0}, r"alpha=0.0"),
+    ({"model.routing.aux_loss_weight": -1.0}, r"aux_loss_weight=-1.0"),
+    (
+      {
+        "model.attention.pattern": "dense,sliding_window",
+        "model.attention.window": 4,
+        "model.routing.sharing": "cycle",
+        "model.routing.num_recursions": 4,
+      },
+      r"shares parameters .* one kind",
+    ),
+  ],
+)
 def test_config_errors_are_one_line(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match) as e:
     _cfg(**overrides)
@@ -113,8 +144,10 @@ def test_config_errors_are_one_line(overrides, match):
 def _untied_twin(cfg, model):
   """A plain decoder whose layer l holds a copy of unique layer map(l)."""
   r = cfg.model.routing
-  plain = build(small_config(**{"model.num_layers": cfg.model.num_layers})
-                .model, nnx.Rngs(5))
+  plain = build(
+    small_config(**{"model.num_layers": cfg.model.num_layers}).model,
+    nnx.Rngs(5),
+  )
   mapping = mor.layer_map(r.sharing, cfg.model.num_layers, r.num_recursions)
   blocks = [_pure(b) for b in _unique_blocks(model.stack)]
   state = nnx.state(plain, nnx.Param)
@@ -122,7 +155,8 @@ def _untied_twin(cfg, model):
   d["embed"] = _pure(model.embed)
   d["final_norm"] = _pure(model.final_norm)
   d["stack"]["groups"]["segment_0"]["layer_0"] = jax.tree.map(
-    lambda *ls: jnp.stack(ls), *[blocks[u] for u in mapping])
+    lambda *ls: jnp.stack(ls), *[blocks[u] for u in mapping]
+  )
   nnx.replace_by_pure_dict(state, d)
   nnx.update(plain, state)
   return plain, mapping
@@ -134,30 +168,40 @@ def _grads(model, f):
   return nnx.to_pure_dict(g)
 
 
-@pytest.mark.parametrize("sharing,layers,n", [
-  ("cycle", 2, 1),            # one recursion: the vanilla model
-  ("cycle", 4, 2), ("middle_cycle", 4, 2),
-  pytest.param("middle_cycle", 5, 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "sharing,layers,n",
+  [
+    ("cycle", 2, 1),  # one recursion: the vanilla model
+    ("cycle", 4, 2),
+    ("middle_cycle", 4, 2),
+    pytest.param("middle_cycle", 5, 3, marks=pytest.mark.slow),
+  ],
+)
 def test_full_capacity_unit_gate_is_the_weight_tied_model(sharing, layers, n):
   """Capacity 1 at every step, gate 1 (alpha 2, zero router: 2 sigmoid(0)),
   residual_delta: logits equal the plain decoder whose layers are copies of
   the shared ones; each shared weight's gradient is the sum over its uses;
   unique parameters counted once, effective ones per use."""
-  cfg, model = _model({"model.routing.sharing": sharing,
-                       "model.num_layers": layers,
-                       "model.routing.num_recursions": n,
-                       "model.routing.capacities": (1.0,) * n,
-                       "model.routing.alpha": 2.0,
-                       "model.routing.update_rule": "residual_delta"},
-                      router_scale=0.0)
+  cfg, model = _model(
+    {
+      "model.routing.sharing": sharing,
+      "model.num_layers": layers,
+      "model.routing.num_recursions": n,
+      "model.routing.capacities": (1.0,) * n,
+      "model.routing.alpha": 2.0,
+      "model.routing.update_rule": "residual_delta",
+    },
+    router_scale=0.0,
+  )
   plain, mapping = _untied_twin(cfg, model)
   tokens, pos, seg = _inputs()
-  seg = seg.at[1, 12:].set(0)                   # padding too
+  seg = seg.at[1, 12:].set(0)  # padding too
   want, _ = plain(tokens, pos, seg)
   got, aux = model(tokens, pos, seg)
-  real = np.asarray(seg) != 0          # padding is never routed: no claim
-  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real],
-                             atol=1e-5, rtol=0)
+  real = np.asarray(seg) != 0  # padding is never routed: no claim
+  np.testing.assert_allclose(
+    np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=0
+  )
   for r in range(n):
     assert float(aux[f"routing/mor_step{r + 1}_fraction"]) == 1.0
 
@@ -166,18 +210,26 @@ def test_full_capacity_unit_gate_is_the_weight_tied_model(sharing, layers, n):
   gp = _grads(plain, lambda m: jnp.sum(m(tokens, pos, seg)[0] * w))
   per_layer = gp["stack"]["groups"]["segment_0"]["layer_0"]
   rec = model.stack
-  names = ((["first"] if rec.first is not None else [])
-           + [("shared", j) for j in range(len(rec.shared))]
-           + (["last"] if rec.last is not None else []))
+  names = (
+    (["first"] if rec.first is not None else [])
+    + [("shared", j) for j in range(len(rec.shared))]
+    + (["last"] if rec.last is not None else [])
+  )
   for u, name in enumerate(names):
-    got_g = (gm["stack"][name] if isinstance(name, str)
-             else gm["stack"][name[0]][name[1]])
+    got_g = (
+      gm["stack"][name]
+      if isinstance(name, str)
+      else gm["stack"][name[0]][name[1]]
+    )
     uses = [i for i, v in enumerate(mapping) if v == u]
-    want_g = jax.tree.map(lambda a, uses=uses: sum(a[i] for i in uses),
-                          per_layer)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5,
-                                                         rtol=1e-4),
-                 got_g, want_g)
+    want_g = jax.tree.map(
+      lambda a, uses=uses: sum(a[i] for i in uses), per_layer
+    )
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+      got_g,
+      want_g,
+    )
   # Router: gradient through g, even at full capacity.
   assert float(jnp.abs(gm["stack"]["router_DN"]).max()) > 0
 
@@ -186,12 +238,15 @@ def test_full_capacity_unit_gate_is_the_weight_tied_model(sharing, layers, n):
   per = jax.tree.reduce(lambda s, a: s + a.size, _pure(rec.shared[0]), 0)
   router = cfg.model.embed_dim * n
   shared_layers = len(rec.shared)
-  assert counts["non_embedding"] == (plain_counts["non_embedding"]
-                                     - (layers - len(names)) * per + router)
+  assert counts["non_embedding"] == (
+    plain_counts["non_embedding"] - (layers - len(names)) * per + router
+  )
   assert counts["effective_non_embedding"] == (
-    counts["non_embedding"] + (n - 1) * shared_layers * per)
+    counts["non_embedding"] + (n - 1) * shared_layers * per
+  )
   assert counts["effective_non_embedding"] == (
-    plain_counts["non_embedding"] + router)
+    plain_counts["non_embedding"] + router
+  )
 
 
 # ------------------------------------------------------- selection, combine
@@ -204,35 +259,41 @@ def test_top_k_selection_invariants():
   z = jax.random.normal(jax.random.key(0), (b, 3, t))
   seg = np.ones((b, t), np.int32)
   seg[1, 13:] = 0
-  seg[2, :] = 0                                  # an all-padding row
+  seg[2, :] = 0  # an all-padding row
   seg[3, 5:9] = 0
   valid = jnp.asarray(seg != 0)
   n_valid = valid.sum(1)
   active = valid
   for r, c in enumerate((1.0, 2 / 3, 1 / 3)):
     idx, ok, chosen = mor.top_k_selection(z[:, r], active, n_valid, c)
-    k = np.minimum(np.maximum(1, np.floor(c * np.asarray(n_valid) + 1e-6)),
-                   np.asarray(active.sum(1)))
+    k = np.minimum(
+      np.maximum(1, np.floor(c * np.asarray(n_valid) + 1e-6)),
+      np.asarray(active.sum(1)),
+    )
     np.testing.assert_array_equal(np.asarray(chosen).sum(1), k)
     np.testing.assert_array_equal(np.asarray(ok).sum(1), k)
-    assert not np.any(np.asarray(chosen) & ~np.asarray(active))   # nested
+    assert not np.any(np.asarray(chosen) & ~np.asarray(active))  # nested
     for row in range(b):
       sel = np.asarray(idx[row])[np.asarray(ok[row])]
-      assert np.all(np.diff(sel) > 0)                              # ascending
+      assert np.all(np.diff(sel) > 0)  # ascending
       np.testing.assert_array_equal(np.flatnonzero(chosen[row]), sel)
       # The k highest candidates.
       cand = np.flatnonzero(active[row])
       best = cand[np.argsort(-np.asarray(z[row, r])[cand], kind="stable")]
-      np.testing.assert_array_equal(np.sort(best[:int(k[row])]), sel)
+      np.testing.assert_array_equal(np.sort(best[: int(k[row])]), sel)
     active = chosen
   assert mor.capacity_tokens(2 / 3, 6) == 4
 
 
 def test_unselected_tokens_are_bitwise_unchanged():
-  cfg, model = _model({"model.routing.sharing": "cycle",
-                       "model.num_layers": 2,
-                       "model.routing.num_recursions": 1,
-                       "model.routing.capacities": (0.5,)})
+  cfg, model = _model(
+    {
+      "model.routing.sharing": "cycle",
+      "model.num_layers": 2,
+      "model.routing.num_recursions": 1,
+      "model.routing.capacities": (0.5,),
+    }
+  )
   rec = model.stack
   x = jax.random.normal(jax.random.key(3), (2, T, cfg.model.embed_dim))
   _, pos, seg = _inputs()
@@ -241,8 +302,9 @@ def test_unselected_tokens_are_bitwise_unchanged():
   z = jnp.einsum("BTD,D->BT", x, rec.router_DN[:, 0])
   _, _, chosen = mor.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
   chosen = np.asarray(chosen)
-  np.testing.assert_array_equal(np.asarray(out)[~chosen],
-                                np.asarray(x)[~chosen])
+  np.testing.assert_array_equal(
+    np.asarray(out)[~chosen], np.asarray(x)[~chosen]
+  )
   assert np.all(np.abs(np.asarray(out - x)).max(-1)[chosen] > 0)
   np.testing.assert_array_equal(chosen.sum(1), [5, 8])
 
@@ -254,21 +316,27 @@ class Times3(nnx.Module):
     self.calls = nnx.Variable(jnp.zeros(shape, jnp.int32))
 
   def __call__(self, x, pos, seg):
-    if seg.shape == self.calls.shape:      # full-length (masked) steps
+    if seg.shape == self.calls.shape:  # full-length (masked) steps
       self.calls[...] = self.calls[...] + (seg != 0)
     return 3.0 * x, {}
 
 
 def _probe_recursions(n, t=1, **routing):
-  cfg = small_config(**{"model.embed_dim": 2, "model.num_heads": 1,
-                        "model.num_kv_heads": 1, "model.routing.kind": "mor",
-                        "model.routing.sharing": "cycle",
-                        "model.num_layers": n,
-                        "model.routing.num_recursions": n,
-                        **{f"model.routing.{k}": v
-                           for k, v in routing.items()}})
-  return mor.Recursions(cfg.model, lambda spec, r: Times3((1, t)),
-                        rngs=nnx.Rngs(0))
+  cfg = small_config(
+    **{
+      "model.embed_dim": 2,
+      "model.num_heads": 1,
+      "model.num_kv_heads": 1,
+      "model.routing.kind": "mor",
+      "model.routing.sharing": "cycle",
+      "model.num_layers": n,
+      "model.routing.num_recursions": n,
+      **{f"model.routing.{k}": v for k, v in routing.items()},
+    }
+  )
+  return mor.Recursions(
+    cfg.model, lambda spec, r: Times3((1, t)), rngs=nnx.Rngs(0)
+  )
 
 
 @pytest.mark.parametrize("update", ["paper", "residual_delta"])
@@ -292,46 +360,55 @@ def test_combine_rules_on_a_hand_example(update):
   got, _ = rec(h, pos, seg)
   want = h + 0.5 * 3 * h if update == "paper" else h + 0.5 * 2 * h
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  rec.router_DN[...] = jnp.array([[0.0, 1.0], [0.0, 0.0]])   # z = (0, 1)
+  rec.router_DN[...] = jnp.array([[0.0, 1.0], [0.0, 0.0]])  # z = (0, 1)
   got, _ = rec(h, pos, seg)
   p2 = float(jax.nn.softmax(jnp.array([0.0, 1.0]))[1])
   want = h + p2 * 9 * h if update == "paper" else h + p2 * (9 * h - h)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("routing", [
-  {"capacities": (1.0, 0.5)},
-  {"router": "token_choice"}])
+@pytest.mark.parametrize(
+  "routing", [{"capacities": (1.0, 0.5)}, {"router": "token_choice"}]
+)
 def test_routers_receive_gradient(routing):
   """The LM loss reaches every router column through the gates (no aux
   loss: weights 0)."""
   t = 8
-  rec = _probe_recursions(2, t, aux_loss_weight=0.0, balancing_weight=0.0,
-                          **routing)
+  rec = _probe_recursions(
+    2, t, aux_loss_weight=0.0, balancing_weight=0.0, **routing
+  )
   rec.router_DN[...] = jnp.array([[1.0, -1.0], [0.5, 2.0]])
   x = jax.random.normal(jax.random.key(9), (1, t, 2))
   pos = jnp.arange(t, dtype=jnp.int32)[None]
   seg = jnp.ones((1, t), jnp.int32)
   gd, p, rest = jax.tree.map(
     lambda v: nnx.to_pure_dict(v) if isinstance(v, nnx.State) else v,
-    nnx.split(rec, nnx.Param, ...), is_leaf=lambda v: isinstance(v, nnx.State))
+    nnx.split(rec, nnx.Param, ...),
+    is_leaf=lambda v: isinstance(v, nnx.State),
+  )
 
   def loss(p, rest):
     out, aux = nnx.merge(gd, p, rest)(x, pos, seg)
-    return jnp.sum(out ** 2) + sum(v for k, v in aux.items()
-                                   if k.startswith("loss/"))
+    return jnp.sum(out**2) + sum(
+      v for k, v in aux.items() if k.startswith("loss/")
+    )
 
   g = np.asarray(jax.grad(loss)(p, rest)["router_DN"])
   assert np.all(np.abs(g).max(0) > 1e-6), g
 
 
 def test_bce_targets_are_the_top_k_and_the_value_is_by_hand():
-  cfg, model = _model({"model.routing.sharing": "cycle",
-                       "model.num_layers": 2,
-                       "model.routing.num_recursions": 1,
-                       "model.routing.capacities": (0.25,),
-                       "model.routing.aux_loss_weight": 0.5,
-                       "model.routing.router_z_loss": 0.1}, router_scale=30.)
+  cfg, model = _model(
+    {
+      "model.routing.sharing": "cycle",
+      "model.num_layers": 2,
+      "model.routing.num_recursions": 1,
+      "model.routing.capacities": (0.25,),
+      "model.routing.aux_loss_weight": 0.5,
+      "model.routing.router_z_loss": 0.1,
+    },
+    router_scale=30.0,
+  )
   tokens, pos, seg = _inputs()
   seg = seg.at[1, 9:].set(0)
   _, aux = model(tokens, pos, seg)
@@ -372,19 +449,22 @@ def test_token_choice_counts_balance_loss_and_loss_free_bias():
   assert len(set(depth[valid])) > 1
   f = np.array([np.mean(depth[valid] == j) for j in range(n)]) * n
   pj = p[valid].mean(0)
-  np.testing.assert_allclose(aux["loss/mor_balance"], 0.5 * np.sum(f * pj),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    aux["loss/mor_balance"], 0.5 * np.sum(f * pj), rtol=1e-5
+  )
 
-  rec = _probe_recursions(n, t, router="token_choice", balancing="loss_free",
-                          bias_rate=0.01)
+  rec = _probe_recursions(
+    n, t, router="token_choice", balancing="loss_free", bias_rate=0.01
+  )
   rec.router_DN[...] = jnp.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
   rec(x, pos, seg, causal_routing=True)
   np.testing.assert_array_equal(rec.bias_N[...], np.zeros(n))
   _, aux = rec(x, pos, seg)
   assert "loss/mor_balance" not in aux
   load = np.array([np.mean(depth[valid] == j) for j in range(n)])
-  np.testing.assert_allclose(rec.bias_N[...],
-                             0.01 * np.sign(load.mean() - load), rtol=1e-6)
+  np.testing.assert_allclose(
+    rec.bias_N[...], 0.01 * np.sign(load.mean() - load), rtol=1e-6
+  )
   assert np.all(np.asarray(rec.bias_N[...]) != 0)
 
 
@@ -394,8 +474,10 @@ _KINDS = {
   "expert_recursion_wise": {},
   "expert_sharing": {"model.routing.kv": "recursive_sharing"},
   "token_recursion_wise": {"model.routing.router": "token_choice"},
-  "token_sharing": {"model.routing.router": "token_choice",
-                    "model.routing.kv": "recursive_sharing"},
+  "token_sharing": {
+    "model.routing.router": "token_choice",
+    "model.routing.kv": "recursive_sharing",
+  },
 }
 
 
@@ -404,29 +486,32 @@ def _leaks(model, causal_routing, t_list=(2, 5, 8, 11)):
   base, _ = model(tokens, pos, seg, causal_routing=causal_routing)
   out = []
   for t in t_list:
-    other = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 17) % 300)
+    other = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 17) % 300)
     got, _ = model(other, pos, seg, causal_routing=causal_routing)
-    if jnp.abs(got[:, :t + 1] - base[:, :t + 1]).max() > 1e-6:
+    if jnp.abs(got[:, : t + 1] - base[:, : t + 1]).max() > 1e-6:
       out.append(t)
   return out
 
 
 @pytest.mark.parametrize("name", sorted(_KINDS))
 def test_causal_routing_is_causal(name):
-  _, model = _model({"model.num_layers": 5,
-                     "model.routing.num_recursions": 3, **_KINDS[name]},
-                    router_scale=50.0)
+  _, model = _model(
+    {"model.num_layers": 5, "model.routing.num_recursions": 3, **_KINDS[name]},
+    router_scale=50.0,
+  )
   assert _leaks(model, True) == []
 
 
-@pytest.mark.parametrize("name", ["expert_recursion_wise",
-                                  "token_recursion_wise"])
+@pytest.mark.parametrize(
+  "name", ["expert_recursion_wise", "token_recursion_wise"]
+)
 def test_routing_decisions_are_the_causal_steps(name):
   """What `efficient_lm.plot routing` draws: nested per-step masks whose
   means are the forward's `routing/mor_step{r}_fraction`."""
-  _, model = _model({"model.num_layers": 5,
-                     "model.routing.num_recursions": 3, **_KINDS[name]},
-                    router_scale=50.0)
+  _, model = _model(
+    {"model.num_layers": 5, "model.routing.num_recursions": 3, **_KINDS[name]},
+    router_scale=50.0,
+  )
   tokens, pos, seg = _inputs()
   _, aux = model(tokens, pos, seg, causal_routing=True)
   got = model.routing_decisions(tokens, pos, seg)
@@ -435,30 +520,35 @@ def test_routing_decisions_are_the_causal_steps(name):
   for r, mask in enumerate(got.values()):
     mask = np.asarray(mask)
     assert not np.any(mask & ~prev)
-    np.testing.assert_allclose(mask.mean(),
-                               aux[f"routing/mor_step{r + 1}_fraction"])
+    np.testing.assert_allclose(
+      mask.mean(), aux[f"routing/mor_step{r + 1}_fraction"]
+    )
     prev = mask
 
 
 def test_top_k_routing_is_not_causal():
   """Training's top-k: a future token can take an earlier one's place."""
-  _, model = _model({"model.num_layers": 5,
-                     "model.routing.num_recursions": 3}, router_scale=50.0)
+  _, model = _model(
+    {"model.num_layers": 5, "model.routing.num_recursions": 3},
+    router_scale=50.0,
+  )
   assert _leaks(model, False)
 
 
 @pytest.mark.parametrize("name", sorted(_KINDS))
 def test_prefill_then_decode_equals_causal_forward(name):
-  cfg, model = _model({"model.num_layers": 5,
-                       "model.routing.num_recursions": 3, **_KINDS[name]},
-                      router_scale=50.0)
+  cfg, model = _model(
+    {"model.num_layers": 5, "model.routing.num_recursions": 3, **_KINDS[name]},
+    router_scale=50.0,
+  )
   b, t, p = 2, T, 9
   tokens, pos, seg = _inputs(b, t)
   want, aux = model(tokens, pos, seg, causal_routing=True)
   # Routing really splits the tokens at a later step.
   assert 0 < float(aux["routing/mor_step3_fraction"]) < 1
-  got, cache = prefill_then_decode(model.step, tokens, pos, seg,
-                                   model.init_cache(b, t), p)
+  got, cache = prefill_then_decode(
+    model.step, tokens, pos, seg, model.init_cache(b, t), p
+  )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Cache rows: step r of recursion_wise holds |S_r| tokens; sharing holds
   # every token once.
@@ -478,13 +568,18 @@ def test_compacted_attention_equals_dense_attention_with_keys_masked():
   b, d = 2, cfg.model.embed_dim
   x = jax.random.normal(jax.random.key(5), (b, T, d))
   _, pos, seg = _inputs(b)
-  seg = seg.at[1, :6].set(2)                      # two documents
+  seg = seg.at[1, :6].set(2)  # two documents
   z = jax.random.normal(jax.random.key(6), (b, T))
   idx, ok, chosen = mor.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
 
   def compact(x):
-    return attn(Tokens(mor._take(x, idx), mor._take(pos, idx),
-                       jnp.where(ok, mor._take(seg, idx), 0)))
+    return attn(
+      Tokens(
+        mor._take(x, idx),
+        mor._take(pos, idx),
+        jnp.where(ok, mor._take(seg, idx), 0),
+      )
+    )
 
   def dense(x):
     out = attn(Tokens(x, pos, jnp.where(chosen, seg, 0)))
@@ -506,8 +601,9 @@ def test_compacted_attention_equals_dense_attention_with_keys_masked():
 def _mor_sharded_cfg(**mesh):
   # One shared layer applied twice (capacities 1, 1/2): the smallest
   # compile that still gathers, routes and scatters.
-  return _cfg(**{"model.routing.sharing": "cycle", "model.num_layers": 2,
-                 **mesh})
+  return _cfg(
+    **{"model.routing.sharing": "cycle", "model.num_layers": 2, **mesh}
+  )
 
 
 def _two_steps(cfg, devices=None):
@@ -527,38 +623,66 @@ def one_device():
   return _two_steps(_mor_sharded_cfg(**{"mesh.data": 1}), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_shape", [
-  pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2),
-  pytest.param((1, 4, 2), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "mesh_shape",
+  [
+    pytest.param((8, 1, 1), marks=pytest.mark.slow),
+    (2, 2, 2),
+    pytest.param((1, 4, 2), marks=pytest.mark.slow),
+  ],
+)
 def test_sharded_train_step_matches_one_device(one_device, mesh_shape):
   ref_params, ref_metrics = one_device
   d, f, tp = mesh_shape
-  params, metrics = _two_steps(_mor_sharded_cfg(
-    **{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": tp}))
+  params, metrics = _two_steps(
+    _mor_sharded_cfg(**{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": tp})
+  )
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   for key in ("loss/mor_bce", "routing/mor_step2_fraction"):
-    np.testing.assert_allclose(metrics["aux"][key], ref_metrics["aux"][key],
-                               rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               params, ref_params)
+    np.testing.assert_allclose(
+      metrics["aux"][key], ref_metrics["aux"][key], rtol=1e-5
+    )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params
+  )
 
 
-@pytest.mark.parametrize("overrides", [
-  {},
-  pytest.param({"model.routing.router": "token_choice",
-                "model.routing.kv": "recursive_sharing"},
-               marks=pytest.mark.slow),
-  pytest.param({"model.num_layers": 5, "model.routing.num_recursions": 3,
-                "model.routing.kv": "recursive_sharing"},
-               marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    pytest.param(
+      {
+        "model.routing.router": "token_choice",
+        "model.routing.kv": "recursive_sharing",
+      },
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      {
+        "model.num_layers": 5,
+        "model.routing.num_recursions": 3,
+        "model.routing.kv": "recursive_sharing",
+      },
+      marks=pytest.mark.slow,
+    ),
+  ],
+)
 def test_flops_per_token_within_5_percent_of_xla(overrides):
   """Capacity-aware FLOPs: the compiled step (MoR is unrolled) of
   expert-choice at capacities (1, 1/2) costs what flops.py says; a model
   counted at full depth would be ~25% off."""
   from efficient_lm import aot
-  cfg = _cfg(**{"model.embed_dim": 256, "model.mlp_dim": 768,
-                "data.seq_len": 128, "train.batch_size": 4, **overrides})
+
+  cfg = _cfg(
+    **{
+      "model.embed_dim": 256,
+      "model.mlp_dim": 768,
+      "data.seq_len": 128,
+      "train.batch_size": 4,
+      **overrides,
+    }
+  )
   _, _, compiled = aot.compile_train_step(cfg, jax.devices()[:1])
   xla = aot.xla_flops(compiled)
   ours = flops.flops_per_token(cfg.model, 128)["train"] * 4 * 128
@@ -566,18 +690,26 @@ def test_flops_per_token_within_5_percent_of_xla(overrides):
 
 
 def _loss_free_cfg(u, **overrides):
-  return _cfg(**{"model.routing.router": "token_choice",
-                 "model.routing.balancing": "loss_free",
-                 "model.routing.bias_rate": u, **overrides})
+  return _cfg(
+    **{
+      "model.routing.router": "token_choice",
+      "model.routing.balancing": "loss_free",
+      "model.routing.bias_rate": u,
+      **overrides,
+    }
+  )
 
 
 def test_loss_free_bias_is_model_state_moved_by_the_train_step():
   """The bias lives in state["model_state"] (not params: no gradient, no
   optimizer) and each train step moves it by exactly +-u."""
   u = 0.01
-  t = loop.build_trainer(_loss_free_cfg(u, **{
-    "model.routing.sharing": "cycle", "model.num_layers": 2}),
-    jax.devices()[:1])
+  t = loop.build_trainer(
+    _loss_free_cfg(
+      u, **{"model.routing.sharing": "cycle", "model.num_layers": 2}
+    ),
+    jax.devices()[:1],
+  )
   assert "bias_N" not in t.abstract_state["params"]["stack"]
   state = t.init_fn()
   batch = packed_batch(8, 32, 384)
@@ -599,16 +731,28 @@ def test_loss_free_bias_is_model_state_trained_and_checkpointed(tmp_path):
   the checkpoint."""
   import os
   from efficient_lm.training.checkpoint import Checkpointer
+
   u = 0.01
-  cfg = _loss_free_cfg(u, **{"train.steps": 3, "train.eval_every": 100,
-                             "mesh.data": 8, "checkpoint.every_steps": 3,
-                             "checkpoint.async_save": False})
+  cfg = _loss_free_cfg(
+    u,
+    **{
+      "train.steps": 3,
+      "train.eval_every": 100,
+      "mesh.data": 8,
+      "checkpoint.every_steps": 3,
+      "checkpoint.async_save": False,
+    },
+  )
   t = loop.build_trainer(cfg)
   assert t.abstract_state["model_state"]["stack"]["bias_N"].shape == (2,)
   assert "bias_N" not in t.abstract_state["params"]["stack"]
   loop.run(cfg, str(tmp_path))
-  ckpt = Checkpointer(os.path.join(tmp_path, "checkpoints"), every_steps=1,
-                      keep=None, async_save=False)
+  ckpt = Checkpointer(
+    os.path.join(tmp_path, "checkpoints"),
+    every_steps=1,
+    keep=None,
+    async_save=False,
+  )
   step, state, _ = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
   assert step == 3

@@ -22,8 +22,11 @@ from efficient_lm.training.checkpoint import Checkpointer
 from tests.helpers import REPO, SMALL_FLAGS, cli_env, logged_losses
 
 STEPS = 8
-FLAGS = [*SMALL_FLAGS, f"--config.train.steps={STEPS}",
-         "--config.checkpoint.every_steps=4"]
+FLAGS = [
+  *SMALL_FLAGS,
+  f"--config.train.steps={STEPS}",
+  "--config.checkpoint.every_steps=4",
+]
 TIMEOUT = 600
 
 
@@ -33,8 +36,13 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, processes: int, devices: int, *extra,
-           script=("-m", "efficient_lm.train")) -> list[subprocess.Popen]:
+def _start(
+  workdir,
+  processes: int,
+  devices: int,
+  *extra,
+  script=("-m", "efficient_lm.train"),
+) -> list[subprocess.Popen]:
   """`processes` processes of `devices` CPU devices each, one run."""
   env = cli_env()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -43,12 +51,29 @@ def _start(workdir, processes: int, devices: int, *extra,
   procs = []
   for i in range(processes):
     if processes > 1:
-      dist = ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
-              f"--num_processes={processes}", f"--process_id={i}"]
-    procs.append(subprocess.Popen(
-      [sys.executable, *script, *FLAGS, f"--workdir={workdir}", *dist,
-       *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True))
+      dist = [
+        "--distributed",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+      ]
+    procs.append(
+      subprocess.Popen(
+        [
+          sys.executable,
+          *script,
+          *FLAGS,
+          f"--workdir={workdir}",
+          *dist,
+          *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   return procs
 
 
@@ -72,10 +97,13 @@ def _final(workdir):
   device whatever mesh and process count saved it."""
   saved = json.load(open(os.path.join(workdir, "config.json")))
   saved["mesh"] = {"data": 1, "fsdp": 1, "tensor": 1}
-  t = loop.build_trainer(config_lib.from_config_dict(saved),
-                         jax.devices()[:1])
-  with Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=4,
-                    keep=5, async_save=False) as ckpt:
+  t = loop.build_trainer(config_lib.from_config_dict(saved), jax.devices()[:1])
+  with Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=4,
+    keep=5,
+    async_save=False,
+  ) as ckpt:
     step, state, data_state = ckpt.restore_latest(t.abstract_state)
   return step, jax.device_get(state["params"]), data_state
 
@@ -93,8 +121,11 @@ def _assert_same_run(got, want, *, exact: bool, steps=None):
   step_a, params_a, data_a = _final(want)
   step_b, params_b, data_b = _final(got)
   assert step_a == step_b == STEPS and data_a == data_b
-  check = (np.testing.assert_array_equal if exact else
-           lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6))
+  check = (
+    np.testing.assert_array_equal
+    if exact
+    else lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  )
   jax.tree.map(check, params_b, params_a)
 
 
@@ -120,8 +151,15 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
   """SIGTERM to process 1 alone: both save the same step and exit 0; the
   resume is the uninterrupted 2-process run, bit for bit."""
   work = tmp_path / "preempted"
-  errs = _run(work, 2, 4, "--crash_at=3", "--crash_signal=TERM",
-              "--crash_process=1", script=("tests/crash_train.py",))
+  errs = _run(
+    work,
+    2,
+    4,
+    "--crash_at=3",
+    "--crash_signal=TERM",
+    "--crash_process=1",
+    script=("tests/crash_train.py",),
+  )
   stopped = []
   for err in errs:
     at = re.findall(r"preempted at step (\d+)", err)
@@ -129,8 +167,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
     stopped.append(int(at[0]))
   assert stopped[0] == stopped[1] and 3 < stopped[0] < STEPS, stopped
   n = stopped[0]
-  saved = sorted(int(p) for p in os.listdir(work / "checkpoints")
-                 if p.isdigit())
+  saved = sorted(
+    int(p) for p in os.listdir(work / "checkpoints") if p.isdigit()
+  )
   assert saved == sorted({4, n}), saved
   _run(work, 2, 4)
   _assert_same_run(work, runs["multi"], exact=True)
@@ -152,16 +191,23 @@ def test_one_process_checkpoint_resumes_on_two(runs, tmp_path):
   _assert_same_run(work, runs["single"], exact=False)
 
 
-def test_two_process_checkpoint_resumes_on_one_with_another_mesh(runs,
-                                                                 tmp_path):
+def test_two_process_checkpoint_resumes_on_one_with_another_mesh(
+  runs, tmp_path
+):
   """Saved by 2 processes on mesh (8, 1, 1), resumed by 1 on (2, 2, 2): the
   arrays are resharded on restore."""
   work = tmp_path / "two_to_one"
   _resume_from_step_4(runs["multi"], work)
-  errs = _run(work, 1, 8, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-              "--config.mesh.tensor=2")
+  errs = _run(
+    work,
+    1,
+    8,
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+  )
   assert "resumed from step 4" in errs[0]
-  assert "mesh.data" in errs[0]     # the changed config is listed
+  assert "mesh.data" in errs[0]  # the changed config is listed
   _assert_same_run(work, runs["multi"], exact=False)
 
 
@@ -169,9 +215,15 @@ def test_killed_process_stops_the_other_within_the_bound(tmp_path):
   """kill -9 of process 1: process 0 exits non-zero within the heartbeat
   timeout (plus slack), saying which process was lost."""
   heartbeat = 5
-  procs = _start(tmp_path / "killed", 2, 4, "--crash_at=3",
-                 "--crash_process=1", f"--heartbeat_timeout={heartbeat}",
-                 script=("tests/crash_train.py",))
+  procs = _start(
+    tmp_path / "killed",
+    2,
+    4,
+    "--crash_at=3",
+    "--crash_process=1",
+    f"--heartbeat_timeout={heartbeat}",
+    script=("tests/crash_train.py",),
+  )
   procs[1].communicate(timeout=TIMEOUT)
   killed_at = time.monotonic()
   assert procs[1].returncode == -signal.SIGKILL
@@ -180,8 +232,9 @@ def test_killed_process_stops_the_other_within_the_bound(tmp_path):
   assert procs[0].returncode != 0, err[-2000:]
   assert took < heartbeat + 15, took
   # Our line, or the runtime's own when it ends the process first.
-  assert ("lost process 1 of 2" in err
-          or "stopped sending heartbeats):\n1" in err), err[-3000:]
+  assert (
+    "lost process 1 of 2" in err or "stopped sending heartbeats):\n1" in err
+  ), err[-3000:]
 
 
 def test_two_slices_over_dcn_equal_one_process(runs, tmp_path):
@@ -201,8 +254,7 @@ def test_step_one_process_cannot_read_is_set_aside_by_all(runs, tmp_path):
   previous one, which ends as the uninterrupted run."""
   work = tmp_path / "damaged"
   shutil.copytree(runs["multi"], work)
-  os.truncate(work / "checkpoints" / str(STEPS) / "data" / "process_1.json",
-              3)
+  os.truncate(work / "checkpoints" / str(STEPS) / "data" / "process_1.json", 3)
   errs = _run(work, 2, 4)
   assert "resumed from step 4" in errs[0], errs[0][-2000:]
   names = os.listdir(work / "checkpoints")

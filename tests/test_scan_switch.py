@@ -18,12 +18,18 @@ from tests.test_train import _train
 
 # On top of test_train's small flags (later overrides win).
 FLAGS = [
-  "--config.model.num_layers=12", "--config.model.embed_dim=32",
-  "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
-  "--config.model.mlp_dim=64", "--config.data.seq_len=16",
-  "--config.train.batch_size=4", "--config.train.steps=6",
-  "--config.train.warmup_steps=1", "--config.train.weight_decay=5.0",
-  "--config.train.learning_rate=0.01", "--config.checkpoint.every_steps=6",
+  "--config.model.num_layers=12",
+  "--config.model.embed_dim=32",
+  "--config.model.num_heads=2",
+  "--config.model.num_kv_heads=1",
+  "--config.model.mlp_dim=64",
+  "--config.data.seq_len=16",
+  "--config.train.batch_size=4",
+  "--config.train.steps=6",
+  "--config.train.warmup_steps=1",
+  "--config.train.weight_decay=5.0",
+  "--config.train.learning_rate=0.01",
+  "--config.checkpoint.every_steps=6",
 ]
 
 
@@ -32,8 +38,12 @@ def _run(workdir, scan):
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = config_lib.from_config_dict(json.load(f))
   t = loop.build_trainer(cfg, jax.devices()[:1])
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                      keep=None, async_save=False)
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=1,
+    keep=None,
+    async_save=False,
+  )
   step, state, _ = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
   assert step == 6
@@ -44,12 +54,17 @@ def test_scanned_and_unrolled_train_alike(tmp_path):
   losses_s, params_s, t_s = _run(tmp_path / "scan", True)
   losses_u, params_u, t_u = _run(tmp_path / "unrolled", False)
   # Same initial parameters from the same seed.
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(t_s.init_fn()["params"]),
-               jax.device_get(t_u.init_fn()["params"]))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(t_s.init_fn()["params"]),
+    jax.device_get(t_u.init_fn()["params"]),
+  )
   assert sorted(losses_s) == list(range(1, 7))
-  np.testing.assert_allclose([losses_u[s] for s in sorted(losses_u)],
-                             [losses_s[s] for s in sorted(losses_s)],
-                             rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               params_u, params_s)
+  np.testing.assert_allclose(
+    [losses_u[s] for s in sorted(losses_u)],
+    [losses_s[s] for s in sorted(losses_s)],
+    rtol=1e-5,
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_u, params_s
+  )

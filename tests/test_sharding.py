@@ -46,26 +46,36 @@ def test_train_step_matches_single_device(single_device, mesh_shape):
   cfg = small_config(**{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": tp})
   t, state, metrics, init = _two_steps(cfg)
   jax.tree.map(np.testing.assert_array_equal, init, ref_init)
-  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"],
-                             rtol=LOSS_RTOL)
-  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"],
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    metrics["loss"], ref_metrics["loss"], rtol=LOSS_RTOL
+  )
+  np.testing.assert_allclose(
+    metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4
+  )
   params = jax.device_get(state["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
-               params, ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
+    params,
+    ref_params,
+  )
   # Every parameter moved by about the lr (5e-4), far beyond the tolerance,
   # so the comparison above checks the update, not the init again.
-  jax.tree.map(lambda a, b: np.testing.assert_array_less(
-    25 * PARAM_ATOL, np.max(np.abs(a - b))), params, init)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_less(
+      25 * PARAM_ATOL, np.max(np.abs(a - b))
+    ),
+    params,
+    init,
+  )
 
   # Parameters are really laid out as the rules table says.
   p = state["params"]
   table = p["embed"]["table_VD"]
   assert table.sharding.spec == P("tensor", "fsdp")
   layer = p["stack"]["groups"]["segment_0"]["layer_0"]
-  wq = layer["attn"]["q_DHK"]                   # [layers, D, H, K]
+  wq = layer["attn"]["q_DHK"]  # [layers, D, H, K]
   assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
-  down = layer["mlp"]["down_FD"]                # [layers, F, D]
+  down = layer["mlp"]["down_FD"]  # [layers, F, D]
   assert down.sharding.spec == P(None, "tensor", "fsdp")
   shard = table.addressable_shards[0].data.shape
   assert shard == (table.shape[0] // tp, table.shape[1] // f)
@@ -78,9 +88,10 @@ def test_activations_are_constrained_and_attention_is_shard_mapped():
   cfg = small_config(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
   t = loop.build_trainer(cfg)
   bs = sharding.batch_sharding(t.mesh)
-  batch = {k: jax.ShapeDtypeStruct((8, cfg.data.seq_len), "int32",
-                                   sharding=bs)
-           for k in ("inputs", "targets", "segment_ids", "positions")}
+  batch = {
+    k: jax.ShapeDtypeStruct((8, cfg.data.seq_len), "int32", sharding=bs)
+    for k in ("inputs", "targets", "segment_ids", "positions")
+  }
   text = t.train_step.lower(t.abstract_state, batch).as_text()
   # Logical activation names reach the partitioner ...
   assert text.count("sdy.sharding_constraint") >= cfg.model.num_layers
@@ -92,7 +103,8 @@ def test_activations_are_constrained_and_attention_is_shard_mapped():
 def test_logical_rules_do_not_reuse_a_mesh_axis():
   # 'batch' uses dcn+data+fsdp; 'embed' (fsdp) in the same spec replicates.
   assert sharding.logical_to_spec(("batch", "embed")) == P(
-    ("dcn", "data", "fsdp"), None)
+    ("dcn", "data", "fsdp"), None
+  )
   with pytest.raises(KeyError, match="no rule"):
     sharding.logical_to_spec(("no_such_axis",))
 
@@ -101,14 +113,16 @@ def test_batch_is_split_over_slices_and_parameters_are_not():
   """Across slices (dcn) only data parallelism: the batch is split over
   dcn*data*fsdp, and no parameter or optimizer moment is sharded over dcn
   (each slice holds a full fsdp-sharded copy)."""
-  t = loop.build_trainer(small_config(**{"mesh.data": 2, "mesh.fsdp": 2,
-                                         "mesh.tensor": 2}))
+  t = loop.build_trainer(
+    small_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  )
   assert t.mesh.axis_names == ("dcn", "data", "fsdp", "tensor")
-  assert sharding.batch_sharding(t.mesh).spec == P(("dcn", "data", "fsdp"),
-                                                   None)
+  assert sharding.batch_sharding(t.mesh).spec == P(
+    ("dcn", "data", "fsdp"), None
+  )
   assert sharding.batch_shards(t.mesh) == 4
   specs = [a.sharding.spec for a in jax.tree.leaves(t.abstract_state)]
-  assert any("fsdp" in str(s) for s in specs)   # the check below can fail
+  assert any("fsdp" in str(s) for s in specs)  # the check below can fail
   assert not [s for s in specs if "dcn" in str(s)]
 
 
@@ -124,13 +138,15 @@ def test_dcn_without_slices_or_processes_is_one_line_error():
     sharding.make_mesh(MeshConfig(dcn=2, data=4))
   assert str(e.value) == (
     "mesh.dcn=2: expected the 8 devices in 2 equal processes (the devices "
-    "are in one slice); found 1, of 8 devices")
+    "are in one slice); found 1, of 8 devices"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _CpuDevice:
   """What mesh_utils reads of a CPU device of a multi-process run: its
   slice_index is 0 on every process (jax 0.11.2)."""
+
   id: int
   process_index: int
   slice_index: int = 0
@@ -142,11 +158,14 @@ def test_dcn_groups_processes_when_devices_are_in_one_slice():
   # Two processes of four devices, listed interleaved: each process's
   # devices must fill one dcn index all the same.
   devices = [_CpuDevice(i, i % 2) for i in range(8)]
-  grid = sharding.device_grid(MeshConfig(dcn=2, data=1, fsdp=2, tensor=2),
-                              devices)
+  grid = sharding.device_grid(
+    MeshConfig(dcn=2, data=1, fsdp=2, tensor=2), devices
+  )
   assert grid.shape == (2, 1, 2, 2)
   assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [
-    {0}, {1}]
+    {0},
+    {1},
+  ]
   # Three processes (5 + 3 devices) cannot be two equal slices.
   uneven = [_CpuDevice(i, int(i >= 5)) for i in range(8)]
   with pytest.raises(ConfigError, match=r"found 2, of 5/3 devices$"):
@@ -160,16 +179,22 @@ def test_dcn_puts_each_tpu_slice_in_one_dcn_index():
   pytest.importorskip("libtpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   try:
-    desc = topologies.get_topology_desc(platform="tpu",
-                                        topology_name="v5e:2x2", num_slices=2)
+    desc = topologies.get_topology_desc(
+      platform="tpu", topology_name="v5e:2x2", num_slices=2
+    )
   except Exception as e:  # libtpu present but unusable on this host
     pytest.skip(f"no compile-only TPU topology v5e:2x2 x 2: {e}")
-  devices = list(desc.devices)[::-1]          # slice 1 first
-  mesh = sharding.make_mesh(MeshConfig(dcn=2, data=1, fsdp=2, tensor=2),
-                            devices)
+  devices = list(desc.devices)[::-1]  # slice 1 first
+  mesh = sharding.make_mesh(
+    MeshConfig(dcn=2, data=1, fsdp=2, tensor=2), devices
+  )
   assert mesh.devices.shape == (2, 1, 2, 2)
-  assert [{d.slice_index for d in mesh.devices[i].flat}
-          for i in range(2)] == [{0}, {1}]
+  assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [
+    {0},
+    {1},
+  ]
   assert sorted(d.id for d in mesh.devices.flat) == sorted(
-    d.id for d in devices)
+    d.id for d in devices
+  )

@@ -60,14 +60,14 @@ def test_total_loss_is_ce_plus_z_loss(trainer):
   logits_BTV = np.asarray(_logits(trainer, params, batch), np.float64)
   top_BT = logits_BTV.max(axis=-1)
   lse_BT = top_BT + np.log(np.exp(logits_BTV - top_BT[..., None]).sum(-1))
-  target_BT = np.take_along_axis(logits_BTV, batch["targets"][..., None],
-                                 axis=-1)[..., 0]
+  target_BT = np.take_along_axis(
+    logits_BTV, batch["targets"][..., None], axis=-1
+  )[..., 0]
   real = batch["segment_ids"] > 0
   ce = np.mean((lse_BT - target_BT)[real])
   z = np.mean(np.square(lse_BT)[real])
   # Same float32 model, eager here and jitted in the step: rounding only.
   np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)
-  np.testing.assert_allclose(metrics["total_loss"], ce + Z_LOSS * z,
-                             rtol=1e-5)
+  np.testing.assert_allclose(metrics["total_loss"], ce + Z_LOSS * z, rtol=1e-5)
   # The z term is large enough for the tolerance to see it.
   assert Z_LOSS * z > 1e3 * 1e-5 * ce

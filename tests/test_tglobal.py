@@ -4,7 +4,6 @@ element mask, its degenerate forms (sliding window, dense), the block
 aggregates and orphan rules, causality, packing and position-only block ids.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,17 +22,25 @@ EPS = 1e-6
 
 
 def _cfg(**kw):
-  kw = {"kind": "tglobal", "window": 3, "tglobal_block": 4, "impl": "xla",
-        **kw}
+  kw = {"kind": "tglobal", "window": 3, "tglobal_block": 4, "impl": "xla", **kw}
   return AttentionConfig(**kw)
 
 
 def _module(causal, seed=0, cls=TGlobalAttention, **kw):
   extra = {"norm_eps": EPS} if cls is TGlobalAttention else {}
-  m = cls(embed_dim=D, num_heads=H, num_kv_heads=G, head_dim=K,
-          rope_theta=10_000.0, cfg=_cfg(**kw), causal=causal,
-          rngs=nnx.Rngs(params=seed), param_dtype=jnp.float32, out_std=0.02,
-          **extra)
+  m = cls(
+    embed_dim=D,
+    num_heads=H,
+    num_kv_heads=G,
+    head_dim=K,
+    rope_theta=10_000.0,
+    cfg=_cfg(**kw),
+    causal=causal,
+    rngs=nnx.Rngs(params=seed),
+    param_dtype=jnp.float32,
+    out_std=0.02,
+    **extra,
+  )
   if cls is TGlobalAttention:
     # A non-trivial summary scale, so the reference must apply it.
     scale = m.summary_norm.scale
@@ -76,13 +83,16 @@ def _members(pos, seg, k, causal):
       blocks = {}
       for i in idx:
         blocks.setdefault(pos[b, i] // k, []).append(i)
-      full = sorted(j for j, m in blocks.items()
-                    if sorted(pos[b, m]) == list(range(j * k, j * k + k)))
+      full = sorted(
+        j
+        for j, m in blocks.items()
+        if sorted(pos[b, m]) == list(range(j * k, j * k + k))
+      )
       summ = {j: list(blocks[j]) for j in full}
       if not causal and full:
         for j, m in blocks.items():
           if j not in summ:
-            summ[full[-1]] += m      # orphans join the last complete block
+            summ[full[-1]] += m  # orphans join the last complete block
       out += [(s, j, sorted(summ[j])) for j in full]
     rows.append(out)
   return rows
@@ -115,18 +125,22 @@ def _reference(m, x, pos, seg, causal, window):
         continue
       for j in range(t):
         d = pos[r, i] - pos[r, j]
-        local[r, i, j] = (seg[r, j] == seg[r, i] and abs(d) < window
-                          and (d >= 0 or not causal))
+        local[r, i, j] = (
+          seg[r, j] == seg[r, i] and abs(d) < window and (d >= 0 or not causal)
+        )
       for c in range(len(rows[r])):
-        glob[r, i, c] = (g_seg[r, c] == seg[r, i]
-                         and (pos[r, i] // k > g_blk[r, c] or not causal))
+        glob[r, i, c] = g_seg[r, c] == seg[r, i] and (
+          pos[r, i] // k > g_blk[r, c] or not causal
+        )
   mask = np.concatenate([local, glob], axis=2)
   keys = jnp.concatenate([x, g], axis=1)
   k_pos = jnp.asarray(np.concatenate([pos, g_pos], 1))
-  q_ = rope(jnp.einsum("BTD,DHK->BTHK", x, m.q_DHK[...]), jnp.asarray(pos),
-            m.rope_theta)
-  k_ = rope(jnp.einsum("BSD,DGK->BSGK", keys, m.k_DGK[...]), k_pos,
-            m.rope_theta)
+  q_ = rope(
+    jnp.einsum("BTD,DHK->BTHK", x, m.q_DHK[...]), jnp.asarray(pos), m.rope_theta
+  )
+  k_ = rope(
+    jnp.einsum("BSD,DGK->BSGK", keys, m.k_DGK[...]), k_pos, m.rope_theta
+  )
   v_ = jnp.einsum("BSD,DGK->BSGK", keys, m.v_DGK[...])
   k_ = jnp.repeat(k_, H // G, axis=2)
   v_ = jnp.repeat(v_, H // G, axis=2)
@@ -150,8 +164,9 @@ def _loss_and_grads(fn, m, x, ct):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window,impl", [(3, "xla"), (6, "xla"),
-                                         (3, "xla_chunked")])
+@pytest.mark.parametrize(
+  "window,impl", [(3, "xla"), (6, "xla"), (3, "xla_chunked")]
+)
 def test_equals_dense_reference_values_and_grads(causal, window, impl):
   pos, seg = _packed()
   m = _module(causal, window=window, impl=impl)
@@ -170,8 +185,12 @@ def test_equals_dense_reference_values_and_grads(causal, window, impl):
     assert_close(gp1[name], gp2[name], 1e-5, name)
   # The summary-norm scale gets a gradient, so summaries were used.
   assert np.abs(np.asarray(gp1["summary_norm"]["scale"])).max() > 1e-6
-  assert_close(gp1["summary_norm"]["scale"], gp2["summary_norm"]["scale"],
-               1e-5, "summary scale")
+  assert_close(
+    gp1["summary_norm"]["scale"],
+    gp2["summary_norm"]["scale"],
+    1e-5,
+    "summary scale",
+  )
 
 
 # ------------------------------------------------------------ degenerate forms
@@ -191,8 +210,9 @@ def test_without_summaries_is_sliding_window(causal):
   pos, seg = _packed()
   x = _x(*pos.shape)
   m = _module(causal, window=3, tglobal_block=32)
-  ref = _copy_params(m, _module(causal, seed=5, cls=Attention,
-                                kind="sliding_window", window=3))
+  ref = _copy_params(
+    m, _module(causal, seed=5, cls=Attention, kind="sliding_window", window=3)
+  )
   assert_close(_apply(m, x, pos, seg), _apply(ref, x, pos, seg), 1e-6)
 
 
@@ -203,8 +223,9 @@ def test_causal_shorter_than_block_is_sliding_window():
   seg = jnp.ones((2, 5), jnp.int32)
   m = _module(True, window=2, tglobal_block=8)
   assert m.summaries(Tokens(x, pos, seg)).x_BTD.shape[1] == 0
-  ref = _copy_params(m, _module(True, seed=5, cls=Attention,
-                                kind="sliding_window", window=2))
+  ref = _copy_params(
+    m, _module(True, seed=5, cls=Attention, kind="sliding_window", window=2)
+  )
   assert_close(_apply(m, x, pos, seg), _apply(ref, x, pos, seg), 1e-6)
 
 
@@ -233,22 +254,25 @@ def test_aggregates_on_a_hand_example(causal):
   x = _x(1, t).at[0, 13].set(jnp.nan)
   m = _module(causal)
   g = m.summaries(Tokens(x, jnp.asarray(pos), jnp.asarray(seg)))
-  assert g.x_BTD.shape[1] == t // 4         # static bound: 4 slots
+  assert g.x_BTD.shape[1] == t // 4  # static bound: 4 slots
   members = [range(0, 4), range(4, 8) if causal else range(4, 10)]
   for j, idx in enumerate(members):
     s = np.asarray(x[0, list(idx)], np.float64).sum(0)
-    want = s / np.sqrt(np.mean(s * s) + EPS) * np.asarray(
-      m.summary_norm.scale[...])
+    want = (
+      s / np.sqrt(np.mean(s * s) + EPS) * np.asarray(m.summary_norm.scale[...])
+    )
     assert_close(g.x_BTD[0, j], want, 1e-5, f"g{j}")
-  assert np.all(np.asarray(g.x_BTD[0, 2:]) == 0)           # empty slots
+  assert np.all(np.asarray(g.x_BTD[0, 2:]) == 0)  # empty slots
   offset = 4 if causal else 2
   np.testing.assert_array_equal(g.pos_BT[0, :2], [offset, 4 + offset])
   np.testing.assert_array_equal(g.seg_BT[0], [1, 1, 0, 0])
-  slot = summary_slots(jnp.asarray(pos), jnp.asarray(seg), block=4,
-                       causal=causal, num_slots=4).slot_BT[0]
+  slot = summary_slots(
+    jnp.asarray(pos), jnp.asarray(seg), block=4, causal=causal, num_slots=4
+  ).slot_BT[0]
   orphan = -1 if causal else 1
   np.testing.assert_array_equal(
-    slot, [0] * 4 + [1] * 4 + [orphan] * 2 + [-1] * 7)
+    slot, [0] * 4 + [1] * 4 + [orphan] * 2 + [-1] * 7
+  )
 
 
 def test_block_ids_come_from_positions_not_indices():
@@ -280,20 +304,21 @@ def test_causal_perturbation_at_and_inside_blocks():
   noise = _x(1, t_len, seed=9)
   # t = k - 1 and k at block boundaries; t + 1 inside t's block otherwise.
   for t in (0, 3, 4, 5, 7, 8, 9, 12, 14, 19, 21):
-    future = x.at[:, t + 1:].set(noise[:, t + 1:])
+    future = x.at[:, t + 1 :].set(noise[:, t + 1 :])
     nxt = x.at[:, t + 1].set(noise[:, t + 1])
     for other in (future, nxt):
       y = _apply(m, other, pos, seg)
-      np.testing.assert_allclose(y[:, :t + 1], base[:, :t + 1], atol=1e-6,
-                                 rtol=0, err_msg=f"t={t}")
-      assert not np.allclose(y[:, t + 1:], base[:, t + 1:], atol=1e-6)
+      np.testing.assert_allclose(
+        y[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0, err_msg=f"t={t}"
+      )
+      assert not np.allclose(y[:, t + 1 :], base[:, t + 1 :], atol=1e-6)
 
 
 def test_causal_jacobian_is_lower_triangular():
   t_len = 13
   x, pos, seg = _one_doc(t_len)
   m = _module(True, window=2, tglobal_block=3)
-  jac = jax.jacfwd(lambda x: _apply(m, x, pos, seg))(x)   # [1,T,D,1,T,D]
+  jac = jax.jacfwd(lambda x: _apply(m, x, pos, seg))(x)  # [1,T,D,1,T,D]
   dep = np.abs(np.asarray(jac[0, :, :, 0])).max(axis=(1, 3))  # [T_out, T_in]
   assert np.all(dep[np.triu_indices(t_len, 1)] == 0)
   # Summaries do reach beyond the window: token 7 (block 2 of 3-blocks)
@@ -324,15 +349,20 @@ def test_packed_documents_equal_separate_runs(causal):
   # Each document alone in its own row (trailing padding), one call.
   docs = [(r, np.flatnonzero(seg[r] == s)) for r in range(2) for s in (1, 2)]
   t = pos.shape[1]
-  x_alone = jnp.stack([jnp.pad(x[r, idx], ((0, t - len(idx)), (0, 0)))
-                       for r, idx in docs])
-  pos_alone = np.stack([np.pad(pos[r, idx], (0, t - len(idx)))
-                        for r, idx in docs])
-  seg_alone = (np.arange(t)[None] < np.array([[len(i)] for _, i in docs]))
-  alone = m(Tokens(x_alone, jnp.asarray(pos_alone),
-                   jnp.asarray(seg_alone.astype(np.int32))))
+  x_alone = jnp.stack(
+    [jnp.pad(x[r, idx], ((0, t - len(idx)), (0, 0))) for r, idx in docs]
+  )
+  pos_alone = np.stack(
+    [np.pad(pos[r, idx], (0, t - len(idx))) for r, idx in docs]
+  )
+  seg_alone = np.arange(t)[None] < np.array([[len(i)] for _, i in docs])
+  alone = m(
+    Tokens(
+      x_alone, jnp.asarray(pos_alone), jnp.asarray(seg_alone.astype(np.int32))
+    )
+  )
   for i, (r, idx) in enumerate(docs):
-    assert_close(packed[r, idx], alone[i, :len(idx)], 1e-5, f"doc {i}")
+    assert_close(packed[r, idx], alone[i, : len(idx)], 1e-5, f"doc {i}")
   # Padding rows see nothing: zero output.
   assert np.all(np.asarray(packed[0, 17:]) == 0)
 
@@ -365,15 +395,18 @@ def _steps(m, x, pos, seg, chunks, max_len):
   return jnp.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("chunks", [
-  [9] + [1] * 14,          # prefill past the window and a block, then decode
-  [1] * 23,                # decode from the first token
-  [6, 3, 1, 5, 8],         # multi-token steps starting mid-block
-])
+@pytest.mark.parametrize(
+  "chunks",
+  [
+    [9] + [1] * 14,  # prefill past the window and a block, then decode
+    [1] * 23,  # decode from the first token
+    [6, 3, 1, 5, 8],  # multi-token steps starting mid-block
+  ],
+)
 def test_prefill_then_decode_equals_forward(chunks):
   t_len = sum(chunks)
   x, pos, seg = _one_doc(t_len)
-  x = jnp.concatenate([x, _x(1, t_len, seed=3)], 0)       # two rows
+  x = jnp.concatenate([x, _x(1, t_len, seed=3)], 0)  # two rows
   pos, seg = (jnp.concatenate([a, a], 0) for a in (pos, seg))
   m = _module(True, window=3, tglobal_block=4)
   want = m(Tokens(x, pos, seg))
@@ -392,20 +425,25 @@ def test_prefill_with_padded_prompts_then_decode():
   m = _module(True, window=3, tglobal_block=4)
   xs = [_x(1, n + new, seed=r) for r, n in enumerate(lens)]
   prompt = jnp.concatenate(
-    [jnp.pad(x[:, :n], ((0, 0), (0, width - n), (0, 0)))
-     for x, n in zip(xs, lens)], 0)
+    [
+      jnp.pad(x[:, :n], ((0, 0), (0, width - n), (0, 0)))
+      for x, n in zip(xs, lens)
+    ],
+    0,
+  )
   pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (2, width))
   seg = (pos < jnp.asarray(lens)[:, None]).astype(jnp.int32)
   cache = m.init_cache(2, max(lens) + new, jnp.float32)
   first, cache = _step(m, prompt, pos, seg, cache)
-  outs = [[first[r:r + 1, :n]] for r, n in enumerate(lens)]
+  outs = [[first[r : r + 1, :n]] for r, n in enumerate(lens)]
   for i in range(new):
-    x_B1D = jnp.concatenate([x[:, n + i:n + i + 1]
-                             for x, n in zip(xs, lens)], 0)
+    x_B1D = jnp.concatenate(
+      [x[:, n + i : n + i + 1] for x, n in zip(xs, lens)], 0
+    )
     p_B1 = jnp.asarray([[n + i] for n in lens], jnp.int32)
     y, cache = _step(m, x_B1D, p_B1, jnp.ones_like(p_B1), cache)
     for r in range(2):
-      outs[r].append(y[r:r + 1])
+      outs[r].append(y[r : r + 1])
   for r, (x, n) in enumerate(zip(xs, lens)):
     p = jnp.arange(n + new, dtype=jnp.int32)[None]
     want = m(Tokens(x, p, jnp.ones_like(p)))
@@ -417,9 +455,9 @@ def test_cache_size_and_bytes_per_token():
   shapes = jax.eval_shape(lambda: m.init_cache(2, 30, jnp.float32))
   per = m.cache_bytes_per_token(jnp.float32)
   assert per == 2 * G * K * 4
-  rows = 3 + 30 // 4                         # window + completed blocks
+  rows = 3 + 30 // 4  # window + completed blocks
   pos_seg = 2 * rows * 2 * 4
-  partial = 2 * (D * 4 + 3 * 4)              # sum, count, pos, seg
+  partial = 2 * (D * 4 + 3 * 4)  # sum, count, pos, seg
   assert cache_lib.nbytes(shapes) == 2 * rows * per + pos_seg + partial
 
 

@@ -46,18 +46,30 @@ def _compile_train_step(cd, devices):
 
 def test_small_model_with_pallas_tpu_compiles_on_2x2_fsdp_tensor():
   devices = _topology("v5e:2x2").devices
-  cd = override(decoder_1b.get_config(), **{
-    "model.num_layers": 2, "model.embed_dim": 256, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.mlp_dim": 512, "model.vocab_size": 512,
-    "model.attention.impl": "pallas_tpu", "model.attention.kind":
-    "global_local", "model.attention.window": 128,
-    "model.attention.num_global": 4, "data.seq_len": 512,
-    "train.batch_size": 4, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2})
+  cd = override(
+    decoder_1b.get_config(),
+    **{
+      "model.num_layers": 2,
+      "model.embed_dim": 256,
+      "model.num_heads": 4,
+      "model.num_kv_heads": 2,
+      "model.mlp_dim": 512,
+      "model.vocab_size": 512,
+      "model.attention.impl": "pallas_tpu",
+      "model.attention.kind": "global_local",
+      "model.attention.window": 128,
+      "model.attention.num_global": 4,
+      "data.seq_len": 512,
+      "train.batch_size": 4,
+      "mesh.data": 1,
+      "mesh.fsdp": 2,
+      "mesh.tensor": 2,
+    },
+  )
   lowered, compiled = _compile_train_step(cd, devices)
   text = lowered.as_text()
-  assert "tpu_custom_call" in text       # the Mosaic kernels, not XLA
+  assert "tpu_custom_call" in text  # the Mosaic kernels, not XLA
   assert compiled.memory_analysis().temp_size_in_bytes > 0
-
 
 
 def test_train_step_compiles_for_two_slices_with_the_batch_split_across():
@@ -65,34 +77,52 @@ def test_train_step_compiles_for_two_slices_with_the_batch_split_across():
   each slice gets half the batch, each device a quarter (tensor replicates
   it), and parameters keep their one-slice shards, with no dcn in them."""
   devices = _topology_slices("v5e:2x2", 2)
-  cd = override(decoder_1b.get_config(), **{
-    "model.num_layers": 2, "model.embed_dim": 256, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.mlp_dim": 512, "model.vocab_size": 512,
-    "model.attention.impl": "pallas_tpu", "data.seq_len": 512,
-    "train.batch_size": 8, "mesh.dcn": 2, "mesh.data": -1, "mesh.fsdp": 2,
-    "mesh.tensor": 2})
+  cd = override(
+    decoder_1b.get_config(),
+    **{
+      "model.num_layers": 2,
+      "model.embed_dim": 256,
+      "model.num_heads": 4,
+      "model.num_kv_heads": 2,
+      "model.mlp_dim": 512,
+      "model.vocab_size": 512,
+      "model.attention.impl": "pallas_tpu",
+      "data.seq_len": 512,
+      "train.batch_size": 8,
+      "mesh.dcn": 2,
+      "mesh.data": -1,
+      "mesh.fsdp": 2,
+      "mesh.tensor": 2,
+    },
+  )
   cfg = config_lib.from_config_dict(cd, device_count=len(devices))
   assert cfg.mesh.shape == (2, 1, 2, 2)
   t, _, compiled = aot.compile_train_step(cfg, devices)
-  rows = {d: idx[0] for d, idx in sharding.batch_sharding(
-    t.mesh).devices_indices_map((8, 512)).items()}
+  rows = {
+    d: idx[0]
+    for d, idx in sharding.batch_sharding(t.mesh)
+    .devices_indices_map((8, 512))
+    .items()
+  }
   for d, r in rows.items():
     assert r.stop - r.start == 2
     assert 4 * d.slice_index <= r.start < 4 * (d.slice_index + 1)
   # The compiled program's arguments (one device's shapes): batch rows 8/4
   # over dcn and fsdp; the embedding (V=512, D=256) split by tensor and
   # fsdp as on one slice, not over dcn.
-  args = [line for line in compiled.as_text().splitlines()
-          if " parameter(" in line]
+  args = [
+    line for line in compiled.as_text().splitlines() if " parameter(" in line
+  ]
 
-  def dims(arg):    # "[{'tensor'}, {'fsdp'}]" of sharding={mesh[...], ...}
+  def dims(arg):  # "[{'tensor'}, {'fsdp'}]" of sharding={mesh[...], ...}
     m = re.search(r"sharding=\{mesh\[[^\]]*\], (\[.*?\])\}", arg)
     return m.group(1) if m else "replicated"
 
-  batch = [a for a in args if "op_name=\"batch[" in a]
+  batch = [a for a in args if 'op_name="batch[' in a]
   assert len(batch) == 4, batch
-  assert all("s32[2,512]" in a and dims(a) == "[{'dcn', 'fsdp'}, {}]"
-             for a in batch), batch
+  assert all(
+    "s32[2,512]" in a and dims(a) == "[{'dcn', 'fsdp'}, {}]" for a in batch
+  ), batch
   params = [a for a in args if "op_name=\"state[\\'params\\']" in a]
   assert len(params) > 5 and any("fsdp" in dims(a) for a in params)
   assert not [a for a in params if "dcn" in dims(a)]

@@ -11,8 +11,11 @@ import pytest
 
 from efficient_lm.training import console, loop, metrics
 from efficient_lm.training.checkpoint import CheckpointError
-from efficient_lm.training.workdir import (WorkdirBusy, WorkdirLock,
-                                          config_changes)
+from efficient_lm.training.workdir import (
+  WorkdirBusy,
+  WorkdirLock,
+  config_changes,
+)
 from tests.helpers import small_config
 from tests.helpers import REPO, SMALL_FLAGS, cli_env
 
@@ -21,9 +24,19 @@ def test_second_run_on_a_held_workdir_fails_fast(tmp_path):
   # This test process plays the first run: it holds the lock.
   with WorkdirLock(str(tmp_path)):
     proc = subprocess.run(
-      [sys.executable, "-m", "efficient_lm.train", *SMALL_FLAGS,
-       f"--workdir={tmp_path}"], cwd=REPO, env=cli_env(), capture_output=True,
-      text=True, timeout=300)
+      [
+        sys.executable,
+        "-m",
+        "efficient_lm.train",
+        *SMALL_FLAGS,
+        f"--workdir={tmp_path}",
+      ],
+      cwd=REPO,
+      env=cli_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
   assert proc.returncode != 0
   [line] = proc.stderr.strip().splitlines()
   assert line.startswith("error: workdir ") and "in use by another run" in line
@@ -34,8 +47,11 @@ def test_second_run_on_a_held_workdir_fails_fast(tmp_path):
 
 def test_lock_of_a_dead_run_is_taken_over(tmp_path, capfd):
   # What a kill -9 leaves: a holder record, but no live flock on the file.
-  (tmp_path / "lock").write_text(json.dumps(
-    {"host": "gone-host", "pid": 999999, "since": "2026-01-01T00:00:00"}))
+  (tmp_path / "lock").write_text(
+    json.dumps(
+      {"host": "gone-host", "pid": 999999, "since": "2026-01-01T00:00:00"}
+    )
+  )
   with WorkdirLock(str(tmp_path)):
     holder = json.loads((tmp_path / "lock").read_text())
     assert holder["pid"] == os.getpid()
@@ -44,7 +60,7 @@ def test_lock_of_a_dead_run_is_taken_over(tmp_path, capfd):
   err = capfd.readouterr().err
   assert "taking over the lock of a run that is gone" in err
   assert "host gone-host, pid 999999" in err
-  assert (tmp_path / "lock").read_text() == ""   # released: free again
+  assert (tmp_path / "lock").read_text() == ""  # released: free again
   with WorkdirLock(str(tmp_path)):
     pass
   assert "taking over" not in capfd.readouterr().err
@@ -53,12 +69,19 @@ def test_lock_of_a_dead_run_is_taken_over(tmp_path, capfd):
 def test_workdir_record_across_starts(tmp_path, capfd):
   """A finished run, a failed start with another model, a longer schedule."""
   workdir = str(tmp_path)
-  base = {"train.steps": 4, "train.log_every": 2, "train.eval_every": 100,
-          "checkpoint.every_steps": 4, "mesh.data": 8}
+  base = {
+    "train.steps": 4,
+    "train.log_every": 2,
+    "train.eval_every": 100,
+    "checkpoint.every_steps": 4,
+    "mesh.data": 8,
+  }
   loop.run(small_config(**base), workdir, overrides=["--config.x=1"])
   capfd.readouterr()
-  before = {name: (tmp_path / name).read_bytes()
-            for name in ("config.json", "runs.jsonl", "metrics.jsonl")}
+  before = {
+    name: (tmp_path / name).read_bytes()
+    for name in ("config.json", "runs.jsonl", "metrics.jsonl")
+  }
   checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
 
   other_model = small_config(**base, **{"model.num_layers": 3})
@@ -72,14 +95,19 @@ def test_workdir_record_across_starts(tmp_path, capfd):
   summary = loop.run(small_config(**base), workdir)
   assert summary["status"] == "already_complete"
   err = capfd.readouterr().err
-  assert f"Run already complete at step 4 (train.steps=4): results in " \
-         f"{workdir}" in err
+  assert (
+    f"Run already complete at step 4 (train.steps=4): results in "
+    f"{workdir}" in err
+  )
   assert (tmp_path / "runs.jsonl").read_bytes() == before["runs.jsonl"]
 
   longer = small_config(**{**base, "train.steps": 6})
   assert loop.run(longer, workdir)["final_step"] == 6
-  [changed] = [line for line in capfd.readouterr().err.splitlines()
-               if "changed config" in line]
+  [changed] = [
+    line
+    for line in capfd.readouterr().err.splitlines()
+    if "changed config" in line
+  ]
   assert changed.endswith("with a changed config: train.steps 4 -> 6")
   runs = [json.loads(x) for x in open(tmp_path / "runs.jsonl")]
   assert [r["start_step"] for r in runs] == [0, 4]
@@ -104,21 +132,24 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere():
     p.close()
   assert "loss=3.0000" in tty.getvalue() and "eval=4.2500" in tty.getvalue()
   assert log.getvalue().splitlines() == [
-    "step 1/10: loss 5.5000", "step 5/10: eval loss 4.2500",
-    "step 10/10: loss 3.0000, 2.00k tokens/s"]
+    "step 1/10: loss 5.5000",
+    "step 5/10: eval loss 4.2500",
+    "step 10/10: loss 3.0000, 2.00k tokens/s",
+  ]
 
 
 def _tensorboard_events(directory):
   """Every Event in the TFRecord files under `directory`, in file order."""
   import struct
   from tensorboardX.proto import event_pb2
+
   events = []
   for name in sorted(os.listdir(directory)):
     raw = open(os.path.join(directory, name), "rb").read()
     pos = 0
-    while pos < len(raw):   # u64 length, u32 crc, data, u32 crc
+    while pos < len(raw):  # u64 length, u32 crc, data, u32 crc
       (n,) = struct.unpack_from("<Q", raw, pos)
-      events.append(event_pb2.Event.FromString(raw[pos + 12:pos + 12 + n]))
+      events.append(event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + n]))
       pos += 12 + n + 4
   return events
 
@@ -129,18 +160,32 @@ def test_resumed_writer_drops_the_killed_runs_later_rows(tmp_path):
     first.write(step, {"loss": float(step)})
   first.close()
   with open(tmp_path / "metrics.jsonl", "a") as f:
-    f.write('{"step": 8, "lo')           # torn by the kill
+    f.write('{"step": 8, "lo')  # torn by the kill
   resumed = metrics.MetricWriter(str(tmp_path), start_step=5)
   resumed.write(6, {"loss": 60.0})
   resumed.close()
   rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
   assert [(r["step"], r["loss"]) for r in rows] == [
-    (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
+    (1, 1.0),
+    (2, 2.0),
+    (3, 3.0),
+    (4, 4.0),
+    (5, 5.0),
+    (6, 60.0),
+  ]
   # Both event files are kept (even within one second), and TensorBoard is
   # told to discard the first run's events from step 6 on.
   events = _tensorboard_events(tmp_path / "tensorboard")
   assert sorted(e.step for e in events if e.summary.value) == [
-    1, 2, 3, 4, 5, 6, 6, 7]
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    6,
+    7,
+  ]
   assert [e.step for e in events if e.HasField("session_log")] == [6]
 
 
@@ -152,4 +197,5 @@ def test_config_changes_read_tuples_back_from_json():
   assert config_changes(saved, cfg) == {}
   other = {"model": {"funnel": {"stages": (12, 12)}, "num_layers": 4}}
   assert config_changes(saved, other) == {
-    "model.funnel.stages": ([12, 24], [12, 12])}
+    "model.funnel.stages": ([12, 24], [12, 12])
+  }

@@ -45,8 +45,13 @@ class Pieces:
   length_P: np.ndarray  # (input, target) pairs in each piece, 1..seq_len
 
   @classmethod
-  def from_spans(cls, tokens_T: np.ndarray, start_N: np.ndarray,
-                 end_N: np.ndarray, seq_len: int) -> Pieces:
+  def from_spans(
+    cls,
+    tokens_T: np.ndarray,
+    start_N: np.ndarray,
+    end_N: np.ndarray,
+    seq_len: int,
+  ) -> Pieces:
     """Splits each document span [start, end) of tokens_T into pieces."""
     pairs_N = end_N - start_N - 1  # (token, next token) pairs per span
     keep = pairs_N > 0  # a one-token span has nothing to predict
@@ -98,9 +103,17 @@ class PackedBatchIterDataset(grain.IterDataset):
   appears exactly once per epoch, never padded out with the next one's).
   """
 
-  def __init__(self, pieces: Pieces, order: PieceOrder, *, seq_len: int,
-               num_rows: int, row_start: int, row_stop: int,
-               num_epochs: int | None = None):
+  def __init__(
+    self,
+    pieces: Pieces,
+    order: PieceOrder,
+    *,
+    seq_len: int,
+    num_rows: int,
+    row_start: int,
+    row_stop: int,
+    num_epochs: int | None = None,
+  ):
     super().__init__()
     self.pieces = pieces
     self._order = order
@@ -110,29 +123,43 @@ class PackedBatchIterDataset(grain.IterDataset):
     self._num_epochs = num_epochs
 
   def __iter__(self) -> grain.DatasetIterator:
-    end = (None if self._num_epochs is None
-           else self._num_epochs * len(self.pieces))
-    return _PackedBatchIterator(self.pieces, self._order,
-                                seq_len=self._seq_len,
-                                num_rows=self._num_rows, rows=self._rows,
-                                end=end)
+    end = (
+      None if self._num_epochs is None else self._num_epochs * len(self.pieces)
+    )
+    return _PackedBatchIterator(
+      self.pieces,
+      self._order,
+      seq_len=self._seq_len,
+      num_rows=self._num_rows,
+      rows=self._rows,
+      end=end,
+    )
 
   def __str__(self) -> str:
-    return (f"PackedBatchIterDataset(num_pieces={len(self.pieces)}, "
-            f"seq_len={self._seq_len}, num_rows={self._num_rows})")
+    return (
+      f"PackedBatchIterDataset(num_pieces={len(self.pieces)}, "
+      f"seq_len={self._seq_len}, num_rows={self._num_rows})"
+    )
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
-
-  def __init__(self, pieces: Pieces, order: PieceOrder, *, seq_len: int,
-               num_rows: int, rows: tuple[int, int], end: int | None):
+  def __init__(
+    self,
+    pieces: Pieces,
+    order: PieceOrder,
+    *,
+    seq_len: int,
+    num_rows: int,
+    rows: tuple[int, int],
+    end: int | None,
+  ):
     super().__init__()
     self._pieces = pieces
     self._order = order
     self._seq_len = seq_len
     self._num_rows = num_rows
     self._rows = rows
-    self._end = end   # stream index to stop at; None: never
+    self._end = end  # stream index to stop at; None: never
     self._arange_T = np.arange(seq_len, dtype=np.int32)
     # Index into the piece stream of the first piece not yet in an emitted
     # batch: the whole iterator state.
@@ -152,9 +179,11 @@ class _PackedBatchIterator(grain.DatasetIterator):
     return int(self._order_P[i])
 
   def __next__(self) -> dict[str, np.ndarray]:
-    tokens_T, start_P, length_P = (self._pieces.tokens_T,
-                                   self._pieces.start_P,
-                                   self._pieces.length_P)
+    tokens_T, start_P, length_P = (
+      self._pieces.tokens_T,
+      self._pieces.start_P,
+      self._pieces.length_P,
+    )
     row_start, row_stop = self._rows
     shape = (row_stop - row_start, self._seq_len)
     inputs_BT = np.zeros(shape, np.int32)
@@ -179,9 +208,13 @@ class _PackedBatchIterator(grain.DatasetIterator):
       if row_start <= row < row_stop:
         b, s = row - row_start, int(start_P[piece])
         cols = slice(offset, offset + n)
-        inputs_BT[b, cols] = tokens_T[s:s + n]
-        targets_BT[b, cols] = tokens_T[s + 1:s + n + 1]
+        inputs_BT[b, cols] = tokens_T[s : s + n]
+        targets_BT[b, cols] = tokens_T[s + 1 : s + n + 1]
         segment_ids_BT[b, cols] = pieces_R[row]
         positions_BT[b, cols] = self._arange_T[:n]
-    return {"inputs": inputs_BT, "targets": targets_BT,
-            "segment_ids": segment_ids_BT, "positions": positions_BT}
+    return {
+      "inputs": inputs_BT,
+      "targets": targets_BT,
+      "segment_ids": segment_ids_BT,
+      "positions": positions_BT,
+    }

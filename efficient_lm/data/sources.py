@@ -39,14 +39,15 @@ def load_corpus(data_cfg: DataConfig) -> Corpus:
   if data_cfg.source == "jsonl":
     return _load_jsonl(_require_path(data_cfg), data_cfg.eval_fraction)
   raise DataError(
-    f"data.source={data_cfg.source!r}: expected 'default', 'text' or "
-    "'jsonl'")
+    f"data.source={data_cfg.source!r}: expected 'default', 'text' or 'jsonl'"
+  )
 
 
 def _require_path(data_cfg: DataConfig) -> str:
   if not data_cfg.path:
     raise DataError(
-      f"data.path is empty: data.source={data_cfg.source!r} needs a path")
+      f"data.path is empty: data.source={data_cfg.source!r} needs a path"
+    )
   return os.path.expanduser(data_cfg.path)
 
 
@@ -63,8 +64,10 @@ def default_corpus_files() -> list[pathlib.Path]:
   """
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
   return sorted(
-    p for p in stdlib.glob("*.py")
-    if p.is_file() and not p.name.startswith("_sysconfigdata"))
+    p
+    for p in stdlib.glob("*.py")
+    if p.is_file() and not p.name.startswith("_sysconfigdata")
+  )
 
 
 def spread_eval_mask(num_docs: int, eval_fraction: float) -> np.ndarray:
@@ -87,9 +90,11 @@ def _load_default(eval_fraction: float) -> Corpus:
   if not docs:
     raise DataError(
       "data.source='default': found no *.py files in the standard library "
-      f"at {sysconfig.get_paths()['stdlib']}")
-  return Corpus(tuple(names), tuple(docs),
-                spread_eval_mask(len(docs), eval_fraction))
+      f"at {sysconfig.get_paths()['stdlib']}"
+    )
+  return Corpus(
+    tuple(names), tuple(docs), spread_eval_mask(len(docs), eval_fraction)
+  )
 
 
 # ----------------------------------------------------------- files on disk
@@ -98,17 +103,18 @@ def _load_default(eval_fraction: float) -> Corpus:
 def resolve_files(path: str, suffix: str) -> list[str]:
   """A file, a directory (its sorted *{suffix} files) or a glob pattern."""
   if glob.has_magic(path):
-    files = sorted(f for f in glob.glob(path, recursive=True)
-                   if os.path.isfile(f))
+    files = sorted(
+      f for f in glob.glob(path, recursive=True) if os.path.isfile(f)
+    )
     if not files:
       raise DataError(f"data.path={path!r}: the glob matched no files")
     return files
   if os.path.isdir(path):
-    files = sorted(str(p) for p in pathlib.Path(path).glob(f"*{suffix}")
-                   if p.is_file())
+    files = sorted(
+      str(p) for p in pathlib.Path(path).glob(f"*{suffix}") if p.is_file()
+    )
     if not files:
-      raise DataError(
-        f"data.path={path!r}: directory has no *{suffix} files")
+      raise DataError(f"data.path={path!r}: directory has no *{suffix} files")
     return files
   if not os.path.exists(path):
     raise DataError(f"data.path={path!r}: no such file or directory")
@@ -137,14 +143,15 @@ def _jsonl_text(line: bytes, where: str) -> str:
   except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
     raise DataError(f"{where}: not valid JSON ({e})") from None
   if not isinstance(obj, dict) or "text" not in obj:
-    got = (f"keys {sorted(obj)}" if isinstance(obj, dict)
-           else type(obj).__name__)
+    got = f"keys {sorted(obj)}" if isinstance(obj, dict) else type(obj).__name__
     raise DataError(
-      f"{where}: expected an object with a string 'text' field, got {got}")
+      f"{where}: expected an object with a string 'text' field, got {got}"
+    )
   text = obj["text"]
   if not isinstance(text, str):
     raise DataError(
-      f"{where}: 'text' must be a string, got {type(text).__name__}")
+      f"{where}: 'text' must be a string, got {type(text).__name__}"
+    )
   return text
 
 
@@ -163,8 +170,10 @@ def _load_jsonl(path: str, eval_fraction: float) -> Corpus:
         # allows and UTF-8 cannot hold.
         docs.append(text.encode("utf-8", errors="replace"))
   if not docs:
-    raise DataError(f"data.path={path!r}: no documents with non-empty "
-                    "'text' in the JSON lines")
+    raise DataError(
+      f"data.path={path!r}: no documents with non-empty "
+      "'text' in the JSON lines"
+    )
   # The last fraction of the documents, as the text source does with tokens.
   num_train = int(len(docs) * (1.0 - eval_fraction))
   is_eval_N = np.arange(len(docs)) >= num_train

@@ -92,7 +92,8 @@ class ByteTokenizer:
     bad = _REPLACEMENT.encode("utf-8")
     data = b"".join(
       bytes((i,)) if 0 <= i < 256 else (b"" if i < self.vocab_size else bad)
-      for i in map(int, ids))
+      for i in map(int, ids)
+    )
     return data.decode("utf-8", errors="replace")
 
   def bytes_per_id(self) -> np.ndarray:
@@ -126,7 +127,8 @@ class CharTokenizer:
     """
     codepoints = [
       np.unique(_codepoints(_decode_utf8(doc, name, "'char'")))
-      for name, doc in zip(corpus.names, corpus.docs)]
+      for name, doc in zip(corpus.names, corpus.docs)
+    ]
     unique = np.unique(np.concatenate(codepoints))
     return cls(unique.astype("<u4").tobytes().decode("utf-32-le"))
 
@@ -144,13 +146,15 @@ class CharTokenizer:
       at = int(unknown[0])
       raise DataError(
         f"{name}: character {chr(cps[at])!r} at character {at} is not in "
-        f"the char vocabulary ({self.vocab_size} characters)")
+        f"the char vocabulary ({self.vocab_size} characters)"
+      )
     return ids.astype(np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     n = self.vocab_size
-    return "".join(self.chars[i] if 0 <= i < n else _REPLACEMENT
-                   for i in map(int, ids))
+    return "".join(
+      self.chars[i] if 0 <= i < n else _REPLACEMENT for i in map(int, ids)
+    )
 
   def bytes_per_id(self) -> np.ndarray:
     """The UTF-8 length of each character (1 to 4)."""
@@ -169,7 +173,8 @@ class SentencePieceTokenizer:
     # epath: the copy in a gs:// workdir is read from there.
     if not epath.Path(model_path).is_file():
       raise DataError(
-        f"data.tokenizer={model_path!r}: no such SentencePiece model file")
+        f"data.tokenizer={model_path!r}: no such SentencePiece model file"
+      )
     import sentencepiece  # pylint: disable=g-import-not-at-top  (optional)
 
     self.model_path = model_path
@@ -178,10 +183,13 @@ class SentencePieceTokenizer:
     self.model_proto = epath.Path(model_path).read_bytes()
     try:
       self._sp = sentencepiece.SentencePieceProcessor(
-        model_proto=self.model_proto)
+        model_proto=self.model_proto
+      )
     except RuntimeError as e:
-      raise DataError(f"{model_path}: not a SentencePiece model "
-                      f"({str(e).strip().splitlines()[0]})") from None
+      raise DataError(
+        f"{model_path}: not a SentencePiece model "
+        f"({str(e).strip().splitlines()[0]})"
+      ) from None
     self.vocab_size = int(self._sp.get_piece_size())
     self.mask_id = self.vocab_size
     # SentencePiece says -1 for "not defined".
@@ -201,7 +209,8 @@ class SentencePieceTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     n = self.vocab_size
     return self._sp.decode(
-      [i if 0 <= i < n else self._unk_id for i in map(int, ids)])
+      [i if 0 <= i < n else self._unk_id for i in map(int, ids)]
+    )
 
   def bytes_per_id(self) -> np.ndarray:
     """The UTF-8 length of each piece, its word-boundary mark (U+2581)
@@ -230,7 +239,8 @@ def make_tokenizer(data_cfg: DataConfig) -> Tokenizer:
     return SentencePieceTokenizer(os.path.expanduser(name))
   raise DataError(
     f"data.tokenizer={name!r}: expected 'byte', 'char' or a path to a "
-    "SentencePiece .model file")
+    "SentencePiece .model file"
+  )
 
 
 # ------------------------------------------------------------ tokenizer.json
@@ -257,14 +267,19 @@ def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
     source = tok.model_path
     if not paths.is_remote(source):
       source = os.path.abspath(source)
-    desc = {"kind": "sentencepiece", "model_file": SENTENCEPIECE_COPY,
-            "source": source,
-            "sha256": hashlib.sha256(tok.model_proto).hexdigest()}
+    desc = {
+      "kind": "sentencepiece",
+      "model_file": SENTENCEPIECE_COPY,
+      "source": source,
+      "sha256": hashlib.sha256(tok.model_proto).hexdigest(),
+    }
   else:
     raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__}")
   desc["vocab_size"] = tok.vocab_size
-  paths.write_atomic(path, (json.dumps(desc, ensure_ascii=False, indent=2)
-                            + "\n").encode("utf-8"))
+  paths.write_atomic(
+    path,
+    (json.dumps(desc, ensure_ascii=False, indent=2) + "\n").encode("utf-8"),
+  )
 
 
 def load_tokenizer(path: epath.PathLike) -> Tokenizer:
@@ -275,8 +290,9 @@ def load_tokenizer(path: epath.PathLike) -> Tokenizer:
     desc = json.loads(path.read_text(encoding="utf-8"))
     kind = desc["kind"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise DataError(f"{path}: not a readable tokenizer description "
-                    f"({type(e).__name__}: {e})") from None
+    raise DataError(
+      f"{path}: not a readable tokenizer description ({type(e).__name__}: {e})"
+    ) from None
   if kind == "byte":
     tok = ByteTokenizer()
   elif kind == "char":
@@ -285,16 +301,21 @@ def load_tokenizer(path: epath.PathLike) -> Tokenizer:
     model = path.parent / str(desc.get("model_file"))
     if not paths.is_remote(model):
       model = model.resolve()
-    if model.is_file():   # else the constructor says it is missing
+    if model.is_file():  # else the constructor says it is missing
       digest = hashlib.sha256(model.read_bytes()).hexdigest()
       if digest != desc.get("sha256"):
-        raise DataError(f"{model}: sha256 {digest} differs from the "
-                        f"{desc.get('sha256')} recorded in {path}")
+        raise DataError(
+          f"{model}: sha256 {digest} differs from the "
+          f"{desc.get('sha256')} recorded in {path}"
+        )
     tok = SentencePieceTokenizer(os.fspath(model))
   else:
-    raise DataError(f"{path}: kind={kind!r}: expected 'byte', 'char' or "
-                    "'sentencepiece'")
+    raise DataError(
+      f"{path}: kind={kind!r}: expected 'byte', 'char' or 'sentencepiece'"
+    )
   if tok.vocab_size != desc.get("vocab_size"):
-    raise DataError(f"{path}: the {kind} tokenizer has {tok.vocab_size} ids, "
-                    f"the file records vocab_size={desc.get('vocab_size')}")
+    raise DataError(
+      f"{path}: the {kind} tokenizer has {tok.vocab_size} ids, "
+      f"the file records vocab_size={desc.get('vocab_size')}"
+    )
   return tok

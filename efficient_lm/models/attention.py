@@ -22,12 +22,19 @@ import kernels
 from efficient_lm.config import AttentionConfig
 from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.layers import param, rope
-from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
-                                   shard_map_by_names)
+from efficient_lm.sharding import (
+  BSGK,
+  BT,
+  BTD,
+  BTHK,
+  constrain,
+  shard_map_by_names,
+)
 
 
 class Tokens(NamedTuple):
   """A sequence that attention reads: activations and where they sit."""
+
   x_BTD: jax.Array
   pos_BT: jax.Array
   seg_BT: jax.Array
@@ -50,22 +57,34 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
   if cfg.kind == "sliding_window":
     return kernels.MaskSpec(causal=causal, window=window)
   if cfg.kind == "global_local":
-    return kernels.MaskSpec(causal=causal, window=window,
-                            global_prefix=cfg.num_global)
+    return kernels.MaskSpec(
+      causal=causal, window=window, global_prefix=cfg.num_global
+    )
   if cfg.kind == "block_sparse":
     n = -(-cfg.max_len // cfg.block_size)
     table = kernels.masks.bigbird_block_table(
-      n, num_random_blocks=cfg.num_random_blocks, seed=cfg.random_seed,
-      causal=causal)
-    return kernels.MaskSpec(causal=causal, window=window,
-                            global_prefix=cfg.num_global, block_mask=table,
-                            block_mask_sizes=(cfg.block_size,) * 2)
+      n,
+      num_random_blocks=cfg.num_random_blocks,
+      seed=cfg.random_seed,
+      causal=causal,
+    )
+    return kernels.MaskSpec(
+      causal=causal,
+      window=window,
+      global_prefix=cfg.num_global,
+      block_mask=table,
+      block_mask_sizes=(cfg.block_size,) * 2,
+    )
   raise ValueError(f"attention.kind={cfg.kind!r} is not supported")
 
 
-def cache_slots(cfg: AttentionConfig, max_len: int | None, *,
-                num_slots: int | None = None,
-                stride: int = 1) -> cache_lib.Slots:
+def cache_slots(
+  cfg: AttentionConfig,
+  max_len: int | None,
+  *,
+  num_slots: int | None = None,
+  stride: int = 1,
+) -> cache_lib.Slots:
   """Where a layer of this kind keeps its generation cache: a rolling
   buffer of `window` rows (after `num_global` prefix rows) for the local
   kinds, a full cache of `max_len` rows otherwise (max_len / stride when
@@ -79,8 +98,9 @@ def cache_slots(cfg: AttentionConfig, max_len: int | None, *,
   if num_slots is not None:
     return cache_lib.Slots.rolling(num_slots - prefix, prefix=prefix)
   # No more rows than the sequence can have.
-  return cache_lib.Slots.rolling(min(cfg.window, max(max_len - prefix, 1)),
-                                 prefix=prefix)
+  return cache_lib.Slots.rolling(
+    min(cfg.window, max(max_len - prefix, 1)), prefix=prefix
+  )
 
 
 class Attention(nnx.Module):
@@ -88,19 +108,34 @@ class Attention(nnx.Module):
   # cache's layout (models/hourglass.py sets it on its shortened layers).
   cache_stride: int = 1
 
-  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, rope_theta: float, cfg: AttentionConfig,
-               causal: bool, rngs: nnx.Rngs, param_dtype, out_std: float,
-               scale: float | None = None):
+  def __init__(
+    self,
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rope_theta: float,
+    cfg: AttentionConfig,
+    causal: bool,
+    rngs: nnx.Rngs,
+    param_dtype,
+    out_std: float,
+    scale: float | None = None,
+  ):
     d, h, g, k = embed_dim, num_heads, num_kv_heads, head_dim
-    self.q_DHK = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), 0.02,
-                       param_dtype)
-    self.k_DGK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"),
-                       0.02, param_dtype)
-    self.v_DGK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"),
-                       0.02, param_dtype)
-    self.o_HKD = param(rngs, (h, k, d), ("heads", "head_dim", "embed"),
-                       out_std, param_dtype)
+    self.q_DHK = param(
+      rngs, (d, h, k), ("embed", "heads", "head_dim"), 0.02, param_dtype
+    )
+    self.k_DGK = param(
+      rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), 0.02, param_dtype
+    )
+    self.v_DGK = param(
+      rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), 0.02, param_dtype
+    )
+    self.o_HKD = param(
+      rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std, param_dtype
+    )
     self.rope_theta = rope_theta
     self.mask = mask_spec(cfg, causal=causal)
     self.scale = 1.0 / math.sqrt(k) if scale is None else scale
@@ -112,29 +147,46 @@ class Attention(nnx.Module):
     """RoPE'd q [B, T, H, K] and k, v [B, S, G, K] of the two inputs."""
     dt = q.x_BTD.dtype
     q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
-    k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD,
-                        self.k_DGK[...].astype(dt))
-    v_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD,
-                        self.v_DGK[...].astype(dt))
+    k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.k_DGK[...].astype(dt))
+    v_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.v_DGK[...].astype(dt))
     q_BTHK = constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
     k_BSGK = constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK)
     return q_BTHK, k_BSGK, constrain(v_BSGK, BSGK)
 
-  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, *,
-              mask: kernels.MaskSpec | None = None):
+  def _attend(
+    self,
+    q_BTHK,
+    k_BSGK,
+    v_BSGK,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    *,
+    mask: kernels.MaskSpec | None = None,
+  ):
     """Masked attention (the layer's mask unless `mask` is given) and the
     output projection -> [B, T, D]."""
     mask = self.mask if mask is None else mask
 
     def attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg):
       return kernels.attention(
-        q_BTHK, k_BSGK, v_BSGK, mask=mask, q_pos=q_pos, k_pos=k_pos,
-        q_segment_ids=q_seg, kv_segment_ids=k_seg, scale=self.scale,
-        logits_soft_cap=self.soft_cap, impl=self.impl)
+        q_BTHK,
+        k_BSGK,
+        v_BSGK,
+        mask=mask,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_segment_ids=q_seg,
+        kv_segment_ids=k_seg,
+        scale=self.scale,
+        logits_soft_cap=self.soft_cap,
+        impl=self.impl,
+      )
 
     o_BTHK = shard_map_by_names(
-      attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK)(
-        q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
+      attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK
+    )(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
     dt = o_BTHK.dtype
     out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
     return constrain(out, BTD)
@@ -142,8 +194,9 @@ class Attention(nnx.Module):
   def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
     kv = q if kv is None else kv
     q_BTHK, k_BSGK, v_BSGK = self._project(q, kv)
-    return self._attend(q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT,
-                        q.seg_BT, kv.seg_BT)
+    return self._attend(
+      q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT, q.seg_BT, kv.seg_BT
+    )
 
   # -------------------------------------------------------------- generation
 
@@ -151,20 +204,33 @@ class Attention(nnx.Module):
     """Empty K/V rows (kv heads only) laid out by `cache_slots`."""
     g, k = self.k_DGK.shape[1:]
     return cache_lib.empty(
-      cache_slots(self.cfg, max_len, stride=self.cache_stride), batch,
-      {"k": ((g, k), dtype), "v": ((g, k), dtype)})
+      cache_slots(self.cfg, max_len, stride=self.cache_stride),
+      batch,
+      {"k": ((g, k), dtype), "v": ((g, k), dtype)},
+    )
 
   def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens attend over the cache and themselves; see cache.py."""
-    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1],
-                        stride=self.cache_stride)
+    slots = cache_slots(
+      self.cfg, None, num_slots=cache["pos"].shape[1], stride=self.cache_stride
+    )
     q_BTHK, k_BTGK, v_BTGK = self._project(x, x)
-    new = {"k": k_BTGK, "v": v_BTGK, "pos": x.pos_BT.astype(jnp.int32),
-           "seg": x.seg_BT.astype(jnp.int32)}
+    new = {
+      "k": k_BTGK,
+      "v": v_BTGK,
+      "pos": x.pos_BT.astype(jnp.int32),
+      "seg": x.seg_BT.astype(jnp.int32),
+    }
     rows = cache_lib.concat(cache, new)
-    out = self._attend(q_BTHK, constrain(rows["k"], BSGK),
-                       constrain(rows["v"], BSGK), x.pos_BT, rows["pos"],
-                       x.seg_BT, rows["seg"])
+    out = self._attend(
+      q_BTHK,
+      constrain(rows["k"], BSGK),
+      constrain(rows["v"], BSGK),
+      x.pos_BT,
+      rows["pos"],
+      x.seg_BT,
+      rows["seg"],
+    )
     return out, cache_lib.write(cache, new, slots)
 
   def cache_bytes_per_token(self, dtype) -> int:

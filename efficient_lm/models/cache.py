@@ -36,8 +36,8 @@ import numpy as np
 class Slots:
   num_slots: int
   prefix: int = 0
-  window: int | None = None   # None: a full cache, slot = position
-  stride: int = 1             # full cache: slot = position // stride
+  window: int | None = None  # None: a full cache, slot = position
+  stride: int = 1  # full cache: slot = position // stride
 
   def __post_init__(self):
     if self.window is not None and self.stride != 1:
@@ -45,7 +45,8 @@ class Slots:
     if self.window is not None and self.num_slots != self.prefix + self.window:
       raise ValueError(
         f"rolling cache: num_slots={self.num_slots} must be prefix "
-        f"{self.prefix} + window {self.window}")
+        f"{self.prefix} + window {self.window}"
+      )
 
   @classmethod
   def full(cls, max_len: int, stride: int = 1) -> Slots:
@@ -66,8 +67,10 @@ class Slots:
 def empty(slots: Slots, batch: int, fields: dict[str, tuple]) -> dict:
   """Zero rows for `fields={name: (trailing shape, dtype)}`, plus pos/seg."""
   n = slots.num_slots
-  rows = {name: jnp.zeros((batch, n, *shape), dtype)
-          for name, (shape, dtype) in fields.items()}
+  rows = {
+    name: jnp.zeros((batch, n, *shape), dtype)
+    for name, (shape, dtype) in fields.items()
+  }
   rows["pos"] = jnp.zeros((batch, n), jnp.int32)
   rows["seg"] = jnp.zeros((batch, n), jnp.int32)
   return rows
@@ -77,9 +80,12 @@ def concat(rows: dict, new: dict) -> dict:
   """The keys a step reads: cache rows, then the new rows (axis 1)."""
   if rows.keys() != new.keys():
     raise ValueError(
-      f"cache fields {sorted(rows)} differ from new rows {sorted(new)}")
-  return {k: jnp.concatenate([rows[k], new[k].astype(rows[k].dtype)], axis=1)
-          for k in rows}
+      f"cache fields {sorted(rows)} differ from new rows {sorted(new)}"
+    )
+  return {
+    k: jnp.concatenate([rows[k], new[k].astype(rows[k].dtype)], axis=1)
+    for k in rows
+  }
 
 
 def write(rows: dict, new: dict, slots: Slots) -> dict:
@@ -94,15 +100,15 @@ def write(rows: dict, new: dict, slots: Slots) -> dict:
   pos_BT = new["pos"].astype(jnp.int32)
   keep_BT = new["seg"] != 0
   if slots.window is not None:
-    newest_B1 = jnp.max(jnp.where(keep_BT, pos_BT, -1), axis=1,
-                        keepdims=True)
+    newest_B1 = jnp.max(jnp.where(keep_BT, pos_BT, -1), axis=1, keepdims=True)
     keep_BT &= (pos_BT < slots.prefix) | (pos_BT > newest_B1 - slots.window)
   n = slots.num_slots
-  slot_BT = jnp.where(keep_BT, slots.slot(pos_BT), n)   # n: dropped
+  slot_BT = jnp.where(keep_BT, slots.slot(pos_BT), n)  # n: dropped
 
   def put(dst, src):
     def one(d, idx, s):
       return d.at[idx].set(s.astype(d.dtype), mode="drop")
+
     return jax.vmap(one)(dst, slot_BT, src)
 
   return {k: put(rows[k], new[k]) for k in rows}
@@ -110,5 +116,6 @@ def write(rows: dict, new: dict, slots: Slots) -> dict:
 
 def nbytes(tree) -> int:
   """Bytes of every array in a cache pytree (for --stats)."""
-  return int(sum(np.prod(x.shape) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
+  return int(
+    sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  )

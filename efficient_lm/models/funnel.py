@@ -92,9 +92,13 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
   bidirectional. `attention.pattern` cycles over the encoder layers and
   starts again over the decoder layers."""
   kinds = cfg.attention.pattern_kinds
-  spec = lambda i, **kw: stack.LayerSpec(attention=dataclasses.replace(
-    cfg.attention, kind=kinds[i % len(kinds)], pattern=""), causal=False,
-    **kw)
+  spec = lambda i, **kw: stack.LayerSpec(
+    attention=dataclasses.replace(
+      cfg.attention, kind=kinds[i % len(kinds)], pattern=""
+    ),
+    causal=False,
+    **kw,
+  )
   plan, i = [], 0
   for s, n in enumerate(cfg.funnel.stages):
     for j in range(n):
@@ -109,8 +113,9 @@ def pool_query_call(block: Block, q: Tokens, kv: Tokens) -> jax.Array:
   whose keys / values are the normalised `kv`."""
   h_q = block.attn_norm(q.x_BTD)
   h_kv = block.attn_norm(kv.x_BTD)
-  x_BTD = q.x_BTD + block.attn(Tokens(h_q, q.pos_BT, q.seg_BT),
-                               kv=Tokens(h_kv, kv.pos_BT, kv.seg_BT))
+  x_BTD = q.x_BTD + block.attn(
+    Tokens(h_q, q.pos_BT, q.seg_BT), kv=Tokens(h_kv, kv.pos_BT, kv.seg_BT)
+  )
   x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
   return constrain(x_BTD, BTD)
 
@@ -131,24 +136,34 @@ class FunnelEncoder(nnx.Module):
     plan = layer_plan(cfg)
     make = lambda spec, r: Block(cfg, spec, r)
     stack_of = lambda specs: stack.Stack(
-      tuple(specs), make, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat)
-    self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
-                       param_dtype=pdt)
+      tuple(specs), make, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
+    )
+    self.embed = Embed(
+      cfg.vocab_size, cfg.embed_dim, rngs=rngs, param_dtype=pdt
+    )
     stages, pool_blocks = {}, {}
     for s in range(self.num_stages):
-      specs = [p for p in plan[:cfg.num_layers] if p.stage == s]
+      specs = [p for p in plan[: cfg.num_layers] if p.stage == s]
       if s > 0:
         pool_blocks[f"stage_{s}"] = Block(cfg, specs[0], rngs)
         specs = specs[1:]
       stages[f"stage_{s}"] = stack_of(specs)
     self.stages = nnx.Dict(stages)
     self.pool_blocks = nnx.Dict(pool_blocks)
-    self.decoder = stack_of(plan[cfg.num_layers:])
+    self.decoder = stack_of(plan[cfg.num_layers :])
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.head_DV = None if cfg.tie_embeddings else param(
-      rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
-    self.doc_norm = (RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-                     if cfg.funnel.embedding_head else None)
+    self.head_DV = (
+      None
+      if cfg.tie_embeddings
+      else param(
+        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt
+      )
+    )
+    self.doc_norm = (
+      RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+      if cfg.funnel.embedding_head
+      else None
+    )
 
   def encode(self, tokens_BT, pos_BT, seg_BT):
     """-> (stage 0's output [B, T, D], the last stage's Tokens, aux)."""
@@ -168,12 +183,13 @@ class FunnelEncoder(nnx.Module):
     return bridge_BTD, x, stack._combine_aux(auxes)
 
   def __call__(self, tokens_BT, pos_BT, seg_BT, *, causal_routing=False):
-    del causal_routing   # no routed layers; the model is bidirectional
+    del causal_routing  # no routed layers; the model is bidirectional
     bridge_BTD, last, aux = self.encode(tokens_BT, pos_BT, seg_BT)
     x_BTD = bridge_BTD
     if self.num_stages > 1:
-      x_BTD = x_BTD + upsample(last, seg_BT,
-                               self.factor ** (self.num_stages - 1))
+      x_BTD = x_BTD + upsample(
+        last, seg_BT, self.factor ** (self.num_stages - 1)
+      )
     x_BTD, dec_aux = self.decoder(x_BTD, pos_BT, seg_BT)
     return self._logits(x_BTD), stack._combine_aux([aux, dec_aux])
 
@@ -183,18 +199,18 @@ class FunnelEncoder(nnx.Module):
     a row's documents 1, 2, ...): RMSNorm of the mean of its last-stage
     rows, zeros for a document with none (or no such document)."""
     if self.doc_norm is None:
-      raise ValueError("embed_documents needs model.funnel.embedding_head="
-                       "True")
+      raise ValueError("embed_documents needs model.funnel.embedding_head=True")
     _, last, _ = self.encode(tokens_BT, pos_BT, seg_BT)
     n = last.seg_BT.shape[1]
-    onehot_BNS = (last.seg_BT[:, None, :]
-                  == jnp.arange(1, n + 1)[None, :, None]).astype(jnp.float32)
-    sum_BND = jnp.einsum("BNS,BSD->BND", onehot_BNS,
-                         last.x_BTD.astype(jnp.float32))
+    onehot_BNS = (
+      last.seg_BT[:, None, :] == jnp.arange(1, n + 1)[None, :, None]
+    ).astype(jnp.float32)
+    sum_BND = jnp.einsum(
+      "BNS,BSD->BND", onehot_BNS, last.x_BTD.astype(jnp.float32)
+    )
     count_BN1 = onehot_BNS.sum(-1)[..., None]
     mean_BND = sum_BND / jnp.maximum(count_BN1, 1.0)
     return jnp.where(count_BN1 > 0, self.doc_norm(mean_BND), 0.0)
 
   def _logits(self, x_BTD):
     return output_logits(self, x_BTD)
-

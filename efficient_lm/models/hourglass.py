@@ -69,7 +69,8 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
   pre, short, _ = cfg.funnel.stages
   return tuple(
     dataclasses.replace(spec, stage=int(pre <= i < pre + short))
-    for i, spec in enumerate(stack.layer_plan(cfg, causal=True)))
+    for i, spec in enumerate(stack.layer_plan(cfg, causal=True))
+  )
 
 
 def shorten(h_BTD, pos_BT, seg_BT, factor: int, *, shift: bool = True):
@@ -89,14 +90,15 @@ def shorten(h_BTD, pos_BT, seg_BT, factor: int, *, shift: bool = True):
   def groups(a):
     pad = [(0, 0)] * a.ndim
     pad[1] = (s, max(n * k - t - s, 0))
-    a = jnp.pad(a, pad)[:, :n * k]
+    a = jnp.pad(a, pad)[:, : n * k]
     return a.reshape(a.shape[0], n, k, *a.shape[2:])
 
   h_BNKD, pos_BNK, seg_BNK = groups(h_BTD), groups(pos_BT), groups(seg_BT)
   seg_BN, pos_BN = seg_BNK[:, :, -1], pos_BNK[:, :, -1]
   same_BNK = seg_BNK == seg_BN[:, :, None]
-  sum_BND = jnp.sum(jnp.where(same_BNK[..., None], h_BNKD, 0), axis=2,
-                    dtype=jnp.float32)
+  sum_BND = jnp.sum(
+    jnp.where(same_BNK[..., None], h_BNKD, 0), axis=2, dtype=jnp.float32
+  )
   x_BND = (sum_BND / k).astype(h_BTD.dtype)
   return Tokens(constrain(x_BND, BTD), pos_BN, seg_BN)
 
@@ -115,8 +117,9 @@ class Hourglass(nnx.Module):
   aux). `shift=False` drops the k - 1 shift: that model leaks the future
   and exists only for the test that shows it."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, shift: bool = True,
-               block=None):
+  def __init__(
+    self, cfg: ModelConfig, rngs: nnx.Rngs, *, shift: bool = True, block=None
+  ):
     block = Block if block is None else block
     pdt = DTYPES[cfg.param_dtype]
     self.dtype = DTYPES[cfg.dtype]
@@ -125,8 +128,9 @@ class Hourglass(nnx.Module):
     self.embed_dim = cfg.embed_dim
     pre, short, _ = cfg.funnel.stages
     plan = layer_plan(cfg)
-    self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
-                       param_dtype=pdt)
+    self.embed = Embed(
+      cfg.vocab_size, cfg.embed_dim, rngs=rngs, param_dtype=pdt
+    )
 
     def make(specs, stride=1):
       def make_block(spec, r):
@@ -135,32 +139,46 @@ class Hourglass(nnx.Module):
           # Slots sit `stride` positions apart: one full-cache row each.
           blk.attn.cache_stride = stride
         return blk
-      return stack.Stack(specs, make_block, rngs=rngs, scan=cfg.scan_layers,
-                         remat=cfg.remat)
+
+      return stack.Stack(
+        specs, make_block, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
+      )
 
     self.pre = make(plan[:pre])
-    self.short = make(plan[pre:pre + short], stride=self.factor)
-    self.post = make(plan[pre + short:])
+    self.short = make(plan[pre : pre + short], stride=self.factor)
+    self.post = make(plan[pre + short :])
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.head_DV = None if cfg.tie_embeddings else param(
-      rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
+    self.head_DV = (
+      None
+      if cfg.tie_embeddings
+      else param(
+        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt
+      )
+    )
 
   def __call__(self, tokens_BT, pos_BT, seg_BT, *, causal_routing=False):
-    x_BTD, aux = self.hidden(self.embed(tokens_BT, self.dtype), pos_BT,
-                             seg_BT, causal_routing=causal_routing)
+    x_BTD, aux = self.hidden(
+      self.embed(tokens_BT, self.dtype),
+      pos_BT,
+      seg_BT,
+      causal_routing=causal_routing,
+    )
     return self._logits(x_BTD), aux
 
   def hidden(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
     """Embedded tokens -> (last layer's output, aux): the model between
     the embedding and the final norm (tests differentiate through it)."""
-    h_BTD, aux_pre = self.pre(x_BTD, pos_BT, seg_BT,
-                              causal_routing=causal_routing)
+    h_BTD, aux_pre = self.pre(
+      x_BTD, pos_BT, seg_BT, causal_routing=causal_routing
+    )
     p = shorten(h_BTD, pos_BT, seg_BT, self.factor, shift=self.shift)
-    s_BND, aux_short = self.short(p.x_BTD, p.pos_BT, p.seg_BT,
-                                  causal_routing=causal_routing)
+    s_BND, aux_short = self.short(
+      p.x_BTD, p.pos_BT, p.seg_BT, causal_routing=causal_routing
+    )
     x_BTD = h_BTD + upsample(s_BND - p.x_BTD, p.seg_BT, seg_BT, self.factor)
-    x_BTD, aux_post = self.post(x_BTD, pos_BT, seg_BT,
-                                causal_routing=causal_routing)
+    x_BTD, aux_post = self.post(
+      x_BTD, pos_BT, seg_BT, causal_routing=causal_routing
+    )
     return x_BTD, _merge_aux(aux_pre, aux_short, aux_post)
 
   def _logits(self, x_BTD):
@@ -172,16 +190,19 @@ class Hourglass(nnx.Module):
     return (self.pre, self.short, self.post)
 
   def max_positions(self) -> int | None:
-    limits = [n for n in (s.max_positions() for s in self._stacks())
-              if n is not None]
+    limits = [
+      n for n in (s.max_positions() for s in self._stacks()) if n is not None
+    ]
     return min(limits) if limits else None
 
   def cache_bytes_per_token(self) -> list[int]:
     """Each layer's cache bytes per token, in layer order: a shortened
     layer caches one row per `factor` tokens (rounded down)."""
-    return [n // stride for s, stride in zip(self._stacks(),
-                                             (1, self.factor, 1))
-            for n in s.cache_bytes_per_token(self.dtype)]
+    return [
+      n // stride
+      for s, stride in zip(self._stacks(), (1, self.factor, 1))
+      for n in s.cache_bytes_per_token(self.dtype)
+    ]
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     d, k = self.embed_dim, self.factor
@@ -190,42 +211,55 @@ class Hourglass(nnx.Module):
       "short": self.short.init_cache(batch, max_len, self.dtype),
       "post": self.post.init_cache(batch, max_len, self.dtype),
       # Pre-layer outputs of the newest k positions (the incomplete group).
-      "group": cache_lib.empty(cache_lib.Slots.rolling(k), batch,
-                               {"h": ((d,), self.dtype)}),
+      "group": cache_lib.empty(
+        cache_lib.Slots.rolling(k), batch, {"h": ((d,), self.dtype)}
+      ),
       # The upsampled update at the newest position.
-      "update": cache_lib.empty(cache_lib.Slots.rolling(1), batch,
-                                {"d": ((d,), self.dtype)}),
+      "update": cache_lib.empty(
+        cache_lib.Slots.rolling(1), batch, {"d": ((d,), self.dtype)}
+      ),
     }
 
   def step(self, tokens_BT, pos_BT, seg_BT, cache):
     """(logits_BTV, aux, cache) for T new tokens: T > 1 is a prefill on an
     empty cache (index == position), T == 1 a decode step."""
     if not self.shift:
-      raise ValueError("the no-shift hourglass is not causal; it cannot "
-                       "generate")
+      raise ValueError(
+        "the no-shift hourglass is not causal; it cannot generate"
+      )
     x_BTD = self.embed(tokens_BT, self.dtype)
     h_BTD, aux_pre, pre_c = self.pre.step(x_BTD, pos_BT, seg_BT, cache["pre"])
     if tokens_BT.shape[1] == 1:
-      u_BTD, aux_short, short_c = self._decode_valley(h_BTD, pos_BT, seg_BT,
-                                                      cache)
+      u_BTD, aux_short, short_c = self._decode_valley(
+        h_BTD, pos_BT, seg_BT, cache
+      )
     else:
       p = shorten(h_BTD, pos_BT, seg_BT, self.factor)
       s_BND, aux_short, short_c = self.short.step(
-        p.x_BTD, p.pos_BT, p.seg_BT, cache["short"])
+        p.x_BTD, p.pos_BT, p.seg_BT, cache["short"]
+      )
       u_BTD = upsample(s_BND - p.x_BTD, p.seg_BT, seg_BT, self.factor)
-    x_BTD, aux_post, post_c = self.post.step(h_BTD + u_BTD, pos_BT, seg_BT,
-                                             cache["post"])
+    x_BTD, aux_post, post_c = self.post.step(
+      h_BTD + u_BTD, pos_BT, seg_BT, cache["post"]
+    )
     k = self.factor
     rows = {"pos": pos_BT.astype(jnp.int32), "seg": seg_BT.astype(jnp.int32)}
     cache = {
-      "pre": pre_c, "short": short_c, "post": post_c,
-      "group": cache_lib.write(cache["group"], {"h": h_BTD, **rows},
-                               cache_lib.Slots.rolling(k)),
-      "update": cache_lib.write(cache["update"], {"d": u_BTD, **rows},
-                                cache_lib.Slots.rolling(1)),
+      "pre": pre_c,
+      "short": short_c,
+      "post": post_c,
+      "group": cache_lib.write(
+        cache["group"], {"h": h_BTD, **rows}, cache_lib.Slots.rolling(k)
+      ),
+      "update": cache_lib.write(
+        cache["update"], {"d": u_BTD, **rows}, cache_lib.Slots.rolling(1)
+      ),
     }
-    return (self._logits(x_BTD), _merge_aux(aux_pre, aux_short, aux_post),
-            cache)
+    return (
+      self._logits(x_BTD),
+      _merge_aux(aux_pre, aux_short, aux_post),
+      cache,
+    )
 
   def _decode_valley(self, h_B1D, pos_B1, seg_B1, cache):
     """The upsampled update for one new token at position p: when p
@@ -235,11 +269,17 @@ class Hourglass(nnx.Module):
     k = self.factor
     group, last = cache["group"], cache["update"]
     pos_B1 = pos_B1.astype(jnp.int32)
-    in_group_BN = ((group["pos"] > pos_B1 - k) & (group["pos"] < pos_B1)
-                   & (group["seg"] == seg_B1))
-    sum_B1D = (jnp.sum(jnp.where(in_group_BN[..., None], group["h"], 0),
-                       axis=1, keepdims=True, dtype=jnp.float32)
-               + h_B1D.astype(jnp.float32))
+    in_group_BN = (
+      (group["pos"] > pos_B1 - k)
+      & (group["pos"] < pos_B1)
+      & (group["seg"] == seg_B1)
+    )
+    sum_B1D = jnp.sum(
+      jnp.where(in_group_BN[..., None], group["h"], 0),
+      axis=1,
+      keepdims=True,
+      dtype=jnp.float32,
+    ) + h_B1D.astype(jnp.float32)
     pooled_B1D = (sum_B1D / k).astype(h_B1D.dtype)
     complete_B1 = (pos_B1 % k == 0) & (seg_B1 != 0)
     # A slot that does not complete is segment 0: invisible, and its cache
@@ -247,20 +287,24 @@ class Hourglass(nnx.Module):
     slot_seg_B1 = jnp.where(complete_B1, seg_B1, 0)
 
     def run(short_cache):
-      s_B1D, aux, short_cache = self.short.step(pooled_B1D, pos_B1,
-                                                slot_seg_B1, short_cache)
+      s_B1D, aux, short_cache = self.short.step(
+        pooled_B1D, pos_B1, slot_seg_B1, short_cache
+      )
       return s_B1D - pooled_B1D, aux, short_cache
 
     # The shortened layers run only when some row completes a group.
     shapes = jax.eval_shape(run, cache["short"])
     new_B1D, aux, short_c = jax.lax.cond(
-      jnp.any(complete_B1), run,
-      lambda c: (jnp.zeros_like(pooled_B1D),
-                 jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                              shapes[1]), c),
-      cache["short"])
-    same_slot_B1 = ((last["seg"] == seg_B1)
-                    & (last["pos"] // k == pos_B1 // k))
+      jnp.any(complete_B1),
+      run,
+      lambda c: (
+        jnp.zeros_like(pooled_B1D),
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[1]),
+        c,
+      ),
+      cache["short"],
+    )
+    same_slot_B1 = (last["seg"] == seg_B1) & (last["pos"] // k == pos_B1 // k)
     old_B1D = jnp.where(same_slot_B1[..., None], last["d"], 0)
     u_B1D = jnp.where(complete_B1[..., None], new_B1D, old_B1D)
     return u_B1D.astype(h_B1D.dtype), aux, short_c
@@ -274,5 +318,6 @@ def _merge_aux(*auxes: dict) -> dict:
     for key, v in aux.items():
       sums[key] = sums.get(key, 0.0) + v
       counts[key] = counts.get(key, 0) + 1
-  return {k: v if k.startswith("loss/") else v / counts[k]
-          for k, v in sums.items()}
+  return {
+    k: v if k.startswith("loss/") else v / counts[k] for k, v in sums.items()
+  }

@@ -29,10 +29,10 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int, *, eps: float, param_dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype),
-                           logical_axes=("norm",))
+    self.scale = nnx.Param(
+      jnp.ones((dim,), param_dtype), logical_axes=("norm",)
+    )
     self.eps = eps
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -46,8 +46,9 @@ class Embed(nnx.Module):
   """Token embedding; `attend` gives tied output logits."""
 
   def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype):
-    self.table_VD = param(rngs, (vocab, dim), ("vocab", "embed"), 0.02,
-                          param_dtype)
+    self.table_VD = param(
+      rngs, (vocab, dim), ("vocab", "embed"), 0.02, param_dtype
+    )
 
   def __call__(self, tokens_BT: jax.Array, dtype) -> jax.Array:
     x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(dtype)
@@ -55,8 +56,9 @@ class Embed(nnx.Module):
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
     table = self.table_VD[...].astype(x_BTD.dtype)
-    return jnp.einsum("BTD,VD->BTV", x_BTD, table,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "BTD,VD->BTV", x_BTD, table, preferred_element_type=jnp.float32
+    )
 
 
 def rope(x_BTHK: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
@@ -67,21 +69,22 @@ def rope(x_BTHK: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
   sin = jnp.sin(angle_BTK2)[:, :, None, :]
   cos = jnp.cos(angle_BTK2)[:, :, None, :]
   x = x_BTHK.astype(jnp.float32)
-  x1, x2 = x[..., : k // 2], x[..., k // 2:]
+  x1, x2 = x[..., : k // 2], x[..., k // 2 :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHK.dtype)
 
 
 class SwiGLU(nnx.Module):
-
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, param_dtype,
-               out_std: float):
-    self.gate_DF = param(rngs, (dim, hidden), ("embed", "mlp"), 0.02,
-                         param_dtype)
-    self.up_DF = param(rngs, (dim, hidden), ("embed", "mlp"), 0.02,
-                       param_dtype)
-    self.down_FD = param(rngs, (hidden, dim), ("mlp", "embed"), out_std,
-                         param_dtype)
+  def __init__(
+    self, dim: int, hidden: int, *, rngs: nnx.Rngs, param_dtype, out_std: float
+  ):
+    self.gate_DF = param(
+      rngs, (dim, hidden), ("embed", "mlp"), 0.02, param_dtype
+    )
+    self.up_DF = param(rngs, (dim, hidden), ("embed", "mlp"), 0.02, param_dtype)
+    self.down_FD = param(
+      rngs, (hidden, dim), ("mlp", "embed"), out_std, param_dtype
+    )
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = x_BTD.dtype

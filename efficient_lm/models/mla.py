@@ -50,8 +50,14 @@ from efficient_lm.config import AttentionConfig
 from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.attention import Tokens, cache_slots, mask_spec
 from efficient_lm.models.layers import RMSNorm, param, rope
-from efficient_lm.sharding import (BSGK, BT, BTD, BTHK, constrain,
-                                   shard_map_by_names)
+from efficient_lm.sharding import (
+  BSGK,
+  BT,
+  BTD,
+  BTHK,
+  constrain,
+  shard_map_by_names,
+)
 
 # A latent activation: the latent dim is replicated, like the width.
 BTC = ("batch", "length", None)
@@ -61,11 +67,11 @@ BS1L = ("batch", "length", None, None)
 
 
 class MLADims(NamedTuple):
-  kv_lora_rank: int    # C
-  q_lora_rank: int     # Q; 0 = queries projected from x directly
-  rope_head_dim: int   # R
-  nope_head_dim: int   # N
-  v_head_dim: int      # E
+  kv_lora_rank: int  # C
+  q_lora_rank: int  # Q; 0 = queries projected from x directly
+  rope_head_dim: int  # R
+  nope_head_dim: int  # N
+  v_head_dim: int  # E
 
 
 def resolve_dims(cfg: AttentionConfig, head_dim: int) -> MLADims:
@@ -73,15 +79,18 @@ def resolve_dims(cfg: AttentionConfig, head_dim: int) -> MLADims:
   head dim K: kv_lora_rank 4K, rope_head_dim K/2, nope_head_dim K,
   v_head_dim K (q_lora_rank 0 stays 0: no query latent)."""
   k = head_dim
-  dims = MLADims(kv_lora_rank=cfg.kv_lora_rank or 4 * k,
-                 q_lora_rank=cfg.q_lora_rank,
-                 rope_head_dim=cfg.rope_head_dim or k // 2,
-                 nope_head_dim=cfg.nope_head_dim or k,
-                 v_head_dim=cfg.v_head_dim or k)
+  dims = MLADims(
+    kv_lora_rank=cfg.kv_lora_rank or 4 * k,
+    q_lora_rank=cfg.q_lora_rank,
+    rope_head_dim=cfg.rope_head_dim or k // 2,
+    nope_head_dim=cfg.nope_head_dim or k,
+    v_head_dim=cfg.v_head_dim or k,
+  )
   if dims.rope_head_dim % 2 or not dims.rope_head_dim:
     raise ValueError(
       f"MLA rope_head_dim={dims.rope_head_dim} (from head_dim={k}) must be "
-      "even and positive for RoPE; set model.attention.rope_head_dim")
+      "even and positive for RoPE; set model.attention.rope_head_dim"
+    )
   return dims
 
 
@@ -91,37 +100,56 @@ class MLAttention(nnx.Module):
   head has its own keys and values, decompressed from the shared latent.
   `head_dim` only sets the widths left at 0 in `cfg` (`resolve_dims`).
   """
-  cache_stride: int = 1   # as attention.Attention.cache_stride
 
-  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, rope_theta: float, cfg: AttentionConfig,
-               causal: bool, rngs: nnx.Rngs, param_dtype, out_std: float,
-               norm_eps: float, scale: float | None = None):
+  cache_stride: int = 1  # as attention.Attention.cache_stride
+
+  def __init__(
+    self,
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rope_theta: float,
+    cfg: AttentionConfig,
+    causal: bool,
+    rngs: nnx.Rngs,
+    param_dtype,
+    out_std: float,
+    norm_eps: float,
+    scale: float | None = None,
+  ):
     del num_kv_heads
     d, h = embed_dim, num_heads
     dims = resolve_dims(cfg, head_dim)
     c, q, r, n, e = dims
     self.dims = dims
     if q:
-      self.dq_DQ = param(rngs, (d, q), ("embed", "q_latent"), 0.02,
-                         param_dtype)
+      self.dq_DQ = param(rngs, (d, q), ("embed", "q_latent"), 0.02, param_dtype)
       self.q_norm = RMSNorm(q, eps=norm_eps, param_dtype=param_dtype)
-      self.uq_QHK = param(rngs, (q, h, n + r),
-                          ("q_latent", "heads", "head_dim"), 0.02,
-                          param_dtype)
+      self.uq_QHK = param(
+        rngs,
+        (q, h, n + r),
+        ("q_latent", "heads", "head_dim"),
+        0.02,
+        param_dtype,
+      )
     else:
-      self.q_DHK = param(rngs, (d, h, n + r), ("embed", "heads", "head_dim"),
-                         0.02, param_dtype)
-    self.dkv_DC = param(rngs, (d, c), ("embed", "kv_latent"), 0.02,
-                        param_dtype)
+      self.q_DHK = param(
+        rngs, (d, h, n + r), ("embed", "heads", "head_dim"), 0.02, param_dtype
+      )
+    self.dkv_DC = param(rngs, (d, c), ("embed", "kv_latent"), 0.02, param_dtype)
     self.kv_norm = RMSNorm(c, eps=norm_eps, param_dtype=param_dtype)
     self.kr_DR = param(rngs, (d, r), ("embed", "head_dim"), 0.02, param_dtype)
-    self.uk_CHN = param(rngs, (c, h, n), ("kv_latent", "heads", "head_dim"),
-                        0.02, param_dtype)
-    self.uv_CHE = param(rngs, (c, h, e), ("kv_latent", "heads", "head_dim"),
-                        0.02, param_dtype)
-    self.o_HED = param(rngs, (h, e, d), ("heads", "head_dim", "embed"),
-                       out_std, param_dtype)
+    self.uk_CHN = param(
+      rngs, (c, h, n), ("kv_latent", "heads", "head_dim"), 0.02, param_dtype
+    )
+    self.uv_CHE = param(
+      rngs, (c, h, e), ("kv_latent", "heads", "head_dim"), 0.02, param_dtype
+    )
+    self.o_HED = param(
+      rngs, (h, e, d), ("heads", "head_dim", "embed"), out_std, param_dtype
+    )
     self.rope_theta = rope_theta
     self.mask = mask_spec(cfg, causal=causal)
     self.scale = 1.0 / math.sqrt(n + r) if scale is None else scale
@@ -135,11 +163,9 @@ class MLAttention(nnx.Module):
     if self.dims.q_lora_rank:
       cq_BTQ = jnp.einsum("BTD,DQ->BTQ", q.x_BTD, self.dq_DQ[...].astype(dt))
       cq_BTQ = self.q_norm(constrain(cq_BTQ, BTC))
-      q_BTHK = jnp.einsum("BTQ,QHK->BTHK", cq_BTQ,
-                          self.uq_QHK[...].astype(dt))
+      q_BTHK = jnp.einsum("BTQ,QHK->BTHK", cq_BTQ, self.uq_QHK[...].astype(dt))
     else:
-      q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD,
-                          self.q_DHK[...].astype(dt))
+      q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
     n = self.dims.nope_head_dim
     qr_BTHR = rope(q_BTHK[..., n:], q.pos_BT, self.rope_theta)
     return q_BTHK[..., :n], qr_BTHR
@@ -154,20 +180,30 @@ class MLAttention(nnx.Module):
     kr_BSR = rope(kr_BSR[:, :, None, :], kv.pos_BT, self.rope_theta)[:, :, 0]
     return c_BSC, constrain(kr_BSR, BTC)
 
-  def _attend(self, q_BTHK, k_BSGK, v_BSGE, q: Tokens, kv_pos_BS, kv_seg_BS,
-              kv_names) -> jax.Array:
+  def _attend(
+    self, q_BTHK, k_BSGK, v_BSGE, q: Tokens, kv_pos_BS, kv_seg_BS, kv_names
+  ) -> jax.Array:
     """kernels.attention per shard: the query heads split over `tensor`,
     the key/value heads as `kv_names` say -> [B, T, H, E]."""
 
     def attend(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg):
       return kernels.attention(
-        q_BTHK, k_BSGK, v_BSGE, mask=self.mask, q_pos=q_pos, k_pos=k_pos,
-        q_segment_ids=q_seg, kv_segment_ids=k_seg, scale=self.scale,
-        logits_soft_cap=self.soft_cap, impl=self.impl)
+        q_BTHK,
+        k_BSGK,
+        v_BSGE,
+        mask=self.mask,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_segment_ids=q_seg,
+        kv_segment_ids=k_seg,
+        scale=self.scale,
+        logits_soft_cap=self.soft_cap,
+        impl=self.impl,
+      )
 
     return shard_map_by_names(
-      attend, (BTHK, kv_names, kv_names, BT, BT, BT, BT), BTHK)(
-        q_BTHK, k_BSGK, v_BSGE, q.pos_BT, kv_pos_BS, q.seg_BT, kv_seg_BS)
+      attend, (BTHK, kv_names, kv_names, BT, BT, BT, BT), BTHK
+    )(q_BTHK, k_BSGK, v_BSGE, q.pos_BT, kv_pos_BS, q.seg_BT, kv_seg_BS)
 
   def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
     kv = q if kv is None else kv
@@ -177,11 +213,13 @@ class MLAttention(nnx.Module):
     c_BSC, kr_BSR = self._latents(kv)
     kn_BSHN = jnp.einsum("BSC,CHN->BSHN", c_BSC, self.uk_CHN[...].astype(dt))
     v_BSHE = jnp.einsum("BSC,CHE->BSHE", c_BSC, self.uv_CHE[...].astype(dt))
-    kr_BSHR = jnp.broadcast_to(kr_BSR[:, :, None, :],
-                               kn_BSHN.shape[:3] + kr_BSR.shape[-1:])
+    kr_BSHR = jnp.broadcast_to(
+      kr_BSR[:, :, None, :], kn_BSHN.shape[:3] + kr_BSR.shape[-1:]
+    )
     k_BSHK = constrain(jnp.concatenate([kn_BSHN, kr_BSHR], axis=-1), BSGK)
-    o_BTHE = self._attend(q_BTHK, k_BSHK, constrain(v_BSHE, BSGK), q,
-                          kv.pos_BT, kv.seg_BT, BSGK)
+    o_BTHE = self._attend(
+      q_BTHK, k_BSHK, constrain(v_BSHE, BSGK), q, kv.pos_BT, kv.seg_BT, BSGK
+    )
     out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
     return constrain(out, BTD)
 
@@ -192,27 +230,40 @@ class MLAttention(nnx.Module):
     [R], laid out by `attention.cache_slots` (rolling for windows)."""
     c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
     return cache_lib.empty(
-      cache_slots(self.cfg, max_len, stride=self.cache_stride), batch,
-      {"c": ((c,), dtype), "kr": ((r,), dtype)})
+      cache_slots(self.cfg, max_len, stride=self.cache_stride),
+      batch,
+      {"c": ((c,), dtype), "kr": ((r,), dtype)},
+    )
 
   def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens over the cache and themselves, in the absorbed form
     (module docstring); equals `__call__` on the whole sequence."""
-    slots = cache_slots(self.cfg, None, num_slots=cache["pos"].shape[1],
-                        stride=self.cache_stride)
+    slots = cache_slots(
+      self.cfg, None, num_slots=cache["pos"].shape[1], stride=self.cache_stride
+    )
     dt = x.x_BTD.dtype
     qn_BTHN, qr_BTHR = self._queries(x)
     c_BTC, kr_BTR = self._latents(x)
-    new = {"c": c_BTC, "kr": kr_BTR, "pos": x.pos_BT.astype(jnp.int32),
-           "seg": x.seg_BT.astype(jnp.int32)}
+    new = {
+      "c": c_BTC,
+      "kr": kr_BTR,
+      "pos": x.pos_BT.astype(jnp.int32),
+      "seg": x.seg_BT.astype(jnp.int32),
+    }
     rows = cache_lib.concat(cache, new)
-    qc_BTHC = jnp.einsum("BTHN,CHN->BTHC", qn_BTHN,
-                         self.uk_CHN[...].astype(dt))
+    qc_BTHC = jnp.einsum("BTHN,CHN->BTHC", qn_BTHN, self.uk_CHN[...].astype(dt))
     q_BTHL = constrain(jnp.concatenate([qc_BTHC, qr_BTHR], axis=-1), BTHK)
     c_BSC = constrain(rows["c"].astype(dt), BTC)
     k_BS1L = jnp.concatenate([c_BSC, rows["kr"].astype(dt)], axis=-1)
-    o_BTHC = self._attend(q_BTHL, k_BS1L[:, :, None], c_BSC[:, :, None], x,
-                          rows["pos"], rows["seg"], BS1L)
+    o_BTHC = self._attend(
+      q_BTHL,
+      k_BS1L[:, :, None],
+      c_BSC[:, :, None],
+      x,
+      rows["pos"],
+      rows["seg"],
+      BS1L,
+    )
     o_BTHE = jnp.einsum("BTHC,CHE->BTHE", o_BTHC, self.uv_CHE[...].astype(dt))
     out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
     return constrain(out, BTD), cache_lib.write(cache, new, slots)

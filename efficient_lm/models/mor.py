@@ -83,15 +83,17 @@ def fits(sharing: str, num_layers: int, num_recursions: int) -> bool:
   return num_recursions >= 1 and m >= num_recursions and m % num_recursions == 0
 
 
-def layer_map(sharing: str, num_layers: int,
-              num_recursions: int) -> tuple[int, ...]:
+def layer_map(
+  sharing: str, num_layers: int, num_recursions: int
+) -> tuple[int, ...]:
   """Unique layer used by each virtual layer (METHODS.md §1.1): cycle
   l -> l mod D; sequence l -> l // N_r; middle_*: the first layer is 0, the
   last D + 1, the middle ones 1 + (cycle or sequence map of l - 1)."""
   if not fits(sharing, num_layers, num_recursions):
     raise ValueError(
       f"model.num_layers={num_layers} does not fit sharing={sharing!r} with "
-      f"num_recursions={num_recursions}")
+      f"num_recursions={num_recursions}"
+    )
   m = recursed_layers(sharing, num_layers)
   d = m // num_recursions
   if sharing.endswith("cycle"):
@@ -129,9 +131,10 @@ def _take(a_BT, idx_BK):
 def _scatter(x_BTD, idx_BK, ok_BK, new_BKD):
   """x with rows idx[b, k] (where ok) replaced by new; others untouched."""
   t = x_BTD.shape[1]
-  idx = jnp.where(ok_BK, idx_BK, t)         # t: dropped
-  return jax.vmap(lambda d, i, s: d.at[i].set(s.astype(d.dtype),
-                                              mode="drop"))(x_BTD, idx, new_BKD)
+  idx = jnp.where(ok_BK, idx_BK, t)  # t: dropped
+  return jax.vmap(lambda d, i, s: d.at[i].set(s.astype(d.dtype), mode="drop"))(
+    x_BTD, idx, new_BKD
+  )
 
 
 def top_k_selection(z_BT, cand_BT, n_valid_B, c: float):
@@ -149,8 +152,9 @@ def top_k_selection(z_BT, cand_BT, n_valid_B, c: float):
   keep = jnp.arange(kk)[None] < k_B[:, None]
   idx_BK = jnp.sort(jnp.where(keep, top_BK, t), axis=1).astype(jnp.int32)
   ok_BK = idx_BK < t
-  chosen = jax.vmap(lambda i: jnp.zeros((t,), bool).at[i].set(
-    True, mode="drop"))(jnp.where(ok_BK, idx_BK, t))
+  chosen = jax.vmap(
+    lambda i: jnp.zeros((t,), bool).at[i].set(True, mode="drop")
+  )(jnp.where(ok_BK, idx_BK, t))
   return jnp.minimum(idx_BK, t - 1), ok_BK, chosen
 
 
@@ -173,14 +177,19 @@ def shared_kv_layer(block, x_BTD, pos_BT, seg_BT, *, rows=None, cache=None):
   q_BTHK, k_BTGK, v_BTGK = attn._project(t, t)
   new_cache = cache
   if rows is None:
-    rows = {"k": k_BTGK, "v": v_BTGK, "pos": pos_BT.astype(jnp.int32),
-            "seg": seg_BT.astype(jnp.int32)}
+    rows = {
+      "k": k_BTGK,
+      "v": v_BTGK,
+      "pos": pos_BT.astype(jnp.int32),
+      "seg": seg_BT.astype(jnp.int32),
+    }
     if cache is not None:
       slots = cache_slots(attn.cfg, None, num_slots=cache["pos"].shape[1])
       new_cache = cache_lib.write(cache, rows, slots)
       rows = cache_lib.concat(cache, rows)
-  a_BTD = attn._attend(q_BTHK, rows["k"], rows["v"], pos_BT, rows["pos"],
-                       seg_BT, rows["seg"])
+  a_BTD = attn._attend(
+    q_BTHK, rows["k"], rows["v"], pos_BT, rows["pos"], seg_BT, rows["seg"]
+  )
   x_BTD = x_BTD + a_BTD
   x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
   return constrain(x_BTD, BTD), rows, new_cache
@@ -192,9 +201,13 @@ def shared_kv_layer(block, x_BTD, pos_BT, seg_BT, *, rows=None, cache=None):
 class Recursions(nnx.Module):
   """The decoder's layer stack under MoR; the `stack.Stack` interface."""
 
-  def __init__(self, cfg: ModelConfig,
-               make_block: Callable[[stack.LayerSpec, nnx.Rngs], nnx.Module],
-               *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    make_block: Callable[[stack.LayerSpec, nnx.Rngs], nnx.Module],
+    *,
+    rngs: nnx.Rngs,
+  ):
     r = cfg.routing
     self.num_recursions = n = r.num_recursions
     self.router_kind = r.router
@@ -218,25 +231,29 @@ class Recursions(nnx.Module):
       spec_of.setdefault(u, plan[layer])
     off = 1 if middle else 0
     self.first = make_block(spec_of[0], rngs) if middle else None
-    self.shared = nnx.List([make_block(spec_of[off + j], rngs)
-                            for j in range(self.depth)])
+    self.shared = nnx.List(
+      [make_block(spec_of[off + j], rngs) for j in range(self.depth)]
+    )
     self.last = make_block(spec_of[self.depth + 1], rngs) if middle else None
     pdt = jnp.dtype(cfg.param_dtype)
     # One column per recursion step (expert-choice) or per depth
     # (token-choice); N(0, 0.02) as the released linear routers.
-    self.router_DN = param(rngs, (cfg.embed_dim, n), ("embed", None), 0.02,
-                           pdt)
-    self.bias_N = (ModelState(jnp.zeros((n,), jnp.float32),
-                              logical_axes=(None,))
-                   if r.router == "token_choice" and r.balancing == "loss_free"
-                   else None)
+    self.router_DN = param(rngs, (cfg.embed_dim, n), ("embed", None), 0.02, pdt)
+    self.bias_N = (
+      ModelState(jnp.zeros((n,), jnp.float32), logical_axes=(None,))
+      if r.router == "token_choice" and r.balancing == "loss_free"
+      else None
+    )
 
   # ----------------------------------------------------------- pieces
 
   def _logits(self, x_BTD):
     """Router logits [B, T, N] in float32."""
-    return jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32),
-                      self.router_DN[...].astype(jnp.float32))
+    return jnp.einsum(
+      "BTD,DN->BTN",
+      x_BTD.astype(jnp.float32),
+      self.router_DN[...].astype(jnp.float32),
+    )
 
   def _shared(self, x_BTD, pos_BT, seg_BT, step: int, rows, caches):
     """The D shared layers on one step's tokens. recursion_wise: attention
@@ -254,8 +271,13 @@ class Recursions(nnx.Module):
         auxes.append(aux)
       else:
         x_BTD, rj, cache = shared_kv_layer(
-          blk, x_BTD, pos_BT, seg_BT, rows=None if step == 0 else rows[j],
-          cache=cache)
+          blk,
+          x_BTD,
+          pos_BT,
+          seg_BT,
+          rows=None if step == 0 else rows[j],
+          cache=cache,
+        )
         out_rows.append(rj)
       new_caches.append(cache)
     return x_BTD, auxes, (out_rows if step == 0 else rows), new_caches
@@ -268,8 +290,9 @@ class Recursions(nnx.Module):
 
   # ----------------------------------------------------------- routers
 
-  def _expert_choice(self, x_BTD, pos_BT, seg_BT, causal: bool,
-                     caches=None, decisions=None):
+  def _expert_choice(
+    self, x_BTD, pos_BT, seg_BT, causal: bool, caches=None, decisions=None
+  ):
     b, t, _ = x_BTD.shape
     valid = seg_BT != 0
     n_valid = valid.sum(1)
@@ -279,14 +302,18 @@ class Recursions(nnx.Module):
     bce, zl, agree = 0.0, 0.0, 0.0
     for r in range(self.num_recursions):
       c = self.capacities[r]
-      z_BT = jnp.einsum("BTD,D->BT", x_BTD.astype(jnp.float32),
-                        self.router_DN[:, r].astype(jnp.float32))
+      z_BT = jnp.einsum(
+        "BTD,D->BT",
+        x_BTD.astype(jnp.float32),
+        self.router_DN[:, r].astype(jnp.float32),
+      )
       g_BT = self.alpha * jax.nn.sigmoid(z_BT)
       idx, ok, top = top_k_selection(z_BT, active, n_valid, c)
       if causal:
         chosen = active & ((z_BT > 0) | (c >= 1.0))
-        agree += (jnp.sum((chosen == top) & active)
-                  / jnp.maximum(active.sum(), 1))
+        agree += jnp.sum((chosen == top) & active) / jnp.maximum(
+          active.sum(), 1
+        )
         idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         ok = chosen
       else:
@@ -296,12 +323,18 @@ class Recursions(nnx.Module):
       xs = _take(x_BTD, idx)
       ss = jnp.where(ok, _take(seg_BT, idx), 0)
       y, a, rows, cs = self._shared(
-        xs, _take(pos_BT, idx), ss, r, rows,
-        None if caches is None else caches[r])
+        xs,
+        _take(pos_BT, idx),
+        ss,
+        r,
+        rows,
+        None if caches is None else caches[r],
+      )
       auxes += a
       new_caches.append(cs)
-      x_BTD = constrain(_scatter(x_BTD, idx, ok,
-                                 self._combine(xs, y, _take(g_BT, idx))), BTD)
+      x_BTD = constrain(
+        _scatter(x_BTD, idx, ok, self._combine(xs, y, _take(g_BT, idx))), BTD
+      )
       active = chosen
       if decisions is not None:
         decisions.append(chosen)
@@ -313,15 +346,17 @@ class Recursions(nnx.Module):
       aux["routing/mor_agreement"] = agree / self.num_recursions
     return x_BTD, aux, auxes, new_caches
 
-  def _token_choice(self, x_BTD, pos_BT, seg_BT, causal: bool, caches=None,
-                    decisions=None):
+  def _token_choice(
+    self, x_BTD, pos_BT, seg_BT, causal: bool, caches=None, decisions=None
+  ):
     n = self.num_recursions
     valid = seg_BT != 0
     total = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
     z_BTN = self._logits(x_BTD)
     p_BTN = jax.nn.softmax(z_BTN, axis=-1)
-    bias = (jnp.zeros((n,), jnp.float32) if self.bias_N is None
-            else self.bias_N[...])
+    bias = (
+      jnp.zeros((n,), jnp.float32) if self.bias_N is None else self.bias_N[...]
+    )
     depth_BT = jnp.argmax(p_BTN + bias[None, None], axis=-1)
     g_BT = jnp.take_along_axis(p_BTN, depth_BT[..., None], axis=-1)[..., 0]
     onehot = jax.nn.one_hot(depth_BT, n) * valid[..., None]
@@ -329,23 +364,31 @@ class Recursions(nnx.Module):
     prob_N = (p_BTN * valid[..., None]).sum((0, 1)) / total
     aux = {}
     if self.balancing == "aux_loss":
-      aux["loss/mor_balance"] = self.balancing_weight * n * jnp.sum(
-        load_N * prob_N)
+      aux["loss/mor_balance"] = (
+        self.balancing_weight * n * jnp.sum(load_N * prob_N)
+      )
     elif not causal:
       self.bias_N[...] = bias + self.bias_rate * jnp.sign(
-        jax.lax.stop_gradient(load_N.mean() - load_N))
+        jax.lax.stop_gradient(load_N.mean() - load_N)
+      )
     if self.router_z_loss:
       lse = jax.nn.logsumexp(z_BTN, axis=-1)
-      aux["loss/router_z"] = self.router_z_loss * jnp.sum(
-        jnp.square(lse) * valid) / total
+      aux["loss/router_z"] = (
+        self.router_z_loss * jnp.sum(jnp.square(lse) * valid) / total
+      )
     h1_BTD, auxes, rows, new_caches = x_BTD, [], None, []
     for r in range(n):
       act = valid & (depth_BT >= r)
       if decisions is not None:
         decisions.append(act)
       y, a, rows, cs = self._shared(
-        x_BTD, pos_BT, jnp.where(act, seg_BT, 0), r, rows,
-        None if caches is None else caches[r])
+        x_BTD,
+        pos_BT,
+        jnp.where(act, seg_BT, 0),
+        r,
+        rows,
+        None if caches is None else caches[r],
+      )
       auxes += a
       new_caches.append(cs)
       final = self._combine(h1_BTD, y, g_BT)
@@ -355,10 +398,12 @@ class Recursions(nnx.Module):
       aux[f"routing/mor_step{r + 1}_fraction"] = act.sum() / total
     return x_BTD, aux, auxes, new_caches
 
-  def _route(self, x_BTD, pos_BT, seg_BT, causal, caches=None,
-             decisions=None):
-    f = (self._expert_choice if self.router_kind == "expert_choice"
-         else self._token_choice)
+  def _route(self, x_BTD, pos_BT, seg_BT, causal, caches=None, decisions=None):
+    f = (
+      self._expert_choice
+      if self.router_kind == "expert_choice"
+      else self._token_choice
+    )
     return f(x_BTD, pos_BT, seg_BT, causal, caches, decisions)
 
   # ----------------------------------------------------------- interface
@@ -391,29 +436,31 @@ class Recursions(nnx.Module):
     shared layers' step-1 caches (recursive_sharing)."""
     auxes, new = [], {}
     if self.first is not None:
-      x_BTD, a, new["first"] = self.first.step(x_BTD, pos_BT, seg_BT,
-                                               cache["first"])
+      x_BTD, a, new["first"] = self.first.step(
+        x_BTD, pos_BT, seg_BT, cache["first"]
+      )
       auxes.append(a)
     if self.kv == "recursion_wise":
       caches = cache["steps"]
     else:
       caches = [cache["shared"]] + [None] * (self.num_recursions - 1)
-    x_BTD, aux, a, new_caches = self._route(x_BTD, pos_BT, seg_BT, True,
-                                            caches)
+    x_BTD, aux, a, new_caches = self._route(x_BTD, pos_BT, seg_BT, True, caches)
     auxes += a
     if self.kv == "recursion_wise":
       new["steps"] = new_caches
     else:
       new["shared"] = new_caches[0]
     if self.last is not None:
-      x_BTD, a, new["last"] = self.last.step(x_BTD, pos_BT, seg_BT,
-                                             cache["last"])
+      x_BTD, a, new["last"] = self.last.step(
+        x_BTD, pos_BT, seg_BT, cache["last"]
+      )
       auxes.append(a)
     return x_BTD, {**stack._combine_aux(auxes), **aux}, new
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     def layers():
       return [blk.init_cache(batch, max_len, dtype) for blk in self.shared]
+
     out = {}
     if self.kv == "recursion_wise":
       out["steps"] = [layers() for _ in range(self.num_recursions)]
@@ -429,9 +476,11 @@ class Recursions(nnx.Module):
     return [*ends, *self.shared]
 
   def max_positions(self) -> int | None:
-    limits = [kernels.masks.block_mask_coverage(b.attn.mask)
-              for b in self._blocks()
-              if hasattr(getattr(b, "attn", None), "mask")]
+    limits = [
+      kernels.masks.block_mask_coverage(b.attn.mask)
+      for b in self._blocks()
+      if hasattr(getattr(b, "attn", None), "mask")
+    ]
     limits = [n for n in limits if n is not None]
     return min(limits) if limits else None
 
@@ -441,8 +490,14 @@ class Recursions(nnx.Module):
     the tokens active at r."""
     shared = [b.cache_bytes_per_token(dtype) for b in self.shared]
     steps = self.num_recursions if self.kv == "recursion_wise" else 1
-    ends = ([] if self.first is None else
-            [self.first.cache_bytes_per_token(dtype)])
-    return ends + shared * steps + [b.cache_bytes_per_token(dtype)
-                                    for b in ([] if self.last is None
-                                              else [self.last])]
+    ends = (
+      [] if self.first is None else [self.first.cache_bytes_per_token(dtype)]
+    )
+    return (
+      ends
+      + shared * steps
+      + [
+        b.cache_bytes_per_token(dtype)
+        for b in ([] if self.last is None else [self.last])
+      ]
+    )

@@ -51,17 +51,20 @@ class MoDRouter(nnx.Module):
   a predictor p = MLP(stop_gradient(x)). `__call__` -> (r_BT, z_BT)
   float32, z the causal decision logit (r itself for "router_bce")."""
 
-  def __init__(self, embed_dim: int, *, predictor: str, rngs: nnx.Rngs,
-               param_dtype):
+  def __init__(
+    self, embed_dim: int, *, predictor: str, rngs: nnx.Rngs, param_dtype
+  ):
     self.w_D = param(rngs, (embed_dim,), ("embed",), 0.02, param_dtype)
     self.b = nnx.Param(jnp.zeros((), param_dtype), logical_axes=())
     self.use_predictor = predictor == "mlp"
     if self.use_predictor:
       f = predictor_width(embed_dim)
-      self.pred_in_DF = param(rngs, (embed_dim, f), ("embed", None), 0.02,
-                              param_dtype)
-      self.pred_b_F = nnx.Param(jnp.zeros((f,), param_dtype),
-                                logical_axes=(None,))
+      self.pred_in_DF = param(
+        rngs, (embed_dim, f), ("embed", None), 0.02, param_dtype
+      )
+      self.pred_b_F = nnx.Param(
+        jnp.zeros((f,), param_dtype), logical_axes=(None,)
+      )
       self.pred_out_F = param(rngs, (f,), (None,), 0.02, param_dtype)
       self.pred_b = nnx.Param(jnp.zeros((), param_dtype), logical_axes=())
 
@@ -73,16 +76,21 @@ class MoDRouter(nnx.Module):
       return r_BT, r_BT
     # The predictor learns from the trunk's activations without changing
     # them: no gradient reaches x through it.
-    h_BTF = jnp.einsum("BTD,DF->BTF", jax.lax.stop_gradient(x),
-                       self.pred_in_DF[...].astype(jnp.float32))
+    h_BTF = jnp.einsum(
+      "BTD,DF->BTF",
+      jax.lax.stop_gradient(x),
+      self.pred_in_DF[...].astype(jnp.float32),
+    )
     h_BTF = jax.nn.silu(h_BTF + self.pred_b_F[...][None, None])
-    z_BT = jnp.einsum("BTF,F->BT", h_BTF,
-                      self.pred_out_F[...].astype(jnp.float32))
+    z_BT = jnp.einsum(
+      "BTF,F->BT", h_BTF, self.pred_out_F[...].astype(jnp.float32)
+    )
     return r_BT, z_BT + self.pred_b[...].astype(jnp.float32)
 
 
-def top_k(score_BT: jax.Array, seg_BT: jax.Array,
-          k: int) -> tuple[jax.Array, jax.Array]:
+def top_k(
+  score_BT: jax.Array, seg_BT: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
   """The k highest-scoring non-padding tokens of each row, indices sorted
   ascending: (idx_BK int32, valid_BK). Padding scores -inf, so a row with
   fewer than k non-padding tokens fills its last picks with padding
@@ -94,11 +102,14 @@ def top_k(score_BT: jax.Array, seg_BT: jax.Array,
   return idx_BK, valid_BK
 
 
-def membership(idx_BK: jax.Array, valid_BK: jax.Array,
-               length: int) -> jax.Array:
+def membership(
+  idx_BK: jax.Array, valid_BK: jax.Array, length: int
+) -> jax.Array:
   """Bool [B, T]: token t is one of the valid selected indices."""
+
   def one(i_K, v_K):
     return jnp.zeros((length,), bool).at[i_K].set(v_K, mode="drop")
+
   return jax.vmap(one)(idx_BK, valid_BK)
 
 
@@ -109,14 +120,16 @@ def gather(a_BT, idx_BK: jax.Array):
   return jnp.take_along_axis(a_BT, idx_BK[..., None], axis=1)
 
 
-def scatter(x_BTD: jax.Array, idx_BK: jax.Array,
-            new_BKD: jax.Array) -> jax.Array:
+def scatter(
+  x_BTD: jax.Array, idx_BK: jax.Array, new_BKD: jax.Array
+) -> jax.Array:
   """x with rows idx_BK replaced by new_BKD (indices unique per row)."""
   return jax.vmap(lambda x, i, u: x.at[i].set(u))(x_BTD, idx_BK, new_BKD)
 
 
-def bce(logit_BT: jax.Array, target_BT: jax.Array,
-        mask_BT: jax.Array) -> jax.Array:
+def bce(
+  logit_BT: jax.Array, target_BT: jax.Array, mask_BT: jax.Array
+) -> jax.Array:
   """Mean binary cross-entropy of sigmoid(logit) against the 0/1 target,
   over the tokens of `mask_BT` (float32 scalar; 0 when none)."""
   z = logit_BT.astype(jnp.float32)

@@ -48,7 +48,8 @@ REMAT_POLICIES = {
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
   """What one layer is; equal specs share a scan."""
-  attention: AttentionConfig   # this layer's kind; `pattern` resolved away
+
+  attention: AttentionConfig  # this layer's kind; `pattern` resolved away
   causal: bool = True
   # Reserved for the routing and funnel models: a routed block (MoD / MoR)
   # and the funnel stage (sequence length = seq_len / factor**stage).
@@ -62,12 +63,13 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-  pattern: tuple[LayerSpec, ...]   # unrolled inside the scan body
-  repeats: int                     # the scan's length
+  pattern: tuple[LayerSpec, ...]  # unrolled inside the scan body
+  repeats: int  # the scan's length
 
 
-def layer_plan(cfg: ModelConfig, *,
-               causal: bool = True) -> tuple[LayerSpec, ...]:
+def layer_plan(
+  cfg: ModelConfig, *, causal: bool = True
+) -> tuple[LayerSpec, ...]:
   """One spec per layer; `attention.pattern` cycles over the layers.
 
   Mixture-of-depths (routing.kind "mod") routes every `routing.every`-th
@@ -77,10 +79,15 @@ def layer_plan(cfg: ModelConfig, *,
   kinds = cfg.attention.pattern_kinds
   every = cfg.routing.every if cfg.routing.kind == "mod" else 0
   return tuple(
-    LayerSpec(attention=dataclasses.replace(
-      cfg.attention, kind=kinds[i % len(kinds)], pattern=""), causal=causal,
-      routed=bool(every) and (i + 1) % every == 0)
-    for i in range(cfg.num_layers))
+    LayerSpec(
+      attention=dataclasses.replace(
+        cfg.attention, kind=kinds[i % len(kinds)], pattern=""
+      ),
+      causal=causal,
+      routed=bool(every) and (i + 1) % every == 0,
+    )
+    for i in range(cfg.num_layers)
+  )
 
 
 def segments(plan: tuple[LayerSpec, ...]) -> tuple[Segment, ...]:
@@ -97,8 +104,9 @@ def segments(plan: tuple[LayerSpec, ...]) -> tuple[Segment, ...]:
   return tuple(Segment((spec,), r) for spec, r in runs)
 
 
-def _name_layers(seg: Segment, first_layer: int,
-                 auxes: list[dict[str, jax.Array]]) -> list[dict]:
+def _name_layers(
+  seg: Segment, first_layer: int, auxes: list[dict[str, jax.Array]]
+) -> list[dict]:
   """Per-layer keys: an entry whose key holds `{layer}` (values stacked
   over the segment's repeats) becomes one entry per layer, named by its
   index in the plan; other entries pass as they are."""
@@ -126,8 +134,9 @@ def _combine_aux(auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
       value = jnp.asarray(value, jnp.float32)
       sums[key] = sums.get(key, 0.0) + value.sum()
       counts[key] = counts.get(key, 0) + value.size
-  return {k: v if k.startswith("loss/") else v / counts[k]
-          for k, v in sums.items()}
+  return {
+    k: v if k.startswith("loss/") else v / counts[k] for k, v in sums.items()
+  }
 
 
 def _stacked(make_block, spec: LayerSpec, repeats: int, rngs: nnx.Rngs):
@@ -144,9 +153,15 @@ def _stacked(make_block, spec: LayerSpec, repeats: int, rngs: nnx.Rngs):
 class Stack(nnx.Module):
   """Runs the layers of `plan`, built by `make_block(spec, rngs)`."""
 
-  def __init__(self, plan: tuple[LayerSpec, ...],
-               make_block: Callable[[LayerSpec, nnx.Rngs], nnx.Module], *,
-               rngs: nnx.Rngs, scan: bool, remat: str):
+  def __init__(
+    self,
+    plan: tuple[LayerSpec, ...],
+    make_block: Callable[[LayerSpec, nnx.Rngs], nnx.Module],
+    *,
+    rngs: nnx.Rngs,
+    scan: bool,
+    remat: str,
+  ):
     self.segments = segments(plan)
     self.scan = scan
     self.remat = remat
@@ -158,8 +173,16 @@ class Stack(nnx.Module):
       groups[f"segment_{i}"] = nnx.Dict(stacks)
     self.groups = nnx.Dict(groups)
 
-  def _run_segment(self, seg: Segment, stacks, x_BTD, pos_BT, seg_BT,
-                   caches=None, causal_routing=False):
+  def _run_segment(
+    self,
+    seg: Segment,
+    stacks,
+    x_BTD,
+    pos_BT,
+    seg_BT,
+    caches=None,
+    causal_routing=False,
+  ):
     """One segment's layers; with `caches` (one per pattern position,
     stacked over repeats) each block runs `step` and the updated caches are
     returned as well. Routed blocks also get `causal_routing`."""
@@ -172,8 +195,9 @@ class Stack(nnx.Module):
     def body(x, layer):
       layer_params, layer_states, layer_caches = layer
       new_states, auxes, new_caches = [], [], []
-      for j, (gd, p, st) in enumerate(zip(graphdefs, layer_params,
-                                          layer_states)):
+      for j, (gd, p, st) in enumerate(
+        zip(graphdefs, layer_params, layer_states)
+      ):
         block = nnx.merge(gd, p, st)
         if layer_caches is None and seg.pattern[j].routed:
           x, aux = block(x, pos_BT, seg_BT, causal_routing=causal_routing)
@@ -198,7 +222,8 @@ class Stack(nnx.Module):
         x_BTD, out = body(x_BTD, layer)
         outs.append(out)
       new_states, auxes, new_caches = jax.tree.map(
-        lambda *xs: jnp.stack(xs), *outs)
+        lambda *xs: jnp.stack(xs), *outs
+      )
     for n, st in zip(names, new_states):
       nnx.update(stacks[n], st)
     return x_BTD, auxes, new_caches
@@ -214,11 +239,15 @@ class Stack(nnx.Module):
   def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
     """`causal_routing` reaches the routed blocks (mixture-of-depths)."""
     auxes = []
-    for i, (seg, first) in enumerate(zip(self.segments,
-                                         self._first_layers())):
+    for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
       x_BTD, seg_auxes, _ = self._run_segment(
-        seg, self.groups[f"segment_{i}"], x_BTD, pos_BT, seg_BT,
-        causal_routing=causal_routing)
+        seg,
+        self.groups[f"segment_{i}"],
+        x_BTD,
+        pos_BT,
+        seg_BT,
+        causal_routing=causal_routing,
+      )
       auxes.extend(_name_layers(seg, first, seg_auxes))
     return x_BTD, _combine_aux(auxes)
 
@@ -227,11 +256,12 @@ class Stack(nnx.Module):
     as `{"layer <i>": ...}`, the layers run one by one with causal routing
     (what evaluation and generation compute; for plots and tests)."""
     out = {}
-    for i, (seg, first) in enumerate(zip(self.segments,
-                                         self._first_layers())):
+    for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
       stacks = self.groups[f"segment_{i}"]
-      split = [nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
-               for j in range(len(seg.pattern))]
+      split = [
+        nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
+        for j in range(len(seg.pattern))
+      ]
       for r in range(seg.repeats):
         for j, spec in enumerate(seg.pattern):
           gd, p, st = split[j]
@@ -257,40 +287,52 @@ class Stack(nnx.Module):
   def max_positions(self) -> int | None:
     """The fewest positions any layer's block-sparse table covers (None:
     no layer limits them); generation refuses longer sequences."""
-    limits = [kernels.masks.block_mask_coverage(blk.attn.mask)
-              for _, _, blk in self._first_blocks()
-              if hasattr(getattr(blk, "attn", None), "mask")]
+    limits = [
+      kernels.masks.block_mask_coverage(blk.attn.mask)
+      for _, _, blk in self._first_blocks()
+      if hasattr(getattr(blk, "attn", None), "mask")
+    ]
     limits = [n for n in limits if n is not None]
     return min(limits) if limits else None
 
   def cache_bytes_per_token(self, dtype) -> list[int]:
     """Each layer's cache bytes per cached token, in layer order."""
-    per = {(i, j): blk.cache_bytes_per_token(dtype)
-           for i, j, blk in self._first_blocks()}
-    return [per[i, j] for i, seg in enumerate(self.segments)
-            for _ in range(seg.repeats) for j in range(len(seg.pattern))]
+    per = {
+      (i, j): blk.cache_bytes_per_token(dtype)
+      for i, j, blk in self._first_blocks()
+    }
+    return [
+      per[i, j]
+      for i, seg in enumerate(self.segments)
+      for _ in range(seg.repeats)
+      for j in range(len(seg.pattern))
+    ]
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Every layer's empty cache, stacked like the parameters:
     `{"segment_<i>": [cache of pattern position j, leading axis repeats]}`.
     A block's `init_cache` reads only static attributes."""
-    out: dict[str, list] = {f"segment_{i}": []
-                            for i in range(len(self.segments))}
+    out: dict[str, list] = {
+      f"segment_{i}": [] for i in range(len(self.segments))
+    }
     for i, _, block in self._first_blocks():
       n = self.segments[i].repeats
-      out[f"segment_{i}"].append(jax.tree.map(
-        lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)),
-        block.init_cache(batch, max_len, dtype)))
+      out[f"segment_{i}"].append(
+        jax.tree.map(
+          lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)),
+          block.init_cache(batch, max_len, dtype),
+        )
+      )
     return out
 
   def step(self, x_BTD, pos_BT, seg_BT, cache: dict):
     """Like `__call__`, each block attending over its cache, which it
     updates: returns (x_BTD, aux, new cache)."""
     auxes, new_cache = [], {}
-    for i, (seg, first) in enumerate(zip(self.segments,
-                                         self._first_layers())):
+    for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
       name = f"segment_{i}"
       x_BTD, seg_auxes, new_cache[name] = self._run_segment(
-        seg, self.groups[name], x_BTD, pos_BT, seg_BT, cache[name])
+        seg, self.groups[name], x_BTD, pos_BT, seg_BT, cache[name]
+      )
       auxes.extend(_name_layers(seg, first, seg_auxes))
     return x_BTD, _combine_aux(auxes), new_cache

@@ -73,8 +73,9 @@ from efficient_lm.sharding import BSGK, constrain
 from kernels.masks import floordiv
 
 
-def mask_spec(cfg: AttentionConfig, *, causal: bool,
-              num_summaries: int) -> kernels.MaskSpec:
+def mask_spec(
+  cfg: AttentionConfig, *, causal: bool, num_summaries: int
+) -> kernels.MaskSpec:
   """The sliding-window layer's mask with the last `num_summaries` keys
   global."""
   local = local_mask_spec(_local(cfg), causal=causal)
@@ -87,13 +88,15 @@ class Summaries(NamedTuple):
   slot_BT: the summary slot a token adds to, -1 for none (padding, causal
   orphans, documents without a complete block). pos_BN, seg_BN: position
   and segment of every slot (segment 0 = empty slot)."""
+
   slot_BT: jax.Array
   pos_BN: jax.Array
   seg_BN: jax.Array
 
 
-def summary_slots(pos_BT, seg_BT, *, block: int, causal: bool,
-                  num_slots: int, weight_BT=None) -> Summaries:
+def summary_slots(
+  pos_BT, seg_BT, *, block: int, causal: bool, num_slots: int, weight_BT=None
+) -> Summaries:
   """Groups tokens into complete blocks per (segment, pos // block).
 
   `weight_BT` is how many tokens a row stands for (default 1; 0 drops it);
@@ -103,10 +106,18 @@ def summary_slots(pos_BT, seg_BT, *, block: int, causal: bool,
   """
   if weight_BT is None:
     weight_BT = jnp.ones_like(pos_BT)
-  group = jax.vmap(lambda p, s, w: _group_row(
-    p, s, w, block=block, causal=causal, num_slots=num_slots))
-  return Summaries(*group(pos_BT.astype(jnp.int32), seg_BT.astype(jnp.int32),
-                          weight_BT.astype(jnp.int32)))
+  group = jax.vmap(
+    lambda p, s, w: _group_row(
+      p, s, w, block=block, causal=causal, num_slots=num_slots
+    )
+  )
+  return Summaries(
+    *group(
+      pos_BT.astype(jnp.int32),
+      seg_BT.astype(jnp.int32),
+      weight_BT.astype(jnp.int32),
+    )
+  )
 
 
 def _group_row(pos_T, seg_T, w_T, *, block, causal, num_slots):
@@ -120,10 +131,12 @@ def _group_row(pos_T, seg_T, w_T, *, block, causal, num_slots):
   live_s, w_s = live_T[order_T], w_T[order_T]
   new_seg = jnp.concatenate([jnp.ones((1,), bool), seg_s[1:] != seg_s[:-1]])
   first = new_seg | jnp.concatenate(
-    [jnp.ones((1,), bool), blk_s[1:] != blk_s[:-1]])
-  gid_s = jnp.cumsum(first) - 1                       # group of each token
-  count_G = jax.ops.segment_sum(jnp.where(live_s, w_s, 0), gid_s,
-                                num_segments=t)
+    [jnp.ones((1,), bool), blk_s[1:] != blk_s[:-1]]
+  )
+  gid_s = jnp.cumsum(first) - 1  # group of each token
+  count_G = jax.ops.segment_sum(
+    jnp.where(live_s, w_s, 0), gid_s, num_segments=t
+  )
   complete_G = count_G == block
   slot_G = jnp.where(complete_G, jnp.cumsum(complete_G) - 1, -1)
   slot_G = jnp.where(slot_G < num_slots, slot_G, -1)
@@ -140,8 +153,11 @@ def _group_row(pos_T, seg_T, w_T, *, block, causal, num_slots):
   # One row per complete group, written at its slot (others dropped).
   at = jnp.where(first & (own_s >= 0), own_s, num_slots)
   offset = block if causal else block // 2
-  pos_N = jnp.zeros((num_slots,), jnp.int32).at[at].set(
-    blk_s * block + offset, mode="drop")
+  pos_N = (
+    jnp.zeros((num_slots,), jnp.int32)
+    .at[at]
+    .set(blk_s * block + offset, mode="drop")
+  )
   seg_N = jnp.zeros((num_slots,), jnp.int32).at[at].set(seg_s, mode="drop")
   return slot_T, pos_N, seg_N
 
@@ -150,9 +166,13 @@ def summary_sums(x_BTD, slot_BT, num_slots: int) -> jax.Array:
   """Float32 [B, N, D]: the sum of each slot's rows of x (one-hot matmul:
   MXU-friendly and deterministic, unlike a scatter-add)."""
   x_BTD = jnp.where((slot_BT >= 0)[:, :, None], x_BTD, 0)
-  onehot_BTN = (slot_BT[:, :, None] == jnp.arange(num_slots)[None, None, :])
-  return jnp.einsum("BTN,BTD->BND", onehot_BTN.astype(x_BTD.dtype), x_BTD,
-                    preferred_element_type=jnp.float32)
+  onehot_BTN = slot_BT[:, :, None] == jnp.arange(num_slots)[None, None, :]
+  return jnp.einsum(
+    "BTN,BTD->BND",
+    onehot_BTN.astype(x_BTD.dtype),
+    x_BTD,
+    preferred_element_type=jnp.float32,
+  )
 
 
 class TGlobalAttention(Attention):
@@ -160,21 +180,43 @@ class TGlobalAttention(Attention):
   docstring. Self-attention only; generation (causal layers) keeps the
   cache of METHODS.md §4.4."""
 
-  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, rope_theta: float, cfg: AttentionConfig,
-               causal: bool, rngs: nnx.Rngs, param_dtype, out_std: float,
-               norm_eps: float, scale: float | None = None,
-               stride: int = 1):
+  def __init__(
+    self,
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rope_theta: float,
+    cfg: AttentionConfig,
+    causal: bool,
+    rngs: nnx.Rngs,
+    param_dtype,
+    out_std: float,
+    norm_eps: float,
+    scale: float | None = None,
+    stride: int = 1,
+  ):
     if cfg.kind != "tglobal":
-      raise ValueError(f"TGlobalAttention needs attention.kind='tglobal', "
-                       f"got {cfg.kind!r}")
+      raise ValueError(
+        f"TGlobalAttention needs attention.kind='tglobal', got {cfg.kind!r}"
+      )
     super().__init__(
-      embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-      head_dim=head_dim, rope_theta=rope_theta, cfg=_local(cfg),
-      causal=causal, rngs=rngs, param_dtype=param_dtype, out_std=out_std,
-      scale=scale)
-    self.summary_norm = RMSNorm(embed_dim, eps=norm_eps,
-                                param_dtype=param_dtype)
+      embed_dim=embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      rope_theta=rope_theta,
+      cfg=_local(cfg),
+      causal=causal,
+      rngs=rngs,
+      param_dtype=param_dtype,
+      out_std=out_std,
+      scale=scale,
+    )
+    self.summary_norm = RMSNorm(
+      embed_dim, eps=norm_eps, param_dtype=param_dtype
+    )
     self.cfg = cfg
     self.block = cfg.tglobal_block
     self.causal = causal
@@ -188,40 +230,65 @@ class TGlobalAttention(Attention):
     """Self-attention; in a bidirectional layer `kv` may be another
     sequence (pooled queries), whose blocks give the summaries."""
     if kv is not None and self.causal:
-      raise ValueError("causal TGlobalAttention is self-attention only; got "
-                       "kv tokens (pass kv=None)")
+      raise ValueError(
+        "causal TGlobalAttention is self-attention only; got "
+        "kv tokens (pass kv=None)"
+      )
     kv = q if kv is None else kv
     g = self.summaries(kv)
     q_BTHK, k_BSGK, v_BSGK = self._project(q, _cat(kv, g))
-    return self._attend(q_BTHK, k_BSGK, v_BSGK, q.pos_BT,
-                        jnp.concatenate([kv.pos_BT, g.pos_BT], 1), q.seg_BT,
-                        jnp.concatenate([kv.seg_BT, g.seg_BT], 1),
-                        num_summaries=g.x_BTD.shape[1])
+    return self._attend(
+      q_BTHK,
+      k_BSGK,
+      v_BSGK,
+      q.pos_BT,
+      jnp.concatenate([kv.pos_BT, g.pos_BT], 1),
+      q.seg_BT,
+      jnp.concatenate([kv.seg_BT, g.seg_BT], 1),
+      num_summaries=g.x_BTD.shape[1],
+    )
 
   def summaries(self, q: Tokens) -> Tokens:
     """The summary rows g = RMSNorm(sum of a complete block's inputs) with
     their positions and segments, [B, num_slots(T), D]."""
     n = self.num_slots(q.x_BTD.shape[1])
-    s = summary_slots(q.pos_BT, q.seg_BT, block=self.block,
-                      causal=self.causal, num_slots=n,
-                      weight_BT=jnp.full(q.pos_BT.shape, self.stride))
+    s = summary_slots(
+      q.pos_BT,
+      q.seg_BT,
+      block=self.block,
+      causal=self.causal,
+      num_slots=n,
+      weight_BT=jnp.full(q.pos_BT.shape, self.stride),
+    )
     g_BND = self.summary_norm(summary_sums(q.x_BTD, s.slot_BT, n))
     return Tokens(g_BND.astype(q.x_BTD.dtype), s.pos_BN, s.seg_BN)
 
-  def _attend(self, q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, *,
-              num_summaries: int = 0):
+  def _attend(
+    self,
+    q_BTHK,
+    k_BSGK,
+    v_BSGK,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    *,
+    num_summaries: int = 0,
+  ):
     """Attention._attend with the last `num_summaries` keys global."""
-    mask = mask_spec(self.cfg, causal=self.causal,
-                     num_summaries=num_summaries)
-    return super()._attend(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg,
-                           k_seg, mask=mask)
+    mask = mask_spec(self.cfg, causal=self.causal, num_summaries=num_summaries)
+    return super()._attend(
+      q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, mask=mask
+    )
 
   # -------------------------------------------------------------- generation
 
   def _check_causal(self, what: str):
     if not self.causal:
-      raise ValueError(f"TGlobalAttention.{what}: generation needs a causal "
-                       "(decoder) layer; this one is bidirectional")
+      raise ValueError(
+        f"TGlobalAttention.{what}: generation needs a causal "
+        "(decoder) layer; this one is bidirectional"
+      )
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """`local`: rolling K/V rows of the window (models/cache.py);
@@ -235,14 +302,19 @@ class TGlobalAttention(Attention):
     fields = {"k": ((g, k), dtype), "v": ((g, k), dtype)}
     d = self.q_DHK.shape[0]
     return {
-      "local": cache_lib.empty(cache_slots(_local(self.cfg), max_len),
-                               batch, fields),
+      "local": cache_lib.empty(
+        cache_slots(_local(self.cfg), max_len), batch, fields
+      ),
       "global": cache_lib.empty(
-        cache_lib.Slots.full(max_len // self.block), batch, fields),
-      "partial": {"sum": jnp.zeros((batch, d), jnp.float32),
-                  "count": jnp.zeros((batch,), jnp.int32),
-                  "pos": jnp.zeros((batch,), jnp.int32),
-                  "seg": jnp.zeros((batch,), jnp.int32)}}
+        cache_lib.Slots.full(max_len // self.block), batch, fields
+      ),
+      "partial": {
+        "sum": jnp.zeros((batch, d), jnp.float32),
+        "count": jnp.zeros((batch,), jnp.int32),
+        "pos": jnp.zeros((batch,), jnp.int32),
+        "seg": jnp.zeros((batch,), jnp.int32),
+      },
+    }
 
   def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T >= 1 new tokens (positions increasing) over the cache: the
@@ -255,35 +327,59 @@ class TGlobalAttention(Attention):
     rows = Tokens(
       jnp.concatenate([part["sum"][:, None], x.x_BTD.astype(jnp.float32)], 1),
       jnp.concatenate([part["pos"][:, None], x.pos_BT.astype(jnp.int32)], 1),
-      jnp.concatenate([part["seg"][:, None], x.seg_BT.astype(jnp.int32)], 1))
+      jnp.concatenate([part["seg"][:, None], x.seg_BT.astype(jnp.int32)], 1),
+    )
     weight_BT = jnp.concatenate(
-      [part["count"][:, None], jnp.ones_like(x.pos_BT, jnp.int32)], 1)
-    n = -(-t // k)           # carry < k tokens: at most ceil(T / k) complete
-    s = summary_slots(rows.pos_BT, rows.seg_BT, block=k, causal=True,
-                      num_slots=n, weight_BT=weight_BT)
-    g = Tokens(self.summary_norm(summary_sums(rows.x_BTD, s.slot_BT, n))
-               .astype(dt), s.pos_BN, s.seg_BN)
+      [part["count"][:, None], jnp.ones_like(x.pos_BT, jnp.int32)], 1
+    )
+    n = -(-t // k)  # carry < k tokens: at most ceil(T / k) complete
+    s = summary_slots(
+      rows.pos_BT,
+      rows.seg_BT,
+      block=k,
+      causal=True,
+      num_slots=n,
+      weight_BT=weight_BT,
+    )
+    g = Tokens(
+      self.summary_norm(summary_sums(rows.x_BTD, s.slot_BT, n)).astype(dt),
+      s.pos_BN,
+      s.seg_BN,
+    )
     q_BTHK, k_BSGK, v_BSGK = self._project(x, _cat(x, g))
-    new_local = {"k": k_BSGK[:, :t], "v": v_BSGK[:, :t],
-                 "pos": x.pos_BT.astype(jnp.int32),
-                 "seg": x.seg_BT.astype(jnp.int32)}
-    new_global = {"k": k_BSGK[:, t:], "v": v_BSGK[:, t:],
-                  "pos": floordiv(g.pos_BT, k) - 1, "seg": g.seg_BT}
+    new_local = {
+      "k": k_BSGK[:, :t],
+      "v": v_BSGK[:, :t],
+      "pos": x.pos_BT.astype(jnp.int32),
+      "seg": x.seg_BT.astype(jnp.int32),
+    }
+    new_global = {
+      "k": k_BSGK[:, t:],
+      "v": v_BSGK[:, t:],
+      "pos": floordiv(g.pos_BT, k) - 1,
+      "seg": g.seg_BT,
+    }
     local = cache_lib.concat(cache["local"], new_local)
     glob = cache_lib.concat(cache["global"], new_global)
     out = self._attend(
-      q_BTHK, constrain(jnp.concatenate([local["k"], glob["k"]], 1), BSGK),
+      q_BTHK,
+      constrain(jnp.concatenate([local["k"], glob["k"]], 1), BSGK),
       constrain(jnp.concatenate([local["v"], glob["v"]], 1), BSGK),
-      x.pos_BT, jnp.concatenate([local["pos"], (glob["pos"] + 1) * k], 1),
-      x.seg_BT, jnp.concatenate([local["seg"], glob["seg"]], 1),
-      num_summaries=glob["pos"].shape[1])
-    local_slots = cache_slots(_local(self.cfg), None,
-                              num_slots=cache["local"]["pos"].shape[1])
+      x.pos_BT,
+      jnp.concatenate([local["pos"], (glob["pos"] + 1) * k], 1),
+      x.seg_BT,
+      jnp.concatenate([local["seg"], glob["seg"]], 1),
+      num_summaries=glob["pos"].shape[1],
+    )
+    local_slots = cache_slots(
+      _local(self.cfg), None, num_slots=cache["local"]["pos"].shape[1]
+    )
     global_slots = cache_lib.Slots.full(cache["global"]["pos"].shape[1])
     return out, {
       "local": cache_lib.write(cache["local"], new_local, local_slots),
       "global": cache_lib.write(cache["global"], new_global, global_slots),
-      "partial": _carry(rows, weight_BT, k)}
+      "partial": _carry(rows, weight_BT, k),
+    }
 
   def cache_bytes_per_token(self, dtype) -> int:
     """K and V of the kv heads per cached row, 2 * G * K elements, for the
@@ -312,12 +408,17 @@ def _carry(rows: Tokens, weight_BT, block: int) -> dict:
   last_B = t - 1 - jnp.argmax(live_BT[:, ::-1], axis=1)
   pick = lambda a: jnp.take_along_axis(a, last_B[:, None], axis=1)[:, 0]
   pos_B, seg_B = pick(rows.pos_BT), pick(rows.seg_BT)
-  same_BT = live_BT & (rows.seg_BT == seg_B[:, None]) & (
-    floordiv(rows.pos_BT, block) == floordiv(pos_B, block)[:, None])
+  same_BT = (
+    live_BT
+    & (rows.seg_BT == seg_B[:, None])
+    & (floordiv(rows.pos_BT, block) == floordiv(pos_B, block)[:, None])
+  )
   count_B = jnp.sum(jnp.where(same_BT, weight_BT, 0), axis=1)
   keep_B = jnp.any(live_BT, axis=1) & (count_B < block)
   sum_BD = jnp.sum(jnp.where(same_BT[:, :, None], rows.x_BTD, 0), axis=1)
-  return {"sum": jnp.where(keep_B[:, None], sum_BD, 0),
-          "count": jnp.where(keep_B, count_B, 0).astype(jnp.int32),
-          "pos": jnp.where(keep_B, pos_B, 0),
-          "seg": jnp.where(keep_B, seg_B, 0)}
+  return {
+    "sum": jnp.where(keep_B[:, None], sum_BD, 0),
+    "count": jnp.where(keep_B, count_B, 0).astype(jnp.int32),
+    "pos": jnp.where(keep_B, pos_B, 0),
+    "seg": jnp.where(keep_B, seg_B, 0),
+  }

@@ -30,38 +30,48 @@ from efficient_lm.sharding import BTD, BTV, constrain
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_attention(cfg: ModelConfig, spec: stack.LayerSpec, *,
-                   rngs: nnx.Rngs, out_std: float) -> nnx.Module:
+def make_attention(
+  cfg: ModelConfig, spec: stack.LayerSpec, *, rngs: nnx.Rngs, out_std: float
+) -> nnx.Module:
   """The attention module of one layer, by projection and kind."""
   a = spec.attention
   kwargs = dict(
-    embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
-    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
-    rope_theta=cfg.rope_theta, cfg=a, causal=spec.causal, rngs=rngs,
-    param_dtype=DTYPES[cfg.param_dtype], out_std=out_std)
+    embed_dim=cfg.embed_dim,
+    num_heads=cfg.num_heads,
+    num_kv_heads=cfg.num_kv_heads,
+    head_dim=cfg.resolved_head_dim,
+    rope_theta=cfg.rope_theta,
+    cfg=a,
+    causal=spec.causal,
+    rngs=rngs,
+    param_dtype=DTYPES[cfg.param_dtype],
+    out_std=out_std,
+  )
   if a.projection == "mla":
     return MLAttention(**kwargs, norm_eps=cfg.norm_eps)
   if a.kind == "tglobal":
     # A funnel's pooled rows stand for factor**stage positions (of the
     # keys' stage: the previous one in a pool-query layer).
-    stride = (cfg.funnel.factor ** (spec.stage - spec.pool_query)
-              if cfg.kind == "funnel_encoder" else 1)
+    stride = (
+      cfg.funnel.factor ** (spec.stage - spec.pool_query)
+      if cfg.kind == "funnel_encoder"
+      else 1
+    )
     return TGlobalAttention(**kwargs, norm_eps=cfg.norm_eps, stride=stride)
   return Attention(**kwargs)
 
 
 class Block(nnx.Module):
-
-  def __init__(self, cfg: ModelConfig, spec: stack.LayerSpec,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, spec: stack.LayerSpec, rngs: nnx.Rngs):
     pdt = DTYPES[cfg.param_dtype]
     # GPT-2 style: residual-output projections scaled by 1/sqrt(2 * layers).
     out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
     self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = make_attention(cfg, spec, rngs=rngs, out_std=out_std)
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.mlp = SwiGLU(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, param_dtype=pdt,
-                      out_std=out_std)
+    self.mlp = SwiGLU(
+      cfg.embed_dim, cfg.mlp_dim, rngs=rngs, param_dtype=pdt, out_std=out_std
+    )
 
   def __call__(self, x_BTD, pos_BT, seg_BT):
     h_BTD = self.attn_norm(x_BTD)
@@ -106,13 +116,15 @@ class RoutedBlock(Block):
   non-padding tokens; the stack names the layer), `routing/mod_agreement`
   (how often the causal decision equals top-k membership)."""
 
-  def __init__(self, cfg: ModelConfig, spec: stack.LayerSpec,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, spec: stack.LayerSpec, rngs: nnx.Rngs):
     super().__init__(cfg, spec, rngs)
     r = cfg.routing
-    self.router = routing.MoDRouter(cfg.embed_dim, predictor=r.predictor,
-                                    rngs=rngs,
-                                    param_dtype=DTYPES[cfg.param_dtype])
+    self.router = routing.MoDRouter(
+      cfg.embed_dim,
+      predictor=r.predictor,
+      rngs=rngs,
+      param_dtype=DTYPES[cfg.param_dtype],
+    )
     self.capacity = r.capacity
     self.aux_loss_weight = r.aux_loss_weight
     self.router_z_loss = r.router_z_loss
@@ -133,22 +145,25 @@ class RoutedBlock(Block):
     valid_BT = seg_BT != 0
     frac = routing.masked_mean(processed_BT, valid_BT)
     aux = {
-      "loss/mod_bce": self.aux_loss_weight * routing.bce(
-        z_BT, member_BT, valid_BT),
+      "loss/mod_bce": self.aux_loss_weight
+      * routing.bce(z_BT, member_BT, valid_BT),
       "routing/mod_fraction": frac,
       "routing/mod_layer{layer}_fraction": frac,
       "routing/mod_agreement": routing.masked_mean(
-        (z_BT > 0) == member_BT, valid_BT),
+        (z_BT > 0) == member_BT, valid_BT
+      ),
     }
     if self.router_z_loss > 0:
       aux["loss/router_z"] = self.router_z_loss * routing.masked_mean(
-        jnp.square(r_BT), valid_BT)
+        jnp.square(r_BT), valid_BT
+      )
     return aux
 
   def _topk_membership(self, r_BT, seg_BT):
     t = r_BT.shape[1]
-    idx_BK, ok_BK = routing.top_k(r_BT, seg_BT,
-                                  routing.capacity_tokens(self.capacity, t))
+    idx_BK, ok_BK = routing.top_k(
+      r_BT, seg_BT, routing.capacity_tokens(self.capacity, t)
+    )
     return idx_BK, ok_BK, routing.membership(idx_BK, ok_BK, t)
 
   def decision(self, x_BTD, seg_BT) -> jax.Array:
@@ -162,7 +177,7 @@ class RoutedBlock(Block):
     if causal_routing:
       processed_BT = (z_BT > 0) & (seg_BT != 0)
       x_BTD, _ = self._update(x_BTD, pos_BT, seg_BT, r_BT, processed_BT)
-    elif idx_BK.shape[1] == 0:     # capacity rounds to no token: identity
+    elif idx_BK.shape[1] == 0:  # capacity rounds to no token: identity
       processed_BT = member_BT
     else:
       processed_BT = member_BT
@@ -170,8 +185,9 @@ class RoutedBlock(Block):
       seg_sel = jnp.where(ok_BK, routing.gather(seg_BT, idx_BK), 0)
       delta, _ = self._delta(x_sel, routing.gather(pos_BT, idx_BK), seg_sel)
       g_BK1 = jax.nn.sigmoid(routing.gather(r_BT, idx_BK))[..., None]
-      new_sel = jnp.where(ok_BK[..., None],
-                          x_sel + g_BK1.astype(x_sel.dtype) * delta, x_sel)
+      new_sel = jnp.where(
+        ok_BK[..., None], x_sel + g_BK1.astype(x_sel.dtype) * delta, x_sel
+      )
       x_BTD = routing.scatter(x_BTD, idx_BK, new_sel)
     aux = self._aux(r_BT, z_BT, seg_BT, member_BT, processed_BT)
     return constrain(x_BTD, BTD), aux
@@ -190,12 +206,15 @@ class RoutedBlock(Block):
     which cache.write drops)."""
     r_BT, z_BT = self.router(x_BTD)
     processed_BT = (z_BT > 0) & (seg_BT != 0)
-    x_BTD, cache = self._update(x_BTD, pos_BT, seg_BT, r_BT, processed_BT,
-                                cache)
+    x_BTD, cache = self._update(
+      x_BTD, pos_BT, seg_BT, r_BT, processed_BT, cache
+    )
     valid_BT = seg_BT != 0
     frac = routing.masked_mean(processed_BT, valid_BT)
-    aux = {"routing/mod_fraction": frac,
-           "routing/mod_layer{layer}_fraction": frac}
+    aux = {
+      "routing/mod_fraction": frac,
+      "routing/mod_layer{layer}_fraction": frac,
+    }
     return constrain(x_BTD, BTD), aux, cache
 
 
@@ -206,33 +225,49 @@ class Decoder(nnx.Module):
   routed layer (`spec.routed`, mixture-of-depths); tests substitute their
   own block types."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, block=Block,
-               routed_block=RoutedBlock):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    rngs: nnx.Rngs,
+    *,
+    block=Block,
+    routed_block=RoutedBlock,
+  ):
     pdt = DTYPES[cfg.param_dtype]
     self.dtype = DTYPES[cfg.dtype]
-    self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs,
-                       param_dtype=pdt)
+    self.embed = Embed(
+      cfg.vocab_size, cfg.embed_dim, rngs=rngs, param_dtype=pdt
+    )
     if cfg.routing.kind == "mor":
       # Shared layers applied recursively (models/mor.py), same interface.
-      self.stack = mor.Recursions(cfg, lambda spec, r: block(cfg, spec, r),
-                                  rngs=rngs)
+      self.stack = mor.Recursions(
+        cfg, lambda spec, r: block(cfg, spec, r), rngs=rngs
+      )
     else:
       self.stack = stack.Stack(
         stack.layer_plan(cfg, causal=True),
-        lambda spec, r: (routed_block if spec.routed else block)(
-          cfg, spec, r),
-        rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat)
+        lambda spec, r: (routed_block if spec.routed else block)(cfg, spec, r),
+        rngs=rngs,
+        scan=cfg.scan_layers,
+        remat=cfg.remat,
+      )
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.head_DV = None if cfg.tie_embeddings else param(
-      rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
+    self.head_DV = (
+      None
+      if cfg.tie_embeddings
+      else param(
+        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt
+      )
+    )
 
   def __call__(self, tokens_BT, pos_BT, seg_BT, *, causal_routing=False):
     """`causal_routing`: routed layers (MoD / MoR) decide per token from
     its own router output (evaluation, generation) instead of top-k over
     the sequence (training); with it the model is strictly causal."""
     x_BTD = self.embed(tokens_BT, self.dtype)
-    x_BTD, aux = self.stack(x_BTD, pos_BT, seg_BT,
-                            causal_routing=causal_routing)
+    x_BTD, aux = self.stack(
+      x_BTD, pos_BT, seg_BT, causal_routing=causal_routing
+    )
     return self._logits(x_BTD), aux
 
   def init_cache(self, batch: int, max_len: int) -> dict:
@@ -262,8 +297,9 @@ class Decoder(nnx.Module):
     x_BTD = self.embed(tokens_BT, self.dtype)
     out = self.stack.routing_decisions(x_BTD, pos_BT, seg_BT)
     if not out:
-      raise ValueError("this model has no routed layers "
-                       "(model.routing.kind='none')")
+      raise ValueError(
+        "this model has no routed layers (model.routing.kind='none')"
+      )
     return out
 
   def _logits(self, x_BTD):
@@ -277,9 +313,12 @@ def output_logits(model: nnx.Module, x_BTD: jax.Array) -> jax.Array:
   if model.head_DV is None:
     logits = model.embed.attend(x_BTD)
   else:
-    logits = jnp.einsum("BTD,DV->BTV", x_BTD,
-                        model.head_DV[...].astype(x_BTD.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "BTD,DV->BTV",
+      x_BTD,
+      model.head_DV[...].astype(x_BTD.dtype),
+      preferred_element_type=jnp.float32,
+    )
   return constrain(logits, BTV)
 
 
@@ -288,9 +327,11 @@ def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return Decoder(cfg, rngs)
   if cfg.kind == "funnel_encoder":
     from efficient_lm.models import funnel  # funnel imports this module
+
     return funnel.FunnelEncoder(cfg, rngs)
   if cfg.kind == "hourglass":
-    from efficient_lm.models import hourglass   # it imports Block from here
+    from efficient_lm.models import hourglass  # it imports Block from here
+
     return hourglass.Hourglass(cfg, rngs)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")
 
@@ -301,8 +342,10 @@ def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
     return stack.layer_plan(cfg, causal=True)
   if cfg.kind == "funnel_encoder":
     from efficient_lm.models import funnel  # funnel imports this module
+
     return funnel.layer_plan(cfg)
   if cfg.kind == "hourglass":
     from efficient_lm.models import hourglass
+
     return hourglass.layer_plan(cfg)
   raise ValueError(f"model.kind={cfg.kind!r} is not supported")

@@ -69,7 +69,8 @@ def commit_problem(step_dir: epath.PathLike) -> str | None:
   missing = [item for item in _ITEMS if not (step_dir / item).is_dir()]
   if missing:
     return f"missing item director{'y' if len(missing) == 1 else 'ies'} " + (
-      ", ".join(missing))
+      ", ".join(missing)
+    )
   return None
 
 
@@ -86,13 +87,19 @@ def step_numbers(directory: epath.PathLike) -> list[int]:
   directory = epath.Path(directory)
   if not directory.exists():
     return []
-  return sorted((int(p.name) for p in directory.iterdir()
-                 if _STEP_NAME.match(p.name) and p.is_dir()), reverse=True)
+  return sorted(
+    (
+      int(p.name)
+      for p in directory.iterdir()
+      if _STEP_NAME.match(p.name) and p.is_dir()
+    ),
+    reverse=True,
+  )
 
 
-def read_latest(directory: epath.PathLike,
-                abstract_for: Callable[[dict[str, Any]], Any]
-                ) -> tuple[int, dict[str, Any], Any]:
+def read_latest(
+  directory: epath.PathLike, abstract_for: Callable[[dict[str, Any]], Any]
+) -> tuple[int, dict[str, Any], Any]:
   """`(step, config, state)` of the newest usable step, strictly read-only.
 
   `abstract_for(config)` maps a step's saved config to the tree to restore:
@@ -111,17 +118,23 @@ def read_latest(directory: epath.PathLike,
     config, state, problem = _read_step(directory, step, abstract_for)
     if problem is None:
       return step, config, state
-    print(f"checkpoint: step {step} in {directory} is unusable ({problem}); "
-          "left as it is, trying the previous one", file=sys.stderr,
-          flush=True)
+    print(
+      f"checkpoint: step {step} in {directory} is unusable ({problem}); "
+      "left as it is, trying the previous one",
+      file=sys.stderr,
+      flush=True,
+    )
   raise CheckpointError(
-    f"no usable checkpoint in {directory}: " + (
-      f"all {len(steps)} are partial or corrupt" if steps else "none saved"))
+    f"no usable checkpoint in {directory}: "
+    + (f"all {len(steps)} are partial or corrupt" if steps else "none saved")
+  )
 
 
-def _read_step(directory: epath.Path, step: int,
-               abstract_for: Callable[[dict[str, Any]], Any]
-               ) -> tuple[dict[str, Any] | None, Any, str | None]:
+def _read_step(
+  directory: epath.Path,
+  step: int,
+  abstract_for: Callable[[dict[str, Any]], Any],
+) -> tuple[dict[str, Any] | None, Any, str | None]:
   """(config, state, None), or (None, None, problem) for a bad step."""
   step_dir = directory / str(step)
   problem = commit_problem(step_dir)
@@ -138,12 +151,17 @@ def _read_step(directory: epath.Path, step: int,
   except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
     return None, None, f"unreadable config or metadata ({one_line(e)})"
   abstract = abstract_for(config)
-  stored = {k: v for k, v in flat(getattr(meta, "tree", meta)).items()
-            if k.split(".", 1)[0] in abstract}
+  stored = {
+    k: v
+    for k, v in flat(getattr(meta, "tree", meta)).items()
+    if k.split(".", 1)[0] in abstract
+  }
   _check_fits(step, directory, stored, flat(abstract))
   args = ocp.args.PyTreeRestore(
-    item=abstract, partial_restore=True,
-    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    item=abstract,
+    partial_restore=True,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+  )
   try:
     with ocp.PyTreeCheckpointer() as c:
       state = c.restore(step_dir / "state", args=args)
@@ -153,7 +171,8 @@ def _read_step(directory: epath.Path, step: int,
   record = json.loads((step_dir / _COMMIT_RECORD).read_text())
   bad_key = fingerprints.first_difference(
     (record.get("custom_metadata") or {}).get("fingerprint"),
-    fingerprints.of(state))
+    fingerprints.of(state),
+  )
   if bad_key is not None:
     return None, None, f"array {bad_key!r} does not match its fingerprint"
   return config, state, None
@@ -166,8 +185,14 @@ class Checkpointer:
   host-0 work here is renaming a bad step directory, behind a barrier.
   """
 
-  def __init__(self, directory: epath.PathLike, *, every_steps: int,
-               keep: int | None, async_save: bool = True):
+  def __init__(
+    self,
+    directory: epath.PathLike,
+    *,
+    every_steps: int,
+    keep: int | None,
+    async_save: bool = True,
+  ):
     if every_steps < 1:
       raise ValueError(f"every_steps must be >= 1, got {every_steps}")
     if keep is not None and keep < 1:
@@ -177,31 +202,43 @@ class Checkpointer:
     self._barriers = 0
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item in ("state", "config"):
-      registry.add(item, ocp.args.StandardSave if item == "state"
-                   else ocp.args.JsonSave)
-      registry.add(item, ocp.args.StandardRestore if item == "state"
-                   else ocp.args.JsonRestore)
+      registry.add(
+        item, ocp.args.StandardSave if item == "state" else ocp.args.JsonSave
+      )
+      registry.add(
+        item,
+        ocp.args.StandardRestore if item == "state" else ocp.args.JsonRestore,
+      )
     # Each process writes its own file (orbax's JSON handler otherwise
     # writes from host 0 only), read back by _read_data_state.
     self._data_file = f"process_{jax.process_index()}.json"
     data_handler = ocp.handlers.JsonCheckpointHandler(
       self._data_file,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=None))
+        primary_host=None
+      ),
+    )
     registry.add("data", ocp.args.JsonSave, data_handler)
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      enable_async_checkpointing=async_save)
-    self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                      handler_registry=registry)
+      enable_async_checkpointing=async_save,
+    )
+    self._mgr = ocp.CheckpointManager(
+      self.directory, options=options, handler_registry=registry
+    )
 
   def should_save(self, step: int) -> bool:
     return step % self.every_steps == 0
 
-  def save(self, step: int, state: Any, *,
-           data_state: Mapping[str, Any] | None = None,
-           config: Mapping[str, Any] | None = None,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    data_state: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving; True if a save was started.
 
     With async saves this returns once the arrays are copied to host memory,
@@ -211,20 +248,25 @@ class Checkpointer:
     if not (force or self.should_save(step)):
       return False
     if step in self._mgr.all_steps():
-      return False   # e.g. a SIGTERM save right after the periodic one
+      return False  # e.g. a SIGTERM save right after the periodic one
     # Fail here, not in the background writer thread, on non-JSON input.
     data_state = _checked_json("data_state", data_state)
     config = _checked_json("config", config)
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state),
-                              config=ocp.args.JsonSave(config))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      config=ocp.args.JsonSave(config),
+    )
     return self._mgr.save(
-      step, args=args, force=True,
-      custom_metadata={"fingerprint": fingerprints.of(state)})
+      step,
+      args=args,
+      force=True,
+      custom_metadata={"fingerprint": fingerprints.of(state)},
+    )
 
-  def restore_latest(self, abstract_state: Any, *,
-                     config: Mapping[str, Any] | None = None
-                     ) -> tuple[int, Any, dict[str, Any]] | None:
+  def restore_latest(
+    self, abstract_state: Any, *, config: Mapping[str, Any] | None = None
+  ) -> tuple[int, Any, dict[str, Any]] | None:
     """`(step, state, data_state)` from the newest good checkpoint, or None.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings;
@@ -233,12 +275,13 @@ class Checkpointer:
     model (CheckpointError naming the first differing `model.` key); other
     changes, such as a longer schedule, are allowed and listed in one line.
     """
-    self.wait()   # an in-flight save of ours is not a partial checkpoint
+    self.wait()  # an in-flight save of ours is not a partial checkpoint
     self._mgr.reload()
     steps = step_numbers(self.directory)
     for step in steps:
-      state, data_state, problem = self._try_restore(step, abstract_state,
-                                                     config)
+      state, data_state, problem = self._try_restore(
+        step, abstract_state, config
+      )
       problem = _agree(problem)
       if problem is None:
         return step, state, data_state
@@ -246,12 +289,16 @@ class Checkpointer:
     if steps:
       raise CheckpointError(
         f"no usable checkpoint in {self.directory}: all {len(steps)} were "
-        f"partial or corrupt and were renamed to <step>.corrupt")
+        f"partial or corrupt and were renamed to <step>.corrupt"
+      )
     set_aside = [p.name for p in self._listdir() if ".corrupt" in p.name]
     if set_aside:
-      print(f"checkpoint: no checkpoint in {self.directory} (starting fresh); "
-            f"earlier bad ones are kept as {', '.join(sorted(set_aside))}",
-            file=sys.stderr, flush=True)
+      print(
+        f"checkpoint: no checkpoint in {self.directory} (starting fresh); "
+        f"earlier bad ones are kept as {', '.join(sorted(set_aside))}",
+        file=sys.stderr,
+        flush=True,
+      )
     return None
 
   def latest_step(self) -> int | None:
@@ -266,8 +313,10 @@ class Checkpointer:
     try:
       return dict(self._mgr.restore(step, args=args)["config"])
     except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
-      raise CheckpointError(f"cannot read the config of checkpoint {step} in "
-                            f"{self.directory}: {one_line(e)}") from e
+      raise CheckpointError(
+        f"cannot read the config of checkpoint {step} in "
+        f"{self.directory}: {one_line(e)}"
+      ) from e
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
@@ -284,9 +333,9 @@ class Checkpointer:
   def _listdir(self) -> list[epath.Path]:
     return list(self.directory.iterdir()) if self.directory.exists() else []
 
-  def _try_restore(self, step: int, abstract_state: Any,
-                   config: Mapping[str, Any] | None
-                   ) -> tuple[Any, dict[str, Any] | None, str | None]:
+  def _try_restore(
+    self, step: int, abstract_state: Any, config: Mapping[str, Any] | None
+  ) -> tuple[Any, dict[str, Any] | None, str | None]:
     """Restores `step`; (None, None, problem) if the checkpoint is broken.
 
     Raises CheckpointError if the checkpoint is fine but does not fit
@@ -296,8 +345,9 @@ class Checkpointer:
     after the read, so that either all or none enter the next collective
     (orbax's restore barrier, the fingerprint sums over sharded arrays).
     """
-    data_state, changes, problem = self._check_step(step, abstract_state,
-                                                    config)
+    data_state, changes, problem = self._check_step(
+      step, abstract_state, config
+    )
     problem = _agree(problem)
     if problem:
       return None, None, problem
@@ -312,18 +362,22 @@ class Checkpointer:
       return None, None, problem
     expected = self._mgr.metadata(step).custom_metadata or {}
     bad_key = fingerprints.first_difference(
-      expected.get("fingerprint"), fingerprints.of(restored["state"]))
+      expected.get("fingerprint"), fingerprints.of(restored["state"])
+    )
     if bad_key is not None:
       return None, None, f"array {bad_key!r} does not match its fingerprint"
     if changes and jax.process_index() == 0:
-      print(f"checkpoint: resuming step {step} with a changed config: "
-            f"{describe_changes(changes)}", file=sys.stderr, flush=True)
+      print(
+        f"checkpoint: resuming step {step} with a changed config: "
+        f"{describe_changes(changes)}",
+        file=sys.stderr,
+        flush=True,
+      )
     return restored["state"], data_state, None
 
-  def _check_step(self, step: int, abstract_state: Any,
-                  config: Mapping[str, Any] | None
-                  ) -> tuple[dict[str, Any] | None, dict[str, Any],
-                             str | None]:
+  def _check_step(
+    self, step: int, abstract_state: Any, config: Mapping[str, Any] | None
+  ) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
     """`(data_state, config changes, problem)` from this host's reads of
     `step`'s small files, with no collective."""
     step_dir = self.directory / str(step)
@@ -332,27 +386,35 @@ class Checkpointer:
       return None, {}, problem
     changes = {}
     if config is not None:
-      try:   # read directly: orbax's restore would be a barrier
+      try:  # read directly: orbax's restore would be a barrier
         saved = json.loads((step_dir / "config" / "metadata").read_text())
       except (OSError, ValueError) as e:
         return None, {}, f"unreadable config ({one_line(e)})"
       changes = config_changes(saved, config)
-      model = [k for k in changes if k.startswith("model.")
-               and k not in _RUNTIME_MODEL_KEYS]
+      model = [
+        k
+        for k in changes
+        if k.startswith("model.") and k not in _RUNTIME_MODEL_KEYS
+      ]
       if model:
         old, new = changes[model[0]]
         raise CheckpointError(
           f"checkpoint {step} in {self.directory} holds another model: "
           f"{model[0]}={old!r} there, {new!r} in this run's config (use "
-          "another --workdir, or the checkpoint's model config)")
+          "another --workdir, or the checkpoint's model config)"
+        )
     try:
       meta = self._mgr.item_metadata(step)["state"]
     except Exception as e:  # corrupt metadata surfaces as any error type
       return None, {}, f"unreadable state metadata ({one_line(e)})"
     if meta is None:
       return None, {}, "state metadata missing"
-    _check_fits(step, self.directory, flat(getattr(meta, "tree", meta)),
-                flat(abstract_state))
+    _check_fits(
+      step,
+      self.directory,
+      flat(getattr(meta, "tree", meta)),
+      flat(abstract_state),
+    )
     try:
       data_state = _read_data_state(step_dir / "data", self._data_file)
     except (OSError, ValueError) as e:
@@ -363,22 +425,26 @@ class Checkpointer:
 
   def _set_aside(self, step: int, problem: str) -> None:
     dst, k = self.directory / f"{step}.corrupt", 0
-    while dst.exists():   # the same step number went bad before
+    while dst.exists():  # the same step number went bad before
       k += 1
       dst = self.directory / f"{step}.corrupt-{k}"
-    self._barrier(f"set_aside_{step}")   # every host has picked `dst`
+    self._barrier(f"set_aside_{step}")  # every host has picked `dst`
     if ocp.multihost.is_primary_host(0):
       (self.directory / str(step)).rename(dst)
     self._barrier(f"set_aside_{step}_done")
-    print(f"checkpoint: step {step} in {self.directory} is unusable "
-          f"({problem}); renamed it to {dst.name}, trying the previous one",
-          file=sys.stderr, flush=True)
+    print(
+      f"checkpoint: step {step} in {self.directory} is unusable "
+      f"({problem}); renamed it to {dst.name}, trying the previous one",
+      file=sys.stderr,
+      flush=True,
+    )
     self._mgr.reload()
 
   def _barrier(self, name: str) -> None:
-    self._barriers += 1   # orbax wants a fresh barrier name every time
+    self._barriers += 1  # orbax wants a fresh barrier name every time
     ocp.multihost.sync_global_processes(
-      f"efficient_lm_checkpoint_{name}_{self._barriers}")
+      f"efficient_lm_checkpoint_{name}_{self._barriers}"
+    )
 
 
 def _read_data_state(data_dir: epath.Path, own: str) -> dict[str, Any] | None:
@@ -430,12 +496,17 @@ def _params_first(keys) -> list[str]:
   return sorted(keys, key=lambda k: not k.startswith("params."))
 
 
-def _check_fits(step: int, directory: epath.Path, stored: dict[str, Any],
-                wanted: dict[str, Any]) -> None:
+def _check_fits(
+  step: int,
+  directory: epath.Path,
+  stored: dict[str, Any],
+  wanted: dict[str, Any],
+) -> None:
   mismatch = _mismatch(stored, wanted)
   if mismatch:
-    raise CheckpointError(f"checkpoint {step} in {directory} does not fit "
-                          f"the model: {mismatch}")
+    raise CheckpointError(
+      f"checkpoint {step} in {directory} does not fit the model: {mismatch}"
+    )
 
 
 def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
@@ -443,17 +514,24 @@ def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     want = wanted[key]
     if key not in stored:
       return f"key {key!r}: checkpoint has no such entry, model wants " + (
-        _describe(want))
+        _describe(want)
+      )
     have = stored[key]
-    same_dtype = (getattr(have, "dtype", None) is None
-                  or getattr(want, "dtype", None) is None
-                  or np.dtype(have.dtype) == np.dtype(want.dtype))
+    same_dtype = (
+      getattr(have, "dtype", None) is None
+      or getattr(want, "dtype", None) is None
+      or np.dtype(have.dtype) == np.dtype(want.dtype)
+    )
     if tuple(have.shape) != tuple(want.shape) or not same_dtype:
-      return (f"key {key!r}: checkpoint has {_describe(have)}, model wants "
-              f"{_describe(want)}")
+      return (
+        f"key {key!r}: checkpoint has {_describe(have)}, model wants "
+        f"{_describe(want)}"
+      )
   for key in _params_first(stored):
     have = stored[key]
     if key not in wanted:
-      return (f"key {key!r}: checkpoint has {_describe(have)}, model has no "
-              "such entry")
+      return (
+        f"key {key!r}: checkpoint has {_describe(have)}, model has no "
+        "such entry"
+      )
   return None

@@ -15,9 +15,14 @@ from efficient_lm.training.metrics import human
 
 
 class Progress:
-
-  def __init__(self, total: int, initial: int, *, enabled: bool,
-               stream: TextIO | None = None):
+  def __init__(
+    self,
+    total: int,
+    initial: int,
+    *,
+    enabled: bool,
+    stream: TextIO | None = None,
+  ):
     self.total = total
     self.enabled = enabled
     self._stream = sys.stderr if stream is None else stream
@@ -25,15 +30,23 @@ class Progress:
     self._bar = None
     if enabled and self._stream.isatty():
       from tqdm.auto import tqdm
-      self._bar = tqdm(total=total, initial=initial, desc="train",
-                       unit="step", dynamic_ncols=True, file=self._stream)
+
+      self._bar = tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=self._stream,
+      )
 
   def advance(self) -> None:
     if self._bar is not None:
       self._bar.update(1)
 
-  def logged(self, step: int, loss: float,
-             tokens_per_sec: float | None) -> None:
+  def logged(
+    self, step: int, loss: float, tokens_per_sec: float | None
+  ) -> None:
     """A logged train step (the first one, then every `log_every`)."""
     if self._bar is not None:
       postfix = {"loss": f"{loss:.4f}"}
@@ -42,8 +55,9 @@ class Progress:
       postfix["tok_s"] = human(tokens_per_sec or 0.0)
       self._bar.set_postfix(postfix)
     elif self.enabled:
-      tput = ("" if tokens_per_sec is None
-              else f", {human(tokens_per_sec)} tokens/s")
+      tput = (
+        "" if tokens_per_sec is None else f", {human(tokens_per_sec)} tokens/s"
+      )
       self._print(f"step {step}/{self.total}: loss {loss:.4f}{tput}")
 
   def evaluated(self, step: int, eval_loss: float) -> None:
@@ -59,16 +73,20 @@ class Progress:
       self._bar.close()
 
 
-def already_complete(step: int, steps: int, workdir: str,
-                     checkpoints: str) -> str:
-  return (f"Run already complete at step {step} (train.steps={steps}): "
-          f"results in {workdir} (config.json, runs.jsonl, metrics.jsonl, "
-          f"tensorboard/), checkpoints in {checkpoints}. Raise "
-          "--config.train.steps to train further.")
+def already_complete(
+  step: int, steps: int, workdir: str, checkpoints: str
+) -> str:
+  return (
+    f"Run already complete at step {step} (train.steps={steps}): "
+    f"results in {workdir} (config.json, runs.jsonl, metrics.jsonl, "
+    f"tensorboard/), checkpoints in {checkpoints}. Raise "
+    "--config.train.steps to train further."
+  )
 
 
 def no_good_checkpoint(latest: int | None, directory: str) -> str:
   if latest is None:
-    return (f"no checkpoint was saved before this (checkpoints go to "
-            f"{directory})")
+    return (
+      f"no checkpoint was saved before this (checkpoints go to {directory})"
+    )
   return f"the last good checkpoint is step {latest} in {directory}"

@@ -16,7 +16,7 @@ import numpy as np
 
 
 def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):   # DictKey, GetAttrKey, SequenceKey
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
     if hasattr(key, attr):
       return str(getattr(key, attr))
   return str(key)
@@ -41,7 +41,7 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     x = jnp.stack([x.real, x.imag])
   if x.dtype == jnp.bool_:
     u = x.astype(jnp.uint32)
-  elif x.dtype.itemsize >= 4:   # 8-byte types gain a trailing axis of 2
+  elif x.dtype.itemsize >= 4:  # 8-byte types gain a trailing axis of 2
     u = lax.bitcast_convert_type(x, jnp.uint32)
   else:
     unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
@@ -61,11 +61,12 @@ def of(state: Any) -> dict[str, int]:
   return {k: int(v) for k, v in jax.device_get(sums).items()}
 
 
-def first_difference(expected: dict[str, int] | None,
-                      actual: dict[str, int]) -> str | None:
+def first_difference(
+  expected: dict[str, int] | None, actual: dict[str, int]
+) -> str | None:
   """The first key of `actual` whose fingerprint differs from `expected`'s
   (None: all match, or nothing was saved to check against)."""
-  if expected is None:   # saved without fingerprints: nothing to check
+  if expected is None:  # saved without fingerprints: nothing to check
     return None
   for key, value in actual.items():
     if expected.get(key) != value:

@@ -37,6 +37,7 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class Trainer:
   """Everything built from the config before the first step runs."""
+
   cfg: Config
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
@@ -45,7 +46,7 @@ class Trainer:
   init_fn: Callable
   train_step: Callable
   eval_step: Callable
-  flops: dict[str, float]   # models.flops.flops_per_token
+  flops: dict[str, float]  # models.flops.flops_per_token
   param_count: dict[str, int]
   data_seed: int
 
@@ -55,9 +56,13 @@ class Trainer:
     return self.flops["train"]
 
 
-def build_trainer(cfg: Config, devices=None, *,
-                  build_model: Callable = models.build,
-                  mask_id: int | None = None) -> Trainer:
+def build_trainer(
+  cfg: Config,
+  devices=None,
+  *,
+  build_model: Callable = models.build,
+  mask_id: int | None = None,
+) -> Trainer:
   """Model, shardings and jitted steps; no data and no I/O.
 
   `build_model(model_cfg, rngs)` makes the model (tests pass their own).
@@ -69,32 +74,43 @@ def build_trainer(cfg: Config, devices=None, *,
   # reserved for the models that use them.
   # The dropout key corrupts MLM batches (training/step.py).
   k_params, k_data, k_noise, _k_routing = jax.random.split(
-    jax.random.key(cfg.train.seed), 4)
+    jax.random.key(cfg.train.seed), 4
+  )
   data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
 
   def make_model():
     return build_model(cfg.model, nnx.Rngs(params=k_params))
 
   graphdef, abstract_params, abstract_model_state = nnx.split(
-    nnx.eval_shape(make_model), nnx.Param, models.ModelState)
+    nnx.eval_shape(make_model), nnx.Param, models.ModelState
+  )
   optimizer = optim.make_optimizer(
-    cfg.train, decay_mask=optim.decay_mask(
-      abstract_params, decay_embeddings=cfg.train.decay_embeddings))
+    cfg.train,
+    decay_mask=optim.decay_mask(
+      abstract_params, decay_embeddings=cfg.train.decay_embeddings
+    ),
+  )
   schedule = optim.schedule(cfg.train)
   if cfg.train.objective == "mlm" and mask_id is None:
     mask_id = make_tokenizer(cfg).mask_id
-  objective = losses.make_objective(cfg.train.objective,
-                                    z_loss=cfg.train.z_loss,
-                                    mlm_rate=cfg.train.mlm_rate,
-                                    mask_id=mask_id)
+  objective = losses.make_objective(
+    cfg.train.objective,
+    z_loss=cfg.train.z_loss,
+    mlm_rate=cfg.train.mlm_rate,
+    mask_id=mask_id,
+  )
 
   def init_fn():
-    _, params, model_state = nnx.split(make_model(), nnx.Param,
-                                       models.ModelState)
+    _, params, model_state = nnx.split(
+      make_model(), nnx.Param, models.ModelState
+    )
     params = nnx.to_pure_dict(params)
-    return {"params": params, "model_state": nnx.to_pure_dict(model_state),
-            "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+    return {
+      "params": params,
+      "model_state": nnx.to_pure_dict(model_state),
+      "opt_state": optimizer.init(params),
+      "step": jnp.zeros((), jnp.int32),
+    }
 
   param_sh = sharding.state_shardings(mesh, abstract_params)
   abstract = jax.eval_shape(init_fn)
@@ -103,30 +119,46 @@ def build_trainer(cfg: Config, devices=None, *,
     "params": param_sh,
     "model_state": sharding.state_shardings(mesh, abstract_model_state),
     "opt_state": sharding.optax_state_shardings(
-      optimizer, abstract["opt_state"], param_sh, mesh),
-    "step": replicated}
+      optimizer, abstract["opt_state"], param_sh, mesh
+    ),
+    "step": replicated,
+  }
   abstract_state = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    abstract, state_sh)
+    abstract,
+    state_sh,
+  )
 
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
-    sharding.under_mesh(mesh, step_lib.make_train_step(
-      graphdef, optimizer, schedule, objective, noise_key=k_noise)),
-    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-    donate_argnums=(0,))
+    sharding.under_mesh(
+      mesh,
+      step_lib.make_train_step(
+        graphdef, optimizer, schedule, objective, noise_key=k_noise
+      ),
+    ),
+    in_shardings=(state_sh, batch_sh),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,),
+  )
   eval_step = jax.jit(
     sharding.under_mesh(mesh, step_lib.make_eval_step(graphdef, objective)),
     in_shardings=(param_sh, state_sh["model_state"], batch_sh),
-    out_shardings=replicated)
+    out_shardings=replicated,
+  )
   return Trainer(
-    cfg=cfg, mesh=mesh, graphdef=graphdef,
-    state_shardings=state_sh, abstract_state=abstract_state,
+    cfg=cfg,
+    mesh=mesh,
+    graphdef=graphdef,
+    state_shardings=state_sh,
+    abstract_state=abstract_state,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
-    train_step=train_step, eval_step=eval_step,
+    train_step=train_step,
+    eval_step=eval_step,
     flops=flops_lib.flops_per_token(cfg.model, cfg.data.seq_len),
     param_count=flops_lib.param_count(abstract_params, cfg.model),
-    data_seed=data_seed)
+    data_seed=data_seed,
+  )
 
 
 def make_tokenizer(cfg: Config):
@@ -134,51 +166,69 @@ def make_tokenizer(cfg: Config):
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-      f"{cfg.data.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+      f"{cfg.data.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})"
+    )
   if cfg.train.objective == "mlm" and tok.mask_id >= cfg.model.vocab_size:
     raise ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} does not cover the "
       f"{cfg.data.tokenizer!r} tokenizer's mask id {tok.mask_id} "
-      f"(train.objective='mlm'): expected > {tok.mask_id}")
+      f"(train.objective='mlm'): expected > {tok.mask_id}"
+    )
   return tok
 
 
 def make_iterator(t: Trainer, tok, split: str):
   return data_lib.make_iterator(
-    t.cfg.data, split=split, global_batch_size=t.cfg.train.batch_size,
-    seed=t.data_seed, process_index=jax.process_index(),
-    process_count=jax.process_count(), tokenizer=tok)
+    t.cfg.data,
+    split=split,
+    global_batch_size=t.cfg.train.batch_size,
+    seed=t.data_seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    tokenizer=tok,
+  )
 
 
-def evaluate(t: Trainer, it, start_state, state, num_batches: int
-             ) -> dict[str, float]:
+def evaluate(
+  t: Trainer, it, start_state, state, num_batches: int
+) -> dict[str, float]:
   """Eval metrics over the same first `num_batches` batches each time."""
   it.set_state(start_state)
   return evaluate_batches(t, state, (next(it) for _ in range(num_batches)))
 
 
-def evaluate_batches(t: Trainer, state, batches: Iterable[dict]
-                     ) -> dict[str, float]:
+def evaluate_batches(
+  t: Trainer, state, batches: Iterable[dict]
+) -> dict[str, float]:
   """`eval_loss` (mean NLL per target token) and `eval_<name>` for the
   model's aux entries (mean over batches) over the host `batches`."""
   nll, tokens, aux, n = 0.0, 0.0, {}, 0
   for batch in batches:
-    out = t.eval_step(state["params"], state["model_state"],
-                      sharding.host_to_global(t.mesh, batch))
+    out = t.eval_step(
+      state["params"],
+      state["model_state"],
+      sharding.host_to_global(t.mesh, batch),
+    )
     out = jax.device_get(out)
     nll += float(out["nll_sum"])
     tokens += float(out["tokens"])
     for k, v in out["aux"].items():
       aux[k] = aux.get(k, 0.0) + float(v)
     n += 1
-  return {"eval_loss": nll / max(tokens, 1.0),
-          **{f"eval_{k}": v / max(n, 1) for k, v in aux.items()}}
+  return {
+    "eval_loss": nll / max(tokens, 1.0),
+    **{f"eval_{k}": v / max(n, 1) for k, v in aux.items()},
+  }
 
 
-def run(cfg: Config, workdir: str, *,
-        hooks: Sequence[Callable[[int], None]] = (),
-        overrides: Sequence[str] = (),
-        build_model: Callable = models.build) -> dict[str, Any]:
+def run(
+  cfg: Config,
+  workdir: str,
+  *,
+  hooks: Sequence[Callable[[int], None]] = (),
+  overrides: Sequence[str] = (),
+  build_model: Callable = models.build,
+) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming if it holds a checkpoint).
 
   The workdir is locked for the run (WorkdirBusy if another run holds it);
@@ -189,32 +239,39 @@ def run(cfg: Config, workdir: str, *,
   # Local: made absolute (orbax needs that); gs://: as it is. A malformed
   # URL fails here, before anything compiles or is written.
   workdir = paths.resolve(workdir)
-  if not paths.is_remote(workdir):   # object stores have no directories
+  if not paths.is_remote(workdir):  # object stores have no directories
     workdir.mkdir(parents=True, exist_ok=True)
   workdir = str(workdir)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _run(cfg, workdir, hooks, overrides, build_model)
 
 
-def _run(cfg: Config, workdir: str, hooks, overrides,
-         build_model) -> dict[str, Any]:
+def _run(
+  cfg: Config, workdir: str, hooks, overrides, build_model
+) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   tok = make_tokenizer(cfg)
   t = build_trainer(cfg, build_model=build_model, mask_id=tok.mask_id)
-  problem = memory.fits_problem(t.abstract_state, t.mesh,
-                                num_params=t.param_count["total"],
-                                topology=cfg.topology)
-  if problem:   # before anything is allocated or written
+  problem = memory.fits_problem(
+    t.abstract_state,
+    t.mesh,
+    num_params=t.param_count["total"],
+    topology=cfg.topology,
+  )
+  if problem:  # before anything is allocated or written
     raise TrainingError(problem)
   train_it = make_iterator(t, tok, "train")
   # data.eval_fraction=0 means no held-out data: evaluation is skipped.
-  eval_it = (make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0
-             else None)
+  eval_it = (
+    make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0 else None
+  )
   eval_start = eval_it.get_state() if eval_it is not None else None
-  ckpt = Checkpointer(epath.Path(workdir) / "checkpoints",
-                      every_steps=cfg.checkpoint.every_steps,
-                      keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
+  ckpt = Checkpointer(
+    epath.Path(workdir) / "checkpoints",
+    every_steps=cfg.checkpoint.every_steps,
+    keep=cfg.checkpoint.keep,
+    async_save=cfg.checkpoint.async_save,
+  )
   try:
     restored = ckpt.restore_latest(t.abstract_state, config=cfg.to_dict())
   except BaseException:
@@ -230,25 +287,34 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
   if start >= cfg.train.steps:
     ckpt.close()
     if is_main:
-      print(console.already_complete(start, cfg.train.steps, workdir,
-                                     str(ckpt.directory)), file=sys.stderr)
-    return {"status": "already_complete", "start_step": start,
-            "final_step": start, "train_loss": None, "eval_loss": None,
-            "tokens_per_sec": None, "workdir": workdir,
-            "checkpoints": ckpt.directory, "latest_checkpoint": start}
-  if is_main:   # the run starts: only now does the workdir record it
-    record_start(workdir, cfg.to_dict(), start_step=start,
-                 overrides=overrides)
+      print(
+        console.already_complete(
+          start, cfg.train.steps, workdir, str(ckpt.directory)
+        ),
+        file=sys.stderr,
+      )
+    return {
+      "status": "already_complete",
+      "start_step": start,
+      "final_step": start,
+      "train_loss": None,
+      "eval_loss": None,
+      "tokens_per_sec": None,
+      "workdir": workdir,
+      "checkpoints": ckpt.directory,
+      "latest_checkpoint": start,
+    }
+  if is_main:  # the run starts: only now does the workdir record it
+    record_start(workdir, cfg.to_dict(), start_step=start, overrides=overrides)
     data_lib.save_tokenizer(tok, epath.Path(workdir) / TOKENIZER)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
-                                    start_step=start)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   progress = console.Progress(cfg.train.steps, start, enabled=is_main)
   summary: dict[str, Any] = {"status": "completed", "start_step": start}
-  pending = None           # (step, device metrics) not yet read
+  pending = None  # (step, device metrics) not yet read
   window = {"t0": None, "steps": 0}
-  aux_window = metrics_lib.WindowMean()   # model aux: mean over the window
+  aux_window = metrics_lib.WindowMean()  # model aux: mean over the window
   timing = {"t_first": None, "steps_after_first": 0}
   last: dict[str, float] = {}
 
@@ -261,27 +327,34 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
       raise TrainingError(
         f"loss={host['loss']} grad_norm={host['grad_norm']} at step {step}: "
         f"stopping; "
-        f"{console.no_good_checkpoint(ckpt.latest_step(), ckpt.directory)}")
+        f"{console.no_good_checkpoint(ckpt.latest_step(), ckpt.directory)}"
+      )
     now = time.perf_counter()
-    if timing["t_first"] is None:   # first step includes compilation
+    if timing["t_first"] is None:  # first step includes compilation
       timing["t_first"] = window["t0"] = now
     else:
       timing["steps_after_first"] += 1
       window["steps"] += 1
     last.update(host, step=step)
     aux_window.add(aux)
-    if step == start + 1:   # the loss before training has moved much
+    if step == start + 1:  # the loss before training has moved much
       writer.write(step, {**host, **aux})
       progress.logged(step, host["loss"], None)
     elif step % cfg.train.log_every == 0 or step == cfg.train.steps:
       elapsed = now - window["t0"]
       n = max(window["steps"], 1)
-      tput = metrics_lib.throughput(
-        tokens=tokens_per_step * window["steps"], seconds=elapsed,
-        flops_per_token=t.flops_per_token,
-        visible_flops_per_token=t.flops["train_visible"],
-        num_devices=len(t.mesh.devices.flat),
-        device=t.mesh.devices.flat[0]) if window["steps"] else {}
+      tput = (
+        metrics_lib.throughput(
+          tokens=tokens_per_step * window["steps"],
+          seconds=elapsed,
+          flops_per_token=t.flops_per_token,
+          visible_flops_per_token=t.flops["train_visible"],
+          num_devices=len(t.mesh.devices.flat),
+          device=t.mesh.devices.flat[0],
+        )
+        if window["steps"]
+        else {}
+      )
       record = {**host, **aux_window.pop(), "step_time": elapsed / n, **tput}
       writer.write(step, record)
       progress.logged(step, host["loss"], tput.get("tokens_per_sec"))
@@ -297,34 +370,43 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
         pending = (step, m)
         progress.advance()
         is_eval = eval_it is not None and (
-          step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+          step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        )
         if is_eval:
           # Never save or evaluate a state whose update was not finite.
           read(pending)
           pending = None
-          eval_metrics = evaluate(t, eval_it, eval_start, state,
-                                  cfg.train.eval_batches)
+          eval_metrics = evaluate(
+            t, eval_it, eval_start, state, cfg.train.eval_batches
+          )
           last["eval_loss"] = eval_metrics["eval_loss"]
           writer.write(step, eval_metrics)
           progress.evaluated(step, last["eval_loss"])
         # Decided after the evaluation: a SIGTERM during it saves this step.
         # Every process decides the same (training/preemption.py).
         preempted = preemption.reached(step)
-        if (ckpt.should_save(step) or step == cfg.train.steps
-            or preempted):
+        if ckpt.should_save(step) or step == cfg.train.steps or preempted:
           if pending is not None:
             read(pending)
             pending = None
-          writer.sync()   # a resume from this step finds all its rows
-          ckpt.save(step, state, data_state=train_it.get_state(),
-                    config=cfg.to_dict(), force=True)
+          writer.sync()  # a resume from this step finds all its rows
+          ckpt.save(
+            step,
+            state,
+            data_state=train_it.get_state(),
+            config=cfg.to_dict(),
+            force=True,
+          )
         for hook in hooks:
           hook(step)
         if preempted:
           summary["status"] = "preempted"
-          if not is_main:   # each host's log says where it stopped
-            print(f"process {jax.process_index()}: preempted at step {step}, "
-                  "saved", file=sys.stderr, flush=True)
+          if not is_main:  # each host's log says where it stopped
+            print(
+              f"process {jax.process_index()}: preempted at step {step}, saved",
+              file=sys.stderr,
+              flush=True,
+            )
           break
       if pending is not None:
         read(pending)
@@ -335,17 +417,23 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
     writer.close()
 
   steps_timed = timing["steps_after_first"]
-  elapsed_total = (time.perf_counter() - timing["t_first"]
-                   if timing["t_first"] else 0.0)
+  elapsed_total = (
+    time.perf_counter() - timing["t_first"] if timing["t_first"] else 0.0
+  )
   summary.update(
     final_step=int(last.get("step", start)),
-    train_loss=last.get("loss"), eval_loss=last.get("eval_loss"),
-    tokens_per_sec=(tokens_per_step * steps_timed / elapsed_total
-                    if steps_timed else None),
-    params=t.param_count, flops_per_token=t.flops_per_token,
+    train_loss=last.get("loss"),
+    eval_loss=last.get("eval_loss"),
+    tokens_per_sec=(
+      tokens_per_step * steps_timed / elapsed_total if steps_timed else None
+    ),
+    params=t.param_count,
+    flops_per_token=t.flops_per_token,
     flops_per_token_visible=t.flops["train_visible"],
-    workdir=workdir, checkpoints=ckpt.directory,
-    latest_checkpoint=ckpt.latest_step())
+    workdir=workdir,
+    checkpoints=ckpt.directory,
+    latest_checkpoint=ckpt.latest_step(),
+  )
   if is_main:
     print(format_summary(summary), file=sys.stderr)
   return summary
@@ -354,6 +442,7 @@ def _run(cfg: Config, workdir: str, hooks, overrides,
 def format_summary(s: dict[str, Any]) -> str:
   def f(x, fmt):
     return "n/a" if x is None else format(x, fmt)
+
   return (
     f"Run {s['status']} at step {s['final_step']} (started at "
     f"{s['start_step']}): final train loss {f(s['train_loss'], '.4f')}, "
@@ -367,5 +456,5 @@ def format_summary(s: dict[str, Any]) -> str:
     f"Artifacts: {s['workdir']} (config.json, runs.jsonl, metrics.jsonl, "
     f"tensorboard/), "
     f"checkpoints in {s['checkpoints']} (latest step "
-    f"{s['latest_checkpoint']}).")
-
+    f"{s['latest_checkpoint']})."
+  )

@@ -19,19 +19,23 @@ Objective = Callable[[jax.Array, dict, Metrics], tuple[jax.Array, Metrics]]
 
 def aux_loss(aux: Metrics) -> jax.Array:
   """Sum of the model's auxiliary losses (`loss/*` entries)."""
-  return sum((v for k, v in aux.items() if k.startswith("loss/")),
-             jnp.zeros((), jnp.float32))
+  return sum(
+    (v for k, v in aux.items() if k.startswith("loss/")),
+    jnp.zeros((), jnp.float32),
+  )
 
 
-def _cross_entropy(logits_BTV, targets_BT, mask_BT, aux: Metrics, *,
-                   z_loss: float) -> tuple[jax.Array, Metrics]:
+def _cross_entropy(
+  logits_BTV, targets_BT, mask_BT, aux: Metrics, *, z_loss: float
+) -> tuple[jax.Array, Metrics]:
   """Mean cross-entropy of `targets_BT` where `mask_BT`, plus PaLM's z-loss
   over the same positions and the aux losses; `tokens` = positions
   counted."""
   mask_BT = mask_BT.astype(jnp.float32)
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(
-    logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    logits_BTV, targets_BT[..., None], axis=-1
+  )[..., 0]
   nll_BT = lse_BT - target_logit_BT
   tokens = mask_BT.sum()
   denom = jnp.maximum(tokens, 1.0)
@@ -43,12 +47,14 @@ def _cross_entropy(logits_BTV, targets_BT, mask_BT, aux: Metrics, *,
   return loss, {"ce": ce, "tokens": tokens}
 
 
-def next_token(logits_BTV: jax.Array, batch: dict, aux: Metrics, *,
-               z_loss: float) -> tuple[jax.Array, Metrics]:
+def next_token(
+  logits_BTV: jax.Array, batch: dict, aux: Metrics, *, z_loss: float
+) -> tuple[jax.Array, Metrics]:
   """Cross-entropy of `targets` over non-padding positions (segment > 0),
   plus PaLM's z-loss and the aux losses. `ce` is the mean per token."""
-  return _cross_entropy(logits_BTV, batch["targets"],
-                        batch["segment_ids"] > 0, aux, z_loss=z_loss)
+  return _cross_entropy(
+    logits_BTV, batch["targets"], batch["segment_ids"] > 0, aux, z_loss=z_loss
+  )
 
 
 class MLM:
@@ -71,26 +77,43 @@ class MLM:
     shape = tokens_BT.shape
     k_pick, k_kind, k_rand = jax.random.split(key, 3)
     picked_BT = (batch["segment_ids"] > 0) & (
-      jax.random.uniform(k_pick, shape) < self.rate)
+      jax.random.uniform(k_pick, shape) < self.rate
+    )
     u_BT = jax.random.uniform(k_kind, shape)
-    random_BT = jax.random.randint(k_rand, shape, 0, self.mask_id,
-                                   dtype=tokens_BT.dtype)
-    new_BT = jnp.where(u_BT < 0.8, jnp.asarray(self.mask_id, tokens_BT.dtype),
-                       jnp.where(u_BT < 0.9, random_BT, tokens_BT))
-    return {**batch, "inputs": jnp.where(picked_BT, new_BT, tokens_BT),
-            "targets": tokens_BT, "mlm_mask": picked_BT}
+    random_BT = jax.random.randint(
+      k_rand, shape, 0, self.mask_id, dtype=tokens_BT.dtype
+    )
+    new_BT = jnp.where(
+      u_BT < 0.8,
+      jnp.asarray(self.mask_id, tokens_BT.dtype),
+      jnp.where(u_BT < 0.9, random_BT, tokens_BT),
+    )
+    return {
+      **batch,
+      "inputs": jnp.where(picked_BT, new_BT, tokens_BT),
+      "targets": tokens_BT,
+      "mlm_mask": picked_BT,
+    }
 
-  def __call__(self, logits_BTV: jax.Array, batch: dict,
-               aux: Metrics) -> tuple[jax.Array, Metrics]:
-    return _cross_entropy(logits_BTV, batch["targets"], batch["mlm_mask"],
-                          aux, z_loss=self.z_loss)
+  def __call__(
+    self, logits_BTV: jax.Array, batch: dict, aux: Metrics
+  ) -> tuple[jax.Array, Metrics]:
+    return _cross_entropy(
+      logits_BTV, batch["targets"], batch["mlm_mask"], aux, z_loss=self.z_loss
+    )
 
 
-def make_objective(name: str, *, z_loss: float, mlm_rate: float = 0.15,
-                   mask_id: int | None = None) -> Objective:
+def make_objective(
+  name: str,
+  *,
+  z_loss: float,
+  mlm_rate: float = 0.15,
+  mask_id: int | None = None,
+) -> Objective:
   if name == "next_token":
-    return lambda logits, batch, aux: next_token(logits, batch, aux,
-                                                 z_loss=z_loss)
+    return lambda logits, batch, aux: next_token(
+      logits, batch, aux, z_loss=z_loss
+    )
   if name == "mlm":
     if mask_id is None:
       raise ValueError("train.objective='mlm' needs the tokenizer's mask_id")

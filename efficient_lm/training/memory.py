@@ -22,12 +22,13 @@ GIB = 1024**3
 
 def state_bytes_per_device(abstract_state: Any) -> int:
   """Bytes per device of the sharded state plus one gradient per param."""
+
   def shard_bytes(leaf) -> int:
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.shape else ()
     return int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
+
   state = sum(shard_bytes(a) for a in jax.tree.leaves(abstract_state))
-  grads = sum(shard_bytes(a)
-              for a in jax.tree.leaves(abstract_state["params"]))
+  grads = sum(shard_bytes(a) for a in jax.tree.leaves(abstract_state["params"]))
   return state + grads
 
 
@@ -50,54 +51,79 @@ def device_limit_bytes(device) -> int | None:
   """An accelerator's memory limit, if its client reports one."""
   try:
     stats = device.memory_stats()
-  except Exception:   # some backends raise instead of returning None
+  except Exception:  # some backends raise instead of returning None
     return None
   return (stats or {}).get("bytes_limit")
 
 
-def _problem(*, per_device: int, devices: int, need: int, where: str,
-             num_params: int, topology: str, host: bool) -> str:
+def _problem(
+  *,
+  per_device: int,
+  devices: int,
+  need: int,
+  where: str,
+  num_params: int,
+  topology: str,
+  host: bool,
+) -> str:
   """One line: what the state needs, what there is, the ways forward."""
-  what = (f"{num_params / 1e9:.2f}B parameters with gradients and optimizer "
-          "state")
-  if host:   # CPU devices share the host's memory: lead with the total
-    needs = (f"{need / GIB:.1f} GiB of host memory before any activation "
-             f"({what}; {per_device / GIB:.1f} GiB per device over "
-             f"{devices} device(s))")
+  what = (
+    f"{num_params / 1e9:.2f}B parameters with gradients and optimizer state"
+  )
+  if host:  # CPU devices share the host's memory: lead with the total
+    needs = (
+      f"{need / GIB:.1f} GiB of host memory before any activation "
+      f"({what}; {per_device / GIB:.1f} GiB per device over "
+      f"{devices} device(s))"
+    )
   else:
-    needs = (f"{per_device / GIB:.1f} GiB per device before any activation "
-             f"({what})")
-  return (f"the training state needs {needs} but {where}; compile it for "
-          f"the slice it is sized for instead (--compile_only "
-          f"--topology={topology or '<slice>'}) or train a small config "
-          f"(configs/tiny.py, configs/tiny_funnel.py)")
+    needs = (
+      f"{per_device / GIB:.1f} GiB per device before any activation ({what})"
+    )
+  return (
+    f"the training state needs {needs} but {where}; compile it for "
+    f"the slice it is sized for instead (--compile_only "
+    f"--topology={topology or '<slice>'}) or train a small config "
+    f"(configs/tiny.py, configs/tiny_funnel.py)"
+  )
 
 
-def fits_problem(abstract_state: Any, mesh: jax.sharding.Mesh, *,
-                 num_params: int, topology: str = "",
-                 available: int | None = None) -> str | None:
+def fits_problem(
+  abstract_state: Any,
+  mesh: jax.sharding.Mesh,
+  *,
+  num_params: int,
+  topology: str = "",
+  available: int | None = None,
+) -> str | None:
   """Why the sharded state cannot fit, as one line; None if it may.
 
   CPU devices share the host's memory: the need is per device times the
   local devices. `available` overrides what the host reports (tests)."""
   per_device = state_bytes_per_device(abstract_state)
-  devices = [d for d in mesh.devices.flat
-             if d.process_index == jax.process_index()]
+  devices = [
+    d for d in mesh.devices.flat if d.process_index == jax.process_index()
+  ]
   platform = devices[0].platform
   if platform == "cpu":
     need = per_device * len(devices)
     have = host_available_bytes() if available is None else available
     where = f"this host has {have / GIB:.1f} GiB available"
   else:
-    limit = (device_limit_bytes(devices[0]) if available is None
-             else available)
+    limit = device_limit_bytes(devices[0]) if available is None else available
     need, have = per_device, limit
     where = f"each {devices[0].device_kind} has {(have or 0) / GIB:.1f} GiB"
   if have is None or need <= have:
     return None
-  return _problem(per_device=per_device, devices=len(devices), need=need,
-                  where=where, num_params=num_params, topology=topology,
-                  host=platform == "cpu")
+  return _problem(
+    per_device=per_device,
+    devices=len(devices),
+    need=need,
+    where=where,
+    num_params=num_params,
+    topology=topology,
+    host=platform == "cpu",
+  )
 
 
 def config_problem(cfg, *, available: int | None = None) -> str | None:
@@ -109,21 +135,33 @@ def config_problem(cfg, *, available: int | None = None) -> str | None:
   from flax import nnx
   from efficient_lm import models
   from efficient_lm.training import optim
+
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
   pure = nnx.to_pure_dict(params)
-  opt = optim.make_optimizer(cfg.train, decay_mask=optim.decay_mask(
-    params, decay_embeddings=cfg.train.decay_embeddings))
+  opt = optim.make_optimizer(
+    cfg.train,
+    decay_mask=optim.decay_mask(
+      params, decay_embeddings=cfg.train.decay_embeddings
+    ),
+  )
   opt_state = jax.eval_shape(opt.init, pure)
-  nbytes = lambda tree: sum(a.size * a.dtype.itemsize
-                            for a in jax.tree.leaves(tree))
+  nbytes = lambda tree: sum(
+    a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)
+  )
   need = 2 * nbytes(pure) + nbytes(opt_state)
   have = host_available_bytes() if available is None else available
   if have is None or need <= have:
     return None
-  devices = (cfg.mesh.dcn * max(cfg.mesh.data, 1) * cfg.mesh.fsdp
-             * cfg.mesh.tensor)
-  return _problem(per_device=need // devices, devices=devices, need=need,
-                  where=f"this host has {have / GIB:.1f} GiB available",
-                  num_params=sum(a.size for a in jax.tree.leaves(pure)),
-                  topology=cfg.topology, host=True)
+  devices = (
+    cfg.mesh.dcn * max(cfg.mesh.data, 1) * cfg.mesh.fsdp * cfg.mesh.tensor
+  )
+  return _problem(
+    per_device=need // devices,
+    devices=devices,
+    need=need,
+    where=f"this host has {have / GIB:.1f} GiB available",
+    num_params=sum(a.size for a in jax.tree.leaves(pure)),
+    topology=cfg.topology,
+    host=True,
+  )

@@ -21,13 +21,13 @@ TENSORBOARD = "tensorboard"
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched by substring
 # of `device.device_kind`, most specific first.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-  ("TPU v6", 918e12),       # Trillium / v6e
+  ("TPU v6", 918e12),  # Trillium / v6e
   ("TPU v5p", 459e12),
   ("TPU v5 lite", 197e12),  # v5e reports "TPU v5 lite"
   ("TPU v5e", 197e12),
   ("TPU v4", 275e12),
   ("H200", 989e12),
-  ("H100", 989e12),         # SXM; PCIe parts are lower
+  ("H100", 989e12),  # SXM; PCIe parts are lower
   ("A100", 312e12),
   ("L4", 121e12),
 )
@@ -42,16 +42,20 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def throughput(*, tokens: float, seconds: float, flops_per_token: float,
-               num_devices: int, device: jax.Device,
-               visible_flops_per_token: float | None = None
-               ) -> dict[str, float]:
+def throughput(
+  *,
+  tokens: float,
+  seconds: float,
+  flops_per_token: float,
+  num_devices: int,
+  device: jax.Device,
+  visible_flops_per_token: float | None = None,
+) -> dict[str, float]:
   """tokens/s, GFLOP/s in both attention conventions, and MFU (dense_tile,
   PaLM's convention) where the chip's peak is known."""
   tps = tokens / max(seconds, 1e-9)
   achieved = tps * flops_per_token
-  out = {"tokens_per_sec": tps,
-         "gflops_per_sec": achieved / 1e9}
+  out = {"tokens_per_sec": tps, "gflops_per_sec": achieved / 1e9}
   if visible_flops_per_token is not None:
     out["gflops_per_sec_visible"] = tps * visible_flops_per_token / 1e9
   peak = peak_flops(device)
@@ -98,13 +102,19 @@ class MetricWriter:
   written in place and `sync()` does nothing.
   """
 
-  def __init__(self, workdir: epath.PathLike, *, enabled: bool = True,
-               start_step: int = 0, sync_seconds: float = 60.0):
+  def __init__(
+    self,
+    workdir: epath.PathLike,
+    *,
+    enabled: bool = True,
+    start_step: int = 0,
+    sync_seconds: float = 60.0,
+  ):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     self._remote = None
-    self._synced: dict[str, tuple[int, int]] = {}   # name -> (size, mtime)
+    self._synced: dict[str, tuple[int, int]] = {}  # name -> (size, mtime)
     self._sync_seconds = sync_seconds
     self._last_sync = time.monotonic()
     if not enabled:
@@ -123,13 +133,15 @@ class MetricWriter:
     try:
       # Event files are named by the second and host only: a resume within
       # the same second would overwrite the previous file without a suffix.
-      self._tb = _EventFile(self._local / TENSORBOARD,
-                            purge_step=start_step + 1 if start_step else None,
-                            suffix=f".{os.getpid()}.{start_step}")
+      self._tb = _EventFile(
+        self._local / TENSORBOARD,
+        purge_step=start_step + 1 if start_step else None,
+        suffix=f".{os.getpid()}.{start_step}",
+      )
     except ImportError:  # tensorboardX is a dependency; stay usable anyway
       self._tb = None
     if kept is not None:
-      self.sync()   # the dropped rows leave the remote copy now
+      self.sync()  # the dropped rows leave the remote copy now
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -152,8 +164,10 @@ class MetricWriter:
       self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
-    for local in [self._local / METRICS,
-                  *(self._local / TENSORBOARD).glob("*")]:
+    for local in [
+      self._local / METRICS,
+      *(self._local / TENSORBOARD).glob("*"),
+    ]:
       name = os.fspath(local.relative_to(self._local))
       st = os.stat(local)
       if self._synced.get(name) == (st.st_size, st.st_mtime_ns):
@@ -184,22 +198,31 @@ class _EventFile:
   under SummaryWriter, writes in the caller's thread.
   """
 
-  def __init__(self, directory: epath.Path, *, purge_step: int | None,
-               suffix: str):
+  def __init__(
+    self, directory: epath.Path, *, purge_step: int | None, suffix: str
+  ):
     from tensorboardX import summary
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto import event_pb2
+
     self._pb, self._scalar = event_pb2, summary.scalar
     directory.mkdir(parents=True, exist_ok=True)
     self._writer = EventsWriter(os.fspath(directory / "events"), suffix)
-    if purge_step is not None:   # TensorBoard hides the later events
-      self._writer.write_event(event_pb2.Event(
-        wall_time=time.time(), step=purge_step,
-        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    if purge_step is not None:  # TensorBoard hides the later events
+      self._writer.write_event(
+        event_pb2.Event(
+          wall_time=time.time(),
+          step=purge_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+      )
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
-    self._writer.write_event(self._pb.Event(
-      wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
+    self._writer.write_event(
+      self._pb.Event(
+        wall_time=time.time(), step=step, summary=self._scalar(tag, value)
+      )
+    )
 
   def flush(self) -> None:
     self._writer.flush()
@@ -220,7 +243,7 @@ def _rows_up_to(path: epath.Path, step: int) -> list[str] | None:
       if json.loads(line)["step"] <= step:
         keep.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError, TypeError):
-      pass   # the torn last line of a killed run
+      pass  # the torn last line of a killed run
   if len(keep) == len(lines) and not paths.is_remote(path):
     return None
   return keep

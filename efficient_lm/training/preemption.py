@@ -27,7 +27,8 @@ def _runtime_syncs_preemption() -> bool:
   and `jax_enable_preemption_service`, the default)."""
   if jax.process_count() == 1:
     return False
-  from jax._src import distributed   # no public accessor for the manager
+  from jax._src import distributed  # no public accessor for the manager
+
   return distributed.global_state.preemption_sync_manager is not None
 
 

@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 
+
 def one_line(e: BaseException) -> str:
   # Tensorstore messages run to pages of JSON specs; the head says enough.
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -27,13 +28,15 @@ _noise_contained = False
 
 
 def _is_failed_read_noise(e: BaseException | None) -> bool:
-  return ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
-          or (type(e) is Exception and str(e).startswith(_READ_FAILED)))
+  return (isinstance(e, RuntimeError) and str(e) == "Event loop is closed") or (
+    type(e) is Exception and str(e).startswith(_READ_FAILED)
+  )
 
 
 def _debug_log(what: str, e: BaseException | None) -> None:
-  logging.getLogger(__name__).debug("after a failed checkpoint read: %s: %s",
-                                    what, one_line(e) if e else "")
+  logging.getLogger(__name__).debug(
+    "after a failed checkpoint read: %s: %s", what, one_line(e) if e else ""
+  )
 
 
 def contain_failed_read_noise() -> None:
@@ -44,19 +47,19 @@ def contain_failed_read_noise() -> None:
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   thread_hook = threading.excepthook
 
-  def on_exception(tp, value, tb):   # what tensorstore threads report
+  def on_exception(tp, value, tb):  # what tensorstore threads report
     if _is_failed_read_noise(value):
       _debug_log("callback error", value)
     else:
       excepthook(tp, value, tb)
 
-  def on_unraisable(u):              # coroutines collected unawaited
+  def on_unraisable(u):  # coroutines collected unawaited
     if _is_failed_read_noise(u.exc_value):
       _debug_log(f"unraisable in {u.object!r}", u.exc_value)
     else:
       unraisablehook(u)
 
-  def on_thread_exception(args):     # a Python reader thread's failure
+  def on_thread_exception(args):  # a Python reader thread's failure
     if _is_failed_read_noise(args.exc_value):
       _debug_log(f"thread {args.thread!r}", args.exc_value)
     else:

@@ -44,43 +44,58 @@ def _batch_hash(batch: Batch) -> jax.Array:
   tokens_BT = batch["inputs"].astype(jnp.uint32)
   weight_T = jnp.arange(1, tokens_BT.shape[1] + 1, dtype=jnp.uint32)
   row_B = jnp.arange(1, tokens_BT.shape[0] + 1, dtype=jnp.uint32)
-  return jnp.sum(tokens_BT * weight_T[None] * (row_B[:, None] * 40503 + 1),
-                 dtype=jnp.uint32)
+  return jnp.sum(
+    tokens_BT * weight_T[None] * (row_B[:, None] * 40503 + 1), dtype=jnp.uint32
+  )
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: Any, model_state: Any,
-            batch: Batch, objective: Objective, *,
-            causal_routing: bool = False):
+def loss_fn(
+  graphdef: nnx.GraphDef,
+  params: Any,
+  model_state: Any,
+  batch: Batch,
+  objective: Objective,
+  *,
+  causal_routing: bool = False,
+):
   """-> (loss, (objective metrics, model aux, updated model_state)).
   Training routes by top-k; evaluation passes `causal_routing=True`."""
   model = nnx.merge(graphdef, params, model_state)
-  logits_BTV, aux = model(batch["inputs"], batch["positions"],
-                          batch["segment_ids"],
-                          causal_routing=causal_routing)
+  logits_BTV, aux = model(
+    batch["inputs"],
+    batch["positions"],
+    batch["segment_ids"],
+    causal_routing=causal_routing,
+  )
   loss, metrics = objective(logits_BTV, batch, aux)
   new_model_state = nnx.to_pure_dict(nnx.state(model, ModelState))
   return loss, (metrics, aux, new_model_state)
 
 
-def make_train_step(graphdef: nnx.GraphDef,
-                    optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule,
-                    objective: Objective, *,
-                    noise_key: jax.Array | None = None
-                    ) -> Callable[[State, Batch], tuple]:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  objective: Objective,
+  *,
+  noise_key: jax.Array | None = None,
+) -> Callable[[State, Batch], tuple]:
   """`noise_key`: the run's key for batch corruption (MLM)."""
   if noise_key is None:
     noise_key = jax.random.key(0)
 
   def train_step(state: State, batch: Batch):
-    batch = _corrupted(objective, jax.random.fold_in(noise_key,
-                                                     state["step"]), batch)
+    batch = _corrupted(
+      objective, jax.random.fold_in(noise_key, state["step"]), batch
+    )
     grad_fn = jax.value_and_grad(
       lambda p: loss_fn(graphdef, p, state["model_state"], batch, objective),
-      has_aux=True)
+      has_aux=True,
+    )
     (loss, (obj, aux, model_state)), grads = grad_fn(state["params"])
-    updates, opt_state = optimizer.update(grads, state["opt_state"],
-                                          state["params"])
+    updates, opt_state = optimizer.update(
+      grads, state["opt_state"], state["params"]
+    )
     params = optax.apply_updates(state["params"], updates)
     metrics = {
       "loss": obj["ce"],
@@ -88,28 +103,38 @@ def make_train_step(graphdef: nnx.GraphDef,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state["step"]),
       "tokens": obj["tokens"],
-      "aux": aux,   # the model's own entries, apart from the step's
+      "aux": aux,  # the model's own entries, apart from the step's
     }
-    new_state = {"params": params, "model_state": model_state,
-                 "opt_state": opt_state, "step": state["step"] + 1}
+    new_state = {
+      "params": params,
+      "model_state": model_state,
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+    }
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef,
-                   objective: Objective) -> Callable[[Any, Any, Batch], dict]:
+def make_eval_step(
+  graphdef: nnx.GraphDef, objective: Objective
+) -> Callable[[Any, Any, Batch], dict]:
   """(params, model_state, batch) -> sums over the batch: `nll_sum` and
   `tokens` (so batches of different fill combine exactly), and the model's
   `aux` entries (per batch; the caller averages them over batches)."""
 
   def eval_step(params, model_state, batch: Batch):
-    key = jax.random.fold_in(jax.random.key(EVAL_NOISE_SEED),
-                             _batch_hash(batch))
+    key = jax.random.fold_in(
+      jax.random.key(EVAL_NOISE_SEED), _batch_hash(batch)
+    )
     batch = _corrupted(objective, key, batch)
-    _, (obj, aux, _) = loss_fn(graphdef, params, model_state, batch,
-                               objective, causal_routing=True)
-    return {"nll_sum": obj["ce"] * obj["tokens"], "tokens": obj["tokens"],
-            "aux": aux}
+    _, (obj, aux, _) = loss_fn(
+      graphdef, params, model_state, batch, objective, causal_routing=True
+    )
+    return {
+      "nll_sum": obj["ce"] * obj["tokens"],
+      "tokens": obj["tokens"],
+      "aux": aux,
+    }
 
   return eval_step

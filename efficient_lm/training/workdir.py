@@ -55,7 +55,8 @@ class WorkdirBusy(RuntimeError):
 
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(
-    timespec="seconds")
+    timespec="seconds"
+  )
 
 
 def _holder(text: str) -> str:
@@ -81,9 +82,8 @@ class WorkdirLock:
 
   def __enter__(self) -> WorkdirLock:
     problem = self._acquire() if self.enabled else None
-    if jax.process_count() > 1:   # every process stops, not only process 0
-      busy = multihost_utils.broadcast_one_to_all(
-        np.int32(problem is not None))
+    if jax.process_count() > 1:  # every process stops, not only process 0
+      busy = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
       if busy and problem is None:
         problem = "process 0 could not lock the workdir (see its log)"
     if problem:
@@ -92,9 +92,12 @@ class WorkdirLock:
 
   def _acquire(self) -> str | None:
     if paths.is_remote(self.path):
-      print(f"warning: {self.path.parent} is remote: object stores have no "
-            "lock, so nothing guards against a second run in this workdir",
-            file=sys.stderr, flush=True)
+      print(
+        f"warning: {self.path.parent} is remote: object stores have no "
+        "lock, so nothing guards against a second run in this workdir",
+        file=sys.stderr,
+        flush=True,
+      )
       return None
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -103,19 +106,30 @@ class WorkdirLock:
       previous = os.pread(fd, 4096, 0).decode(errors="replace")
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        return (f"workdir {self.path.parent} is in use by another "
-                f"run ({_holder(previous)}); wait for it or use another "
-                "--workdir")
+        return (
+          f"workdir {self.path.parent} is in use by another "
+          f"run ({_holder(previous)}); wait for it or use another "
+          "--workdir"
+        )
       # A filesystem without flock (some FUSE mounts): run unguarded.
-      print(f"warning: cannot lock {self.path} ({e}); not guarding against "
-            "a second run in this workdir", file=sys.stderr, flush=True)
+      print(
+        f"warning: cannot lock {self.path} ({e}); not guarding against "
+        "a second run in this workdir",
+        file=sys.stderr,
+        flush=True,
+      )
       return None
     previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
     if previous:
-      print(f"workdir: taking over the lock of a run that is gone "
-            f"({_holder(previous)})", file=sys.stderr, flush=True)
-    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                         "since": _now()})
+      print(
+        f"workdir: taking over the lock of a run that is gone "
+        f"({_holder(previous)})",
+        file=sys.stderr,
+        flush=True,
+      )
+    record = json.dumps(
+      {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, (record + "\n").encode(), 0)
     os.fsync(fd)
@@ -124,7 +138,7 @@ class WorkdirLock:
 
   def __exit__(self, *exc_info) -> None:
     if self._fd is not None:
-      os.ftruncate(self._fd, 0)   # free; closing drops the flock
+      os.ftruncate(self._fd, 0)  # free; closing drops the flock
       os.close(self._fd)
       self._fd = None
 
@@ -141,22 +155,28 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]
-                   ) -> dict[str, tuple[Any, Any]]:
+def config_changes(
+  old: Mapping[str, Any], new: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
   """Dotted key -> (old, new) for every leaf that differs; keys missing on
   one side (a config from an older version) count as unchanged."""
   a, b = _flat(old), _flat(new)
-  return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys())
-          if a[k] != b[k]}
+  return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
 def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
-  return ", ".join(f"{k} {old!r} -> {new!r}"
-                   for k, (old, new) in changes.items())
+  return ", ".join(
+    f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()
+  )
 
 
-def record_start(workdir: epath.PathLike, config: Mapping[str, Any], *,
-                 start_step: int, overrides: Sequence[str] = ()) -> None:
+def record_start(
+  workdir: epath.PathLike,
+  config: Mapping[str, Any],
+  *,
+  start_step: int,
+  overrides: Sequence[str] = (),
+) -> None:
   """Writes config.json and appends this start to runs.jsonl.
 
   Called once the run is known to start (config valid, checkpoint
@@ -167,11 +187,17 @@ def record_start(workdir: epath.PathLike, config: Mapping[str, Any], *,
   try:
     changed = config_changes(json.loads(config_path.read_text()), config)
   except (OSError, ValueError):
-    changed = None   # first start here (or an unreadable record)
-  entry = {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(),
-           "start_step": start_step, "overrides": list(overrides),
-           "changed": (None if changed is None else
-                       {k: list(v) for k, v in changed.items()})}
+    changed = None  # first start here (or an unreadable record)
+  entry = {
+    "time": _now(),
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "start_step": start_step,
+    "overrides": list(overrides),
+    "changed": (
+      None if changed is None else {k: list(v) for k, v in changed.items()}
+    ),
+  }
   # Never a half-written config.json.
   paths.write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
   paths.append_text(workdir / RUNS, json.dumps(entry) + "\n")

@@ -26,6 +26,7 @@ Triton tensors must have power-of-two sizes, so head dims are zero-padded
 to the next power of two here (exact: zero columns add nothing to q.k, and
 the extra output columns are zero and sliced off).
 """
+
 import functools
 
 import jax
@@ -37,8 +38,15 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels import masks
 from kernels.flash_attention import pallas_mgpu
-from kernels.flash_attention.tiles import (LOG2E, NN, NT, TN, dot, pow2_tile,
-                                           soft_cap)
+from kernels.flash_attention.tiles import (
+  LOG2E,
+  NN,
+  NT,
+  TN,
+  dot,
+  pow2_tile,
+  soft_cap,
+)
 
 
 def _pad_last(x, n):
@@ -49,8 +57,9 @@ def _pad_last(x, n):
 
 def _compiler_params(head_dim):
   # Wider heads need more warps to hold the f32 accumulators in registers.
-  return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8,
-                                  num_stages=2)
+  return pl_triton.CompilerParams(
+    num_warps=4 if head_dim <= 64 else 8, num_stages=2
+  )
 
 
 def _check(q, k, meta, params):
@@ -60,17 +69,20 @@ def _check(q, k, meta, params):
   if h % g:
     raise ValueError(f"query heads {h} not a multiple of kv heads {g}")
   if t % bq or s % bk:
-    raise ValueError(f"lengths ({t}, {s}) must be multiples of blocks "
-                     f"({bq}, {bk}); pad first")
+    raise ValueError(
+      f"lengths ({t}, {s}) must be multiples of blocks ({bq}, {bk}); pad first"
+    )
   if meta.kind.shape != (b, t // bq, s // bk):
-    raise ValueError(f"metadata {meta.kind.shape} does not match tiles "
-                     f"{(b, t // bq, s // bk)}")
+    raise ValueError(
+      f"metadata {meta.kind.shape} does not match tiles {(b, t // bq, s // bk)}"
+    )
   # NotImplementedError lets kernels.attention fall back to another impl.
   for n in (bq, bk):
     if n < 16 or n & (n - 1):
       raise NotImplementedError(
         f"pallas_gpu (Triton) tiles must be powers of two >= 16; got "
-        f"blocks ({bq}, {bk})")
+        f"blocks ({bq}, {bk})"
+      )
 
 
 # ------------------------------------------------------------- tile helpers
@@ -97,8 +109,7 @@ def _gather_lookup(spec, table_ref, q_pos, k_pos):
 
 def _logits(q, k, params):
   """Scaled (and soft-capped) logits in log2 units, plus tanh for the vjp."""
-  return soft_cap(dot(q, k, NT) * params.scale, params.logits_soft_cap,
-                  LOG2E)
+  return soft_cap(dot(q, k, NT) * params.scale, params.logits_soft_cap, LOG2E)
 
 
 def _mask_tile(s, kind, rows, cols, params):
@@ -120,9 +131,15 @@ def _mask_tile(s, kind, rows, cols, params):
     lookup = None
     if table_ref is not None:
       lookup = functools.partial(_gather_lookup, spec, table_ref)
-    vis = masks.element_mask(spec, q_pos[:, None], k_pos[None, :],
-                             q_seg[:, None], k_seg[None, :], sfx,
-                             block_lookup=lookup)
+    vis = masks.element_mask(
+      spec,
+      q_pos[:, None],
+      k_pos[None, :],
+      q_seg[:, None],
+      k_seg[None, :],
+      sfx,
+      block_lookup=lookup,
+    )
     return jnp.where(vis, s, -jnp.inf)
 
   return lax.cond(kind == masks.PARTIAL, masked, lambda s: s, s)
@@ -147,9 +164,23 @@ def _dlogits(p, dp, delta, t):
 # ------------------------------------------------------------------ kernels
 
 
-def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-                k_pos_ref, k_seg_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
-                lse_ref, *, params):
+def _fwd_kernel(
+  count_ref,
+  index_ref,
+  kind_ref,
+  q_pos_ref,
+  q_seg_ref,
+  k_pos_ref,
+  k_seg_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  *,
+  params,
+):
   bq, bk = params.block_q, params.block_kv
   q = q_ref[...]
   rows = (q_pos_ref, q_seg_ref, pl.program_id(0) * bq)
@@ -172,9 +203,11 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, NN)
     return acc, m_new, l
 
-  init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
-          jnp.full((bq,), -jnp.inf, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
+  init = (
+    jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+    jnp.full((bq,), -jnp.inf, jnp.float32),
+    jnp.zeros((bq,), jnp.float32),
+  )
   acc, m, l = lax.fori_loop(0, count_ref[...], body, init)
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
@@ -182,9 +215,26 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
 
 
-def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-                 k_pos_ref, k_seg_ref, table_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, delta_ref, dk_ref, dv_ref, *, params):
+def _dkdv_kernel(
+  count_ref,
+  index_ref,
+  kind_ref,
+  q_pos_ref,
+  q_seg_ref,
+  k_pos_ref,
+  k_seg_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  params,
+):
   bq, bk = params.block_q, params.block_kv
   k = k_ref[...]
   v = v_ref[...]
@@ -198,8 +248,15 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
       rows = pl.ds(q_start, bq)
       q = q_ref[qh, rows, :]
       do = do_ref[qh, rows, :]
-      p, t = _probs(q, k, lse_ref[qh, rows], kind_ref[j],
-                    (q_pos_ref, q_seg_ref, q_start), cols, params)
+      p, t = _probs(
+        q,
+        k,
+        lse_ref[qh, rows],
+        kind_ref[j],
+        (q_pos_ref, q_seg_ref, q_start),
+        cols,
+        params,
+      )
       dv = dv + dot(p.astype(do.dtype), do, TN)
       ds = _dlogits(p, dot(do, v, NT), delta_ref[qh, rows], t)
       dk = dk + dot(ds.astype(q.dtype), q, TN)
@@ -213,9 +270,25 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-               k_pos_ref, k_seg_ref, table_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, params):
+def _dq_kernel(
+  count_ref,
+  index_ref,
+  kind_ref,
+  q_pos_ref,
+  q_seg_ref,
+  k_pos_ref,
+  k_seg_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  *,
+  params,
+):
   bq, bk = params.block_q, params.block_kv
   q = q_ref[...]
   do = do_ref[...]
@@ -232,8 +305,7 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
     ds = _dlogits(p, dot(do, v, NT), delta, t)
     return dq + dot(ds.astype(k.dtype), k, NN)
 
-  dq = lax.fori_loop(0, count_ref[...], body,
-                     jnp.zeros(q.shape, jnp.float32))
+  dq = lax.fori_loop(0, count_ref[...], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * params.scale).astype(dq_ref.dtype)
 
 
@@ -262,8 +334,9 @@ def _q_tile(bq, width):
 
 
 def _kv_whole(s, width, group):
-  return pl.BlockSpec((None, None, s, width),
-                      lambda i, b, h: (b, h // group, 0, 0))
+  return pl.BlockSpec(
+    (None, None, s, width), lambda i, b, h: (b, h // group, 0, 0)
+  )
 
 
 def _row_tile(bq):
@@ -283,16 +356,20 @@ def _use_mosaic(q, v, params, backward):
     return False
   cc = _compute_capability()
   # wgmma is sm90 only (Blackwell has tcgen05 instead).
-  return (cc is not None and 90 <= cc < 100
-          and pallas_mgpu.unsupported(q, v, params, backward=backward) is None)
+  return (
+    cc is not None
+    and 90 <= cc < 100
+    and pallas_mgpu.unsupported(q, v, params, backward=backward) is None
+  )
 
 
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   """(o [B, H, T, E] in q.dtype, lse [B, H, T] f32); see vjp.py."""
   _check(q, k, meta, params)
   if _use_mosaic(q, v, params, backward=False):
-    return pallas_mgpu.flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
-                                 params)
+    return pallas_mgpu.flash_fwd(
+      q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params
+    )
   b, h, t, kdim = q.shape
   g, s, e = v.shape[1], v.shape[2], v.shape[3]
   group, bq = h // g, params.block_q
@@ -301,41 +378,63 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   o, lse = pl.pallas_call(
     functools.partial(_fwd_kernel, params=params),
     grid=(t // bq, b, h),
-    in_specs=[*_row_specs(s // params.block_kv, t, s, table),
-              _q_tile(bq, kpad),
-              _kv_whole(s, kpad, group), _kv_whole(s, epad, group)],
+    in_specs=[
+      *_row_specs(s // params.block_kv, t, s, table),
+      _q_tile(bq, kpad),
+      _kv_whole(s, kpad, group),
+      _kv_whole(s, epad, group),
+    ],
     out_specs=[_q_tile(bq, epad), _row_tile(bq)],
-    out_shape=[jax.ShapeDtypeStruct((b, h, t, epad), q.dtype),
-               jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, h, t, epad), q.dtype),
+      jax.ShapeDtypeStruct((b, h, t), jnp.float32),
+    ],
     compiler_params=_compiler_params(max(kpad, epad)),
-    interpret=params.interpret, name="flash_fwd_gpu",
-  )(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos, q_seg, k_pos, k_seg,
-    table, _pad_last(q, kpad), _pad_last(k, kpad), _pad_last(v, epad))
+    interpret=params.interpret,
+    name="flash_fwd_gpu",
+  )(
+    meta.kv_count,
+    meta.kv_index,
+    meta.kv_kind,
+    q_pos,
+    q_seg,
+    k_pos,
+    k_seg,
+    table,
+    _pad_last(q, kpad),
+    _pad_last(k, kpad),
+    _pad_last(v, epad),
+  )
   return o[..., :e], lse
 
 
-def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-              params):
+def flash_bwd(
+  q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+):
   """(dq, dk, dv) like (q, k, v); delta = rowsum(o * do) - dlse."""
   _check(q, k, meta, params)
   if _use_mosaic(q, v, params, backward=True):
-    return pallas_mgpu.flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
-                                 lse, do, delta, params)
+    return pallas_mgpu.flash_bwd(
+      q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+    )
   b, h, t, kdim = q.shape
   g, s, e = v.shape[1], v.shape[2], v.shape[3]
   group, bq, bk = h // g, params.block_q, params.block_kv
   kpad, epad = pow2_tile(kdim), pow2_tile(e)
   table = _table(params.spec)
   seqs = (q_pos, q_seg, k_pos, k_seg, table)
-  q_, k_, v_, do_ = (_pad_last(q, kpad), _pad_last(k, kpad),
-                     _pad_last(v, epad), _pad_last(do, epad))
+  q_, k_, v_, do_ = (
+    _pad_last(q, kpad),
+    _pad_last(k, kpad),
+    _pad_last(v, epad),
+    _pad_last(do, epad),
+  )
   cparams = _compiler_params(max(kpad, epad))
 
   # dK/dV: one program per (kv block, batch, kv head), its Q query heads
   # looped inside over whole [Q, T, *] slabs of q, do, lse and delta.
   def slab(width):
-    return pl.BlockSpec((None, group, t, width),
-                        lambda i, b, h: (b, h, 0, 0))
+    return pl.BlockSpec((None, group, t, width), lambda i, b, h: (b, h, 0, 0))
 
   def slab_rows():
     return pl.BlockSpec((None, group, t), lambda i, b, h: (b, h, 0))
@@ -343,27 +442,52 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   dk, dv = pl.pallas_call(
     functools.partial(_dkdv_kernel, params=params),
     grid=(s // bk, b, g),
-    in_specs=[*_row_specs(t // bq, t, s, table), slab(kpad),
-              _q_tile(bk, kpad), _q_tile(bk, epad), slab(epad), slab_rows(),
-              slab_rows()],
+    in_specs=[
+      *_row_specs(t // bq, t, s, table),
+      slab(kpad),
+      _q_tile(bk, kpad),
+      _q_tile(bk, epad),
+      slab(epad),
+      slab_rows(),
+      slab_rows(),
+    ],
     out_specs=[_q_tile(bk, kpad), _q_tile(bk, epad)],
-    out_shape=[jax.ShapeDtypeStruct((b, g, s, kpad), k.dtype),
-               jax.ShapeDtypeStruct((b, g, s, epad), v.dtype)],
-    compiler_params=cparams, interpret=params.interpret,
+    out_shape=[
+      jax.ShapeDtypeStruct((b, g, s, kpad), k.dtype),
+      jax.ShapeDtypeStruct((b, g, s, epad), v.dtype),
+    ],
+    compiler_params=cparams,
+    interpret=params.interpret,
     name="flash_dkdv_gpu",
-  )(meta.q_count, meta.q_index, meta.q_kind, *seqs, q_, k_, v_, do_, lse,
-    delta)
+  )(meta.q_count, meta.q_index, meta.q_kind, *seqs, q_, k_, v_, do_, lse, delta)
 
   dq = pl.pallas_call(
     functools.partial(_dq_kernel, params=params),
     grid=(t // bq, b, h),
-    in_specs=[*_row_specs(s // bk, t, s, table), _q_tile(bq, kpad),
-              _kv_whole(s, kpad, group), _kv_whole(s, epad, group),
-              _q_tile(bq, epad), _row_tile(bq), _row_tile(bq)],
+    in_specs=[
+      *_row_specs(s // bk, t, s, table),
+      _q_tile(bq, kpad),
+      _kv_whole(s, kpad, group),
+      _kv_whole(s, epad, group),
+      _q_tile(bq, epad),
+      _row_tile(bq),
+      _row_tile(bq),
+    ],
     out_specs=_q_tile(bq, kpad),
     out_shape=jax.ShapeDtypeStruct((b, h, t, kpad), q.dtype),
-    compiler_params=cparams, interpret=params.interpret,
+    compiler_params=cparams,
+    interpret=params.interpret,
     name="flash_dq_gpu",
-  )(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs, q_, k_, v_, do_, lse,
-    delta)
+  )(
+    meta.kv_count,
+    meta.kv_index,
+    meta.kv_kind,
+    *seqs,
+    q_,
+    k_,
+    v_,
+    do_,
+    lse,
+    delta,
+  )
   return dq[..., :kdim], dk[..., :kdim], dv[..., :e]

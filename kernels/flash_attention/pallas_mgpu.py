@@ -13,6 +13,7 @@ A deliberately simple first version, not yet measured on hardware:
     one.
   - No producer warpgroup, no 2-warpgroup ping-pong, no TMA multicast.
 """
+
 import functools
 
 import jax
@@ -37,8 +38,10 @@ def unsupported(q, v, params, *, backward=False):
   # 64 rows per warpgroup MMA; the dK/dV tile puts kv rows on that side and
   # holds two f32 [bk, K] accumulators, so it stays at 64 too.
   if bq != 64 or bk % 64 or bk > 128 or (backward and bk != 64):
-    return (f"tiles ({bq}, {bk}) unsupported: needs block_q 64 and block_kv "
-            f"{'64' if backward else '64 or 128'}")
+    return (
+      f"tiles ({bq}, {bk}) unsupported: needs block_q 64 and block_kv "
+      f"{'64' if backward else '64 or 128'}"
+    )
   # Wider heads would need the accumulator split across warpgroups (and
   # more SMEM than double-buffered 128-row K/V tiles leave).
   for n in (q.shape[-1], v.shape[-1]):
@@ -58,16 +61,23 @@ def _smem(shape, dtype):
   """A swizzled SMEM buffer usable as a wgmma / TMA operand."""
   itemsize = jnp.dtype(dtype).itemsize
   swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
-  return plgpu.SMEM(shape, dtype, transforms=(
-    plgpu.TilingTransform((8, swizzle // itemsize)),
-    plgpu.SwizzleTransform(swizzle)))
+  return plgpu.SMEM(
+    shape,
+    dtype,
+    transforms=(
+      plgpu.TilingTransform((8, swizzle // itemsize)),
+      plgpu.SwizzleTransform(swizzle),
+    ),
+  )
 
 
 def _matmul(a, b, shape):
   """a @ b with both operands in SMEM, f32 result in registers."""
+
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
     return acc_ref[...]
+
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
@@ -100,12 +110,18 @@ def _masked(s, params, kind, q_vecs, k_vecs, k_start, q_axis):
     bcast = lambda x, axis: lax.broadcast_in_dim(x, shape, [axis])
     sfx = False
     if spec.global_suffix:
-      col = k_start + plgpu.broadcasted_iota(jnp.int32, shape, k_axis,
-                                             layout=_ACC)
+      col = k_start + plgpu.broadcasted_iota(
+        jnp.int32, shape, k_axis, layout=_ACC
+      )
       sfx = (col >= params.suffix_start) & (col < params.kv_len)
     vis = masks.element_mask(
-      spec, bcast(q_vecs[0], q_axis), bcast(k_vecs[0], k_axis),
-      bcast(q_vecs[1], q_axis), bcast(k_vecs[1], k_axis), sfx)
+      spec,
+      bcast(q_vecs[0], q_axis),
+      bcast(k_vecs[0], k_axis),
+      bcast(q_vecs[1], q_axis),
+      bcast(k_vecs[1], k_axis),
+      sfx,
+    )
     return jnp.where(vis, s, -jnp.inf)
 
   return lax.cond(kind == masks.PARTIAL, partial_tile, lambda s: s, s)
@@ -118,6 +134,7 @@ def _pipeline(steps, fetch, step, carry):
   (by reading its accumulator) before it refills s, so no consumed
   barriers are needed.
   """
+
   @pl.when(steps > 0)
   def _():
     fetch(0, 0)
@@ -137,36 +154,60 @@ def _pipeline(steps, fetch, step, carry):
 # ------------------------------------------------------------------ kernels
 
 
-
-def _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi,
-                g, bk):
+def _kv_fetcher(
+  index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi, g, bk
+):
   """fetch(j, slot): async copy of the j-th listed kv block into `slot`
   (shared by the forward and dQ kernels, which walk the same list)."""
 
   def fetch(j, slot):
     kv = pl.ds(index_ref[b, qi, j] * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[b, g, kv], k_smem.at[slot],
-                            k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, g, kv], v_smem.at[slot],
-                            v_bar.at[slot])
+    plgpu.copy_gmem_to_smem(k_ref.at[b, g, kv], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, g, kv], v_smem.at[slot], v_bar.at[slot])
 
   return fetch
 
-def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-                k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar,
-                k_bar, v_bar, *, params, group):
+
+def _fwd_kernel(
+  count_ref,
+  index_ref,
+  kind_ref,
+  q_pos_ref,
+  q_seg_ref,
+  k_pos_ref,
+  k_seg_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  q_smem,
+  k_smem,
+  v_smem,
+  p_smem,
+  o_smem,
+  lse_smem,
+  q_bar,
+  k_bar,
+  v_bar,
+  *,
+  params,
+  group,
+):
   bq, bk = params.block_q, params.block_kv
   e = v_smem.shape[-1]
   b, h, qi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
   g = lax.div(h, jnp.array(group, h.dtype))
   rows = pl.ds(qi * bq, bq)
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar.at[0])
-  q_vecs = (_vec(q_pos_ref.at[b, rows], _ROW),
-            _vec(q_seg_ref.at[b, rows], _ROW))
+  q_vecs = (
+    _vec(q_pos_ref.at[b, rows], _ROW),
+    _vec(q_seg_ref.at[b, rows], _ROW),
+  )
 
-  fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
-                      b, qi, g, bk)
+  fetch = _kv_fetcher(
+    index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi, g, bk
+  )
 
   def step(j, slot, carry):
     acc, m, l = carry
@@ -193,7 +234,8 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, e), [0])).astype(
-    o_smem.dtype)
+    o_smem.dtype
+  )
   lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, rows])
@@ -201,10 +243,33 @@ def _fwd_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-               k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, q_smem, do_smem, k_smem, v_smem, ds_smem,
-               q_bar, k_bar, v_bar, *, params, group):
+def _dq_kernel(
+  count_ref,
+  index_ref,
+  kind_ref,
+  q_pos_ref,
+  q_seg_ref,
+  k_pos_ref,
+  k_seg_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  q_smem,
+  do_smem,
+  k_smem,
+  v_smem,
+  ds_smem,
+  q_bar,
+  k_bar,
+  v_bar,
+  *,
+  params,
+  group,
+):
   bq, bk = params.block_q, params.block_kv
   kdim = q_smem.shape[-1]
   b, h, qi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
@@ -212,15 +277,18 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   rows = pl.ds(qi * bq, bq)
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar.at[0])
   plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows], do_smem, q_bar.at[1])
-  q_vecs = (_vec(q_pos_ref.at[b, rows], _ROW),
-            _vec(q_seg_ref.at[b, rows], _ROW))
+  q_vecs = (
+    _vec(q_pos_ref.at[b, rows], _ROW),
+    _vec(q_seg_ref.at[b, rows], _ROW),
+  )
   lse = _vec(lse_ref.at[b, h, rows], _ROW)
   # Rows that see nothing: lse -inf, every s -inf, so 0 keeps p at 0.
   lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
   delta = _vec(delta_ref.at[b, h, rows], _ROW)
 
-  fetch = _kv_fetcher(index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar,
-                      b, qi, g, bk)
+  fetch = _kv_fetcher(
+    index_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, qi, g, bk
+  )
 
   def step(j, slot, dq):
     k_start = index_ref[b, qi, j] * bk
@@ -247,10 +315,35 @@ def _dq_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
-                 k_pos_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem,
-                 p_smem, ds_smem, k_bar, q_bar, do_bar, *, params, group):
+def _dkdv_kernel(
+  count_ref,
+  index_ref,
+  kind_ref,
+  q_pos_ref,
+  q_seg_ref,
+  k_pos_ref,
+  k_seg_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  k_smem,
+  v_smem,
+  q_smem,
+  do_smem,
+  p_smem,
+  ds_smem,
+  k_bar,
+  q_bar,
+  do_bar,
+  *,
+  params,
+  group,
+):
   """Transposed tiles [kv rows, q cols], so kv rows sit on the MMA M side."""
   bq, bk = params.block_q, params.block_kv
   kdim, e = k_smem.shape[-1], v_smem.shape[-1]
@@ -258,8 +351,10 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   cols = pl.ds(ki * bk, bk)
   plgpu.copy_gmem_to_smem(k_ref.at[b, g, cols], k_smem, k_bar.at[0])
   plgpu.copy_gmem_to_smem(v_ref.at[b, g, cols], v_smem, k_bar.at[1])
-  k_vecs = (_vec(k_pos_ref.at[b, cols], _ROW),
-            _vec(k_seg_ref.at[b, cols], _ROW))
+  k_vecs = (
+    _vec(k_pos_ref.at[b, cols], _ROW),
+    _vec(k_seg_ref.at[b, cols], _ROW),
+  )
   count = count_ref[b, ki]
   c = jnp.maximum(count, 1)
 
@@ -270,17 +365,21 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
   def fetch(n, slot):
     h, q_start = locate(n)
     rows = pl.ds(q_start, bq)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[slot],
-                            q_bar.at[slot])
-    plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows], do_smem.at[slot],
-                            do_bar.at[slot])
+    plgpu.copy_gmem_to_smem(
+      q_ref.at[b, h, rows], q_smem.at[slot], q_bar.at[slot]
+    )
+    plgpu.copy_gmem_to_smem(
+      do_ref.at[b, h, rows], do_smem.at[slot], do_bar.at[slot]
+    )
 
   def step(n, slot, carry):
     dk, dv = carry
     h, q_start = locate(n)
     rows = pl.ds(q_start, bq)
-    q_vecs = (_vec(q_pos_ref.at[b, rows], _COL),
-              _vec(q_seg_ref.at[b, rows], _COL))
+    q_vecs = (
+      _vec(q_pos_ref.at[b, rows], _COL),
+      _vec(q_seg_ref.at[b, rows], _COL),
+    )
     lse = _vec(lse_ref.at[b, h, rows], _COL)
     lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
     delta = _vec(delta_ref.at[b, h, rows], _COL)
@@ -302,8 +401,9 @@ def _dkdv_kernel(count_ref, index_ref, kind_ref, q_pos_ref, q_seg_ref,
 
   plgpu.barrier_wait(k_bar.at[0])
   plgpu.barrier_wait(k_bar.at[1])
-  dk, dv = _pipeline(count * group, fetch, step,
-                     (_zeros((bk, kdim)), _zeros((bk, e))))
+  dk, dv = _pipeline(
+    count * group, fetch, step, (_zeros((bk, kdim)), _zeros((bk, e)))
+  )
   k_smem[...] = (dk * params.scale).astype(k_smem.dtype)  # k, v are done
   v_smem[...] = dv.astype(v_smem.dtype)
   plgpu.commit_smem()
@@ -321,9 +421,13 @@ def _launch(body, grid, out_type, scratch, params, group):
     interpret = plgpu.InterpretGPUParams()
   return plgpu.kernel(
     functools.partial(body, params=params, group=group),
-    out_type=out_type, scratch_types=scratch, grid=grid,
-    grid_names=("t", "h", "b"), interpret=interpret,
-    compiler_params=plgpu.CompilerParams(approx_math=True))
+    out_type=out_type,
+    scratch_types=scratch,
+    grid=grid,
+    grid_names=("t", "h", "b"),
+    interpret=interpret,
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
 
 
 def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
@@ -331,21 +435,43 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   b, h, t, kdim = q.shape
   g, e = v.shape[1], v.shape[3]
   bq, bk = params.block_q, params.block_kv
-  scratch = [_smem((bq, kdim), q.dtype), _smem((2, bk, kdim), q.dtype),
-             _smem((2, bk, e), q.dtype), _smem((bq, bk), q.dtype),
-             _smem((bq, e), q.dtype), plgpu.SMEM((bq,), jnp.float32),
-             plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
-             plgpu.Barrier(num_barriers=2)]
-  out_type = [jax.ShapeDtypeStruct((b, h, t, e), q.dtype),
-              jax.ShapeDtypeStruct((b, h, t), jnp.float32)]
-  kernel = _launch(_fwd_kernel, (t // bq, h, b), out_type, scratch, params,
-                   h // g)
-  return tuple(kernel(meta.kv_count, meta.kv_index, meta.kv_kind, q_pos,
-                      q_seg, k_pos, k_seg, q, k, v))
+  scratch = [
+    _smem((bq, kdim), q.dtype),
+    _smem((2, bk, kdim), q.dtype),
+    _smem((2, bk, e), q.dtype),
+    _smem((bq, bk), q.dtype),
+    _smem((bq, e), q.dtype),
+    plgpu.SMEM((bq,), jnp.float32),
+    plgpu.Barrier(num_barriers=1),
+    plgpu.Barrier(num_barriers=2),
+    plgpu.Barrier(num_barriers=2),
+  ]
+  out_type = [
+    jax.ShapeDtypeStruct((b, h, t, e), q.dtype),
+    jax.ShapeDtypeStruct((b, h, t), jnp.float32),
+  ]
+  kernel = _launch(
+    _fwd_kernel, (t // bq, h, b), out_type, scratch, params, h // g
+  )
+  return tuple(
+    kernel(
+      meta.kv_count,
+      meta.kv_index,
+      meta.kv_kind,
+      q_pos,
+      q_seg,
+      k_pos,
+      k_seg,
+      q,
+      k,
+      v,
+    )
+  )
 
 
-def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-              params):
+def flash_bwd(
+  q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+):
   """(dq, dk, dv) like (q, k, v); delta = rowsum(o * do) - dlse."""
   b, h, t, kdim = q.shape
   g, s, e = v.shape[1], v.shape[2], v.shape[3]
@@ -353,20 +479,41 @@ def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   group = h // g
   seqs = (q_pos, q_seg, k_pos, k_seg, q, k, v, do, lse, delta)
   dq = _launch(
-    _dq_kernel, (t // bq, h, b), jax.ShapeDtypeStruct(q.shape, q.dtype),
-    [_smem((bq, kdim), q.dtype), _smem((bq, e), q.dtype),
-     _smem((2, bk, kdim), q.dtype), _smem((2, bk, e), q.dtype),
-     _smem((bq, bk), q.dtype), plgpu.Barrier(num_barriers=2),
-     plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)],
-    params, group)(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs)
+    _dq_kernel,
+    (t // bq, h, b),
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    [
+      _smem((bq, kdim), q.dtype),
+      _smem((bq, e), q.dtype),
+      _smem((2, bk, kdim), q.dtype),
+      _smem((2, bk, e), q.dtype),
+      _smem((bq, bk), q.dtype),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+    ],
+    params,
+    group,
+  )(meta.kv_count, meta.kv_index, meta.kv_kind, *seqs)
   dk, dv = _launch(
-    _dkdv_kernel, (s // bk, g, b),
-    [jax.ShapeDtypeStruct(k.shape, k.dtype),
-     jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    [_smem((bk, kdim), k.dtype), _smem((bk, e), v.dtype),
-     _smem((2, bq, kdim), q.dtype), _smem((2, bq, e), q.dtype),
-     _smem((bk, bq), q.dtype), _smem((bk, bq), q.dtype),
-     plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-     plgpu.Barrier(num_barriers=2)],
-    params, group)(meta.q_count, meta.q_index, meta.q_kind, *seqs)
+    _dkdv_kernel,
+    (s // bk, g, b),
+    [
+      jax.ShapeDtypeStruct(k.shape, k.dtype),
+      jax.ShapeDtypeStruct(v.shape, v.dtype),
+    ],
+    [
+      _smem((bk, kdim), k.dtype),
+      _smem((bk, e), v.dtype),
+      _smem((2, bq, kdim), q.dtype),
+      _smem((2, bq, e), q.dtype),
+      _smem((bk, bq), q.dtype),
+      _smem((bk, bq), q.dtype),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+    ],
+    params,
+    group,
+  )(meta.q_count, meta.q_index, meta.q_kind, *seqs)
   return dq, dk, dv

@@ -10,6 +10,7 @@ Per-row data is passed with a unit minor dim: q positions / segments
 [B, T, 1], kv ones [B, 1, S], lse and delta [B, H, T, 1], so each tile
 broadcasts (rows, 1) against (1, cols) without relayouts.
 """
+
 import functools
 
 import jax
@@ -28,9 +29,10 @@ def _table(spec):
   if spec.block_mask is None:
     return None
   t = np.asarray(spec.block_mask, np.float32)
-  out = np.zeros((round_up(t.shape[0], 128), round_up(t.shape[1], 128)),
-                 np.float32)
-  out[:t.shape[0], :t.shape[1]] = t
+  out = np.zeros(
+    (round_up(t.shape[0], 128), round_up(t.shape[1], 128)), np.float32
+  )
+  out[: t.shape[0], : t.shape[1]] = t
   return jnp.asarray(out)
 
 
@@ -55,8 +57,9 @@ def _tile_mask(params, q_pos, q_seg, k_pos, k_seg, kv_block, table_ref):
   lookup = None
   if table_ref is not None:
     lookup = functools.partial(_mxu_lookup, params.spec, table_ref[...])
-  vis = masks.element_mask(params.spec, q_pos, k_pos, q_seg, k_seg, sfx,
-                           block_lookup=lookup)
+  vis = masks.element_mask(
+    params.spec, q_pos, k_pos, q_seg, k_seg, sfx, block_lookup=lookup
+  )
   return jnp.broadcast_to(vis, (q_pos.shape[0], bk))
 
 
@@ -71,12 +74,12 @@ def _check_tiles(params, t, s):
     return
   bq, bk = params.block_q, params.block_kv
   if bq % 8 and bq != t:
-    raise NotImplementedError(
-      f"pallas_tpu needs block_q % 8 == 0, got {bq}")
+    raise NotImplementedError(f"pallas_tpu needs block_q % 8 == 0, got {bq}")
   if bk % 128 and bk != s:
     raise NotImplementedError(
       f"pallas_tpu needs block_kv % 128 == 0 (or one block for all keys), "
-      f"got block_kv={bk} for {s} keys")
+      f"got block_kv={bk} for {s} keys"
+    )
 
 
 def _grid_width(count, n, params):
@@ -93,7 +96,7 @@ def _grid_width(count, n, params):
 
 def _varying(prefetch, operands):
   out = compat.match_varying(*prefetch, *operands)
-  return out[:len(prefetch)], out[len(prefetch):]
+  return out[: len(prefetch)], out[len(prefetch) :]
 
 
 _SMEM_BUDGET = 768 * 1024  # of the 1 MiB SMEM of v4/v5e/v5p/v6e cores
@@ -113,7 +116,8 @@ class _Lists:
       raise NotImplementedError(
         f"tile lists need {words * 4 // 1024} KiB of SMEM (budget "
         f"{_SMEM_BUDGET // 1024} KiB) for batch {self.b} and {self.m} x "
-        f"{self.n} tiles; use larger BlockSizes or shard the batch")
+        f"{self.n} tiles; use larger BlockSizes or shard the batch"
+      )
     self.arrays = (count.reshape(-1), (index * 4 + kind).reshape(-1))
 
   def at(self, refs, b, row, j):
@@ -127,8 +131,7 @@ def _q_row_spec(shape):
   return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (bi, h, i, 0))
 
 
-def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
-                    params):
+def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists, params):
   """BlockSpecs + operands of the kernels that walk kv lists (fwd, dQ).
 
   Order: q, k, v, q_pos, q_seg, k_pos, k_seg, *rows, [block-mask table].
@@ -141,18 +144,34 @@ def _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, rows, lists,
     return lists.at(refs, bi, i, j)[1]
 
   def kv_spec(shape):
-    return compat.BlockSpec(shape, lambda bi, h, i, j, *r: (
-      bi, h // group, kv_block(bi, i, j, r), 0))
+    return compat.BlockSpec(
+      shape, lambda bi, h, i, j, *r: (bi, h // group, kv_block(bi, i, j, r), 0)
+    )
 
   q_rows = compat.BlockSpec((None, bq, 1), lambda bi, h, i, j, *r: (bi, i, 0))
-  kv_cols = compat.BlockSpec((None, 1, bk), lambda bi, h, i, j, *r: (
-    bi, 0, kv_block(bi, i, j, r)))
-  in_specs = [_q_row_spec((None, None, bq, kdim)),
-              kv_spec((None, None, bk, kdim)), kv_spec((None, None, bk, e)),
-              q_rows, q_rows, kv_cols, kv_cols]
+  kv_cols = compat.BlockSpec(
+    (None, 1, bk), lambda bi, h, i, j, *r: (bi, 0, kv_block(bi, i, j, r))
+  )
+  in_specs = [
+    _q_row_spec((None, None, bq, kdim)),
+    kv_spec((None, None, bk, kdim)),
+    kv_spec((None, None, bk, e)),
+    q_rows,
+    q_rows,
+    kv_cols,
+    kv_cols,
+  ]
   in_specs += [_q_row_spec((None, None, bq, x.shape[3])) for x in rows]
-  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
-              k_pos[:, None, :], k_seg[:, None, :], *rows]
+  operands = [
+    q,
+    k,
+    v,
+    q_pos[:, :, None],
+    q_seg[:, :, None],
+    k_pos[:, None, :],
+    k_seg[:, None, :],
+    *rows,
+  ]
   table = _table(params.spec)
   if table is not None:
     in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
@@ -185,16 +204,23 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   nq, nk = t // bq, s // bk
   _check_tiles(params, t, s)
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
-  in_specs, operands = _q_major_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
-                                       (), lists, params)
-  out_specs = [_q_row_spec((None, None, bq, e)),
-               _q_row_spec((None, None, bq, 1))]
+  in_specs, operands = _q_major_inputs(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, (), lists, params
+  )
+  out_specs = [
+    _q_row_spec((None, None, bq, e)),
+    _q_row_spec((None, None, bq, 1)),
+  ]
   prefetch, operands = _varying(lists.arrays, operands)
-  out_shape = [compat.out_struct((b, h, t, e), q.dtype, operands[0]),
-               compat.out_struct((b, h, t, 1), jnp.float32, operands[0])]
-  scratch = [compat.vmem((bq, 1), jnp.float32),  # running max m
-             compat.vmem((bq, 1), jnp.float32),  # running sum l
-             compat.vmem((bq, e), jnp.float32)]  # unnormalised output
+  out_shape = [
+    compat.out_struct((b, h, t, e), q.dtype, operands[0]),
+    compat.out_struct((b, h, t, 1), jnp.float32, operands[0]),
+  ]
+  scratch = [
+    compat.vmem((bq, 1), jnp.float32),  # running max m
+    compat.vmem((bq, 1), jnp.float32),  # running sum l
+    compat.vmem((bq, e), jnp.float32),
+  ]  # unnormalised output
 
   def kernel(*refs):
     list_refs, refs = refs[:2], refs[2:]
@@ -214,8 +240,15 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
     def step(masked):
       s, _ = _logits(params, q_ref[...], k_ref[...])
       if masked:
-        vis = _tile_mask(params, qp_ref[...], qs_ref[...], kp_ref[...],
-                         ks_ref[...], kv_idx, table_ref)
+        vis = _tile_mask(
+          params,
+          qp_ref[...],
+          qs_ref[...],
+          kp_ref[...],
+          ks_ref[...],
+          kv_idx,
+          table_ref,
+        )
         s = jnp.where(vis, s, _NEG)
       m_prev = m_sc[...]
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -224,8 +257,9 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
         p = jnp.where(vis, p, 0.0)
       alpha = jnp.exp(m_prev - m_new)
       l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-      acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v_ref.dtype),
-                                              v_ref[...], NN)
+      acc_sc[...] = alpha * acc_sc[...] + dot(
+        p.astype(v_ref.dtype), v_ref[...], NN
+      )
       m_sc[...] = m_new
 
     live = j < count
@@ -238,17 +272,24 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
       seen = l > 0.0
       inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
       o_ref[...] = (acc_sc[...] * inv).astype(o_ref.dtype)
-      lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(
-        seen, l, 1.0)), -jnp.inf)
+      lse_ref[...] = jnp.where(
+        seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf
+      )
 
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
     grid=(b, h, nq, _grid_width(meta.kv_count, nk, params)),
-    in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
+    in_specs=in_specs,
+    out_specs=out_specs,
+    scratch_shapes=scratch,
+  )
   o, lse = compat.pallas_call(
-    kernel, out_shape=out_shape, grid_spec=grid_spec,
+    kernel,
+    out_shape=out_shape,
+    grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-    interpret=params.interpret, name="flash_fwd",
+    interpret=params.interpret,
+    name="flash_fwd",
     cost=_cost(q, k, v, 1, 1, [*operands, *out_shape]),
   )(*prefetch, *operands)
   return o, lse[..., 0]
@@ -267,8 +308,7 @@ def _ds(params, q, k, v, do, lse, delta, vis):
   return p, ds
 
 
-def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-             params):
+def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params):
   b, h, t, kdim = q.shape
   g, s, e = k.shape[1], k.shape[2], v.shape[3]
   group = h // g
@@ -281,43 +321,84 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     return lists.at(refs, bi, kj, i)[1]
 
   def row_spec(shape):  # q-side operand [B, H, T, x]
-    return compat.BlockSpec(shape, lambda bi, gh, kj, qh, i, *r: (
-      bi, gh * group + qh, q_block(bi, gh, kj, qh, i, *r), 0))
+    return compat.BlockSpec(
+      shape,
+      lambda bi, gh, kj, qh, i, *r: (
+        bi,
+        gh * group + qh,
+        q_block(bi, gh, kj, qh, i, *r),
+        0,
+      ),
+    )
 
   def pos_spec():  # q-side per-row [B, T, 1]
-    return compat.BlockSpec((None, bq, 1), lambda bi, gh, kj, qh, i, *r: (
-      bi, q_block(bi, gh, kj, qh, i, *r), 0))
+    return compat.BlockSpec(
+      (None, bq, 1),
+      lambda bi, gh, kj, qh, i, *r: (bi, q_block(bi, gh, kj, qh, i, *r), 0),
+    )
 
   def kv_spec(shape):
-    return compat.BlockSpec(shape, lambda bi, gh, kj, qh, i, *r: (
-      bi, gh, kj, 0))
+    return compat.BlockSpec(
+      shape, lambda bi, gh, kj, qh, i, *r: (bi, gh, kj, 0)
+    )
 
   def kv_row_spec():
-    return compat.BlockSpec((None, 1, bk), lambda bi, gh, kj, qh, i, *r: (
-      bi, 0, kj))
+    return compat.BlockSpec(
+      (None, 1, bk), lambda bi, gh, kj, qh, i, *r: (bi, 0, kj)
+    )
 
-  in_specs = [row_spec((None, None, bq, kdim)),
-              kv_spec((None, None, bk, kdim)),
-              kv_spec((None, None, bk, e)), pos_spec(), pos_spec(),
-              kv_row_spec(), kv_row_spec(), row_spec((None, None, bq, e)),
-              row_spec((None, None, bq, 1)), row_spec((None, None, bq, 1))]
-  operands = [q, k, v, q_pos[:, :, None], q_seg[:, :, None],
-              k_pos[:, None, :], k_seg[:, None, :], do, lse[..., None],
-              delta[..., None]]
+  in_specs = [
+    row_spec((None, None, bq, kdim)),
+    kv_spec((None, None, bk, kdim)),
+    kv_spec((None, None, bk, e)),
+    pos_spec(),
+    pos_spec(),
+    kv_row_spec(),
+    kv_row_spec(),
+    row_spec((None, None, bq, e)),
+    row_spec((None, None, bq, 1)),
+    row_spec((None, None, bq, 1)),
+  ]
+  operands = [
+    q,
+    k,
+    v,
+    q_pos[:, :, None],
+    q_seg[:, :, None],
+    k_pos[:, None, :],
+    k_seg[:, None, :],
+    do,
+    lse[..., None],
+    delta[..., None],
+  ]
   if table is not None:
     in_specs.append(compat.BlockSpec(table.shape, lambda *_: (0, 0)))
     operands.append(table)
   out_specs = [kv_spec((None, None, bk, kdim)), kv_spec((None, None, bk, e))]
   prefetch, operands = _varying(lists.arrays, operands)
-  out_shape = [compat.out_struct(k.shape, k.dtype, operands[0]),
-               compat.out_struct(v.shape, v.dtype, operands[0])]
-  scratch = [compat.vmem((bk, kdim), jnp.float32),
-             compat.vmem((bk, e), jnp.float32)]
+  out_shape = [
+    compat.out_struct(k.shape, k.dtype, operands[0]),
+    compat.out_struct(v.shape, v.dtype, operands[0]),
+  ]
+  scratch = [
+    compat.vmem((bk, kdim), jnp.float32),
+    compat.vmem((bk, e), jnp.float32),
+  ]
 
   def kernel(*refs):
     list_refs, refs = refs[:2], refs[2:]
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
-     delta_ref) = refs[:10]
+    (
+      q_ref,
+      k_ref,
+      v_ref,
+      qp_ref,
+      qs_ref,
+      kp_ref,
+      ks_ref,
+      do_ref,
+      lse_ref,
+      delta_ref,
+    ) = refs[:10]
     table_ref = refs[10] if table is not None else None
     dk_ref, dv_ref, dk_sc, dv_sc = refs[-4:]
     bi, kj, qh, i = (compat.program_id(a) for a in (0, 2, 3, 4))
@@ -332,11 +413,26 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
       q_t = q_ref[...]
       vis = None
       if masked:
-        vis = _tile_mask(params, qp_ref[...], qs_ref[...], kp_ref[...],
-                         ks_ref[...], kj, table_ref)
+        vis = _tile_mask(
+          params,
+          qp_ref[...],
+          qs_ref[...],
+          kp_ref[...],
+          ks_ref[...],
+          kj,
+          table_ref,
+        )
       do_t = do_ref[...]
-      p, ds = _ds(params, q_t, k_ref[...], v_ref[...], do_t, lse_ref[...],
-                  delta_ref[...], vis)
+      p, ds = _ds(
+        params,
+        q_t,
+        k_ref[...],
+        v_ref[...],
+        do_t,
+        lse_ref[...],
+        delta_ref[...],
+        vis,
+      )
       dv_sc[...] += dot(p.astype(do_t.dtype), do_t, TN)
       dk_sc[...] += dot(ds.astype(q_t.dtype), q_t, TN)
 
@@ -352,31 +448,60 @@ def _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
     grid=(b, g, nk, group, _grid_width(meta.q_count, nq, params)),
-    in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
+    in_specs=in_specs,
+    out_specs=out_specs,
+    scratch_shapes=scratch,
+  )
   return compat.pallas_call(
-    kernel, out_shape=out_shape, grid_spec=grid_spec,
-    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
-                         "arbitrary"),
-    interpret=params.interpret, name="flash_bwd_dkv",
+    kernel,
+    out_shape=out_shape,
+    grid_spec=grid_spec,
+    dimension_semantics=(
+      "parallel",
+      "parallel",
+      "parallel",
+      "arbitrary",
+      "arbitrary",
+    ),
+    interpret=params.interpret,
+    name="flash_bwd_dkv",
     cost=_cost(q, k, v, 2, 2, [*operands, *out_shape]),
   )(*prefetch, *operands)
 
 
-def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-            params):
+def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params):
   b, h, t, kdim = q.shape
   bq, bk = params.block_q, params.block_kv
   nq, nk = t // bq, k.shape[2] // bk
   lists = _Lists(meta.kv_count, meta.kv_index, meta.kv_kind)
   in_specs, operands = _q_major_inputs(
-    q, k, v, q_pos, k_pos, q_seg, k_seg,
-    (do, lse[..., None], delta[..., None]), lists, params)
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    (do, lse[..., None], delta[..., None]),
+    lists,
+    params,
+  )
   prefetch, operands = _varying(lists.arrays, operands)
 
   def kernel(*refs):
     list_refs, refs = refs[:2], refs[2:]
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref,
-     delta_ref) = refs[:10]
+    (
+      q_ref,
+      k_ref,
+      v_ref,
+      qp_ref,
+      qs_ref,
+      kp_ref,
+      ks_ref,
+      do_ref,
+      lse_ref,
+      delta_ref,
+    ) = refs[:10]
     table_ref = refs[10] if params.spec.block_mask is not None else None
     dq_ref, dq_sc = refs[-2:]
     bi, i, j = (compat.program_id(a) for a in (0, 2, 3))
@@ -390,10 +515,25 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
       k_t = k_ref[...]
       vis = None
       if masked:
-        vis = _tile_mask(params, qp_ref[...], qs_ref[...], kp_ref[...],
-                         ks_ref[...], kv_idx, table_ref)
-      _, ds = _ds(params, q_ref[...], k_t, v_ref[...], do_ref[...],
-                  lse_ref[...], delta_ref[...], vis)
+        vis = _tile_mask(
+          params,
+          qp_ref[...],
+          qs_ref[...],
+          kp_ref[...],
+          ks_ref[...],
+          kv_idx,
+          table_ref,
+        )
+      _, ds = _ds(
+        params,
+        q_ref[...],
+        k_t,
+        v_ref[...],
+        do_ref[...],
+        lse_ref[...],
+        delta_ref[...],
+        vis,
+      )
       dq_sc[...] += dot(ds.astype(k_t.dtype), k_t, NN)
 
     live = j < count
@@ -407,23 +547,31 @@ def _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
   grid_spec = compat.PrefetchScalarGridSpec(
     num_scalar_prefetch=2,
     grid=(b, h, nq, _grid_width(meta.kv_count, nk, params)),
-    in_specs=in_specs, out_specs=[_q_row_spec((None, None, bq, kdim))],
-    scratch_shapes=[compat.vmem((bq, kdim), jnp.float32)])
+    in_specs=in_specs,
+    out_specs=[_q_row_spec((None, None, bq, kdim))],
+    scratch_shapes=[compat.vmem((bq, kdim), jnp.float32)],
+  )
   out_shape = [compat.out_struct(q.shape, q.dtype, operands[0])]
   (dq,) = compat.pallas_call(
-    kernel, out_shape=out_shape, grid_spec=grid_spec,
+    kernel,
+    out_shape=out_shape,
+    grid_spec=grid_spec,
     dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-    interpret=params.interpret, name="flash_bwd_dq",
+    interpret=params.interpret,
+    name="flash_bwd_dq",
     cost=_cost(q, k, v, 1, 0, [*operands, *out_shape]),
   )(*prefetch, *operands)
   return dq
 
 
-def flash_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-              params):
+def flash_bwd(
+  q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+):
   _check_tiles(params, q.shape[2], k.shape[2])
-  dk, dv = _bwd_dkv(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do,
-                    delta, params)
-  dq = _bwd_dq(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-               params)
+  dk, dv = _bwd_dkv(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+  )
+  dq = _bwd_dq(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+  )
   return dq, dk, dv

@@ -12,6 +12,7 @@ tiles from `masks.block_metadata`, so a sliding window or a sparse pattern
 costs about its visible tiles on CPU too, and memory stays linear in T and
 S.
 """
+
 from typing import NamedTuple
 
 import jax
@@ -30,16 +31,21 @@ def _group(q_BTHK, g):
   return q_BTHK.reshape(b, t, g, h // g, kdim)
 
 
-def attention_reference(q_BTHK, k_BSGK, v_BSGE, mask_BTS, *, scale,
-                        logits_soft_cap=None):
+def attention_reference(
+  q_BTHK, k_BSGK, v_BSGE, mask_BTS, *, scale, logits_soft_cap=None
+):
   """Materialised-mask attention with softmax in f32.
 
   Returns (out [B, T, H, E] in q.dtype, lse [B, H, T] f32). Rows with no
   visible key give out 0 and lse -inf, with finite (zero) gradients.
   """
   q_BTGQK = _group(q_BTHK, k_BSGK.shape[2]).astype(jnp.float32)
-  s_BGQTS = jnp.einsum("BTGQK,BSGK->BGQTS", q_BTGQK,
-                       k_BSGK.astype(jnp.float32), precision=_HI) * scale
+  s_BGQTS = (
+    jnp.einsum(
+      "BTGQK,BSGK->BGQTS", q_BTGQK, k_BSGK.astype(jnp.float32), precision=_HI
+    )
+    * scale
+  )
   s_BGQTS = soft_cap(s_BGQTS, logits_soft_cap)[0]
   mask = mask_BTS[:, None, None, :, :]
   s_BGQTS = jnp.where(mask, s_BGQTS, -jnp.inf)
@@ -48,16 +54,29 @@ def attention_reference(q_BTHK, k_BSGK, v_BSGE, mask_BTS, *, scale,
   p = jnp.exp(s_BGQTS - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   l_safe = jnp.where(l > 0, l, 1.0)
-  o_BGQTE = jnp.einsum("BGQTS,BSGE->BGQTE", p / l_safe,
-                       v_BSGE.astype(jnp.float32), precision=_HI)
+  o_BGQTE = jnp.einsum(
+    "BGQTS,BSGE->BGQTE", p / l_safe, v_BSGE.astype(jnp.float32), precision=_HI
+  )
   lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)[..., 0]
   b, g, q, t, e = o_BGQTE.shape
   out = o_BGQTE.transpose(0, 3, 1, 2, 4).reshape(b, t, g * q, e)
   return out.astype(q_BTHK.dtype), lse.reshape(b, g * q, t)
 
 
-def attention_chunked(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, *,
-                      spec, scale, logits_soft_cap=None, block_sizes=None):
+def attention_chunked(
+  q_BTHK,
+  k_BSGK,
+  v_BSGE,
+  q_pos,
+  k_pos,
+  q_seg,
+  k_seg,
+  *,
+  spec,
+  scale,
+  logits_soft_cap=None,
+  block_sizes=None,
+):
   """Tiled online-softmax attention that skips EMPTY tiles; memory linear.
 
   Queries are cut into tiles of `block_sizes.block_q` rows, keys into tiles
@@ -69,10 +88,21 @@ def attention_chunked(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, *,
   jax.jvp / jax.jacfwd need "xla". Same contract as `attention_reference`.
   """
   from kernels.flash_attention import vjp  # vjp.py imports this module
+
   return vjp.flash_attention(
-    q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, spec=spec,
-    scale=scale, logits_soft_cap=logits_soft_cap, block_sizes=block_sizes,
-    backend="xla_chunked")
+    q_BTHK,
+    k_BSGK,
+    v_BSGE,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    spec=spec,
+    scale=scale,
+    logits_soft_cap=logits_soft_cap,
+    block_sizes=block_sizes,
+    backend="xla_chunked",
+  )
 
 
 # ----------------------------------------------- backend of vjp.py in XLA ops
@@ -86,15 +116,16 @@ def attention_chunked(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, *,
 
 def _tiles(x, n, axis):
   """Splits `axis` into (n, size / n) and moves the n axis to position 1."""
-  shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+  shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1 :]
   return jnp.moveaxis(x.reshape(shape), axis, 1)
 
 
 class _Tiled(NamedTuple):
   """Per-row tile stacks: [B, N, ...] (N = number of tiles)."""
-  x: jax.Array      # q [B, NQ, G, Q, bq, K] / k [B, NK, G, bk, K]
-  pos: jax.Array    # [B, N, tile]
-  seg: jax.Array    # [B, N, tile]
+
+  x: jax.Array  # q [B, NQ, G, Q, bq, K] / k [B, NK, G, bk, K]
+  pos: jax.Array  # [B, N, tile]
+  seg: jax.Array  # [B, N, tile]
 
 
 def _split(q, k, v, q_pos, k_pos, q_seg, k_seg, params):
@@ -116,8 +147,10 @@ def _suffix_tiles(params, nk):
 def _probs(params, q_BGQtK, k_BGsK, vis_Bts, lse_BGQt=None):
   """Masked logits (lse None) or probabilities exp(s - lse) of one tile
   [B, G, Q, t, s], and the soft cap's tanh (None without a cap)."""
-  s = jnp.einsum("BGQTK,BGSK->BGQTS", q_BGQtK, k_BGsK,
-                 precision=_HI) * params.scale
+  s = (
+    jnp.einsum("BGQTK,BGSK->BGQTS", q_BGQtK, k_BGsK, precision=_HI)
+    * params.scale
+  )
   s, tanh = soft_cap(s, params.logits_soft_cap)
   vis = vis_Bts[:, None, None]
   if lse_BGQt is None:
@@ -127,9 +160,14 @@ def _probs(params, q_BGQtK, k_BGsK, vis_Bts, lse_BGQt=None):
 
 
 def _tile_mask(params, sfx_NC, qp, qs, kp, ks, k_idx_B, live_B):
-  vis = masks.element_mask(params.spec, qp[:, :, None], kp[:, None, :],
-                           qs[:, :, None], ks[:, None, :],
-                           sfx_NC[k_idx_B][:, None, :])
+  vis = masks.element_mask(
+    params.spec,
+    qp[:, :, None],
+    kp[:, None, :],
+    qs[:, :, None],
+    ks[:, None, :],
+    sfx_NC[k_idx_B][:, None, :],
+  )
   return vis & live_B[:, None, None]
 
 
@@ -147,34 +185,58 @@ def chunked_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   rows = jnp.arange(b)
 
   def query_tile(i):
-    q_t = qt.x[:, i].astype(jnp.float32)                 # [B, G, Q, bq, K]
+    q_t = qt.x[:, i].astype(jnp.float32)  # [B, G, Q, bq, K]
     qp, qs = qt.pos[:, i], qt.seg[:, i]
     count_B, index_BN = meta.kv_count[:, i], meta.kv_index[:, i]
 
     def step(j, carry):
       m, l, acc = carry
       kb = index_BN[:, j]
-      vis = _tile_mask(params, sfx_NC, qp, qs, kt.pos[rows, kb],
-                       kt.seg[rows, kb], kb, j < count_B)
+      vis = _tile_mask(
+        params,
+        sfx_NC,
+        qp,
+        qs,
+        kt.pos[rows, kb],
+        kt.seg[rows, kb],
+        kb,
+        j < count_B,
+      )
       s, _ = _probs(params, q_t, kt.x[rows, kb].astype(jnp.float32), vis)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       alpha = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
       p = jnp.exp(s - m_safe[..., None])
       acc = alpha[..., None] * acc + jnp.einsum(
-        "BGQTS,BGSE->BGQTE", p, v_tiles[rows, kb].astype(jnp.float32),
-        precision=_HI)
+        "BGQTS,BGSE->BGQTE",
+        p,
+        v_tiles[rows, kb].astype(jnp.float32),
+        precision=_HI,
+      )
       return m_new, alpha * l + jnp.sum(p, axis=-1), acc
 
     shape = q_t.shape[:-1]
     init = compat.varying_like(
-      (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-       jnp.zeros(shape + (e,), jnp.float32)),
-      q_t, k, v, qp, qs, k_pos, k_seg, count_B, index_BN)
+      (
+        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros(shape + (e,), jnp.float32),
+      ),
+      q_t,
+      k,
+      v,
+      qp,
+      qs,
+      k_pos,
+      k_seg,
+      count_B,
+      index_BN,
+    )
     m, l, acc = _walk(count_B, step, init)
     l_safe = jnp.where(l > 0, l, 1.0)
-    lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0)
-                    + jnp.log(l_safe), -jnp.inf)
+    lse = jnp.where(
+      l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe), -jnp.inf
+    )
     return acc / l_safe[..., None], lse
 
   o, lse = jax.lax.map(query_tile, jnp.arange(qt.x.shape[1]))
@@ -184,8 +246,9 @@ def chunked_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
   return o.astype(q.dtype), lse
 
 
-def chunked_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
-                params):
+def chunked_bwd(
+  q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta, params
+):
   """vjp.py backend backward: dq over each query tile's key list, dk / dv
   over each key tile's query list (the transposed metadata)."""
   b, h, t, kd = q.shape
@@ -214,14 +277,23 @@ def chunked_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
     def step(j, dq):
       kb = index_BN[:, j]
       k_c = f32(kt.x[rows, kb])
-      vis = _tile_mask(params, sfx_NC, qt.pos[:, i], qt.seg[:, i],
-                       kt.pos[rows, kb], kt.seg[rows, kb], kb, j < count_B)
+      vis = _tile_mask(
+        params,
+        sfx_NC,
+        qt.pos[:, i],
+        qt.seg[:, i],
+        kt.pos[rows, kb],
+        kt.seg[rows, kb],
+        kb,
+        j < count_B,
+      )
       p, tanh = _probs(params, q_c, k_c, vis, lse_c)
       ds = ds_of(p, tanh, do_c, f32(v_tiles[rows, kb]), delta_c)
       return dq + jnp.einsum("BGQTS,BGSK->BGQTK", ds, k_c, precision=_HI)
 
-    init = compat.varying_like(jnp.zeros(q_c.shape, jnp.float32),
-                               q, k, v, do, lse, count_B)
+    init = compat.varying_like(
+      jnp.zeros(q_c.shape, jnp.float32), q, k, v, do, lse, count_B
+    )
     return _walk(count_B, step, init) * params.scale
 
   def dkv_tile(c):
@@ -234,8 +306,16 @@ def chunked_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
       dk, dv = carry
       qb = index_BN[:, j]
       q_c, do_c = f32(qt.x[rows, qb]), f32(do_t[rows, qb])
-      vis = _tile_mask(params, sfx_NC, qt.pos[rows, qb], qt.seg[rows, qb],
-                       kp, ks, kb, j < count_B)
+      vis = _tile_mask(
+        params,
+        sfx_NC,
+        qt.pos[rows, qb],
+        qt.seg[rows, qb],
+        kp,
+        ks,
+        kb,
+        j < count_B,
+      )
       p, tanh = _probs(params, q_c, k_c, vis, lse_t[rows, qb])
       ds = ds_of(p, tanh, do_c, v_c, delta_t[rows, qb])
       dv = dv + jnp.einsum("BGQTS,BGQTE->BGSE", p, do_c, precision=_HI)
@@ -244,13 +324,19 @@ def chunked_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse, do, delta,
 
     init = compat.varying_like(
       (jnp.zeros(k_c.shape, jnp.float32), jnp.zeros(v_c.shape, jnp.float32)),
-      q, k, v, do, lse, count_B)
+      q,
+      k,
+      v,
+      do,
+      lse,
+      count_B,
+    )
     dk, dv = _walk(count_B, step, init)
     return dk * params.scale, dv
 
-  dq = jax.lax.map(dq_tile, jnp.arange(nq))        # [NQ, B, G, Q, bq, K]
+  dq = jax.lax.map(dq_tile, jnp.arange(nq))  # [NQ, B, G, Q, bq, K]
   dq = jnp.moveaxis(dq, 0, 3).reshape(b, h, t, kd)
-  dk, dv = jax.lax.map(dkv_tile, jnp.arange(nk))   # [NK, B, G, bk, ...]
+  dk, dv = jax.lax.map(dkv_tile, jnp.arange(nk))  # [NK, B, G, bk, ...]
   dk = jnp.moveaxis(dk, 0, 2).reshape(b, g, s, kd)
   dv = jnp.moveaxis(dv, 0, 2).reshape(b, g, s, e)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

@@ -3,6 +3,7 @@
 One spelling of each helper for pallas_tpu.py, pallas_gpu.py,
 pallas_mgpu.py, vjp.py and reference.py.
 """
+
 import math
 
 import jax

@@ -29,6 +29,7 @@ Backend kernel contract (pallas_tpu.py, pallas_gpu.py must match it):
   cotangent into delta makes ds = p * (dp - delta) exact for both outputs.
   Rows with no visible key must give o = 0 and zero gradients.
 """
+
 import dataclasses
 import functools
 import math
@@ -53,13 +54,16 @@ class BlockSizes:
     for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
       size = getattr(self, name)
       if size is not None and (not isinstance(size, int) or size <= 0):
-        raise ValueError(f"BlockSizes.{name} must be a positive int, "
-                         f"got {size!r}")
+        raise ValueError(
+          f"BlockSizes.{name} must be a positive int, got {size!r}"
+        )
 
   @property
   def bwd(self) -> tuple[int, int]:
-    return (self.block_q_bwd or self.block_q,
-            self.block_kv_bwd or self.block_kv)
+    return (
+      self.block_q_bwd or self.block_q,
+      self.block_kv_bwd or self.block_kv,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +93,15 @@ class _Config:
   kv_len: int
 
   def params(self, block_q, block_kv):
-    return KernelParams(self.spec, self.scale, self.logits_soft_cap,
-                        block_q, block_kv, self.kv_len,
-                        interpret=self.backend in _INTERPRETED)
+    return KernelParams(
+      self.spec,
+      self.scale,
+      self.logits_soft_cap,
+      block_q,
+      block_kv,
+      self.kv_len,
+      interpret=self.backend in _INTERPRETED,
+    )
 
 
 # Backends that run their Pallas kernels under the CPU interpreter.
@@ -105,6 +115,7 @@ GPU_BLOCK_SIZES = BlockSizes(64, 128, 64, 64)
 def _kernels(backend):
   if backend == "xla_chunked":  # the same tile loops in plain XLA ops
     from kernels.flash_attention import reference as mod
+
     return mod.chunked_fwd, mod.chunked_bwd
   if backend in ("pallas_tpu", "interpret"):
     from kernels.flash_attention import pallas_tpu as mod
@@ -116,9 +127,16 @@ def _kernels(backend):
 
 
 def _meta(cfg, q_pos, k_pos, q_seg, k_seg, block_q, block_kv):
-  return masks.block_metadata(cfg.spec, q_pos, k_pos, q_seg, k_seg,
-                              block_q=block_q, block_kv=block_kv,
-                              kv_len=cfg.kv_len)
+  return masks.block_metadata(
+    cfg.spec,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    block_q=block_q,
+    block_kv=block_kv,
+    kv_len=cfg.kv_len,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -130,8 +148,17 @@ def _flash_fwd(cfg, q, k, v, q_pos, k_pos, q_seg, k_seg):
   fwd, _ = _kernels(cfg.backend)
   bs = cfg.block_sizes
   meta = _meta(cfg, q_pos, k_pos, q_seg, k_seg, bs.block_q, bs.block_kv)
-  o, lse = fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta,
-               cfg.params(bs.block_q, bs.block_kv))
+  o, lse = fwd(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    meta,
+    cfg.params(bs.block_q, bs.block_kv),
+  )
   return (o, lse), (q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse)
 
 
@@ -143,8 +170,20 @@ def _flash_bwd(cfg, res, cts):
   delta = delta - dlse.astype(jnp.float32)
   bq, bk = cfg.block_sizes.bwd
   meta = _meta(cfg, q_pos, k_pos, q_seg, k_seg, bq, bk)
-  dq, dk, dv = bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, lse,
-                   do.astype(q.dtype), delta, cfg.params(bq, bk))
+  dq, dk, dv = bwd(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    meta,
+    lse,
+    do.astype(q.dtype),
+    delta,
+    cfg.params(bq, bk),
+  )
   return dq, dk, dv, None, None, None, None
 
 
@@ -154,17 +193,36 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def fit_block_sizes(block_sizes, t, s, backend="pallas_tpu"):
   """Shrink tiles for short sequences, never above T: multiples of 8 on
   TPU; powers of two of at least 16 on GPU (Triton / Mosaic GPU tiles)."""
+
   def fit(block, n):
     if backend in _GPU:
       return min(block, pow2_tile(n))
     return min(block, round_up(n, 8))
+
   bq_b, bk_b = block_sizes.bwd
-  return BlockSizes(fit(block_sizes.block_q, t), fit(block_sizes.block_kv, s),
-                    fit(bq_b, t), fit(bk_b, s))
+  return BlockSizes(
+    fit(block_sizes.block_q, t),
+    fit(block_sizes.block_kv, s),
+    fit(bq_b, t),
+    fit(bk_b, s),
+  )
 
 
-def flash_attention(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, *,
-                    spec, scale, logits_soft_cap, block_sizes, backend):
+def flash_attention(
+  q_BTHK,
+  k_BSGK,
+  v_BSGE,
+  q_pos,
+  k_pos,
+  q_seg,
+  k_seg,
+  *,
+  spec,
+  scale,
+  logits_soft_cap,
+  block_sizes,
+  backend,
+):
   """Public layout in and out; returns (out [B,T,H,E], lse [B,H,T])."""
   t, s = q_BTHK.shape[1], k_BSGK.shape[1]
   default = GPU_BLOCK_SIZES if backend in _GPU else BlockSizes()
@@ -181,7 +239,14 @@ def flash_attention(q_BTHK, k_BSGK, v_BSGE, q_pos, k_pos, q_seg, k_seg, *,
     return jnp.pad(x, ((0, 0), (0, pad))) if pad else x  # zeros: padding
 
   cfg = _Config(backend, spec, scale, logits_soft_cap, bs, s)
-  o, lse = _flash(cfg, prep(q_BTHK, pq), prep(k_BSGK, pk), prep(v_BSGE, pk),
-                  pad2(q_pos, pq), pad2(k_pos, pk), pad2(q_seg, pq),
-                  pad2(k_seg, pk))
+  o, lse = _flash(
+    cfg,
+    prep(q_BTHK, pq),
+    prep(k_BSGK, pk),
+    prep(v_BSGE, pk),
+    pad2(q_pos, pq),
+    pad2(k_pos, pk),
+    pad2(q_seg, pq),
+    pad2(k_seg, pk),
+  )
   return jnp.swapaxes(o[:, :, :t], 1, 2), lse[:, :, :t]
