@@ -258,14 +258,14 @@ MUTATIONS = [
   ),
   _m(
     "config_num_global_unchecked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation_model.py",
     'if "global_local" in kinds and a.num_global <= 0:',
     "if False:",
     "tests/test_config.py",
   ),
   _m(
     "config_embed_fsdp_unchecked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation.py",
     "if m.embed_dim % mesh.fsdp:",
     "if False:",
     "tests/test_config.py",
@@ -309,23 +309,23 @@ MUTATIONS = [
   ),
   _m(
     "config_mesh_data_zero",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation.py",
     "if mesh.data == 0 or mesh.data < -1:",
     "if mesh.data < -1:",
     "tests/test_config.py",
   ),
   _m(
     "config_head_dim_odd",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation.py",
     "if m.resolved_head_dim % 2:",
     "if False:",
     "tests/test_config.py",
   ),
   _m(
     "config_vocab_tensor_unchecked",
-    "efficient_lm/config.py",
-    '                  ("model.vocab_size", m.vocab_size)]:',
-    "                  ]:",
+    "efficient_lm/config/validation.py",
+    '    ("model.vocab_size", m.vocab_size),\n  ]:',
+    "  ]:",
     "tests/test_config.py",
   ),
   # ---- the model-assembly contracts (issue #6)
@@ -644,7 +644,7 @@ MUTATIONS = [
   ),
   _m(
     "mod_config_every_unchecked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation_model.py",
     "if not 1 <= r.every <= m.num_layers:",
     "if False:",
     "tests/test_mod.py",
@@ -653,7 +653,7 @@ MUTATIONS = [
   ),
   _m(
     "mod_config_capacity_unchecked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation_model.py",
     "if not 0.0 < r.capacity <= 1.0:",
     "if r.capacity < 0:",
     "tests/test_mod.py",
@@ -782,7 +782,7 @@ MUTATIONS = [
   ),
   _m(
     "config_funnel_seq_len_unchecked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation_model.py",
     "  if cfg.data.seq_len % stride:",
     "  if False:",
     "tests/test_funnel.py",
@@ -900,7 +900,7 @@ MUTATIONS = [
   ),
   _m(
     "mor_config_layers_fit_unchecked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation_model.py",
     "if recursed < n or recursed % n:",
     "if recursed < n:",
     "tests/test_mor.py",
@@ -1000,7 +1000,7 @@ MUTATIONS = [
   ),
   _m(
     "hourglass_seq_len_not_checked",
-    "efficient_lm/config.py",
+    "efficient_lm/config/validation_model.py",
     "if cfg.data.seq_len % f.factor:",
     "if False:",
     "tests/test_hourglass.py",

@@ -1,0 +1,259 @@
+"""The configuration schema: frozen dataclasses, one per config section.
+
+Every key, its type (Literal kinds included) and its default is written down
+here once, with a comment saying what it means. Reading a ConfigDict into
+these dataclasses is convert.py's work; the checks across values are
+validation.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Literal, Optional
+
+# ----------------------------------------------------------------- sections
+
+
+AttentionKind = Literal[
+  "dense", "sliding_window", "global_local", "block_sparse", "tglobal"
+]
+ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  # "dense": full attention; "sliding_window": a window of `window` tokens
+  # including self; "global_local": sliding window plus the first
+  # `num_global` positions visible to every token; "block_sparse": BigBird,
+  # the sliding window and `num_global` prefix positions plus
+  # `num_random_blocks` random key blocks of `block_size` per query block
+  # (strictly earlier ones in a decoder), drawn once from `random_seed`;
+  # "tglobal": LongT5 transient-global, the sliding window plus one summary
+  # key per `tglobal_block` tokens (completed earlier blocks only in a
+  # decoder). Causal in decoders, bidirectional in encoders.
+  kind: AttentionKind = "dense"
+  # Comma-separated attention kinds cycled over the layers, e.g.
+  # "sliding_window,sliding_window,sliding_window,dense" (3 local : 1
+  # global); its length must divide model.num_layers. Empty: every layer
+  # uses `kind`. The other keys (window, num_global, ...) are shared.
+  pattern: str = ""
+  # "qkv": MHA / GQA / MQA, chosen by model.num_kv_heads; "mla": DeepSeek
+  # multi-head latent attention (the *_rank and *_head_dim keys below).
+  projection: Literal["qkv", "mla"] = "qkv"
+  window: int = 0
+  num_global: int = 0
+  logits_soft_cap: Optional[float] = None
+  # block_sparse: key/query block length, random key blocks per query
+  # block, the seed of their draw, and the longest sequence the static
+  # block table covers (positions >= max_len are an error).
+  block_size: int = 64
+  num_random_blocks: int = 3
+  random_seed: int = 0
+  max_len: int = 4096
+  # tglobal: tokens summarised by one global key.
+  tglobal_block: int = 16
+  # mla: latent widths (q_lora_rank 0 = queries projected directly) and
+  # head dims; 0 = DeepSeek-V2's ratios to model head_dim K: kv_lora_rank
+  # 4K, rope_head_dim K/2, nope_head_dim K, v_head_dim K.
+  kv_lora_rank: int = 0
+  q_lora_rank: int = 0
+  rope_head_dim: int = 0
+  nope_head_dim: int = 0
+  v_head_dim: int = 0
+  # Entry point implementation passed to kernels.attention.
+  impl: str = "auto"
+
+  @property
+  def pattern_kinds(self) -> tuple[str, ...]:
+    """The kinds the pattern cycles through (just `kind` without one)."""
+    if not self.pattern.strip():
+      return (self.kind,)
+    return tuple(k.strip() for k in self.pattern.split(","))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+  # "none": every token through every layer; "mod": mixture-of-depths
+  # (routed blocks process the top `capacity` of each sequence); "mor":
+  # mixture-of-recursions (shared layers applied `num_recursions` times, a
+  # router choosing each token's depth). METHODS.md sections 1 and 2.
+  kind: Literal["none", "mod", "mor"] = "none"
+  # --- mod
+  # Every `every`-th block is routed (2: every other block, the paper's
+  # best), the others dense.
+  every: int = 2
+  # Fraction of each sequence's tokens a routed block processes (top-k).
+  capacity: float = 0.125
+  # The causal decision used by evaluation and generation: "router_bce"
+  # (the router's own logit > 0, trained by a BCE aux loss towards top-k
+  # membership) or "mlp" (a small predictor on stop-gradient inputs).
+  predictor: Literal["router_bce", "mlp"] = "router_bce"
+  # --- shared by mod and mor
+  # Weight of the BCE loss teaching the causal decision top-k membership.
+  aux_loss_weight: float = 0.01
+  # Router z-loss weight (mean squared router logit); 0 = off.
+  router_z_loss: float = 0.0
+  # --- mor
+  num_recursions: int = 2
+  sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = (
+    "middle_cycle"
+  )
+  router: Literal["expert_choice", "token_choice"] = "expert_choice"
+  # Expert-choice capacity per recursion step; empty = (N_r - r + 1) / N_r.
+  capacities: tuple[float, ...] = ()
+  # Gate scale: g = alpha * sigmoid(z) (expert-choice).
+  alpha: float = 0.1
+  # token_choice load balancing: "aux_loss" (weight `balancing_weight`) or
+  # "loss_free" (a non-trainable per-depth bias moved by `bias_rate`).
+  balancing: Literal["aux_loss", "loss_free"] = "aux_loss"
+  balancing_weight: float = 0.1
+  bias_rate: float = 0.001
+  # How a selected token's state is updated (METHODS.md 1.2 step 5):
+  # "paper": H + g * Block(H) (the block's own residual included);
+  # "residual_delta": H + g * (Block(H) - H), the MoD form. Default "paper":
+  # the released code's rule, kept for reproduction (the residual stream
+  # grows by (1 + g) per step). token_choice applies it once, at a token's
+  # last step, against the recursions' input (models/mor.py).
+  update_rule: Literal["paper", "residual_delta"] = "paper"
+  # "recursion_wise": step r attends only among the tokens active at r;
+  # "recursive_sharing": the first step's keys/values serve every step.
+  kv: Literal["recursion_wise", "recursive_sharing"] = "recursion_wise"
+
+
+@dataclasses.dataclass(frozen=True)
+class FunnelConfig:
+  # funnel_encoder: layers per stage; the sequence is pooled by `factor`
+  # between stages, e.g. (12, 24) = compress once after layer 12 of 36.
+  # hourglass: (full-length, shortened, full-length) layers. The sum must
+  # equal model.num_layers.
+  stages: tuple[int, ...] = (1, 1)
+  factor: int = 2
+  # funnel_encoder: full-length layers of the upsampling decoder.
+  decoder_layers: int = 1
+  # funnel_encoder: also return one mean-pooled vector per document.
+  embedding_head: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  # "decoder": causal LM; "funnel_encoder": bidirectional, pooled through
+  # depth, with an upsampling decoder; "hourglass": causal funnel decoder.
+  kind: Literal["decoder", "funnel_encoder", "hourglass"] = "decoder"
+  num_layers: int = 2
+  embed_dim: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: Optional[int] = None  # None: embed_dim // num_heads
+  mlp_dim: int = 512
+  vocab_size: int = 384
+  tie_embeddings: bool = True
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  scan_layers: bool = True
+  # "none": keep activations; "full": recompute each block in the backward;
+  # "dots": save matmul outputs only (jax.checkpoint_policies).
+  remat: Literal["none", "full", "dots"] = "none"
+  dtype: Literal["float32", "bfloat16"] = "bfloat16"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  attention: AttentionConfig = AttentionConfig()
+  routing: RoutingConfig = RoutingConfig()
+  funnel: FunnelConfig = FunnelConfig()
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  # "default": the embedded corpus (the standard library's own .py files);
+  # "text": plain text file(s) at `path` (a file, directory or glob);
+  # "jsonl": JSON lines with a `text` field at `path`.
+  source: Literal["default", "text", "jsonl"] = "default"
+  path: Optional[str] = None
+  seq_len: int = 128
+  # "byte", "char" (vocabulary = sorted set of characters of the training
+  # text), or a path to a SentencePiece .model file.
+  tokenizer: str = "byte"
+  eval_fraction: float = 0.1
+  shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  # Training objective (efficient_lm/training/losses.py): "next_token" =
+  # cross-entropy of each next token over non-padding positions.
+  objective: Literal["next_token", "mlm"] = "next_token"
+  # mlm: fraction of non-padding tokens corrupted (BERT 80/10/10: mask id,
+  # random token, unchanged); the loss counts corrupted positions only.
+  mlm_rate: float = 0.15
+  steps: int = 300
+  batch_size: int = 16
+  seed: int = 0
+  learning_rate: float = 1e-3
+  end_learning_rate: float = 1e-4
+  warmup_steps: int = 20
+  weight_decay: float = 0.1
+  # Weight decay applies to matrices, never to norms; the token embedding
+  # and an untied output head follow this switch.
+  decay_embeddings: bool = True
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  z_loss: float = 0.0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  # Stop with an error if the loss is NaN/inf (the last good checkpoint
+  # stays the latest one).
+  stop_on_nan: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 100
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  # Slices (multi-slice TPU; processes where devices have no slice index):
+  # data parallelism over the data-center network, the outermost mesh axis.
+  # Parameters are replicated across slices, sharded by fsdp within one.
+  dcn: int = 1
+  # -1: every device not used by dcn * fsdp * tensor (resolved from the
+  # device count before validation).
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return (self.dcn, self.data, self.fsdp, self.tensor)
+
+  @property
+  def size(self) -> int:
+    return self.dcn * self.data * self.fsdp * self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+  name: str = "run"
+  # The TPU slice a pod-sized config is meant for (e.g. "v5p-32"): the
+  # default of `--compile_only --topology`, and the slice the train
+  # command's host-memory error points to. Empty: none.
+  topology: str = ""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,310 @@
+"""Model rules: attention kinds and patterns, MoD / MoR routing, the funnel
+and hourglass shapes, each checked against the model it configures."""
+
+from __future__ import annotations
+
+import math
+
+from efficient_lm.config.errors import ConfigError, _positive
+from efficient_lm.config.schema import (
+  ATTENTION_KINDS,
+  AttentionConfig,
+  Config,
+  ModelConfig,
+)
+
+
+def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
+  kinds = a.pattern_kinds
+  unknown = [k for k in kinds if k not in ATTENTION_KINDS]
+  if unknown:
+    raise ConfigError(
+      f"model.attention.pattern={a.pattern!r}: unknown kind {unknown[0]!r}; "
+      f"expected comma-separated kinds from {', '.join(ATTENTION_KINDS)}"
+    )
+  if num_layers % len(kinds):
+    raise ConfigError(
+      f"model.attention.pattern={a.pattern!r} has {len(kinds)} kinds, which "
+      f"does not divide model.num_layers={num_layers}"
+    )
+  where = (
+    f"attention.kind={a.kind!r}"
+    if not a.pattern.strip()
+    else f"attention.pattern={a.pattern!r}"
+  )
+  if any(k != "dense" for k in kinds) and a.window <= 0:
+    raise ConfigError(
+      f"model.attention.window={a.window}: {where} needs a positive window "
+      "(tokens including self)"
+    )
+  if "global_local" in kinds and a.num_global <= 0:
+    raise ConfigError(
+      f"model.attention.num_global={a.num_global}: {where} uses "
+      "'global_local', which needs at least one global position"
+    )
+  if a.num_global < 0:
+    raise ConfigError(
+      f"model.attention.num_global={a.num_global}: expected >= 0"
+    )
+  if "block_sparse" in kinds:
+    for name in ("block_size", "max_len"):
+      _positive(f"model.attention.{name}", getattr(a, name))
+    if a.num_random_blocks < 0:
+      raise ConfigError(
+        f"model.attention.num_random_blocks={a.num_random_blocks}: "
+        "expected >= 0"
+      )
+  if "tglobal" in kinds:
+    _positive("model.attention.tglobal_block", a.tglobal_block)
+  for name in (
+    "kv_lora_rank",
+    "q_lora_rank",
+    "rope_head_dim",
+    "nope_head_dim",
+    "v_head_dim",
+  ):
+    if getattr(a, name) < 0:
+      raise ConfigError(
+        f"model.attention.{name}={getattr(a, name)}: expected >= 0 (0 = "
+        "derived from model.head_dim)"
+      )
+  if a.projection == "mla" and "tglobal" in kinds:
+    raise ConfigError(
+      f"model.attention.projection='mla' with {where}: MLA with tglobal "
+      "summaries is not supported; use projection='qkv' for tglobal layers"
+    )
+  if a.rope_head_dim % 2:
+    raise ConfigError(
+      f"model.attention.rope_head_dim={a.rope_head_dim} must be even for RoPE"
+    )
+
+
+def _validate_routing(m: ModelConfig, seq_len: int) -> None:
+  """model.routing (MoD / MoR) against the model it routes."""
+  r = m.routing
+  if r.kind == "none":
+    return
+  for name in ("aux_loss_weight", "router_z_loss"):
+    if getattr(r, name) < 0:
+      raise ConfigError(
+        f"model.routing.{name}={getattr(r, name)}: expected >= 0 "
+        "(0 turns it off)"
+      )
+  if r.kind == "mor":
+    _validate_mor(m)
+  else:
+    _validate_mod(m, seq_len)
+
+
+def _validate_mor(m: ModelConfig) -> None:
+  """Mixture-of-recursions (models/mor.py, METHODS.md §1)."""
+  r = m.routing
+  n = r.num_recursions
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.routing.kind='mor' with model.kind={m.kind!r}: MoR routes the "
+      "decoder's layers only; use model.kind='decoder'"
+    )
+  if n < 1:
+    raise ConfigError(
+      f"model.routing.num_recursions={n}: expected a positive count"
+    )
+  middle = r.sharing.startswith("middle_")
+  recursed = m.num_layers - 2 if middle else m.num_layers
+  if recursed < n or recursed % n:
+    what = "num_layers - 2" if middle else "num_layers"
+    raise ConfigError(
+      f"model.num_layers={m.num_layers} does not fit "
+      f"model.routing.sharing={r.sharing!r} with "
+      f"model.routing.num_recursions={n}: {what} must be a positive "
+      f"multiple of {n}"
+    )
+  if r.sharing.endswith("sequence"):
+    raise ConfigError(
+      f"model.routing.sharing={r.sharing!r}: MoR routing needs a contiguous "
+      "recursion block; use 'cycle' or 'middle_cycle'"
+    )
+  if r.capacities:
+    if len(r.capacities) != n:
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)} has "
+        f"{len(r.capacities)} entries; expected one per recursion "
+        f"(num_recursions={n})"
+      )
+    if not all(0 < c <= 1 for c in r.capacities):
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)}: expected "
+        "fractions in (0, 1]"
+      )
+    if any(b > a for a, b in zip(r.capacities, r.capacities[1:])):
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)}: expected "
+        "non-increasing (active sets are nested)"
+      )
+  if r.alpha <= 0:
+    raise ConfigError(f"model.routing.alpha={r.alpha}: expected > 0")
+  for name in ("balancing_weight", "bias_rate"):
+    if getattr(r, name) < 0:
+      raise ConfigError(
+        f"model.routing.{name}={getattr(r, name)}: expected >= 0"
+      )
+  if r.kv == "recursive_sharing":
+    if r.router == "expert_choice" and r.capacities and r.capacities[0] < 1:
+      raise ConfigError(
+        f"model.routing.capacities={tuple(r.capacities)}: "
+        "kv='recursive_sharing' needs capacities[0] = 1 (every token "
+        "writes the first step's keys/values)"
+      )
+    if (
+      m.attention.projection != "qkv" or "tglobal" in m.attention.pattern_kinds
+    ):
+      raise ConfigError(
+        "model.routing.kv='recursive_sharing' supports qkv attention "
+        f"without tglobal (got projection={m.attention.projection!r}, "
+        f"kinds={m.attention.pattern_kinds})"
+      )
+  kinds = m.attention.pattern_kinds
+  start = 1 if middle else 0
+  depth = recursed // n
+  for i in range(recursed):
+    a = kinds[(start + i) % len(kinds)]
+    b = kinds[(start + i % depth) % len(kinds)]
+    if a != b:
+      raise ConfigError(
+        f"model.attention.pattern={m.attention.pattern!r}: layer "
+        f"{start + i} ({a}) shares parameters with layer "
+        f"{start + i % depth} ({b}) under MoR; shared layers need one kind"
+      )
+
+
+def _validate_mod(m: ModelConfig, seq_len: int) -> None:
+  """Mixture-of-depths: which blocks, how many tokens, loss weights."""
+  r = m.routing
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.routing.kind='mod' with model.kind={m.kind!r}: mixture-of-"
+      "depths routes the plain decoder's blocks only (model.kind='decoder')"
+    )
+  if not 1 <= r.every <= m.num_layers:
+    raise ConfigError(
+      f"model.routing.every={r.every}: expected 1 <= every <= "
+      f"model.num_layers={m.num_layers} (every every-th block is routed)"
+    )
+  if not 0.0 < r.capacity <= 1.0:
+    raise ConfigError(
+      f"model.routing.capacity={r.capacity}: expected 0 < capacity <= 1 "
+      "(the fraction of each sequence a routed block processes)"
+    )
+  if math.floor(r.capacity * seq_len + 1e-9) < 1:
+    raise ConfigError(
+      f"model.routing.capacity={r.capacity} selects no token of "
+      f"data.seq_len={seq_len}: expected capacity * seq_len >= 1"
+    )
+  if "tglobal" in m.attention.pattern_kinds:
+    raise ConfigError(
+      "model.routing.kind='mod' with tglobal attention is not supported: "
+      "tglobal summaries over a routed subset are not defined here"
+    )
+
+
+def _validate_funnel(cfg: Config) -> None:
+  """model.kind funnel_encoder / hourglass, model.funnel and the objective."""
+  m, t = cfg.model, cfg.train
+  if m.kind == "hourglass":
+    _validate_hourglass(cfg)
+  if t.objective == "mlm" and m.kind != "funnel_encoder":
+    raise ConfigError(
+      f"train.objective='mlm' needs a bidirectional model "
+      f"(model.kind='funnel_encoder'); model.kind={m.kind!r} is causal"
+    )
+  if t.objective == "next_token" and m.kind == "funnel_encoder":
+    raise ConfigError(
+      "train.objective='next_token' with model.kind='funnel_encoder': a "
+      "bidirectional model sees the tokens it predicts; use "
+      "train.objective='mlm'"
+    )
+  if t.objective == "mlm":
+    if not 0 < t.mlm_rate <= 1:
+      raise ConfigError(f"train.mlm_rate={t.mlm_rate}: expected 0 < x <= 1")
+    # The byte tokenizer's mask id is 259, one past its vocabulary
+    # (data/tokenizers.py); other tokenizers are checked once built.
+    if cfg.data.tokenizer == "byte" and m.vocab_size < 260:
+      raise ConfigError(
+        f"model.vocab_size={m.vocab_size} does not cover the byte "
+        "tokenizer's mask id 259 (train.objective='mlm'): expected >= 260"
+      )
+  if m.kind != "funnel_encoder":
+    return
+  f = m.funnel
+  if not f.stages or any(n <= 0 for n in f.stages):
+    raise ConfigError(
+      f"model.funnel.stages={f.stages}: expected one or more positive "
+      "layer counts"
+    )
+  if sum(f.stages) != m.num_layers:
+    raise ConfigError(
+      f"model.funnel.stages={f.stages} sum to {sum(f.stages)}, not "
+      f"model.num_layers={m.num_layers}"
+    )
+  _positive("model.funnel.factor", f.factor)
+  if f.decoder_layers < 0:
+    raise ConfigError(
+      f"model.funnel.decoder_layers={f.decoder_layers}: expected >= 0"
+    )
+  stride = f.factor ** (len(f.stages) - 1)
+  if cfg.data.seq_len % stride:
+    raise ConfigError(
+      f"data.seq_len={cfg.data.seq_len} is not divisible by "
+      f"model.funnel.factor**(stages-1)={f.factor}**{len(f.stages) - 1}="
+      f"{stride}"
+    )
+  kinds = m.attention.pattern_kinds
+  if "block_sparse" in kinds:
+    raise ConfigError(
+      "model.attention 'block_sparse' with model.kind='funnel_encoder' is "
+      "not supported (its random-block table is drawn over unpooled "
+      "positions)"
+    )
+  if "tglobal" in kinds and m.attention.tglobal_block % stride:
+    raise ConfigError(
+      f"model.attention.tglobal_block={m.attention.tglobal_block} is not a "
+      f"multiple of the deepest funnel stride {stride} (a pooled row "
+      "stands for that many positions)"
+    )
+
+
+def _validate_hourglass(cfg: Config) -> None:
+  """model.funnel for the causal funnel: (pre, shortened, post) layers, a
+  factor dividing the sequence, attention kinds the slots can use."""
+  m, f = cfg.model, cfg.model.funnel
+  stages = tuple(f.stages)
+  if len(stages) != 3:
+    raise ConfigError(
+      f"model.funnel.stages={stages}: hourglass expects 3 layer counts "
+      "(pre, shortened, post)"
+    )
+  if min(stages) < 0 or stages[1] < 1:
+    raise ConfigError(
+      f"model.funnel.stages={stages}: expected counts >= 0 and at least one "
+      "shortened layer"
+    )
+  if sum(stages) != m.num_layers:
+    raise ConfigError(
+      f"model.funnel.stages={stages} sum to {sum(stages)}, not "
+      f"model.num_layers={m.num_layers}"
+    )
+  if f.factor < 1:
+    raise ConfigError(f"model.funnel.factor={f.factor}: expected >= 1")
+  if cfg.data.seq_len % f.factor:
+    raise ConfigError(
+      f"data.seq_len={cfg.data.seq_len} is not divisible by "
+      f"model.funnel.factor={f.factor}"
+    )
+  kinds = m.attention.pattern_kinds
+  for i in range(stages[0], stages[0] + stages[1]):
+    if kinds[i % len(kinds)] == "tglobal" and f.factor > 1:
+      raise ConfigError(
+        f"layer {i} is shortened and tglobal: its blocks count tokens at "
+        f"unit position spacing, which slots {f.factor} positions apart "
+        "never fill; use another kind for the shortened layers"
+      )
