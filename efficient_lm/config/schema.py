@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any, Literal, Optional
+
+from efficient_lm.config.errors import ConfigError
 
 # ----------------------------------------------------------------- sections
 
@@ -72,6 +75,12 @@ class AttentionConfig:
       return (self.kind,)
     return tuple(k.strip() for k in self.pattern.split(","))
 
+  def layer_kind(self, layer: int) -> str:
+    """The attention kind of layer `layer` (0-based): the pattern cycles
+    over the layers."""
+    kinds = self.pattern_kinds
+    return kinds[layer % len(kinds)]
+
 
 @dataclasses.dataclass(frozen=True)
 class RoutingConfig:
@@ -121,6 +130,79 @@ class RoutingConfig:
   # "recursive_sharing": the first step's keys/values serve every step.
   kv: Literal["recursion_wise", "recursive_sharing"] = "recursion_wise"
 
+  # The rules below are stated once here: validation and the models
+  # (models/stack.py, mor.py, flops.py) use them.
+
+  def routes_layer(self, layer: int) -> bool:
+    """MoD: layer `layer` (0-based) is routed, every `every`-th block
+    counting from 1: (layer + 1) % every == 0. False unless kind 'mod'."""
+    return self.kind == "mod" and (layer + 1) % self.every == 0
+
+  def mod_tokens(self, seq_len: int) -> int:
+    """MoD: k = floor(capacity * seq_len), the tokens a routed block
+    processes per row. The 1e-9 keeps binary rounding from losing one
+    (0.29 * 100 is 28.999999999999996 in floats)."""
+    return max(0, min(seq_len, math.floor(self.capacity * seq_len + 1e-9)))
+
+  @property
+  def unique_ends(self) -> bool:
+    """MoR: the middle_* schemes keep the first and last layers unique,
+    outside the recursion."""
+    return self.sharing.startswith("middle_")
+
+  def recursed_layers(self, num_layers: int) -> int:
+    """MoR: virtual layers inside the recursion (all, or all but the first
+    and last: `unique_ends`)."""
+    return num_layers - 2 if self.unique_ends else num_layers
+
+  def fits(self, num_layers: int) -> bool:
+    """MoR: recursed_layers(num_layers) is a positive multiple of
+    num_recursions."""
+    m, n = self.recursed_layers(num_layers), self.num_recursions
+    return n >= 1 and m >= n and m % n == 0
+
+  def check_fit(self, num_layers: int) -> None:
+    """Raises ConfigError unless `fits(num_layers)`."""
+    if self.fits(num_layers):
+      return
+    n = self.num_recursions
+    what = "num_layers - 2" if self.unique_ends else "num_layers"
+    raise ConfigError(
+      f"model.num_layers={num_layers} does not fit "
+      f"model.routing.sharing={self.sharing!r} with "
+      f"model.routing.num_recursions={n}: {what} must be a positive "
+      f"multiple of {n}"
+    )
+
+  def recursion_depth(self, num_layers: int) -> int:
+    """MoR: D, the unique layers of the recursion block applied
+    num_recursions times (recursed_layers / num_recursions). Raises
+    ConfigError unless `fits(num_layers)`."""
+    self.check_fit(num_layers)
+    return self.recursed_layers(num_layers) // self.num_recursions
+
+  def layer_map(self, num_layers: int) -> tuple[int, ...]:
+    """MoR: the unique layer each virtual layer uses (METHODS.md §1.1):
+    cycle l -> l mod D; sequence l -> l // N_r; middle_*: the first layer
+    is 0, the last D + 1, the middle ones 1 + (cycle or sequence map of
+    l - 1). Raises ConfigError unless `fits(num_layers)`."""
+    d = self.recursion_depth(num_layers)
+    m, n = self.recursed_layers(num_layers), self.num_recursions
+    if self.sharing.endswith("cycle"):
+      inner = [i % d for i in range(m)]
+    else:
+      inner = [i // n for i in range(m)]
+    if self.unique_ends:
+      return (0, *[1 + u for u in inner], d + 1)
+    return tuple(inner)
+
+  @property
+  def resolved_capacities(self) -> tuple[float, ...]:
+    """MoR: expert-choice capacity c_r of each recursion step r = 1..N_r,
+    `capacities` or by default (N_r - r + 1) / N_r."""
+    n = self.num_recursions
+    return tuple(self.capacities) or tuple((n - i) / n for i in range(n))
+
 
 @dataclasses.dataclass(frozen=True)
 class FunnelConfig:
@@ -134,6 +216,12 @@ class FunnelConfig:
   decoder_layers: int = 1
   # funnel_encoder: also return one mean-pooled vector per document.
   embedding_head: bool = False
+
+  @property
+  def deepest_stride(self) -> int:
+    """funnel_encoder: positions one row of the last stage stands for,
+    factor ** (len(stages) - 1)."""
+    return self.factor ** (len(self.stages) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
