@@ -900,9 +900,9 @@ MUTATIONS = [
   ),
   _m(
     "mor_config_layers_fit_unchecked",
-    "efficient_lm/config/validation_model.py",
-    "if recursed < n or recursed % n:",
-    "if recursed < n:",
+    "efficient_lm/config/schema.py",
+    "return n >= 1 and m >= n and m % n == 0",
+    "return n >= 1 and m >= n",
     "tests/test_mor.py",
     "-k",
     "config_errors",

@@ -3,14 +3,13 @@ and hourglass shapes, each checked against the model it configures."""
 
 from __future__ import annotations
 
-import math
-
 from efficient_lm.config.errors import ConfigError, _positive
 from efficient_lm.config.schema import (
   ATTENTION_KINDS,
   AttentionConfig,
   Config,
   ModelConfig,
+  RoutingConfig,
 )
 
 
@@ -109,38 +108,13 @@ def _validate_mor(m: ModelConfig) -> None:
     raise ConfigError(
       f"model.routing.num_recursions={n}: expected a positive count"
     )
-  middle = r.sharing.startswith("middle_")
-  recursed = m.num_layers - 2 if middle else m.num_layers
-  if recursed < n or recursed % n:
-    what = "num_layers - 2" if middle else "num_layers"
-    raise ConfigError(
-      f"model.num_layers={m.num_layers} does not fit "
-      f"model.routing.sharing={r.sharing!r} with "
-      f"model.routing.num_recursions={n}: {what} must be a positive "
-      f"multiple of {n}"
-    )
+  r.check_fit(m.num_layers)
   if r.sharing.endswith("sequence"):
     raise ConfigError(
       f"model.routing.sharing={r.sharing!r}: MoR routing needs a contiguous "
       "recursion block; use 'cycle' or 'middle_cycle'"
     )
-  if r.capacities:
-    if len(r.capacities) != n:
-      raise ConfigError(
-        f"model.routing.capacities={tuple(r.capacities)} has "
-        f"{len(r.capacities)} entries; expected one per recursion "
-        f"(num_recursions={n})"
-      )
-    if not all(0 < c <= 1 for c in r.capacities):
-      raise ConfigError(
-        f"model.routing.capacities={tuple(r.capacities)}: expected "
-        "fractions in (0, 1]"
-      )
-    if any(b > a for a, b in zip(r.capacities, r.capacities[1:])):
-      raise ConfigError(
-        f"model.routing.capacities={tuple(r.capacities)}: expected "
-        "non-increasing (active sets are nested)"
-      )
+  _validate_mor_capacities(r)
   if r.alpha <= 0:
     raise ConfigError(f"model.routing.alpha={r.alpha}: expected > 0")
   for name in ("balancing_weight", "bias_rate"):
@@ -149,7 +123,7 @@ def _validate_mor(m: ModelConfig) -> None:
         f"model.routing.{name}={getattr(r, name)}: expected >= 0"
       )
   if r.kv == "recursive_sharing":
-    if r.router == "expert_choice" and r.capacities and r.capacities[0] < 1:
+    if r.router == "expert_choice" and r.resolved_capacities[0] < 1:
       raise ConfigError(
         f"model.routing.capacities={tuple(r.capacities)}: "
         "kv='recursive_sharing' needs capacities[0] = 1 (every token "
@@ -163,17 +137,45 @@ def _validate_mor(m: ModelConfig) -> None:
         f"without tglobal (got projection={m.attention.projection!r}, "
         f"kinds={m.attention.pattern_kinds})"
       )
-  kinds = m.attention.pattern_kinds
-  start = 1 if middle else 0
-  depth = recursed // n
-  for i in range(recursed):
-    a = kinds[(start + i) % len(kinds)]
-    b = kinds[(start + i % depth) % len(kinds)]
-    if a != b:
+  _validate_mor_kinds(m)
+
+
+def _validate_mor_capacities(r: RoutingConfig) -> None:
+  """Explicit capacities: one per step, fractions, non-increasing."""
+  if not r.capacities:
+    return
+  if len(r.capacities) != r.num_recursions:
+    raise ConfigError(
+      f"model.routing.capacities={tuple(r.capacities)} has "
+      f"{len(r.capacities)} entries; expected one per recursion "
+      f"(num_recursions={r.num_recursions})"
+    )
+  if not all(0 < c <= 1 for c in r.capacities):
+    raise ConfigError(
+      f"model.routing.capacities={tuple(r.capacities)}: expected "
+      "fractions in (0, 1]"
+    )
+  if any(b > a for a, b in zip(r.capacities, r.capacities[1:])):
+    raise ConfigError(
+      f"model.routing.capacities={tuple(r.capacities)}: expected "
+      "non-increasing (active sets are nested)"
+    )
+
+
+def _validate_mor_kinds(m: ModelConfig) -> None:
+  """Layers sharing parameters (the same unique layer of the layer map)
+  need one attention kind; each is compared with the first layer of its
+  unique layer."""
+  a = m.attention
+  mapping = m.routing.layer_map(m.num_layers)
+  for layer, unique in enumerate(mapping):
+    first = mapping.index(unique)
+    if a.layer_kind(layer) != a.layer_kind(first):
       raise ConfigError(
-        f"model.attention.pattern={m.attention.pattern!r}: layer "
-        f"{start + i} ({a}) shares parameters with layer "
-        f"{start + i % depth} ({b}) under MoR; shared layers need one kind"
+        f"model.attention.pattern={a.pattern!r}: layer "
+        f"{layer} ({a.layer_kind(layer)}) shares parameters with layer "
+        f"{first} ({a.layer_kind(first)}) under MoR; shared layers need one "
+        "kind"
       )
 
 
@@ -195,7 +197,7 @@ def _validate_mod(m: ModelConfig, seq_len: int) -> None:
       f"model.routing.capacity={r.capacity}: expected 0 < capacity <= 1 "
       "(the fraction of each sequence a routed block processes)"
     )
-  if math.floor(r.capacity * seq_len + 1e-9) < 1:
+  if r.mod_tokens(seq_len) < 1:
     raise ConfigError(
       f"model.routing.capacity={r.capacity} selects no token of "
       f"data.seq_len={seq_len}: expected capacity * seq_len >= 1"
@@ -251,7 +253,7 @@ def _validate_funnel(cfg: Config) -> None:
     raise ConfigError(
       f"model.funnel.decoder_layers={f.decoder_layers}: expected >= 0"
     )
-  stride = f.factor ** (len(f.stages) - 1)
+  stride = f.deepest_stride
   if cfg.data.seq_len % stride:
     raise ConfigError(
       f"data.seq_len={cfg.data.seq_len} is not divisible by "
@@ -300,9 +302,8 @@ def _validate_hourglass(cfg: Config) -> None:
       f"data.seq_len={cfg.data.seq_len} is not divisible by "
       f"model.funnel.factor={f.factor}"
     )
-  kinds = m.attention.pattern_kinds
   for i in range(stages[0], stages[0] + stages[1]):
-    if kinds[i % len(kinds)] == "tglobal" and f.factor > 1:
+    if m.attention.layer_kind(i) == "tglobal" and f.factor > 1:
       raise ConfigError(
         f"layer {i} is shortened and tglobal: its blocks count tokens at "
         f"unit position spacing, which slots {f.factor} positions apart "
