@@ -1,6 +1,6 @@
 """Base experiment config: every key, with the defaults of the dataclasses
-in efficient_lm/config.py (the one place they are written down, with their
-meaning). Other configs start here and change only what differs."""
+in efficient_lm/config/schema.py (the one place they are written down, with
+their meaning). Other configs start here and change only what differs."""
 
 import ml_collections
 
