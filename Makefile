@@ -33,7 +33,7 @@ mutate: setup-dev
 	$(PY) tests/mutate.py $(ARGS)
 
 bench-shakespeare: setup
-	$(PY) benchmarks/shakespeare.py --data=$(DATA) $(ARGS)
+	$(PY) -m benchmarks.shakespeare --data=$(DATA) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

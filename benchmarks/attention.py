@@ -1,8 +1,8 @@
 """Attention throughput and memory for every impl available here.
 
-  python benchmarks/attention.py                     # platform defaults
-  python benchmarks/attention.py --seq=512,1024 --impl=xla,xla_chunked,interpret
-  python benchmarks/attention.py --aot_tpu=v5e:2x2 --batch=1 --heads=8
+  python -m benchmarks.attention                  # platform defaults
+  python -m benchmarks.attention --seq=512,1024 --impl=xla,xla_chunked,interpret
+  python -m benchmarks.attention --aot_tpu=v5e:2x2 --batch=1 --heads=8
 
 For each (mode, mask, head dim, sequence length) it times each impl (fwd,
 or fwd+bwd = value and grads of sum(out * w) w.r.t. q, k, v) and prints
@@ -24,14 +24,10 @@ flops (benchmarks/attention_aot.py); --batch is then per chip.
 
 import argparse
 import os
-import pathlib
 import sys
 import time
 from typing import NamedTuple
 
-# Run as a script from anywhere: put the repo root first so `kernels` is the
-# source tree (a stale editable install can map it to a namespace package).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # AOT topologies load libtpu, whose lockfile another process (a test run)
 # may hold; the lock guards real chips, which compile-only never touches.
 # Not set otherwise: on a TPU host the lock should keep guarding them.

@@ -1,4 +1,5 @@
-"""Ahead-of-time TPU compile report for benchmarks/attention.py --aot_tpu.
+"""Ahead-of-time TPU compile report for `python -m benchmarks.attention
+--aot_tpu`.
 
 No TPU needed: libtpu compiles for an abstract topology (e.g. v5e:2x2), so
 this reports what a real chip would get: per-chip memory_analysis (temp and

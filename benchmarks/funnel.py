@@ -1,9 +1,9 @@
 """Funnel compression point vs the unpooled encoder; funnel and hourglass
 losses on tinyshakespeare.
 
-  python benchmarks/funnel.py                     # FLOPs, CPU time, TPU AOT
-  python benchmarks/funnel.py --no_aot            # without libtpu
-  python benchmarks/funnel.py --shakespeare=../shared/data/tinyshakespeare.txt
+  python -m benchmarks.funnel                     # FLOPs, CPU time, TPU AOT
+  python -m benchmarks.funnel --no_aot            # without libtpu
+  python -m benchmarks.funnel --shakespeare=../shared/data/tinyshakespeare.txt
 
 Part 1, compression point: a 36-layer funnel encoder at small width
 (`--width`, seq `--seq_len`) compressed once by 2 after layer 6, 12, 18 or
@@ -28,11 +28,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 POINTS = (6, 12, 18, 24)
 

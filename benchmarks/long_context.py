@@ -1,8 +1,8 @@
 """Attention kinds against sequence length: step time, memory, FLOPs, loss.
 
-  python benchmarks/long_context.py                      # CPU, 1k..8k
-  python benchmarks/long_context.py --aot_tpu=v5e:2x2 --lengths=4096,32768
-  python benchmarks/long_context.py --shakespeare=../shared/data/tinyshakespeare.txt
+  python -m benchmarks.long_context                      # CPU, 1k..8k
+  python -m benchmarks.long_context --aot_tpu=v5e:2x2 --lengths=4096,32768
+  python -m benchmarks.long_context --shakespeare=../shared/data/tinyshakespeare.txt
 
 CPU (default): a small decoder (2 layers, width 128, 4 heads, batch 1) per
 attention kind and length; one compiled train step each, timed over
@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KINDS = ("dense", "sliding_window", "global_local", "block_sparse", "tglobal")
 

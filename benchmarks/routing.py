@@ -1,7 +1,7 @@
 """Dense vs mixture-of-depths vs mixture-of-recursions on tinyshakespeare.
 
-  python benchmarks/routing.py --data=../shared/data/tinyshakespeare.txt
-  python benchmarks/routing.py --data=... --steps=300 --out=routing_loss.png
+  python -m benchmarks.routing --data=../shared/data/tinyshakespeare.txt
+  python -m benchmarks.routing --data=... --steps=300 --out=routing_loss.png
 
 Every variant is the same character-level decoder (configs/shakespeare_char
 shape, `--layers` virtual layers, seq `--seq_len`), trained in one run each:
@@ -34,8 +34,6 @@ import os
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VARIANTS = {
   "dense": {},

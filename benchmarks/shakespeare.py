@@ -1,6 +1,6 @@
 """Train configs/shakespeare_char.py on a text file; print val loss + tokens/s.
 
-  python benchmarks/shakespeare.py --data=../shared/data/tinyshakespeare.txt
+  python -m benchmarks.shakespeare --data=../shared/data/tinyshakespeare.txt
 
 Reference (nanoGPT README, CPU "baby GPT", same shape and schedule): val loss
 1.88 at 2000 iterations ("about 3 minutes" on the author's CPU). nanoGPT
@@ -11,11 +11,8 @@ number of fixed batches the trainer logs, and on the whole val split.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NANOGPT_VAL_LOSS = 1.88
 

@@ -1,11 +1,12 @@
 """The one public attention entry point; dispatches to a backend.
 
 impl:
-  "xla"          dense f32 reference (materialised mask); autodiff backward.
+  "xla"          dense f32 reference (materialised mask; the oracle of
+                 kernels/flash_attention/reference.py); autodiff backward.
   "xla_chunked"  the blockwise kernels' tile loops in XLA ops
-                 (reference.attention_chunked): EMPTY tiles are skipped,
-                 memory is linear in T and S; custom_vjp, so reverse-mode
-                 autodiff only.
+                 (kernels/flash_attention/xla_chunked.py): EMPTY tiles are
+                 skipped, memory is linear in T and S; custom_vjp, so
+                 reverse-mode autodiff only.
   "pallas_tpu"   Mosaic TPU kernels (kernels/flash_attention/pallas_tpu.py).
   "pallas_gpu"   Pallas GPU kernels (kernels/flash_attention/pallas_gpu.py),
                  imported lazily.
@@ -171,21 +172,9 @@ def _run(
     return reference.attention_reference(
       q, k, v, dense, scale=scale, logits_soft_cap=cap
     )
-  if impl == "xla_chunked":
-    return reference.attention_chunked(
-      q,
-      k,
-      v,
-      q_pos,
-      k_pos,
-      q_seg,
-      k_seg,
-      spec=spec,
-      scale=scale,
-      logits_soft_cap=cap,
-      block_sizes=block_sizes,
-    )
-  return vjp.flash_attention(  # pallas_tpu / pallas_gpu / interpret(_gpu)
+  # xla_chunked / pallas_tpu / pallas_gpu / interpret(_gpu): vjp.py's
+  # custom_vjp around the backend's blockwise kernels.
+  return vjp.flash_attention(
     q,
     k,
     v,

@@ -2,7 +2,8 @@
 
 Used by the resume test to simulate a killed process (no clean exit, no
 final save), and by the multi-process tests to kill or preempt (SIGTERM)
-one process of several. Usage: python tests/crash_train.py --crash_at=N
+one process of several. Usage, from the repository root:
+python -m tests.crash_train --crash_at=N
 [--crash_signal=TERM] [--crash_process=I] <the usual train flags>. The
 signal waits until the checkpoint directory of `--crash_after_checkpoint`
 is committed (its orbax commit record is written, on a local disk and on
@@ -12,16 +13,13 @@ asynchronous.
 
 import os
 import signal
-import sys
 import time
 
 from absl import app, flags
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from efficient_lm import train  # noqa: E402  (defines the train flags)
-from efficient_lm.training import checkpoint, loop  # noqa: E402
+from efficient_lm import train  # defines the train flags
+from efficient_lm.training import checkpoint, loop
 
 _CRASH_AT = flags.DEFINE_integer("crash_at", None, "kill after this step")
 _AFTER = flags.DEFINE_integer(

@@ -200,7 +200,7 @@ def test_xla_chunked_matches_reference(spec):
 def test_suffix_keys_at_positions_inside_the_sequence(impl):
   """TGlobal: summary keys appended after the regular keys, at block
   positions inside the sequence (not the latest ones), with a key length
-  (40 + 5) that the chunked scan and the kernels' wrapper pad to 48."""
+  (40 + 5) that vjp.py's wrapper pads to 48 for the blockwise backends."""
   t, blk, n_sum = 40, 8, 5
   spec = MaskSpec(causal=True, window=(3, 0), global_suffix=n_sum)
   k_pos = np.concatenate([np.arange(t), (np.arange(n_sum) + 1) * blk])

@@ -158,7 +158,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
     "--crash_at=3",
     "--crash_signal=TERM",
     "--crash_process=1",
-    script=("tests/crash_train.py",),
+    script=("-m", "tests.crash_train"),
   )
   stopped = []
   for err in errs:
@@ -222,7 +222,7 @@ def test_killed_process_stops_the_other_within_the_bound(tmp_path):
     "--crash_at=3",
     "--crash_process=1",
     f"--heartbeat_timeout={heartbeat}",
-    script=("tests/crash_train.py",),
+    script=("-m", "tests.crash_train"),
   )
   procs[1].communicate(timeout=TIMEOUT)
   killed_at = time.monotonic()

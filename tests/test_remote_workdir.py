@@ -280,7 +280,7 @@ def test_train_killed_and_resumed_in_gcs_equals_local(gcs, tmp_path):
     "--config.checkpoint.keep=1",
     "--crash_at=12",
     "--crash_after_checkpoint=10",
-    script=("tests/crash_train.py",),
+    script=("-m", "tests.crash_train"),
   )
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   resumed = train(f"--workdir={workdir}", "--config.checkpoint.keep=1")

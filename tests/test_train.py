@@ -57,7 +57,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     crashed,
     "--crash_at=12",
     "--crash_after_checkpoint=10",
-    script=("tests/crash_train.py",),
+    script=("-m", "tests.crash_train"),
     check=False,
   )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

@@ -6,7 +6,9 @@ slab), pads lengths to block multiples (padded rows and keys get segment 0,
 so they are masked and the result is exact), builds the block metadata of
 kernels/masks.py and calls a backend's kernels under one `jax.custom_vjp`.
 
-Backend kernel contract (pallas_tpu.py, pallas_gpu.py must match it):
+Backend kernel contract (xla_chunked.py, pallas_tpu.py, pallas_gpu.py
+must match it; the wrapper imports them lazily, and none imports this
+module):
 
   flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params)
       -> (o [B, H, T, E] in q.dtype, lse [B, H, T] float32)
@@ -113,11 +115,11 @@ GPU_BLOCK_SIZES = BlockSizes(64, 128, 64, 64)
 
 
 def _kernels(backend):
+  # Backends are imported here, not at the top: they must not import this
+  # module back (no cycle), and pallas_gpu.py is optional.
   if backend == "xla_chunked":  # the same tile loops in plain XLA ops
-    from kernels.flash_attention import reference as mod
-
-    return mod.chunked_fwd, mod.chunked_bwd
-  if backend in ("pallas_tpu", "interpret"):
+    from kernels.flash_attention import xla_chunked as mod
+  elif backend in ("pallas_tpu", "interpret"):
     from kernels.flash_attention import pallas_tpu as mod
   elif backend in _GPU:
     from kernels.flash_attention import pallas_gpu as mod  # lazy: optional
