@@ -77,10 +77,10 @@ def curves(workdirs: list[str], out: str) -> None:
     color = f"C{i}"
     for ax, scale in ((by_step, 1.0), (by_flops, per_step)):
       if train:
-        s, l = zip(*train)
+        s, l = zip(*train, strict=True)
         ax.plot([x * scale for x in s], l, color=color, label=label)
       if evals:
-        s, l = zip(*evals)
+        s, l = zip(*evals, strict=True)
         ax.plot(
           [x * scale for x in s],
           l,

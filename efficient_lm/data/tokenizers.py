@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable, Optional, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 from etils import epath
@@ -41,9 +42,9 @@ _REPLACEMENT = "\ufffd"
 class Tokenizer(Protocol):
   vocab_size: int
   mask_id: int
-  pad_id: Optional[int]
-  bos_id: Optional[int]
-  eos_id: Optional[int]
+  pad_id: int | None
+  bos_id: int | None
+  eos_id: int | None
 
   def encode(self, text: str | bytes) -> list[int]: ...
 
@@ -127,7 +128,7 @@ class CharTokenizer:
     """
     codepoints = [
       np.unique(_codepoints(_decode_utf8(doc, name, "'char'")))
-      for name, doc in zip(corpus.names, corpus.docs)
+      for name, doc in zip(corpus.names, corpus.docs, strict=True)
     ]
     unique = np.unique(np.concatenate(codepoints))
     return cls(unique.astype("<u4").tobytes().decode("utf-32-le"))

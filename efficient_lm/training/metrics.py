@@ -8,7 +8,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from etils import epath
