@@ -178,6 +178,7 @@ class Generator:
     cur = lens.copy()
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
+    cache = None  # used only if use_cache
     if use_cache:
       cache = self.model().init_cache(b, max_len)
       logits, cache = self._prefill(

@@ -241,7 +241,7 @@ def optax_state_shardings(
 ) -> Any:
   """Moments follow their parameter's sharding; scalars are replicated."""
   return optax.tree_map_params(
-    optimizer,
+    optimizer.init,
     lambda _, s: s,
     abstract_opt_state,
     param_sh,

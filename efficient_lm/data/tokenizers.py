@@ -40,11 +40,23 @@ _REPLACEMENT = "\ufffd"
 
 
 class Tokenizer(Protocol):
-  vocab_size: int
-  mask_id: int
-  pad_id: int | None
-  bos_id: int | None
-  eos_id: int | None
+  # Read-only (properties), so that a class attribute `pad_id = 256` or
+  # `pad_id = None` satisfies `int | None`: a writable protocol attribute
+  # would have to be declared `int | None` by every implementation.
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def mask_id(self) -> int: ...
+
+  @property
+  def pad_id(self) -> int | None: ...
+
+  @property
+  def bos_id(self) -> int | None: ...
+
+  @property
+  def eos_id(self) -> int | None: ...
 
   def encode(self, text: str | bytes) -> list[int]: ...
 
@@ -259,6 +271,7 @@ def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
   original file moves or changes. Files are replaced atomically.
   """
   path = epath.Path(path)
+  desc: dict[str, str | int]
   if isinstance(tok, ByteTokenizer):
     desc = {"kind": "byte"}
   elif isinstance(tok, CharTokenizer):
