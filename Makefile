@@ -1,6 +1,8 @@
 # The two commands a fresh machine needs:
 #   make train   -- set up .venv, train the tiny byte-level decoder on CPU
 #   make test    -- set up .venv (with dev extras), run the default test suite
+#   make lint    -- ruff format/check, import contracts, pyrefly (seconds;
+#                   the same four checks as .pre-commit-config.yaml)
 #   make mutate  -- do the tests catch known bugs? (tests/mutate.py; minutes;
 #                   ARGS="-k optim" or ARGS="--only ID,ID" to narrow it)
 VENV ?= .venv
@@ -12,7 +14,7 @@ ARGS ?=
 # machine; each worker compiles its own files' tests).
 WORKERS ?= 2
 
-.PHONY: setup setup-dev train test test-all mutate bench-shakespeare clean
+.PHONY: setup setup-dev train lint test test-all mutate bench-shakespeare clean
 
 setup:
 	launch/setup_env.sh
@@ -22,6 +24,19 @@ setup-dev:
 
 train: setup
 	$(PY) -m efficient_lm.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+# Every check runs, so one run shows all that fail; the target fails if any
+# did. Keep in step with .pre-commit-config.yaml.
+LINT_CHECKS = \
+  "$(VENV)/bin/ruff format --check ." \
+  "$(VENV)/bin/ruff check ." \
+  "$(VENV)/bin/lint-imports --no-logo" \
+  "$(VENV)/bin/pyrefly check --python-interpreter-path $(PY)"
+
+lint: setup-dev
+	@status=0; for check in $(LINT_CHECKS); do \
+	  echo "lint: $$check"; $$check || status=1; \
+	done; exit $$status
 
 test: setup-dev
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile $(ARGS)

@@ -151,7 +151,7 @@ def _gib(n: float) -> str:
   return f"{n / GIB:.2f} GiB"
 
 
-def report(cd, topology_text: str, *, log=print) -> bool:
+def report(cd, topology_text: str | None, *, log=print) -> bool:
   """Compiles `cd`'s train step for the slice and logs the per-device
   report; True when it fits HBM. Raises TopologyError, ConfigError."""
   topo = parse_topology(topology_text)

@@ -17,7 +17,9 @@ from absl import app, flags, logging
 
 from efficient_lm import cpu_runtime
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory to evaluate.", required=True
+)
 _NUM_BATCHES = flags.DEFINE_integer(
   "num_batches",
   None,
@@ -25,7 +27,6 @@ _NUM_BATCHES = flags.DEFINE_integer(
   "training loop's eval_loss reads). Default: the whole eval split, each "
   "example once.",
 )
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,7 @@ class Generator:
     cur = lens.copy()
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
+    cache = None  # used only if use_cache
     if use_cache:
       cache = self.model().init_cache(b, max_len)
       logits, cache = self._prefill(

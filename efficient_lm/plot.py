@@ -77,10 +77,10 @@ def curves(workdirs: list[str], out: str) -> None:
     color = f"C{i}"
     for ax, scale in ((by_step, 1.0), (by_flops, per_step)):
       if train:
-        s, l = zip(*train)
+        s, l = zip(*train, strict=True)
         ax.plot([x * scale for x in s], l, color=color, label=label)
       if evals:
-        s, l = zip(*evals)
+        s, l = zip(*evals, strict=True)
         ax.plot(
           [x * scale for x in s],
           l,
@@ -114,7 +114,13 @@ def routing(workdir: str, text: str, out: str, max_tokens: int) -> None:
   pos = jnp.arange(len(ids), dtype=jnp.int32)[None]
   seg = jnp.ones_like(tokens)
   model = run.model()
-  decisions = model.routing_decisions(tokens, pos, seg)
+  # The decoder has it; a funnel or hourglass model does not.
+  routing_decisions = getattr(model, "routing_decisions", None)
+  if routing_decisions is None:
+    raise ValueError(
+      f"{workdir}: a {type(model).__name__} model has no routed layers"
+    )
+  decisions = routing_decisions(tokens, pos, seg)
   names = list(decisions)
   grid = np.stack([np.asarray(decisions[n][0], np.float32) for n in names])
   pieces = [run.tokenizer.decode([i]) for i in ids]

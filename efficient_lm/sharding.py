@@ -13,7 +13,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -240,7 +241,7 @@ def optax_state_shardings(
 ) -> Any:
   """Moments follow their parameter's sharding; scalars are replicated."""
   return optax.tree_map_params(
-    optimizer,
+    optimizer.init,
     lambda _, s: s,
     abstract_opt_state,
     param_sh,

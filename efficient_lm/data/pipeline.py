@@ -16,7 +16,7 @@ partly padding.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import grain
 import numpy as np
@@ -87,7 +87,7 @@ def encode_documents(
   bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
   eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
   parts = []
-  for name, doc in zip(corpus.names, corpus.docs):
+  for name, doc in zip(corpus.names, corpus.docs, strict=True):
     ids = tokenizer.encode_array(doc, name)
     parts.append(
       np.concatenate(
@@ -145,8 +145,8 @@ def make_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
-  tokenizer: Optional[Tokenizer] = None,
-  num_epochs: Optional[int] = None,
+  tokenizer: Tokenizer | None = None,
+  num_epochs: int | None = None,
 ) -> DataIterator:
   """This process's share of every global batch; see the module docstring.
 

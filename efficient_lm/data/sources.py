@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import sysconfig
-from typing import Optional
 
 import numpy as np
 
@@ -28,7 +27,7 @@ class Corpus:
   docs: tuple[bytes, ...]
   # Per-document eval flag; None means "split the token stream instead"
   # (the text source, which follows nanoGPT: last fraction of the tokens).
-  is_eval_N: Optional[np.ndarray]
+  is_eval_N: np.ndarray | None
 
 
 def load_corpus(data_cfg: DataConfig) -> Corpus:

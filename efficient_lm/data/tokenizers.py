@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable, Optional, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 from etils import epath
@@ -39,11 +40,23 @@ _REPLACEMENT = "\ufffd"
 
 
 class Tokenizer(Protocol):
-  vocab_size: int
-  mask_id: int
-  pad_id: Optional[int]
-  bos_id: Optional[int]
-  eos_id: Optional[int]
+  # Read-only (properties), so that a class attribute `pad_id = 256` or
+  # `pad_id = None` satisfies `int | None`: a writable protocol attribute
+  # would have to be declared `int | None` by every implementation.
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def mask_id(self) -> int: ...
+
+  @property
+  def pad_id(self) -> int | None: ...
+
+  @property
+  def bos_id(self) -> int | None: ...
+
+  @property
+  def eos_id(self) -> int | None: ...
 
   def encode(self, text: str | bytes) -> list[int]: ...
 
@@ -127,7 +140,7 @@ class CharTokenizer:
     """
     codepoints = [
       np.unique(_codepoints(_decode_utf8(doc, name, "'char'")))
-      for name, doc in zip(corpus.names, corpus.docs)
+      for name, doc in zip(corpus.names, corpus.docs, strict=True)
     ]
     unique = np.unique(np.concatenate(codepoints))
     return cls(unique.astype("<u4").tobytes().decode("utf-32-le"))
@@ -258,6 +271,7 @@ def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
   original file moves or changes. Files are replaced atomically.
   """
   path = epath.Path(path)
+  desc: dict[str, str | int]
   if isinstance(tok, ByteTokenizer):
     desc = {"kind": "byte"}
   elif isinstance(tok, CharTokenizer):

@@ -117,6 +117,7 @@ def read_latest(
   for step in steps:
     config, state, problem = _read_step(directory, step, abstract_for)
     if problem is None:
+      assert config is not None  # _read_step: (config, state, None)
       return step, config, state
     print(
       f"checkpoint: step {step} in {directory} is unusable ({problem}); "
@@ -284,6 +285,7 @@ class Checkpointer:
       )
       problem = _agree(problem)
       if problem is None:
+        assert data_state is not None  # _try_restore: (state, data, None)
         return step, state, data_state
       self._set_aside(step, problem)
     if steps:
@@ -356,10 +358,11 @@ class Checkpointer:
       restored = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore read errors are bare `Exception`s
       contain_failed_read_noise()
-      problem = one_line(e)
+      restored, problem = None, one_line(e)
     problem = _agree(problem)
     if problem:
       return None, None, problem
+    assert restored is not None  # a failed read set `problem`
     expected = self._mgr.metadata(step).custom_metadata or {}
     bad_key = fingerprints.first_difference(
       expected.get("fingerprint"), fingerprints.of(restored["state"])

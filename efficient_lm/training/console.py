@@ -8,6 +8,7 @@ logged step and one per evaluation.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
 
@@ -84,7 +85,9 @@ def already_complete(
   )
 
 
-def no_good_checkpoint(latest: int | None, directory: str) -> str:
+def no_good_checkpoint(
+  latest: int | None, directory: str | os.PathLike[str]
+) -> str:
   if latest is None:
     return (
       f"no checkpoint was saved before this (checkpoints go to {directory})"

@@ -8,7 +8,7 @@ before the model sees it (training/step.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

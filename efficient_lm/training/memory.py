@@ -108,7 +108,7 @@ def fits_problem(
   if platform == "cpu":
     need = per_device * len(devices)
     have = host_available_bytes() if available is None else available
-    where = f"this host has {have / GIB:.1f} GiB available"
+    where = f"this host has {(have or 0) / GIB:.1f} GiB available"
   else:
     limit = device_limit_bytes(devices[0]) if available is None else available
     need, have = per_device, limit

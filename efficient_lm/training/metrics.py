@@ -8,7 +8,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import IO, Any
 
 import jax
 from etils import epath
@@ -111,8 +112,8 @@ class MetricWriter:
     sync_seconds: float = 60.0,
   ):
     self.enabled = enabled
-    self._jsonl = None
-    self._tb = None
+    self._jsonl: IO[str] | None = None
+    self._tb: _EventFile | None = None
     self._remote = None
     self._synced: dict[str, tuple[int, int]] = {}  # name -> (size, mtime)
     self._sync_seconds = sync_seconds
@@ -146,6 +147,7 @@ class MetricWriter:
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
+    assert self._jsonl is not None, "write after close"
     clean = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
     self._jsonl.flush()

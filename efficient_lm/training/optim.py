@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
@@ -23,7 +24,9 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
   )
 
 
-def decays(axes: Sequence[str], *, decay_embeddings: bool = True) -> bool:
+def decays(
+  axes: Sequence[str | None], *, decay_embeddings: bool = True
+) -> bool:
   """Whether a parameter with these logical axes gets weight decay.
 
   Decided by what the parameter is, never by its rank: a scanned stack of

@@ -16,7 +16,8 @@ evaluation of the same batch (and every seed and mesh).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -54,9 +54,7 @@ class WorkdirBusy(RuntimeError):
 
 
 def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(
-    timespec="seconds"
-  )
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _holder(text: str) -> str:
