@@ -266,6 +266,15 @@ MUTATIONS = [
     "tests/test_config.py",
   ),
   _m(
+    "config_optional_type_error_raised_as_text",
+    "efficient_lm/config/convert.py",
+    "errors.append(e)",
+    "errors.append(str(e))",
+    "tests/test_config.py",
+    "-k",
+    "optional_key",
+  ),
+  _m(
     "config_embed_fsdp_unchecked",
     "efficient_lm/config/validation.py",
     "if m.embed_dim % mesh.fsdp:",

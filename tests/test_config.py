@@ -349,3 +349,12 @@ def test_bad_tuple_values_are_one_line(value, message):
     _tuple_section(value)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
+
+
+def test_a_wrong_type_for_an_optional_key_is_one_config_error():
+  """An Optional[int] key given a string (a hand-edited config.json) is a
+  ConfigError naming it, not a TypeError from raising the message."""
+  cd = base.get_config().to_dict()
+  cd["model"]["head_dim"] = "x"
+  with pytest.raises(ConfigError, match=r"model.head_dim='x': expected an int"):
+    config_lib.from_config_dict(cd)

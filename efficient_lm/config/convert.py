@@ -47,14 +47,14 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
       return None
-    errors = []
+    errors: list[ConfigError] = []
     for arg in args:
       if arg is type(None):
         continue
       try:
         return _check_value(path, value, arg)
       except ConfigError as e:
-        errors.append(str(e))
+        errors.append(e)
     raise (
       errors[0]
       if len(errors) == 1
