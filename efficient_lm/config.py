@@ -145,6 +145,18 @@ class FunnelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerLayerConfig:
+  # Per-layer shapes (a pruned or imported model whose layers differ): one
+  # entry per layer of the layer plan (model.num_layers, plus the funnel
+  # encoder's decoder_layers after them), e.g. mlp_dim=(96, 128, 128, 64).
+  # Empty: every layer takes the uniform model.* value.
+  mlp_dim: tuple[int, ...] = ()
+  num_heads: tuple[int, ...] = ()
+  num_kv_heads: tuple[int, ...] = ()
+  head_dim: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   # "decoder": causal LM; "funnel_encoder": bidirectional, pooled through
   # depth, with an upsampling decoder; "hourglass": causal funnel decoder.
@@ -168,6 +180,7 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   routing: RoutingConfig = RoutingConfig()
   funnel: FunnelConfig = FunnelConfig()
+  per_layer: PerLayerConfig = PerLayerConfig()
 
   @property
   def resolved_head_dim(self) -> int:
