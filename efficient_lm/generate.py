@@ -84,24 +84,27 @@ class Generator:
       t = tokens_BT.shape[1]
       pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_BT.shape)
       seg_BT = (pos_BT < lens_B[:, None]).astype(jnp.int32)
-      logits_BTV, _, cache = model.step(tokens_BT, pos_BT, seg_BT, cache)
+      logits_BTV, _, cache = model(tokens_BT, pos_BT, seg_BT, cache=cache)
       return _last(logits_BTV, lens_B), cache
 
     def decode(variables, cache, tok_B, pos_B):
       model = nnx.merge(graphdef, variables)
-      logits_BTV, _, cache = model.step(
-        tok_B[:, None], pos_B[:, None], jnp.ones_like(tok_B)[:, None], cache
+      logits_BTV, _, cache = model(
+        tok_B[:, None],
+        pos_B[:, None],
+        jnp.ones_like(tok_B)[:, None],
+        cache=cache,
       )
       return logits_BTV[:, 0], cache
 
-    def full(variables, tokens_BL, lens_B):
+    def full(variables, tokens_BS, lens_B):
       model = nnx.merge(graphdef, variables)
-      pos_BL = jnp.broadcast_to(
-        jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape
+      pos_BS = jnp.broadcast_to(
+        jnp.arange(tokens_BS.shape[1], dtype=jnp.int32), tokens_BS.shape
       )
-      seg_BL = (pos_BL < lens_B[:, None]).astype(jnp.int32)
-      logits_BLV, _ = model(tokens_BL, pos_BL, seg_BL, causal_routing=True)
-      return _last(logits_BLV, lens_B)
+      seg_BS = (pos_BS < lens_B[:, None]).astype(jnp.int32)
+      logits_BSV, _ = model(tokens_BS, pos_BS, seg_BS, causal_routing=True)
+      return _last(logits_BSV, lens_B)
 
     self._prefill = jax.jit(wrap(prefill), donate_argnums=1)
     self._decode = jax.jit(wrap(decode), donate_argnums=1)

@@ -192,17 +192,23 @@ def two_train_steps(t, state):
 def prefill_then_decode(
   step, tokens_BT, pos_BT, seg_BT, cache, prompt_len: int
 ):
-  """A model's `step(tokens, pos, seg, cache) -> (logits, aux, cache)`
-  (jitted or not) over the first `prompt_len` tokens, then one token at a
-  time: (logits of every position [B, T, V], the final cache)."""
+  """A model's generation call `step(tokens, pos, seg, cache=cache) ->
+  (logits, aux, cache)` (the model, jitted or not) over the first
+  `prompt_len` tokens, then one token at a time: (logits of every position
+  [B, T, V], the final cache)."""
   import jax.numpy as jnp
 
   p = prompt_len
-  got, _, cache = step(tokens_BT[:, :p], pos_BT[:, :p], seg_BT[:, :p], cache)
+  got, _, cache = step(
+    tokens_BT[:, :p], pos_BT[:, :p], seg_BT[:, :p], cache=cache
+  )
   outs = [got]
   for i in range(p, tokens_BT.shape[1]):
     got, _, cache = step(
-      tokens_BT[:, i : i + 1], pos_BT[:, i : i + 1], seg_BT[:, i : i + 1], cache
+      tokens_BT[:, i : i + 1],
+      pos_BT[:, i : i + 1],
+      seg_BT[:, i : i + 1],
+      cache=cache,
     )
     outs.append(got)
   return jnp.concatenate(outs, 1), cache

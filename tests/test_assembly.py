@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from efficient_lm import models, sharding
-from efficient_lm.models.transformer import Block, Decoder
+from efficient_lm.models.block import Block
+from efficient_lm.models.decoder import Decoder
 from efficient_lm.training import losses, loop, step as step_lib
 from tests.helpers import packed_batch, small_config
 

@@ -1,5 +1,5 @@
 """Every attention variant, causal and bidirectional, through the module the
-model builds (`transformer.make_attention`): the METHODS.md §0.4 harness.
+model builds (`block.make_attention`): the METHODS.md §0.4 harness.
 
 Causal forms: outputs at positions <= t do not move when tokens after t
 change (perturbation at block / window boundaries) and the Jacobian
@@ -20,7 +20,7 @@ from flax import nnx
 
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
-from efficient_lm.models.transformer import make_attention
+from efficient_lm.models.block import make_attention
 from tests.helpers import ATTENTION_VARIANTS, small_config
 
 T = 24

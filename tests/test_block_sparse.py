@@ -25,7 +25,7 @@ from flax import nnx
 import kernels
 from efficient_lm.models import stack
 from efficient_lm.models.attention import mask_spec
-from efficient_lm.models.transformer import make_attention
+from efficient_lm.models.block import make_attention
 from kernels import masks
 from kernels.masks import EMPTY, FULL, PARTIAL, MaskSpec
 from tests.helpers import assert_close, small_config

@@ -179,7 +179,7 @@ def test_pool_query_layer_is_dense_attention_with_pooled_queries(kind):
   )
   spec = funnel.layer_plan(cfg.model)[1]
   assert spec.pool_query and spec.stage == 1
-  from efficient_lm.models.transformer import Block
+  from efficient_lm.models.block import Block
 
   blk = Block(cfg.model, spec, nnx.Rngs(params=1))
   _, pos, seg = _packed()
@@ -262,7 +262,7 @@ def test_tglobal_in_a_pooled_stage_summarises_its_blocks():
   """Pooled rows stand for f**s positions: a block of 8 positions holds 4
   rows at stride 2 and is complete, so a row sees a far row of its
   document (outside the window) through the block summaries."""
-  from efficient_lm.models.transformer import make_attention
+  from efficient_lm.models.block import make_attention
 
   cfg = _cfg(
     **{

@@ -72,7 +72,7 @@ def test_prefill_then_decode_equals_forward(name):
   seg = jnp.ones((b, t), jnp.int32)
   want, _ = model(tokens, pos, seg)
   got, _ = prefill_then_decode(
-    model.step, tokens, pos, seg, model.init_cache(b, t), p
+    model, tokens, pos, seg, model.init_cache(b, t), p
   )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
@@ -96,8 +96,8 @@ def test_rolling_cache_keeps_the_newest_window_rows():
   rows = cache["segment_0"][0]
   assert rows["k"].shape[2] == window  # [layers, B, slots, G, K]
   tokens = jnp.arange(p, dtype=jnp.int32)[None]
-  _, _, cache = model.step(
-    tokens, _positions(b, p), jnp.ones((b, p), jnp.int32), cache
+  _, _, cache = model(
+    tokens, _positions(b, p), jnp.ones((b, p), jnp.int32), cache=cache
   )
   stored = np.sort(np.asarray(cache["segment_0"][0]["pos"][0, 0]))
   np.testing.assert_array_equal(stored, np.arange(p - window, p))
@@ -107,7 +107,7 @@ def test_padding_rows_are_not_cached():
   _, model = _model({})
   cache = model.init_cache(1, 16)
   seg = jnp.array([[1, 1, 1, 0, 0]], jnp.int32)
-  _, _, cache = model.step(jnp.arange(5)[None], _positions(1, 5), seg, cache)
+  _, _, cache = model(jnp.arange(5)[None], _positions(1, 5), seg, cache=cache)
   filled = np.asarray(cache["segment_0"][0]["seg"][0, 0])
   np.testing.assert_array_equal(filled[:5], [1, 1, 1, 0, 0])
 

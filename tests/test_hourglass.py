@@ -21,7 +21,7 @@ from efficient_lm import aot
 from efficient_lm import config as config_lib
 from efficient_lm.generate import Generator
 from efficient_lm.models import build, flops, hourglass
-from efficient_lm.models.transformer import Decoder
+from efficient_lm.models.decoder import Decoder
 from tests.helpers import override, packed_batch, small_config
 
 K = 4  # pooling factor
@@ -223,7 +223,7 @@ def _stepper(model):
 
   @jax.jit
   def step(state, tok, pos, seg, cache):
-    return nnx.merge(gd, state).step(tok, pos, seg, cache)[::2]
+    return nnx.merge(gd, state)(tok, pos, seg, cache=cache)[::2]
 
   return lambda *a: step(state, *a)
 

@@ -434,9 +434,9 @@ def test_tensor_parallel_equals_single_device():
 
 
 def _stepper(model):
-  """model.step(x, cache) as one jitted function."""
+  """model(x, cache=c) as one jitted function."""
   graphdef, state = nnx.split(model)
-  f = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).step(x, c))
+  f = jax.jit(lambda s, x, c: nnx.merge(graphdef, s)(x, cache=c))
   return lambda x, cache: f(state, x, cache)
 
 
@@ -525,7 +525,9 @@ def test_cache_holds_only_the_latent_and_rope_key():
   assert model.cache_bytes_per_token(jnp.bfloat16) == (c + r) * 2
   row_bytes = sum(cache[k].nbytes for k in ("c", "kr")) // (3 * 10)
   assert model.cache_bytes_per_token(jnp.bfloat16) == row_bytes
-  _, after = jax.eval_shape(model.step, _tokens(3, 4), cache)
+  _, after = jax.eval_shape(
+    lambda x, c: model(x, cache=c), _tokens(3, 4), cache
+  )
   assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == shapes
   # A sliding-window layer keeps a rolling buffer of `window` rows.
   local = _mla(kind="sliding_window", window=4, **MIXED)
@@ -543,8 +545,8 @@ def test_tensor_parallel_step_equals_single_device():
 
   def run(s, seq, cache):
     m = nnx.merge(graphdef, s)
-    y0, cache = m.step(_rows(seq, 0, 6), cache)
-    y1, cache = m.step(_rows(seq, 6, 7), cache)
+    y0, cache = m(_rows(seq, 0, 6), cache=cache)
+    y1, cache = m(_rows(seq, 6, 7), cache=cache)
     return jnp.concatenate([y0, y1], axis=1), cache
 
   cache = model.init_cache(4, 7, jnp.float32)

@@ -19,7 +19,8 @@ from flax import nnx
 from efficient_lm import aot, config as config_lib
 from efficient_lm.models import build, flops, routing, stack
 from efficient_lm.models.attention import Tokens
-from efficient_lm.models.transformer import Block, RoutedBlock
+from efficient_lm.models.block import Block
+from efficient_lm.models.mod import RoutedBlock
 from efficient_lm.training import loop
 from tests.helpers import (
   ATTENTION_VARIANTS,
@@ -344,7 +345,7 @@ def test_prefill_decode_equals_forward_and_caches_hold_processed_tokens(
   tok, pos, seg = _tokens(b, t)
   want, aux = jax.jit(lambda *a: model(*a, causal_routing=True))(tok, pos, seg)
   got, cache = prefill_then_decode(
-    jax.jit(model.step), tok, pos, seg, model.init_cache(b, t), p
+    jax.jit(model), tok, pos, seg, model.init_cache(b, t), p
   )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Cache rows per layer (segment_0 = pattern (dense, routed) x 2 repeats):
@@ -519,7 +520,7 @@ def test_every_attention_kind_routes_at_positions_and_decodes(name):
   tok, pos, seg = _tokens(b, t)
   want, _ = jax.jit(lambda *a: model(*a, causal_routing=True))(tok, pos, seg)
   got, cache = prefill_then_decode(
-    jax.jit(model.step), tok, pos, seg, model.init_cache(b, t), p
+    jax.jit(model), tok, pos, seg, model.init_cache(b, t), p
   )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   assert _leaks(model, causal_routing=True) == []

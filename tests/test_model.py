@@ -13,7 +13,7 @@ from flax import nnx
 from efficient_lm import models
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
-from efficient_lm.models.transformer import Block
+from efficient_lm.models.block import Block
 from tests.helpers import small_config
 
 

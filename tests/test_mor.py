@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from efficient_lm import config as config_lib
-from efficient_lm.models import build, flops, mor
+from efficient_lm.models import build, flops, mor, routing
 from efficient_lm.models.attention import Tokens
 from efficient_lm.training import loop
 from tests.helpers import (
@@ -265,7 +265,7 @@ def test_top_k_selection_invariants():
   n_valid = valid.sum(1)
   active = valid
   for r, c in enumerate((1.0, 2 / 3, 1 / 3)):
-    idx, ok, chosen = mor.top_k_selection(z[:, r], active, n_valid, c)
+    idx, ok, chosen = routing.top_k_selection(z[:, r], active, n_valid, c)
     k = np.minimum(
       np.maximum(1, np.floor(c * np.asarray(n_valid) + 1e-6)),
       np.asarray(active.sum(1)),
@@ -282,7 +282,7 @@ def test_top_k_selection_invariants():
       best = cand[np.argsort(-np.asarray(z[row, r])[cand], kind="stable")]
       np.testing.assert_array_equal(np.sort(best[: int(k[row])]), sel)
     active = chosen
-  assert mor.capacity_tokens(2 / 3, 6) == 4
+  assert routing.capacity_tokens(2 / 3, 6, minimum=1) == 4
 
 
 def test_unselected_tokens_are_bitwise_unchanged():
@@ -300,7 +300,7 @@ def test_unselected_tokens_are_bitwise_unchanged():
   seg = seg.at[0, 10:].set(0)
   out, _, _, _ = rec._expert_choice(x, pos, seg, False)
   z = jnp.einsum("BTD,D->BT", x, rec.router_DN[:, 0])
-  _, _, chosen = mor.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
+  _, _, chosen = routing.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
   chosen = np.asarray(chosen)
   np.testing.assert_array_equal(
     np.asarray(out)[~chosen], np.asarray(x)[~chosen]
@@ -547,7 +547,7 @@ def test_prefill_then_decode_equals_causal_forward(name):
   # Routing really splits the tokens at a later step.
   assert 0 < float(aux["routing/mor_step3_fraction"]) < 1
   got, cache = prefill_then_decode(
-    model.step, tokens, pos, seg, model.init_cache(b, t), p
+    model, tokens, pos, seg, model.init_cache(b, t), p
   )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Cache rows: step r of recursion_wise holds |S_r| tokens; sharing holds
@@ -570,20 +570,20 @@ def test_compacted_attention_equals_dense_attention_with_keys_masked():
   _, pos, seg = _inputs(b)
   seg = seg.at[1, :6].set(2)  # two documents
   z = jax.random.normal(jax.random.key(6), (b, T))
-  idx, ok, chosen = mor.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
+  idx, ok, chosen = routing.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
 
   def compact(x):
     return attn(
       Tokens(
-        mor._take(x, idx),
-        mor._take(pos, idx),
-        jnp.where(ok, mor._take(seg, idx), 0),
+        routing.gather(x, idx),
+        routing.gather(pos, idx),
+        jnp.where(ok, routing.gather(seg, idx), 0),
       )
     )
 
   def dense(x):
     out = attn(Tokens(x, pos, jnp.where(chosen, seg, 0)))
-    return mor._take(out, idx)
+    return routing.gather(out, idx)
 
   np.testing.assert_allclose(compact(x), dense(x), atol=1e-6, rtol=0)
   w = jax.random.normal(jax.random.key(8), (b, idx.shape[1], d))
@@ -591,7 +591,7 @@ def test_compacted_attention_equals_dense_attention_with_keys_masked():
   gd = jax.grad(lambda x: jnp.sum(dense(x) * w))(x)
   np.testing.assert_allclose(gc, gd, atol=1e-6, rtol=0)
   # Masking does something: plain dense attention differs.
-  plain = mor._take(attn(Tokens(x, pos, seg)), idx)
+  plain = routing.gather(attn(Tokens(x, pos, seg)), idx)
   assert jnp.abs(plain - compact(x)).max() > 1e-3
 
 

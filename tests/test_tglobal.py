@@ -380,7 +380,7 @@ def test_errors_are_one_line():
 
 @nnx.jit
 def _step(m, x, pos, seg, cache):
-  return m.step(Tokens(x, pos, seg), cache)
+  return m(Tokens(x, pos, seg), cache=cache)
 
 
 def _steps(m, x, pos, seg, chunks, max_len):

@@ -20,6 +20,7 @@ from efficient_lm.config.schema import (
   FunnelConfig,
   MeshConfig,
   ModelConfig,
+  PerLayerConfig,
   RoutingConfig,
   TrainConfig,
 )
@@ -36,6 +37,7 @@ __all__ = [
   "FunnelConfig",
   "MeshConfig",
   "ModelConfig",
+  "PerLayerConfig",
   "RoutingConfig",
   "TrainConfig",
   "default_config_dict",

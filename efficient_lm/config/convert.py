@@ -114,7 +114,7 @@ def _check_tuple(path: str, value: Any, args: tuple[Any, ...]) -> tuple:
       )
   return tuple(
     _check_value(f"{path}[{i}]", v, tp)
-    for i, (v, tp) in enumerate(zip(value, types_))
+    for i, (v, tp) in enumerate(zip(value, types_, strict=True))
   )
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from efficient_lm.config.errors import ConfigError
 
@@ -23,6 +23,19 @@ AttentionKind = Literal[
   "dense", "sliding_window", "global_local", "block_sparse", "tglobal"
 ]
 ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
+
+
+# floor(c * n) is taken with this slack so that binary rounding never loses
+# a token: 0.29 * 100 is 28.999999999999996 and 2/3 * 6 is 3.9999999999999996
+# in floats.
+FLOOR_EPS = 1e-6
+
+
+def capacity_tokens(capacity: float, n: int, minimum: int = 0) -> int:
+  """k = max(minimum, floor(capacity * n)), at most n: the tokens a routing
+  step of this capacity takes from n (MoD: minimum 0, MoR: minimum 1;
+  models/routing.py applies the same rule to arrays)."""
+  return max(minimum, min(n, math.floor(capacity * n + FLOOR_EPS)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +60,7 @@ class AttentionConfig:
   projection: Literal["qkv", "mla"] = "qkv"
   window: int = 0
   num_global: int = 0
-  logits_soft_cap: Optional[float] = None
+  logits_soft_cap: float | None = None
   # block_sparse: key/query block length, random key blocks per query
   # block, the seed of their draw, and the longest sequence the static
   # block table covers (positions >= max_len are an error).
@@ -140,9 +153,8 @@ class RoutingConfig:
 
   def mod_tokens(self, seq_len: int) -> int:
     """MoD: k = floor(capacity * seq_len), the tokens a routed block
-    processes per row. The 1e-9 keeps binary rounding from losing one
-    (0.29 * 100 is 28.999999999999996 in floats)."""
-    return max(0, min(seq_len, math.floor(self.capacity * seq_len + 1e-9)))
+    processes per row (`capacity_tokens`)."""
+    return capacity_tokens(self.capacity, seq_len)
 
   @property
   def unique_ends(self) -> bool:
@@ -225,6 +237,19 @@ class FunnelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerLayerConfig:
+  # Per-layer shapes (a pruned or imported model whose layers differ): one
+  # entry per layer of the layer plan (model.num_layers, then the funnel
+  # encoder's decoder_layers), e.g. mlp_dim=(96, 128, 128, 64). Empty: every
+  # layer takes the uniform model.* value (head_dim: model.head_dim, or
+  # embed_dim // num_heads).
+  mlp_dim: tuple[int, ...] = ()
+  num_heads: tuple[int, ...] = ()
+  num_kv_heads: tuple[int, ...] = ()
+  head_dim: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   # "decoder": causal LM; "funnel_encoder": bidirectional, pooled through
   # depth, with an upsampling decoder; "hourglass": causal funnel decoder.
@@ -233,7 +258,7 @@ class ModelConfig:
   embed_dim: int = 128
   num_heads: int = 4
   num_kv_heads: int = 4
-  head_dim: Optional[int] = None  # None: embed_dim // num_heads
+  head_dim: int | None = None  # None: embed_dim // num_heads
   mlp_dim: int = 512
   vocab_size: int = 384
   tie_embeddings: bool = True
@@ -248,10 +273,33 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   routing: RoutingConfig = RoutingConfig()
   funnel: FunnelConfig = FunnelConfig()
+  per_layer: PerLayerConfig = PerLayerConfig()
 
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def plan_length(self) -> int:
+    """Layers in the layer plan: num_layers, then a funnel encoder's
+    upsampling decoder_layers."""
+    extra = self.funnel.decoder_layers if self.kind == "funnel_encoder" else 0
+    return self.num_layers + extra
+
+  def layer_shapes(self, layer: int) -> dict[str, int]:
+    """Layer `layer`'s shapes (0-based, in plan order): `per_layer` where it
+    names them, the uniform values otherwise."""
+    p = self.per_layer
+
+    def pick(values: tuple[int, ...], default: int) -> int:
+      return values[layer] if values else default
+
+    return {
+      "mlp_dim": pick(p.mlp_dim, self.mlp_dim),
+      "num_heads": pick(p.num_heads, self.num_heads),
+      "num_kv_heads": pick(p.num_kv_heads, self.num_kv_heads),
+      "head_dim": pick(p.head_dim, self.resolved_head_dim),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +308,7 @@ class DataConfig:
   # "text": plain text file(s) at `path` (a file, directory or glob);
   # "jsonl": JSON lines with a `text` field at `path`.
   source: Literal["default", "text", "jsonl"] = "default"
-  path: Optional[str] = None
+  path: str | None = None
   seq_len: int = 128
   # "byte", "char" (vocabulary = sorted set of characters of the training
   # text), or a path to a SentencePiece .model file.

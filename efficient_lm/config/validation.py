@@ -16,6 +16,7 @@ from efficient_lm.config.schema import (
 from efficient_lm.config.validation_model import (
   _validate_attention,
   _validate_funnel,
+  _validate_per_layer,
   _validate_routing,
 )
 
@@ -43,6 +44,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
   _validate_attention(m.attention, m.num_layers)
   _validate_routing(m, cfg.data.seq_len)
   _validate_funnel(cfg)
+  _validate_per_layer(m, cfg.mesh.tensor)
   _validate_data(m, cfg.data)
   _validate_mesh(cfg, device_count)
 

@@ -3,6 +3,8 @@ and hourglass shapes, each checked against the model it configures."""
 
 from __future__ import annotations
 
+import itertools
+
 from efficient_lm.config.errors import ConfigError, _positive
 from efficient_lm.config.schema import (
   ATTENTION_KINDS,
@@ -155,7 +157,7 @@ def _validate_mor_capacities(r: RoutingConfig) -> None:
       f"model.routing.capacities={tuple(r.capacities)}: expected "
       "fractions in (0, 1]"
     )
-  if any(b > a for a, b in zip(r.capacities, r.capacities[1:])):
+  if any(b > a for a, b in itertools.pairwise(r.capacities)):
     raise ConfigError(
       f"model.routing.capacities={tuple(r.capacities)}: expected "
       "non-increasing (active sets are nested)"
@@ -309,3 +311,47 @@ def _validate_hourglass(cfg: Config) -> None:
         f"unit position spacing, which slots {f.factor} positions apart "
         "never fill; use another kind for the shortened layers"
       )
+
+
+def _validate_per_layer(m: ModelConfig, tensor: int) -> None:
+  """model.per_layer: one positive entry per layer of the plan; each
+  layer's heads whole GQA groups and even head dims; what mesh.tensor
+  splits divisible by it."""
+  n = m.plan_length
+  for name in ("mlp_dim", "num_heads", "num_kv_heads", "head_dim"):
+    values = getattr(m.per_layer, name)
+    if values and len(values) != n:
+      raise ConfigError(
+        f"model.per_layer.{name}={tuple(values)} has {len(values)} entries; "
+        f"expected one per layer of the plan ({n})"
+      )
+    if any(v <= 0 for v in values):
+      raise ConfigError(
+        f"model.per_layer.{name}={tuple(values)}: expected positive values"
+      )
+  p = m.per_layer
+  for i in range(n):  # the uniform values are validated on their own
+    s = m.layer_shapes(i)
+    where = f"layer {i} (model.per_layer)"
+    if (p.num_heads or p.num_kv_heads) and s["num_heads"] % s["num_kv_heads"]:
+      raise ConfigError(
+        f"{where}: num_heads={s['num_heads']} is not divisible by "
+        f"num_kv_heads={s['num_kv_heads']} (GQA groups must be whole)"
+      )
+    if p.head_dim and s["head_dim"] % 2:
+      raise ConfigError(f"{where}: head_dim={s['head_dim']} must be even")
+    for key in ("num_kv_heads", "mlp_dim"):
+      if getattr(p, key) and s[key] % tensor:
+        raise ConfigError(
+          f"{where}: {key}={s[key]} is not divisible by mesh.tensor={tensor}"
+        )
+  if m.routing.kind == "mor":  # layers sharing parameters: one shape
+    mapping = m.routing.layer_map(m.num_layers)
+    for layer, unique in enumerate(mapping):
+      first = mapping.index(unique)
+      if m.layer_shapes(layer) != m.layer_shapes(first):
+        raise ConfigError(
+          f"model.per_layer: layer {layer} shares parameters with layer "
+          f"{first} under MoR; shared layers need the same shapes "
+          f"({m.layer_shapes(layer)} vs {m.layer_shapes(first)})"
+        )

@@ -1,7 +1,50 @@
 """Models: `build(model_cfg, rngs)` returns a Flax NNX module whose call is
-`model(tokens_BT, positions_BT, segment_ids_BT) -> (logits_BTV, aux)`."""
+`model(tokens_BT, positions_BT, segment_ids_BT) -> (logits_BTV, aux)`, or
+with `cache=` (generation) -> (logits_BTV, aux, new cache).
 
+The house, one concept a file: `layers` (norms, RoPE, MLP, embedding),
+`attention` / `mla` / `tglobal` (the attention modules), `cache`
+(generation caches), `visibility` (which keys a query sees), `stack` (the
+layer plan and scans), `block` (the pre-norm block and its factories),
+`routing` (the toolkit MoD, MoR and mixture-of-experts share), `mod`,
+`mor`, `lm` (embedding and head, shared by every kind), the kinds
+`decoder`, `funnel` (encoder), `hourglass`, and `flops`.
+
+`KINDS` is the registry: model.kind -> class; each class gives its own
+layer plan (`layer_plan(cfg)`).
+"""
+
+from efficient_lm.config import ModelConfig
+from efficient_lm.models.decoder import Decoder
+from efficient_lm.models.funnel import FunnelEncoder
+from efficient_lm.models.hourglass import Hourglass
 from efficient_lm.models.layers import ModelState
-from efficient_lm.models.transformer import build, layer_plan
+from efficient_lm.models.stack import LayerSpec
 
-__all__ = ["build", "layer_plan", "ModelState"]
+KINDS = {
+  "decoder": Decoder,
+  "funnel_encoder": FunnelEncoder,
+  "hourglass": Hourglass,
+}
+
+
+def _kind(cfg: ModelConfig):
+  if cfg.kind not in KINDS:
+    raise ValueError(
+      f"model.kind={cfg.kind!r} is not supported; expected one of "
+      f"{', '.join(KINDS)}"
+    )
+  return KINDS[cfg.kind]
+
+
+def build(cfg: ModelConfig, rngs):
+  """The model of `cfg.kind`, parameters initialised from `rngs`."""
+  return _kind(cfg)(cfg, rngs)
+
+
+def layer_plan(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
+  """The layer plan of the model `build(cfg)` makes (shapes, FLOPs)."""
+  return _kind(cfg).layer_plan(cfg)
+
+
+__all__ = ["KINDS", "LayerSpec", "ModelState", "build", "layer_plan"]

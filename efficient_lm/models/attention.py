@@ -104,9 +104,8 @@ def cache_slots(
 
 
 class Attention(nnx.Module):
-  # Positions between this layer's tokens at generation, for the full
-  # cache's layout (models/hourglass.py sets it on its shortened layers).
-  cache_stride: int = 1
+  """Projections, RoPE and `kernels.attention`: one call path for training,
+  prefill and decode (see `__call__`)."""
 
   def __init__(
     self,
@@ -122,6 +121,7 @@ class Attention(nnx.Module):
     param_dtype,
     out_std: float,
     scale: float | None = None,
+    cache_stride: int = 1,
   ):
     d, h, g, k = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_DHK = param(
@@ -142,16 +142,37 @@ class Attention(nnx.Module):
     self.soft_cap = cfg.logits_soft_cap
     self.impl = cfg.impl
     self.cfg = cfg
+    # Positions between this layer's rows (the layer plan's stride): the
+    # full generation cache keeps one slot per row.
+    self.cache_stride = cache_stride
 
-  def _project(self, q: Tokens, kv: Tokens):
-    """RoPE'd q [B, T, H, K] and k, v [B, S, G, K] of the two inputs."""
+  @staticmethod
+  def projection_flops(
+    embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int
+  ) -> tuple[float, float]:
+    """Matmul FLOPs (per query token: q and output projections, per key
+    token: k and v)."""
+    d, h, g, k = embed_dim, num_heads, num_kv_heads, head_dim
+    return 2.0 * d * h * k * 2, 2.0 * d * g * k * 2
+
+  def queries(self, q: Tokens) -> jax.Array:
+    """RoPE'd queries [B, T, H, K]."""
     dt = q.x_BTD.dtype
     q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
+    return constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
+
+  def kv_rows(self, kv: Tokens) -> dict:
+    """The key/value rows of `kv`: RoPE'd k and v [B, S, G, K] with their
+    positions and segments (the cache's fields, models/cache.py)."""
+    dt = kv.x_BTD.dtype
     k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.k_DGK[...].astype(dt))
     v_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.v_DGK[...].astype(dt))
-    q_BTHK = constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
-    k_BSGK = constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK)
-    return q_BTHK, k_BSGK, constrain(v_BSGK, BSGK)
+    return {
+      "k": constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK),
+      "v": constrain(v_BSGK, BSGK),
+      "pos": kv.pos_BT.astype(jnp.int32),
+      "seg": kv.seg_BT.astype(jnp.int32),
+    }
 
   def _attend(
     self,
@@ -191,14 +212,47 @@ class Attention(nnx.Module):
     out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
     return constrain(out, BTD)
 
-  def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
-    kv = q if kv is None else kv
-    q_BTHK, k_BSGK, v_BSGK = self._project(q, kv)
-    return self._attend(
-      q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT, q.seg_BT, kv.seg_BT
+  def __call__(
+    self,
+    q: Tokens,
+    kv: Tokens | None = None,
+    *,
+    cache: dict | None = None,
+    rows: dict | None = None,
+  ):
+    """Queries `q` attend over the keys/values of `kv` (None: q itself),
+    the mask deciding what each query sees -> [B, T, D].
+
+    With `cache` (generation) the keys are the cache's rows, then the new
+    tokens' own (so a prefill is this call on an empty cache), the new
+    rows are written into it, and the call returns (out, new cache); see
+    models/cache.py. `rows` (from `kv_rows`, optionally after a cache's
+    rows) replaces the projected keys/values: mixture-of-recursions'
+    recursive sharing attends later steps over the first step's rows."""
+    if rows is None:
+      new = self.kv_rows(q if kv is None else kv)
+      rows = new if cache is None else cache_lib.concat(cache, new)
+    elif cache is not None:
+      raise ValueError("attention: pass a cache or given rows, not both")
+    out = self._attend(
+      self.queries(q),
+      constrain(rows["k"], BSGK),
+      constrain(rows["v"], BSGK),
+      q.pos_BT,
+      rows["pos"],
+      q.seg_BT,
+      rows["seg"],
     )
+    if cache is None:
+      return out
+    return out, cache_lib.write(cache, new, self._slots(cache))
 
   # -------------------------------------------------------------- generation
+
+  def _slots(self, cache: dict) -> cache_lib.Slots:
+    return cache_slots(
+      self.cfg, None, num_slots=cache["pos"].shape[1], stride=self.cache_stride
+    )
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Empty K/V rows (kv heads only) laid out by `cache_slots`."""
@@ -208,30 +262,6 @@ class Attention(nnx.Module):
       batch,
       {"k": ((g, k), dtype), "v": ((g, k), dtype)},
     )
-
-  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
-    """T new tokens attend over the cache and themselves; see cache.py."""
-    slots = cache_slots(
-      self.cfg, None, num_slots=cache["pos"].shape[1], stride=self.cache_stride
-    )
-    q_BTHK, k_BTGK, v_BTGK = self._project(x, x)
-    new = {
-      "k": k_BTGK,
-      "v": v_BTGK,
-      "pos": x.pos_BT.astype(jnp.int32),
-      "seg": x.seg_BT.astype(jnp.int32),
-    }
-    rows = cache_lib.concat(cache, new)
-    out = self._attend(
-      q_BTHK,
-      constrain(rows["k"], BSGK),
-      constrain(rows["v"], BSGK),
-      x.pos_BT,
-      rows["pos"],
-      x.seg_BT,
-      rows["seg"],
-    )
-    return out, cache_lib.write(cache, new, slots)
 
   def cache_bytes_per_token(self, dtype) -> int:
     """K and V of the kv heads: 2 * G * K elements (METHODS.md §6.2)."""

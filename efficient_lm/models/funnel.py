@@ -6,7 +6,7 @@ sequence mean-pooled between them, and an upsampling decoder.
   -> `decoder_layers` full-length layers -> final norm -> tied logits
 
 `model.funnel.stages` gives the layers per stage (sum = model.num_layers),
-`factor` = f. Every layer is a pre-norm `transformer.Block` with
+`factor` = f. Every layer is a pre-norm `block.Block` with
 bidirectional attention of the family (`attention.pattern` cycles over the
 encoder layers, then over the decoder layers). The first layer of a pooled
 stage is pool-query-only: queries are the pooled rows, keys / values the
@@ -48,8 +48,9 @@ from flax import nnx
 from efficient_lm.config import ModelConfig
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
-from efficient_lm.models.layers import Embed, RMSNorm, param
-from efficient_lm.models.transformer import DTYPES, Block, output_logits
+from efficient_lm.models.block import Block
+from efficient_lm.models.layers import DTYPES, RMSNorm
+from efficient_lm.models.lm import LanguageModel
 from efficient_lm.sharding import BTD, constrain
 
 
@@ -87,59 +88,60 @@ def upsample(x: Tokens, seg_BT: jax.Array, repeat: int) -> jax.Array:
 
 
 def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
-  """Encoder layers stage by stage (`stage`, `pool_query` on the first
-  layer of each pooled stage), then the decoder's full-length layers; all
-  bidirectional. `attention.pattern` cycles over the encoder layers and
-  starts again over the decoder layers."""
-  kinds = cfg.attention.pattern_kinds
-  spec = lambda i, **kw: stack.LayerSpec(
-    attention=dataclasses.replace(
-      cfg.attention, kind=kinds[i % len(kinds)], pattern=""
-    ),
-    causal=False,
-    **kw,
-  )
-  plan, i = [], 0
-  for s, n in enumerate(cfg.funnel.stages):
-    for j in range(n):
-      plan.append(spec(i, stage=s, pool_query=(s > 0 and j == 0)))
-      i += 1
-  plan.extend(spec(j) for j in range(cfg.funnel.decoder_layers))
+  """Encoder layers stage by stage (`stage`, rows factor**stage positions
+  apart; `pool_query` on the first layer of each pooled stage, whose keys
+  are the previous stage's rows), then the decoder's full-length layers;
+  all bidirectional. `attention.pattern` cycles over the encoder layers
+  and starts again over the decoder layers; `model.per_layer` shapes run
+  over the encoder then the decoder layers."""
+  f = cfg.funnel.factor
+
+  def spec(n: int, j: int, stage: int = 0, pool_query: bool = False):
+    return stack.LayerSpec(
+      attention=dataclasses.replace(
+        cfg.attention, kind=cfg.attention.layer_kind(j), pattern=""
+      ),
+      causal=False,
+      stage=stage,
+      pool_query=pool_query,
+      stride=f**stage,
+      kv_stride=f ** (stage - pool_query),
+      **cfg.layer_shapes(n),
+    )
+
+  plan = []
+  for s, count in enumerate(cfg.funnel.stages):
+    for j in range(count):
+      n = len(plan)
+      plan.append(spec(n, n, stage=s, pool_query=(s > 0 and j == 0)))
+  for j in range(cfg.funnel.decoder_layers):
+    plan.append(spec(len(plan), j))
   return tuple(plan)
 
 
 def pool_query_call(block: Block, q: Tokens, kv: Tokens) -> jax.Array:
   """A pre-norm block whose queries (and residual stream) are `q` and
   whose keys / values are the normalised `kv`."""
-  h_q = block.attn_norm(q.x_BTD)
-  h_kv = block.attn_norm(kv.x_BTD)
-  x_BTD = q.x_BTD + block.attn(
-    Tokens(h_q, q.pos_BT, q.seg_BT), kv=Tokens(h_kv, kv.pos_BT, kv.seg_BT)
-  )
-  x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
-  return constrain(x_BTD, BTD)
+  return block(q.x_BTD, q.pos_BT, q.seg_BT, kv=kv)[0]
 
 
 # ------------------------------------------------------------------ model
 
 
-class FunnelEncoder(nnx.Module):
+class FunnelEncoder(LanguageModel):
   """tokens, positions, segment ids -> (logits_BTV, aux); see the module
   docstring. Bidirectional: no generation cache."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.init_embedding_and_head(cfg, rngs)
     pdt = DTYPES[cfg.param_dtype]
-    self.dtype = DTYPES[cfg.dtype]
     self.factor = cfg.funnel.factor
     self.num_stages = len(cfg.funnel.stages)
     self.remat = cfg.remat
-    plan = layer_plan(cfg)
+    plan = self.layer_plan(cfg)
     make = lambda spec, r: Block(cfg, spec, r)
     stack_of = lambda specs: stack.Stack(
       tuple(specs), make, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
-    )
-    self.embed = Embed(
-      cfg.vocab_size, cfg.embed_dim, rngs=rngs, param_dtype=pdt
     )
     stages, pool_blocks = {}, {}
     for s in range(self.num_stages):
@@ -151,23 +153,17 @@ class FunnelEncoder(nnx.Module):
     self.stages = nnx.Dict(stages)
     self.pool_blocks = nnx.Dict(pool_blocks)
     self.decoder = stack_of(plan[cfg.num_layers :])
-    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.head_DV = (
-      None
-      if cfg.tie_embeddings
-      else param(
-        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt
-      )
-    )
     self.doc_norm = (
       RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
       if cfg.funnel.embedding_head
       else None
     )
 
+  layer_plan = staticmethod(layer_plan)
+
   def encode(self, tokens_BT, pos_BT, seg_BT):
     """-> (stage 0's output [B, T, D], the last stage's Tokens, aux)."""
-    x = Tokens(self.embed(tokens_BT, self.dtype), pos_BT, seg_BT)
+    x = Tokens(self.embed_tokens(tokens_BT), pos_BT, seg_BT)
     y_BTD, aux = self.stages["stage_0"](*x)
     auxes = [aux]
     bridge_BTD, x = y_BTD, Tokens(y_BTD, pos_BT, seg_BT)
@@ -180,10 +176,14 @@ class FunnelEncoder(nnx.Module):
       y_BTD, aux = self.stages[f"stage_{s}"](y_BTD, q.pos_BT, q.seg_BT)
       auxes.append(aux)
       x = Tokens(y_BTD, q.pos_BT, q.seg_BT)
-    return bridge_BTD, x, stack._combine_aux(auxes)
+    return bridge_BTD, x, stack.combine_aux(auxes)
 
-  def __call__(self, tokens_BT, pos_BT, seg_BT, *, causal_routing=False):
+  def __call__(
+    self, tokens_BT, pos_BT, seg_BT, *, cache=None, causal_routing=False
+  ):
     del causal_routing  # no routed layers; the model is bidirectional
+    if cache is not None:
+      self.init_cache(0, 0)  # raises: an encoder has no generation cache
     bridge_BTD, last, aux = self.encode(tokens_BT, pos_BT, seg_BT)
     x_BTD = bridge_BTD
     if self.num_stages > 1:
@@ -191,7 +191,20 @@ class FunnelEncoder(nnx.Module):
         last, seg_BT, self.factor ** (self.num_stages - 1)
       )
     x_BTD, dec_aux = self.decoder(x_BTD, pos_BT, seg_BT)
-    return self._logits(x_BTD), stack._combine_aux([aux, dec_aux])
+    return self.logits(x_BTD), stack.combine_aux([aux, dec_aux])
+
+  def stacks(self):
+    return (*self.stages.values(), self.decoder)
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    raise ValueError(
+      "model.kind='funnel_encoder' is bidirectional (every token sees the "
+      "tokens after it): it cannot generate; generation needs a causal "
+      "model (decoder or hourglass)"
+    )
+
+  def cache_bytes_per_token(self) -> list[int]:
+    return self.init_cache(0, 0)
 
   def embed_documents(self, tokens_BT, pos_BT, seg_BT):
     """One vector per document: [B, N, D] float32, N = the last stage's
@@ -211,6 +224,3 @@ class FunnelEncoder(nnx.Module):
     count_BN1 = onehot_BNS.sum(-1)[..., None]
     mean_BND = sum_BND / jnp.maximum(count_BN1, 1.0)
     return jnp.where(count_BN1 > 0, self.doc_norm(mean_BND), 0.0)
-
-  def _logits(self, x_BTD):
-    return output_logits(self, x_BTD)

@@ -32,7 +32,8 @@ document packed at an index that is a multiple of k gives exactly the
 outputs it gives alone (tests/test_hourglass.py); at other offsets its
 first group is cut differently.
 
-Generation (`init_cache` / `step`, as generate.py drives them). Full-length
+Generation (`init_cache`, then calls with `cache=`, as generate.py drives
+them). Full-length
 layers cache per token. The shortened layers cache one row per slot, written
 when the slot's group completes (a position p with p % k == 0); the cache
 also keeps a rolling buffer of the last k pre-layer outputs h (to pool the
@@ -41,7 +42,7 @@ positions after its slot). A step over T > 1 tokens is a prefill on an
 empty cache with index == position (generate.py's prefill); T == 1 is a
 decode step at any position, and the shortened layers run in it only when
 some row completes a group. Their full caches have ceil(max_len / k) rows
-(the slot at position jk in row j: `Attention.cache_stride`); a sliding-
+(the slot at position jk in row j: the plan gives those layers stride k); a sliding-
 window kind keeps its rolling buffer of `window` rows keyed by position,
 of which about window / k hold slots.
 """
@@ -58,17 +59,20 @@ from efficient_lm.config import ModelConfig
 from efficient_lm.models import cache as cache_lib
 from efficient_lm.models import stack
 from efficient_lm.models.attention import Tokens
-from efficient_lm.models.layers import Embed, RMSNorm, param
-from efficient_lm.models.transformer import DTYPES, Block, output_logits
+from efficient_lm.models.block import Block
+from efficient_lm.models.lm import LanguageModel
 from efficient_lm.sharding import BTD, constrain
 
 
 def layer_plan(cfg: ModelConfig) -> tuple[stack.LayerSpec, ...]:
-  """The decoder's plan with the shortened layers at stage 1 (their
-  sequence is seq_len / factor)."""
+  """The decoder's plan with the shortened layers at stage 1: their
+  sequence is seq_len / factor, rows (slots) factor positions apart."""
   pre, short, _ = cfg.funnel.stages
+  k = cfg.funnel.factor
   return tuple(
-    dataclasses.replace(spec, stage=int(pre <= i < pre + short))
+    dataclasses.replace(spec, stage=1, stride=k, kv_stride=k)
+    if pre <= i < pre + short
+    else spec
     for i, spec in enumerate(stack.layer_plan(cfg, causal=True))
   )
 
@@ -112,58 +116,57 @@ def upsample(d_BND, slot_seg_BN, seg_BT, factor: int):
   return constrain(jnp.where(same_BT[..., None], d_BTD, 0), BTD)
 
 
-class Hourglass(nnx.Module):
+class Hourglass(LanguageModel):
   """Causal funnel decoder: tokens, positions, segment ids -> (logits,
   aux). `shift=False` drops the k - 1 shift: that model leaks the future
   and exists only for the test that shows it."""
 
   def __init__(
-    self, cfg: ModelConfig, rngs: nnx.Rngs, *, shift: bool = True, block=None
+    self,
+    cfg: ModelConfig,
+    rngs: nnx.Rngs,
+    *,
+    shift: bool = True,
+    block=None,
   ):
     block = Block if block is None else block
-    pdt = DTYPES[cfg.param_dtype]
-    self.dtype = DTYPES[cfg.dtype]
+    self.init_embedding_and_head(cfg, rngs)
     self.factor = cfg.funnel.factor
     self.shift = shift
     self.embed_dim = cfg.embed_dim
     pre, short, _ = cfg.funnel.stages
-    plan = layer_plan(cfg)
-    self.embed = Embed(
-      cfg.vocab_size, cfg.embed_dim, rngs=rngs, param_dtype=pdt
-    )
+    plan = self.layer_plan(cfg)
 
-    def make(specs, stride=1):
-      def make_block(spec, r):
-        blk = block(cfg, spec, r)
-        if stride > 1 and hasattr(blk, "attn"):
-          # Slots sit `stride` positions apart: one full-cache row each.
-          blk.attn.cache_stride = stride
-        return blk
-
+    def make(specs):
       return stack.Stack(
-        specs, make_block, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
+        specs,
+        lambda spec, r: block(cfg, spec, r),
+        rngs=rngs,
+        scan=cfg.scan_layers,
+        remat=cfg.remat,
       )
 
     self.pre = make(plan[:pre])
-    self.short = make(plan[pre : pre + short], stride=self.factor)
+    self.short = make(plan[pre : pre + short])
     self.post = make(plan[pre + short :])
-    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.head_DV = (
-      None
-      if cfg.tie_embeddings
-      else param(
-        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt
-      )
-    )
 
-  def __call__(self, tokens_BT, pos_BT, seg_BT, *, causal_routing=False):
+  layer_plan = staticmethod(layer_plan)
+
+  def __call__(
+    self, tokens_BT, pos_BT, seg_BT, *, cache=None, causal_routing=False
+  ):
+    """-> (logits, aux); with `cache` the generation step over T new
+    tokens -> (logits, aux, new cache): T > 1 is a prefill on an empty
+    cache (index == position), T == 1 a decode step."""
+    if cache is not None:
+      return self._generate_step(tokens_BT, pos_BT, seg_BT, cache)
     x_BTD, aux = self.hidden(
-      self.embed(tokens_BT, self.dtype),
+      self.embed_tokens(tokens_BT),
       pos_BT,
       seg_BT,
       causal_routing=causal_routing,
     )
-    return self._logits(x_BTD), aux
+    return self.logits(x_BTD), aux
 
   def hidden(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
     """Embedded tokens -> (last layer's output, aux): the model between
@@ -179,28 +182,19 @@ class Hourglass(nnx.Module):
     x_BTD, aux_post = self.post(
       x_BTD, pos_BT, seg_BT, causal_routing=causal_routing
     )
-    return x_BTD, _merge_aux(aux_pre, aux_short, aux_post)
-
-  def _logits(self, x_BTD):
-    return output_logits(self, x_BTD)
+    return x_BTD, stack.combine_aux([aux_pre, aux_short, aux_post])
 
   # -------------------------------------------------------------- generation
 
-  def _stacks(self):
+  def stacks(self):
     return (self.pre, self.short, self.post)
-
-  def max_positions(self) -> int | None:
-    limits = [
-      n for n in (s.max_positions() for s in self._stacks()) if n is not None
-    ]
-    return min(limits) if limits else None
 
   def cache_bytes_per_token(self) -> list[int]:
     """Each layer's cache bytes per token, in layer order: a shortened
     layer caches one row per `factor` tokens (rounded down)."""
     return [
       n // stride
-      for s, stride in zip(self._stacks(), (1, self.factor, 1))
+      for s, stride in zip(self.stacks(), (1, self.factor, 1))
       for n in s.cache_bytes_per_token(self.dtype)
     ]
 
@@ -220,27 +214,27 @@ class Hourglass(nnx.Module):
       ),
     }
 
-  def step(self, tokens_BT, pos_BT, seg_BT, cache):
+  def _generate_step(self, tokens_BT, pos_BT, seg_BT, cache):
     """(logits_BTV, aux, cache) for T new tokens: T > 1 is a prefill on an
     empty cache (index == position), T == 1 a decode step."""
     if not self.shift:
       raise ValueError(
         "the no-shift hourglass is not causal; it cannot generate"
       )
-    x_BTD = self.embed(tokens_BT, self.dtype)
-    h_BTD, aux_pre, pre_c = self.pre.step(x_BTD, pos_BT, seg_BT, cache["pre"])
+    x_BTD = self.embed_tokens(tokens_BT)
+    h_BTD, aux_pre, pre_c = self.pre(x_BTD, pos_BT, seg_BT, cache=cache["pre"])
     if tokens_BT.shape[1] == 1:
       u_BTD, aux_short, short_c = self._decode_valley(
         h_BTD, pos_BT, seg_BT, cache
       )
     else:
       p = shorten(h_BTD, pos_BT, seg_BT, self.factor)
-      s_BND, aux_short, short_c = self.short.step(
-        p.x_BTD, p.pos_BT, p.seg_BT, cache["short"]
+      s_BND, aux_short, short_c = self.short(
+        p.x_BTD, p.pos_BT, p.seg_BT, cache=cache["short"]
       )
       u_BTD = upsample(s_BND - p.x_BTD, p.seg_BT, seg_BT, self.factor)
-    x_BTD, aux_post, post_c = self.post.step(
-      h_BTD + u_BTD, pos_BT, seg_BT, cache["post"]
+    x_BTD, aux_post, post_c = self.post(
+      h_BTD + u_BTD, pos_BT, seg_BT, cache=cache["post"]
     )
     k = self.factor
     rows = {"pos": pos_BT.astype(jnp.int32), "seg": seg_BT.astype(jnp.int32)}
@@ -256,8 +250,8 @@ class Hourglass(nnx.Module):
       ),
     }
     return (
-      self._logits(x_BTD),
-      _merge_aux(aux_pre, aux_short, aux_post),
+      self.logits(x_BTD),
+      stack.combine_aux([aux_pre, aux_short, aux_post]),
       cache,
     )
 
@@ -287,8 +281,8 @@ class Hourglass(nnx.Module):
     slot_seg_B1 = jnp.where(complete_B1, seg_B1, 0)
 
     def run(short_cache):
-      s_B1D, aux, short_cache = self.short.step(
-        pooled_B1D, pos_B1, slot_seg_B1, short_cache
+      s_B1D, aux, short_cache = self.short(
+        pooled_B1D, pos_B1, slot_seg_B1, cache=short_cache
       )
       return s_B1D - pooled_B1D, aux, short_cache
 
@@ -308,16 +302,3 @@ class Hourglass(nnx.Module):
     old_B1D = jnp.where(same_slot_B1[..., None], last["d"], 0)
     u_B1D = jnp.where(complete_B1[..., None], new_B1D, old_B1D)
     return u_B1D.astype(h_B1D.dtype), aux, short_c
-
-
-def _merge_aux(*auxes: dict) -> dict:
-  """The three stacks' aux dicts: losses summed, diagnostics averaged
-  over the stacks that report them."""
-  sums, counts = {}, {}
-  for aux in auxes:
-    for key, v in aux.items():
-      sums[key] = sums.get(key, 0.0) + v
-      counts[key] = counts.get(key, 0) + 1
-  return {
-    k: v if k.startswith("loss/") else v / counts[k] for k, v in sums.items()
-  }

@@ -14,6 +14,9 @@ from flax import nnx
 
 from efficient_lm.sharding import BTD, BTF, constrain
 
+# The dtypes a config names (model.dtype, model.param_dtype).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 class ModelState(nnx.Variable):
   """Non-trainable model state: variables a model updates in its forward
@@ -85,6 +88,11 @@ class SwiGLU(nnx.Module):
     self.down_FD = param(
       rngs, (hidden, dim), ("mlp", "embed"), out_std, param_dtype
     )
+
+  @staticmethod
+  def flops(dim: int, hidden: int) -> float:
+    """Matmul FLOPs per token: gate, up and down projections."""
+    return 2.0 * 3 * dim * hidden
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = x_BTD.dtype

@@ -19,7 +19,7 @@ the absorbed form below L = C + R is the width of the one shared key.
 Training uses this naive (decompressed) form through `kernels.attention`
 as ordinary multi-head attention with q/k head dim K and value head dim E.
 
-Generation (`step`) caches only c and kr, C + R numbers per token and
+Generation (a call with a cache) caches only c and kr, C + R numbers per token and
 layer, and uses the absorbed form: W_UK moves to the query side and W_UV
 after the softmax,
 
@@ -101,8 +101,6 @@ class MLAttention(nnx.Module):
   `head_dim` only sets the widths left at 0 in `cfg` (`resolve_dims`).
   """
 
-  cache_stride: int = 1  # as attention.Attention.cache_stride
-
   def __init__(
     self,
     *,
@@ -118,6 +116,7 @@ class MLAttention(nnx.Module):
     out_std: float,
     norm_eps: float,
     scale: float | None = None,
+    cache_stride: int = 1,
   ):
     del num_kv_heads
     d, h = embed_dim, num_heads
@@ -156,6 +155,7 @@ class MLAttention(nnx.Module):
     self.soft_cap = cfg.logits_soft_cap
     self.impl = cfg.impl
     self.cfg = cfg
+    self.cache_stride = cache_stride  # as attention.Attention's
 
   def _queries(self, q: Tokens) -> tuple[jax.Array, jax.Array]:
     """(no-rope part [B, T, H, N], rotated rope part [B, T, H, R])."""
@@ -205,7 +205,29 @@ class MLAttention(nnx.Module):
       attend, (BTHK, kv_names, kv_names, BT, BT, BT, BT), BTHK
     )(q_BTHK, k_BSGK, v_BSGE, q.pos_BT, kv_pos_BS, q.seg_BT, kv_seg_BS)
 
-  def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
+  @staticmethod
+  def projection_flops(
+    embed_dim: int, num_heads: int, dims: MLADims
+  ) -> tuple[float, float]:
+    """Matmul FLOPs of training's naive form (per query token: the query
+    path and the output projection; per key token: every token's latent
+    decompressed into the keys and values of all heads, and the shared
+    rope key)."""
+    d, h = embed_dim, num_heads
+    c, q, r, n, e = dims
+    query = d * q + q * h * (n + r) if q else d * h * (n + r)
+    return 2.0 * (query + h * e * d), 2.0 * (d * (c + r) + c * h * (n + e))
+
+  def __call__(
+    self, q: Tokens, kv: Tokens | None = None, *, cache: dict | None = None
+  ):
+    """As `attention.Attention.__call__`: training runs the naive
+    (decompressed) form; with `cache` (generation) the absorbed form over
+    the cached latents, returning (out, new cache)."""
+    if cache is not None:
+      if kv is not None:
+        raise ValueError("MLA generation is self-attention only (kv=None)")
+      return self._absorbed(q, cache)
     kv = q if kv is None else kv
     dt = q.x_BTD.dtype
     qn_BTHN, qr_BTHR = self._queries(q)
@@ -235,9 +257,9 @@ class MLAttention(nnx.Module):
       {"c": ((c,), dtype), "kr": ((r,), dtype)},
     )
 
-  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
+  def _absorbed(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens over the cache and themselves, in the absorbed form
-    (module docstring); equals `__call__` on the whole sequence."""
+    (module docstring); equals the naive form on the whole sequence."""
     slots = cache_slots(
       self.cfg, None, num_slots=cache["pos"].shape[1], stride=self.cache_stride
     )

@@ -51,7 +51,6 @@ tokens) attend over those.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -60,139 +59,22 @@ from flax import nnx
 
 import kernels
 from efficient_lm.config import ModelConfig, RoutingConfig
-from efficient_lm.models import cache as cache_lib
-from efficient_lm.models import stack
-from efficient_lm.models.attention import Tokens, cache_slots
+from efficient_lm.models import routing, stack
+from efficient_lm.models.block import layer_flops, projection_flops
 from efficient_lm.models.layers import ModelState, param
 from efficient_lm.sharding import BTD, constrain
-
-# floor(c * n) is taken with this slack so that c = 2/3 of 6 tokens is 4.
-_FLOOR_EPS = 1e-6
 
 
 # ------------------------------------------------------------- the schemes
 
 
-def recursed_layers(sharing: str, num_layers: int) -> int:
-  """Virtual layers inside the recursion (all, or all but first/last)."""
-  return num_layers - 2 if sharing.startswith("middle_") else num_layers
-
-
-def fits(sharing: str, num_layers: int, num_recursions: int) -> bool:
-  m = recursed_layers(sharing, num_layers)
-  return num_recursions >= 1 and m >= num_recursions and m % num_recursions == 0
-
-
 def layer_map(
   sharing: str, num_layers: int, num_recursions: int
 ) -> tuple[int, ...]:
-  """Unique layer used by each virtual layer (METHODS.md §1.1): cycle
-  l -> l mod D; sequence l -> l // N_r; middle_*: the first layer is 0, the
-  last D + 1, the middle ones 1 + (cycle or sequence map of l - 1)."""
-  if not fits(sharing, num_layers, num_recursions):
-    raise ValueError(
-      f"model.num_layers={num_layers} does not fit sharing={sharing!r} with "
-      f"num_recursions={num_recursions}"
-    )
-  m = recursed_layers(sharing, num_layers)
-  d = m // num_recursions
-  if sharing.endswith("cycle"):
-    inner = [i % d for i in range(m)]
-  else:
-    inner = [i // num_recursions for i in range(m)]
-  if sharing.startswith("middle_"):
-    return (0, *[1 + u for u in inner], d + 1)
-  return tuple(inner)
-
-
-def capacities(r: RoutingConfig) -> tuple[float, ...]:
-  """c_r per step; default (N_r - r + 1) / N_r."""
-  n = r.num_recursions
-  return tuple(r.capacities) or tuple((n - i) / n for i in range(n))
-
-
-def capacity_tokens(c: float, n):
-  """k = max(1, floor(c * n)) for a Python int or an int array."""
-  if isinstance(n, int):
-    return max(1, math.floor(c * n + _FLOOR_EPS))
-  return jnp.maximum(1, jnp.floor(c * n + _FLOOR_EPS).astype(jnp.int32))
-
-
-# ---------------------------------------------------- gather and selection
-
-
-def _take(a_BT, idx_BK):
-  """a[b, idx[b, k]] for [B, T] or [B, T, D] arrays."""
-  if a_BT.ndim == 2:
-    return jnp.take_along_axis(a_BT, idx_BK, axis=1)
-  return jnp.take_along_axis(a_BT, idx_BK[..., None], axis=1)
-
-
-def _scatter(x_BTD, idx_BK, ok_BK, new_BKD):
-  """x with rows idx[b, k] (where ok) replaced by new; others untouched."""
-  t = x_BTD.shape[1]
-  idx = jnp.where(ok_BK, idx_BK, t)  # t: dropped
-  return jax.vmap(lambda d, i, s: d.at[i].set(s.astype(d.dtype), mode="drop"))(
-    x_BTD, idx, new_BKD
-  )
-
-
-def top_k_selection(z_BT, cand_BT, n_valid_B, c: float):
-  """Expert-choice selection of one step: per row the top
-  k = min(max(1, floor(c * n_valid)), |candidates|) candidates by z.
-
-  Returns (idx_BK int32 ascending, ok_BK, chosen_BT): K = max(1, floor(c *
-  T)) slots, the first k of each row real token indices in ascending order,
-  the rest `ok = False` (index clipped to T - 1 for gathering)."""
-  t = z_BT.shape[1]
-  kk = capacity_tokens(c, t)
-  k_B = jnp.minimum(capacity_tokens(c, n_valid_B), cand_BT.sum(1))
-  score = jnp.where(cand_BT, z_BT, -jnp.inf)
-  _, top_BK = jax.lax.top_k(score, kk)
-  keep = jnp.arange(kk)[None] < k_B[:, None]
-  idx_BK = jnp.sort(jnp.where(keep, top_BK, t), axis=1).astype(jnp.int32)
-  ok_BK = idx_BK < t
-  chosen = jax.vmap(
-    lambda i: jnp.zeros((t,), bool).at[i].set(True, mode="drop")
-  )(jnp.where(ok_BK, idx_BK, t))
-  return jnp.minimum(idx_BK, t - 1), ok_BK, chosen
-
-
-def _bce(z, target, where):
-  """Mean BCE-with-logits over `where` (float32)."""
-  per = jnp.maximum(z, 0) - z * target + jnp.log1p(jnp.exp(-jnp.abs(z)))
-  return jnp.sum(per * where) / jnp.maximum(jnp.sum(where), 1)
-
-
-# ------------------------------------------------------------- one layer
-
-
-def shared_kv_layer(block, x_BTD, pos_BT, seg_BT, *, rows=None, cache=None):
-  """A decoder Block whose attention may read given K/V rows (recursive
-  sharing). rows=None: the layer attends over its own K/V (and `cache`,
-  which it extends); returns (x, the rows it attended, new cache)."""
-  attn = block.attn
-  h_BTD = block.attn_norm(x_BTD)
-  t = Tokens(h_BTD, pos_BT, seg_BT)
-  q_BTHK, k_BTGK, v_BTGK = attn._project(t, t)
-  new_cache = cache
-  if rows is None:
-    rows = {
-      "k": k_BTGK,
-      "v": v_BTGK,
-      "pos": pos_BT.astype(jnp.int32),
-      "seg": seg_BT.astype(jnp.int32),
-    }
-    if cache is not None:
-      slots = cache_slots(attn.cfg, None, num_slots=cache["pos"].shape[1])
-      new_cache = cache_lib.write(cache, rows, slots)
-      rows = cache_lib.concat(cache, rows)
-  a_BTD = attn._attend(
-    q_BTHK, rows["k"], rows["v"], pos_BT, rows["pos"], seg_BT, rows["seg"]
-  )
-  x_BTD = x_BTD + a_BTD
-  x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
-  return constrain(x_BTD, BTD), rows, new_cache
+  """Unique layer used by each virtual layer (METHODS.md §1.1): the
+  config's rule, `RoutingConfig.layer_map`."""
+  r = RoutingConfig(kind="mor", sharing=sharing, num_recursions=num_recursions)
+  return r.layer_map(num_layers)
 
 
 # ------------------------------------------------------------ the module
@@ -214,16 +96,16 @@ class Recursions(nnx.Module):
     self.update = r.update_rule
     self.kv = r.kv
     self.alpha = r.alpha
-    self.capacities = capacities(r)
+    self.capacities = r.resolved_capacities
     self.aux_loss_weight = r.aux_loss_weight
     self.router_z_loss = r.router_z_loss
     self.balancing = r.balancing
     self.balancing_weight = r.balancing_weight
     self.bias_rate = r.bias_rate
     plan = stack.layer_plan(cfg, causal=True)
-    mapping = layer_map(r.sharing, cfg.num_layers, n)
-    middle = r.sharing.startswith("middle_")
-    self.depth = recursed_layers(r.sharing, cfg.num_layers) // n
+    mapping = r.layer_map(cfg.num_layers)
+    middle = r.unique_ends
+    self.depth = r.recursion_depth(cfg.num_layers)
     # Each unique layer takes the spec of its first use (validation checks
     # that all uses agree).
     spec_of = {}
@@ -258,27 +140,18 @@ class Recursions(nnx.Module):
   def _shared(self, x_BTD, pos_BT, seg_BT, step: int, rows, caches):
     """The D shared layers on one step's tokens. recursion_wise: attention
     among these tokens (and `caches[j]` if given); recursive_sharing: step 0
-    attends over its own K/V and returns them as `rows`, later steps attend
-    over `rows`. -> (x, auxes, rows, new caches)."""
+    attends over its own K/V (and cache) and returns those rows as `rows`,
+    later steps attend over `rows`. -> (x, auxes, rows, new caches)."""
     auxes, out_rows, new_caches = [], [], []
     for j, blk in enumerate(self.shared):
       cache = None if caches is None else caches[j]
-      if self.kv == "recursion_wise":
-        if cache is None:
-          x_BTD, aux = blk(x_BTD, pos_BT, seg_BT)
-        else:
-          x_BTD, aux, cache = blk.step(x_BTD, pos_BT, seg_BT, cache)
-        auxes.append(aux)
+      if self.kv == "recursive_sharing" and step > 0:
+        x_BTD, aux = blk(x_BTD, pos_BT, seg_BT, rows=rows[j])
       else:
-        x_BTD, rj, cache = shared_kv_layer(
-          blk,
-          x_BTD,
-          pos_BT,
-          seg_BT,
-          rows=None if step == 0 else rows[j],
-          cache=cache,
-        )
-        out_rows.append(rj)
+        if self.kv == "recursive_sharing":
+          out_rows.append(blk.kv_rows(x_BTD, pos_BT, seg_BT, cache))
+        x_BTD, aux, cache = stack.call(blk, x_BTD, pos_BT, seg_BT, cache)
+      auxes.append(aux)
       new_caches.append(cache)
     return x_BTD, auxes, (out_rows if step == 0 else rows), new_caches
 
@@ -308,7 +181,7 @@ class Recursions(nnx.Module):
         self.router_DN[:, r].astype(jnp.float32),
       )
       g_BT = self.alpha * jax.nn.sigmoid(z_BT)
-      idx, ok, top = top_k_selection(z_BT, active, n_valid, c)
+      idx, ok, top = routing.top_k_selection(z_BT, active, n_valid, c)
       if causal:
         chosen = active & ((z_BT > 0) | (c >= 1.0))
         agree += jnp.sum((chosen == top) & active) / jnp.maximum(
@@ -318,13 +191,13 @@ class Recursions(nnx.Module):
         ok = chosen
       else:
         chosen = top
-      bce += _bce(z_BT, top.astype(jnp.float32), active.astype(jnp.float32))
+      bce += routing.bce(z_BT, top, active)
       zl += jnp.sum(jnp.square(z_BT) * active) / jnp.maximum(active.sum(), 1)
-      xs = _take(x_BTD, idx)
-      ss = jnp.where(ok, _take(seg_BT, idx), 0)
+      xs = routing.gather(x_BTD, idx)
+      ss = jnp.where(ok, routing.gather(seg_BT, idx), 0)
       y, a, rows, cs = self._shared(
         xs,
-        _take(pos_BT, idx),
+        routing.gather(pos_BT, idx),
         ss,
         r,
         rows,
@@ -333,7 +206,10 @@ class Recursions(nnx.Module):
       auxes += a
       new_caches.append(cs)
       x_BTD = constrain(
-        _scatter(x_BTD, idx, ok, self._combine(xs, y, _take(g_BT, idx))), BTD
+        routing.scatter(
+          x_BTD, idx, self._combine(xs, y, routing.gather(g_BT, idx)), ok
+        ),
+        BTD,
       )
       active = chosen
       if decisions is not None:
@@ -408,17 +284,45 @@ class Recursions(nnx.Module):
 
   # ----------------------------------------------------------- interface
 
-  def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
-    auxes = []
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache=None, causal_routing=False
+  ):
+    """The first layer, the routed recursions, the last layer -> (x, aux),
+    or (x, aux, new cache) with a `cache` (generation: routing always
+    causal). Cache: {"first", "last"} for the unique ends and "steps": per
+    step r a list of the shared layers' caches (recursion_wise), or
+    "shared": the shared layers' step-1 caches (recursive_sharing)."""
+    causal = causal_routing or cache is not None
+    get = (lambda key: None) if cache is None else cache.get
+    auxes, new = [], {}
     if self.first is not None:
-      x_BTD, a = self.first(x_BTD, pos_BT, seg_BT)
+      x_BTD, a, new["first"] = stack.call(
+        self.first, x_BTD, pos_BT, seg_BT, get("first")
+      )
       auxes.append(a)
-    x_BTD, aux, a, _ = self._route(x_BTD, pos_BT, seg_BT, causal_routing)
+    if cache is None:
+      caches = None
+    elif self.kv == "recursion_wise":
+      caches = cache["steps"]
+    else:
+      caches = [cache["shared"]] + [None] * (self.num_recursions - 1)
+    x_BTD, aux, a, new_caches = self._route(
+      x_BTD, pos_BT, seg_BT, causal, caches
+    )
     auxes += a
     if self.last is not None:
-      x_BTD, a = self.last(x_BTD, pos_BT, seg_BT)
+      x_BTD, a, new["last"] = stack.call(
+        self.last, x_BTD, pos_BT, seg_BT, get("last")
+      )
       auxes.append(a)
-    return x_BTD, {**stack._combine_aux(auxes), **aux}
+    aux = {**stack.combine_aux(auxes), **aux}
+    if cache is None:
+      return x_BTD, aux
+    if self.kv == "recursion_wise":
+      new["steps"] = new_caches
+    else:
+      new["shared"] = new_caches[0]
+    return x_BTD, aux, new
 
   def routing_decisions(self, x_BTD, pos_BT, seg_BT) -> dict[str, jax.Array]:
     """{"recursion step r": [B, T] bool}: the tokens step r processes under
@@ -428,34 +332,6 @@ class Recursions(nnx.Module):
     decisions = []
     self._route(x_BTD, pos_BT, seg_BT, True, decisions=decisions)
     return {f"recursion step {r + 1}": d for r, d in enumerate(decisions)}
-
-  def step(self, x_BTD, pos_BT, seg_BT, cache: dict):
-    """`__call__` with causal routing over caches: (x, aux, new cache).
-    Cache: {"first", "last"} for the unique ends and "steps": per step r a
-    list of the shared layers' caches (recursion_wise), or "shared": the
-    shared layers' step-1 caches (recursive_sharing)."""
-    auxes, new = [], {}
-    if self.first is not None:
-      x_BTD, a, new["first"] = self.first.step(
-        x_BTD, pos_BT, seg_BT, cache["first"]
-      )
-      auxes.append(a)
-    if self.kv == "recursion_wise":
-      caches = cache["steps"]
-    else:
-      caches = [cache["shared"]] + [None] * (self.num_recursions - 1)
-    x_BTD, aux, a, new_caches = self._route(x_BTD, pos_BT, seg_BT, True, caches)
-    auxes += a
-    if self.kv == "recursion_wise":
-      new["steps"] = new_caches
-    else:
-      new["shared"] = new_caches[0]
-    if self.last is not None:
-      x_BTD, a, new["last"] = self.last.step(
-        x_BTD, pos_BT, seg_BT, cache["last"]
-      )
-      auxes.append(a)
-    return x_BTD, {**stack._combine_aux(auxes), **aux}, new
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     def layers():
@@ -501,3 +377,40 @@ class Recursions(nnx.Module):
         for b in ([] if self.last is None else [self.last])
       ]
     )
+
+  @staticmethod
+  def flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward matmul FLOPs per token, summed over the layer applications:
+    a step's application runs on the K_r = max(1, floor(c_r T)) gathered
+    tokens (expert-choice training) or all T (token-choice: masked, so its
+    FLOPs are the full depth's). Recursion-wise attention is among the
+    step's tokens (visible: causal over them as one document); recursive
+    sharing attends a later step's queries over the step-1 keys of all T,
+    which it does not project again. The router: one [D, N_r] matmul."""
+    r = cfg.routing
+    t, d = seq_len, cfg.embed_dim
+    plan = stack.layer_plan(cfg, causal=True)
+    mapping = r.layer_map(cfg.num_layers)
+    middle = r.unique_ends
+    depth = r.recursion_depth(cfg.num_layers)
+    parts = [layer_flops(d, plan[0], t, t, t)] if middle else []
+    off = 1 if middle else 0
+    for step, c in enumerate(r.resolved_capacities):
+      n = (
+        routing.capacity_tokens(c, t, minimum=1)
+        if r.router == "expert_choice"
+        else t
+      )
+      for j in range(depth):
+        spec = plan[mapping.index(off + j)]
+        if r.kv == "recursive_sharing" and step > 0:
+          part = layer_flops(d, spec, t, n, t)
+          part["attention_proj"] = n * projection_flops(d, spec)[0] / t
+        else:
+          part = layer_flops(d, spec, t, n, n)
+        parts.append(part)
+    if middle:
+      parts.append(layer_flops(d, plan[-1], t, t, t))
+    terms = {k: sum(p[k] for p in parts) for k in parts[0]}
+    terms["router"] = 2.0 * d * r.num_recursions
+    return terms

@@ -1,7 +1,8 @@
 """The layer stack: a static layer plan, stacked parameters, scans.
 
 `layer_plan(cfg)` gives one `LayerSpec` per layer (its attention, whether it
-is causal, and room for what routing and funnels add). `segments(plan)`
+is causal, its own shapes, the positions between its rows, and what routing
+and funnels add). `segments(plan)`
 groups the plan for compilation:
 
   * a plan that repeats a pattern, `(A, B) * n` (or `(A,) * n`), is one
@@ -17,8 +18,9 @@ the same seed gives the same parameters either way and checkpoints move
 between the two. `remat` wraps each scanned body.
 
 A block is called `block(x_BTD, pos_BT, seg_BT) -> (x_BTD, aux)`, `aux` a
-dict of float32 scalars; a routed block (`spec.routed`, mixture-of-depths)
-also takes `causal_routing=`. The stack sums `loss/*` entries over layers
+dict of float32 scalars, or with `cache=` (generation) -> (x_BTD, aux, new
+cache): one call path for training, prefill and decode (`call`). A routed
+block (`spec.routed`, mixture-of-depths) also takes `causal_routing=`. The stack sums `loss/*` entries over layers
 and averages the others (diagnostics) over the layers that report them; a
 key holding `{layer}` is reported per layer, named by the layer's index in
 the plan (`routing/mod_layer{layer}_fraction` -> `..._layer3_fraction`).
@@ -47,13 +49,25 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-  """What one layer is; equal specs share a scan."""
+  """What one layer is; equal specs share a scan. The layer plan of each
+  model kind sets every field once (no module re-derives them)."""
 
   attention: AttentionConfig  # this layer's kind; `pattern` resolved away
   causal: bool = True
-  # Reserved for the routing and funnel models: a routed block (MoD / MoR)
-  # and the funnel stage (sequence length = seq_len / factor**stage).
+  # This layer's own shapes (a pruned or imported model's layers differ):
+  # MLP width F, query heads H, kv heads G, head dim K.
+  mlp_dim: int = 0
+  num_heads: int = 0
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  # Positions between consecutive rows of the layer's queries (`stride`)
+  # and keys / values (`kv_stride`): 1 at full length; a funnel stage s or
+  # an hourglass's shortened layers run on rows factor**s positions apart.
+  stride: int = 1
+  kv_stride: int = 1
+  # A routed block (mixture-of-depths).
   routed: bool = False
+  # Funnel / hourglass stage (sequence length = seq_len / factor**stage).
   stage: int = 0
   # Funnel encoder: the first layer of a pooled stage, whose queries are
   # pooled and whose keys / values are the previous stage's sequence
@@ -76,18 +90,26 @@ def layer_plan(
   block counting from 1: layers i (0-based) with (i + 1) % every == 0, so
   every=2 gives dense, routed, dense, routed, ... (the paper's
   interleaving, the first block always dense unless every=1)."""
-  kinds = cfg.attention.pattern_kinds
-  every = cfg.routing.every if cfg.routing.kind == "mod" else 0
   return tuple(
     LayerSpec(
       attention=dataclasses.replace(
-        cfg.attention, kind=kinds[i % len(kinds)], pattern=""
+        cfg.attention, kind=cfg.attention.layer_kind(i), pattern=""
       ),
       causal=causal,
-      routed=bool(every) and (i + 1) % every == 0,
+      routed=cfg.routing.routes_layer(i),
+      **cfg.layer_shapes(i),
     )
     for i in range(cfg.num_layers)
   )
+
+
+def call(block, x_BTD, pos_BT, seg_BT, cache=None, **kwargs):
+  """block(x, pos, seg) -> (x, aux, new cache or None), a cache passed
+  only when there is one (a layer returns its cache when given one)."""
+  if cache is None:
+    x_BTD, aux = block(x_BTD, pos_BT, seg_BT, **kwargs)
+    return x_BTD, aux, None
+  return block(x_BTD, pos_BT, seg_BT, cache=cache, **kwargs)
 
 
 def segments(plan: tuple[LayerSpec, ...]) -> tuple[Segment, ...]:
@@ -125,7 +147,7 @@ def _name_layers(
   return out
 
 
-def _combine_aux(auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+def combine_aux(auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
   """Per-layer aux dicts (values may be stacked over repeats) -> scalars."""
   sums: dict[str, jax.Array] = {}
   counts: dict[str, int] = {}
@@ -184,8 +206,9 @@ class Stack(nnx.Module):
     causal_routing=False,
   ):
     """One segment's layers; with `caches` (one per pattern position,
-    stacked over repeats) each block runs `step` and the updated caches are
-    returned as well. Routed blocks also get `causal_routing`."""
+    stacked over repeats) each block reads and extends its cache and the
+    updated caches are returned as well. Routed blocks also get
+    `causal_routing`."""
     names = [f"layer_{j}" for j in range(len(seg.pattern))]
     split = [nnx.split(stacks[n], nnx.Param, ModelState) for n in names]
     graphdefs = [s[0] for s in split]
@@ -199,12 +222,18 @@ class Stack(nnx.Module):
         zip(graphdefs, layer_params, layer_states)
       ):
         block = nnx.merge(gd, p, st)
-        if layer_caches is None and seg.pattern[j].routed:
-          x, aux = block(x, pos_BT, seg_BT, causal_routing=causal_routing)
-        elif layer_caches is None:
-          x, aux = block(x, pos_BT, seg_BT)
-        else:
-          x, aux, c = block.step(x, pos_BT, seg_BT, layer_caches[j])
+        kwargs = {}
+        if seg.pattern[j].routed:
+          kwargs["causal_routing"] = causal_routing
+        x, aux, c = call(
+          block,
+          x,
+          pos_BT,
+          seg_BT,
+          None if layer_caches is None else layer_caches[j],
+          **kwargs,
+        )
+        if c is not None:
           new_caches.append(c)
         new_states.append(nnx.state(block, ModelState))
         auxes.append(aux)
@@ -236,20 +265,29 @@ class Stack(nnx.Module):
       first += seg.repeats * len(seg.pattern)
     return out
 
-  def __call__(self, x_BTD, pos_BT, seg_BT, *, causal_routing=False):
-    """`causal_routing` reaches the routed blocks (mixture-of-depths)."""
-    auxes = []
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache=None, causal_routing=False
+  ):
+    """The layers in order -> (x, aux), or (x, aux, new cache) when a
+    `cache` (from `init_cache`) is given: each block then reads and extends
+    its own. `causal_routing` reaches the routed blocks (mixture-of-depths;
+    with a cache their routing is always causal)."""
+    auxes, new_cache = [], {}
     for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
-      x_BTD, seg_auxes, _ = self._run_segment(
+      name = f"segment_{i}"
+      x_BTD, seg_auxes, new_cache[name] = self._run_segment(
         seg,
-        self.groups[f"segment_{i}"],
+        self.groups[name],
         x_BTD,
         pos_BT,
         seg_BT,
+        None if cache is None else cache[name],
         causal_routing=causal_routing,
       )
       auxes.extend(_name_layers(seg, first, seg_auxes))
-    return x_BTD, _combine_aux(auxes)
+    if cache is None:
+      return x_BTD, combine_aux(auxes)
+    return x_BTD, combine_aux(auxes), new_cache
 
   def routing_decisions(self, x_BTD, pos_BT, seg_BT) -> dict:
     """Each routed layer's causal decision (`block.decision`, bool [B, T])
@@ -324,15 +362,3 @@ class Stack(nnx.Module):
         )
       )
     return out
-
-  def step(self, x_BTD, pos_BT, seg_BT, cache: dict):
-    """Like `__call__`, each block attending over its cache, which it
-    updates: returns (x_BTD, aux, new cache)."""
-    auxes, new_cache = [], {}
-    for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
-      name = f"segment_{i}"
-      x_BTD, seg_auxes, new_cache[name] = self._run_segment(
-        seg, self.groups[name], x_BTD, pos_BT, seg_BT, cache[name]
-      )
-      auxes.extend(_name_layers(seg, first, seg_auxes))
-    return x_BTD, _combine_aux(auxes), new_cache

@@ -196,6 +196,7 @@ class TGlobalAttention(Attention):
     norm_eps: float,
     scale: float | None = None,
     stride: int = 1,
+    cache_stride: int = 1,
   ):
     if cfg.kind != "tglobal":
       raise ValueError(
@@ -213,6 +214,7 @@ class TGlobalAttention(Attention):
       param_dtype=param_dtype,
       out_std=out_std,
       scale=scale,
+      cache_stride=cache_stride,
     )
     self.summary_norm = RMSNorm(
       embed_dim, eps=norm_eps, param_dtype=param_dtype
@@ -226,9 +228,17 @@ class TGlobalAttention(Attention):
     """Summary keys of a call over seq_len tokens (module docstring)."""
     return seq_len * self.stride // self.block
 
-  def __call__(self, q: Tokens, kv: Tokens | None = None) -> jax.Array:
+  def __call__(
+    self, q: Tokens, kv: Tokens | None = None, *, cache: dict | None = None
+  ):
     """Self-attention; in a bidirectional layer `kv` may be another
-    sequence (pooled queries), whose blocks give the summaries."""
+    sequence (pooled queries), whose blocks give the summaries. With
+    `cache` (generation, causal layers): the step of METHODS.md §4.4,
+    returning (out, new cache)."""
+    if cache is not None:
+      if kv is not None:
+        raise ValueError("TGlobal generation is self-attention only")
+      return self._step(q, cache)
     if kv is not None and self.causal:
       raise ValueError(
         "causal TGlobalAttention is self-attention only; got "
@@ -236,11 +246,11 @@ class TGlobalAttention(Attention):
       )
     kv = q if kv is None else kv
     g = self.summaries(kv)
-    q_BTHK, k_BSGK, v_BSGK = self._project(q, _cat(kv, g))
+    rows = self.kv_rows(_cat(kv, g))
     return self._attend(
-      q_BTHK,
-      k_BSGK,
-      v_BSGK,
+      self.queries(q),
+      rows["k"],
+      rows["v"],
       q.pos_BT,
       jnp.concatenate([kv.pos_BT, g.pos_BT], 1),
       q.seg_BT,
@@ -316,12 +326,12 @@ class TGlobalAttention(Attention):
       },
     }
 
-  def step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
+  def _step(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
     """T >= 1 new tokens (positions increasing) over the cache: the
     carried partial block joins the new tokens as one row standing for
     its `count` tokens, so blocks completed in this call get their
     summaries here (visible only to later positions, as in `__call__`)."""
-    self._check_causal("step")
+    self._check_causal("generation")
     k, t, dt = self.block, x.x_BTD.shape[1], x.x_BTD.dtype
     part = cache["partial"]
     rows = Tokens(
@@ -346,7 +356,8 @@ class TGlobalAttention(Attention):
       s.pos_BN,
       s.seg_BN,
     )
-    q_BTHK, k_BSGK, v_BSGK = self._project(x, _cat(x, g))
+    kv = self.kv_rows(_cat(x, g))
+    k_BSGK, v_BSGK = kv["k"], kv["v"]
     new_local = {
       "k": k_BSGK[:, :t],
       "v": v_BSGK[:, :t],
@@ -362,7 +373,7 @@ class TGlobalAttention(Attention):
     local = cache_lib.concat(cache["local"], new_local)
     glob = cache_lib.concat(cache["global"], new_global)
     out = self._attend(
-      q_BTHK,
+      self.queries(x),
       constrain(jnp.concatenate([local["k"], glob["k"]], 1), BSGK),
       constrain(jnp.concatenate([local["v"], glob["v"]], 1), BSGK),
       x.pos_BT,
