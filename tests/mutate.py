@@ -274,6 +274,16 @@ MUTATIONS = [
     "-k",
     "optional_key",
   ),
+  # ---- issue #18: layers with their own shapes
+  _m(
+    "per_layer_shapes_ignored",
+    "efficient_lm/config/schema.py",
+    'return values[layer] if values else default',
+    "return default",
+    "tests/test_per_layer.py",
+    "-k",
+    "own_shapes",
+  ),
   _m(
     "config_embed_fsdp_unchecked",
     "efficient_lm/config/validation.py",
