@@ -11,10 +11,12 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from etils import epath
 from flax import nnx
 
@@ -22,9 +24,10 @@ from efficient_lm import data as data_lib
 from efficient_lm import models, paths, sharding
 from efficient_lm.config import Config, ConfigError
 from efficient_lm.models import flops as flops_lib
-from efficient_lm.training import console, losses, memory
+from efficient_lm.training import console, memory, optim
 from efficient_lm.training import metrics as metrics_lib
-from efficient_lm.training import optim, step as step_lib
+from efficient_lm.training import state as state_lib
+from efficient_lm.training import step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
 from efficient_lm.training.preemption import Preemption
 from efficient_lm.training.workdir import TOKENIZER, WorkdirLock, record_start
@@ -43,6 +46,7 @@ class Trainer:
   graphdef: nnx.GraphDef
   state_shardings: Any
   abstract_state: Any
+  optimizer: optax.GradientTransformation
   init_fn: Callable
   train_step: Callable
   eval_step: Callable
@@ -56,6 +60,16 @@ class Trainer:
     return self.flops["train"]
 
 
+def _fresh_state(optimizer, params, model_state) -> dict[str, Any]:
+  """The train state before step 1: a fresh optimizer state, step 0."""
+  return {
+    "params": params,
+    "model_state": model_state,
+    "opt_state": optimizer.init(params),
+    "step": jnp.zeros((), jnp.int32),
+  }
+
+
 def build_trainer(
   cfg: Config,
   devices=None,
@@ -63,63 +77,40 @@ def build_trainer(
   build_model: Callable = models.build,
   mask_id: int | None = None,
 ) -> Trainer:
-  """Model, shardings and jitted steps; no data and no I/O.
+  """Model, optimizer, shardings and jitted steps; no data and no I/O.
 
   `build_model(model_cfg, rngs)` makes the model (tests pass their own).
   `mask_id`: the tokenizer's (train.objective='mlm'); None builds the
   tokenizer of `cfg.data` to read it (the one I/O here, mlm only).
   """
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  # One seed, split once (DESIGN contract 6). Dropout / routing keys are
-  # reserved for the models that use them.
-  # The dropout key corrupts MLM batches (training/step.py).
-  k_params, k_data, k_noise, _k_routing = jax.random.split(
-    jax.random.key(cfg.train.seed), 4
+  model = state_lib.abstract_state(
+    cfg, sharding.make_mesh(cfg.mesh, devices), build_model=build_model
   )
-  data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
-
-  def make_model():
-    return build_model(cfg.model, nnx.Rngs(params=k_params))
-
-  graphdef, abstract_params, abstract_model_state = nnx.split(
-    nnx.eval_shape(make_model), nnx.Param, models.ModelState
-  )
+  mesh = model.mesh
   optimizer = optim.make_optimizer(
     cfg.train,
     decay_mask=optim.decay_mask(
-      abstract_params, decay_embeddings=cfg.train.decay_embeddings
+      model.param_vars, decay_embeddings=cfg.train.decay_embeddings
     ),
   )
-  schedule = optim.schedule(cfg.train)
   if cfg.train.objective == "mlm" and mask_id is None:
     mask_id = make_tokenizer(cfg).mask_id
-  objective = losses.make_objective(
-    cfg.train.objective,
-    z_loss=cfg.train.z_loss,
-    mlm_rate=cfg.train.mlm_rate,
-    mask_id=mask_id,
-  )
+  objective = state_lib.objective(cfg, mask_id)
 
   def init_fn():
     _, params, model_state = nnx.split(
-      make_model(), nnx.Param, models.ModelState
+      model.build(), nnx.Param, models.ModelState
     )
-    params = nnx.to_pure_dict(params)
-    return {
-      "params": params,
-      "model_state": nnx.to_pure_dict(model_state),
-      "opt_state": optimizer.init(params),
-      "step": jnp.zeros((), jnp.int32),
-    }
+    return _fresh_state(
+      optimizer, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+    )
 
-  param_sh = sharding.state_shardings(mesh, abstract_params)
   abstract = jax.eval_shape(init_fn)
   replicated = sharding.replicated(mesh)
   state_sh = {
-    "params": param_sh,
-    "model_state": sharding.state_shardings(mesh, abstract_model_state),
+    **model.shardings,
     "opt_state": sharding.optax_state_shardings(
-      optimizer, abstract["opt_state"], param_sh, mesh
+      optimizer, abstract["opt_state"], model.shardings["params"], mesh
     ),
     "step": replicated,
   }
@@ -128,37 +119,48 @@ def build_trainer(
     abstract,
     state_sh,
   )
-
-  batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
     sharding.under_mesh(
       mesh,
       step_lib.make_train_step(
-        graphdef, optimizer, schedule, objective, noise_key=k_noise
+        model.graphdef,
+        optimizer,
+        optim.schedule(cfg.train),
+        objective,
+        noise_key=model.keys.noise,
       ),
     ),
-    in_shardings=(state_sh, batch_sh),
+    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
     out_shardings=(state_sh, replicated),
     donate_argnums=(0,),
-  )
-  eval_step = jax.jit(
-    sharding.under_mesh(mesh, step_lib.make_eval_step(graphdef, objective)),
-    in_shardings=(param_sh, state_sh["model_state"], batch_sh),
-    out_shardings=replicated,
   )
   return Trainer(
     cfg=cfg,
     mesh=mesh,
-    graphdef=graphdef,
+    graphdef=model.graphdef,
     state_shardings=state_sh,
     abstract_state=abstract_state,
+    optimizer=optimizer,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
     train_step=train_step,
-    eval_step=eval_step,
+    eval_step=state_lib.jit_eval_step(model, objective),
     flops=flops_lib.flops_per_token(cfg.model, cfg.data.seq_len),
-    param_count=flops_lib.param_count(abstract_params, cfg.model),
-    data_seed=data_seed,
+    param_count=flops_lib.param_count(model.param_vars, cfg.model),
+    data_seed=model.keys.data_seed,
   )
+
+
+def start_state(t: Trainer, params: Any, model_state: Any) -> dict[str, Any]:
+  """The train state of a run that starts from `params` and `model_state`
+  (pure dicts shaped like `t.abstract_state`'s): those arrays as they are,
+  a freshly initialised optimizer state and step 0, placed by
+  `t.state_shardings`."""
+  sh = t.state_shardings
+  params = jax.device_put(params, sh["params"])
+  model_state = jax.device_put(model_state, sh["model_state"])
+  return jax.jit(
+    lambda p, s: _fresh_state(t.optimizer, p, s), out_shardings=sh
+  )(params, model_state)
 
 
 def make_tokenizer(cfg: Config):
