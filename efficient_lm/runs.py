@@ -20,7 +20,8 @@ import math
 import sys
 import time
 import typing
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from etils import epath
@@ -32,6 +33,7 @@ from efficient_lm import paths, sharding
 from efficient_lm.config import Config, ConfigError, DataConfig
 from efficient_lm.data import DataError, Tokenizer
 from efficient_lm.training import checkpoint, loop
+from efficient_lm.training import state as state_lib
 from efficient_lm.training.checkpoint import CheckpointError
 from efficient_lm.training.workdir import CONFIG, TOKENIZER
 
@@ -50,26 +52,23 @@ class LoadedRun:
 
   `config` is the checkpoint's config with the data overrides applied and
   a mesh fitted to this host; `tokenizer` the one the run trained with;
-  `step` the checkpoint's; `trainer` holds the mesh, graphdef and jitted
-  eval_step (there is no optimizer state: never call its train_step);
-  `params` and `model_state` are pure dicts sharded over its mesh.
+  `step` the checkpoint's; `params` and `model_state` are pure dicts
+  sharded over `mesh`; `eval_step` is the jitted evaluation step
+  (params, model_state, global batch) -> sums (training/step.py) and
+  `data_seed` the run's data seed. No optimizer and no train step are
+  built.
   """
 
   workdir: str
   config: Config
   tokenizer: Tokenizer
   step: int
-  trainer: loop.Trainer
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  eval_step: Callable
+  data_seed: int
   params: Any
   model_state: Any
-
-  @property
-  def mesh(self) -> jax.sharding.Mesh:
-    return self.trainer.mesh
-
-  @property
-  def graphdef(self) -> nnx.GraphDef:
-    return self.trainer.graphdef
 
   def model(self) -> nnx.Module:
     """The model with the restored parameters (a fresh module each call)."""
@@ -120,12 +119,13 @@ def load_run(
 
   def abstract_for(saved: dict[str, Any]):
     cfg = _fitted(saved, overrides, len(devices))
-    t = loop.build_trainer(cfg, devices[: cfg.mesh.size])
-    built.update(saved=saved, cfg=cfg, trainer=t)
-    return {k: t.abstract_state[k] for k in ("params", "model_state")}
+    mesh = sharding.make_mesh(cfg.mesh, devices[: cfg.mesh.size])
+    model = state_lib.abstract_state(cfg, mesh)
+    built.update(saved=saved, cfg=cfg, model=model)
+    return model.abstract
 
   step, _, state = checkpoint.read_latest(ckpt_dir, abstract_for)
-  cfg = built["cfg"]
+  cfg, model = built["cfg"], built["model"]
   # The run's own data config (before overrides) made its tokenizer.
   saved_data = config_lib.from_config_dict(built["saved"]).data
   tok = _tokenizer(workdir, saved_data)
@@ -139,10 +139,19 @@ def load_run(
     config=cfg,
     tokenizer=tok,
     step=step,
-    trainer=built["trainer"],
+    mesh=model.mesh,
+    graphdef=model.graphdef,
+    eval_step=state_lib.jit_eval_step(
+      model, state_lib.objective(cfg, tok.mask_id)
+    ),
+    data_seed=model.keys.data_seed,
     params=state["params"],
     model_state=state["model_state"],
   )
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
@@ -164,20 +173,20 @@ def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
       f"num_batches={num_batches}: expected >= 1 (or None: "
       "the whole eval split)"
     )
-  cfg, t = run.config, run.trainer
+  cfg = run.config
   state = {"params": run.params, "model_state": run.model_state}
   it = data_lib.make_iterator(
     cfg.data,
     "eval",
     global_batch_size=cfg.train.batch_size,
-    seed=t.data_seed,
+    seed=run.data_seed,
     tokenizer=run.tokenizer,
     num_epochs=1,
   )
   start = it.get_state()
   jax.block_until_ready(
-    t.eval_step(  # compile outside the timed pass
-      run.params, run.model_state, sharding.host_to_global(t.mesh, next(it))
+    run.eval_step(  # compile outside the timed pass
+      run.params, run.model_state, sharding.host_to_global(run.mesh, next(it))
     )
   )
   it.set_state(start)
@@ -194,15 +203,13 @@ def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
 
   t0 = time.perf_counter()
   metrics = loop.evaluate_batches(
-    t, state, counted(itertools.islice(it, num_batches))
+    run.eval_step, run.mesh, state, counted(itertools.islice(it, num_batches))
   )
   seconds = time.perf_counter() - t0
   loss = metrics.pop("eval_loss")
   tokens, num_bytes = count["tokens"], count["bytes"]
   return {
-    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
+    "time": _now(),
     "workdir": run.workdir,
     "step": run.step,
     "data_source": cfg.data.source,

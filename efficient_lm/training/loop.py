@@ -196,20 +196,23 @@ def evaluate(
 ) -> dict[str, float]:
   """Eval metrics over the same first `num_batches` batches each time."""
   it.set_state(start_state)
-  return evaluate_batches(t, state, (next(it) for _ in range(num_batches)))
+  return evaluate_batches(
+    t.eval_step, t.mesh, state, (next(it) for _ in range(num_batches))
+  )
 
 
 def evaluate_batches(
-  t: Trainer, state, batches: Iterable[dict]
+  eval_step: Callable, mesh: jax.sharding.Mesh, state, batches: Iterable[dict]
 ) -> dict[str, float]:
   """`eval_loss` (mean NLL per target token) and `eval_<name>` for the
-  model's aux entries (mean over batches) over the host `batches`."""
+  model's aux entries (mean over batches) over the host `batches`, by the
+  jitted `eval_step` (Trainer.eval_step, state.jit_eval_step) on `mesh`."""
   nll, tokens, aux, n = 0.0, 0.0, {}, 0
   for batch in batches:
-    out = t.eval_step(
+    out = eval_step(
       state["params"],
       state["model_state"],
-      sharding.host_to_global(t.mesh, batch),
+      sharding.host_to_global(mesh, batch),
     )
     out = jax.device_get(out)
     nll += float(out["nll_sum"])
