@@ -173,11 +173,8 @@ MUTATIONS = [
   _m(
     "loop_save_unchecked",
     "efficient_lm/training/loop.py",
-    "            or preempted):\n"
-    "          if pending is not None:\n"
-    "            read(pending)\n"
-    "            pending = None\n",
-    "            or preempted):\n",
+    "        log.flush()\n        log.sync()",
+    "        log.sync()",
     "tests/test_loop.py",
     "-k",
     "nan",
@@ -367,9 +364,9 @@ MUTATIONS = [
   ),
   _m(
     "loop_aux_not_window_mean",
-    "efficient_lm/training/loop.py",
-    "record = {**host, **aux_window.pop(),",
-    "record = {**host, **aux_window.pop(), **aux,",
+    "efficient_lm/training/train_log.py",
+    "        **self._aux.pop(),\n",
+    "        **self._aux.pop(),\n        **aux,\n",
     "tests/test_assembly.py",
     "-k",
     "trained_state",
@@ -453,7 +450,7 @@ MUTATIONS = [
   _m(
     "tokenizer_json_not_written",
     "efficient_lm/training/loop.py",
-    "    data_lib.save_tokenizer(tok, os.path.join(workdir, TOKENIZER))\n",
+    "    data_lib.save_tokenizer(tok, epath.Path(workdir) / TOKENIZER)\n",
     "",
     "tests/test_evaluate.py",
     "-k",
