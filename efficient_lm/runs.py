@@ -1,13 +1,16 @@
-"""A trained run, loaded read-only for evaluation and generation.
+"""A trained run, loaded read-only for evaluation and generation; a new
+run written from given weights.
 
   run = runs.load_run("runs/tiny")       # newest good checkpoint
   model = run.model()                    # nnx module, params restored
   ids = run.tokenizer.encode("def f(")
   result = runs.evaluate(run)            # loss, ppl, bits/byte on eval
+  runs.write_run("runs/ported", cfg, params, model_state, tok,
+                 {"from": "..."})        # a run at step 0: train resumes it
 
-Nothing in the workdir is written, renamed or locked, so a run that is still
-training there is undisturbed, and a copy of a run on a read-only disk
-loads too. Callers catch `runs.ERRORS` and print the one-line message.
+load_run writes, renames and locks nothing in the workdir, so a run that
+is still training there is undisturbed, and a copy of a run on a read-only
+disk loads too. Callers catch `runs.ERRORS` and print the one-line message.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import copy
 import dataclasses
 import datetime
 import itertools
+import json
 import math
+import socket
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,8 +39,15 @@ from efficient_lm.config import Config, ConfigError, DataConfig
 from efficient_lm.data import DataError, Tokenizer
 from efficient_lm.training import checkpoint, loop
 from efficient_lm.training import state as state_lib
-from efficient_lm.training.checkpoint import CheckpointError
-from efficient_lm.training.workdir import CONFIG, TOKENIZER
+from efficient_lm.training.checkpoint import Checkpointer, CheckpointError
+from efficient_lm.training.fingerprints import flat
+from efficient_lm.training.workdir import (
+  CONFIG,
+  PROVENANCE,
+  TOKENIZER,
+  WorkdirLock,
+  write_config,
+)
 
 
 class RunError(ValueError):
@@ -148,6 +160,117 @@ def load_run(
     params=state["params"],
     model_state=state["model_state"],
   )
+
+
+def write_run(
+  workdir: str,
+  cfg: Config,
+  params: Any,
+  model_state: Any,
+  tokenizer: Tokenizer | None = None,
+  provenance: Mapping[str, Any] | None = None,
+  *,
+  devices: Sequence[Any] | None = None,
+) -> str:
+  """Writes a new run directory at step 0 holding the given weights.
+
+  The directory is what a training run of `cfg` leaves: config.json,
+  tokenizer.json, checkpoints/0 (the train state as a fresh run starts
+  it, with these weights: `params`, `model_state`, a freshly initialised
+  optimizer state, step 0, and a fresh data iterator's position), and
+  provenance.json: {"written_by", "time", "host", "step": 0, "source":
+  `provenance`}, where `provenance` is the caller's free-form JSON dict
+  saying where the weights came from. `python -m efficient_lm.train` with
+  the same model config then continues it from step 0, and load_run
+  (evaluate, generate) reads it. Returns the workdir's resolved path.
+
+  `params` and `model_state`: the model's nnx.State (`nnx.split(model,
+  nnx.Param, models.ModelState)`) or its pure dict (`nnx.to_pure_dict`),
+  numpy or jax arrays, with exactly the keys, shapes and dtypes that
+  `cfg.model` builds (nothing is cast; a model without model state takes
+  {}). `tokenizer`: None builds `cfg.data`'s, the one `train` rebuilds
+  and records; give another only if it is the same. `devices` (default:
+  the first `cfg.mesh.size` of this process's) hold the state while it is
+  written; one process, no jax.distributed.
+
+  RunError (one line) if `workdir` exists and is not an empty directory,
+  or if the weights do not fit the model; then nothing is written.
+  """
+  path = paths.resolve(workdir)
+  workdir = str(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise RunError(
+      f"workdir {workdir} exists and is not empty: write_run only makes "
+      "new runs (use another --workdir)"
+    )
+  source = dict(provenance or {})
+  try:
+    json.dumps(source)
+  except (TypeError, ValueError) as e:
+    raise RunError(f"provenance is not JSON-serializable: {e}") from None
+  tok = loop.make_tokenizer(cfg) if tokenizer is None else tokenizer
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise DataError(
+      f"the tokenizer has {tok.vocab_size} ids, more than "
+      f"model.vocab_size={cfg.model.vocab_size}"
+    )
+  devices = list(jax.local_devices() if devices is None else devices)
+  t = loop.build_trainer(cfg, devices[: cfg.mesh.size], mask_id=tok.mask_id)
+  weights = {
+    k: _fitting(k, given, t.abstract_state[k])
+    for k, given in (("params", params), ("model_state", model_state))
+  }
+  state = loop.start_state(t, weights["params"], weights["model_state"])
+  data_state = loop.make_iterator(t, tok, "train").get_state()
+  record = {
+    "written_by": "efficient_lm.runs.write_run",
+    "time": _now(),
+    "host": socket.gethostname(),
+    "step": 0,
+    "source": source,
+  }
+  if not paths.is_remote(path):  # object stores have no directories
+    path.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(workdir):
+    with Checkpointer(
+      path / "checkpoints",
+      every_steps=cfg.checkpoint.every_steps,
+      keep=cfg.checkpoint.keep,
+      async_save=False,
+    ) as ckpt:
+      ckpt.save(
+        0, state, data_state=data_state, config=cfg.to_dict(), force=True
+      )
+      ckpt.wait()
+    data_lib.save_tokenizer(tok, path / TOKENIZER)
+    write_config(path, cfg.to_dict())
+    paths.write_atomic(
+      path / PROVENANCE, json.dumps(record, indent=2, sort_keys=True)
+    )
+  return workdir
+
+
+def _fitting(what: str, given: Any, wanted: Any) -> Any:
+  """`given` (an nnx.State or pure dict) as a tree shaped like `wanted`
+  (pure dict of ShapeDtypeStructs); RunError naming the first key whose
+  presence, shape or dtype differs."""
+  if isinstance(given, nnx.State):
+    given = nnx.to_pure_dict(given)
+  have, want = flat(given), flat(wanted)
+  for key in sorted(have.keys() | want.keys()):
+    if key not in have or key not in want:
+      side = "is missing" if key not in have else "is not in the model"
+      raise RunError(f"{what} key {key!r} {side}")
+    a, b = have[key], want[key]
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+      raise RunError(f"{what} key {key!r}: {type(a).__name__}, not an array")
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+      raise RunError(
+        f"{what} key {key!r}: given {tuple(a.shape)} {a.dtype}, the model "
+        f"has {tuple(b.shape)} {b.dtype}"
+      )
+  treedef = jax.tree.structure(wanted)
+  return jax.tree.unflatten(treedef, [have[k] for k in want])
 
 
 def _now() -> str:

@@ -1004,6 +1004,25 @@ MUTATIONS = [
     "-k",
     "config_errors",
   ),
+  # ---- a run written from given weights (runs.write_run)
+  _m(
+    "write_run_writes_init_params",
+    "efficient_lm/runs.py",
+    '  state = loop.start_state(t, weights["params"], weights["model_state"])',
+    "  state = t.init_fn()",
+    "tests/test_runs.py",
+    "-k",
+    "load_run",
+  ),
+  _m(
+    "write_run_saves_step_1",
+    "efficient_lm/runs.py",
+    "        0, state, data_state=data_state, config=cfg.to_dict(), force=True",
+    "        1, state, data_state=data_state, config=cfg.to_dict(), force=True",
+    "tests/test_runs.py",
+    "-k",
+    "load_run",
+  ),
 ]
 
 
