@@ -1004,6 +1004,18 @@ MUTATIONS = [
     "-k",
     "config_errors",
   ),
+  # Issue #23: the first step's row, when it ends a window, leaves its aux
+  # in the next row's mean.
+  _m(
+    "loop_first_row_keeps_aux_window",
+    "efficient_lm/training/train_log.py",
+    "      if ends_window:  # the next row averages the steps after this one\n"
+    "        self._aux.pop()\n",
+    "",
+    "tests/test_assembly.py",
+    "-k",
+    "since_the_previous_row",
+  ),
   # ---- a run written from given weights (runs.write_run)
   _m(
     "write_run_writes_init_params",

@@ -10,6 +10,8 @@ late, so the device never idles on the host. Rows go to metrics.jsonl
 - every `log_every` steps and the last step: that step's loss, grad norm
   and learning rate, the model's aux entries averaged over the steps since
   the previous such row, and the step time and throughput of those steps.
+  The first step's row ends a window only where it falls on one of these
+  steps (log_every=1: every row holds its own step's values).
 
 The first step read includes compilation: it starts the clocks and is not
 timed itself.
@@ -129,10 +131,13 @@ class TrainLog:
     self.timer.tick()
     self.last.update(host, step=step)
     self._aux.add(aux)
+    ends_window = step % self.log_every == 0 or step == self.steps
     if step == self.start + 1:  # the loss before training has moved much
+      if ends_window:  # the next row averages the steps after this one
+        self._aux.pop()
       self.writer.write(step, {**host, **aux})
       self.progress.logged(step, host["loss"], None)
-    elif step % self.log_every == 0 or step == self.steps:
+    elif ends_window:
       elapsed, n = self.timer.window()
       tput = (
         self._throughput(tokens=self.tokens_per_step * n, seconds=elapsed)
