@@ -232,22 +232,25 @@ def write_run(
   if not paths.is_remote(path):  # object stores have no directories
     path.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir):
-    with Checkpointer(
-      path / "checkpoints",
-      every_steps=cfg.checkpoint.every_steps,
-      keep=cfg.checkpoint.keep,
-      async_save=False,
-    ) as ckpt:
-      ckpt.save(
-        0, state, data_state=data_state, config=cfg.to_dict(), force=True
-      )
-      ckpt.wait()
-    data_lib.save_tokenizer(tok, path / TOKENIZER)
-    write_config(path, cfg.to_dict())
-    paths.write_atomic(
-      path / PROVENANCE, json.dumps(record, indent=2, sort_keys=True)
-    )
+    _write_files(path, cfg, state, data_state, tok, record)
   return workdir
+
+
+def _write_files(path, cfg: Config, state, data_state, tok, record) -> None:
+  """checkpoints/0 in the training loop's layout, then the run's files."""
+  with Checkpointer(
+    path / "checkpoints",
+    every_steps=cfg.checkpoint.every_steps,
+    keep=cfg.checkpoint.keep,
+    async_save=False,
+  ) as ckpt:
+    ckpt.save(0, state, data_state=data_state, config=cfg.to_dict(), force=True)
+    ckpt.wait()
+  data_lib.save_tokenizer(tok, path / TOKENIZER)
+  write_config(path, cfg.to_dict())
+  paths.write_atomic(
+    path / PROVENANCE, json.dumps(record, indent=2, sort_keys=True)
+  )
 
 
 def _fitting(what: str, given: Any, wanted: Any) -> Any:

@@ -1029,8 +1029,8 @@ MUTATIONS = [
   _m(
     "write_run_saves_step_1",
     "efficient_lm/runs.py",
-    "        0, state, data_state=data_state, config=cfg.to_dict(), force=True",
-    "        1, state, data_state=data_state, config=cfg.to_dict(), force=True",
+    "ckpt.save(0, state, data_state=data_state,",
+    "ckpt.save(1, state, data_state=data_state,",
     "tests/test_runs.py",
     "-k",
     "load_run",
