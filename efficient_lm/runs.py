@@ -1,13 +1,16 @@
-"""A trained run, loaded read-only for evaluation and generation.
+"""A trained run, loaded read-only for evaluation and generation; a new
+run written from given weights.
 
   run = runs.load_run("runs/tiny")       # newest good checkpoint
   model = run.model()                    # nnx module, params restored
   ids = run.tokenizer.encode("def f(")
   result = runs.evaluate(run)            # loss, ppl, bits/byte on eval
+  runs.write_run("runs/ported", cfg, params, model_state, tok,
+                 {"from": "..."})        # a run at step 0: train resumes it
 
-Nothing in the workdir is written, renamed or locked, so a run that is still
-training there is undisturbed, and a copy of a run on a read-only disk
-loads too. Callers catch `runs.ERRORS` and print the one-line message.
+load_run writes, renames and locks nothing in the workdir, so a run that
+is still training there is undisturbed, and a copy of a run on a read-only
+disk loads too. Callers catch `runs.ERRORS` and print the one-line message.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import copy
 import dataclasses
 import datetime
 import itertools
+import json
 import math
+import socket
 import sys
 import time
 import typing
-from typing import Any, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 from etils import epath
@@ -32,8 +38,16 @@ from efficient_lm import paths, sharding
 from efficient_lm.config import Config, ConfigError, DataConfig
 from efficient_lm.data import DataError, Tokenizer
 from efficient_lm.training import checkpoint, loop
-from efficient_lm.training.checkpoint import CheckpointError
-from efficient_lm.training.workdir import CONFIG, TOKENIZER
+from efficient_lm.training import state as state_lib
+from efficient_lm.training.checkpoint import Checkpointer, CheckpointError
+from efficient_lm.training.fingerprints import flat
+from efficient_lm.training.workdir import (
+  CONFIG,
+  PROVENANCE,
+  TOKENIZER,
+  WorkdirLock,
+  write_config,
+)
 
 
 class RunError(ValueError):
@@ -50,26 +64,23 @@ class LoadedRun:
 
   `config` is the checkpoint's config with the data overrides applied and
   a mesh fitted to this host; `tokenizer` the one the run trained with;
-  `step` the checkpoint's; `trainer` holds the mesh, graphdef and jitted
-  eval_step (there is no optimizer state: never call its train_step);
-  `params` and `model_state` are pure dicts sharded over its mesh.
+  `step` the checkpoint's; `params` and `model_state` are pure dicts
+  sharded over `mesh`; `eval_step` is the jitted evaluation step
+  (params, model_state, global batch) -> sums (training/step.py) and
+  `data_seed` the run's data seed. No optimizer and no train step are
+  built.
   """
 
   workdir: str
   config: Config
   tokenizer: Tokenizer
   step: int
-  trainer: loop.Trainer
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  eval_step: Callable
+  data_seed: int
   params: Any
   model_state: Any
-
-  @property
-  def mesh(self) -> jax.sharding.Mesh:
-    return self.trainer.mesh
-
-  @property
-  def graphdef(self) -> nnx.GraphDef:
-    return self.trainer.graphdef
 
   def model(self) -> nnx.Module:
     """The model with the restored parameters (a fresh module each call)."""
@@ -120,12 +131,13 @@ def load_run(
 
   def abstract_for(saved: dict[str, Any]):
     cfg = _fitted(saved, overrides, len(devices))
-    t = loop.build_trainer(cfg, devices[: cfg.mesh.size])
-    built.update(saved=saved, cfg=cfg, trainer=t)
-    return {k: t.abstract_state[k] for k in ("params", "model_state")}
+    mesh = sharding.make_mesh(cfg.mesh, devices[: cfg.mesh.size])
+    model = state_lib.abstract_state(cfg, mesh)
+    built.update(saved=saved, cfg=cfg, model=model)
+    return model.abstract
 
   step, _, state = checkpoint.read_latest(ckpt_dir, abstract_for)
-  cfg = built["cfg"]
+  cfg, model = built["cfg"], built["model"]
   # The run's own data config (before overrides) made its tokenizer.
   saved_data = config_lib.from_config_dict(built["saved"]).data
   tok = _tokenizer(workdir, saved_data)
@@ -139,10 +151,133 @@ def load_run(
     config=cfg,
     tokenizer=tok,
     step=step,
-    trainer=built["trainer"],
+    mesh=model.mesh,
+    graphdef=model.graphdef,
+    eval_step=state_lib.jit_eval_step(
+      model, state_lib.objective(cfg, tok.mask_id)
+    ),
+    data_seed=model.keys.data_seed,
     params=state["params"],
     model_state=state["model_state"],
   )
+
+
+def write_run(
+  workdir: str,
+  cfg: Config,
+  params: Any,
+  model_state: Any,
+  tokenizer: Tokenizer | None = None,
+  provenance: Mapping[str, Any] | None = None,
+  *,
+  devices: Sequence[Any] | None = None,
+) -> str:
+  """Writes a new run directory at step 0 holding the given weights.
+
+  The directory is what a training run of `cfg` leaves: config.json,
+  tokenizer.json, checkpoints/0 (the train state as a fresh run starts
+  it, with these weights: `params`, `model_state`, a freshly initialised
+  optimizer state, step 0, and a fresh data iterator's position), and
+  provenance.json: {"written_by", "time", "host", "step": 0, "source":
+  `provenance`}, where `provenance` is the caller's free-form JSON dict
+  saying where the weights came from. `python -m efficient_lm.train` with
+  the same model config then continues it from step 0, and load_run
+  (evaluate, generate) reads it. Returns the workdir's resolved path.
+
+  `params` and `model_state`: the model's nnx.State (`nnx.split(model,
+  nnx.Param, models.ModelState)`) or its pure dict (`nnx.to_pure_dict`),
+  numpy or jax arrays, with exactly the keys, shapes and dtypes that
+  `cfg.model` builds (nothing is cast; a model without model state takes
+  {}). `tokenizer`: None builds `cfg.data`'s, the one `train` rebuilds
+  and records; give another only if it is the same. `devices` (default:
+  the first `cfg.mesh.size` of this process's) hold the state while it is
+  written; one process, no jax.distributed.
+
+  RunError (one line) if `workdir` exists and is not an empty directory,
+  or if the weights do not fit the model; then nothing is written.
+  """
+  path = paths.resolve(workdir)
+  workdir = str(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise RunError(
+      f"workdir {workdir} exists and is not empty: write_run only makes "
+      "new runs (use another --workdir)"
+    )
+  source = dict(provenance or {})
+  try:
+    json.dumps(source)
+  except (TypeError, ValueError) as e:
+    raise RunError(f"provenance is not JSON-serializable: {e}") from None
+  tok = loop.make_tokenizer(cfg) if tokenizer is None else tokenizer
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise DataError(
+      f"the tokenizer has {tok.vocab_size} ids, more than "
+      f"model.vocab_size={cfg.model.vocab_size}"
+    )
+  devices = list(jax.local_devices() if devices is None else devices)
+  t = loop.build_trainer(cfg, devices[: cfg.mesh.size], mask_id=tok.mask_id)
+  weights = {
+    k: _fitting(k, given, t.abstract_state[k])
+    for k, given in (("params", params), ("model_state", model_state))
+  }
+  state = loop.start_state(t, weights["params"], weights["model_state"])
+  data_state = loop.make_iterator(t, tok, "train").get_state()
+  record = {
+    "written_by": "efficient_lm.runs.write_run",
+    "time": _now(),
+    "host": socket.gethostname(),
+    "step": 0,
+    "source": source,
+  }
+  if not paths.is_remote(path):  # object stores have no directories
+    path.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(workdir):
+    _write_files(path, cfg, state, data_state, tok, record)
+  return workdir
+
+
+def _write_files(path, cfg: Config, state, data_state, tok, record) -> None:
+  """checkpoints/0 in the training loop's layout, then the run's files."""
+  with Checkpointer(
+    path / "checkpoints",
+    every_steps=cfg.checkpoint.every_steps,
+    keep=cfg.checkpoint.keep,
+    async_save=False,
+  ) as ckpt:
+    ckpt.save(0, state, data_state=data_state, config=cfg.to_dict(), force=True)
+    ckpt.wait()
+  data_lib.save_tokenizer(tok, path / TOKENIZER)
+  write_config(path, cfg.to_dict())
+  paths.write_atomic(
+    path / PROVENANCE, json.dumps(record, indent=2, sort_keys=True)
+  )
+
+
+def _fitting(what: str, given: Any, wanted: Any) -> Any:
+  """`given` (an nnx.State or pure dict) as a tree shaped like `wanted`
+  (pure dict of ShapeDtypeStructs); RunError naming the first key whose
+  presence, shape or dtype differs."""
+  if isinstance(given, nnx.State):
+    given = nnx.to_pure_dict(given)
+  have, want = flat(given), flat(wanted)
+  for key in sorted(have.keys() | want.keys()):
+    if key not in have or key not in want:
+      side = "is missing" if key not in have else "is not in the model"
+      raise RunError(f"{what} key {key!r} {side}")
+    a, b = have[key], want[key]
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+      raise RunError(f"{what} key {key!r}: {type(a).__name__}, not an array")
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+      raise RunError(
+        f"{what} key {key!r}: given {tuple(a.shape)} {a.dtype}, the model "
+        f"has {tuple(b.shape)} {b.dtype}"
+      )
+  treedef = jax.tree.structure(wanted)
+  return jax.tree.unflatten(treedef, [have[k] for k in want])
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
@@ -164,20 +299,20 @@ def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
       f"num_batches={num_batches}: expected >= 1 (or None: "
       "the whole eval split)"
     )
-  cfg, t = run.config, run.trainer
+  cfg = run.config
   state = {"params": run.params, "model_state": run.model_state}
   it = data_lib.make_iterator(
     cfg.data,
     "eval",
     global_batch_size=cfg.train.batch_size,
-    seed=t.data_seed,
+    seed=run.data_seed,
     tokenizer=run.tokenizer,
     num_epochs=1,
   )
   start = it.get_state()
   jax.block_until_ready(
-    t.eval_step(  # compile outside the timed pass
-      run.params, run.model_state, sharding.host_to_global(t.mesh, next(it))
+    run.eval_step(  # compile outside the timed pass
+      run.params, run.model_state, sharding.host_to_global(run.mesh, next(it))
     )
   )
   it.set_state(start)
@@ -194,15 +329,13 @@ def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
 
   t0 = time.perf_counter()
   metrics = loop.evaluate_batches(
-    t, state, counted(itertools.islice(it, num_batches))
+    run.eval_step, run.mesh, state, counted(itertools.islice(it, num_batches))
   )
   seconds = time.perf_counter() - t0
   loss = metrics.pop("eval_loss")
   tokens, num_bytes = count["tokens"], count["bytes"]
   return {
-    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
+    "time": _now(),
     "workdir": run.workdir,
     "step": run.step,
     "data_source": cfg.data.source,

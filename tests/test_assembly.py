@@ -123,6 +123,31 @@ def test_model_state_is_trained_state_and_logged(tmp_path):
   assert evals[3]["eval_loss/act_l2"] > 0
 
 
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_each_row_averages_the_steps_since_the_previous_row(
+  tmp_path, log_every
+):
+  """Issue #23: a first step that is also a logging step ends its window,
+  so with log_every=1 every row holds that step's own aux values. The
+  counter is the step number: a row's value is the mean of its steps."""
+  cfg = small_config(
+    **{
+      "train.steps": 4,
+      "train.log_every": log_every,
+      "train.eval_every": 100,
+      "train.batch_size": 8,
+      "mesh.data": 8,
+    }
+  )
+  loop.run(cfg, str(tmp_path), build_model=counting_decoder)
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    rows = {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+  # log_every=3: the first step alone, then steps 1-3 (the first step
+  # does not end a window it does not close), then step 4 (the last).
+  want = {1: {1: 1, 2: 2, 3: 3, 4: 4}, 3: {1: 1, 3: 2, 4: 4}}[log_every]
+  assert {s: r["count/calls"] for s, r in rows.items()} == want
+
+
 def test_model_state_survives_a_crash_and_resume(tmp_path):
   """A run that dies after step 4 (checkpoint at 3) and is resumed ends
   with the same params and model state as an uninterrupted run."""

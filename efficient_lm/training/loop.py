@@ -8,13 +8,14 @@ the host), writes logs, evaluates and saves.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import sys
-import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from etils import epath
 from flax import nnx
 
@@ -22,16 +23,14 @@ from efficient_lm import data as data_lib
 from efficient_lm import models, paths, sharding
 from efficient_lm.config import Config, ConfigError
 from efficient_lm.models import flops as flops_lib
-from efficient_lm.training import console, losses, memory
+from efficient_lm.training import console, memory, optim
 from efficient_lm.training import metrics as metrics_lib
-from efficient_lm.training import optim, step as step_lib
+from efficient_lm.training import state as state_lib
+from efficient_lm.training import step as step_lib
 from efficient_lm.training.checkpoint import Checkpointer
 from efficient_lm.training.preemption import Preemption
+from efficient_lm.training.train_log import TrainingError, TrainLog
 from efficient_lm.training.workdir import TOKENIZER, WorkdirLock, record_start
-
-
-class TrainingError(RuntimeError):
-  """The run cannot continue (e.g. the loss became NaN)."""
 
 
 @dataclasses.dataclass
@@ -43,6 +42,7 @@ class Trainer:
   graphdef: nnx.GraphDef
   state_shardings: Any
   abstract_state: Any
+  optimizer: optax.GradientTransformation
   init_fn: Callable
   train_step: Callable
   eval_step: Callable
@@ -56,6 +56,16 @@ class Trainer:
     return self.flops["train"]
 
 
+def _fresh_state(optimizer, params, model_state) -> dict[str, Any]:
+  """The train state before step 1: a fresh optimizer state, step 0."""
+  return {
+    "params": params,
+    "model_state": model_state,
+    "opt_state": optimizer.init(params),
+    "step": jnp.zeros((), jnp.int32),
+  }
+
+
 def build_trainer(
   cfg: Config,
   devices=None,
@@ -63,63 +73,40 @@ def build_trainer(
   build_model: Callable = models.build,
   mask_id: int | None = None,
 ) -> Trainer:
-  """Model, shardings and jitted steps; no data and no I/O.
+  """Model, optimizer, shardings and jitted steps; no data and no I/O.
 
   `build_model(model_cfg, rngs)` makes the model (tests pass their own).
   `mask_id`: the tokenizer's (train.objective='mlm'); None builds the
   tokenizer of `cfg.data` to read it (the one I/O here, mlm only).
   """
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  # One seed, split once (DESIGN contract 6). Dropout / routing keys are
-  # reserved for the models that use them.
-  # The dropout key corrupts MLM batches (training/step.py).
-  k_params, k_data, k_noise, _k_routing = jax.random.split(
-    jax.random.key(cfg.train.seed), 4
+  model = state_lib.abstract_state(
+    cfg, sharding.make_mesh(cfg.mesh, devices), build_model=build_model
   )
-  data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
-
-  def make_model():
-    return build_model(cfg.model, nnx.Rngs(params=k_params))
-
-  graphdef, abstract_params, abstract_model_state = nnx.split(
-    nnx.eval_shape(make_model), nnx.Param, models.ModelState
-  )
+  mesh = model.mesh
   optimizer = optim.make_optimizer(
     cfg.train,
     decay_mask=optim.decay_mask(
-      abstract_params, decay_embeddings=cfg.train.decay_embeddings
+      model.param_vars, decay_embeddings=cfg.train.decay_embeddings
     ),
   )
-  schedule = optim.schedule(cfg.train)
   if cfg.train.objective == "mlm" and mask_id is None:
     mask_id = make_tokenizer(cfg).mask_id
-  objective = losses.make_objective(
-    cfg.train.objective,
-    z_loss=cfg.train.z_loss,
-    mlm_rate=cfg.train.mlm_rate,
-    mask_id=mask_id,
-  )
+  objective = state_lib.objective(cfg, mask_id)
 
   def init_fn():
     _, params, model_state = nnx.split(
-      make_model(), nnx.Param, models.ModelState
+      model.build(), nnx.Param, models.ModelState
     )
-    params = nnx.to_pure_dict(params)
-    return {
-      "params": params,
-      "model_state": nnx.to_pure_dict(model_state),
-      "opt_state": optimizer.init(params),
-      "step": jnp.zeros((), jnp.int32),
-    }
+    return _fresh_state(
+      optimizer, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+    )
 
-  param_sh = sharding.state_shardings(mesh, abstract_params)
   abstract = jax.eval_shape(init_fn)
   replicated = sharding.replicated(mesh)
   state_sh = {
-    "params": param_sh,
-    "model_state": sharding.state_shardings(mesh, abstract_model_state),
+    **model.shardings,
     "opt_state": sharding.optax_state_shardings(
-      optimizer, abstract["opt_state"], param_sh, mesh
+      optimizer, abstract["opt_state"], model.shardings["params"], mesh
     ),
     "step": replicated,
   }
@@ -128,37 +115,48 @@ def build_trainer(
     abstract,
     state_sh,
   )
-
-  batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
     sharding.under_mesh(
       mesh,
       step_lib.make_train_step(
-        graphdef, optimizer, schedule, objective, noise_key=k_noise
+        model.graphdef,
+        optimizer,
+        optim.schedule(cfg.train),
+        objective,
+        noise_key=model.keys.noise,
       ),
     ),
-    in_shardings=(state_sh, batch_sh),
+    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
     out_shardings=(state_sh, replicated),
     donate_argnums=(0,),
-  )
-  eval_step = jax.jit(
-    sharding.under_mesh(mesh, step_lib.make_eval_step(graphdef, objective)),
-    in_shardings=(param_sh, state_sh["model_state"], batch_sh),
-    out_shardings=replicated,
   )
   return Trainer(
     cfg=cfg,
     mesh=mesh,
-    graphdef=graphdef,
+    graphdef=model.graphdef,
     state_shardings=state_sh,
     abstract_state=abstract_state,
+    optimizer=optimizer,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
     train_step=train_step,
-    eval_step=eval_step,
+    eval_step=state_lib.jit_eval_step(model, objective),
     flops=flops_lib.flops_per_token(cfg.model, cfg.data.seq_len),
-    param_count=flops_lib.param_count(abstract_params, cfg.model),
-    data_seed=data_seed,
+    param_count=flops_lib.param_count(model.param_vars, cfg.model),
+    data_seed=model.keys.data_seed,
   )
+
+
+def start_state(t: Trainer, params: Any, model_state: Any) -> dict[str, Any]:
+  """The train state of a run that starts from `params` and `model_state`
+  (pure dicts shaped like `t.abstract_state`'s): those arrays as they are,
+  a freshly initialised optimizer state and step 0, placed by
+  `t.state_shardings`."""
+  sh = t.state_shardings
+  params = jax.device_put(params, sh["params"])
+  model_state = jax.device_put(model_state, sh["model_state"])
+  return jax.jit(
+    lambda p, s: _fresh_state(t.optimizer, p, s), out_shardings=sh
+  )(params, model_state)
 
 
 def make_tokenizer(cfg: Config):
@@ -194,20 +192,23 @@ def evaluate(
 ) -> dict[str, float]:
   """Eval metrics over the same first `num_batches` batches each time."""
   it.set_state(start_state)
-  return evaluate_batches(t, state, (next(it) for _ in range(num_batches)))
+  return evaluate_batches(
+    t.eval_step, t.mesh, state, (next(it) for _ in range(num_batches))
+  )
 
 
 def evaluate_batches(
-  t: Trainer, state, batches: Iterable[dict]
+  eval_step: Callable, mesh: jax.sharding.Mesh, state, batches: Iterable[dict]
 ) -> dict[str, float]:
   """`eval_loss` (mean NLL per target token) and `eval_<name>` for the
-  model's aux entries (mean over batches) over the host `batches`."""
+  model's aux entries (mean over batches) over the host `batches`, by the
+  jitted `eval_step` (Trainer.eval_step, state.jit_eval_step) on `mesh`."""
   nll, tokens, aux, n = 0.0, 0.0, {}, 0
   for batch in batches:
-    out = t.eval_step(
+    out = eval_step(
       state["params"],
       state["model_state"],
-      sharding.host_to_global(t.mesh, batch),
+      sharding.host_to_global(mesh, batch),
     )
     out = jax.device_get(out)
     nll += float(out["nll_sum"])
@@ -261,182 +262,158 @@ def _run(
   if problem:  # before anything is allocated or written
     raise TrainingError(problem)
   train_it = make_iterator(t, tok, "train")
-  # data.eval_fraction=0 means no held-out data: evaluation is skipped.
-  eval_it = (
-    make_iterator(t, tok, "eval") if cfg.data.eval_fraction > 0 else None
-  )
-  eval_start = eval_it.get_state() if eval_it is not None else None
   ckpt = Checkpointer(
     epath.Path(workdir) / "checkpoints",
     every_steps=cfg.checkpoint.every_steps,
     keep=cfg.checkpoint.keep,
     async_save=cfg.checkpoint.async_save,
   )
-  try:
-    restored = ckpt.restore_latest(t.abstract_state, config=cfg.to_dict())
-  except BaseException:
-    ckpt.close()
-    raise
-  if restored is None:
-    state, start = t.init_fn(), 0
-  else:
-    start, state, data_state = restored
-    train_it.set_state(data_state)
-    if is_main:
-      print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
+  state, start = _restore_or_init(t, ckpt, train_it, is_main)
   if start >= cfg.train.steps:
     ckpt.close()
-    if is_main:
-      print(
-        console.already_complete(
-          start, cfg.train.steps, workdir, str(ckpt.directory)
-        ),
-        file=sys.stderr,
-      )
-    return {
-      "status": "already_complete",
-      "start_step": start,
-      "final_step": start,
-      "train_loss": None,
-      "eval_loss": None,
-      "tokens_per_sec": None,
-      "workdir": workdir,
-      "checkpoints": ckpt.directory,
-      "latest_checkpoint": start,
-    }
+    return _already_complete(cfg, workdir, ckpt, start, is_main)
   if is_main:  # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start, overrides=overrides)
     data_lib.save_tokenizer(tok, epath.Path(workdir) / TOKENIZER)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
-  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   progress = console.Progress(cfg.train.steps, start, enabled=is_main)
-  summary: dict[str, Any] = {"status": "completed", "start_step": start}
-  pending = None  # (step, device metrics) not yet read
-  window = {"t0": None, "steps": 0}
-  aux_window = metrics_lib.WindowMean()  # model aux: mean over the window
-  timing = {"t_first": None, "steps_after_first": 0}
-  last: dict[str, float] = {}
-
-  def read(step_and_metrics):
-    step, m = step_and_metrics
-    m = jax.device_get(m)
-    aux = {k: float(v) for k, v in m.pop("aux").items()}
-    host = {k: float(v) for k, v in m.items()}
-    if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
-      raise TrainingError(
-        f"loss={host['loss']} grad_norm={host['grad_norm']} at step {step}: "
-        f"stopping; "
-        f"{console.no_good_checkpoint(ckpt.latest_step(), ckpt.directory)}"
-      )
-    now = time.perf_counter()
-    if timing["t_first"] is None:  # first step includes compilation
-      timing["t_first"] = window["t0"] = now
-    else:
-      timing["steps_after_first"] += 1
-      window["steps"] += 1
-    last.update(host, step=step)
-    aux_window.add(aux)
-    if step == start + 1:  # the loss before training has moved much
-      writer.write(step, {**host, **aux})
-      progress.logged(step, host["loss"], None)
-    elif step % cfg.train.log_every == 0 or step == cfg.train.steps:
-      elapsed = now - window["t0"]
-      n = max(window["steps"], 1)
-      tput = (
-        metrics_lib.throughput(
-          tokens=tokens_per_step * window["steps"],
-          seconds=elapsed,
-          flops_per_token=t.flops_per_token,
-          visible_flops_per_token=t.flops["train_visible"],
-          num_devices=len(t.mesh.devices.flat),
-          device=t.mesh.devices.flat[0],
-        )
-        if window["steps"]
-        else {}
-      )
-      record = {**host, **aux_window.pop(), "step_time": elapsed / n, **tput}
-      writer.write(step, record)
-      progress.logged(step, host["loss"], tput.get("tokens_per_sec"))
-      window.update(t0=now, steps=0)
-
+  log = TrainLog(
+    writer,
+    progress,
+    start=start,
+    steps=cfg.train.steps,
+    log_every=cfg.train.log_every,
+    tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
+    throughput=functools.partial(
+      metrics_lib.throughput,
+      flops_per_token=t.flops_per_token,
+      visible_flops_per_token=t.flops["train_visible"],
+      num_devices=len(t.mesh.devices.flat),
+      device=t.mesh.devices.flat[0],
+    ),
+    checkpoint_note=lambda: console.no_good_checkpoint(
+      ckpt.latest_step(), ckpt.directory
+    ),
+  )
   try:
-    with Preemption() as preemption:
-      for step in range(start + 1, cfg.train.steps + 1):
-        batch = sharding.host_to_global(t.mesh, next(train_it))
-        state, m = t.train_step(state, batch)
-        if pending is not None:
-          read(pending)
-        pending = (step, m)
-        progress.advance()
-        is_eval = eval_it is not None and (
-          step % cfg.train.eval_every == 0 or step == cfg.train.steps
-        )
-        if is_eval:
-          # Never save or evaluate a state whose update was not finite.
-          read(pending)
-          pending = None
-          eval_metrics = evaluate(
-            t, eval_it, eval_start, state, cfg.train.eval_batches
-          )
-          last["eval_loss"] = eval_metrics["eval_loss"]
-          writer.write(step, eval_metrics)
-          progress.evaluated(step, last["eval_loss"])
-        # Decided after the evaluation: a SIGTERM during it saves this step.
-        # Every process decides the same (training/preemption.py).
-        preempted = preemption.reached(step)
-        if ckpt.should_save(step) or step == cfg.train.steps or preempted:
-          if pending is not None:
-            read(pending)
-            pending = None
-          writer.sync()  # a resume from this step finds all its rows
-          ckpt.save(
-            step,
-            state,
-            data_state=train_it.get_state(),
-            config=cfg.to_dict(),
-            force=True,
-          )
-        for hook in hooks:
-          hook(step)
-        if preempted:
-          summary["status"] = "preempted"
-          if not is_main:  # each host's log says where it stopped
-            print(
-              f"process {jax.process_index()}: preempted at step {step}, saved",
-              file=sys.stderr,
-              flush=True,
-            )
-          break
-      if pending is not None:
-        read(pending)
+    status = _train_steps(
+      t, state, start, train_it, _evaluator(t, tok), ckpt, log, hooks
+    )
   finally:
     progress.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
-
-  steps_timed = timing["steps_after_first"]
-  elapsed_total = (
-    time.perf_counter() - timing["t_first"] if timing["t_first"] else 0.0
-  )
-  summary.update(
-    final_step=int(last.get("step", start)),
-    train_loss=last.get("loss"),
-    eval_loss=last.get("eval_loss"),
-    tokens_per_sec=(
-      tokens_per_step * steps_timed / elapsed_total if steps_timed else None
-    ),
-    params=t.param_count,
-    flops_per_token=t.flops_per_token,
-    flops_per_token_visible=t.flops["train_visible"],
-    workdir=workdir,
-    checkpoints=ckpt.directory,
-    latest_checkpoint=ckpt.latest_step(),
-  )
+  summary = {
+    "status": status,
+    "start_step": start,
+    **log.summary(),
+    "params": t.param_count,
+    "flops_per_token": t.flops_per_token,
+    "flops_per_token_visible": t.flops["train_visible"],
+    "workdir": workdir,
+    "checkpoints": ckpt.directory,
+    "latest_checkpoint": ckpt.latest_step(),
+  }
   if is_main:
     print(format_summary(summary), file=sys.stderr)
   return summary
+
+
+def _restore_or_init(
+  t: Trainer, ckpt: Checkpointer, train_it, is_main: bool
+) -> tuple[Any, int]:
+  """(state, step) of the newest good checkpoint (the data iterator set to
+  its position), or of a fresh start at step 0."""
+  try:
+    restored = ckpt.restore_latest(t.abstract_state, config=t.cfg.to_dict())
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is None:
+    return t.init_fn(), 0
+  start, state, data_state = restored
+  train_it.set_state(data_state)
+  if is_main:
+    print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
+  return state, start
+
+
+def _already_complete(
+  cfg: Config, workdir: str, ckpt: Checkpointer, start: int, is_main: bool
+) -> dict[str, Any]:
+  if is_main:
+    print(
+      console.already_complete(
+        start, cfg.train.steps, workdir, str(ckpt.directory)
+      ),
+      file=sys.stderr,
+    )
+  return {
+    "status": "already_complete",
+    "start_step": start,
+    "final_step": start,
+    "train_loss": None,
+    "eval_loss": None,
+    "tokens_per_sec": None,
+    "workdir": workdir,
+    "checkpoints": ckpt.directory,
+    "latest_checkpoint": start,
+  }
+
+
+def _evaluator(t: Trainer, tok) -> Callable[[Any], dict] | None:
+  """state -> the eval metrics of the loop's fixed eval batches; None when
+  data.eval_fraction=0 (no held-out data: evaluation is skipped)."""
+  if t.cfg.data.eval_fraction <= 0:
+    return None
+  it = make_iterator(t, tok, "eval")
+  start = it.get_state()
+  return lambda state: evaluate(t, it, start, state, t.cfg.train.eval_batches)
+
+
+def _train_steps(
+  t: Trainer, state, start: int, train_it, evaluator, ckpt, log, hooks
+) -> str:
+  """Steps start+1 .. train.steps, with their evaluations and saves;
+  "completed", or "preempted" (saved where it stopped)."""
+  cfg = t.cfg
+  with Preemption() as preemption:
+    for step in range(start + 1, cfg.train.steps + 1):
+      batch = sharding.host_to_global(t.mesh, next(train_it))
+      state, m = t.train_step(state, batch)
+      log.push(step, m)
+      if evaluator is not None and (
+        step % cfg.train.eval_every == 0 or step == cfg.train.steps
+      ):
+        log.flush()  # never evaluate or save a state that is not finite
+        log.evaluated(step, evaluator(state))
+      # Decided after the evaluation: a SIGTERM during it saves this step.
+      # Every process decides the same (training/preemption.py).
+      preempted = preemption.reached(step)
+      if ckpt.should_save(step) or step == cfg.train.steps or preempted:
+        log.flush()
+        log.sync()  # a resume from this step finds all its rows
+        ckpt.save(
+          step,
+          state,
+          data_state=train_it.get_state(),
+          config=cfg.to_dict(),
+          force=True,
+        )
+      for hook in hooks:
+        hook(step)
+      if preempted:
+        if jax.process_index() != 0:  # each host's log says where it stopped
+          print(
+            f"process {jax.process_index()}: preempted at step {step}, saved",
+            file=sys.stderr,
+            flush=True,
+          )
+        return "preempted"
+    log.flush()
+  return "completed"
 
 
 def format_summary(s: dict[str, Any]) -> str:

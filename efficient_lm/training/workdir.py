@@ -12,6 +12,8 @@
                          (data.save_tokenizer; a SentencePiece model is
                          copied beside it as tokenizer.model)
   <workdir>/eval.jsonl   one line per `python -m efficient_lm.evaluate`
+  <workdir>/provenance.json  where the weights of a run that runs.write_run
+                         made came from (absent in runs trained from init)
 
 Only process 0 touches these files; on a multi-host run the lock belongs to
 the job, and the other processes learn the outcome from process 0.
@@ -47,6 +49,7 @@ CONFIG = "config.json"
 RUNS = "runs.jsonl"
 TOKENIZER = "tokenizer.json"
 EVAL = "eval.jsonl"
+PROVENANCE = "provenance.json"
 
 
 class WorkdirBusy(RuntimeError):
@@ -196,6 +199,12 @@ def record_start(
       None if changed is None else {k: list(v) for k, v in changed.items()}
     ),
   }
-  # Never a half-written config.json.
-  paths.write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
+  write_config(workdir, config)
   paths.append_text(workdir / RUNS, json.dumps(entry) + "\n")
+
+
+def write_config(workdir: epath.PathLike, config: Mapping[str, Any]) -> None:
+  """<workdir>/config.json, replaced atomically (never half-written)."""
+  paths.write_atomic(
+    epath.Path(workdir) / CONFIG, json.dumps(config, indent=2, sort_keys=True)
+  )
