@@ -300,6 +300,20 @@ def main(argv=None):
     return
   dev = jax.devices()[0]
   dtype = jnp.dtype(args.dtype)
+  hdr = _print_header(dev, dtype, args, bs)
+  memory = {}  # (mode, mask, kdim, impl) -> [(t, temp bytes per sequence)]
+  rng = np.random.default_rng(0)
+  for c in iter_cases(args):
+    if c.first_of_mode:
+      print("\n" + hdr)
+    rows = time_case(c, _inputs(c, dtype, rng), args, bs)
+    print_rows(c, rows, memory)
+  print_memory(memory)
+  _print_footer(dev)
+
+
+def _print_header(dev, dtype, args, bs):
+  """Prints the run's settings; returns the table header."""
   print(
     f"device: {dev.device_kind} ({jax.default_backend()}), "
     f"dtype {dtype.name}, jax {jax.__version__}"
@@ -309,62 +323,65 @@ def main(argv=None):
     f"{args.globals}; block sizes: {bs or vjp.BlockSizes()}"
   )
   print("FLOPs count visible (query, key) pairs only; fwd+bwd = 3.5 x fwd")
-  hdr = (
+  return (
     f"{'mode':8}{'mask':13}{'K':>4}{'T':>7}{'B':>4}{'H':>4} "
     f"{'impl':18}{'ms':>10}{'TFLOP/s':>10}{'vs cudnn':>9}"
     f"{'vs xla':>8}{'temp MiB/seq':>14}"
   )
-  memory = {}  # (mode, mask, kdim, impl) -> [(t, temp bytes per sequence)]
-  rng = np.random.default_rng(0)
-  for c in iter_cases(args):
-    mode, mask_name, spec, kdim, t, b, h, g = (
-      c.mode,
-      c.mask_name,
-      c.spec,
-      c.kdim,
-      c.t,
-      c.b,
-      c.h,
-      c.g,
-    )
-    if c.first_of_mode:
-      print("\n" + hdr)
-    q = jnp.asarray(rng.normal(size=(b, t, h, kdim)), dtype)
-    k = jnp.asarray(rng.normal(size=(b, t, g, kdim)), dtype)
-    v = jnp.asarray(rng.normal(size=(b, t, g, kdim)), dtype)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    call = (q, k, v, pos)
-    if mode != "fwd":
-      call += (jnp.asarray(rng.normal(size=(b, t, h, kdim)), jnp.float32),)
-    rows = {}  # impl -> (seconds, temp bytes) or reason skipped
-    for impl in args.impl:
-      why = unavailable(impl, spec, args, b, h, t)
-      if why is None:
-        try:
-          rows[impl] = run_one(make_fn(impl, spec, mode, bs), call, args.iters)
-          continue
-        except Exception as e:  # report and keep benchmarking
-          why = f"failed: {type(e).__name__}: {str(e)[:90]}"
-      rows[impl] = why
-    secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
-    for impl, r in rows.items():
-      head = f"{mode:8}{mask_name:13}{kdim:>4}{t:>7}{b:>4}{h:>4} {impl:18}"
-      if isinstance(r, str):
-        print(f"{head}skipped: {r}")
+
+
+def _inputs(c, dtype, rng):
+  """(q, k, v, pos), plus the loss weights w for fwd+bwd, for case `c`."""
+  mode, kdim, t, b, h, g = c.mode, c.kdim, c.t, c.b, c.h, c.g
+  q = jnp.asarray(rng.normal(size=(b, t, h, kdim)), dtype)
+  k = jnp.asarray(rng.normal(size=(b, t, g, kdim)), dtype)
+  v = jnp.asarray(rng.normal(size=(b, t, g, kdim)), dtype)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  call = (q, k, v, pos)
+  if mode != "fwd":
+    call += (jnp.asarray(rng.normal(size=(b, t, h, kdim)), jnp.float32),)
+  return call
+
+
+def time_case(c, call, args, bs):
+  """impl -> (seconds, temp bytes), or the reason it was skipped."""
+  mode, spec, t, b, h = c.mode, c.spec, c.t, c.b, c.h
+  rows = {}  # impl -> (seconds, temp bytes) or reason skipped
+  for impl in args.impl:
+    why = unavailable(impl, spec, args, b, h, t)
+    if why is None:
+      try:
+        rows[impl] = run_one(make_fn(impl, spec, mode, bs), call, args.iters)
         continue
-      sec, temp = r
-      mib = "-"
-      if temp is not None:
-        memory.setdefault((mode, mask_name, kdim, impl), []).append(
-          (t, temp / b)
-        )
-        mib = f"{temp / b / 2**20:.1f}"
-      print(
-        f"{head}{sec * 1e3:10.2f}{c.flops / sec / 1e12:10.3f}"
-        f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
-        f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}"
-      )
-  print_memory(memory)
+      except Exception as e:  # report and keep benchmarking
+        why = f"failed: {type(e).__name__}: {str(e)[:90]}"
+    rows[impl] = why
+  return rows
+
+
+def print_rows(c, rows, memory):
+  """One line per impl of case `c`; adds its temp bytes to `memory`."""
+  mode, mask_name, kdim, t, b, h = c.mode, c.mask_name, c.kdim, c.t, c.b, c.h
+  secs = {i: r[0] for i, r in rows.items() if isinstance(r, tuple)}
+  for impl, r in rows.items():
+    head = f"{mode:8}{mask_name:13}{kdim:>4}{t:>7}{b:>4}{h:>4} {impl:18}"
+    if isinstance(r, str):
+      print(f"{head}skipped: {r}")
+      continue
+    sec, temp = r
+    mib = "-"
+    if temp is not None:
+      memory.setdefault((mode, mask_name, kdim, impl), []).append((t, temp / b))
+      mib = f"{temp / b / 2**20:.1f}"
+    print(
+      f"{head}{sec * 1e3:10.2f}{c.flops / sec / 1e12:10.3f}"
+      f"{_fmt_ratio(secs.get('cudnn'), sec):>9}"
+      f"{_fmt_ratio(secs.get('xla'), sec):>8}{mib:>14}"
+    )
+
+
+def _print_footer(dev):
+  """The GPU's peak memory (on a GPU) and the published anchors."""
   if jax.default_backend() == "gpu":
     stats = dev.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

@@ -22,6 +22,7 @@ dense xla they count every (masked) pair. The model column (visible pairs,
 the convention of attention.py) is the comparable figure.
 """
 
+import functools
 import math
 import time
 
@@ -100,12 +101,7 @@ def _flops(compiled):
 
 
 def run(args, iter_cases, make_fn, block_sizes):
-  try:
-    mesh = topology_mesh(args.aot_tpu)
-  except Exception as e:  # e.g. v5e:1x1: not a multiple of a 2x2 host
-    raise SystemExit(
-      f"--aot_tpu={args.aot_tpu}: no compile-only topology: {_first_line(e)}"
-    ) from None
+  mesh = _mesh_or_exit(args.aot_tpu)
   n = mesh.devices.size
   dev = mesh.devices.flat[0]
   dtype = jnp.dtype(args.dtype)
@@ -116,6 +112,36 @@ def run(args, iter_cases, make_fn, block_sizes):
   # memory can still be measured; its rows are marked with '*'.
   loose = shard_batch(mesh, check_vma=False)
   vma_errors = {}  # impl -> first failure under check_vma=True
+  hdr = _print_header(args, n, dev, dtype, block_sizes)
+  # (mode, mask, kdim, impl) -> [(t, HBM temp, all temp)], bytes per chip
+  temps = {}
+  for c in iter_cases(args):  # b is per chip here
+    if c.first_of_mode:
+      print("\n" + hdr)
+    abstract = _abstract(c, n, dtype, shard)
+    for impl in args.impl:
+      make = functools.partial(make_fn, impl, c.spec, c.mode, block_sizes)
+      _compile_row(c, impl, make, abstract, wrap, loose, vma_errors, temps)
+  for impl, err in vma_errors.items():
+    print(
+      f"\n* {impl} compiled with shard_map(check_vma=False): with "
+      f"check_vma=True it fails to trace: {err}"
+    )
+  print_growth(temps)
+
+
+def _mesh_or_exit(topology):
+  try:
+    return topology_mesh(topology)
+  except Exception as e:  # e.g. v5e:1x1: not a multiple of a 2x2 host
+    raise SystemExit(
+      f"--aot_tpu={topology}: no compile-only topology: {_first_line(e)}"
+    ) from None
+
+
+def _print_header(args, n, dev, dtype, block_sizes):
+  """Prints the run's settings and the columns' legend; returns the table
+  header."""
   print(
     f"AOT compile for {args.aot_tpu}: {n} x {dev.device_kind}, dtype "
     f"{dtype.name}, jax {jax.__version__}; nothing runs, no timings"
@@ -132,77 +158,66 @@ def run(args, iter_cases, make_fn, block_sizes):
     "xla GF: cost_analysis (Mosaic kernels by their dense-tile cost "
     "estimate; a scan body once); s: compile s"
   )
-  hdr = (
+  return (
     f"{'mode':8}{'mask':8}{'K':>4}{'T':>6}{'B':>3}{'H':>3} "
     f"{'impl':12}{'s':>5}{'HBM tmp':>9}{'all tmp':>9}{'args':>8}"
     f"{'xla GF':>8}{'model GF':>9}"
   )
-  # (mode, mask, kdim, impl) -> [(t, HBM temp, all temp)], bytes per chip
-  temps = {}
-  for c in iter_cases(args):  # b is per chip here
-    mode, mask_name, spec, kdim, t, b, h, g = (
-      c.mode,
-      c.mask_name,
-      c.spec,
-      c.kdim,
-      c.t,
-      c.b,
-      c.h,
-      c.g,
-    )
-    model = c.flops
-    if c.first_of_mode:
-      print("\n" + hdr)
 
-    def sds(shape, dt):
-      return jax.ShapeDtypeStruct((b * n,) + shape, dt, sharding=shard)
 
-    abstract = (
-      sds((t, h, kdim), dtype),
-      sds((t, g, kdim), dtype),
-      sds((t, g, kdim), dtype),
-      sds((t,), jnp.int32),
-    )
-    if mode != "fwd":
-      abstract += (sds((t, h, kdim), jnp.float32),)
-    for impl in args.impl:
-      head = f"{mode:8}{mask_name:8}{kdim:>4}{t:>6}{b:>3}{h:>3} {impl:12}"
-      try:
-        try:
-          fn = make_fn(impl, spec, mode, block_sizes, wrap=wrap)
-          lowered, compiled, secs = compile_one(fn, abstract)
-        except TypeError as e:
-          if "manual axis" not in str(e):
-            raise
-          vma_errors.setdefault(impl, _first_line(e, 400))
-          head = head.replace(f"{impl} ", f"{impl}*", 1)
-          fn = make_fn(impl, spec, mode, block_sizes, wrap=loose)
-          lowered, compiled, secs = compile_one(fn, abstract)
-      except NotImplementedError as e:
-        print(f"{head}refused: {_first_line(e)}")
-        continue
-      except Exception as e:  # the failure is the finding
-        print(f"{head}no compile: {_first_line(e)}")
-        continue
-      mem = compiled.memory_analysis()
-      temp, whole = mem.temp_size_in_bytes, all_temp(lowered)
-      temps.setdefault((mode, mask_name, kdim, impl), []).append(
-        (t, temp, whole)
-      )
-      flops = _flops(compiled)
-      xla_gf = "-" if flops is None else f"{flops / 1e9:.1f}"
-      whole = "-" if whole is None else f"{whole / 2**20:.1f}"
-      print(
-        f"{head}{secs:5.1f}{temp / 2**20:9.1f}{whole:>9}"
-        f"{mem.argument_size_in_bytes / 2**20:8.1f}"
-        f"{xla_gf:>8}{model / 1e9:9.1f}"
-      )
-  for impl, err in vma_errors.items():
-    print(
-      f"\n* {impl} compiled with shard_map(check_vma=False): with "
-      f"check_vma=True it fails to trace: {err}"
-    )
-  print_growth(temps)
+def _abstract(c, n, dtype, shard):
+  """(q, k, v, pos[, w]) of case `c` as sharded ShapeDtypeStructs: `c.b`
+  sequences per chip, `n` chips."""
+  mode, kdim, t, b, h, g = c.mode, c.kdim, c.t, c.b, c.h, c.g
+
+  def sds(shape, dt):
+    return jax.ShapeDtypeStruct((b * n,) + shape, dt, sharding=shard)
+
+  abstract = (
+    sds((t, h, kdim), dtype),
+    sds((t, g, kdim), dtype),
+    sds((t, g, kdim), dtype),
+    sds((t,), jnp.int32),
+  )
+  if mode != "fwd":
+    abstract += (sds((t, h, kdim), jnp.float32),)
+  return abstract
+
+
+def _compile_row(c, impl, make, abstract, wrap, loose, vma_errors, temps):
+  """Compiles `make(wrap=...)` for case `c` and prints its row (or why it
+  did not compile); adds its temps to `temps`."""
+  mode, mask_name, kdim, t, b, h = c.mode, c.mask_name, c.kdim, c.t, c.b, c.h
+  model = c.flops
+  head = f"{mode:8}{mask_name:8}{kdim:>4}{t:>6}{b:>3}{h:>3} {impl:12}"
+  try:
+    try:
+      fn = make(wrap=wrap)
+      lowered, compiled, secs = compile_one(fn, abstract)
+    except TypeError as e:
+      if "manual axis" not in str(e):
+        raise
+      vma_errors.setdefault(impl, _first_line(e, 400))
+      head = head.replace(f"{impl} ", f"{impl}*", 1)
+      fn = make(wrap=loose)
+      lowered, compiled, secs = compile_one(fn, abstract)
+  except NotImplementedError as e:
+    print(f"{head}refused: {_first_line(e)}")
+    return
+  except Exception as e:  # the failure is the finding
+    print(f"{head}no compile: {_first_line(e)}")
+    return
+  mem = compiled.memory_analysis()
+  temp, whole = mem.temp_size_in_bytes, all_temp(lowered)
+  temps.setdefault((mode, mask_name, kdim, impl), []).append((t, temp, whole))
+  flops = _flops(compiled)
+  xla_gf = "-" if flops is None else f"{flops / 1e9:.1f}"
+  whole = "-" if whole is None else f"{whole / 2**20:.1f}"
+  print(
+    f"{head}{secs:5.1f}{temp / 2**20:9.1f}{whole:>9}"
+    f"{mem.argument_size_in_bytes / 2**20:8.1f}"
+    f"{xla_gf:>8}{model / 1e9:9.1f}"
+  )
 
 
 def growth_exponents(pts):

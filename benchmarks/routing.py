@@ -64,7 +64,7 @@ def _config(name: str, args, steps: int):
   return cd
 
 
-def main():
+def _parse_args():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--data", required=True, help="tinyshakespeare.txt")
   ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -75,7 +75,11 @@ def main():
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--workdir", default=None, help="keep the runs here")
   ap.add_argument("--out", default="routing_loss.png")
-  args = ap.parse_args()
+  return ap.parse_args()
+
+
+def main():
+  args = _parse_args()
   if not os.path.exists(args.data):
     print(f"skipped: {args.data} not found")
     return
@@ -87,15 +91,32 @@ def main():
 
   from efficient_lm import cpu_runtime
 
+  # Before the first JAX computation: the helpers below import jax.
   cpu_runtime.keep_freed_host_memory()
-  import jax
-  from flax import nnx
-  from efficient_lm import config as config_lib, models, plot
-  from efficient_lm.models import flops as flops_lib
-  from efficient_lm.training import loop
+  from efficient_lm import plot
 
   root = args.workdir or tempfile.mkdtemp(prefix="routing_bench_")
   names = args.variants.split(",")
+  fpt, unique = _costs(names, args)
+  dense_fpt = fpt.get("dense", max(fpt.values()))
+
+  rows = {}
+  for name in names:
+    rows[name] = _train(name, args, root, fpt[name], dense_fpt, unique[name])
+    print(json.dumps({name: rows[name]}), flush=True)
+
+  plot.curves([os.path.join(root, n) for n in names], args.out)
+  _print_table(rows, args, root)
+
+
+def _costs(names, args):
+  """Train FLOPs per token and unique non-embedding parameters, by
+  variant."""
+  import jax
+  from flax import nnx
+  from efficient_lm import config as config_lib, models
+  from efficient_lm.models import flops as flops_lib
+
   fpt, unique = {}, {}
   for name in names:
     cfg = config_lib.from_config_dict(
@@ -106,35 +127,43 @@ def main():
     unique[name] = flops_lib.param_count(nnx.state(abstract, nnx.Param))[
       "non_embedding"
     ]
-  dense_fpt = fpt.get("dense", max(fpt.values()))
+  return fpt, unique
 
-  rows = {}
-  for name in names:
-    iso = args.steps * dense_fpt / fpt[name]
-    iso_steps = max(
-      args.steps, int(round(iso / args.eval_every)) * args.eval_every
-    )
-    cd = _config(name, args, iso_steps)
-    cfg = config_lib.from_config_dict(cd, device_count=jax.device_count())
-    workdir = os.path.join(root, name)
-    t0 = time.perf_counter()
-    summary = loop.run(cfg, workdir)
-    wall = time.perf_counter() - t0
-    _, evals = plot.read_metrics(workdir)
-    evals = dict(evals)
-    rows[name] = {
-      "eval_loss_equal_steps": evals[args.steps],
-      "eval_loss_equal_flops": evals[iso_steps],
-      "iso_flop_steps": iso_steps,
-      "train_flops_per_token": fpt[name],
-      "flops_ratio_vs_dense": fpt[name] / dense_fpt,
-      "unique_non_embedding_params": unique[name],
-      "tokens_per_sec": summary["tokens_per_sec"],
-      "wall_seconds": wall,
-    }
-    print(json.dumps({name: rows[name]}), flush=True)
 
-  plot.curves([os.path.join(root, n) for n in names], args.out)
+def _train(name, args, root, fpt, dense_fpt, unique):
+  """Trains variant `name` (FLOPs per token `fpt`) until it has spent
+  dense's training FLOPs; its row of the table."""
+  import jax
+  from efficient_lm import config as config_lib, plot
+  from efficient_lm.training import loop
+
+  iso = args.steps * dense_fpt / fpt
+  iso_steps = max(
+    args.steps, int(round(iso / args.eval_every)) * args.eval_every
+  )
+  cd = _config(name, args, iso_steps)
+  cfg = config_lib.from_config_dict(cd, device_count=jax.device_count())
+  workdir = os.path.join(root, name)
+  t0 = time.perf_counter()
+  summary = loop.run(cfg, workdir)
+  wall = time.perf_counter() - t0
+  _, evals = plot.read_metrics(workdir)
+  evals = dict(evals)
+  return {
+    "eval_loss_equal_steps": evals[args.steps],
+    "eval_loss_equal_flops": evals[iso_steps],
+    "iso_flop_steps": iso_steps,
+    "train_flops_per_token": fpt,
+    "flops_ratio_vs_dense": fpt / dense_fpt,
+    "unique_non_embedding_params": unique,
+    "tokens_per_sec": summary["tokens_per_sec"],
+    "wall_seconds": wall,
+  }
+
+
+def _print_table(rows, args, root):
+  """The runs' markdown table, each figure against dense's (where dense
+  ran)."""
   d = rows.get("dense")
   print(
     f"\n{args.layers} layers, seq {args.seq_len}, batch "

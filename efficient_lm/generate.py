@@ -143,6 +143,46 @@ class Generator:
     """New token ids per prompt (without the end-of-sequence token) and
     timing stats. `max_len` (default: longest prompt + max_new_tokens)
     bounds positions and the cache."""
+    buf, lens, longest = self._batch(prompts, max_new_tokens, max_len, pad_id)
+    key = jax.random.key(seed)
+    samp = dict(
+      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
+    )
+    stats: dict[str, float] = {}
+    t0 = time.perf_counter()
+    logits, cache = self._start(buf, lens, longest, use_cache)
+    jax.block_until_ready(logits)
+    stats["prefill_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out, steps, logits = self._decode_loop(
+      logits,
+      cache,
+      buf,
+      lens,
+      key,
+      samp,
+      max_new_tokens=max_new_tokens,
+      eos_id=eos_id,
+      use_cache=use_cache,
+    )
+    jax.block_until_ready(logits)
+    n = len(prompts)
+    stats["decode_s"] = time.perf_counter() - t1
+    stats["decode_steps"] = steps
+    stats["decode_tokens_per_s"] = (
+      steps * n / stats["decode_s"] if steps else 0.0
+    )
+    return out[:n], stats
+
+  def _batch(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    max_len: int | None,
+    pad_id: int | None,
+  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """`(buf [B, max_len], lens [B], longest prompt)`: the prompts as one
+    right-padded batch of token ids."""
     if not prompts or any(len(p) == 0 for p in prompts):
       raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 0:
@@ -155,6 +195,17 @@ class Generator:
     b = len(rows)
     lens = np.array([len(p) for p in rows], np.int32)
     longest = int(lens.max())
+    max_len = self._check_positions(longest, max_new_tokens, max_len)
+    buf = np.full((b, max_len), pad_id or 0, np.int32)  # seg 0 hides it
+    for i, p in enumerate(rows):
+      buf[i, : len(p)] = p
+    return buf, lens, longest
+
+  def _check_positions(
+    self, longest: int, max_new_tokens: int, max_len: int | None
+  ) -> int:
+    """`max_len` (default: longest + max_new_tokens), checked against the
+    positions generation needs and those the model can attend."""
     total = longest + max_new_tokens
     max_len = total if max_len is None else max_len
     if total > max_len:
@@ -169,29 +220,42 @@ class Generator:
         "covers (model.attention.max_len); positions past it would be "
         "invisible"
       )
-    buf = np.full((b, max_len), pad_id or 0, np.int32)  # seg 0 hides it
-    for i, p in enumerate(rows):
-      buf[i, : len(p)] = p
-    key = jax.random.key(seed)
-    samp = dict(
-      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
-    )
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = np.zeros(b, bool)
-    cur = lens.copy()
-    stats: dict[str, float] = {}
-    t0 = time.perf_counter()
+    return max_len
+
+  def _start(self, buf, lens, longest: int, use_cache: bool):
+    """`(logits [B, V], cache)` after the prompts: prefill into a fresh
+    cache, or (no cache: None) one full forward."""
     cache = None  # used only if use_cache
     if use_cache:
+      b, max_len = buf.shape
       cache = self.model().init_cache(b, max_len)
       logits, cache = self._prefill(
         self.variables, cache, jnp.asarray(buf[:, :longest]), jnp.asarray(lens)
       )
     else:
       logits = self._full(self.variables, jnp.asarray(buf), jnp.asarray(lens))
-    jax.block_until_ready(logits)
-    stats["prefill_s"] = time.perf_counter() - t0
-    t1, steps = time.perf_counter(), 0
+    return logits, cache
+
+  def _decode_loop(
+    self,
+    logits,
+    cache,
+    buf,
+    lens,
+    key,
+    samp: dict[str, Any],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    use_cache: bool,
+  ):
+    """`(new tokens per row, decode steps, last logits)`: samples from
+    `logits`, writes each token into `buf` and feeds it back."""
+    b = buf.shape[0]
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    cur = lens.copy()
+    steps = 0
     for i in range(max_new_tokens):
       tok = np.asarray(self._sample(logits, jax.random.fold_in(key, i), **samp))
       for r in range(b):
@@ -214,13 +278,7 @@ class Generator:
         )
       cur += 1
       steps += 1
-    jax.block_until_ready(logits)
-    stats["decode_s"] = time.perf_counter() - t1
-    stats["decode_steps"] = steps
-    stats["decode_tokens_per_s"] = (
-      steps * n / stats["decode_s"] if steps else 0.0
-    )
-    return out[:n], stats
+    return out, steps, logits
 
 
 # ---------------------------------------------------------------------- CLI

@@ -1,27 +1,20 @@
 """Orbax checkpoints: sharded train state, data-iterator state and config.
 
-One directory per step, written by orbax's CheckpointManager (async, keeps
-the last K, atomic: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames
-it when every item is on disk)::
-
-  <dir>/<step>/state/                 the state pytree (OCDBT + zarr, sharded)
-  <dir>/<step>/data/process_<i>.json  data-iterator state of process i
-  <dir>/<step>/config/metadata        the resolved config (JSON)
-  <dir>/<step>/_CHECKPOINT_METADATA   orbax's commit record; its
-                                      custom_metadata holds our fingerprints
-
-A step directory that turns out unusable at restore time is renamed to
-`<step>.corrupt` (or `.corrupt-1`, ...), which orbax's step glob ignores, so
-nothing saved is ever deleted and the step number can be saved again.
-`read_latest` is the read-only counterpart for using a finished run
-(evaluation, generation): it skips bad steps instead and writes nothing.
-No pickle: arrays go through tensorstore, everything else is JSON.
+`Checkpointer` saves one directory per step through orbax's
+CheckpointManager (async, keeps the last K, atomic; the layout and the
+commit check are in training/checkpoint_layout.py) and restores the newest
+good one. A step directory that turns out unusable at restore time is
+renamed to `<step>.corrupt` (or `.corrupt-1`, ...), which orbax's step glob
+ignores, so nothing saved is ever deleted and the step number can be saved
+again. `read_latest` (training/checkpoint_read.py, re-exported here) is the
+read-only counterpart for using a finished run (evaluation, generation): it
+skips bad steps instead and writes nothing. No pickle: arrays go through
+tensorstore, everything else is JSON.
 """
 
 import json
-import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from etils import epath
@@ -31,152 +24,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from efficient_lm.training import fingerprints
+from efficient_lm.training.checkpoint_layout import (
+  CheckpointError,
+  check_fits,
+  commit_problem,
+  is_committed,
+  step_numbers,
+)
+from efficient_lm.training.checkpoint_read import read_latest
 from efficient_lm.training.fingerprints import flat
 from efficient_lm.training.read_noise import contain_failed_read_noise, one_line
 from efficient_lm.training.workdir import config_changes, describe_changes
 
-_ITEMS = ("state", "data", "config")
-# Orbax's default step naming (no prefix, no padding); tmp and set-aside
-# directories never match it.
-_STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
-_COMMIT_RECORD = "_CHECKPOINT_METADATA"
+__all__ = [
+  "CheckpointError",
+  "Checkpointer",
+  "commit_problem",
+  "is_committed",
+  "read_latest",
+  "step_numbers",
+]
+
 # Model keys that choose how the same parameters are computed, not what they
 # are: a resume may change them.
 _RUNTIME_MODEL_KEYS = ("model.attention.impl", "model.remat")
-
-
-class CheckpointError(RuntimeError):
-  """No usable checkpoint, or one that does not fit the requested state."""
-
-
-def commit_problem(step_dir: epath.PathLike) -> str | None:
-  """Why `step_dir` is not a finished save, or None if it looks finished.
-
-  On a local disk orbax only renames a step into place after committing it,
-  but on object stores (commit-file mode) and after a manual copy a
-  `<step>` directory can exist half-written, so we check orbax's own commit
-  record and that every item directory is present.
-  """
-  step_dir = epath.Path(step_dir)
-  try:
-    record = json.loads((step_dir / _COMMIT_RECORD).read_text())
-  except FileNotFoundError:
-    return f"no {_COMMIT_RECORD}, the save never finished"
-  except (OSError, ValueError) as e:
-    return f"unreadable {_COMMIT_RECORD} ({e})"
-  if not isinstance(record, dict) or not record.get("commit_timestamp_nsecs"):
-    return f"{_COMMIT_RECORD} has no commit time, the save never finished"
-  missing = [item for item in _ITEMS if not (step_dir / item).is_dir()]
-  if missing:
-    return f"missing item director{'y' if len(missing) == 1 else 'ies'} " + (
-      ", ".join(missing)
-    )
-  return None
-
-
-def is_committed(step_dir: epath.PathLike) -> bool:
-  return commit_problem(step_dir) is None
-
-
-def step_numbers(directory: epath.PathLike) -> list[int]:
-  """Every `<step>` directory, newest first, committed or not.
-
-  Not orbax's `all_steps()`: that hides half-written steps in commit-file
-  mode, and those must be moved aside before the step is saved again.
-  """
-  directory = epath.Path(directory)
-  if not directory.exists():
-    return []
-  return sorted(
-    (
-      int(p.name)
-      for p in directory.iterdir()
-      if _STEP_NAME.match(p.name) and p.is_dir()
-    ),
-    reverse=True,
-  )
-
-
-def read_latest(
-  directory: epath.PathLike, abstract_for: Callable[[dict[str, Any]], Any]
-) -> tuple[int, dict[str, Any], Any]:
-  """`(step, config, state)` of the newest usable step, strictly read-only.
-
-  `abstract_for(config)` maps a step's saved config to the tree to restore:
-  some of the state's top-level entries (say params and model_state, not
-  the optimizer state) as `jax.ShapeDtypeStruct`s with shardings. A step
-  that is uncommitted, unreadable or fails its fingerprints is skipped with
-  one line on stderr and left exactly as it is: unlike `restore_latest`,
-  nothing in `directory` is renamed, locked or written, so a run still
-  training there is undisturbed. One process (no cross-host agreement).
-  CheckpointError if no step is usable, or if a good step does not fit
-  `abstract_for`'s tree (the model code changed since it was saved).
-  """
-  directory = epath.Path(directory)
-  steps = step_numbers(directory)
-  for step in steps:
-    config, state, problem = _read_step(directory, step, abstract_for)
-    if problem is None:
-      assert config is not None  # _read_step: (config, state, None)
-      return step, config, state
-    print(
-      f"checkpoint: step {step} in {directory} is unusable ({problem}); "
-      "left as it is, trying the previous one",
-      file=sys.stderr,
-      flush=True,
-    )
-  raise CheckpointError(
-    f"no usable checkpoint in {directory}: "
-    + (f"all {len(steps)} are partial or corrupt" if steps else "none saved")
-  )
-
-
-def _read_step(
-  directory: epath.Path,
-  step: int,
-  abstract_for: Callable[[dict[str, Any]], Any],
-) -> tuple[dict[str, Any] | None, Any, str | None]:
-  """(config, state, None), or (None, None, problem) for a bad step."""
-  step_dir = directory / str(step)
-  problem = commit_problem(step_dir)
-  if problem:
-    return None, None, problem
-  try:
-    with ocp.Checkpointer(ocp.handlers.JsonCheckpointHandler()) as c:
-      config = dict(c.restore(step_dir / "config"))
-    handler = ocp.handlers.PyTreeCheckpointHandler()
-    try:
-      meta = handler.metadata(step_dir / "state")
-    finally:
-      handler.close()
-  except Exception as e:  # orbax raises bare Exception/KeyError/IO errors
-    return None, None, f"unreadable config or metadata ({one_line(e)})"
-  abstract = abstract_for(config)
-  stored = {
-    k: v
-    for k, v in flat(getattr(meta, "tree", meta)).items()
-    if k.split(".", 1)[0] in abstract
-  }
-  _check_fits(step, directory, stored, flat(abstract))
-  args = ocp.args.PyTreeRestore(
-    item=abstract,
-    partial_restore=True,
-    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-  )
-  try:
-    with ocp.PyTreeCheckpointer() as c:
-      state = c.restore(step_dir / "state", args=args)
-  except Exception as e:  # tensorstore read errors are bare `Exception`s
-    contain_failed_read_noise()
-    return None, None, one_line(e)
-  record = json.loads((step_dir / _COMMIT_RECORD).read_text())
-  bad_key = fingerprints.first_difference(
-    (record.get("custom_metadata") or {}).get("fingerprint"),
-    fingerprints.of(state),
-  )
-  if bad_key is not None:
-    return None, None, f"array {bad_key!r} does not match its fingerprint"
-  return config, state, None
 
 
 class Checkpointer:
@@ -412,7 +283,7 @@ class Checkpointer:
       return None, {}, f"unreadable state metadata ({one_line(e)})"
     if meta is None:
       return None, {}, "state metadata missing"
-    _check_fits(
+    check_fits(
       step,
       self.directory,
       flat(getattr(meta, "tree", meta)),
@@ -486,55 +357,3 @@ def _agree(problem: str | None) -> str | None:
   if problem is None and np.any(bad):
     problem = "another process could not read it"
   return problem
-
-
-def _describe(x: Any) -> str:
-  dtype = getattr(x, "dtype", None)
-  shape = tuple(getattr(x, "shape", ()))
-  return f"{shape} {np.dtype(dtype).name}" if dtype is not None else str(shape)
-
-
-def _params_first(keys) -> list[str]:
-  # A model change shows in a parameter first, not in its optimizer moments.
-  return sorted(keys, key=lambda k: not k.startswith("params."))
-
-
-def _check_fits(
-  step: int,
-  directory: epath.Path,
-  stored: dict[str, Any],
-  wanted: dict[str, Any],
-) -> None:
-  mismatch = _mismatch(stored, wanted)
-  if mismatch:
-    raise CheckpointError(
-      f"checkpoint {step} in {directory} does not fit the model: {mismatch}"
-    )
-
-
-def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
-  for key in _params_first(wanted):
-    want = wanted[key]
-    if key not in stored:
-      return f"key {key!r}: checkpoint has no such entry, model wants " + (
-        _describe(want)
-      )
-    have = stored[key]
-    same_dtype = (
-      getattr(have, "dtype", None) is None
-      or getattr(want, "dtype", None) is None
-      or np.dtype(have.dtype) == np.dtype(want.dtype)
-    )
-    if tuple(have.shape) != tuple(want.shape) or not same_dtype:
-      return (
-        f"key {key!r}: checkpoint has {_describe(have)}, model wants "
-        f"{_describe(want)}"
-      )
-  for key in _params_first(stored):
-    have = stored[key]
-    if key not in wanted:
-      return (
-        f"key {key!r}: checkpoint has {_describe(have)}, model has no "
-        "such entry"
-      )
-  return None
