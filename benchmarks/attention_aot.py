@@ -22,6 +22,7 @@ dense xla they count every (masked) pair. The model column (visible pairs,
 the convention of attention.py) is the comparable figure.
 """
 
+import itertools
 import math
 import time
 
@@ -209,7 +210,7 @@ def growth_exponents(pts):
   """log(m2/m1)/log(t2/t1) between consecutive (t, m) points (m > 0)."""
   return [
     math.log(m2 / m1) / math.log(t2 / t1)
-    for (t1, m1), (t2, m2) in zip(pts, pts[1:])
+    for (t1, m1), (t2, m2) in itertools.pairwise(pts)
     if m1 > 0 and m2 > 0
   ]
 

@@ -432,7 +432,6 @@ def classify_blocks(
 
 def _compact(kind_BMN):
   """Ascending non-empty indices along the last axis, padded (see doc)."""
-  n = kind_BMN.shape[-1]
   nonempty = kind_BMN != EMPTY
   count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
   # Stable sort key: non-empty first, in ascending index order.

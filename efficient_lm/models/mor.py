@@ -51,7 +51,7 @@ tokens) attend over those.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -407,7 +407,9 @@ def _local(cfg: AttentionConfig) -> AttentionConfig:
 
 def _cat(x: Tokens, g: Tokens) -> Tokens:
   """Keys of a call: the tokens, then the summaries."""
-  return Tokens(*(jnp.concatenate([a, b], 1) for a, b in zip(x, g)))
+  return Tokens(
+    *(jnp.concatenate([a, b], 1) for a, b in zip(x, g, strict=True))
+  )
 
 
 def _carry(rows: Tokens, weight_BT, block: int) -> dict:
