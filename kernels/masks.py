@@ -211,6 +211,7 @@ def block_mask_coverage(spec: MaskSpec) -> int | None:
   """
   if spec.block_mask is None:
     return None
+  assert spec.block_mask_sizes is not None  # MaskSpec checks: table => sizes
   bq, bk = spec.block_mask_sizes
   return min(len(spec.block_mask) * bq, len(spec.block_mask[0]) * bk)
 
