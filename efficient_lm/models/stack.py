@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +265,16 @@ class Stack(nnx.Module):
       out.append(first)
       first += seg.repeats * len(seg.pattern)
     return out
+
+  @overload
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache: None = None, causal_routing=False
+  ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+  @overload
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache: dict, causal_routing=False
+  ) -> tuple[jax.Array, dict[str, jax.Array], dict]: ...
 
   def __call__(
     self, x_BTD, pos_BT, seg_BT, *, cache=None, causal_routing=False
