@@ -64,6 +64,11 @@ BTF = ("batch", "length", "act_mlp")
 BTV = ("batch", "length", "act_vocab")
 BTHK = ("batch", "length", "act_heads", None)
 BSGK = ("batch", "length", "act_kv_heads", None)
+# MLA: a latent activation (the latent dim replicated, like the width), and
+# the absorbed generation's single key/value head (the cached latent),
+# which every tensor shard holds whole while the query heads are split.
+BTC = ("batch", "length", None)
+BS1L = ("batch", "length", None, None)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:

@@ -33,7 +33,9 @@ from efficient_lm.sharding import (
 
 
 class Tokens(NamedTuple):
-  """A sequence that attention reads: activations and where they sit."""
+  """A sequence that attention reads: activations and where they sit. T is
+  the rows of this sequence, whatever they stand for (tokens, pooled rows
+  of a funnel stage, hourglass slots: their positions say where)."""
 
   x_BTD: jax.Array
   pos_BT: jax.Array

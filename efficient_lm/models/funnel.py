@@ -63,16 +63,16 @@ def pool(x: Tokens, factor: int) -> Tokens:
   of [B, T // factor] pools rows j*factor .. j*factor+factor-1."""
   b, t, d = x.x_BTD.shape
   n, f = t // factor, factor
-  seg_BNF = x.seg_BT.reshape(b, n, f)
-  pos_BNF = x.pos_BT.reshape(b, n, f)
-  live_BNF = seg_BNF != 0
-  first_BN1 = jnp.argmax(live_BNF, axis=-1)[..., None]  # 0 when none live
-  seg_BN = jnp.take_along_axis(seg_BNF, first_BN1, axis=-1)[..., 0]
-  pos_BN = jnp.take_along_axis(pos_BNF, first_BN1, axis=-1)[..., 0]
-  keep_BNF = live_BNF & (seg_BNF == seg_BN[..., None])
-  x_BNFD = x.x_BTD.reshape(b, n, f, d).astype(jnp.float32)
-  sum_BND = jnp.sum(jnp.where(keep_BNF[..., None], x_BNFD, 0.0), axis=2)
-  count_BN1 = jnp.maximum(keep_BNF.sum(-1, keepdims=True), 1)
+  seg_BNP = x.seg_BT.reshape(b, n, f)
+  pos_BNP = x.pos_BT.reshape(b, n, f)
+  live_BNP = seg_BNP != 0
+  first_BN1 = jnp.argmax(live_BNP, axis=-1)[..., None]  # 0 when none live
+  seg_BN = jnp.take_along_axis(seg_BNP, first_BN1, axis=-1)[..., 0]
+  pos_BN = jnp.take_along_axis(pos_BNP, first_BN1, axis=-1)[..., 0]
+  keep_BNP = live_BNP & (seg_BNP == seg_BN[..., None])
+  x_BNPD = x.x_BTD.reshape(b, n, f, d).astype(jnp.float32)
+  sum_BND = jnp.sum(jnp.where(keep_BNP[..., None], x_BNPD, 0.0), axis=2)
+  count_BN1 = jnp.maximum(keep_BNP.sum(-1, keepdims=True), 1)
   x_BND = (sum_BND / count_BN1).astype(x.x_BTD.dtype)
   return Tokens(constrain(x_BND, BTD), pos_BN, seg_BN)
 

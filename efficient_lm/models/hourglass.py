@@ -97,11 +97,11 @@ def shorten(h_BTD, pos_BT, seg_BT, factor: int, *, shift: bool = True):
     a = jnp.pad(a, pad)[:, : n * k]
     return a.reshape(a.shape[0], n, k, *a.shape[2:])
 
-  h_BNKD, pos_BNK, seg_BNK = groups(h_BTD), groups(pos_BT), groups(seg_BT)
-  seg_BN, pos_BN = seg_BNK[:, :, -1], pos_BNK[:, :, -1]
-  same_BNK = seg_BNK == seg_BN[:, :, None]
+  h_BNPD, pos_BNP, seg_BNP = groups(h_BTD), groups(pos_BT), groups(seg_BT)
+  seg_BN, pos_BN = seg_BNP[:, :, -1], pos_BNP[:, :, -1]
+  same_BNP = seg_BNP == seg_BN[:, :, None]
   sum_BND = jnp.sum(
-    jnp.where(same_BNK[..., None], h_BNKD, 0), axis=2, dtype=jnp.float32
+    jnp.where(same_BNP[..., None], h_BNPD, 0), axis=2, dtype=jnp.float32
   )
   x_BND = (sum_BND / k).astype(h_BTD.dtype)
   return Tokens(constrain(x_BND, BTD), pos_BN, seg_BN)

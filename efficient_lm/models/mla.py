@@ -51,6 +51,8 @@ from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.attention import Tokens, cache_slots, mask_spec
 from efficient_lm.models.layers import RMSNorm, param, rope
 from efficient_lm.sharding import (
+  BS1L,
+  BTC,
   BSGK,
   BT,
   BTD,
@@ -58,12 +60,6 @@ from efficient_lm.sharding import (
   constrain,
   shard_map_by_names,
 )
-
-# A latent activation: the latent dim is replicated, like the width.
-BTC = ("batch", "length", None)
-# The absorbed step's single key/value head (the cached latent): every
-# tensor shard holds it whole while the query heads are split.
-BS1L = ("batch", "length", None, None)
 
 
 class MLADims(NamedTuple):

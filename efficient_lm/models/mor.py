@@ -132,9 +132,9 @@ class Recursions(nnx.Module):
   # ----------------------------------------------------------- pieces
 
   def _logits(self, x_BTD):
-    """Router logits [B, T, N] in float32."""
+    """Router logits [B, T, U] in float32 (U = recursion steps)."""
     return jnp.einsum(
-      "BTD,DN->BTN",
+      "BTD,DU->BTU",
       x_BTD.astype(jnp.float32),
       self.router_DN[...].astype(jnp.float32),
     )
@@ -230,28 +230,28 @@ class Recursions(nnx.Module):
     n = self.num_recursions
     valid = seg_BT != 0
     total = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
-    z_BTN = self._logits(x_BTD)
-    p_BTN = jax.nn.softmax(z_BTN, axis=-1)
+    z_BTU = self._logits(x_BTD)
+    p_BTU = jax.nn.softmax(z_BTU, axis=-1)
     bias = (
       jnp.zeros((n,), jnp.float32) if self.bias_N is None else self.bias_N[...]
     )
-    depth_BT = jnp.argmax(p_BTN + bias[None, None], axis=-1)
-    g_BT = jnp.take_along_axis(p_BTN, depth_BT[..., None], axis=-1)[..., 0]
+    depth_BT = jnp.argmax(p_BTU + bias[None, None], axis=-1)
+    g_BT = jnp.take_along_axis(p_BTU, depth_BT[..., None], axis=-1)[..., 0]
     onehot = jax.nn.one_hot(depth_BT, n) * valid[..., None]
-    load_N = onehot.sum((0, 1)) / total
-    prob_N = (p_BTN * valid[..., None]).sum((0, 1)) / total
+    load_U = onehot.sum((0, 1)) / total
+    prob_U = (p_BTU * valid[..., None]).sum((0, 1)) / total
     aux = {}
     if self.balancing == "aux_loss":
       aux["loss/mor_balance"] = (
-        self.balancing_weight * n * jnp.sum(load_N * prob_N)
+        self.balancing_weight * n * jnp.sum(load_U * prob_U)
       )
     elif not causal:  # loss_free: __init__ made the bias
       assert self.bias_N is not None
       self.bias_N[...] = bias + self.bias_rate * jnp.sign(
-        jax.lax.stop_gradient(load_N.mean() - load_N)
+        jax.lax.stop_gradient(load_U.mean() - load_U)
       )
     if self.router_z_loss:
-      lse = jax.nn.logsumexp(z_BTN, axis=-1)
+      lse = jax.nn.logsumexp(z_BTU, axis=-1)
       aux["loss/router_z"] = (
         self.router_z_loss * jnp.sum(jnp.square(lse) * valid) / total
       )
