@@ -23,6 +23,7 @@ the convention of attention.py) is the comparable figure.
 """
 
 import functools
+import itertools
 import math
 import time
 
@@ -224,7 +225,7 @@ def growth_exponents(pts):
   """log(m2/m1)/log(t2/t1) between consecutive (t, m) points (m > 0)."""
   return [
     math.log(m2 / m1) / math.log(t2 / t1)
-    for (t1, m1), (t2, m2) in zip(pts, pts[1:])
+    for (t1, m1), (t2, m2) in itertools.pairwise(pts)
     if m1 > 0 and m2 > 0
   ]
 

@@ -158,7 +158,9 @@ def main():
       )
     ratio = statistics.median(
       a["ms_step"] / b["ms_step"]
-      for a, b in zip(runs[(model, "after")], runs[(model, "before")])
+      for a, b in zip(
+        runs[(model, "after")], runs[(model, "before")], strict=True
+      )
     )
     print(
       f"{model:11s} after/before wall per step, median of pairs: {ratio:.3f}"

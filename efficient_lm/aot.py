@@ -175,6 +175,8 @@ def report(cd, topology_text: str | None, *, log=print) -> bool:
   t, _, compiled = compile_train_step(cfg, devices)
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
+  if m is None:  # the backend reports none; the verdict needs it
+    raise TopologyError(f"no memory analysis from XLA for {topo.name}")
   total = (
     m.argument_size_in_bytes
     + m.output_size_in_bytes

@@ -16,16 +16,27 @@ program_id = pl.program_id
 num_programs = pl.num_programs
 
 
+def _first(module, *names):
+  """`module`'s attribute of the first of `names` it has. By name: the old
+  spellings are absent from the pinned jax, so as plain attributes a type
+  checker rejects them."""
+  for name in names:
+    if hasattr(module, name):
+      return getattr(module, name)
+  raise AttributeError(f"{module.__name__} has none of {names}")
+
+
 def tpu_compiler_params(dimension_semantics):
-  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+  cls = _first(pltpu, "CompilerParams", "TPUCompilerParams")
   return cls(dimension_semantics=tuple(dimension_semantics))
 
 
 def vmem(shape, dtype):
   """A VMEM scratch buffer of the given shape."""
-  space = getattr(pltpu, "VMEM", None)
-  if space is None:  # older releases: pltpu.TPUMemorySpace.VMEM
-    space = pltpu.TPUMemorySpace.VMEM
+  if hasattr(pltpu, "VMEM"):
+    space = pltpu.VMEM
+  else:  # older releases: pltpu.TPUMemorySpace.VMEM
+    space = _first(pltpu, "TPUMemorySpace").VMEM
   return space(shape, dtype)
 
 

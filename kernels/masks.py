@@ -211,6 +211,7 @@ def block_mask_coverage(spec: MaskSpec) -> int | None:
   """
   if spec.block_mask is None:
     return None
+  assert spec.block_mask_sizes is not None  # MaskSpec checks: table => sizes
   bq, bk = spec.block_mask_sizes
   return min(len(spec.block_mask) * bq, len(spec.block_mask[0]) * bk)
 
@@ -432,7 +433,6 @@ def classify_blocks(
 
 def _compact(kind_BMN):
   """Ascending non-empty indices along the last axis, padded (see doc)."""
-  n = kind_BMN.shape[-1]
   nonempty = kind_BMN != EMPTY
   count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
   # Stable sort key: non-empty first, in ascending index order.

@@ -270,4 +270,6 @@ def attention(
       # try the next one, otherwise the caller asked for it, so say no.
       if i == len(candidates) - 1:
         raise
+  else:  # no break: `candidates` was empty (it never is)
+    raise AssertionError(f"no backend for impl={impl!r}")
   return (out, lse) if return_lse else out

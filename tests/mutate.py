@@ -275,7 +275,7 @@ MUTATIONS = [
   _m(
     "per_layer_shapes_ignored",
     "efficient_lm/config/schema.py",
-    'return values[layer] if values else default',
+    "return values[layer] if values else default",
     "return default",
     "tests/test_per_layer.py",
     "-k",

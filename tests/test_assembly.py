@@ -80,7 +80,7 @@ def test_aux_losses_enter_the_loss_and_the_gradient():
   np.testing.assert_allclose(m0["ce"], m1["ce"], rtol=1e-6)
   diff = max(
     float(jnp.abs(a - b).max())
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True)
   )
   assert diff > 1e-4, diff
   # Diagnostics are averaged over layers (each layer has been called once).

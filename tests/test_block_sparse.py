@@ -213,7 +213,9 @@ def test_tile_kinds_are_conservative_and_empty_is_exact(causal):
     bs = a.block_size
     spec = mask_spec(a, causal=causal)
     t = bs * (40 // (2 * bs) * 2)  # an even number of blocks, <= 40
-    for layout, (pos, seg) in zip(("one", "packed"), _layouts(rng, t)):
+    for layout, (pos, seg) in zip(
+      ("one", "packed"), _layouts(rng, t), strict=True
+    ):
       want_m = brute_mask(a, causal, pos, pos, seg, seg)
       for bq, bk in ((bs, bs), (bs, 2 * bs), (2 * bs, bs), (t, bs)):
         want = _kinds(want_m, bq, bk)
@@ -257,7 +259,9 @@ def test_kernel_impls_equal_the_dense_reference(causal):
   want = outputs_and_grads(case, _explicit(a, causal), "xla")
   for impl in ("xla", "xla_chunked", "interpret"):
     got = outputs_and_grads(case, spec, impl, None, kernels.BlockSizes(8, 8))
-    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+    for name, x, y in zip(
+      ("out", "lse", "dq", "dk", "dv"), got, want, strict=True
+    ):
       assert_close(x, y, F32_TOL, f"{impl} {name}")
 
 
@@ -303,7 +307,7 @@ def test_attention_module_equals_the_explicit_mask(causal):
     )
     assert_close(got[0], want[0], F32_TOL, f"{impl} out")
     assert_close(got[1], want[1], F32_TOL, f"{impl} d x")
-    for g, w in zip(got[2], want[2]):
+    for g, w in zip(got[2], want[2], strict=True):
       assert_close(g, w, F32_TOL, f"{impl} d params")
 
 

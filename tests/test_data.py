@@ -52,7 +52,7 @@ def _batches(it, n):
 
 def _assert_same(batches_a, batches_b):
   assert len(batches_a) == len(batches_b)
-  for a, b in zip(batches_a, batches_b):
+  for a, b in zip(batches_a, batches_b, strict=True):
     assert a.keys() == b.keys()
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -110,11 +110,13 @@ def test_pieces_cover_every_pair_once():
   assert (1 <= pieces.length_P).all() and (pieces.length_P <= 8).all()
   pairs = [
     (s + j, s + j + 1)
-    for s, n in zip(pieces.start_P, pieces.length_P)
+    for s, n in zip(pieces.start_P, pieces.length_P, strict=True)
     for j in range(n)
   ]
   expected = [
-    (t, t + 1) for s, e in zip(start_N, end_N) for t in range(s, e - 1)
+    (t, t + 1)
+    for s, e in zip(start_N, end_N, strict=True)
+    for t in range(s, e - 1)
   ]
   assert sorted(pairs) == expected  # each pair once; none across spans
 
@@ -186,7 +188,9 @@ def test_two_fresh_iterators_agree_and_seeds_differ(tmp_path):
   )
   _assert_same(_batches(make(0), 8), _batches(make(0), 8))
   a, b = _batches(make(0), 8), _batches(make(1), 8)
-  assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(a, b))
+  assert any(
+    (x["inputs"] != y["inputs"]).any() for x, y in zip(a, b, strict=True)
+  )
 
 
 def test_eval_is_deterministic_and_disjoint_from_train(tmp_path):

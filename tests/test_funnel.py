@@ -413,6 +413,7 @@ def test_mlm_step_corruption_depends_on_the_step_and_resumes_exactly(
   for a, b in zip(
     jax.tree.leaves(jax.device_get(state2["params"])),
     jax.tree.leaves(jax.device_get(state["params"])),
+    strict=True,
   ):
     np.testing.assert_array_equal(a, b)
   # Same parameters, same batch, another step number: another corruption.

@@ -141,7 +141,7 @@ def test_sampling_filters():
   top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
   for key in keys:
     drawn = np.asarray(sample(logits, key, temperature=2.0, top_k=3))
-    assert all(d in row for d, row in zip(drawn, top3))
+    assert all(d in row for d, row in zip(drawn, top3, strict=True))
   draws = {tuple(np.asarray(sample(logits, k, temperature=2.0))) for k in keys}
   assert len(draws) > 1
 

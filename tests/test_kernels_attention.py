@@ -192,7 +192,9 @@ def test_xla_chunked_matches_reference(spec):
   bs = kernels.BlockSizes(8, 16, 16, 8)
   got = outputs_and_grads(case, spec, "xla_chunked", 1.5, bs)
   want = outputs_and_grads(case, spec, "xla", 1.5)
-  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+  for name, a, b in zip(
+    ("out", "lse", "dq", "dk", "dv"), got, want, strict=True
+  ):
     assert_close(a, b, F32_TOL, name)
 
 
@@ -210,7 +212,9 @@ def test_suffix_keys_at_positions_inside_the_sequence(impl):
     k_pos=jnp.asarray(np.tile(k_pos, (2, 1)), jnp.int32),
   )
   bs = kernels.BlockSizes(16, 16)
-  for a, b in zip(run(case, spec, impl, None, bs), run(case, spec, "xla")):
+  for a, b in zip(
+    run(case, spec, impl, None, bs), run(case, spec, "xla"), strict=True
+  ):
     assert_close(a, b, F32_TOL)
 
 
@@ -258,7 +262,7 @@ def test_auto_on_cpu_is_xla_and_jits():
   case = make_case(4)
   spec = MaskSpec(causal=True)
   f = jax.jit(functools.partial(run, spec=spec, impl="auto"))
-  for a, b in zip(f(case), run(case, spec, "xla")):
+  for a, b in zip(f(case), run(case, spec, "xla"), strict=True):
     assert_close(a, b, 1e-6)
 
 
@@ -412,7 +416,9 @@ def check_interpret_case(c):
   )
   want = outputs_and_grads(case, spec, "xla", c["cap"])
   errs = {}
-  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+  for name, a, b in zip(
+    ("out", "lse", "dq", "dk", "dv"), got, want, strict=True
+  ):
     b32 = np.asarray(b, np.float32)
     fin = np.isfinite(b32)
     scale = max(1.0, float(np.max(np.abs(b32[fin]), initial=0)))
@@ -446,7 +452,9 @@ def test_interpret_fully_masked_rows():
     case, spec, "interpret", None, kernels.BlockSizes(16, 16)
   )
   want = outputs_and_grads(case, spec, "xla")
-  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+  for name, a, b in zip(
+    ("out", "lse", "dq", "dk", "dv"), got, want, strict=True
+  ):
     if name != "lse":
       assert np.all(np.isfinite(np.asarray(a))), name
     assert_close(a, b, F32_TOL, name)
@@ -572,7 +580,7 @@ def test_interpret_under_checkpoint_jit_and_shard_map():
     want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(
       *args
     )
-  for a, b in zip(got, want):
+  for a, b in zip(got, want, strict=True):
     assert_close(a, b, F32_TOL)
 
 
@@ -622,7 +630,7 @@ def test_xla_paths_under_shard_map_with_vma_checks():
       got = jax.jit(
         jax.grad(functools.partial(loss, impl, True), argnums=(0, 1, 2))
       )(*args)
-      for a, b in zip(got, want):
+      for a, b in zip(got, want, strict=True):
         assert_close(a, b, F32_TOL)
 
 

@@ -10,6 +10,7 @@ inputs 3e-2 against the f32 reference on the same bf16 values.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def _segments(rng, b, t):
   for r in range(b):
     cuts = np.sort(rng.choice(np.arange(1, t), 3, replace=False))
     bounds = [0, *cuts]
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
       seg[r, lo:hi] = i + 1
       pos[r, lo:hi] = np.arange(hi - lo)
   return seg, pos
@@ -189,7 +190,7 @@ def check_case(
   got, meta = kernel_run(x, spec, bq=bq, bk=bk, cap=cap, backend=backend)
   want = reference_run(x, spec, cap=cap)
   tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-  for name, g, w in zip(NAMES, got, want):
+  for name, g, w in zip(NAMES, got, want, strict=True):
     assert g.dtype == (jnp.float32 if name == "lse" else dtype), name
     assert_close(g, w, tol, f"{spec_name} {name}")
   return meta
@@ -334,7 +335,7 @@ def test_empty_tiles_are_not_visited(backend):
   )
   got = kernel_run(poisoned, spec, bq=bq, bk=bk, backend=backend)[0]
   want = reference_run(x, spec)
-  for name, g, w in zip(NAMES, got, want):
+  for name, g, w in zip(NAMES, got, want, strict=True):
     if name in ("dk", "dv"):  # poisoned rows get exactly zero gradient
       assert np.all(np.asarray(g)[:, :, np.repeat(dead, bk)] == 0)
       g, w = (a[:, :, ~np.repeat(dead, bk)] for a in (g, w))
@@ -380,7 +381,7 @@ def test_custom_vjp_end_to_end():
     jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2))
   )(q, k, v)
   got, want = grad("gpu"), grad("ref")
-  for name, g, w_ in zip(("dq", "dk", "dv"), got, want):
+  for name, g, w_ in zip(("dq", "dk", "dv"), got, want, strict=True):
     assert_close(g, w_, F32_TOL, name)
 
 

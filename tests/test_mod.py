@@ -114,7 +114,7 @@ def test_capacity_one_with_unit_gate_is_the_dense_block():
   )
   np.testing.assert_allclose(gx_r, gx_d, atol=1e-5, rtol=0)
   for (path, a), (_, b) in zip(
-    nnx.to_flat_state(gp_r), nnx.to_flat_state(gp_d)
+    nnx.to_flat_state(gp_r), nnx.to_flat_state(gp_d), strict=True
   ):
     if "router" not in path:
       np.testing.assert_allclose(
@@ -228,7 +228,9 @@ def test_gathered_block_equals_dense_attention_masked_to_the_selection(
 
   (gp, gx), (rp, rx) = _grads(routed, blk, x), _grads(ref, blk, x)
   np.testing.assert_allclose(gx, rx, atol=2e-5, rtol=0)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(gp), nnx.to_flat_state(rp)):
+  for (path, a), (_, b) in zip(
+    nnx.to_flat_state(gp), nnx.to_flat_state(rp), strict=True
+  ):
     np.testing.assert_allclose(
       a.get_value(), b.get_value(), atol=2e-5, rtol=0, err_msg=str(path)
     )

@@ -238,7 +238,7 @@ def test_pattern_scanned_equals_unrolled_loss_and_gradients():
   l_s, g_s = nnx.value_and_grad(loss)(scanned)
   l_u, g_u = nnx.value_and_grad(loss)(unrolled)
   np.testing.assert_allclose(l_s, l_u, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
 
 
@@ -283,7 +283,7 @@ def test_remat_gives_same_gradients(remat):
 
   g = nnx.grad(loss)(model)
   g_r = nnx.grad(loss)(model_r)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_r)):
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_r), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 

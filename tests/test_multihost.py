@@ -83,7 +83,7 @@ def _finish(procs, check=True) -> list[str]:
     _, err = p.communicate(timeout=TIMEOUT)
     errs.append(err)
   if check:
-    for p, err in zip(procs, errs):
+    for p, err in zip(procs, errs, strict=True):
       assert p.returncode == 0, err[-3000:]
   return errs
 

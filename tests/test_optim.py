@@ -151,6 +151,8 @@ def test_logged_learning_rate_is_the_one_applied():
   jax.tree.map(np.testing.assert_array_equal, params[1], params[0])
   moved = max(
     float(np.max(np.abs(b - a)))
-    for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2]))
+    for a, b in zip(
+      jax.tree.leaves(params[1]), jax.tree.leaves(params[2]), strict=True
+    )
   )
   assert moved == pytest.approx(lr / 2, rel=1e-3)

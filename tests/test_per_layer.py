@@ -84,8 +84,8 @@ def test_each_layer_has_its_own_shapes():
   assert [s.num_kv_heads for s in plan] == list(KV_HEADS)
   model = models.build(cfg, nnx.Rngs(0))
   shapes = []
-  for seg_name, seg in sorted(model.stack.groups.items()):
-    for j, layer in sorted(seg.items()):
+  for _, seg in sorted(model.stack.groups.items()):
+    for _, layer in sorted(seg.items()):
       for _ in range(layer.mlp.gate_DF.shape[0]):  # stacked repeats
         shapes.append((layer.mlp.gate_DF.shape[-1], layer.attn.k_DGK.shape[-2]))
   assert shapes == list(zip(MLP, KV_HEADS, strict=True))

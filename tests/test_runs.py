@@ -71,7 +71,9 @@ def test_load_run_gives_back_the_written_params(written):
   assert run.step == 0
   got = jax.device_get(run.params)
   assert jax.tree.structure(got) == jax.tree.structure(written.params)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written.params)):
+  for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(written.params), strict=True
+  ):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
   default = jax.device_get(

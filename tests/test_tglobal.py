@@ -427,7 +427,7 @@ def test_prefill_with_padded_prompts_then_decode():
   prompt = jnp.concatenate(
     [
       jnp.pad(x[:, :n], ((0, 0), (0, width - n), (0, 0)))
-      for x, n in zip(xs, lens)
+      for x, n in zip(xs, lens, strict=True)
     ],
     0,
   )
@@ -438,13 +438,13 @@ def test_prefill_with_padded_prompts_then_decode():
   outs = [[first[r : r + 1, :n]] for r, n in enumerate(lens)]
   for i in range(new):
     x_B1D = jnp.concatenate(
-      [x[:, n + i : n + i + 1] for x, n in zip(xs, lens)], 0
+      [x[:, n + i : n + i + 1] for x, n in zip(xs, lens, strict=True)], 0
     )
     p_B1 = jnp.asarray([[n + i] for n in lens], jnp.int32)
     y, cache = _step(m, x_B1D, p_B1, jnp.ones_like(p_B1), cache)
     for r in range(2):
       outs[r].append(y[r : r + 1])
-  for r, (x, n) in enumerate(zip(xs, lens)):
+  for r, (x, n) in enumerate(zip(xs, lens, strict=True)):
     p = jnp.arange(n + new, dtype=jnp.int32)[None]
     want = m(Tokens(x, p, jnp.ones_like(p)))
     assert_close(jnp.concatenate(outs[r], 1), want, 1e-5, f"row {r}")

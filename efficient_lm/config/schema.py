@@ -23,6 +23,16 @@ AttentionKind = Literal[
   "dense", "sliding_window", "global_local", "block_sparse", "tglobal"
 ]
 ATTENTION_KINDS: tuple[str, ...] = typing.get_args(AttentionKind)
+MoRSharing = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
+
+
+class LayerShapes(typing.TypedDict):
+  """`ModelConfig.layer_shapes`: one layer's shapes, as LayerSpec keys."""
+
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
 
 
 # floor(c * n) is taken with this slack so that binary rounding never loses
@@ -88,11 +98,11 @@ class AttentionConfig:
       return (self.kind,)
     return tuple(k.strip() for k in self.pattern.split(","))
 
-  def layer_kind(self, layer: int) -> str:
+  def layer_kind(self, layer: int) -> AttentionKind:
     """The attention kind of layer `layer` (0-based): the pattern cycles
-    over the layers."""
+    over the layers (its names are kinds once validation has passed)."""
     kinds = self.pattern_kinds
-    return kinds[layer % len(kinds)]
+    return typing.cast(AttentionKind, kinds[layer % len(kinds)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +129,7 @@ class RoutingConfig:
   router_z_loss: float = 0.0
   # --- mor
   num_recursions: int = 2
-  sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = (
-    "middle_cycle"
-  )
+  sharing: MoRSharing = "middle_cycle"
   router: Literal["expert_choice", "token_choice"] = "expert_choice"
   # Expert-choice capacity per recursion step; empty = (N_r - r + 1) / N_r.
   capacities: tuple[float, ...] = ()
@@ -286,7 +294,7 @@ class ModelConfig:
     extra = self.funnel.decoder_layers if self.kind == "funnel_encoder" else 0
     return self.num_layers + extra
 
-  def layer_shapes(self, layer: int) -> dict[str, int]:
+  def layer_shapes(self, layer: int) -> LayerShapes:
     """Layer `layer`'s shapes (0-based, in plan order): `per_layer` where it
     names them, the uniform values otherwise."""
     p = self.per_layer

@@ -8,7 +8,7 @@ state = it.get_state()      # JSON-serialisable; it.set_state(state)
 """
 
 from efficient_lm.data.errors import DataError
-from efficient_lm.data.pipeline import DataIterator, make_iterator
+from efficient_lm.data.pipeline import DataIterator, Split, make_iterator
 from efficient_lm.data.tokenizers import (
   ByteTokenizer,
   CharTokenizer,
@@ -25,6 +25,7 @@ __all__ = [
   "DataError",
   "DataIterator",
   "SentencePieceTokenizer",
+  "Split",
   "Tokenizer",
   "load_tokenizer",
   "make_iterator",

@@ -12,7 +12,7 @@ unpooled sequence, cached keys and appended summary keys all use this.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -93,12 +93,14 @@ def cache_slots(
   the layer's tokens sit `stride` positions apart). `num_slots` (an
   existing cache's size) stands in for max_len."""
   prefix = {"sliding_window": 0, "global_local": cfg.num_global}.get(cfg.kind)
-  if prefix is None:
-    if num_slots is not None:
-      return cache_lib.Slots(num_slots=num_slots, stride=stride)
-    return cache_lib.Slots.full(max_len, stride)
   if num_slots is not None:
+    if prefix is None:
+      return cache_lib.Slots(num_slots=num_slots, stride=stride)
     return cache_lib.Slots.rolling(num_slots - prefix, prefix=prefix)
+  if max_len is None:
+    raise TypeError("cache_slots needs max_len or num_slots")
+  if prefix is None:
+    return cache_lib.Slots.full(max_len, stride)
   # No more rows than the sequence can have.
   return cache_lib.Slots.rolling(
     min(cfg.window, max(max_len - prefix, 1)), prefix=prefix
@@ -214,6 +216,26 @@ class Attention(nnx.Module):
     out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
     return constrain(out, BTD)
 
+  @overload
+  def __call__(
+    self,
+    q: Tokens,
+    kv: Tokens | None = None,
+    *,
+    cache: None = None,
+    rows: dict | None = None,
+  ) -> jax.Array: ...
+
+  @overload
+  def __call__(
+    self,
+    q: Tokens,
+    kv: Tokens | None = None,
+    *,
+    cache: dict,
+    rows: dict | None = None,
+  ) -> tuple[jax.Array, dict]: ...
+
   def __call__(
     self,
     q: Tokens,
@@ -231,11 +253,12 @@ class Attention(nnx.Module):
     models/cache.py. `rows` (from `kv_rows`, optionally after a cache's
     rows) replaces the projected keys/values: mixture-of-recursions'
     recursive sharing attends later steps over the first step's rows."""
+    if rows is not None and cache is not None:
+      raise ValueError("attention: pass a cache or given rows, not both")
+    new = None
     if rows is None:
       new = self.kv_rows(q if kv is None else kv)
       rows = new if cache is None else cache_lib.concat(cache, new)
-    elif cache is not None:
-      raise ValueError("attention: pass a cache or given rows, not both")
     out = self._attend(
       self.queries(q),
       constrain(rows["k"], BSGK),
@@ -247,6 +270,7 @@ class Attention(nnx.Module):
     )
     if cache is None:
       return out
+    assert new is not None  # a cache comes without given rows (see above)
     return out, cache_lib.write(cache, new, self._slots(cache))
 
   # -------------------------------------------------------------- generation

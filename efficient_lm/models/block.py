@@ -13,7 +13,9 @@ attention reads and extends it and the call also returns the new cache.
 from __future__ import annotations
 
 import math
+from typing import Any, overload
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -30,8 +32,9 @@ from efficient_lm.sharding import BTD, constrain
 
 def make_attention(
   cfg: ModelConfig, spec: LayerSpec, *, rngs: nnx.Rngs, out_std: float
-) -> nnx.Module:
-  """The attention module of one layer, by projection and kind."""
+) -> Attention | MLAttention:
+  """The attention module of one layer, by projection and kind
+  (TGlobalAttention is an Attention)."""
   a = spec.attention
   kwargs = dict(
     embed_dim=cfg.embed_dim,
@@ -58,7 +61,7 @@ def make_attention(
 
 def make_mlp(
   cfg: ModelConfig, spec: LayerSpec, *, rngs: nnx.Rngs, out_std: float
-) -> nnx.Module:
+) -> SwiGLU:
   return SwiGLU(
     cfg.embed_dim,
     spec.mlp_dim,
@@ -87,13 +90,13 @@ class Block(nnx.Module):
     kv: Tokens | None = None,
     cache=None,
     rows=None,
-  ):
+  ) -> tuple[jax.Array, dict | None]:
     """The attention branch on Norm(x) -> (update [B, T, D], new cache or
     None). `kv`: another sequence's raw rows as keys / values (a funnel's
     pool-query layer; normed here by the same norm); `rows`: given K/V
     rows (`kv_rows`) instead of the projected ones."""
     h = Tokens(self.attn_norm(x_BTD), pos_BT, seg_BT)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}  # `kv` Tokens, `rows` a dict
     if kv is not None:
       kwargs["kv"] = Tokens(self.attn_norm(kv.x_BTD), kv.pos_BT, kv.seg_BT)
     if rows is not None:
@@ -101,6 +104,30 @@ class Block(nnx.Module):
     if cache is None:
       return self.attn(h, **kwargs), None
     return self.attn(h, cache=cache, **kwargs)
+
+  @overload
+  def __call__(
+    self,
+    x_BTD,
+    pos_BT,
+    seg_BT,
+    *,
+    kv: Tokens | None = None,
+    cache: None = None,
+    rows=None,
+  ) -> tuple[jax.Array, dict]: ...
+
+  @overload
+  def __call__(
+    self,
+    x_BTD,
+    pos_BT,
+    seg_BT,
+    *,
+    kv: Tokens | None = None,
+    cache: dict,
+    rows=None,
+  ) -> tuple[jax.Array, dict, dict | None]: ...
 
   def __call__(
     self,
@@ -126,7 +153,10 @@ class Block(nnx.Module):
   def kv_rows(self, x_BTD, pos_BT, seg_BT, cache=None) -> dict:
     """The K/V rows this block's attention reads for input x (the cache's
     rows first, if given): what mixture-of-recursions' recursive sharing
-    hands to later steps (`rows=`)."""
+    hands to later steps (`rows=`); qkv attention only, as validation
+    requires of recursive sharing."""
+    if not isinstance(self.attn, Attention):
+      raise TypeError(f"kv_rows needs qkv attention, not {type(self.attn)}")
     new = self.attn.kv_rows(Tokens(self.attn_norm(x_BTD), pos_BT, seg_BT))
     return new if cache is None else cache_lib.concat(cache, new)
 

@@ -35,6 +35,7 @@ class Decoder(LanguageModel):
     routed_block=RoutedBlock,
   ):
     self.init_embedding_and_head(cfg, rngs)
+    self.stack: stack.Stack | mor.Recursions
     if cfg.routing.kind == "mor":
       self.stack = mor.Recursions(
         cfg, lambda spec, r: block(cfg, spec, r), rngs=rngs
@@ -79,3 +80,14 @@ class Decoder(LanguageModel):
         "this model has no routed layers (model.routing.kind='none')"
       )
     return out
+
+  # -------------------------------------------------------------- generation
+
+  def stacks(self) -> tuple[stack.Stack | mor.Recursions]:
+    return (self.stack,)
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    return self.stack.init_cache(batch, max_len, self.dtype)
+
+  def cache_bytes_per_token(self) -> list[int]:
+    return self.stack.cache_bytes_per_token(self.dtype)

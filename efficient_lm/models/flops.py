@@ -75,7 +75,7 @@ def _pooled_visible_keys(
 def _layer_terms(cfg: ModelConfig, spec: LayerSpec, seq_len: int) -> dict:
   if spec.routed:
     r = cfg.routing
-    return RoutedBlock.flops(
+    return RoutedBlock.training_flops(
       cfg.embed_dim,
       spec,
       seq_len,

@@ -40,6 +40,7 @@ of its last-stage rows, RMS-normalised.
 from __future__ import annotations
 
 import dataclasses
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +197,7 @@ class FunnelEncoder(LanguageModel):
   def stacks(self):
     return (*self.stages.values(), self.decoder)
 
-  def init_cache(self, batch: int, max_len: int) -> dict:
+  def init_cache(self, batch: int, max_len: int) -> NoReturn:
     raise ValueError(
       "model.kind='funnel_encoder' is bidirectional (every token sees the "
       "tokens after it): it cannot generate; generation needs a causal "

@@ -194,7 +194,7 @@ class Hourglass(LanguageModel):
     layer caches one row per `factor` tokens (rounded down)."""
     return [
       n // stride
-      for s, stride in zip(self.stacks(), (1, self.factor, 1))
+      for s, stride in zip(self.stacks(), (1, self.factor, 1), strict=True)
       for n in s.cache_bytes_per_token(self.dtype)
     ]
 

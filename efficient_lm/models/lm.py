@@ -67,7 +67,7 @@ class LanguageModel(nnx.Module):
 
   def stacks(self) -> tuple[Any, ...]:
     """The layer stacks generation reads (caches, limits)."""
-    return (self.stack,)
+    raise NotImplementedError
 
   def max_positions(self) -> int | None:
     """Positions a sequence may reach (block-sparse tables); None: any."""
@@ -78,8 +78,8 @@ class LanguageModel(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> dict:
     """Empty generation caches for `batch` rows of up to `max_len`
     positions (models/cache.py)."""
-    return self.stack.init_cache(batch, max_len, self.dtype)
+    raise NotImplementedError
 
   def cache_bytes_per_token(self) -> list[int]:
     """Each layer's cache bytes per cached token (the modules' formulas)."""
-    return self.stack.cache_bytes_per_token(self.dtype)
+    raise NotImplementedError

@@ -39,7 +39,7 @@ combines with windows and global prefixes; config refuses it for tglobal.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +213,16 @@ class MLAttention(nnx.Module):
     c, q, r, n, e = dims
     query = d * q + q * h * (n + r) if q else d * h * (n + r)
     return 2.0 * (query + h * e * d), 2.0 * (d * (c + r) + c * h * (n + e))
+
+  @overload
+  def __call__(
+    self, q: Tokens, kv: Tokens | None = None, *, cache: None = None
+  ) -> jax.Array: ...
+
+  @overload
+  def __call__(
+    self, q: Tokens, kv: Tokens | None = None, *, cache: dict
+  ) -> tuple[jax.Array, dict]: ...
 
   def __call__(
     self, q: Tokens, kv: Tokens | None = None, *, cache: dict | None = None

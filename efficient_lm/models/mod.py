@@ -209,7 +209,7 @@ class RoutedBlock(Block):
     return x_BTD, cache
 
   @staticmethod
-  def flops(
+  def training_flops(
     embed_dim: int,
     spec: LayerSpec,
     seq_len: int,
@@ -224,7 +224,7 @@ class RoutedBlock(Block):
     bound for local ones), per token of the sequence; the router (and MLP
     predictor) on every token. Causal routing (evaluation, generation)
     computes every token at static shapes: it costs what a dense layer
-    costs."""
+    costs (`flops`, inherited from Block)."""
     k = routing.capacity_tokens(capacity, seq_len)
     terms = layer_flops(embed_dim, spec, seq_len, k, k)
     terms["router"] = MoDRouter.flops(embed_dim, predictor)

@@ -51,7 +51,8 @@ tokens) attend over those.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,9 @@ from flax import nnx
 
 import kernels
 from efficient_lm.config import ModelConfig, RoutingConfig
+from efficient_lm.config.schema import MoRSharing
 from efficient_lm.models import routing, stack
-from efficient_lm.models.block import layer_flops, projection_flops
+from efficient_lm.models.block import Block, layer_flops, projection_flops
 from efficient_lm.models.layers import ModelState, param
 from efficient_lm.sharding import BTD, constrain
 
@@ -69,7 +71,7 @@ from efficient_lm.sharding import BTD, constrain
 
 
 def layer_map(
-  sharing: str, num_layers: int, num_recursions: int
+  sharing: MoRSharing, num_layers: int, num_recursions: int
 ) -> tuple[int, ...]:
   """Unique layer used by each virtual layer (METHODS.md §1.1): the
   config's rule, `RoutingConfig.layer_map`."""
@@ -86,7 +88,7 @@ class Recursions(nnx.Module):
   def __init__(
     self,
     cfg: ModelConfig,
-    make_block: Callable[[stack.LayerSpec, nnx.Rngs], nnx.Module],
+    make_block: Callable[[stack.LayerSpec, nnx.Rngs], Block],
     *,
     rngs: nnx.Rngs,
   ):
@@ -243,7 +245,8 @@ class Recursions(nnx.Module):
       aux["loss/mor_balance"] = (
         self.balancing_weight * n * jnp.sum(load_U * prob_U)
       )
-    elif not causal:
+    elif not causal:  # loss_free: __init__ made the bias
+      assert self.bias_N is not None
       self.bias_N[...] = bias + self.bias_rate * jnp.sign(
         jax.lax.stop_gradient(load_U.mean() - load_U)
       )
@@ -283,6 +286,16 @@ class Recursions(nnx.Module):
     return f(x_BTD, pos_BT, seg_BT, causal, caches, decisions)
 
   # ----------------------------------------------------------- interface
+
+  @overload
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache: None = None, causal_routing=False
+  ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+  @overload
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache: dict, causal_routing=False
+  ) -> tuple[jax.Array, dict[str, jax.Array], dict]: ...
 
   def __call__(
     self, x_BTD, pos_BT, seg_BT, *, cache=None, causal_routing=False
@@ -337,12 +350,12 @@ class Recursions(nnx.Module):
     def layers():
       return [blk.init_cache(batch, max_len, dtype) for blk in self.shared]
 
-    out = {}
+    out: dict[str, Any] = {}
     if self.kv == "recursion_wise":
       out["steps"] = [layers() for _ in range(self.num_recursions)]
     else:
       out["shared"] = layers()
-    if self.first is not None:
+    if self.first is not None and self.last is not None:  # unique ends
       out["first"] = self.first.init_cache(batch, max_len, dtype)
       out["last"] = self.last.init_cache(batch, max_len, dtype)
     return out

@@ -13,10 +13,22 @@ ids (METHODS.md §0.1): a gather never renumbers positions.
 
 from __future__ import annotations
 
+from typing import overload
+
 import jax
 import jax.numpy as jnp
 
 from efficient_lm.config import schema
+
+
+@overload
+def capacity_tokens(capacity: float, n: int, *, minimum: int = 0) -> int: ...
+
+
+@overload
+def capacity_tokens(
+  capacity: float, n: jax.Array, *, minimum: int = 0
+) -> jax.Array: ...
 
 
 def capacity_tokens(capacity: float, n, *, minimum: int = 0):

@@ -31,7 +31,8 @@ carried out of the scan and written back.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -219,7 +220,7 @@ class Stack(nnx.Module):
       layer_params, layer_states, layer_caches = layer
       new_states, auxes, new_caches = [], [], []
       for j, (gd, p, st) in enumerate(
-        zip(graphdefs, layer_params, layer_states)
+        zip(graphdefs, layer_params, layer_states, strict=True)
       ):
         block = nnx.merge(gd, p, st)
         kwargs = {}
@@ -253,7 +254,7 @@ class Stack(nnx.Module):
       new_states, auxes, new_caches = jax.tree.map(
         lambda *xs: jnp.stack(xs), *outs
       )
-    for n, st in zip(names, new_states):
+    for n, st in zip(names, new_states, strict=True):
       nnx.update(stacks[n], st)
     return x_BTD, auxes, new_caches
 
@@ -265,6 +266,16 @@ class Stack(nnx.Module):
       first += seg.repeats * len(seg.pattern)
     return out
 
+  @overload
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache: None = None, causal_routing=False
+  ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+  @overload
+  def __call__(
+    self, x_BTD, pos_BT, seg_BT, *, cache: dict, causal_routing=False
+  ) -> tuple[jax.Array, dict[str, jax.Array], dict]: ...
+
   def __call__(
     self, x_BTD, pos_BT, seg_BT, *, cache=None, causal_routing=False
   ):
@@ -273,7 +284,9 @@ class Stack(nnx.Module):
     its own. `causal_routing` reaches the routed blocks (mixture-of-depths;
     with a cache their routing is always causal)."""
     auxes, new_cache = [], {}
-    for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
+    for i, (seg, first) in enumerate(
+      zip(self.segments, self._first_layers(), strict=True)
+    ):
       name = f"segment_{i}"
       x_BTD, seg_auxes, new_cache[name] = self._run_segment(
         seg,
@@ -294,7 +307,9 @@ class Stack(nnx.Module):
     as `{"layer <i>": ...}`, the layers run one by one with causal routing
     (what evaluation and generation compute; for plots and tests)."""
     out = {}
-    for i, (seg, first) in enumerate(zip(self.segments, self._first_layers())):
+    for i, (seg, first) in enumerate(
+      zip(self.segments, self._first_layers(), strict=True)
+    ):
       stacks = self.groups[f"segment_{i}"]
       split = [
         nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)

@@ -57,7 +57,7 @@ supported yet.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -228,6 +228,16 @@ class TGlobalAttention(Attention):
     """Summary keys of a call over seq_len tokens (module docstring)."""
     return seq_len * self.stride // self.block
 
+  @overload
+  def __call__(
+    self, q: Tokens, kv: Tokens | None = None, *, cache: None = None
+  ) -> jax.Array: ...
+
+  @overload
+  def __call__(
+    self, q: Tokens, kv: Tokens | None = None, *, cache: dict
+  ) -> tuple[jax.Array, dict]: ...
+
   def __call__(
     self, q: Tokens, kv: Tokens | None = None, *, cache: dict | None = None
   ):
@@ -283,10 +293,15 @@ class TGlobalAttention(Attention):
     q_seg,
     k_seg,
     *,
+    mask: kernels.MaskSpec | None = None,
     num_summaries: int = 0,
   ):
-    """Attention._attend with the last `num_summaries` keys global."""
-    mask = mask_spec(self.cfg, causal=self.causal, num_summaries=num_summaries)
+    """Attention._attend with the last `num_summaries` keys global (unless
+    `mask` is given, as Attention._attend takes it)."""
+    if mask is None:
+      mask = mask_spec(
+        self.cfg, causal=self.causal, num_summaries=num_summaries
+      )
     return super()._attend(
       q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg, mask=mask
     )
@@ -407,7 +422,9 @@ def _local(cfg: AttentionConfig) -> AttentionConfig:
 
 def _cat(x: Tokens, g: Tokens) -> Tokens:
   """Keys of a call: the tokens, then the summaries."""
-  return Tokens(*(jnp.concatenate([a, b], 1) for a, b in zip(x, g)))
+  return Tokens(
+    *(jnp.concatenate([a, b], 1) for a, b in zip(x, g, strict=True))
+  )
 
 
 def _carry(rows: Tokens, weight_BT, block: int) -> dict:

@@ -44,7 +44,7 @@ class Trainer:
   abstract_state: Any
   optimizer: optax.GradientTransformation
   init_fn: Callable
-  train_step: Callable
+  train_step: jax.stages.Wrapped  # jitted: aot.py lowers it
   eval_step: Callable
   flops: dict[str, float]  # models.flops.flops_per_token
   param_count: dict[str, int]
@@ -175,7 +175,7 @@ def make_tokenizer(cfg: Config):
   return tok
 
 
-def make_iterator(t: Trainer, tok, split: str):
+def make_iterator(t: Trainer, tok, split: data_lib.Split):
   return data_lib.make_iterator(
     t.cfg.data,
     split=split,
@@ -239,10 +239,10 @@ def run(
   """
   # Local: made absolute (orbax needs that); gs://: as it is. A malformed
   # URL fails here, before anything compiles or is written.
-  workdir = paths.resolve(workdir)
-  if not paths.is_remote(workdir):  # object stores have no directories
-    workdir.mkdir(parents=True, exist_ok=True)
-  workdir = str(workdir)
+  path = paths.resolve(workdir)
+  if not paths.is_remote(path):  # object stores have no directories
+    path.mkdir(parents=True, exist_ok=True)
+  workdir = str(path)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _run(cfg, workdir, hooks, overrides, build_model)
 

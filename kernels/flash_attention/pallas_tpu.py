@@ -239,6 +239,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
 
     def step(masked):
       s, _ = _logits(params, q_ref[...], k_ref[...])
+      vis = None
       if masked:
         vis = _tile_mask(
           params,
@@ -253,7 +254,7 @@ def flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, meta, params):
       m_prev = m_sc[...]
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
       p = jnp.exp(s - m_new)
-      if masked:  # a row masked so far has m_new == _NEG and p == 1
+      if vis is not None:  # a row masked so far has m_new == _NEG and p == 1
         p = jnp.where(vis, p, 0.0)
       alpha = jnp.exp(m_prev - m_new)
       l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
