@@ -12,10 +12,14 @@ prints caught / survived per mutation and the score.
   python tests/mutate.py --rev 5ca48e4       # the tests of another commit
   python tests/mutate.py --baseline          # also run each selection clean
 
-A mutation whose old snippet is absent is reported `stale` (the code moved
-on: update the snippet) and counts as not caught. A selection that collects
-no test (file or test missing) is `no test`, also not caught. Not part of the
-default suite: it runs the selected tests once per mutation (minutes).
+Before anything runs, every selected mutation's old snippets must occur
+exactly once in their file (of the working tree, or of --rev): a `stale`
+entry (file missing, snippet absent, or found more than once: the code moved
+on, re-anchor the snippet) is printed with its reason and the tool exits
+with status 2. `--list` marks stale entries and exits 0. A selection that
+collects no test (file or test missing) is `no test`, which counts as not
+caught. Not part of the default suite: it runs the selected tests once per
+mutation (minutes).
 """
 
 from __future__ import annotations
@@ -1089,10 +1093,54 @@ def _copy_tree(dst: str, rev: str | None) -> None:
       shutil.copy2(src, os.path.join(dst, rel))
 
 
-def _mutate(text: str, m: Mutation) -> str | None:
-  for old, new in m.edits:
-    if text.count(old) != 1:
+def _read(path: str, rev: str | None) -> str | None:
+  """The text of `path` (relative to the repository) in the working tree,
+  or in commit `rev`; None if there is no such file."""
+  if rev is None:
+    full = os.path.join(REPO, path)
+    if not os.path.isfile(full):
       return None
+    with open(full) as f:
+      return f.read()
+  proc = subprocess.run(
+    ["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True
+  )
+  return proc.stdout.decode() if proc.returncode == 0 else None
+
+
+def _stale_reason(text: str | None, m: Mutation) -> str | None:
+  """Why `m` cannot be applied to `text` (its file's contents), or None.
+  Edits apply in order, so each old snippet is looked for in the text the
+  previous edits left."""
+  if text is None:
+    return f"file missing: {m.path}"
+  for i, (old, new) in enumerate(m.edits):
+    where = f" (edit {i + 1} of {len(m.edits)})" if len(m.edits) > 1 else ""
+    n = text.count(old)
+    if n == 0:
+      return f"snippet absent in {m.path}{where}"
+    if n > 1:
+      return f"snippet occurs {n} times in {m.path}{where}"
+    text = text.replace(old, new)
+  return None
+
+
+def _stale(chosen: list[Mutation], rev: str | None) -> dict[str, str]:
+  """{id: reason} of the mutations in `chosen` that cannot be applied."""
+  texts: dict[str, str | None] = {}
+  out = {}
+  for m in chosen:
+    if m.path not in texts:
+      texts[m.path] = _read(m.path, rev)
+    reason = _stale_reason(texts[m.path], m)
+    if reason is not None:
+      out[m.id] = reason
+  return out
+
+
+def _mutate(text: str, m: Mutation) -> str:
+  for old, new in m.edits:
+    assert text.count(old) == 1, m.id  # checked by _stale at startup
     text = text.replace(old, new)
   return text
 
@@ -1160,10 +1208,21 @@ def main(argv=None) -> int:
   chosen = [
     m for m in MUTATIONS if args.k in m.id and (not only or m.id in only)
   ]
+  stale = _stale(chosen, args.rev)
   if args.list:
     for m in chosen:
-      print(f"{m.id:40s} {m.path}  [{' '.join(m.tests)}]")
+      mark = f"  STALE: {stale[m.id]}" if m.id in stale else ""
+      print(f"{m.id:40s} {m.path}  [{' '.join(m.tests)}]{mark}")
     return 0
+  if stale:
+    for id_, reason in stale.items():
+      print(f"stale: {id_}: {reason}", file=sys.stderr)
+    print(
+      f"error: {len(stale)} stale mutation(s): re-anchor their snippets "
+      "to the code as it is now (nothing was run)",
+      file=sys.stderr,
+    )
+    return 2
 
   caught = 0
   with tempfile.TemporaryDirectory(prefix="mutate_") as root:
@@ -1171,12 +1230,11 @@ def main(argv=None) -> int:
     clean: dict[tuple[str, ...], str] = {}
     for m in chosen:
       path = os.path.join(root, m.path)
-      original = open(path).read() if os.path.exists(path) else ""
+      with open(path) as f:
+        original = f.read()
       mutated = _mutate(original, m)
       t0, output = time.perf_counter(), ""
-      if mutated is None:
-        verdict = "stale"
-      elif (
+      if (
         args.baseline
         and clean.setdefault(m.tests, _pytest(root, m.tests, args.timeout)[0])
         != "pass"
