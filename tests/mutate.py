@@ -12,10 +12,14 @@ prints caught / survived per mutation and the score.
   python tests/mutate.py --rev 5ca48e4       # the tests of another commit
   python tests/mutate.py --baseline          # also run each selection clean
 
-A mutation whose old snippet is absent is reported `stale` (the code moved
-on: update the snippet) and counts as not caught. A selection that collects
-no test (file or test missing) is `no test`, also not caught. Not part of the
-default suite: it runs the selected tests once per mutation (minutes).
+Before anything runs, every selected mutation's old snippets must occur
+exactly once in their file (of the working tree, or of --rev): a `stale`
+entry (file missing, snippet absent, or found more than once: the code moved
+on, re-anchor the snippet) is printed with its reason and the tool exits
+with status 2. `--list` marks stale entries and exits 0. A selection that
+collects no test (file or test missing) is `no test`, which counts as not
+caught. Not part of the default suite: it runs the selected tests once per
+mutation (minutes).
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ MUTATIONS = [
   _m(
     "bug_decay_by_rank",
     "efficient_lm/training/optim.py",
-    "return var.replace(decays(sharding.logical_axes(var),\n"
-    "                              decay_embeddings=decay_embeddings))",
+    "return var.replace(\n"
+    "      decays(sharding.logical_axes(var), "
+    "decay_embeddings=decay_embeddings)\n"
+    "    )",
     "return var.replace(len(var.shape) >= 2)",
     "tests/test_optim.py",
     "-k",
@@ -68,8 +74,8 @@ MUTATIONS = [
   _m(
     "bug_unrolled_layer_order",
     "efficient_lm/models/stack.py",
-    "for r in range(seg.repeats):",
-    "for r in sorted(range(seg.repeats), key=str):",
+    "      outs = []\n      for r in range(seg.repeats):",
+    "      outs = []\n      for r in sorted(range(seg.repeats), key=str):",
     "tests/test_model.py",
     "tests/test_scan_switch.py",
     "-k",
@@ -79,8 +85,8 @@ MUTATIONS = [
   _m(
     "masks_segment_bound",
     "kernels/masks.py",
-    "(ksmin == ksmax) & (qsmin == ksmin))",
-    "(ksmin == ksmax))",
+    "(ksmin == ksmax) & (qsmin == ksmin),",
+    "(ksmin == ksmax),",
     "tests/test_kernels_masks.py",
     "-k",
     "block_kinds",
@@ -101,28 +107,29 @@ MUTATIONS = [
     "efficient_lm/models/attention.py",
     (
       (
-        "q_BTHK = constrain(rope(q_BTHK, q.pos_BT,",
-        f"q_BTHK = constrain(rope(q_BTHK, {_INDEX_POS.format('q.pos_BT')},",
+        "rope(q_BTHK, q.pos_BT, self.rope_theta)",
+        f"rope(q_BTHK, {_INDEX_POS.format('q.pos_BT')}, self.rope_theta)",
       ),
       (
-        "k_BSGK = constrain(rope(k_BSGK, kv.pos_BT,",
-        f"k_BSGK = constrain(rope(k_BSGK, {_INDEX_POS.format('kv.pos_BT')},",
+        "rope(k_BSGK, kv.pos_BT, self.rope_theta)",
+        f"rope(k_BSGK, {_INDEX_POS.format('kv.pos_BT')}, self.rope_theta)",
       ),
       (
-        "q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT,",
-        f"q_BTHK, k_BSGK, v_BSGK, {_INDEX_POS.format('q.pos_BT')}, "
-        f"{_INDEX_POS.format('kv.pos_BT')},",
+        '"pos": kv.pos_BT.astype(jnp.int32),',
+        f'"pos": {_INDEX_POS.format("kv.pos_BT")}.astype(jnp.int32),',
+      ),
+      (
+        '      q.pos_BT,\n      rows["pos"],',
+        f'      {_INDEX_POS.format("q.pos_BT")},\n      rows["pos"],',
       ),
     ),
     ("tests/test_model.py", "-k", "packing"),
   ),
   _m(
     "transformer_mlp_residual_dropped",
-    "efficient_lm/models/transformer.py",
-    "x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))\n"
-    "    return constrain(x_BTD, BTD), {}\n",
-    "x_BTD = self.mlp(self.mlp_norm(x_BTD))\n"
-    "    return constrain(x_BTD, BTD), {}\n",
+    "efficient_lm/models/block.py",
+    "x_BTD = constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), BTD)",
+    "x_BTD = constrain(self.mlp(self.mlp_norm(x_BTD)), BTD)",
     "tests/test_model.py",
     "-k",
     "zeroed_output_projections",
@@ -157,8 +164,8 @@ MUTATIONS = [
   _m(
     "step_padding_counted",
     "efficient_lm/training/losses.py",
-    'mask_BT = (batch["segment_ids"] > 0)',
-    'mask_BT = (batch["segment_ids"] >= 0)',
+    'batch["targets"], batch["segment_ids"] > 0, aux, z_loss=z_loss',
+    'batch["targets"], batch["segment_ids"] >= 0, aux, z_loss=z_loss',
     "tests/test_step.py",
     "-k",
     "padding",
@@ -212,9 +219,10 @@ MUTATIONS = [
   _m(
     "restore_hosts_not_agreed_before_read",
     "efficient_lm/training/checkpoint.py",
-    "                                                    config)\n"
+    "      step, abstract_state, config\n"
+    "    )\n"
     "    problem = _agree(problem)\n",
-    "                                                    config)\n",
+    "      step, abstract_state, config\n    )\n",
     "tests/test_multihost.py",
     "-k",
     "set_aside",
@@ -222,8 +230,9 @@ MUTATIONS = [
   _m(
     "heartbeat_not_configured",
     "efficient_lm/multihost.py",
-    "process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,",
-    "process_id=process_id,",
+    "    process_id=process_id,\n"
+    "    heartbeat_timeout_seconds=heartbeat_timeout_s,\n",
+    "    process_id=process_id,\n",
     "tests/test_multihost.py",
     "-k",
     "killed",
@@ -240,8 +249,8 @@ MUTATIONS = [
   _m(
     "optim_decay_mask_inverted",
     "efficient_lm/training/optim.py",
-    "return var.replace(decays(sharding.logical_axes(var),",
-    "return var.replace(not decays(sharding.logical_axes(var),",
+    "return var.replace(\n      decays(",
+    "return var.replace(\n      not decays(",
     "tests/test_optim.py",
     "-k",
     "mask",
@@ -292,8 +301,8 @@ MUTATIONS = [
   _m(
     "schedule_shift_applied",
     "efficient_lm/training/optim.py",
-    "optax.adamw(schedule(cfg),",
-    "optax.adamw(lambda s: schedule(cfg)(s + 1),",
+    "optax.adamw(\n      schedule(cfg),",
+    "optax.adamw(\n      lambda s: schedule(cfg)(s + 1),",
     "tests/test_optim.py",
     "-k",
     "schedule or logged",
@@ -301,8 +310,8 @@ MUTATIONS = [
   _m(
     "optim_decay_mask_ignored",
     "efficient_lm/training/optim.py",
-    "weight_decay=cfg.weight_decay, mask=decay_mask)",
-    "weight_decay=cfg.weight_decay)",
+    "      weight_decay=cfg.weight_decay,\n      mask=decay_mask,\n",
+    "      weight_decay=cfg.weight_decay,\n",
     "tests/test_optim.py",
     "-k",
     "weight_decay_is_applied",
@@ -349,9 +358,9 @@ MUTATIONS = [
   # ---- the model-assembly contracts (issue #6)
   _m(
     "stack_pattern_ignored",
-    "efficient_lm/models/transformer.py",
-    "rope_theta=cfg.rope_theta, cfg=a, causal=spec.causal",
-    "rope_theta=cfg.rope_theta, cfg=cfg.attention, causal=spec.causal",
+    "efficient_lm/models/block.py",
+    "    cfg=a,\n    causal=spec.causal,",
+    "    cfg=cfg.attention,\n    causal=spec.causal,",
     "tests/test_model.py",
     "-k",
     "own_masks",
@@ -359,8 +368,8 @@ MUTATIONS = [
   _m(
     "attention_kv_positions_from_q",
     "efficient_lm/models/attention.py",
-    "q_BTHK, k_BSGK, v_BSGK, q.pos_BT, kv.pos_BT,",
-    "q_BTHK, k_BSGK, v_BSGK, q.pos_BT, q.pos_BT[:, :k_BSGK.shape[1]],",
+    '      q.pos_BT,\n      rows["pos"],',
+    '      q.pos_BT,\n      q.pos_BT[:, : rows["pos"].shape[1]],',
     "tests/test_model.py",
     "-k",
     "separate_queries",
@@ -377,8 +386,8 @@ MUTATIONS = [
   _m(
     "step_model_state_not_carried",
     "efficient_lm/training/step.py",
-    'new_state = {"params": params, "model_state": model_state,',
-    'new_state = {"params": params, "model_state": state["model_state"],',
+    '      "model_state": model_state,\n      "opt_state": opt_state,',
+    '      "model_state": state["model_state"],\n      "opt_state": opt_state,',
     "tests/test_assembly.py",
     "-k",
     "trained_state",
@@ -394,7 +403,7 @@ MUTATIONS = [
   ),
   _m(
     "flops_visible_window_wrong",
-    "efficient_lm/models/flops.py",
+    "efficient_lm/models/visibility.py",
     "local_after = np.minimum(after, w - 1)",
     "local_after = np.minimum(after, w)",
     "tests/test_flops.py",
@@ -499,8 +508,8 @@ MUTATIONS = [
   _m(
     "cache_rolling_buffer_too_small",
     "efficient_lm/models/attention.py",
-    "Slots.rolling(min(cfg.window, max(max_len - prefix, 1)),",
-    "Slots.rolling(min(cfg.window - 2, max(max_len - prefix, 1)),",
+    "min(cfg.window, max(max_len - prefix, 1)), prefix=prefix",
+    "min(cfg.window - 2, max(max_len - prefix, 1)), prefix=prefix",
     "tests/test_generate.py",
     "-k",
     "sliding and equals",
@@ -508,9 +517,8 @@ MUTATIONS = [
   _m(
     "generate_decodes_at_the_previous_position",
     "efficient_lm/generate.py",
-    "jnp.asarray(tok),\n                                     jnp.asarray(cur))",
-    "jnp.asarray(tok),\n                                     "
-    "jnp.asarray(cur - 1))",
+    "cache, jnp.asarray(tok), jnp.asarray(cur)\n",
+    "cache, jnp.asarray(tok), jnp.asarray(cur - 1)\n",
     "tests/test_generate.py",
     "-k",
     "greedy and dense_gqa",
@@ -518,7 +526,7 @@ MUTATIONS = [
   _m(
     "attention_step_skips_the_cache",
     "efficient_lm/models/attention.py",
-    "rows = cache_lib.concat(cache, new)",
+    "rows = new if cache is None else cache_lib.concat(cache, new)",
     "rows = new",
     "tests/test_generate.py",
     "-k",
@@ -528,9 +536,9 @@ MUTATIONS = [
   # sramshetty's RoPE bug: gathered tokens at positions 0..k-1.
   _m(
     "mod_gathered_positions_compacted",
-    "efficient_lm/models/transformer.py",
-    "routing.gather(pos_BT, idx_BK), seg_sel)",
-    "jnp.broadcast_to(jnp.arange(idx_BK.shape[1]), idx_BK.shape), seg_sel)",
+    "efficient_lm/models/mod.py",
+    "routing.gather(pos_BT, idx_BM), seg_sel)",
+    "jnp.broadcast_to(jnp.arange(idx_BM.shape[1]), idx_BM.shape), seg_sel)",
     "tests/test_mod.py",
     "-k",
     "gathered",
@@ -539,8 +547,8 @@ MUTATIONS = [
   _m(
     "mod_gather_argsort_of_indices",
     "efficient_lm/models/routing.py",
-    "idx_BK = jnp.sort(idx_BK.astype(jnp.int32), axis=-1)",
-    "idx_BK = jnp.argsort(idx_BK.astype(jnp.int32), axis=-1)",
+    "idx_BM = jnp.sort(idx_BM.astype(jnp.int32), axis=-1)",
+    "idx_BM = jnp.argsort(idx_BM.astype(jnp.int32), axis=-1)",
     "tests/test_mod.py",
     "-k",
     "top_k or gathered",
@@ -548,9 +556,9 @@ MUTATIONS = [
   # astramind / sramshetty: the residual scaled (or added) twice.
   _m(
     "mod_residual_double_counted",
-    "efficient_lm/models/transformer.py",
-    "x_sel + g_BK1.astype(x_sel.dtype) * delta, x_sel)",
-    "x_sel + g_BK1.astype(x_sel.dtype) * (x_sel + delta), x_sel)",
+    "efficient_lm/models/mod.py",
+    "x_sel + g_BM1.astype(x_sel.dtype) * delta, x_sel",
+    "x_sel + g_BM1.astype(x_sel.dtype) * (x_sel + delta), x_sel",
     "tests/test_mod.py",
     "-k",
     "unit_gate",
@@ -567,36 +575,36 @@ MUTATIONS = [
   # astramind's strict threshold: k - 1 tokens.
   _m(
     "mod_capacity_off_by_one",
-    "efficient_lm/models/routing.py",
-    "int(math.floor(capacity * seq_len + 1e-9))",
-    "int(math.ceil(capacity * seq_len - 1))",
+    "efficient_lm/config/schema.py",
+    "math.floor(capacity * n + FLOOR_EPS)",
+    "math.ceil(capacity * n - 1)",
     "tests/test_mod.py",
     "-k",
     "top_k",
   ),
   _m(
     "mod_invalid_slots_updated",
-    "efficient_lm/models/transformer.py",
-    "new_sel = jnp.where(ok_BK[..., None],",
-    "new_sel = jnp.where(True,",
+    "efficient_lm/models/mod.py",
+    "new_sel = jnp.where(\n        ok_BM[..., None],",
+    "new_sel = jnp.where(\n        True,",
     "tests/test_mod.py",
     "-k",
     "unselected",
   ),
   _m(
     "mod_bce_target_inverted",
-    "efficient_lm/models/transformer.py",
-    "z_BT, member_BT, valid_BT),",
-    "z_BT, ~member_BT, valid_BT),",
+    "efficient_lm/models/mod.py",
+    "routing.bce(z_BT, member_BT, valid_BT)",
+    "routing.bce(z_BT, ~member_BT, valid_BT)",
     "tests/test_mod.py",
     "-k",
     "unselected",
   ),
   _m(
     "mod_causal_routing_uses_top_k",
-    "efficient_lm/models/transformer.py",
-    "      processed_BT = (z_BT > 0) & (seg_BT != 0)\n      x_BTD, _ =",
-    "      processed_BT = member_BT\n      x_BTD, _ =",
+    "efficient_lm/models/mod.py",
+    "    if causal_routing:\n      processed_BT = (z_BT > 0) & (seg_BT != 0)\n",
+    "    if causal_routing:\n      processed_BT = member_BT\n",
     "tests/test_mod.py",
     "-k",
     "causal_routing_is_causal",
@@ -604,8 +612,8 @@ MUTATIONS = [
   _m(
     "mod_stack_drops_causal_routing",
     "efficient_lm/models/stack.py",
-    "block(x, pos_BT, seg_BT, causal_routing=causal_routing)",
-    "block(x, pos_BT, seg_BT)",
+    '          kwargs["causal_routing"] = causal_routing\n',
+    "          pass\n",
     "tests/test_mod.py",
     "-k",
     "causal_routing_is_causal",
@@ -613,7 +621,7 @@ MUTATIONS = [
   # Unprocessed tokens as keys: still causal, but caches hold every token.
   _m(
     "mod_unprocessed_tokens_are_keys",
-    "efficient_lm/models/transformer.py",
+    "efficient_lm/models/mod.py",
     "seg_kv = jnp.where(processed_BT, seg_BT, 0)",
     "seg_kv = seg_BT",
     "tests/test_mod.py",
@@ -622,28 +630,28 @@ MUTATIONS = [
   ),
   _m(
     "mod_predictor_reaches_the_trunk",
-    "efficient_lm/models/routing.py",
-    "jax.lax.stop_gradient(x),",
-    "x,",
+    "efficient_lm/models/mod.py",
+    "      jax.lax.stop_gradient(x),\n",
+    "      x,\n",
     "tests/test_mod.py",
     "-k",
     "routers_learn and mlp",
   ),
   _m(
     "mod_router_off_the_gradient_path",
-    "efficient_lm/models/transformer.py",
-    "g_BK1 = jax.nn.sigmoid(routing.gather(r_BT, idx_BK))[..., None]",
-    "g_BK1 = jax.nn.sigmoid(jax.lax.stop_gradient(\n"
-    "        routing.gather(r_BT, idx_BK)))[..., None]",
+    "efficient_lm/models/mod.py",
+    "g_BM1 = jax.nn.sigmoid(routing.gather(r_BT, idx_BM))[..., None]",
+    "g_BM1 = jax.nn.sigmoid(jax.lax.stop_gradient(\n"
+    "        routing.gather(r_BT, idx_BM)))[..., None]",
     "tests/test_mod.py",
     "-k",
     "routers_learn and router_bce",
   ),
   _m(
     "mod_routes_the_first_block",
-    "efficient_lm/models/stack.py",
-    "routed=bool(every) and (i + 1) % every == 0)",
-    "routed=bool(every) and i % every == 0)",
+    "efficient_lm/config/schema.py",
+    'return self.kind == "mod" and (layer + 1) % self.every == 0',
+    'return self.kind == "mod" and layer % self.every == 0',
     "tests/test_mod.py",
     "-k",
     "layer_plan",
@@ -651,9 +659,9 @@ MUTATIONS = [
   # The same bug seen by a sliding window: a window in rank, not position.
   _m(
     "mod_window_over_ranks",
-    "efficient_lm/models/transformer.py",
-    "routing.gather(pos_BT, idx_BK), seg_sel)",
-    "jnp.broadcast_to(jnp.arange(idx_BK.shape[1]), idx_BK.shape), seg_sel)",
+    "efficient_lm/models/mod.py",
+    "routing.gather(pos_BT, idx_BM), seg_sel)",
+    "jnp.broadcast_to(jnp.arange(idx_BM.shape[1]), idx_BM.shape), seg_sel)",
     "tests/test_mod.py",
     "-m",
     "slow",
@@ -680,9 +688,9 @@ MUTATIONS = [
   ),
   _m(
     "mod_flops_ignore_capacity",
-    "efficient_lm/models/flops.py",
-    "nq = nk = routing.capacity_tokens(cfg.routing.capacity, seq_len)",
-    "nq = nk = seq_len",
+    "efficient_lm/models/mod.py",
+    "k = routing.capacity_tokens(capacity, seq_len)",
+    "k = seq_len",
     "tests/test_mod.py",
     "-k",
     "flops",
@@ -719,8 +727,8 @@ MUTATIONS = [
   _m(
     "funnel_pool_query_attends_pooled_keys",
     "efficient_lm/models/funnel.py",
-    "h_kv = block.attn_norm(kv.x_BTD)",
-    "h_kv, kv = h_q, q",
+    "return block(q.x_BTD, q.pos_BT, q.seg_BT, kv=kv)[0]",
+    "return block(q.x_BTD, q.pos_BT, q.seg_BT, kv=q)[0]",
     "tests/test_funnel.py",
     "-k",
     "pooled_queries",
@@ -728,17 +736,17 @@ MUTATIONS = [
   _m(
     "funnel_no_bridge",
     "efficient_lm/models/funnel.py",
-    "      x_BTD = x_BTD + upsample(last, seg_BT,",
-    "      x_BTD = 0 * x_BTD + upsample(last, seg_BT,",
+    "      x_BTD = x_BTD + upsample(\n        last, seg_BT,",
+    "      x_BTD = 0 * x_BTD + upsample(\n        last, seg_BT,",
     "tests/test_funnel.py",
     "-k",
     "factor_1",
   ),
   _m(
     "tglobal_pooled_rows_weigh_one",
-    "efficient_lm/models/transformer.py",
-    "stride = (cfg.funnel.factor ** (spec.stage - spec.pool_query)",
-    "stride = (1 ** (spec.stage - spec.pool_query)",
+    "efficient_lm/models/block.py",
+    "norm_eps=cfg.norm_eps, stride=spec.kv_stride",
+    "norm_eps=cfg.norm_eps, stride=1",
     "tests/test_funnel.py",
     "-k",
     "tglobal_in_a_pooled",
@@ -746,7 +754,7 @@ MUTATIONS = [
   _m(
     "mlm_key_ignores_step",
     "efficient_lm/training/step.py",
-    "jax.random.fold_in(noise_key,\n" + " " * 53 + 'state["step"])',
+    'jax.random.fold_in(noise_key, state["step"])',
     "jax.random.fold_in(noise_key, 0)",
     "tests/test_funnel.py",
     "-k",
@@ -755,9 +763,8 @@ MUTATIONS = [
   _m(
     "mlm_loss_over_all_tokens",
     "efficient_lm/training/losses.py",
-    'return _cross_entropy(logits_BTV, batch["targets"], batch["mlm_mask"],',
-    'return _cross_entropy(logits_BTV, batch["targets"], '
-    'batch["segment_ids"] > 0,',
+    'batch["targets"], batch["mlm_mask"], aux',
+    'batch["targets"], batch["segment_ids"] > 0, aux',
     "tests/test_funnel.py",
     "-k",
     "corrupted_positions_only",
@@ -765,8 +772,8 @@ MUTATIONS = [
   _m(
     "mlm_90_percent_masks",
     "efficient_lm/training/losses.py",
-    "new_BT = jnp.where(u_BT < 0.8,",
-    "new_BT = jnp.where(u_BT < 0.9,",
+    "      u_BT < 0.8,\n",
+    "      u_BT < 0.9,\n",
     "tests/test_funnel.py",
     "-k",
     "80_10_10",
@@ -782,8 +789,8 @@ MUTATIONS = [
   ),
   _m(
     "flops_pooled_stages_full_length",
-    "efficient_lm/models/flops.py",
-    "nq, nk = seq_len // sq, seq_len // sk",
+    "efficient_lm/models/block.py",
+    "nq, nk = seq_len // spec.stride, seq_len // spec.kv_stride",
     "nq, nk = seq_len, seq_len",
     "tests/test_funnel.py",
     "-k",
@@ -791,7 +798,7 @@ MUTATIONS = [
   ),
   _m(
     "flops_pooled_window_in_positions",
-    "efficient_lm/models/flops.py",
+    "efficient_lm/models/visibility.py",
     "  if stride == 1:\n    return spec\n",
     "  if True:\n    return spec\n",
     "tests/test_funnel.py",
@@ -819,16 +826,16 @@ MUTATIONS = [
   ),
   _m(
     "mor_selection_not_ascending",
-    "efficient_lm/models/mor.py",
-    "idx_BK = jnp.sort(jnp.where(keep, top_BK, t), axis=1)",
-    "idx_BK = jnp.where(keep, top_BK, t)",
+    "efficient_lm/models/routing.py",
+    "idx_BM = jnp.sort(jnp.where(keep, top_BM, t), axis=1).astype(jnp.int32)",
+    "idx_BM = jnp.where(keep, top_BM, t).astype(jnp.int32)",
     "tests/test_mor.py",
     "-k",
     "selection_invariants",
   ),
   _m(
     "mor_selection_not_nested",
-    "efficient_lm/models/mor.py",
+    "efficient_lm/models/routing.py",
     "score = jnp.where(cand_BT, z_BT, -jnp.inf)",
     "score = z_BT",
     "tests/test_mor.py",
@@ -856,8 +863,8 @@ MUTATIONS = [
   _m(
     "mor_bce_target_inverted",
     "efficient_lm/models/mor.py",
-    "bce += _bce(z_BT, top.astype(jnp.float32)",
-    "bce += _bce(z_BT, 1.0 - top.astype(jnp.float32)",
+    "bce += routing.bce(z_BT, top, active)",
+    "bce += routing.bce(z_BT, 1.0 - top.astype(jnp.float32), active)",
     "tests/test_mor.py",
     "-k",
     "bce_targets",
@@ -874,8 +881,8 @@ MUTATIONS = [
   _m(
     "mor_sharing_ignores_step1_kv",
     "efficient_lm/models/mor.py",
-    "rows=None if step == 0 else rows[j]",
-    "rows=None",
+    'if self.kv == "recursive_sharing" and step > 0:',
+    "if False:",
     "tests/test_mor.py",
     "-k",
     "prefill and expert_sharing",
@@ -883,17 +890,18 @@ MUTATIONS = [
   _m(
     "mor_inactive_tokens_attend",
     "efficient_lm/models/mor.py",
-    "ss = jnp.where(ok, _take(seg_BT, idx), 0)",
-    "ss = _take(seg_BT, idx)",
+    "ss = jnp.where(ok, routing.gather(seg_BT, idx), 0)",
+    "ss = routing.gather(seg_BT, idx)",
     "tests/test_mor.py",
     "-k",
     "prefill and expert_recursion_wise",
   ),
   _m(
     "mor_flops_capacity_ignored",
-    "efficient_lm/models/flops.py",
-    'n = (mor.capacity_tokens(c, seq_len) if r.router == "expert_choice"',
-    'n = (seq_len if r.router == "expert_choice"',
+    "efficient_lm/models/mor.py",
+    "        routing.capacity_tokens(c, t, minimum=1)\n"
+    '        if r.router == "expert_choice"',
+    '        t\n        if r.router == "expert_choice"',
     "tests/test_mor.py",
     "-k",
     "flops",
@@ -974,8 +982,8 @@ MUTATIONS = [
   _m(
     "hourglass_decode_pools_without_the_group",
     "efficient_lm/models/hourglass.py",
-    '& (group["seg"] == seg_B1))',
-    '& (group["seg"] < 0))',
+    '& (group["seg"] == seg_B1)',
+    '& (group["seg"] < 0)',
     "tests/test_hourglass.py",
     "-k",
     "prefill and dense",
@@ -1000,8 +1008,8 @@ MUTATIONS = [
   ),
   _m(
     "flops_pooled_layers_at_full_cost",
-    "efficient_lm/models/flops.py",
-    "nq, nk = seq_len // sq, seq_len // sk",
+    "efficient_lm/models/block.py",
+    "nq, nk = seq_len // spec.stride, seq_len // spec.kv_stride",
     "nq, nk = seq_len, seq_len",
     "tests/test_hourglass.py",
     "-k",
@@ -1085,10 +1093,54 @@ def _copy_tree(dst: str, rev: str | None) -> None:
       shutil.copy2(src, os.path.join(dst, rel))
 
 
-def _mutate(text: str, m: Mutation) -> str | None:
-  for old, new in m.edits:
-    if text.count(old) != 1:
+def _read(path: str, rev: str | None) -> str | None:
+  """The text of `path` (relative to the repository) in the working tree,
+  or in commit `rev`; None if there is no such file."""
+  if rev is None:
+    full = os.path.join(REPO, path)
+    if not os.path.isfile(full):
       return None
+    with open(full) as f:
+      return f.read()
+  proc = subprocess.run(
+    ["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True
+  )
+  return proc.stdout.decode() if proc.returncode == 0 else None
+
+
+def _stale_reason(text: str | None, m: Mutation) -> str | None:
+  """Why `m` cannot be applied to `text` (its file's contents), or None.
+  Edits apply in order, so each old snippet is looked for in the text the
+  previous edits left."""
+  if text is None:
+    return f"file missing: {m.path}"
+  for i, (old, new) in enumerate(m.edits):
+    where = f" (edit {i + 1} of {len(m.edits)})" if len(m.edits) > 1 else ""
+    n = text.count(old)
+    if n == 0:
+      return f"snippet absent in {m.path}{where}"
+    if n > 1:
+      return f"snippet occurs {n} times in {m.path}{where}"
+    text = text.replace(old, new)
+  return None
+
+
+def _stale(chosen: list[Mutation], rev: str | None) -> dict[str, str]:
+  """{id: reason} of the mutations in `chosen` that cannot be applied."""
+  texts: dict[str, str | None] = {}
+  out = {}
+  for m in chosen:
+    if m.path not in texts:
+      texts[m.path] = _read(m.path, rev)
+    reason = _stale_reason(texts[m.path], m)
+    if reason is not None:
+      out[m.id] = reason
+  return out
+
+
+def _mutate(text: str, m: Mutation) -> str:
+  for old, new in m.edits:
+    assert text.count(old) == 1, m.id  # checked by _stale at startup
     text = text.replace(old, new)
   return text
 
@@ -1156,10 +1208,21 @@ def main(argv=None) -> int:
   chosen = [
     m for m in MUTATIONS if args.k in m.id and (not only or m.id in only)
   ]
+  stale = _stale(chosen, args.rev)
   if args.list:
     for m in chosen:
-      print(f"{m.id:40s} {m.path}  [{' '.join(m.tests)}]")
+      mark = f"  STALE: {stale[m.id]}" if m.id in stale else ""
+      print(f"{m.id:40s} {m.path}  [{' '.join(m.tests)}]{mark}")
     return 0
+  if stale:
+    for id_, reason in stale.items():
+      print(f"stale: {id_}: {reason}", file=sys.stderr)
+    print(
+      f"error: {len(stale)} stale mutation(s): re-anchor their snippets "
+      "to the code as it is now (nothing was run)",
+      file=sys.stderr,
+    )
+    return 2
 
   caught = 0
   with tempfile.TemporaryDirectory(prefix="mutate_") as root:
@@ -1167,12 +1230,11 @@ def main(argv=None) -> int:
     clean: dict[tuple[str, ...], str] = {}
     for m in chosen:
       path = os.path.join(root, m.path)
-      original = open(path).read() if os.path.exists(path) else ""
+      with open(path) as f:
+        original = f.read()
       mutated = _mutate(original, m)
       t0, output = time.perf_counter(), ""
-      if mutated is None:
-        verdict = "stale"
-      elif (
+      if (
         args.baseline
         and clean.setdefault(m.tests, _pytest(root, m.tests, args.timeout)[0])
         != "pass"
