@@ -440,7 +440,7 @@ MUTATIONS = [
   ),
   _m(
     "read_latest_renames_bad_step",
-    "efficient_lm/training/checkpoint.py",
+    "efficient_lm/training/checkpoint_read.py",
     "      return step, config, state\n",
     "      return step, config, state\n"
     "    (directory / str(step)).rename(directory / f'{step}.corrupt')\n",
@@ -450,7 +450,7 @@ MUTATIONS = [
   ),
   _m(
     "read_latest_fingerprint_unchecked",
-    "efficient_lm/training/checkpoint.py",
+    "efficient_lm/training/checkpoint_read.py",
     '  if bad_key is not None:\n    return None, None, f"array',
     '  if False:\n    return None, None, f"array',
     "tests/test_checkpoint.py",
@@ -699,8 +699,8 @@ MUTATIONS = [
   _m(
     "funnel_pool_mixes_documents",
     "efficient_lm/models/funnel.py",
-    "keep_BNF = live_BNF & (seg_BNF == seg_BN[..., None])",
-    "keep_BNF = live_BNF",
+    "keep_BNP = live_BNP & (seg_BNP == seg_BN[..., None])",
+    "keep_BNP = live_BNP",
     "tests/test_funnel.py",
     "-k",
     "no_slot_mixes or leak",
@@ -708,8 +708,8 @@ MUTATIONS = [
   _m(
     "funnel_pooled_position_is_last",
     "efficient_lm/models/funnel.py",
-    "pos_BN = jnp.take_along_axis(pos_BNF, first_BN1, axis=-1)[..., 0]",
-    "pos_BN = pos_BNF[..., -1]",
+    "pos_BN = jnp.take_along_axis(pos_BNP, first_BN1, axis=-1)[..., 0]",
+    "pos_BN = pos_BNP[..., -1]",
     "tests/test_funnel.py",
     "-k",
     "no_slot_mixes",
@@ -872,8 +872,8 @@ MUTATIONS = [
   _m(
     "mor_loss_free_bias_sign",
     "efficient_lm/models/mor.py",
-    "jax.lax.stop_gradient(load_N.mean() - load_N)",
-    "jax.lax.stop_gradient(load_N - load_N.mean())",
+    "jax.lax.stop_gradient(load_U.mean() - load_U)",
+    "jax.lax.stop_gradient(load_U - load_U.mean())",
     "tests/test_mor.py",
     "-k",
     "loss_free",
@@ -946,8 +946,8 @@ MUTATIONS = [
   _m(
     "hourglass_pool_straddles_documents",
     "efficient_lm/models/hourglass.py",
-    "same_BNK = seg_BNK == seg_BN[:, :, None]",
-    "same_BNK = seg_BNK >= 0",
+    "same_BNP = seg_BNP == seg_BN[:, :, None]",
+    "same_BNP = seg_BNP >= 0",
     "tests/test_hourglass.py",
     "-k",
     "packed",
@@ -964,8 +964,8 @@ MUTATIONS = [
   _m(
     "hourglass_slot_at_first_position",
     "efficient_lm/models/hourglass.py",
-    "pos_BN = seg_BNK[:, :, -1], pos_BNK[:, :, -1]",
-    "pos_BN = seg_BNK[:, :, -1], pos_BNK[:, :, 0]",
+    "pos_BN = seg_BNP[:, :, -1], pos_BNP[:, :, -1]",
+    "pos_BN = seg_BNP[:, :, -1], pos_BNP[:, :, 0]",
     "tests/test_hourglass.py",
     "-k",
     "brute_force",
