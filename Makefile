@@ -39,7 +39,7 @@ lint: setup-dev
 	done; exit $$status
 
 test: setup-dev
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=30 $(ARGS)
 
 test-all: setup-dev
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "" $(ARGS)
