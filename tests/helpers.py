@@ -43,6 +43,50 @@ def cli_env(drop=(), **extra):
   return env
 
 
+def train_cli(
+  workdir,
+  *extra,
+  flags=SMALL_FLAGS,
+  script=("-m", "efficient_lm.train"),
+  check=True,
+):
+  """Runs `python -m efficient_lm.train` (or `script`, e.g. the crashing
+  trainer tests.crash_train) with `flags` and `extra` into `workdir`."""
+  import subprocess
+  import sys
+
+  cmd = [sys.executable, *script, *flags, f"--workdir={workdir}", *extra]
+  proc = subprocess.run(
+    cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
+  )
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def final_state(workdir):
+  """(step, params on the host, data-iterator state) of the newest
+  checkpoint of a CLI run, restored with the run's own resolved config
+  (mesh 1x1x1: one device per subprocess)."""
+  import jax
+
+  from efficient_lm.training import loop
+  from efficient_lm.training.checkpoint import Checkpointer
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = config_lib.from_config_dict(json.load(f))
+  t = loop.build_trainer(cfg, jax.devices()[:1])
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=cfg.checkpoint.every_steps,
+    keep=cfg.checkpoint.keep,
+    async_save=False,
+  )
+  step, state, data_state = ckpt.restore_latest(t.abstract_state)
+  ckpt.close()
+  return step, jax.device_get(state["params"]), data_state
+
+
 def logged_losses(workdir):
   """step -> loss of <workdir>/metrics.jsonl; a step logged twice (a
   resume that kept the killed run's rows) fails here."""

@@ -3,11 +3,7 @@ widths and kv heads (`model.per_layer`, as a pruned or imported model has)
 is an ordinary config: it trains, resumes after kill -9 bit-identically,
 evaluates, generates with cache = recompute, and its FLOPs match XLA's."""
 
-import json
-import os
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,19 +11,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_lm import aot, config as config_lib, models, runs
+from efficient_lm import aot, models, runs
 from efficient_lm.generate import Generator
 from efficient_lm.models import flops
-from efficient_lm.training import loop
-from efficient_lm.training.checkpoint import Checkpointer
 from tests.helpers import (
-  REPO,
   SMALL_FLAGS,
-  cli_env,
+  final_state,
   logged_losses,
   packed_batch,
   prefill_then_decode,
   small_config,
+  train_cli,
 )
 
 MLP = (96, 128, 128, 64)
@@ -49,32 +43,6 @@ FLAGS = [
   "--config.train.steps=10",
   "--config.checkpoint.every_steps=5",
 ]
-
-
-def _train(workdir, *extra, script=("-m", "efficient_lm.train"), check=True):
-  cmd = [sys.executable, *script, *FLAGS, f"--workdir={workdir}", *extra]
-  proc = subprocess.run(
-    cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
-  )
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _final_params(workdir):
-  cfg = config_lib.from_config_dict(
-    json.load(open(os.path.join(workdir, "config.json")))
-  )
-  t = loop.build_trainer(cfg, jax.devices()[:1])
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    every_steps=5,
-    keep=5,
-    async_save=False,
-  )
-  step, state, _ = ckpt.restore_latest(t.abstract_state)
-  ckpt.close()
-  return step, jax.device_get(state["params"])
 
 
 def test_each_layer_has_its_own_shapes():
@@ -129,22 +97,23 @@ def test_flops_within_5_percent_of_xla():
 @pytest.mark.parametrize("crash_at", [7])
 def test_trains_resumes_evaluates_and_generates(tmp_path, crash_at):
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  _train(straight)
-  proc = _train(
+  train_cli(straight, flags=FLAGS)
+  proc = train_cli(
     crashed,
     f"--crash_at={crash_at}",
     "--crash_after_checkpoint=5",
+    flags=FLAGS,
     script=("-m", "tests.crash_train"),
     check=False,
   )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = _train(crashed)
+  resumed = train_cli(crashed, flags=FLAGS)
   assert "resumed from step 5" in resumed.stderr
   a, b = logged_losses(straight), logged_losses(crashed)
   assert sorted(a) == sorted(b) == list(range(1, 11))
   assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical
-  step_a, params_a = _final_params(straight)
-  step_b, params_b = _final_params(crashed)
+  step_a, params_a, _ = final_state(straight)
+  step_b, params_b, _ = final_state(crashed)
   assert step_a == step_b == 10
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 

@@ -11,49 +11,22 @@ import jax
 import numpy as np
 import pytest
 
-from efficient_lm import config as config_lib
 from efficient_lm.training import loop
-from efficient_lm.training.checkpoint import Checkpointer
 from tests.helpers import (
   REPO,
   SMALL_FLAGS,
   cli_env,
+  final_state,
   logged_losses,
   small_config,
+  train_cli,
 )
-
-
-def _train(workdir, *extra, script=("-m", "efficient_lm.train"), check=True):
-  cmd = [sys.executable, *script, *SMALL_FLAGS, f"--workdir={workdir}", *extra]
-  proc = subprocess.run(
-    cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
-  )
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _final_params(workdir):
-  # The run's own resolved config (mesh 1x1x1: one device per subprocess).
-  cfg = config_lib.from_config_dict(
-    json.load(open(os.path.join(workdir, "config.json")))
-  )
-  t = loop.build_trainer(cfg, jax.devices()[:1])
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    every_steps=10,
-    keep=5,
-    async_save=False,
-  )
-  step, state, data_state = ckpt.restore_latest(t.abstract_state)
-  ckpt.close()
-  return step, jax.device_get(state["params"]), data_state
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  _train(straight)
-  proc = _train(
+  train_cli(straight)
+  proc = train_cli(
     crashed,
     "--crash_at=12",
     "--crash_after_checkpoint=10",
@@ -65,7 +38,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   # late, so the last logged step is 11 or 12).
   assert 10 < max(logged_losses(crashed)) <= 12
   killed_rows = logged_losses(crashed)
-  resumed = _train(crashed)
+  resumed = train_cli(crashed)
   assert "resumed from step 10" in resumed.stderr
   runs = [json.loads(x) for x in open(crashed / "runs.jsonl")]
   assert [r["start_step"] for r in runs] == [0, 10]
@@ -75,8 +48,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   for step in a:
     assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
   assert all(killed_rows[s] == b[s] for s in killed_rows)
-  step_a, params_a, data_a = _final_params(straight)
-  step_b, params_b, data_b = _final_params(crashed)
+  step_a, params_a, data_a = final_state(straight)
+  step_b, params_b, data_b = final_state(crashed)
   assert step_a == step_b == 20
   assert data_a == data_b  # data position included
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
@@ -224,7 +197,7 @@ def test_cli_log_lines_without_a_terminal_and_without_libtpu(tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(tmp_path):
-  proc = _train(
+  proc = train_cli(
     tmp_path,
     "--config.train.learning_rate=1e12",
     "--config.train.grad_clip=0.0",
@@ -291,7 +264,7 @@ def test_cli_bad_config_is_one_line_error(tmp_path, flags, message):
   (tmp_path / "bad.py").write_text("def get_config():\n  return dict(\n")
   flags = [f.format(tmp=tmp_path) for f in flags]
   message = message.format(tmp=tmp_path)
-  proc = _train(tmp_path / "run", *flags, check=False)
+  proc = train_cli(tmp_path / "run", *flags, check=False)
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr[-1500:]
