@@ -12,9 +12,7 @@ import numpy as np
 
 from efficient_lm import config as config_lib
 from efficient_lm.training import loop
-from efficient_lm.training.checkpoint import Checkpointer
-from tests.helpers import logged_losses
-from tests.test_train import _train
+from tests.helpers import final_state, logged_losses, train_cli
 
 # On top of test_train's small flags (later overrides win).
 FLAGS = [
@@ -34,20 +32,13 @@ FLAGS = [
 
 
 def _run(workdir, scan):
-  _train(workdir, *FLAGS, f"--config.model.scan_layers={scan}")
+  train_cli(workdir, *FLAGS, f"--config.model.scan_layers={scan}")
+  step, params, _ = final_state(workdir)
+  assert step == 6
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = config_lib.from_config_dict(json.load(f))
   t = loop.build_trainer(cfg, jax.devices()[:1])
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    every_steps=1,
-    keep=None,
-    async_save=False,
-  )
-  step, state, _ = ckpt.restore_latest(t.abstract_state)
-  ckpt.close()
-  assert step == 6
-  return logged_losses(workdir), jax.device_get(state["params"]), t
+  return logged_losses(workdir), params, t
 
 
 def test_scanned_and_unrolled_train_alike(tmp_path):
