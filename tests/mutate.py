@@ -1034,7 +1034,7 @@ MUTATIONS = [
     "config_errors",
   ),
   # Issue #23: the first step's row, when it ends a window, leaves its aux
-  # in the next row's mean.
+  # in the next row's mean (log_every=1: row 2, and a resume's second row).
   _m(
     "loop_first_row_keeps_aux_window",
     "efficient_lm/training/train_log.py",
@@ -1043,7 +1043,7 @@ MUTATIONS = [
     "",
     "tests/test_assembly.py",
     "-k",
-    "since_the_previous_row",
+    "since_the_previous_row or crash_and_resume",
   ),
   # ---- a run written from given weights (runs.write_run)
   _m(

@@ -148,12 +148,37 @@ def test_each_row_averages_the_steps_since_the_previous_row(
   assert {s: r["count/calls"] for s, r in rows.items()} == want
 
 
+# Wall-clock entries of a row: they differ between any two runs, and the
+# first row of a run or a resume has none (its step includes compilation).
+_TIMING = {
+  "step_time",
+  "tokens_per_sec",
+  "gflops_per_sec",
+  "gflops_per_sec_visible",
+  "mfu",
+}
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  out = {
+    (r["step"], "loss" in r): {k: v for k, v in r.items() if k not in _TIMING}
+    for r in rows
+  }
+  assert len(out) == len(rows), "a row logged twice"
+  return out
+
+
 def test_model_state_survives_a_crash_and_resume(tmp_path):
   """A run that dies after step 4 (checkpoint at 3) and is resumed ends
-  with the same params and model state as an uninterrupted run."""
+  with the same params and model state as an uninterrupted run, and logs
+  the same rows: every key of metrics.jsonl but the timings (issue #23:
+  the aux window after a resume held one step too many)."""
   cfg = small_config(
     **{
       "train.steps": 6,
+      "train.log_every": 1,
       "train.eval_every": 100,
       "mesh.data": 8,
       "checkpoint.every_steps": 3,
@@ -174,6 +199,16 @@ def test_model_state_survives_a_crash_and_resume(tmp_path):
     loop.run(cfg, broken, hooks=(crash_at_4,), build_model=counting_decoder)
   summary = loop.run(cfg, broken, build_model=counting_decoder)
   assert summary["start_step"] == 3
+  whole_rows, resumed_rows = _rows(whole), _rows(broken)
+  assert resumed_rows == whole_rows
+  assert [whole_rows[s, True]["count/calls"] for s in range(1, 7)] == [
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+  ]
 
   from efficient_lm.training.checkpoint import Checkpointer
 
