@@ -1064,6 +1064,39 @@ MUTATIONS = [
     "-k",
     "load_run",
   ),
+  # ---- issue #23: settings that silently did nothing, leaked tracebacks
+  _m(
+    "config_tglobal_block_unchecked",
+    "efficient_lm/config/validation.py",
+    "  _validate_tglobal_block(m, d.seq_len)\n",
+    "",
+    "tests/test_config.py",
+    "tests/test_funnel.py",
+    "-k",
+    "causal_tglobal_block or config_errors",
+  ),
+  _m(
+    "config_tglobal_causal_block_of_the_row",
+    "efficient_lm/config/validation.py",
+    "  elif k >= seq_len:",
+    "  elif k > seq_len:",
+    "tests/test_config.py",
+    "-k",
+    "causal_tglobal_block",
+  ),
+  _m(
+    "config_mor_with_tglobal",
+    "efficient_lm/config/validation_model.py",
+    '  if "tglobal" in m.attention.pattern_kinds:\n'
+    "    raise ConfigError(\n"
+    "      \"model.routing.kind='mor' with tglobal",
+    "  if False:\n"
+    "    raise ConfigError(\n"
+    "      \"model.routing.kind='mor' with tglobal",
+    "tests/test_mor.py",
+    "-k",
+    "config_errors",
+  ),
 ]
 
 

@@ -212,6 +212,29 @@ def test_dcn_is_a_config_key_with_default_one():
   assert cfg.mesh.shape == (2, 4, 1, 1)
 
 
+@pytest.mark.parametrize("block", [128, 256])
+def test_a_causal_tglobal_block_of_the_whole_row_is_refused(block):
+  """Issue #23: a decoder token sees the summaries of the complete blocks
+  before its own, so with tglobal_block >= data.seq_len (128) it sees none
+  and the layer trains as a sliding window; half a row is fine."""
+  tglobal = {
+    "model.attention.kind": "tglobal",
+    "model.attention.window": 8,
+    "data.seq_len": 128,
+  }
+  with pytest.raises(ConfigError) as e:
+    config_lib.from_config_dict(
+      _cd(**tglobal, **{"model.attention.tglobal_block": block})
+    )
+  assert str(e.value).startswith(
+    f"model.attention.tglobal_block={block} >= data.seq_len=128: a token "
+  )
+  assert "\n" not in str(e.value)
+  config_lib.from_config_dict(
+    _cd(**tglobal, **{"model.attention.tglobal_block": 64})
+  )
+
+
 @pytest.mark.parametrize(
   "overrides,message",
   [

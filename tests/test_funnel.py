@@ -554,6 +554,14 @@ def test_visible_keys_of_pooled_rows_equal_the_mask(kind):
       },
       "tglobal_block=6 is not a multiple",
     ),
+    (  # issue #23: no block of a row completes (a block of the row is fine)
+      {
+        "model.attention.kind": "tglobal",
+        "model.attention.window": 3,
+        "model.attention.tglobal_block": 2 * T,
+      },
+      rf"^model.attention.tglobal_block={2 * T} > data.seq_len={T}: no block",
+    ),
     (
       {"model.attention.kind": "block_sparse", "model.attention.window": 3},
       "block_sparse",

@@ -120,6 +120,16 @@ def test_layer_maps_follow_the_schemes(sharing, layers, n):
       r"capacities\[0\] = 1",
     ),
     ({"model.routing.alpha": 0.0}, r"alpha=0.0"),
+    (  # issue #23: the README says MoR composes with every kind but this
+      {
+        "model.attention.pattern": "sliding_window,tglobal",
+        "model.attention.window": 4,
+        "model.attention.tglobal_block": 4,
+        "model.routing.sharing": "cycle",
+        "model.routing.num_recursions": 2,
+      },
+      r"^model.routing.kind='mor' with tglobal attention is not supported",
+    ),
     ({"model.routing.aux_loss_weight": -1.0}, r"aux_loss_weight=-1.0"),
     (
       {

@@ -90,7 +90,9 @@ def _validate_heads(m: ModelConfig) -> None:
 
 
 def _validate_data(m: ModelConfig, d: DataConfig) -> None:
-  """The data section, and the block_sparse table against its length."""
+  """The data section, and the block_sparse table and the tglobal blocks
+  against its length."""
+  _validate_tglobal_block(m, d.seq_len)
   if (
     "block_sparse" in m.attention.pattern_kinds
     and m.attention.max_len < d.seq_len
@@ -108,6 +110,28 @@ def _validate_data(m: ModelConfig, d: DataConfig) -> None:
     raise ConfigError(
       f"data.path is empty: data.source={d.source!r} needs a path "
       "(--config.data.path=...)"
+    )
+
+
+def _validate_tglobal_block(m: ModelConfig, seq_len: int) -> None:
+  """A tglobal layer whose blocks never complete in a row, or (causal)
+  whose summaries no token of a row can see, is a sliding window."""
+  if "tglobal" not in m.attention.pattern_kinds:
+    return
+  k = m.attention.tglobal_block
+  if m.kind == "funnel_encoder":  # bidirectional: every token sees it
+    if k > seq_len:
+      raise ConfigError(
+        f"model.attention.tglobal_block={k} > data.seq_len={seq_len}: no "
+        "block ever completes, so the tglobal layers would be plain "
+        "sliding windows; expected tglobal_block <= seq_len"
+      )
+  elif k >= seq_len:  # causal: a token sees the blocks before its own
+    raise ConfigError(
+      f"model.attention.tglobal_block={k} >= data.seq_len={seq_len}: a "
+      "token sees only the summaries of complete blocks before its own, so "
+      "no token would see one and the tglobal layers would be plain sliding "
+      "windows; expected tglobal_block < seq_len"
     )
 
 

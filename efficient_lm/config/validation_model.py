@@ -124,6 +124,12 @@ def _validate_mor(m: ModelConfig) -> None:
       raise ConfigError(
         f"model.routing.{name}={getattr(r, name)}: expected >= 0"
       )
+  if "tglobal" in m.attention.pattern_kinds:
+    raise ConfigError(
+      "model.routing.kind='mor' with tglobal attention is not supported: a "
+      "recursion step that routes fewer than all tokens would give the "
+      "shared tglobal layer no complete block to summarise"
+    )
   if r.kv == "recursive_sharing":
     if r.router == "expert_choice" and r.resolved_capacities[0] < 1:
       raise ConfigError(
@@ -131,13 +137,10 @@ def _validate_mor(m: ModelConfig) -> None:
         "kv='recursive_sharing' needs capacities[0] = 1 (every token "
         "writes the first step's keys/values)"
       )
-    if (
-      m.attention.projection != "qkv" or "tglobal" in m.attention.pattern_kinds
-    ):
+    if m.attention.projection != "qkv":
       raise ConfigError(
-        "model.routing.kv='recursive_sharing' supports qkv attention "
-        f"without tglobal (got projection={m.attention.projection!r}, "
-        f"kinds={m.attention.pattern_kinds})"
+        "model.routing.kv='recursive_sharing' supports qkv attention (got "
+        f"projection={m.attention.projection!r})"
       )
   _validate_mor_kinds(m)
 
