@@ -153,9 +153,7 @@ def load_run(
     step=step,
     mesh=model.mesh,
     graphdef=model.graphdef,
-    eval_step=state_lib.jit_eval_step(
-      model, state_lib.objective(cfg, tok.mask_id)
-    ),
+    eval_step=state_lib.jit_eval_step(model, state_lib.objective(cfg, tok)),
     data_seed=model.keys.data_seed,
     params=state["params"],
     model_state=state["model_state"],
@@ -215,7 +213,7 @@ def write_run(
       f"model.vocab_size={cfg.model.vocab_size}"
     )
   devices = list(jax.local_devices() if devices is None else devices)
-  t = loop.build_trainer(cfg, devices[: cfg.mesh.size], mask_id=tok.mask_id)
+  t = loop.build_trainer(cfg, devices[: cfg.mesh.size], tokenizer=tok)
   weights = {
     k: _fitting(k, given, t.abstract_state[k])
     for k, given in (("params", params), ("model_state", model_state))

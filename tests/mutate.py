@@ -781,8 +781,8 @@ MUTATIONS = [
   _m(
     "mlm_corrupts_padding",
     "efficient_lm/training/losses.py",
-    'picked_BT = (batch["segment_ids"] > 0) & (',
-    'picked_BT = (batch["segment_ids"] > -1) & (',
+    'ordinary_BT = batch["segment_ids"] > 0',
+    'ordinary_BT = batch["segment_ids"] > -1',
     "tests/test_funnel.py",
     "-k",
     "80_10_10",
@@ -1065,6 +1065,24 @@ MUTATIONS = [
     "load_run",
   ),
   # ---- issue #23: settings that silently did nothing, leaked tracebacks
+  _m(
+    "mlm_corrupts_special_tokens",
+    "efficient_lm/training/losses.py",
+    "    for i in self.special_ids:\n      ordinary_BT &= tokens_BT != i\n",
+    "",
+    "tests/test_funnel.py",
+    "-k",
+    "special_tokens",
+  ),
+  _m(
+    "mlm_special_ids_not_from_the_tokenizer",
+    "efficient_lm/training/state.py",
+    "special_ids=tuple(sorted({i for i in specials if i is not None})),",
+    "special_ids=(),",
+    "tests/test_funnel.py",
+    "-k",
+    "special_tokens",
+  ),
   _m(
     "config_tglobal_block_unchecked",
     "efficient_lm/config/validation.py",

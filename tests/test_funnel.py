@@ -26,6 +26,7 @@ from efficient_lm.models import flops, funnel, stack
 from efficient_lm.models.attention import Tokens
 from efficient_lm.models.layers import rope
 from efficient_lm.training import loop, losses
+from efficient_lm.training import state as state_lib
 from tests.helpers import small_config, train_sentencepiece
 
 T = 32
@@ -349,6 +350,30 @@ def test_mlm_corruption_is_bert_80_10_10_over_live_tokens():
   assert new.max() <= 259
   other = obj.corrupt(jax.random.key(6), batch)
   assert np.any(np.asarray(other["mlm_mask"]) != picked)
+
+
+def test_mlm_never_corrupts_special_tokens():
+  """Issue #23: BOS / EOS / pad ids (BERT's and Hugging Face's special
+  tokens) are never picked; ordinary tokens still are, at the rate. The
+  objective reads them from the run's tokenizer."""
+  tok = data_lib.ByteTokenizer()
+  obj = state_lib.objective(_cfg(), tok)
+  batch = _mlm_batch()
+  rng = np.random.default_rng(1)
+  inputs = np.asarray(batch["inputs"]) % 256  # ordinary bytes
+  special = rng.random(inputs.shape) < 0.2
+  ids = rng.choice([tok.pad_id, tok.bos_id, tok.eos_id], inputs.shape)
+  inputs[special] = ids[special]
+  batch["inputs"] = jnp.asarray(inputs)
+  live = np.asarray(batch["segment_ids"]) > 0
+  picked, unchanged = [], []
+  for k in range(4):
+    out = obj.corrupt(jax.random.key(k), batch)
+    picked.append(np.asarray(out["mlm_mask"]))
+    unchanged.append(np.all(np.asarray(out["inputs"])[special] == ids[special]))
+  picked = np.stack(picked)
+  assert picked[:, live & special].sum() == 0 and all(unchanged)
+  assert abs(picked[:, live & ~special].mean() - 0.15) < 0.005
 
 
 def test_mlm_loss_counts_corrupted_positions_only():

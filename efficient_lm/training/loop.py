@@ -71,13 +71,14 @@ def build_trainer(
   devices=None,
   *,
   build_model: Callable = models.build,
-  mask_id: int | None = None,
+  tokenizer: data_lib.Tokenizer | None = None,
 ) -> Trainer:
   """Model, optimizer, shardings and jitted steps; no data and no I/O.
 
   `build_model(model_cfg, rngs)` makes the model (tests pass their own).
-  `mask_id`: the tokenizer's (train.objective='mlm'); None builds the
-  tokenizer of `cfg.data` to read it (the one I/O here, mlm only).
+  `tokenizer`: the run's (train.objective='mlm' reads its mask and special
+  ids); None builds the tokenizer of `cfg.data` (the one I/O here, mlm
+  only).
   """
   model = state_lib.abstract_state(
     cfg, sharding.make_mesh(cfg.mesh, devices), build_model=build_model
@@ -89,9 +90,9 @@ def build_trainer(
       model.param_vars, decay_embeddings=cfg.train.decay_embeddings
     ),
   )
-  if cfg.train.objective == "mlm" and mask_id is None:
-    mask_id = make_tokenizer(cfg).mask_id
-  objective = state_lib.objective(cfg, mask_id)
+  if cfg.train.objective == "mlm" and tokenizer is None:
+    tokenizer = make_tokenizer(cfg)
+  objective = state_lib.objective(cfg, tokenizer)
 
   def init_fn():
     _, params, model_state = nnx.split(
@@ -252,7 +253,7 @@ def _run(
 ) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   tok = make_tokenizer(cfg)
-  t = build_trainer(cfg, build_model=build_model, mask_id=tok.mask_id)
+  t = build_trainer(cfg, build_model=build_model, tokenizer=tok)
   problem = memory.fits_problem(
     t.abstract_state,
     t.mesh,

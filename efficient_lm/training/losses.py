@@ -61,24 +61,35 @@ class MLM:
   """BERT's masked-LM objective (train.objective='mlm').
 
   `corrupt(key, batch)` runs inside the step, before the model: each
-  non-padding token is picked with probability `rate`; a picked token
-  becomes `mask_id` (80%), a uniform random id below `mask_id` (10%: the
-  tokenizer's own ids) or stays (10%). The corrupted batch has `inputs` =
-  corrupted tokens, `targets` = the original tokens and `mlm_mask` = the
-  picked positions. The loss (`__call__`) is the cross-entropy over the
-  picked positions only; `tokens` counts them.
+  non-padding token that is not one of `special_ids` (the tokenizer's
+  pad / bos / eos: BERT and Hugging Face's collator never mask them) is
+  picked with probability `rate`; a picked token becomes `mask_id` (80%),
+  a uniform random id below `mask_id` (10%: the tokenizer's own ids, as
+  BERT draws from the whole vocabulary) or stays (10%). The corrupted batch
+  has `inputs` = corrupted tokens, `targets` = the original tokens and
+  `mlm_mask` = the picked positions. The loss (`__call__`) is the
+  cross-entropy over the picked positions only; `tokens` counts them.
   """
 
-  def __init__(self, *, rate: float, mask_id: int, z_loss: float):
+  def __init__(
+    self,
+    *,
+    rate: float,
+    mask_id: int,
+    z_loss: float,
+    special_ids: tuple[int, ...] = (),
+  ):
     self.rate, self.mask_id, self.z_loss = rate, mask_id, z_loss
+    self.special_ids = tuple(special_ids)
 
   def corrupt(self, key: jax.Array, batch: dict) -> dict:
     tokens_BT = batch["inputs"]
     shape = tokens_BT.shape
     k_pick, k_kind, k_rand = jax.random.split(key, 3)
-    picked_BT = (batch["segment_ids"] > 0) & (
-      jax.random.uniform(k_pick, shape) < self.rate
-    )
+    ordinary_BT = batch["segment_ids"] > 0
+    for i in self.special_ids:
+      ordinary_BT &= tokens_BT != i
+    picked_BT = ordinary_BT & (jax.random.uniform(k_pick, shape) < self.rate)
     u_BT = jax.random.uniform(k_kind, shape)
     random_BT = jax.random.randint(
       k_rand, shape, 0, self.mask_id, dtype=tokens_BT.dtype
@@ -109,6 +120,7 @@ def make_objective(
   z_loss: float,
   mlm_rate: float = 0.15,
   mask_id: int | None = None,
+  special_ids: tuple[int, ...] = (),
 ) -> Objective:
   if name == "next_token":
     return lambda logits, batch, aux: next_token(
@@ -117,5 +129,7 @@ def make_objective(
   if name == "mlm":
     if mask_id is None:
       raise ValueError("train.objective='mlm' needs the tokenizer's mask_id")
-    return MLM(rate=mlm_rate, mask_id=mask_id, z_loss=z_loss)
+    return MLM(
+      rate=mlm_rate, mask_id=mask_id, z_loss=z_loss, special_ids=special_ids
+    )
   raise ValueError(f"train.objective={name!r} is not supported")

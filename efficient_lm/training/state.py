@@ -23,6 +23,7 @@ from flax import nnx
 
 from efficient_lm import models, sharding
 from efficient_lm.config import Config
+from efficient_lm.data import Tokenizer
 from efficient_lm.training import losses
 from efficient_lm.training import step as step_lib
 
@@ -108,14 +109,18 @@ def abstract_state(
   )
 
 
-def objective(cfg: Config, mask_id: int | None) -> losses.Objective:
-  """The training objective of `cfg.train` (`mask_id`: the tokenizer's,
-  for train.objective='mlm')."""
+def objective(cfg: Config, tokenizer: Tokenizer | None) -> losses.Objective:
+  """The training objective of `cfg.train`; train.objective='mlm' reads the
+  tokenizer's mask id and its special ids (pad, bos, eos: never masked)."""
+  if tokenizer is None:
+    return losses.make_objective(cfg.train.objective, z_loss=cfg.train.z_loss)
+  specials = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
   return losses.make_objective(
     cfg.train.objective,
     z_loss=cfg.train.z_loss,
     mlm_rate=cfg.train.mlm_rate,
-    mask_id=mask_id,
+    mask_id=tokenizer.mask_id,
+    special_ids=tuple(sorted({i for i in specials if i is not None})),
   )
 
 
