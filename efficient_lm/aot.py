@@ -24,6 +24,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 from efficient_lm import config as config_lib  # noqa: E402
+from efficient_lm import cpu_runtime  # noqa: E402
 from efficient_lm import sharding  # noqa: E402
 from efficient_lm.training import loop  # noqa: E402
 
@@ -110,8 +111,17 @@ def parse_topology(text: str | None) -> Topology:
 def topology_devices(topo: Topology, num_slices: int = 1) -> list:
   """Compile-only devices of `num_slices` slices; with more than one each
   carries its `slice_index`, as on a multi-slice pod."""
+  import importlib.util
+
   from jax.experimental import topologies
 
+  if importlib.util.find_spec("libtpu") is None:
+    raise TopologyError(
+      "--compile_only needs libtpu (JAX's TPU compiler; it runs on any "
+      "host), which is not installed: launch/setup_env.sh dev installs it "
+      "(the dev extra; or pip install -e '.[tpu]')"
+    )
+  cpu_runtime.quiet_libtpu_for_compile_only()  # libtpu loads next
   try:
     desc = topologies.get_topology_desc(
       platform="tpu", topology_name=topo.name, num_slices=num_slices

@@ -11,6 +11,15 @@ bounds`, `TPU_WORKER_HOSTNAMES`, a source location trace) before jax falls
 back to the CPU. On a machine with no accelerator device, jax is told to
 use the CPU alone.
 
+`quiet_libtpu_for_compile_only()`: the ahead-of-time compile for a TPU
+topology (aot.py) loads libtpu on purpose; on a host with no TPU it looks
+for the TPU VM's metadata server, and prints `Failed to find host bounds`
+and `E0000 ... unexpected worker hostname` lines when it finds none,
+though compiling for an abstract topology never uses the host's own. Where
+no accelerator is attached, the three variables it looks for are given
+one-host values (a user's own values win); the topology libtpu describes
+is the same (v5e:4x4, v5p:2x2x4 and two v5e:2x2 slices compared).
+
 `keep_freed_host_memory()`: host malloc settings.
 
 XLA's CPU runtime allocates an executable's temporaries as one block per
@@ -74,6 +83,24 @@ def use_cpu_only_without_accelerator() -> bool:
   if not cpu_only():
     return False
   jax.config.update("jax_platforms", "cpu")
+  return True
+
+
+# What libtpu otherwise asks the TPU VM's metadata server for.
+_LIBTPU_ONE_HOST = (
+  ("TPU_SKIP_MDS_QUERY", "1"),
+  ("TPU_WORKER_HOSTNAMES", "localhost"),
+  ("TPU_HOST_BOUNDS", "1,1,1"),
+)
+
+
+def quiet_libtpu_for_compile_only(environ=os.environ) -> bool:
+  """Before libtpu is loaded to compile only: one-host defaults for what
+  it would look up, where no accelerator is attached; True if so."""
+  if not cpu_only(environ):
+    return False
+  for key, value in _LIBTPU_ONE_HOST:
+    environ.setdefault(key, value)
   return True
 
 

@@ -35,6 +35,9 @@ from flax import nnx
 from efficient_lm import sharding
 from efficient_lm.models import cache as cache_lib
 
+# Positions are int32 (the model's inputs and the caches' position rows).
+MAX_POSITIONS = 2**31 - 1
+
 
 def sample(
   logits_BV, key, *, temperature: float, top_k: int = 0, top_p: float = 1.0
@@ -174,6 +177,27 @@ class Generator:
     )
     return out[:n], stats
 
+  def check(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    max_len: int | None = None,
+  ) -> int:
+    """`max_len` (default: longest prompt + max_new_tokens) once the
+    request is known to be one `generate` can serve; before anything is
+    allocated, ValueError (one line) for an empty prompt, a negative count,
+    more positions than the model addresses, or a model that cannot
+    generate (an encoder)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+      raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+    longest = max(len(p) for p in prompts)
+    max_len = self._check_positions(longest, max_new_tokens, max_len)
+    model = self.model()
+    jax.eval_shape(lambda: model.init_cache(1, max_len))  # encoders refuse
+    return max_len
+
   def _batch(
     self,
     prompts: Sequence[Sequence[int]],
@@ -183,10 +207,7 @@ class Generator:
   ) -> tuple[np.ndarray, np.ndarray, int]:
     """`(buf [B, max_len], lens [B], longest prompt)`: the prompts as one
     right-padded batch of token ids."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-      raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 0:
-      raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+    max_len = self.check(prompts, max_new_tokens, max_len)
     n = len(prompts)
     # Pad the batch to a multiple of the data-parallel size with copies of
     # the first prompt; their outputs are dropped.
@@ -195,7 +216,6 @@ class Generator:
     b = len(rows)
     lens = np.array([len(p) for p in rows], np.int32)
     longest = int(lens.max())
-    max_len = self._check_positions(longest, max_new_tokens, max_len)
     buf = np.full((b, max_len), pad_id or 0, np.int32)  # seg 0 hides it
     for i, p in enumerate(rows):
       buf[i, : len(p)] = p
@@ -219,6 +239,12 @@ class Generator:
         f"{max_len} positions exceed the {limit} the block-sparse table "
         "covers (model.attention.max_len); positions past it would be "
         "invisible"
+      )
+    if max_len > MAX_POSITIONS:
+      raise ValueError(
+        f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
+        f"{max_len} positions exceeds the {MAX_POSITIONS} the model can "
+        "address (int32 positions)"
       )
     return max_len
 
@@ -319,18 +345,21 @@ def main(argv) -> None:
   cpu_runtime.use_cpu_only_without_accelerator()
   f = FLAGS
   if not f.prompt:
-    raise SystemExit("generate: give at least one --prompt")
+    sys.exit("error: give at least one --prompt")
   if f.temperature < 0 or not 0 < f.top_p <= 1 or f.top_k < 0:
-    raise SystemExit(
-      f"generate: --temperature={f.temperature} (>= 0), --top_p={f.top_p} "
+    sys.exit(
+      f"error: --temperature={f.temperature} (>= 0), --top_p={f.top_p} "
       f"(0 < p <= 1), --top_k={f.top_k} (>= 0) out of range"
     )
-  run = runs.load_run(f.workdir)
-  tok = run.tokenizer
-  bos = [] if tok.bos_id is None else [tok.bos_id]
-  prompts = [bos + tok.encode(p) for p in f.prompt]
-  max_len = max(len(p) for p in prompts) + f.max_new_tokens
-  gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
+  try:  # every bad input fails here, before the cache is allocated
+    run = runs.load_run(f.workdir)
+    tok = run.tokenizer
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    prompts = [bos + tok.encode(p) for p in f.prompt]
+    gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
+    max_len = gen.check(prompts, f.max_new_tokens)
+  except (ValueError, *runs.ERRORS) as e:
+    sys.exit(f"error: {e}")
   print(
     f"generate: step {run.step} of {f.workdir}, {len(prompts)} "
     f"prompt(s), up to {f.max_new_tokens} new tokens",
@@ -349,14 +378,37 @@ def main(argv) -> None:
       use_cache=f.use_cache,
     )
   except ValueError as e:
-    raise SystemExit(f"generate: {e}") from None
+    sys.exit(f"error: {e}")
+  except (MemoryError, jax.errors.JaxRuntimeError) as e:
+    if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    need = gen.cache_stats(len(prompts), max_len)["cache_bytes"]
+    sys.exit(
+      f"error: out of memory for {len(prompts)} prompt(s) of up to "
+      f"{max_len} positions (the cache alone is {need:,} bytes); lower "
+      "--max_new_tokens"
+    )
   for ids in outs:
     sys.stdout.write(tok.decode(ids) + "\n")
   sys.stdout.flush()
   if f.stats:
     stats.update(gen.cache_stats(len(prompts), max_len) if f.use_cache else {})
-    for k, v in stats.items():
-      print(f"generate: {k} = {v}", file=sys.stderr)
+    for line in stats_lines(stats):
+      print(f"generate: {line}", file=sys.stderr)
+
+
+def stats_lines(stats: dict[str, Any]) -> list[str]:
+  """`--stats` as `key = value` lines: seconds (`*_s`) to the millisecond,
+  rates (`*_per_s`) to one decimal, counts with thousands separators."""
+
+  def text(key: str, v: Any) -> str:
+    if isinstance(v, float):
+      return f"{v:,.1f}" if key.endswith("_per_s") else f"{v:.3f}"
+    if isinstance(v, int):
+      return f"{v:,}"
+    return str(v)
+
+  return [f"{k} = {text(k, v)}" for k, v in stats.items()]
 
 
 if __name__ == "__main__":

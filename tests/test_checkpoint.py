@@ -189,6 +189,56 @@ def test_bad_latest_falls_back_and_is_kept(tmp_path, capfd, damage):
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.corrupt"]
 
 
+@pytest.fixture
+def fresh_noise_hooks(monkeypatch):
+  """read_noise as if no read had failed yet in this process; the hooks it
+  installs are undone afterwards."""
+  import logging
+  import threading
+
+  from efficient_lm.training import read_noise
+
+  for name in ("excepthook", "unraisablehook"):
+    monkeypatch.setattr(sys, name, getattr(sys, name))
+  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+  asyncio_log = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_log, "filters", list(asyncio_log.filters))
+  monkeypatch.setattr(read_noise, "_noise_contained", False)
+  return read_noise
+
+
+def test_failed_read_noise_is_contained_before_the_first_read(
+  tmp_path, monkeypatch, fresh_noise_hooks
+):
+  """Issue #23: a bad step's "Event loop is closed" tracebacks can fire
+  while its metadata is still being read (generate printed them 3 runs in
+  7): both readers contain them before reading any step."""
+  from efficient_lm.training import checkpoint, checkpoint_read
+
+  _save_steps(tmp_path, [1]).close()
+  seen = []
+
+  def spy(*args):
+    seen.append(fresh_noise_hooks._noise_contained)
+    return None, None, "bad"
+
+  monkeypatch.setattr(checkpoint_read, "_read_step", spy)
+  with pytest.raises(CheckpointError):
+    read_latest(tmp_path, lambda config: {})
+  monkeypatch.setattr(fresh_noise_hooks, "_noise_contained", False)
+
+  def try_restore(self, *args):
+    seen.append(fresh_noise_hooks._noise_contained)
+    return None, None, "bad"
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "_try_restore", try_restore)
+  monkeypatch.setattr(checkpoint.Checkpointer, "_set_aside", lambda *a: None)
+  with Checkpointer(tmp_path, every_steps=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointError):
+      ckpt.restore_latest(_abstract(_state(_mesh())))
+  assert seen == [True, True]
+
+
 def _tree_bytes(root) -> dict[str, bytes | None]:
   out = {}
   for d, _, files in os.walk(root):

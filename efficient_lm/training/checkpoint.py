@@ -150,6 +150,9 @@ class Checkpointer:
     self.wait()  # an in-flight save of ours is not a partial checkpoint
     self._mgr.reload()
     steps = step_numbers(self.directory)
+    # Before the first read: a bad step's noise can fire before its read
+    # fails (from its metadata read, too).
+    contain_failed_read_noise()
     for step in steps:
       state, data_state, problem = self._try_restore(
         step, abstract_state, config
@@ -228,7 +231,6 @@ class Checkpointer:
     try:
       restored = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore read errors are bare `Exception`s
-      contain_failed_read_noise()
       restored, problem = None, one_line(e)
     problem = _agree(problem)
     if problem:

@@ -42,6 +42,9 @@ def read_latest(
   """
   directory = epath.Path(directory)
   steps = step_numbers(directory)
+  # Before the first read: a bad step's noise can fire before its read
+  # fails (from its metadata read, too).
+  contain_failed_read_noise()
   for step in steps:
     config, state, problem = _read_step(directory, step, abstract_for)
     if problem is None:
@@ -95,7 +98,6 @@ def _read_step(
     with ocp.PyTreeCheckpointer() as c:
       state = c.restore(step_dir / "state", args=args)
   except Exception as e:  # tensorstore read errors are bare `Exception`s
-    contain_failed_read_noise()
     return None, None, one_line(e)
   record = json.loads((step_dir / COMMIT_RECORD).read_text())
   bad_key = fingerprints.first_difference(
