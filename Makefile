@@ -16,8 +16,9 @@ WORKERS ?= 2
 
 .PHONY: setup setup-dev train lint test test-all mutate bench-shakespeare clean
 
+# The plot extra (matplotlib): the README's plot commands follow training.
 setup:
-	launch/setup_env.sh
+	launch/setup_env.sh plot
 
 setup-dev:
 	launch/setup_env.sh dev

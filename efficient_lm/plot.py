@@ -206,8 +206,8 @@ def routing_figure(grid, names: list[str], pieces: list[str], *, title, unit):
     f"dark cell: the {unit} processes that token; white: the token skips it",
     fontsize=8,
   )
-  # About 13 characters of 9-point text per inch: wrap within the figure.
-  ax.set_title(textwrap.fill(title, int(width * 13)), fontsize=9)
+  # About 11 characters of 9-point text per inch: wrap within the figure.
+  fig.suptitle(textwrap.fill(title, int(width * 11)), fontsize=9)
   fig.tight_layout()
   return fig
 

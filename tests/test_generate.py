@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from efficient_lm import runs, sharding
-from efficient_lm.generate import Generator, sample
+from efficient_lm.generate import Generator, sample, stats_lines
 from efficient_lm.models import build
 from efficient_lm.training import loop
 from tests.helpers import (
@@ -148,6 +148,26 @@ def test_sampling_filters():
     assert all(d in row for d, row in zip(drawn, top3, strict=True))
   draws = {tuple(np.asarray(sample(logits, k, temperature=2.0))) for k in keys}
   assert len(draws) > 1
+
+
+def test_stats_lines_round_seconds_and_rates_and_group_counts():
+  """Issue #23: `--stats` printed `prefill_s = 4.106719175999842`."""
+  stats = {
+    "prefill_s": 4.106719175999842,
+    "decode_s": 0.25,
+    "decode_steps": 11,
+    "decode_tokens_per_s": 1234.5678,
+    "cache_bytes_per_token": [256, 256],
+    "cache_bytes": 3696,
+  }
+  assert stats_lines(stats) == [
+    "prefill_s = 4.107",
+    "decode_s = 0.250",
+    "decode_steps = 11",
+    "decode_tokens_per_s = 1,234.6",
+    "cache_bytes_per_token = [256, 256]",
+    "cache_bytes = 3,696",
+  ]
 
 
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():

@@ -81,3 +81,62 @@ def test_curves_cli_writes_a_png_and_bad_workdir_is_one_line(tmp_path):
     f"error: --workdir={tmp_path / 'missing'}: no metrics.jsonl (not a run "
     "directory, or it has not logged a step yet)"
   ]
+
+
+def test_curves_name_each_runs_objective(tmp_path):
+  """Issue #23: a next-token run and an MLM run on one loss axis say which
+  loss each curve is; runs of one objective say it once, on the axis."""
+  mlm = small_config(
+    **{
+      "model.kind": "funnel_encoder",
+      "model.funnel.stages": (1, 1),
+      "train.objective": "mlm",
+    }
+  )
+  rows = [{"step": s, "loss": 5.0 / s} for s in range(1, 4)]
+  for name, cfg in (("a", small_config()), ("b", mlm), ("c", small_config())):
+    _fake_run(tmp_path / name, cfg, rows)
+
+  def drawn(*names):
+    fig = plot.curves([str(tmp_path / n) for n in names], tmp_path / "l.png")
+    ax = fig.axes[0]
+    return [t.get_text() for t in ax.get_legend().get_texts()], ax.get_ylabel()
+
+  assert drawn("a", "b") == (
+    ["a (next-token CE)", "b (MLM CE on the masked tokens)"],
+    "loss (each run's objective: not comparable)",
+  )
+  assert drawn("a", "c") == (["a", "c"], "loss (next-token CE)")
+
+
+def test_routing_figure_says_what_a_cell_means_and_its_title_fits():
+  """Issue #23: on a short text the title was cut at the right edge."""
+  import numpy as np
+
+  title = (
+    "a_long_run_directory_name: tokens each routed recursion step processes "
+    "(causal decision, step 300); processed 67%"
+  )
+  grid = np.array([[1, 0, 1, 1, 0], [1, 0, 0, 1, 0]], np.float32)
+  fig = plot.routing_figure(
+    grid,
+    ["recursion step 1", "recursion step 2"],
+    list("def f"),
+    title=title,
+    unit="recursion step",
+  )
+  from matplotlib.text import Text
+
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  for text in fig.findobj(Text):
+    if text.get_text() and text.get_visible():
+      box = text.get_window_extent(renderer)
+      assert box.x0 >= 0 and box.x1 <= fig.bbox.width, text.get_text()
+      assert box.y0 >= 0 and box.y1 <= fig.bbox.height, text.get_text()
+  assert " ".join(fig.get_suptitle().split()) == title
+  assert (
+    fig.axes[0]
+    .get_xlabel()
+    .startswith("dark cell: the recursion step processes")
+  )
