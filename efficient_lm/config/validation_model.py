@@ -137,10 +137,13 @@ def _validate_mor(m: ModelConfig) -> None:
         "kv='recursive_sharing' needs capacities[0] = 1 (every token "
         "writes the first step's keys/values)"
       )
-    if m.attention.projection != "qkv":
+    if (
+      m.attention.projection != "qkv" or "tglobal" in m.attention.pattern_kinds
+    ):
       raise ConfigError(
-        "model.routing.kv='recursive_sharing' supports qkv attention (got "
-        f"projection={m.attention.projection!r})"
+        "model.routing.kv='recursive_sharing' supports qkv attention "
+        f"without tglobal (got projection={m.attention.projection!r}, "
+        f"kinds={m.attention.pattern_kinds})"
       )
   _validate_mor_kinds(m)
 
