@@ -128,8 +128,8 @@ MUTATIONS = [
   _m(
     "transformer_mlp_residual_dropped",
     "efficient_lm/models/block.py",
-    "x_BTD = constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), BTD)",
-    "x_BTD = constrain(self.mlp(self.mlp_norm(x_BTD)), BTD)",
+    "x_BTD = constrain(x_BTD + self.mlp_branch(x_BTD), BTD)",
+    "x_BTD = constrain(self.mlp_branch(x_BTD), BTD)",
     "tests/test_model.py",
     "-k",
     "zeroed_output_projections",
@@ -745,8 +745,8 @@ MUTATIONS = [
   _m(
     "tglobal_pooled_rows_weigh_one",
     "efficient_lm/models/block.py",
-    "norm_eps=cfg.norm_eps, stride=spec.kv_stride",
-    "norm_eps=cfg.norm_eps, stride=1",
+    "TGlobalAttention(**kwargs, stride=spec.kv_stride)",
+    "TGlobalAttention(**kwargs, stride=1)",
     "tests/test_funnel.py",
     "-k",
     "tglobal_in_a_pooled",
