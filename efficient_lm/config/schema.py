@@ -90,6 +90,17 @@ class AttentionConfig:
   v_head_dim: int = 0
   # Entry point implementation passed to kernels.attention.
   impl: str = "auto"
+  # Qwen3 / Gemma 3: an RMSNorm over head_dim on each head's queries and
+  # keys (modules `q_norm`, `k_norm`, scale [head_dim]), before RoPE; it
+  # follows model.norm_plus_one like every other norm. projection='qkv'.
+  qk_norm: bool = False
+  # Qwen2: biases on the q, k and v projections (params `q_bias_HK`,
+  # `k_bias_GK`, `v_bias_GK`); never on the output projection.
+  # projection='qkv'.
+  qkv_bias: bool = False
+  # Gemma 2 / 3: the attention scale is query_pre_attn_scalar ** -0.5
+  # instead of head_dim ** -0.5. None: head_dim ** -0.5. projection='qkv'.
+  query_pre_attn_scalar: float | None = None
 
   @property
   def pattern_kinds(self) -> tuple[str, ...]:
@@ -272,6 +283,40 @@ class ModelConfig:
   tie_embeddings: bool = True
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
+  # Gemma: every RMSNorm (block norms, final norm, q/k norms) stores w,
+  # initialised to 0, and scales by (1 + w); the math runs in float32 and
+  # the param keeps its name `scale`. False: x * scale, scale initialised
+  # to 1 (Llama, Mistral, Qwen).
+  norm_plus_one: bool = False
+  # Gemma 2 / 3 "sandwich" norms: an RMSNorm on the attention output
+  # (`post_attn_norm`) and on the MLP output (`post_mlp_norm`), applied to
+  # the branch before the residual add.
+  post_norms: bool = False
+  # Gate activation of the gated MLP: "silu" = SwiGLU (Llama, Mistral,
+  # Qwen); "gelu_tanh" = GeGLU with the tanh-approximate GELU (Gemma).
+  mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+  # Gemma: token embeddings times sqrt(embed_dim), that factor rounded to
+  # the compute dtype first (as Hugging Face does). The output head (tied
+  # or not) is unscaled.
+  embed_scale: bool = False
+  # Gemma 2: cap * tanh(logits / cap) on the float32 output logits. None:
+  # no cap. (Attention logits: attention.logits_soft_cap.)
+  final_logits_soft_cap: float | None = None
+  # Gemma 3 (rope_local_base_freq): the RoPE base of the 'sliding_window'
+  # layers, which then get no rope_scaling. None: every layer uses
+  # rope_theta. Needs at least one 'sliding_window' layer.
+  rope_local_theta: float | None = None
+  # RoPE frequency scaling of the layers on rope_theta: "none"; "linear"
+  # (Gemma 3 global layers; position interpolation): inverse frequencies
+  # divided by rope_scaling_factor; "llama3" (Llama 3.1 / 3.2): wavelengths
+  # longer than rope_original_max_len / rope_low_freq_factor are divided by
+  # the factor, those shorter than rope_original_max_len /
+  # rope_high_freq_factor kept, the band between interpolated smoothly.
+  rope_scaling: Literal["none", "linear", "llama3"] = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   scan_layers: bool = True
   # "none": keep activations; "full": recompute each block in the backward;
   # "dots": save matmul outputs only (jax.checkpoint_policies).
