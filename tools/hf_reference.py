@@ -439,6 +439,36 @@ def _draw(family, kwargs, seed):
   return model, tokens, prompts, recomputed, gap, distinct, ok
 
 
+def _weight_groups_matter(model, family, tokens, logits):
+  """Parameters a converter could drop or map wrongly (biases, q/k norms,
+  Gemma's post-norms) set to their identity value move the logits."""
+  gemma = family.startswith("gemma")
+  groups = {
+    "biases -> 0": lambda n: n.endswith(".bias"),
+    "q/k norm weights -> identity": lambda n: (
+      "_norm.weight" in n and ("q_norm" in n or "k_norm" in n)
+    ),
+    "post norm weights -> identity": lambda n: ".post_" in n and gemma,
+    "final norm weight -> identity": lambda n: n == "model.norm.weight",
+  }
+  moved = {}
+  for what, match in groups.items():
+    names = [n for n, _ in model.named_parameters() if match(n)]
+    if not names:
+      continue
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+      for n, p in other.named_parameters():
+        if n in names:
+          identity = 0.0 if n.endswith(".bias") or gemma else 1.0
+          p.fill_(identity)
+    delta = float(np.abs(_logits(other, tokens) - logits).max())
+    if delta < 1e-2:
+      raise SystemExit(f"error: {family}: {what} moves logits by {delta}")
+    moved[what] = delta
+  return moved
+
+
 def _check_llama3(config):
   """Llama 3 scaling keeps some inverse frequencies, smooths and divides
   others at this head_dim and original_max_position_embeddings."""
@@ -493,6 +523,7 @@ def make_family(family, out_dir):
     if delta < 1e-2:
       raise SystemExit(f"error: {family}: {what} off moves logits by {delta}")
     switches[what] = delta
+  switches.update(_weight_groups_matter(model, family, tokens, logits))
   if getattr(model.config, "sliding_window", None) is not None:
     _check_window_counts_self(model, tokens)
   if family == "llama":
@@ -575,7 +606,7 @@ def make_family(family, out_dir):
       role: {"token": s, "id": i} for role, (s, i) in roles.items()
     },
     "checks": {
-      "logits moved by switching off (max abs)": switches,
+      "logits moved by switching off / identity weights (max abs)": switches,
       "llama3 inverse frequencies (kept, smoothed, divided)": rope_check,
       "sliding window keys (including the query)": (
         WINDOW if getattr(model.config, "sliding_window", None) else None
