@@ -498,8 +498,8 @@ MUTATIONS = [
   _m(
     "sentencepiece_copy_unchecked",
     "efficient_lm/data/tokenizers.py",
-    '      if digest != desc.get("sha256"):',
-    "      if False:",
+    '    if digest != desc.get("sha256"):',
+    "    if False:",
     "tests/test_evaluate.py",
     "-k",
     "sentencepiece",

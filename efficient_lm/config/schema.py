@@ -364,7 +364,9 @@ class DataConfig:
   path: str | None = None
   seq_len: int = 128
   # "byte", "char" (vocabulary = sorted set of characters of the training
-  # text), or a path to a SentencePiece .model file.
+  # text), a path to a SentencePiece .model file, or a path to a Hugging
+  # Face tokenizer.json (*.json; bos/eos from the config.json or
+  # tokenizer_config.json beside it).
   tokenizer: str = "byte"
   eval_fraction: float = 0.1
   shuffle: bool = True

@@ -12,6 +12,7 @@ from efficient_lm.data.pipeline import DataIterator, Split, make_iterator
 from efficient_lm.data.tokenizers import (
   ByteTokenizer,
   CharTokenizer,
+  HFTokenizer,
   SentencePieceTokenizer,
   Tokenizer,
   load_tokenizer,
@@ -24,6 +25,7 @@ __all__ = [
   "CharTokenizer",
   "DataError",
   "DataIterator",
+  "HFTokenizer",
   "SentencePieceTokenizer",
   "Split",
   "Tokenizer",

@@ -1,10 +1,11 @@
-"""Tokenizers: byte-level (default), char-level, SentencePiece model files.
+"""Tokenizers: byte-level (default), char-level, SentencePiece model files,
+Hugging Face tokenizer.json files (HFTokenizer, hf_tokenizer.py).
 
-All three share one small interface:
+All four share one small interface:
   vocab_size, pad_id / bos_id / eos_id (None when the vocabulary has none),
   mask_id: the MLM mask token (train.objective='mlm'), for every tokenizer
   the first id past its vocabulary (byte 259, char len(chars),
-  SentencePiece its piece count): no text encodes to it, the model's
+  SentencePiece its piece count, Hugging Face its vocabulary size): no text encodes to it, the model's
   vocabulary must cover it (model.vocab_size > mask_id), it is never a
   target, and decode shows it as U+FFFD (SentencePiece: its unknown
   piece), like any id past the vocabulary;
@@ -25,15 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from etils import epath
 
 from efficient_lm import paths
 from efficient_lm.config import DataConfig
-from efficient_lm.data.errors import DataError
+from efficient_lm.data.errors import DataError, decode_utf8
+from efficient_lm.data.hf_tokenizer import HFTokenizer
 from efficient_lm.data.sources import Corpus, load_corpus
 
 _REPLACEMENT = "\ufffd"
@@ -69,16 +72,6 @@ class Tokenizer(Protocol):
 
 def _as_bytes(text: str | bytes) -> bytes:
   return text.encode("utf-8") if isinstance(text, str) else bytes(text)
-
-
-def _decode_utf8(data: bytes, name: str, tokenizer: str) -> str:
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(
-      f"{name}: not valid UTF-8 at byte offset {e.start}; the {tokenizer} "
-      "tokenizer needs UTF-8 text (tokenizer='byte' reads any bytes)"
-    ) from None
 
 
 class ByteTokenizer:
@@ -139,7 +132,7 @@ class CharTokenizer:
     token stream only after tokenising.
     """
     codepoints = [
-      np.unique(_codepoints(_decode_utf8(doc, name, "'char'")))
+      np.unique(_codepoints(decode_utf8(doc, name, "'char'")))
       for name, doc in zip(corpus.names, corpus.docs, strict=True)
     ]
     unique = np.unique(np.concatenate(codepoints))
@@ -151,7 +144,7 @@ class CharTokenizer:
     return self.encode_array(text, "<input>").tolist()
 
   def encode_array(self, data: bytes, name: str) -> np.ndarray:
-    cps = _codepoints(_decode_utf8(data, name, "'char'"))
+    cps = _codepoints(decode_utf8(data, name, "'char'"))
     ids = np.searchsorted(self._codepoints_V, cps)
     ids = np.minimum(ids, self.vocab_size - 1)
     unknown = np.flatnonzero(self._codepoints_V[ids] != cps)
@@ -216,7 +209,7 @@ class SentencePieceTokenizer:
     return self.encode_array(_as_bytes(text), "<input>").tolist()
 
   def encode_array(self, data: bytes, name: str) -> np.ndarray:
-    text = _decode_utf8(data, name, "SentencePiece")
+    text = decode_utf8(data, name, "SentencePiece")
     return np.asarray(self._sp.encode(text), dtype=np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -242,23 +235,81 @@ class SentencePieceTokenizer:
     return np.array([length(i) for i in range(self.vocab_size)], np.int64)
 
 
-def make_tokenizer(data_cfg: DataConfig) -> Tokenizer:
+def make_tokenizer(
+  data_cfg: DataConfig, run_copy: epath.PathLike | None = None
+) -> Tokenizer:
+  """The tokenizer `data_cfg.tokenizer` names.
+
+  `run_copy`: a run's tokenizer.json (save_tokenizer). A model or
+  tokenizer.json file that no longer exists is then read from the run's own
+  copy, if that copy was saved from the same path: a run resumes after its
+  tokenizer file moved or was deleted, as evaluate reads it.
+  """
   name = data_cfg.tokenizer
   if name == "byte":
     return ByteTokenizer()
   if name == "char":
     return CharTokenizer.from_corpus(load_corpus(data_cfg))
-  if name.endswith(".model"):
-    return SentencePieceTokenizer(os.path.expanduser(name))
-  raise DataError(
-    f"data.tokenizer={name!r}: expected 'byte', 'char' or a path to a "
-    "SentencePiece .model file"
-  )
+  kinds = {".model": SentencePieceTokenizer, ".json": HFTokenizer}
+  kind = kinds.get(os.path.splitext(name)[1])
+  if kind is None:
+    raise DataError(
+      f"data.tokenizer={name!r}: expected 'byte', 'char', a path to a "
+      "SentencePiece .model file or to a Hugging Face tokenizer.json (*.json)"
+    )
+  path = os.path.expanduser(name)
+  if run_copy is not None and not epath.Path(path).exists():
+    kept = _kept_copy(epath.Path(run_copy), path)
+    if kept is not None:
+      return kept
+  return kind(path)
 
 
 # ------------------------------------------------------------ tokenizer.json
 
 SENTENCEPIECE_COPY = "tokenizer.model"
+HF_COPY = "hf_tokenizer.json"
+
+
+def _source(path: str) -> str:
+  """What a run records as where its tokenizer file came from."""
+  return path if paths.is_remote(path) else os.path.abspath(path)
+
+
+def _kept_copy(run_copy: epath.Path, path: str) -> Tokenizer | None:
+  """The tokenizer `run_copy` describes if it was saved from `path`."""
+  if not run_copy.is_file():
+    return None
+  try:
+    source = json.loads(run_copy.read_text(encoding="utf-8")).get("source")
+  except (OSError, ValueError, AttributeError):
+    return None  # load_run reports an unreadable description
+  if source != _source(path):
+    return None
+  print(
+    f"note: data.tokenizer={path!r} does not exist: using the run's copy "
+    f"of it ({run_copy})",
+    file=sys.stderr,
+    flush=True,
+  )
+  return load_tokenizer(run_copy)
+
+
+def _checked_copy(path: epath.Path, desc: dict[str, Any], key: str) -> str:
+  """The file `desc[key]` beside the description `path`, its sha256 checked
+  against the recorded one (a missing file is left to the tokenizer's
+  constructor to report)."""
+  copy = path.parent / str(desc.get(key))
+  if not paths.is_remote(copy):
+    copy = copy.resolve()
+  if copy.is_file():
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    if digest != desc.get("sha256"):
+      raise DataError(
+        f"{copy}: sha256 {digest} differs from the "
+        f"{desc.get('sha256')} recorded in {path}"
+      )
+  return os.fspath(copy)
 
 
 def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
@@ -268,24 +319,36 @@ def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
   {"kind": "sentencepiece", "model_file": "tokenizer.model", "source": the
   path it was loaded from, "sha256": of the model}: the model itself is
   copied beside `path`, so the directory is self-contained even when the
-  original file moves or changes. Files are replaced atomically.
+  original file moves or changes; {"kind": "huggingface", "json_file":
+  "hf_tokenizer.json", "source", "sha256", "bos_id", "eos_id", "pad_id"}:
+  likewise, the tokenizer.json copied, its special ids (which came from the
+  checkpoint's config files) recorded. Files are replaced atomically.
   """
   path = epath.Path(path)
-  desc: dict[str, str | int]
+  desc: dict[str, str | int | None]
   if isinstance(tok, ByteTokenizer):
     desc = {"kind": "byte"}
   elif isinstance(tok, CharTokenizer):
     desc = {"kind": "char", "chars": tok.chars}
   elif isinstance(tok, SentencePieceTokenizer):
     paths.write_atomic(path.parent / SENTENCEPIECE_COPY, tok.model_proto)
-    source = tok.model_path
-    if not paths.is_remote(source):
-      source = os.path.abspath(source)
     desc = {
       "kind": "sentencepiece",
       "model_file": SENTENCEPIECE_COPY,
-      "source": source,
+      "source": _source(tok.model_path),
       "sha256": hashlib.sha256(tok.model_proto).hexdigest(),
+    }
+  elif isinstance(tok, HFTokenizer):
+    data = tok.hf_json.encode("utf-8")
+    paths.write_atomic(path.parent / HF_COPY, data)
+    desc = {
+      "kind": "huggingface",
+      "json_file": HF_COPY,
+      "source": _source(tok.path),
+      "sha256": hashlib.sha256(data).hexdigest(),
+      "bos_id": tok.bos_id,
+      "eos_id": tok.eos_id,
+      "pad_id": tok.pad_id,
     }
   else:
     raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__}")
@@ -312,20 +375,16 @@ def load_tokenizer(path: epath.PathLike) -> Tokenizer:
   elif kind == "char":
     tok = CharTokenizer(desc.get("chars", ""))
   elif kind == "sentencepiece":
-    model = path.parent / str(desc.get("model_file"))
-    if not paths.is_remote(model):
-      model = model.resolve()
-    if model.is_file():  # else the constructor says it is missing
-      digest = hashlib.sha256(model.read_bytes()).hexdigest()
-      if digest != desc.get("sha256"):
-        raise DataError(
-          f"{model}: sha256 {digest} differs from the "
-          f"{desc.get('sha256')} recorded in {path}"
-        )
-    tok = SentencePieceTokenizer(os.fspath(model))
+    tok = SentencePieceTokenizer(_checked_copy(path, desc, "model_file"))
+  elif kind == "huggingface":
+    ids = {k: desc.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+    if not all(i is None or type(i) is int for i in ids.values()):
+      raise DataError(f"{path}: special ids {ids}: expected ints or null")
+    tok = HFTokenizer(_checked_copy(path, desc, "json_file"), **ids)
   else:
     raise DataError(
-      f"{path}: kind={kind!r}: expected 'byte', 'char' or 'sentencepiece'"
+      f"{path}: kind={kind!r}: expected 'byte', 'char', 'sentencepiece' or "
+      "'huggingface'"
     )
   if tok.vocab_size != desc.get("vocab_size"):
     raise DataError(
