@@ -36,9 +36,18 @@ import shutil
 import sys
 from pathlib import Path
 
+# The repository's own top-level `kernels` package (JAX) shadows the
+# Hugging Face `kernels` package that transformers probes for: drop the
+# repository from the path (PYTHONPATH=repo, or run from its root with -m/-c).
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
+
 # One thread: the same reduction order on every machine and run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -427,6 +436,32 @@ def _draw(family, kwargs, seed):
   return model, tokens, prompts, recomputed, gap, distinct, ok
 
 
+def _check_llama3(config):
+  """Llama 3 scaling keeps some inverse frequencies, smooths and divides
+  others at this head_dim and original_max_position_embeddings."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  rp = config.rope_parameters
+  dim = config.head_dim
+  base = rp["rope_theta"] ** (-torch.arange(0, dim, 2).double() / dim)
+  scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+  ratio = (base / scaled.double()).tolist()
+  kept = sum(abs(r - 1) < 1e-6 for r in ratio)
+  divided = sum(abs(r - rp["factor"]) < 1e-4 for r in ratio)
+  smoothed = len(ratio) - kept - divided
+  if not (kept and divided and smoothed):
+    raise SystemExit(
+      f"error: llama3 scaling ratios {ratio}: want some kept, some "
+      "smoothed, some divided by the factor"
+    )
+  return {
+    "kept": kept,
+    "smoothed": smoothed,
+    "divided": divided,
+    "ratios": ratio,
+  }
+
+
 def make_family(family, out_dir):
   import safetensors
   import tokenizers
@@ -457,6 +492,10 @@ def make_family(family, out_dir):
     switches[what] = delta
   if getattr(model.config, "sliding_window", None) is not None:
     _check_window_counts_self(model, tokens)
+  if family == "llama":
+    rope_check = _check_llama3(model.config)
+  else:
+    rope_check = None
 
   greedy = _generate(model, prompts, NEW_TOKENS)
   if not np.array_equal(greedy, recomputed):
@@ -531,6 +570,10 @@ def make_family(family, out_dir):
     },
     "checks": {
       "logits moved by switching off (max abs)": switches,
+      "llama3 inverse frequencies (kept, smoothed, divided)": rope_check,
+      "sliding window keys (including the query)": (
+        WINDOW if getattr(model.config, "sliding_window", None) else None
+      ),
       "min top1-top2 logit gap (reference logits)": logits_gap,
       "min top1-top2 logit gap (greedy steps)": gap,
       "fewest distinct greedy tokens in a row": distinct,
