@@ -241,9 +241,8 @@ class HFTokenizer:
     )
 
   def encode(self, text: str | bytes) -> list[int]:
-    if not isinstance(text, str):
-      text = decode_utf8(bytes(text), "<input>", "Hugging Face")
-    return self._tok.encode(text, add_special_tokens=False).ids
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return self.encode_array(data, "<input>").tolist()
 
   def encode_array(self, data: bytes, name: str) -> np.ndarray:
     text = decode_utf8(data, name, "Hugging Face")

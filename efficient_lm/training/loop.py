@@ -159,8 +159,10 @@ def start_state(t: Trainer, params: Any, model_state: Any) -> dict[str, Any]:
   )(params, model_state)
 
 
-def make_tokenizer(cfg: Config):
-  tok = data_lib.make_tokenizer(cfg.data)
+def make_tokenizer(cfg: Config, run_copy: epath.PathLike | None = None):
+  """`cfg.data`'s tokenizer, checked against the model's vocabulary;
+  `run_copy`: the workdir's tokenizer.json (data.make_tokenizer)."""
+  tok = data_lib.make_tokenizer(cfg.data, run_copy)
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
@@ -251,7 +253,7 @@ def _run(
   cfg: Config, workdir: str, hooks, overrides, build_model
 ) -> dict[str, Any]:
   is_main = jax.process_index() == 0
-  tok = make_tokenizer(cfg)
+  tok = make_tokenizer(cfg, epath.Path(workdir) / TOKENIZER)
   t = build_trainer(cfg, build_model=build_model, mask_id=tok.mask_id)
   problem = memory.fits_problem(
     t.abstract_state,
