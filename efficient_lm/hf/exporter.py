@@ -80,6 +80,11 @@ def _tensors(run: runs.LoadedRun, table: list[weights.Tensor]):
   """(name, numpy tensor in HF layout), one at a time; every parameter
   must have a name (the model builds nothing we would drop)."""
   params = flat(run.params)
+  for t in table:
+    if t.key not in params:
+      raise ConvertError(
+        f"tensor {t.name!r}: the run's model has no parameter {t.key!r}"
+      )
   covered = {(t.key, t.slot) for t in table}
   for key, leaf in params.items():
     stacked = key.startswith("stack.")

@@ -228,6 +228,12 @@ def load_params(
   ShapeDtypeStructs) filled from the checkpoint, one tensor at a time."""
   want = flat(abstract)
   np_dtype = jnp.dtype(dtype)
+  for t in table:
+    if t.key not in want:
+      raise ConvertError(
+        f"tensor {t.name!r}: the model this config builds has no parameter "
+        f"{t.key!r}"
+      )
   covered = {(t.key, t.slot) for t in table}
   for key, sds in want.items():
     stacked = key.startswith("stack.")
