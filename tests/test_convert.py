@@ -216,7 +216,7 @@ _TRAIN_FLAGS = [
 
 
 def test_imported_run_resumes_bit_identically_after_kill(imported, tmp_path):
-  source = imported["qwen2"].workdir
+  source = imported["mistral"].workdir
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
   for d in (straight, crashed):
     shutil.copytree(source, d)
