@@ -52,6 +52,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "kv_latent": None,
   "q_latent": None,
   "norm": None,
+  # The head_dim axis of q/k/v biases (models/attention.py; no decay).
+  "bias": None,
   "layers": None,
 }
 

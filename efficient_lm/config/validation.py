@@ -15,6 +15,7 @@ from efficient_lm.config.schema import (
 )
 from efficient_lm.config.validation_model import (
   _validate_attention,
+  _validate_family_switches,
   _validate_funnel,
   _validate_per_layer,
   _validate_routing,
@@ -42,6 +43,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
     )
   _validate_heads(m)
   _validate_attention(m.attention, m.num_layers)
+  _validate_family_switches(m)
   _validate_routing(m, cfg.data.seq_len)
   _validate_funnel(cfg)
   _validate_per_layer(m, cfg.mesh.tensor)

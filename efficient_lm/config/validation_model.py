@@ -80,6 +80,50 @@ def _validate_attention(a: AttentionConfig, num_layers: int) -> None:
     )
 
 
+def _validate_family_switches(m: ModelConfig) -> None:
+  """The Hugging Face family switches (Llama 3 RoPE scaling, Qwen biases
+  and q/k norms, Gemma caps, scalars and local RoPE base) on this model."""
+  a = m.attention
+  for path, cap in [
+    ("model.final_logits_soft_cap", m.final_logits_soft_cap),
+    ("model.attention.logits_soft_cap", a.logits_soft_cap),
+    ("model.attention.query_pre_attn_scalar", a.query_pre_attn_scalar),
+    ("model.rope_local_theta", m.rope_local_theta),
+  ]:
+    if cap is not None and cap <= 0:
+      raise ConfigError(f"{path}={cap}: expected a positive value or None")
+  _positive("model.rope_scaling_factor", m.rope_scaling_factor)
+  if m.rope_scaling == "llama3":
+    _positive("model.rope_original_max_len", m.rope_original_max_len)
+    _positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
+    if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+      raise ConfigError(
+        f"model.rope_high_freq_factor={m.rope_high_freq_factor}: "
+        "rope_scaling='llama3' needs it above "
+        f"model.rope_low_freq_factor={m.rope_low_freq_factor}"
+      )
+  # A local base no layer uses is a mistake, not a no-op: refused.
+  if m.rope_local_theta is not None and "sliding_window" not in a.pattern_kinds:
+    raise ConfigError(
+      f"model.rope_local_theta={m.rope_local_theta}: no layer is "
+      "'sliding_window' (attention.kind / pattern); it is the RoPE base of "
+      "those layers only, so leave it None"
+    )
+  if a.projection == "mla":
+    for name, default in [
+      ("qk_norm", False),
+      ("qkv_bias", False),
+      ("query_pre_attn_scalar", None),
+    ]:
+      if getattr(a, name) != default:
+        raise ConfigError(
+          f"model.attention.{name}={getattr(a, name)!r} with "
+          "projection='mla': MLA has no per-head q/k/v projections to norm "
+          f"or bias and its own scale; leave it {default!r} or use "
+          "projection='qkv'"
+        )
+
+
 def _validate_routing(m: ModelConfig, seq_len: int) -> None:
   """model.routing (MoD / MoR) against the model it routes."""
   r = m.routing

@@ -21,7 +21,7 @@ from flax import nnx
 import kernels
 from efficient_lm.config import AttentionConfig
 from efficient_lm.models import cache as cache_lib
-from efficient_lm.models.layers import param, rope
+from efficient_lm.models.layers import RMSNorm, Rope, param, rope
 from efficient_lm.sharding import (
   BSGK,
   BT,
@@ -118,7 +118,7 @@ class Attention(nnx.Module):
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    rope_theta: float,
+    rope_theta: float | Rope,
     cfg: AttentionConfig,
     causal: bool,
     rngs: nnx.Rngs,
@@ -126,7 +126,11 @@ class Attention(nnx.Module):
     out_std: float,
     scale: float | None = None,
     cache_stride: int = 1,
+    norm_eps: float = 1e-6,
+    norm_plus_one: bool = False,
   ):
+    """`rope_theta`: the RoPE base, or a `Rope` with its scaling;
+    `norm_eps` / `norm_plus_one`: the q/k norms' (cfg.qk_norm)."""
     d, h, g, k = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_DHK = param(
       rngs, (d, h, k), ("embed", "heads", "head_dim"), 0.02, param_dtype
@@ -140,9 +144,33 @@ class Attention(nnx.Module):
     self.o_HKD = param(
       rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std, param_dtype
     )
+
+    # Qwen2: q/k/v biases (zero-initialised; never weight-decayed: their
+    # last axis is "bias", training/optim.decays).
+    def bias(shape, axes):
+      if not cfg.qkv_bias:
+        return None
+      return nnx.Param(jnp.zeros(shape, param_dtype), logical_axes=axes)
+
+    self.q_bias_HK = bias((h, k), ("heads", "bias"))
+    self.k_bias_GK = bias((g, k), ("kv_heads", "bias"))
+    self.v_bias_GK = bias((g, k), ("kv_heads", "bias"))
+    # Qwen3 / Gemma 3: per-head RMSNorm of q and k over head_dim, before
+    # RoPE.
+    norm = lambda: (
+      RMSNorm(k, eps=norm_eps, param_dtype=param_dtype, plus_one=norm_plus_one)
+      if cfg.qk_norm
+      else None
+    )
+    self.q_norm = norm()
+    self.k_norm = norm()
     self.rope_theta = rope_theta
     self.mask = mask_spec(cfg, causal=causal)
-    self.scale = 1.0 / math.sqrt(k) if scale is None else scale
+    if scale is None:
+      # Gemma: query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
+      base = cfg.query_pre_attn_scalar or k
+      scale = 1.0 / math.sqrt(base)
+    self.scale = scale
     self.soft_cap = cfg.logits_soft_cap
     self.impl = cfg.impl
     self.cfg = cfg
@@ -163,6 +191,10 @@ class Attention(nnx.Module):
     """RoPE'd queries [B, T, H, K]."""
     dt = q.x_BTD.dtype
     q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
+    if self.q_bias_HK is not None:
+      q_BTHK = q_BTHK + self.q_bias_HK[...].astype(dt)[None, None]
+    if self.q_norm is not None:
+      q_BTHK = self.q_norm(q_BTHK)
     return constrain(rope(q_BTHK, q.pos_BT, self.rope_theta), BTHK)
 
   def kv_rows(self, kv: Tokens) -> dict:
@@ -171,6 +203,11 @@ class Attention(nnx.Module):
     dt = kv.x_BTD.dtype
     k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.k_DGK[...].astype(dt))
     v_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.v_DGK[...].astype(dt))
+    if self.k_bias_GK is not None and self.v_bias_GK is not None:
+      k_BSGK = k_BSGK + self.k_bias_GK[...].astype(dt)[None, None]
+      v_BSGK = v_BSGK + self.v_bias_GK[...].astype(dt)[None, None]
+    if self.k_norm is not None:
+      k_BSGK = self.k_norm(k_BSGK)
     return {
       "k": constrain(rope(k_BSGK, kv.pos_BT, self.rope_theta), BSGK),
       "v": constrain(v_BSGK, BSGK),

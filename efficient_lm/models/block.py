@@ -3,6 +3,9 @@
   x <- x + Attn(Norm(x))
   x <- x + MLP(Norm(x))
 
+(model.post_norms, Gemma 2 / 3: x <- x + Norm(Attn(Norm(x))), likewise for
+the MLP.)
+
 Each block is built from its `LayerSpec` (models/stack.py): the attention
 kind and projection, the layer's own shapes (MLP width, heads, kv heads,
 head dim) and the positions between its rows, so layers may differ.
@@ -23,7 +26,7 @@ from efficient_lm.config import ModelConfig
 from efficient_lm.models import cache as cache_lib
 from efficient_lm.models import visibility
 from efficient_lm.models.attention import Attention, Tokens
-from efficient_lm.models.layers import DTYPES, RMSNorm, SwiGLU
+from efficient_lm.models.layers import DTYPES, RMSNorm, SwiGLU, layer_rope
 from efficient_lm.models.mla import MLAttention, resolve_dims
 from efficient_lm.models.stack import LayerSpec
 from efficient_lm.models.tglobal import TGlobalAttention
@@ -41,22 +44,32 @@ def make_attention(
     num_heads=spec.num_heads,
     num_kv_heads=spec.num_kv_heads,
     head_dim=spec.head_dim,
-    rope_theta=cfg.rope_theta,
+    rope_theta=layer_rope(cfg, a.kind),
     cfg=a,
     causal=spec.causal,
     rngs=rngs,
     param_dtype=DTYPES[cfg.param_dtype],
     out_std=out_std,
     cache_stride=spec.stride,
+    norm_eps=cfg.norm_eps,
+    norm_plus_one=cfg.norm_plus_one,
   )
   if a.projection == "mla":
-    return MLAttention(**kwargs, norm_eps=cfg.norm_eps)
+    return MLAttention(**kwargs)
   if a.kind == "tglobal":
     # A row of the keys' sequence stands for kv_stride positions.
-    return TGlobalAttention(
-      **kwargs, norm_eps=cfg.norm_eps, stride=spec.kv_stride
-    )
+    return TGlobalAttention(**kwargs, stride=spec.kv_stride)
   return Attention(**kwargs)
+
+
+def make_norm(cfg: ModelConfig) -> RMSNorm:
+  """An RMSNorm over the model width (model.norm_eps, norm_plus_one)."""
+  return RMSNorm(
+    cfg.embed_dim,
+    eps=cfg.norm_eps,
+    param_dtype=DTYPES[cfg.param_dtype],
+    plus_one=cfg.norm_plus_one,
+  )
 
 
 def make_mlp(
@@ -68,18 +81,29 @@ def make_mlp(
     rngs=rngs,
     param_dtype=DTYPES[cfg.param_dtype],
     out_std=out_std,
+    activation=cfg.mlp_activation,
   )
 
 
 class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs):
-    pdt = DTYPES[cfg.param_dtype]
     # GPT-2 style: residual-output projections scaled by 1/sqrt(2 * layers).
     out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
-    self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.attn_norm = make_norm(cfg)
     self.attn = make_attention(cfg, spec, rngs=rngs, out_std=out_std)
-    self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.mlp_norm = make_norm(cfg)
     self.mlp = make_mlp(cfg, spec, rngs=rngs, out_std=out_std)
+    # Gemma 2 / 3 sandwich norms (model.post_norms) on each branch's output.
+    self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
+    self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
+
+  def mlp_branch(self, x_BTD) -> jax.Array:
+    """The MLP branch's update: MLP(Norm(x)), post-normed under
+    model.post_norms."""
+    m_BTD = self.mlp(self.mlp_norm(x_BTD))
+    if self.post_mlp_norm is not None:
+      m_BTD = self.post_mlp_norm(m_BTD)
+    return m_BTD
 
   def attend(
     self,
@@ -92,18 +116,24 @@ class Block(nnx.Module):
     rows=None,
   ) -> tuple[jax.Array, dict | None]:
     """The attention branch on Norm(x) -> (update [B, T, D], new cache or
-    None). `kv`: another sequence's raw rows as keys / values (a funnel's
-    pool-query layer; normed here by the same norm); `rows`: given K/V
-    rows (`kv_rows`) instead of the projected ones."""
+    None), the update post-normed under model.post_norms. `kv`: another
+    sequence's raw rows as keys / values (a funnel's pool-query layer;
+    normed here by the same norm); `rows`: given K/V rows (`kv_rows`)
+    instead of the projected ones."""
     h = Tokens(self.attn_norm(x_BTD), pos_BT, seg_BT)
     kwargs: dict[str, Any] = {}  # `kv` Tokens, `rows` a dict
     if kv is not None:
       kwargs["kv"] = Tokens(self.attn_norm(kv.x_BTD), kv.pos_BT, kv.seg_BT)
     if rows is not None:
       kwargs["rows"] = rows
+    new_cache = None
     if cache is None:
-      return self.attn(h, **kwargs), None
-    return self.attn(h, cache=cache, **kwargs)
+      a_BTD = self.attn(h, **kwargs)
+    else:
+      a_BTD, new_cache = self.attn(h, cache=cache, **kwargs)
+    if self.post_attn_norm is not None:
+      a_BTD = self.post_attn_norm(a_BTD)
+    return a_BTD, new_cache
 
   @overload
   def __call__(
@@ -145,7 +175,7 @@ class Block(nnx.Module):
       x_BTD, pos_BT, seg_BT, kv=kv, cache=cache, rows=rows
     )
     x_BTD = x_BTD + a_BTD
-    x_BTD = constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), BTD)
+    x_BTD = constrain(x_BTD + self.mlp_branch(x_BTD), BTD)
     if cache is None:
       return x_BTD, {}
     return x_BTD, {}, new_cache

@@ -155,7 +155,12 @@ class FunnelEncoder(LanguageModel):
     self.pool_blocks = nnx.Dict(pool_blocks)
     self.decoder = stack_of(plan[cfg.num_layers :])
     self.doc_norm = (
-      RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+      RMSNorm(
+        cfg.embed_dim,
+        eps=cfg.norm_eps,
+        param_dtype=pdt,
+        plus_one=cfg.norm_plus_one,
+      )
       if cfg.funnel.embedding_head
       else None
     )

@@ -15,6 +15,7 @@ prefill is that call on an empty cache.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -36,7 +37,15 @@ class LanguageModel(nnx.Module):
     self.embed = Embed(
       cfg.vocab_size, cfg.embed_dim, rngs=rngs, param_dtype=pdt
     )
-    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.final_norm = RMSNorm(
+      cfg.embed_dim,
+      eps=cfg.norm_eps,
+      param_dtype=pdt,
+      plus_one=cfg.norm_plus_one,
+    )
+    # Gemma: embeddings times sqrt(D), the factor in the compute dtype.
+    self.embed_scale = math.sqrt(cfg.embed_dim) if cfg.embed_scale else None
+    self.final_logits_soft_cap = cfg.final_logits_soft_cap
     self.head_DV = (
       None
       if cfg.tie_embeddings
@@ -46,11 +55,15 @@ class LanguageModel(nnx.Module):
     )
 
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
-    return self.embed(tokens_BT, self.dtype)
+    x_BTD = self.embed(tokens_BT, self.dtype)
+    if self.embed_scale is not None:
+      x_BTD = x_BTD * jnp.asarray(self.embed_scale, self.dtype)
+    return x_BTD
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """The final norm, then the tied embedding (`head_DV` None) or the
-    untied head: float32 logits [B, T, V]."""
+    untied head: float32 logits [B, T, V], soft-capped (cap * tanh(logits
+    / cap)) under model.final_logits_soft_cap."""
     x_BTD = self.final_norm(x_BTD)
     if self.head_DV is None:
       logits = self.embed.attend(x_BTD)
@@ -61,6 +74,9 @@ class LanguageModel(nnx.Module):
         self.head_DV[...].astype(x_BTD.dtype),
         preferred_element_type=jnp.float32,
       )
+    if self.final_logits_soft_cap is not None:
+      cap = self.final_logits_soft_cap
+      logits = cap * jnp.tanh(logits / cap)
     return constrain(logits, BTV)
 
   # -------------------------------------------------------------- generation

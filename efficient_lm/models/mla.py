@@ -49,7 +49,7 @@ import kernels
 from efficient_lm.config import AttentionConfig
 from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.attention import Tokens, cache_slots, mask_spec
-from efficient_lm.models.layers import RMSNorm, param, rope
+from efficient_lm.models.layers import RMSNorm, Rope, param, rope
 from efficient_lm.sharding import (
   BS1L,
   BTC,
@@ -104,7 +104,7 @@ class MLAttention(nnx.Module):
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    rope_theta: float,
+    rope_theta: float | Rope,
     cfg: AttentionConfig,
     causal: bool,
     rngs: nnx.Rngs,
@@ -113,6 +113,7 @@ class MLAttention(nnx.Module):
     norm_eps: float,
     scale: float | None = None,
     cache_stride: int = 1,
+    norm_plus_one: bool = False,
   ):
     del num_kv_heads
     d, h = embed_dim, num_heads
@@ -121,7 +122,9 @@ class MLAttention(nnx.Module):
     self.dims = dims
     if q:
       self.dq_DQ = param(rngs, (d, q), ("embed", "q_latent"), 0.02, param_dtype)
-      self.q_norm = RMSNorm(q, eps=norm_eps, param_dtype=param_dtype)
+      self.q_norm = RMSNorm(
+        q, eps=norm_eps, param_dtype=param_dtype, plus_one=norm_plus_one
+      )
       self.uq_QHK = param(
         rngs,
         (q, h, n + r),
@@ -134,7 +137,9 @@ class MLAttention(nnx.Module):
         rngs, (d, h, n + r), ("embed", "heads", "head_dim"), 0.02, param_dtype
       )
     self.dkv_DC = param(rngs, (d, c), ("embed", "kv_latent"), 0.02, param_dtype)
-    self.kv_norm = RMSNorm(c, eps=norm_eps, param_dtype=param_dtype)
+    self.kv_norm = RMSNorm(
+      c, eps=norm_eps, param_dtype=param_dtype, plus_one=norm_plus_one
+    )
     self.kr_DR = param(rngs, (d, r), ("embed", "head_dim"), 0.02, param_dtype)
     self.uk_CHN = param(
       rngs, (c, h, n), ("kv_latent", "heads", "head_dim"), 0.02, param_dtype

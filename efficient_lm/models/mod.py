@@ -135,7 +135,7 @@ class RoutedBlock(Block):
     tokens of segment 0 being neither keys nor (useful) queries; with
     `cache`, attention reads and extends it -> (Δ, cache or None)."""
     a_BTD, cache = self.attend(x_BTD, pos_BT, seg_BT, cache=cache)
-    m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))
+    m_BTD = self.mlp_branch(x_BTD + a_BTD)
     return a_BTD + m_BTD, cache
 
   def _fractions(self, seg_BT, processed_BT) -> dict:

@@ -68,7 +68,7 @@ from efficient_lm.config import AttentionConfig
 from efficient_lm.models import cache as cache_lib
 from efficient_lm.models.attention import Attention, Tokens, cache_slots
 from efficient_lm.models.attention import mask_spec as local_mask_spec
-from efficient_lm.models.layers import RMSNorm
+from efficient_lm.models.layers import RMSNorm, Rope
 from efficient_lm.sharding import BSGK, constrain
 from kernels.masks import floordiv
 
@@ -187,7 +187,7 @@ class TGlobalAttention(Attention):
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    rope_theta: float,
+    rope_theta: float | Rope,
     cfg: AttentionConfig,
     causal: bool,
     rngs: nnx.Rngs,
@@ -197,6 +197,7 @@ class TGlobalAttention(Attention):
     scale: float | None = None,
     stride: int = 1,
     cache_stride: int = 1,
+    norm_plus_one: bool = False,
   ):
     if cfg.kind != "tglobal":
       raise ValueError(
@@ -215,9 +216,11 @@ class TGlobalAttention(Attention):
       out_std=out_std,
       scale=scale,
       cache_stride=cache_stride,
+      norm_eps=norm_eps,
+      norm_plus_one=norm_plus_one,
     )
     self.summary_norm = RMSNorm(
-      embed_dim, eps=norm_eps, param_dtype=param_dtype
+      embed_dim, eps=norm_eps, param_dtype=param_dtype, plus_one=norm_plus_one
     )
     self.cfg = cfg
     self.block = cfg.tglobal_block

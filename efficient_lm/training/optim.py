@@ -36,7 +36,7 @@ def decays(
   names = [a for a in axes if a != "layers"]
   if "vocab" in names:  # token embedding, untied output head
     return decay_embeddings
-  if "norm" in names:
+  if "norm" in names or "bias" in names:  # q/k/v biases are [H, K]
     return False
   # Matrices (nanoGPT / GPT-3 convention); biases and other vectors not.
   return len(names) >= 2
