@@ -515,13 +515,18 @@ def hf_config(
     out.update(
       attn_logit_softcapping=a.logits_soft_cap,
       final_logit_softcapping=m.final_logits_soft_cap,
-      query_pre_attn_scalar=(
+      # transformers' config classes type it int (and refuse 24.0)
+      query_pre_attn_scalar=_int_if_whole(
         m.resolved_head_dim
         if a.query_pre_attn_scalar is None
         else a.query_pre_attn_scalar
       ),
     )
   return out
+
+
+def _int_if_whole(x: float) -> float | int:
+  return int(x) if float(x).is_integer() else x
 
 
 def dtype_name(name: str, what: str) -> str:
