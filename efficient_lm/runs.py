@@ -177,9 +177,9 @@ def write_run(
 
   The directory is what a training run of `cfg` leaves: config.json,
   tokenizer.json, checkpoints/0 (the train state as a fresh run starts
-  it, with these weights: `params`, `model_state`, step 0 and a fresh
-  data iterator's position; the fresh optimizer state is not written, the
-  training loop initialises it on resume), and
+  it, with these weights: `params`, `model_state`, step 0; the fresh
+  optimizer state and data position are not written, the training loop
+  makes them on resume under the config it is given), and
   provenance.json: {"written_by", "time", "host", "step": 0, "source":
   `provenance`}, where `provenance` is the caller's free-form JSON dict
   saying where the weights came from. `python -m efficient_lm.train` with
@@ -230,7 +230,10 @@ def write_run(
     **jax.device_put(weights, {k: t.state_shardings[k] for k in weights}),
     "step": jax.device_put(np.zeros((), np.int32), t.state_shardings["step"]),
   }
-  data_state = loop.make_iterator(t, tok, "train").get_state()
+  # No data position either: train starts a fresh iterator for a
+  # weights-only step 0 under its own data config (loop._restore_or_init),
+  # so tokenizing the corpus here to record one would be wasted.
+  data_state: dict[str, Any] = {}
   record = {
     "written_by": "efficient_lm.runs.write_run",
     "time": _now(),
