@@ -1381,6 +1381,24 @@ MUTATIONS = [
     "bfloat16",
   ),
   _m(
+    "hf_gemma2_legacy_alternation_flipped",
+    "efficient_lm/hf/families.py",
+    '        "sliding_attention" if i % 2 == 0 else "full_attention"',
+    '        "sliding_attention" if i % 2 == 1 else "full_attention"',
+    "tests/test_convert.py",
+    "-k",
+    "transformers_4",
+  ),
+  _m(
+    "hf_qwen2_legacy_window_layers_ignored",
+    "efficient_lm/hf/families.py",
+    '        hf.get("max_window_layers", n) if hf.get("use_sliding_window") else n',
+    '        0 if hf.get("use_sliding_window") else n',
+    "tests/test_convert.py",
+    "-k",
+    "transformers_4",
+  ),
+  _m(
     "weights_only_step_0_keeps_its_data_state",
     "efficient_lm/training/loop.py",
     """    state = {**fresh, "step": state["step"]}

@@ -30,7 +30,9 @@ class Family:
   gemma: bool = False
   qk_norm: bool = False  # q_norm / k_norm on every layer (Qwen3, Gemma 3)
   qkv_bias: bool = False  # q/k/v biases on every layer (Qwen2)
-  head_dim_key: bool = True  # config.json may set head_dim (not Qwen2)
+  # The config class has a head_dim field (Qwen2's has none, but its
+  # attention reads one that config.json sets).
+  head_dim_key: bool = True
   sliding: str = "none"  # "none", "all" (Mistral), "per_layer" (layer_types)
   local_rope: bool = False  # Gemma 3: sliding layers have their own RoPE
   tie_default: bool = False
@@ -185,10 +187,10 @@ def _layer_kinds(hf: dict[str, Any], fam: Family, n: int) -> list[str]:
   arch = fam.architecture
   window = hf.get("sliding_window")
   types = hf.get("layer_types")
-  if types is None:
-    if fam.sliding == "all":
-      types = ["sliding_attention" if window else "full_attention"] * n
-    elif fam.architecture.startswith("Qwen"):
+  if fam.sliding == "all":  # Mistral reads sliding_window alone
+    types = ["sliding_attention" if window else "full_attention"] * n
+  elif types is None:
+    if fam.architecture.startswith("Qwen"):
       first = (
         hf.get("max_window_layers", n) if hf.get("use_sliding_window") else n
       )
@@ -209,8 +211,11 @@ def _layer_kinds(hf: dict[str, Any], fam: Family, n: int) -> list[str]:
       ]
     else:
       types = ["full_attention"] * n
-  elif fam.sliding == "none":
-    raise ConvertError(f"{arch} config.json has layer_types: {arch} has none")
+  elif fam.sliding == "none" and "sliding_attention" in types:
+    raise ConvertError(
+      f"{arch} config.json layer_types has sliding_attention: {arch} has "
+      "no sliding windows"
+    )
   if not isinstance(types, list) or len(types) != n:
     raise ConvertError(
       f"{arch} config.json layer_types={types!r}: expected a list of "
@@ -254,7 +259,7 @@ def model_keys(
   d = _int(hf, "hidden_size")
   h = _int(hf, "num_attention_heads")
   g = _int(hf, "num_key_value_heads", h)
-  head_dim = hf.get("head_dim") if fam.head_dim_key else None
+  head_dim = hf.get("head_dim")
   if head_dim is None:
     if d % h:
       raise ConvertError(
@@ -427,11 +432,6 @@ def _cannot_express(m: ModelConfig, fam: Family) -> str | None:
       f"model.attention.pattern={a.pattern!r}: Mistral slides on every "
       "layer or none"
     )
-  if not fam.head_dim_key and m.resolved_head_dim * m.num_heads != m.embed_dim:
-    return (
-      f"model.head_dim={m.resolved_head_dim} != embed_dim / num_heads = "
-      f"{m.embed_dim}/{m.num_heads}"
-    )
   if m.rope_local_theta is not None and not fam.local_rope:
     return f"model.rope_local_theta={m.rope_local_theta}"
   if fam.local_rope and m.rope_local_theta is None and m.rope_scaling != "none":
@@ -487,7 +487,7 @@ def hf_config(
   )
   act_key = "hidden_activation" if fam.gemma else "hidden_act"
   out[act_key] = _HF_ACTIVATION[m.mlp_activation]
-  if fam.head_dim_key:
+  if fam.head_dim_key or m.resolved_head_dim * m.num_heads != m.embed_dim:
     out["head_dim"] = m.resolved_head_dim
   if fam.architecture != "Qwen2ForCausalLM" and fam.model_type != "mistral":
     out["attention_bias"] = False
