@@ -1408,7 +1408,9 @@ MUTATIONS = [
   train_it.set_state(data_state)""",
     "tests/test_convert.py",
     "-k",
-    "resume",
+    "fine_tunes or resume",
+    "-m",
+    "",
   ),
   _m(
     "weights_only_step_0_not_restorable",

@@ -23,7 +23,8 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from efficient_lm import runs
+from efficient_lm import config as config_lib
+from efficient_lm import runs, sharding
 from efficient_lm.generate import Generator
 from efficient_lm.hf import exporter, families, importer
 from efficient_lm.training import loop
@@ -249,6 +250,36 @@ _TRAIN_FLAGS = [
 ]
 
 
+def test_imported_run_fine_tunes_under_its_own_data_config(
+  imported, tmp_path, capsys
+):
+  """train from the weights-only step 0 with another seq_len and batch
+  size than the import recorded: a fresh optimizer state and data
+  position, the imported weights (the first loss is theirs)."""
+  workdir = tmp_path / "tuned"
+  shutil.copytree(imported["mistral"].workdir, workdir)
+  with open(workdir / "config.json") as f:
+    d = json.load(f)
+  d["data"].update(seq_len=32)
+  d["train"].update(
+    batch_size=8, steps=2, warmup_steps=1, log_every=1, eval_every=100
+  )
+  d["checkpoint"].update(async_save=False)
+  cfg = config_lib.from_config_dict(d, device_count=jax.device_count())
+  summary = loop.run(cfg, str(workdir))
+  assert "resumed from step 0" in capsys.readouterr().err
+  assert summary["start_step"] == 0 and summary["final_step"] == 2
+  # The imported weights made the first loss, not a fresh initialisation.
+  t = loop.build_trainer(cfg, jax.devices())
+  it = loop.make_iterator(t, loop.make_tokenizer(cfg), "train")
+  run = imported["mistral"].run
+  state = loop.start_state(t, run.params, run.model_state)
+  batch = sharding.host_to_global(t.mesh, next(it))
+  want = float(t.train_step(state, batch)[1]["loss"])
+  np.testing.assert_allclose(logged_losses(workdir)[1], want, rtol=1e-6)
+
+
+@pytest.mark.slow  # three train CLI runs (~70 s on 2 cores)
 def test_imported_run_resumes_bit_identically_after_kill(imported, tmp_path):
   source = imported["mistral"].workdir
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
