@@ -20,6 +20,12 @@ Attention scores and values are counted in two conventions, side by side:
 Training is 3x forward (backward = 2x); rematerialisation is not counted
 (model FLOPs, as MFU requires).
 
+The Hugging Face family switches (model.norm_plus_one, post_norms,
+mlp_activation, embed_scale, final_logits_soft_cap, RoPE scaling;
+attention qk_norm, qkv_bias, query_pre_attn_scalar) add no matmul: norms,
+biases, caps and activations are O(D) or O(V) elementwise work per token
+against O(D^2) matmuls, so the counts are the same with them on.
+
 Pooled layers (funnel encoder / hourglass, `LayerSpec.stride` and
 `kv_stride`): a layer whose rows sit f**s positions apart runs T / f**s
 queries, and its keys are at the same length except in a funnel's
