@@ -301,10 +301,11 @@ def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
   `bpb` (bits per byte: loss / ln 2 * tokens / bytes, where bytes are the
   UTF-8 bytes the target tokens stand for, `tokenizer.bytes_per_id()`:
   byte tokenizer, the non-special targets; char, the UTF-8 length of each
-  target character; SentencePiece, of each target piece; None if that is
-  0), `tokens_per_sec` (target tokens over the pass's wall time; the step
-  is compiled before the clock starts), the counts, the data evaluated on,
-  and the model's aux entries as `eval_<name>`.
+  target character; SentencePiece and Hugging Face, of each target piece
+  (data/hf_tokenizer.py); None if that is 0), `tokens_per_sec` (target
+  tokens over the pass's wall time; the step is compiled before the clock
+  starts), the counts, the data evaluated on, and the model's aux entries
+  as `eval_<name>`.
   """
   if num_batches is not None and num_batches < 1:
     raise ConfigError(

@@ -598,8 +598,8 @@ MUTATIONS = [
   _m(
     "hf_library_error_escapes",
     "efficient_lm/data/hf_tokenizer.py",
-    "    except Exception as e:  # the library raises plain Exception",
-    "    except ValueError as e:",
+    "  except Exception as e:  # the library raises plain Exception",
+    "  except ValueError as e:",
     "tests/test_hf_tokenizer.py",
     "-k",
     "bad_tokenizer",

@@ -21,17 +21,19 @@ their sum over the targets):
     the UTF-8 length of its content (the text it matches and decodes to).
 So sum(bytes_per_id[encode(text)]) == len(text.encode()) for either kind,
 with one exception, counted on purpose: a tokenizer that prepends a space to
-the text (Metaspace prepend_scheme 'first' / 'always', a Prepend('▁')
-normalizer, ByteLevel add_prefix_space: Llama 2 and Mistral do, Gemma,
-Qwen and Llama 3 do not) makes the first piece of a text that does not
-already start with a space stand for that space too, so the ids stand for
+the text (Metaspace prepend_scheme 'first' / 'always' where the text does
+not start with a space already, a Prepend('▁') normalizer always, ByteLevel
+add_prefix_space: Llama 2 and Mistral do, Gemma, Qwen and Llama 3 do not)
+makes its first piece stand for that space too, so the ids stand for
 len(text.encode()) + 1 bytes: the space is in the ids the model predicts,
 as SentencePieceTokenizer counts its dummy prefix. The pipeline encodes one
 document at a time, so that is one byte more per document. Bytes are those
-of the text after the tokenizer's normalizer (Qwen's NFC leaves NFC text,
-nearly all text, unchanged); a character that byte-level BPE has no piece
-for, or that SentencePiece-style BPE without byte_fallback maps to its
-unknown piece, counts 0.
+of the text as the tokenizer sees it: after its normalizer (Qwen's NFC
+leaves NFC text, nearly all text, unchanged), and a '▁' (U+2581) in the
+text is a space to a SentencePiece-style tokenizer (it decodes as one), so
+1 byte, not 3. A character that byte-level BPE has no piece for, or that
+SentencePiece-style BPE without byte_fallback maps to its unknown piece,
+counts 0.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from etils import epath
 from efficient_lm.data.errors import DataError, decode_utf8
 
 _REPLACEMENT = "\ufffd"
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# The ids a checkpoint's config files name, in the order they are looked up.
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# The special ids a checkpoint's config files name.
 _SPECIALS = ("bos", "eos", "pad")
 
 
@@ -148,6 +150,28 @@ def _checkpoint_ids(
   return ids
 
 
+def _parse(path: str, text: str) -> tuple[dict[str, Any], tokenizers.Tokenizer]:
+  """The JSON of a tokenizer.json and the library's tokenizer of it;
+  DataError (one line) if it is not one."""
+  try:
+    spec = json.loads(text)
+  except ValueError as e:
+    raise DataError(f"{path}: not JSON ({e})") from None
+  if isinstance(spec, dict) and "kind" in spec and "model" not in spec:
+    raise DataError(
+      f"{path}: an efficient_lm run's tokenizer description, not a "
+      "Hugging Face tokenizer.json (load it with load_tokenizer)"
+    )
+  try:
+    tok = tokenizers.Tokenizer.from_str(text)
+  except Exception as e:  # the library raises plain Exception
+    why = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise DataError(
+      f"{path}: not a Hugging Face tokenizer.json ({why})"
+    ) from None
+  return spec, tok
+
+
 class HFTokenizer:
   """A Hugging Face tokenizer.json (module docstring: the kinds taken and
   what each id's bytes are).
@@ -176,22 +200,7 @@ class HFTokenizer:
       )
     self.path = path
     self.hf_json = decode_utf8(file.read_bytes(), path, "Hugging Face")
-    try:
-      spec = json.loads(self.hf_json)
-    except ValueError as e:
-      raise DataError(f"{path}: not JSON ({e})") from None
-    if isinstance(spec, dict) and "kind" in spec and "model" not in spec:
-      raise DataError(
-        f"{path}: an efficient_lm run's tokenizer description, not a "
-        "Hugging Face tokenizer.json (load it with load_tokenizer)"
-      )
-    try:
-      self._tok = tokenizers.Tokenizer.from_str(self.hf_json)
-    except Exception as e:  # the library raises plain Exception
-      raise DataError(
-        f"{path}: not a Hugging Face tokenizer.json "
-        f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})"
-      ) from None
+    spec, self._tok = _parse(path, self.hf_json)
     model = spec["model"]
     self._space = self._check_kind(path, model, _space_mark(spec))
     self._unk = model.get("unk_token")
@@ -206,7 +215,7 @@ class HFTokenizer:
     self.mask_id = self.vocab_size
     given = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
     found: dict[str, int | None] = {}
-    if any(v is ... for v in given.values()):
+    if any(isinstance(v, EllipsisType) for v in given.values()):
       found = _checkpoint_ids(file.parent, vocab)
     ids = {
       k: found[k] if isinstance(v, EllipsisType) else v

@@ -10,7 +10,8 @@
                          config since the previous start
   <workdir>/tokenizer.json  the tokenizer of the latest start
                          (data.save_tokenizer; a SentencePiece model is
-                         copied beside it as tokenizer.model)
+                         copied beside it as tokenizer.model, a Hugging
+                         Face tokenizer.json as hf_tokenizer.json)
   <workdir>/eval.jsonl   one line per `python -m efficient_lm.evaluate`
   <workdir>/provenance.json  where the weights of a run that runs.write_run
                          made came from (absent in runs trained from init)
