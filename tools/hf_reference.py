@@ -9,10 +9,13 @@ $EFFICIENT_LM_HF_PYTHON. Subcommands:
       tiny random transformers model (seeded, float32, eager attention, every
       family switch on), write OUT_DIR/<family>/model/ (save_pretrained plus a
       trained tokenizer.json and tokenizer_config.json), reference.npz
-      (tokens, logits, prompts, greedy) and meta.json. Each family is checked
-      on the way: every switch changes the logits, greedy `generate` gives 40
-      tokens and equals greedy by full recomputation, and sliding windows
-      count keys including the query's own position.
+      (tokens, logits, prompts, greedy), meta.json, and legacy_config.json
+      (config.json spelt as pre-transformers-5 / Hub files spell it:
+      rope_theta and rope_scaling, no layer_types; transformers loads it to
+      the same logits). Each family is checked on the way: every switch
+      changes the logits, greedy `generate` gives 40 tokens and equals greedy
+      by full recomputation, and sliding windows count keys including the
+      query's own position.
   logits MODEL_DIR TOKENS.npy OUT.npy
       Load MODEL_DIR (AutoModelForCausalLM, float32, eager) and write the
       float32 logits [B, T, V] of the int tokens [B, T].
@@ -436,6 +439,36 @@ def _draw(family, kwargs, seed):
   return model, tokens, prompts, recomputed, gap, distinct, ok
 
 
+def _weight_groups_matter(model, family, tokens, logits):
+  """Parameters a converter could drop or map wrongly (biases, q/k norms,
+  Gemma's post-norms) set to their identity value move the logits."""
+  gemma = family.startswith("gemma")
+  groups = {
+    "biases -> 0": lambda n: n.endswith(".bias"),
+    "q/k norm weights -> identity": lambda n: (
+      "_norm.weight" in n and ("q_norm" in n or "k_norm" in n)
+    ),
+    "post norm weights -> identity": lambda n: ".post_" in n and gemma,
+    "final norm weight -> identity": lambda n: n == "model.norm.weight",
+  }
+  moved = {}
+  for what, match in groups.items():
+    names = [n for n, _ in model.named_parameters() if match(n)]
+    if not names:
+      continue
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+      for n, p in other.named_parameters():
+        if n in names:
+          identity = 0.0 if n.endswith(".bias") or gemma else 1.0
+          p.fill_(identity)
+    delta = float(np.abs(_logits(other, tokens) - logits).max())
+    if delta < 1e-2:
+      raise SystemExit(f"error: {family}: {what} moves logits by {delta}")
+    moved[what] = delta
+  return moved
+
+
 def _check_llama3(config):
   """Llama 3 scaling keeps some inverse frequencies, smooths and divides
   others at this head_dim and original_max_position_embeddings."""
@@ -490,6 +523,7 @@ def make_family(family, out_dir):
     if delta < 1e-2:
       raise SystemExit(f"error: {family}: {what} off moves logits by {delta}")
     switches[what] = delta
+  switches.update(_weight_groups_matter(model, family, tokens, logits))
   if getattr(model.config, "sliding_window", None) is not None:
     _check_window_counts_self(model, tokens)
   if family == "llama":
@@ -531,6 +565,9 @@ def make_family(family, out_dir):
   (model_dir / "tokenizer_config.json").write_text(
     json.dumps(tok_config, indent=2, sort_keys=True) + "\n"
   )
+  _write_legacy_config(
+    model_dir, fam_dir / "legacy_config.json", tokens, logits
+  )
   np.savez(
     fam_dir / "reference.npz",
     tokens=tokens,
@@ -569,7 +606,7 @@ def make_family(family, out_dir):
       role: {"token": s, "id": i} for role, (s, i) in roles.items()
     },
     "checks": {
-      "logits moved by switching off (max abs)": switches,
+      "logits moved by switching off / identity weights (max abs)": switches,
       "llama3 inverse frequencies (kept, smoothed, divided)": rope_check,
       "sliding window keys (including the query)": (
         WINDOW if getattr(model.config, "sliding_window", None) else None
@@ -581,6 +618,47 @@ def make_family(family, out_dir):
   }
   (fam_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
   return meta
+
+
+def _legacy(config):
+  """config.json as checkpoints written before transformers 5 spell it
+  (what the Hub's Llama 3.1 / Gemma 2 and 3 / Qwen 2 files say): `rope_theta`
+  and `rope_scaling` at the top instead of `rope_parameters` (Gemma 3:
+  `rope_local_base_freq` for its sliding layers), no `layer_types`."""
+  config = dict(config)
+  rope = config.pop("rope_parameters")
+  # Older files have no layer_types: Qwen 2 derives them from
+  # max_window_layers, Gemma 2 alternates, Gemma 3 has its pattern.
+  config.pop("layer_types", None)
+  if "full_attention" in rope:  # Gemma 3: nested by layer type
+    config.pop("_sliding_window_pattern", None)
+    config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    rope = dict(rope["full_attention"])
+  else:
+    rope = dict(rope)
+  config["rope_theta"] = rope.pop("rope_theta")
+  kind = rope.pop("rope_type")
+  if kind != "default":
+    config["rope_scaling"] = {"rope_type": kind, **rope}
+  return config
+
+
+def _write_legacy_config(model_dir, path, tokens, logits):
+  """Writes the legacy spelling of model_dir's config.json to `path`, after
+  checking that transformers loads it to the same logits."""
+  import tempfile
+
+  config = json.loads((model_dir / "config.json").read_text())
+  legacy = _legacy(config)
+  text = json.dumps(legacy, indent=2, sort_keys=True) + "\n"
+  with tempfile.TemporaryDirectory() as tmp:
+    copy_dir = Path(tmp) / "model"
+    shutil.copytree(model_dir, copy_dir)
+    (copy_dir / "config.json").write_text(text)
+    got = _logits(_load(copy_dir), tokens)
+  if not np.array_equal(got, logits):
+    raise SystemExit(f"error: {path}: the legacy config changes the logits")
+  path.write_text(text)
 
 
 def _load(model_dir):
