@@ -190,29 +190,18 @@ def test_import_of_the_export_gives_the_same_params(
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def _transformers_4(hf: dict) -> dict:
-  """The same config as transformers 4 wrote it (and most checkpoints on
-  the Hub still are): top-level rope_theta / rope_scaling /
-  rope_local_base_freq, no layer_types."""
-  rope = dict(hf["rope_parameters"])
-  old = {
-    k: v for k, v in hf.items() if k not in ("layer_types", "rope_parameters")
-  }
-  if "full_attention" in rope:  # Gemma 3: per layer type
-    old["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
-    rope = dict(rope["full_attention"])
-  old["rope_theta"] = rope.pop("rope_theta")
-  old["rope_scaling"] = None if rope["rope_type"] == "default" else rope
-  return old
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_4_config_maps_the_same(family):
+  """legacy_config.json: the fixture's config as transformers 4 and most
+  Hub checkpoints spell it (top-level rope_theta / rope_scaling /
+  rope_local_base_freq, no layer_types), which the fixture generator
+  checked loads to the same logits in transformers."""
   with open(os.path.join(_model_dir(family), "config.json")) as f:
     hf = json.load(f)
-  fam = families.family_of(hf)
-  old = _transformers_4(hf)
+  with open(os.path.join(FIXTURES, family, "legacy_config.json")) as f:
+    old = json.load(f)
   assert "layer_types" not in old and "rope_parameters" not in old
+  fam = families.family_of(hf)
   assert families.model_keys(old, fam, "float32") == families.model_keys(
     hf, fam, "float32"
   )
