@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 from flax import nnx
 
@@ -174,8 +175,9 @@ def write_run(
 
   The directory is what a training run of `cfg` leaves: config.json,
   tokenizer.json, checkpoints/0 (the train state as a fresh run starts
-  it, with these weights: `params`, `model_state`, a freshly initialised
-  optimizer state, step 0, and a fresh data iterator's position), and
+  it, with these weights: `params`, `model_state`, step 0; the fresh
+  optimizer state and data position are not written, the training loop
+  makes them on resume under the config it is given), and
   provenance.json: {"written_by", "time", "host", "step": 0, "source":
   `provenance`}, where `provenance` is the caller's free-form JSON dict
   saying where the weights came from. `python -m efficient_lm.train` with
@@ -218,8 +220,18 @@ def write_run(
     k: _fitting(k, given, t.abstract_state[k])
     for k, given in (("params", params), ("model_state", model_state))
   }
-  state = loop.start_state(t, weights["params"], weights["model_state"])
-  data_state = loop.make_iterator(t, tok, "train").get_state()
+  # Weights only, no optimizer state: train's restore recomputes the fresh
+  # one, optimizer.init(params), bit for bit (loop._restore_or_init), and
+  # writing it here would triple an import's memory (benchmarks/
+  # import_memory.py). Already placed arrays are not copied.
+  state = {
+    **jax.device_put(weights, {k: t.state_shardings[k] for k in weights}),
+    "step": jax.device_put(np.zeros((), np.int32), t.state_shardings["step"]),
+  }
+  # No data position either: train starts a fresh iterator for a
+  # weights-only step 0 under its own data config (loop._restore_or_init),
+  # so tokenizing the corpus here to record one would be wasted.
+  data_state: dict[str, Any] = {}
   record = {
     "written_by": "efficient_lm.runs.write_run",
     "time": _now(),

@@ -30,6 +30,7 @@ from efficient_lm.training.checkpoint_layout import (
   commit_problem,
   is_committed,
   step_numbers,
+  without_absent_opt_state,
 )
 from efficient_lm.training.checkpoint_read import read_latest
 from efficient_lm.training.fingerprints import flat
@@ -221,7 +222,7 @@ class Checkpointer:
     after the read, so that either all or none enter the next collective
     (orbax's restore barrier, the fingerprint sums over sharded arrays).
     """
-    data_state, changes, problem = self._check_step(
+    data_state, changes, problem, abstract_state = self._check_step(
       step, abstract_state, config
     )
     problem = _agree(problem)
@@ -253,19 +254,19 @@ class Checkpointer:
 
   def _check_step(
     self, step: int, abstract_state: Any, config: Mapping[str, Any] | None
-  ) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
-    """`(data_state, config changes, problem)` from this host's reads of
-    `step`'s small files, with no collective."""
+  ) -> tuple[dict[str, Any] | None, dict[str, Any], str | None, Any]:
+    """`(data_state, config changes, problem, the tree to restore)` from
+    this host's reads of `step`'s small files, with no collective."""
     step_dir = self.directory / str(step)
     problem = commit_problem(step_dir)
     if problem:
-      return None, {}, problem
+      return None, {}, problem, abstract_state
     changes = {}
     if config is not None:
       try:  # read directly: orbax's restore would be a barrier
         saved = json.loads((step_dir / "config" / "metadata").read_text())
       except (OSError, ValueError) as e:
-        return None, {}, f"unreadable config ({one_line(e)})"
+        return None, {}, f"unreadable config ({one_line(e)})", abstract_state
       changes = config_changes(saved, config)
       model = [
         k
@@ -282,22 +283,29 @@ class Checkpointer:
     try:
       meta = self._mgr.item_metadata(step)["state"]
     except Exception as e:  # corrupt metadata surfaces as any error type
-      return None, {}, f"unreadable state metadata ({one_line(e)})"
+      return (
+        None,
+        {},
+        f"unreadable state metadata ({one_line(e)})",
+        abstract_state,
+      )
     if meta is None:
-      return None, {}, "state metadata missing"
-    check_fits(
-      step,
-      self.directory,
-      flat(getattr(meta, "tree", meta)),
-      flat(abstract_state),
-    )
+      return None, {}, "state metadata missing", abstract_state
+    stored = flat(getattr(meta, "tree", meta))
+    abstract_state = without_absent_opt_state(abstract_state, stored)
+    check_fits(step, self.directory, stored, flat(abstract_state))
     try:
       data_state = _read_data_state(step_dir / "data", self._data_file)
     except (OSError, ValueError) as e:
-      return None, {}, f"unreadable data-iterator state ({one_line(e)})"
+      return (
+        None,
+        {},
+        f"unreadable data-iterator state ({one_line(e)})",
+        abstract_state,
+      )
     if data_state is None:
-      return None, {}, f"data/{self._data_file} missing"
-    return data_state, changes, None
+      return None, {}, f"data/{self._data_file} missing", abstract_state
+    return data_state, changes, None, abstract_state
 
   def _set_aside(self, step: int, problem: str) -> None:
     dst, k = self.directory / f"{step}.corrupt", 0

@@ -81,6 +81,19 @@ def step_numbers(directory: epath.PathLike) -> list[int]:
   )
 
 
+def without_absent_opt_state(abstract: Any, stored: dict[str, Any]) -> Any:
+  """`abstract` without its "opt_state" when the stored tree (flat keys)
+  has none: a weights-only step 0, as runs.write_run saves it (a fresh
+  optimizer state is optimizer.init(params), which the training loop
+  recomputes on resume, bit for bit; writing it would triple the memory of
+  an import). Any other tree is returned as it is."""
+  if not isinstance(abstract, dict) or "opt_state" not in abstract:
+    return abstract
+  if any(k.split(".", 1)[0] == "opt_state" for k in stored):
+    return abstract
+  return {k: v for k, v in abstract.items() if k != "opt_state"}
+
+
 def _describe(x: Any) -> str:
   dtype = getattr(x, "dtype", None)
   shape = tuple(getattr(x, "shape", ()))

@@ -337,7 +337,14 @@ def _restore_or_init(
   if restored is None:
     return t.init_fn(), 0
   start, state, data_state = restored
-  train_it.set_state(data_state)
+  if "opt_state" not in state:
+    # runs.write_run's weights-only step 0: the optimizer state and the
+    # data position are a fresh run's, which train_it already is under this
+    # run's data config (a fine-tuning of an imported model sets its own).
+    fresh = start_state(t, state["params"], state["model_state"])
+    state = {**fresh, "step": state["step"]}
+  else:
+    train_it.set_state(data_state)
   if is_main:
     print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
   return state, start
