@@ -1765,6 +1765,53 @@ MUTATIONS = [
     "-k",
     "one_line_errors",
   ),
+  # ---- issue #23 bug 3: TGlobal summaries linear in T and counted
+  _m(
+    "tglobal_summaries_onehot_matmul",
+    "efficient_lm/models/tglobal.py",
+    "return jnp.where(found_BN[:, :, None], sums_BND, 0.0)",
+    "return jnp.einsum(\n"
+    "    'BTN,BTD->BND', (key_BT[:, :, None] == slots_N[None, None]).astype(x_BTD.dtype),"
+    " x_BTD\n  )",
+    "tests/test_flops.py",
+    "-k",
+    "tglobal_forward",
+  ),
+  _m(
+    "flops_tglobal_summary_keys_uncounted",
+    "efficient_lm/models/flops.py",
+    'if spec.attention.kind == "tglobal":\n    _add_summary_keys',
+    "if False:\n    _add_summary_keys",
+    "tests/test_flops.py",
+    "-k",
+    "tglobal_forward",
+  ),
+  # ---- issue #23 bug 4: bidirectional global tokens see every key
+  _m(
+    "mask_global_rows_dropped",
+    "kernels/masks.py",
+    "pattern = pattern | (q_pos < spec.global_prefix)",
+    "pattern = pattern",
+    "tests/test_global_rows.py",
+  ),
+  _m(
+    "tiles_global_rows_skipped",
+    "kernels/masks.py",
+    "pattern = _or(pattern, _Bounds(qmin < n, qmax < n))",
+    "pattern = pattern",
+    "tests/test_global_rows.py",
+    "-k",
+    "tiles",
+  ),
+  _m(
+    "visible_keys_global_rows_uncounted",
+    "efficient_lm/models/visibility.py",
+    "  if spec.causal:\n    return keys",
+    "  if True:\n    return keys",
+    "tests/test_global_rows.py",
+    "-k",
+    "every_key",
+  ),
 ]
 
 

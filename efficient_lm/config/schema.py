@@ -52,7 +52,8 @@ def capacity_tokens(capacity: float, n: int, minimum: int = 0) -> int:
 class AttentionConfig:
   # "dense": full attention; "sliding_window": a window of `window` tokens
   # including self; "global_local": sliding window plus the first
-  # `num_global` positions visible to every token; "block_sparse": BigBird,
+  # `num_global` positions visible to every token (in an encoder they also
+  # see every token: global rows); "block_sparse": BigBird,
   # the sliding window and `num_global` prefix positions plus
   # `num_random_blocks` random key blocks of `block_size` per query block
   # (strictly earlier ones in a decoder), drawn once from `random_seed`;

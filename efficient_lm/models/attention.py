@@ -46,6 +46,11 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
   """The mask of one layer; windows count tokens including self (and, in a
   bidirectional layer, as many after as before).
 
+  global_local and block_sparse: the first num_global positions of each
+  document are global (Longformer, METHODS.md §5.4): every token sees them
+  and, bidirectional, they see every token (kernels.masks: global rows); a
+  causal global token sees only itself and earlier tokens, like any other.
+
   block_sparse (BigBird, METHODS.md §5.5): the window and the num_global
   prefix, OR'd with a static table of random key blocks of block_size per
   query block, over ceil(max_len / block_size) blocks; positions past it
