@@ -145,7 +145,7 @@ def compile_train_step(cfg: config_lib.Config, devices):
     k: jax.ShapeDtypeStruct((b, s), "int32", sharding=bs)
     for k in ("inputs", "targets", "segment_ids", "positions")
   }
-  lowered = t.train_step.lower(t.abstract_state, batch)
+  lowered = t.train_step.lower(t.abstract_state, batch, *t.step_inputs)
   return t, lowered, lowered.compile()
 
 
