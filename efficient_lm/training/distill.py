@@ -176,30 +176,36 @@ def _teacher_config(
   return tcfg
 
 
-def check_record(
-  workdir: str, teacher: Teacher, *, resumed: bool, write: bool
-) -> None:
-  """A resumed run must have the teacher it started with (ConfigError
-  otherwise); `write` records this one when the run starts (or when a
-  resumed run has no record: it was not distilling before)."""
+def check_record(workdir: str, teacher: Teacher, *, resuming: bool) -> None:
+  """ConfigError (one line) if a run `resuming` from its checkpoints
+  distilled from another teacher than `teacher` (teacher.json)."""
   path = epath.Path(workdir) / TEACHER_RECORD
-  have = path.exists()
-  if resumed and have:
-    old = json.loads(path.read_text())
-    if old != teacher.record:
-      what = (
-        "other weights at the same step"
-        if (old.get("workdir"), old.get("step"))
-        == (teacher.workdir, teacher.step)
-        else f"{teacher.workdir} step {teacher.step}"
-      )
-      raise ConfigError(
-        f"this run distils from {old.get('workdir')} step {old.get('step')} "
-        f"({path}), but the teacher is now {what}: a resume keeps its "
-        "teacher (restore that run, or start another --workdir)"
-      )
+  if not (resuming and path.exists()):
     return
-  if write:
+  old = json.loads(path.read_text())
+  if old == teacher.record:
+    return
+  same_place = (old.get("workdir"), old.get("step")) == (
+    teacher.workdir,
+    teacher.step,
+  )
+  now = (
+    "other weights at that step"
+    if same_place
+    else f"{teacher.workdir} step {teacher.step}"
+  )
+  raise ConfigError(
+    f"this run distils from {old.get('workdir')} step {old.get('step')} "
+    f"({TEACHER_RECORD}), but the teacher is now {now}: a resume keeps its "
+    "teacher (restore that run, or use another --workdir)"
+  )
+
+
+def write_record(workdir: str, teacher: Teacher, *, start: int) -> None:
+  """Records `teacher` when the run starts (or resumes without a record:
+  it was not distilling before)."""
+  path = epath.Path(workdir) / TEACHER_RECORD
+  if start == 0 or not path.exists():
     paths.write_atomic(path, json.dumps(teacher.record, indent=2) + "\n")
 
 

@@ -296,18 +296,22 @@ def _run(
     keep=cfg.checkpoint.keep,
     async_save=cfg.checkpoint.async_save,
   )
+  if t.teacher is not None:  # before a resume reads anything
+    try:
+      distill.check_record(
+        workdir, t.teacher, resuming=ckpt.latest_step() is not None
+      )
+    except BaseException:
+      ckpt.close()
+      raise
   state, start = _restore_or_init(t, ckpt, train_it, is_main)
   if start >= cfg.train.steps:
     ckpt.close()
     return _already_complete(cfg, workdir, ckpt, start, is_main)
-  if t.teacher is not None:
-    try:
-      distill.check_record(workdir, t.teacher, resumed=start > 0, write=is_main)
-    except BaseException:
-      ckpt.close()
-      raise
   if is_main:  # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start, overrides=overrides)
+    if t.teacher is not None:
+      distill.write_record(workdir, t.teacher, start=start)
     data_lib.save_tokenizer(tok, epath.Path(workdir) / TOKENIZER)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
