@@ -1812,6 +1812,79 @@ MUTATIONS = [
     "-k",
     "every_key",
   ),
+  # ---- distillation (issue #20 item 4)
+  # The student's logits not divided by the temperature.
+  _m(
+    "distill_kl_student_without_temperature",
+    "efficient_lm/training/losses.py",
+    "jax.nn.log_softmax(student_BTV.astype(jnp.float32) / t, axis=-1)",
+    "jax.nn.log_softmax(student_BTV.astype(jnp.float32), axis=-1)",
+    "tests/test_distill.py",
+    "-k",
+    "numpy_formula or zero_kl",
+  ),
+  # alpha weighs the CE and 1 - alpha the KL.
+  _m(
+    "distill_alpha_swapped",
+    "efficient_lm/training/losses.py",
+    'loss = loss + self.alpha * (t2 * kl - metrics["ce"])',
+    'loss = loss + (1 - self.alpha) * (t2 * kl - metrics["ce"])',
+    "tests/test_distill.py",
+    "-k",
+    "alpha_zero",
+  ),
+  # KL(student || teacher): zero at equality too, but not the formula.
+  _m(
+    "distill_kl_reversed",
+    "efficient_lm/training/losses.py",
+    "jnp.sum(jnp.exp(logp_BTV) * (logp_BTV - logq_BTV), axis=-1)",
+    "jnp.sum(jnp.exp(logq_BTV) * (logq_BTV - logp_BTV), axis=-1)",
+    "tests/test_distill.py",
+    "-k",
+    "numpy_formula",
+  ),
+  _m(
+    "distill_tokenizer_unchecked",
+    "efficient_lm/training/distill.py",
+    "  if theirs != ours:",
+    "  if False:",
+    "tests/test_distill.py",
+    "-k",
+    "one_line",
+  ),
+  _m(
+    "distill_alpha_unchecked",
+    "efficient_lm/config/validation.py",
+    "  if not 0 <= d.alpha <= 1:",
+    "  if False:",
+    "tests/test_distill.py",
+    "-k",
+    "bad_distill_config",
+  ),
+  # A resume takes whatever teacher it finds.
+  _m(
+    "distill_teacher_change_accepted",
+    "efficient_lm/training/distill.py",
+    "  if old == teacher.record:\n    return",
+    "  if True:\n    return",
+    "tests/test_distill.py",
+    "-m",
+    "slow",
+    "-k",
+    "changed_teacher",
+  ),
+  # Evaluation drops the objective's sums: no eval_kl.
+  _m(
+    "distill_no_eval_kl",
+    "efficient_lm/training/loop.py",
+    '    **{f"eval_{k}": v / max(tokens, 1.0) for k, v in sums.items()},\n',
+    "",
+    "tests/test_distill.py",
+    "-m",
+    "slow",
+    "-k",
+    "changed_teacher",
+  ),
 ]
 
 

@@ -374,10 +374,24 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  # train.objective="distill": a trained run directory (any run: trained
+  # here, imported, pruned) with this run's tokenizer, run frozen beside the
+  # student in the same step (training/distill.py).
+  teacher: str = ""
+  # loss = alpha * T^2 * KL(teacher || student, both at temperature T)
+  #        + (1 - alpha) * next-token cross-entropy, over the same
+  #        non-padding positions.
+  alpha: float = 0.5
+  temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   # Training objective (efficient_lm/training/losses.py): "next_token" =
-  # cross-entropy of each next token over non-padding positions.
-  objective: Literal["next_token", "mlm"] = "next_token"
+  # cross-entropy of each next token over non-padding positions; "distill"
+  # = next-token training against a teacher's distribution (`distill`).
+  objective: Literal["next_token", "mlm", "distill"] = "next_token"
   # mlm: fraction of non-padding tokens corrupted (BERT 80/10/10: mask id,
   # random token, unchanged); the loss counts corrupted positions only.
   mlm_rate: float = 0.15
@@ -401,6 +415,7 @@ class TrainConfig:
   # Stop with an error if the loss is NaN/inf (the last good checkpoint
   # stays the latest one).
   stop_on_nan: bool = True
+  distill: DistillConfig = DistillConfig()
 
 
 @dataclasses.dataclass(frozen=True)
