@@ -1,0 +1,154 @@
+"""The model under surgery: its config and parameters laid out per layer,
+and the jitted passes over the calibration batches that every criterion
+and every before/after line reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_lm import config as config_lib
+from efficient_lm import models
+from efficient_lm.config import Config
+from efficient_lm.models import flops
+from efficient_lm.surgery import layers as layers_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Surgery:
+  """`cfg` the full run config; `rest` the parameters outside the layer
+  stack (embedding, final norm, head) and `layers` one dict per layer, in
+  plan order, numpy arrays on the host."""
+
+  cfg: Config
+  rest: dict
+  layers: list
+
+  @classmethod
+  def of(cls, cfg: Config, params: Any) -> Surgery:
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    rest, layers = layers_lib.unstack(params, models.layer_plan(cfg.model))
+    return cls(cfg, rest, layers)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layers)
+
+  def params(self) -> dict:
+    return layers_lib.restack(
+      self.rest, self.layers, models.layer_plan(self.cfg.model)
+    )
+
+  def replaced(self, layers: list, **model_changes) -> Surgery:
+    """This model with new per-layer parameters; the config follows their
+    shapes (see `config_for`)."""
+    return Surgery(
+      config_for(self.cfg, layers, **model_changes), self.rest, layers
+    )
+
+  def model(self) -> nnx.Module:
+    """The nnx model with these parameters (jax arrays on the default
+    device; no mesh)."""
+    abstract = nnx.eval_shape(lambda: models.build(self.cfg.model, nnx.Rngs(0)))
+    graphdef, _, state = nnx.split(abstract, nnx.Param, models.ModelState)
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, self.params()), state)
+
+  def measure(self, batches: Sequence[dict]) -> dict[str, float]:
+    """Parameters, forward FLOPs per token (dense_tile, models/flops.py),
+    KV cache bytes per token (all layers) and the calibration loss."""
+    model = self.model()
+    seq_len = self.cfg.data.seq_len
+    return {
+      "params": layers_lib.tree_size(self.params()),
+      "flops_per_token": flops.flops_per_token(self.cfg.model, seq_len)[
+        "forward"
+      ],
+      "kv_bytes_per_token": int(sum(model.cache_bytes_per_token())),
+      "loss": calibration_loss(model, batches),
+    }
+
+
+def config_for(cfg: Config, layers: list, **model_changes) -> Config:
+  """`cfg` with model.num_layers and the per-layer shapes of `layers`
+  (uniform values where every layer agrees, model.per_layer otherwise;
+  head_dim written out, since its default follows num_heads), validated."""
+  m = cfg.model
+  n = len(layers)
+  old = [m.layer_shapes(i) for i in range(m.plan_length)]
+  shapes = []
+  for i, layer in enumerate(layers):
+    s = dict(model_changes.get("shapes", old)[i])
+    s["mlp_dim"] = int(layer["mlp"]["gate_DF"].shape[1])
+    if "k_DGK" in layer["attn"]:
+      _, h, k = layer["attn"]["q_DHK"].shape
+      s.update(
+        num_heads=int(h),
+        num_kv_heads=int(layer["attn"]["k_DGK"].shape[1]),
+        head_dim=int(k),
+      )
+    shapes.append(s)
+  d = cfg.to_dict()
+  d["model"].update(model_changes.get("model", {}))
+  d["model"]["num_layers"] = n
+  per_layer = {}
+  for key in ("mlp_dim", "num_heads", "num_kv_heads", "head_dim"):
+    values = tuple(s[key] for s in shapes)
+    if len(set(values)) == 1:
+      d["model"][key] = values[0]
+      per_layer[key] = ()
+    else:
+      per_layer[key] = values
+  d["model"]["per_layer"] = per_layer
+  return config_lib.from_config_dict(d, device_count=cfg.mesh.size)
+
+
+def calibration_loss(model, batches: Sequence[dict]) -> float:
+  """Mean next-token NLL over the real tokens of `batches` (nats)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def nll(state, batch):
+    m = nnx.merge(graphdef, state)
+    logits, _ = m(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return layers_lib.token_nll(logits, batch)
+
+  total = count = 0.0
+  for batch in batches:
+    s, c = nll(state, batch)
+    total, count = total + float(s), count + float(c)
+  return total / max(count, 1.0)
+
+
+def per_batch(model, batches: Sequence[dict], fn: Callable) -> list:
+  """fn(model, batch), jitted once, for each batch: host numpy results."""
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda state, b: fn(nnx.merge(graphdef, state), b))
+  return [
+    jax.tree.map(np.asarray, jax.device_get(step(state, b))) for b in batches
+  ]
+
+
+def loss_grads(model, batches: Sequence[dict]) -> dict:
+  """d(mean calibration NLL)/d(params), as a pure dict stacked like the
+  parameters (numpy)."""
+  graphdef, params, state = nnx.split(model, nnx.Param, ...)
+
+  def nll(params, batch):
+    m = nnx.merge(graphdef, params, state)
+    logits, _ = m(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return layers_lib.token_nll(logits, batch)
+
+  step = jax.jit(jax.grad(nll, has_aux=True))
+  total, count = None, 0.0
+  for batch in batches:
+    g, c = step(params, batch)
+    g = jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(g)))
+    total = g if total is None else jax.tree.map(np.add, total, g)
+    count += float(c)
+  return jax.tree.map(lambda a: a / max(count, 1.0), total)
