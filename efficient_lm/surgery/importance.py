@@ -8,9 +8,13 @@ of the calibration batches):
   rmax        max_x ||act_h(x) * W_down[h, :]||_2 (the tutorial's residual
               contribution: |act_h(x)| * ||W_down[h, :]||_2)
   activation  mean_x |act_h(x)| (Minitron)
-  taylor      sum over the neuron's weights w (W_gate[:, h], W_up[:, h],
-              W_down[h, :]) of |w * dL/dw|, L the mean calibration loss
-              (LLM-Pruner's first-order term)
+  taylor      |sum over the neuron's weights w (W_gate[:, h], W_up[:, h],
+              W_down[h, :]) of w * dL/dw|, L the mean calibration loss:
+              LLM-Pruner's first-order estimate of the loss change when
+              the neuron is removed, |L(w) - L(w, neuron zeroed)| ~
+              |w . grad L| (its vector-wise form: the derivative of L
+              along scaling the neuron's weights, which a finite
+              difference of masking checks)
   magnitude   ||(W_gate[:, h], W_up[:, h], W_down[h, :])||_2
   random      uniform draws from `seed` (the control)
 
@@ -18,8 +22,8 @@ kv group g of a layer (its query heads h = g * H/G ... (g + 1) * H/G - 1):
 
   output      sum over its heads of mean_x ||o_h(x) W_o[h]||_2, o_h the
               head's attention output
-  taylor      sum of |w * dL/dw| over q, o of its heads and k, v of the
-              group (biases included)
+  taylor      |sum of w * dL/dw| over q, o of its heads and k, v of the
+              group (biases included), as for neurons
   magnitude   the L2 norm of those weights
   random      uniform draws from `seed`
 
@@ -75,12 +79,13 @@ def _group_sum(per_head: np.ndarray, groups: int) -> np.ndarray:
   return per_head.reshape(groups, -1).sum(1)
 
 
-def _taylor(s: Surgery, batches) -> list:
-  """|w * dL/dw| per layer, laid out like the layers."""
+def taylor_terms(s: Surgery, batches: Sequence[dict]) -> list:
+  """w * dL/dw (signed, float64) for every weight, laid out like the
+  layers; L the mean calibration loss."""
   grads = loss_grads(s.model(), batches)
   _, g_layers = layers_lib.unstack(grads, models.layer_plan(s.cfg.model))
   return [
-    jax.tree.map(lambda w, g: np.abs(w.astype(np.float64) * g), w, g)
+    jax.tree.map(lambda w, g: w.astype(np.float64) * g, w, g)
     for w, g in zip(s.layers, g_layers, strict=True)
   ]
 
@@ -88,6 +93,62 @@ def _taylor(s: Surgery, batches) -> list:
 def _random(sizes: Sequence[int], seed: int) -> list:
   rng = np.random.default_rng(seed)
   return [rng.random(n) for n in sizes]
+
+
+# The jitted per-batch passes (module level: one compile per model
+# structure).
+
+
+def _mlp_stats(model, batch):
+  _, out = layers_lib.forward(model, batch, capture=("mlp_hidden",))
+  real = (batch["segment_ids"] > 0)[..., None]
+  res = []
+  for h in out["mlp_hidden"]:
+    a = jnp.abs(h.astype(jnp.float32))
+    res.append(
+      {
+        "max": jnp.max(jnp.where(real, a, 0.0), axis=(0, 1)),
+        "sum": jnp.sum(jnp.where(real, a, 0.0), axis=(0, 1)),
+        "count": jnp.sum(real).astype(jnp.float32),
+      }
+    )
+  return res
+
+
+def _head_stats(model, batch):
+  _, out = layers_lib.forward(model, batch, capture=("heads",))
+  real = batch["segment_ids"] > 0
+  res = []
+  for o_BTHK, block in zip(out["heads"], layers_lib.blocks(model), strict=True):
+    w_HKD = block.attn.o_HKD[...].astype(jnp.float32)
+    c_BTHD = jnp.einsum("BTHK,HKD->BTHD", o_BTHK.astype(jnp.float32), w_HKD)
+    norm_BTH = jnp.linalg.norm(c_BTHD, axis=-1)
+    res.append(jnp.sum(jnp.where(real[..., None], norm_BTH, 0.0), axis=(0, 1)))
+  return res, jnp.sum(real).astype(jnp.float32)
+
+
+def _skip_losses(model, batch):
+  n = sum(seg.repeats * len(seg.pattern) for seg in model.stack.segments)
+  skips = jnp.concatenate([jnp.zeros((1, n), bool), jnp.eye(n, dtype=bool)])
+
+  def one(skip):
+    logits, _ = layers_lib.forward(model, batch, skip=skip)
+    return layers_lib.token_nll(logits, batch)
+
+  return jax.lax.map(one, skips)
+
+
+def _cosines(model, batch):
+  _, out = layers_lib.forward(model, batch, capture=("io",))
+  real = batch["segment_ids"] > 0
+  res = []
+  for io in out["io"]:
+    a, b = io[0].astype(jnp.float32), io[1].astype(jnp.float32)
+    cos = jnp.sum(a * b, -1) / (
+      jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-12
+    )
+    res.append(jnp.sum(jnp.where(real, cos, 0.0)))
+  return jnp.stack(res), jnp.sum(real).astype(jnp.float32)
 
 
 def ffn_scores(
@@ -100,26 +161,13 @@ def ffn_scores(
     sq = lambda w: np.square(w.astype(np.float64))
     return [np.sqrt(_per_unit(lay, _FFN, sq)) for lay in s.layers]
   if criterion == "taylor":
-    return [_per_unit(t, _FFN, lambda a: a) for t in _taylor(s, batches)]
+    return [
+      np.abs(_per_unit(t, _FFN, lambda a: a)) for t in taylor_terms(s, batches)
+    ]
   if criterion not in ("rmax", "activation"):
     raise ValueError(f"unknown FFN criterion {criterion!r}")
 
-  def stats(model, batch):
-    _, out = layers_lib.forward(model, batch, capture=("mlp_hidden",))
-    real = (batch["segment_ids"] > 0)[..., None]
-    res = []
-    for h in out["mlp_hidden"]:
-      a = jnp.abs(h.astype(jnp.float32))
-      res.append(
-        {
-          "max": jnp.max(jnp.where(real, a, 0.0), axis=(0, 1)),
-          "sum": jnp.sum(jnp.where(real, a, 0.0), axis=(0, 1)),
-          "count": jnp.sum(real).astype(jnp.float32),
-        }
-      )
-    return res
-
-  outs = per_batch(s.model(), batches, stats)
+  outs = per_batch(s.model(), batches, _mlp_stats)
   acc = [
     {
       "max": np.max([o[i]["max"] for o in outs], axis=0),
@@ -153,7 +201,7 @@ def head_scores(
     return _random(groups, seed)
   if criterion in ("magnitude", "taylor"):
     per_layer = (
-      _taylor(s, batches)
+      taylor_terms(s, batches)
       if criterion == "taylor"
       else [
         jax.tree.map(lambda w: np.square(w.astype(np.float64)), lay)
@@ -165,27 +213,12 @@ def head_scores(
       score = _group_sum(_per_unit(t, _QUERY, lambda a: a), g) + _per_unit(
         t, _KV, lambda a: a
       )
-      out.append(np.sqrt(score) if criterion == "magnitude" else score)
+      out.append(np.sqrt(score) if criterion == "magnitude" else np.abs(score))
     return out
   if criterion != "output":
     raise ValueError(f"unknown head criterion {criterion!r}")
 
-  def stats(model, batch):
-    _, out = layers_lib.forward(model, batch, capture=("heads",))
-    real = batch["segment_ids"] > 0
-    res = []
-    for o_BTHK, block in zip(
-      out["heads"], layers_lib.blocks(model), strict=True
-    ):
-      w_HKD = block.attn.o_HKD[...].astype(jnp.float32)
-      c_BTHD = jnp.einsum("BTHK,HKD->BTHD", o_BTHK.astype(jnp.float32), w_HKD)
-      norm_BTH = jnp.linalg.norm(c_BTHD, axis=-1)
-      res.append(
-        jnp.sum(jnp.where(real[..., None], norm_BTH, 0.0), axis=(0, 1))
-      )
-    return res, jnp.sum(real).astype(jnp.float32)
-
-  outs = per_batch(s.model(), batches, stats)
+  outs = per_batch(s.model(), batches, _head_stats)
   count = max(float(sum(o[1] for o in outs)), 1.0)
   return [
     _group_sum(np.sum([o[0][i] for o in outs], axis=0) / count, groups[i])
@@ -198,19 +231,8 @@ def layer_scores(
 ) -> np.ndarray:
   """One score per layer ([L]); higher means keep."""
   model = s.model()
-  n = s.num_layers
   if criterion == "loss":
-
-    def losses(model, batch):
-      skips = jnp.concatenate([jnp.zeros((1, n), bool), jnp.eye(n, dtype=bool)])
-
-      def one(skip):
-        logits, _ = layers_lib.forward(model, batch, skip=skip)
-        return layers_lib.token_nll(logits, batch)
-
-      return jax.lax.map(one, skips)
-
-    outs = per_batch(model, batches, losses)
+    outs = per_batch(model, batches, _skip_losses)
     total = np.sum([o[0] for o in outs], axis=0, dtype=np.float64)
     count = max(float(np.sum([o[1][0] for o in outs])), 1.0)
     mean = total / count
@@ -218,19 +240,7 @@ def layer_scores(
   if criterion != "cosine":
     raise ValueError(f"unknown layer criterion {criterion!r}")
 
-  def cosines(model, batch):
-    _, out = layers_lib.forward(model, batch, capture=("io",))
-    real = batch["segment_ids"] > 0
-    res = []
-    for io in out["io"]:
-      a, b = io[0].astype(jnp.float32), io[1].astype(jnp.float32)
-      cos = jnp.sum(a * b, -1) / (
-        jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-12
-      )
-      res.append(jnp.sum(jnp.where(real, cos, 0.0)))
-    return jnp.stack(res), jnp.sum(real).astype(jnp.float32)
-
-  outs = per_batch(model, batches, cosines)
+  outs = per_batch(model, batches, _cosines)
   count = max(float(sum(o[1] for o in outs)), 1.0)
   return -np.sum([o[0] for o in outs], axis=0, dtype=np.float64) / count
 

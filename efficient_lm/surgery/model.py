@@ -5,6 +5,7 @@ and every before/after line reads."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from flax import nnx
 
 from efficient_lm import config as config_lib
 from efficient_lm import models
-from efficient_lm.config import Config
+from efficient_lm.config import Config, ModelConfig
 from efficient_lm.models import flops
 from efficient_lm.surgery import layers as layers_lib
 
@@ -108,46 +109,58 @@ def config_for(cfg: Config, layers: list, **model_changes) -> Config:
   return config_lib.from_config_dict(d, device_count=cfg.mesh.size)
 
 
-def calibration_loss(model, batches: Sequence[dict]) -> float:
-  """Mean next-token NLL over the real tokens of `batches` (nats)."""
-  graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=32)
+def _structure(cfg: ModelConfig):
+  """(graphdef, model state) of the model `cfg` builds, made once: equal
+  graphdefs let the jitted passes below compile once per shape."""
+  abstract = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0)))
+  graphdef, _, state = nnx.split(abstract, nnx.Param, models.ModelState)
+  return graphdef, jax.tree.map(jnp.asarray, nnx.to_pure_dict(state))
 
-  @jax.jit
-  def nll(state, batch):
-    m = nnx.merge(graphdef, state)
-    logits, _ = m(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return layers_lib.token_nll(logits, batch)
 
-  total = count = 0.0
-  for batch in batches:
-    s, c = nll(state, batch)
-    total, count = total + float(s), count + float(c)
-  return total / max(count, 1.0)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(fn: Callable, graphdef, state, batch):
+  return fn(nnx.merge(graphdef, state), batch)
 
 
 def per_batch(model, batches: Sequence[dict], fn: Callable) -> list:
-  """fn(model, batch), jitted once, for each batch: host numpy results."""
+  """fn(model, batch) for each batch, jitted (once per model structure
+  and `fn`, a module-level function): host numpy results."""
   graphdef, state = nnx.split(model)
-  step = jax.jit(lambda state, b: fn(nnx.merge(graphdef, state), b))
   return [
-    jax.tree.map(np.asarray, jax.device_get(step(state, b))) for b in batches
+    jax.tree.map(np.asarray, jax.device_get(_apply(fn, graphdef, state, b)))
+    for b in batches
   ]
+
+
+def _nll(model, batch):
+  logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  return layers_lib.token_nll(logits, batch)
+
+
+def calibration_loss(model, batches: Sequence[dict]) -> float:
+  """Mean next-token NLL over the real tokens of `batches` (nats)."""
+  outs = per_batch(model, batches, _nll)
+  total = sum(float(s) for s, _ in outs)
+  count = sum(float(c) for _, c in outs)
+  return total / max(count, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grad(graphdef, params, state, batch):
+  def nll(params):
+    return _nll(nnx.merge(graphdef, params, state), batch)
+
+  return jax.grad(nll, has_aux=True)(params)
 
 
 def loss_grads(model, batches: Sequence[dict]) -> dict:
   """d(mean calibration NLL)/d(params), as a pure dict stacked like the
   parameters (numpy)."""
   graphdef, params, state = nnx.split(model, nnx.Param, ...)
-
-  def nll(params, batch):
-    m = nnx.merge(graphdef, params, state)
-    logits, _ = m(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return layers_lib.token_nll(logits, batch)
-
-  step = jax.jit(jax.grad(nll, has_aux=True))
   total, count = None, 0.0
   for batch in batches:
-    g, c = step(params, batch)
+    g, c = _grad(graphdef, params, state, batch)
     g = jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(g)))
     total = g if total is None else jax.tree.map(np.add, total, g)
     count += float(c)

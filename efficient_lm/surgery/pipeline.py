@@ -72,6 +72,10 @@ def calibration_batches(
   return batches, info
 
 
+def _kv_groups(s: Surgery) -> list[int]:
+  return [lay["attn"]["k_DGK"].shape[1] for lay in s.layers]
+
+
 def _line(name: str, before: dict, after: dict) -> str:
   def num(key, fmt):
     return f"{fmt(before[key])} -> {fmt(after[key])}"
@@ -101,10 +105,14 @@ def apply(
   )
   heads = None if args.heads is None else prune.parse_keep(args.heads, "heads")
   ffn = None if args.ffn is None else prune.parse_keep(args.ffn, "ffn")
-  if heads is not None:
+  if heads is not None:  # refused before anything is computed
     prune.check_heads(s)
-  if ffn is not None and not all("gate_DF" in lay["mlp"] for lay in s.layers):
-    raise SurgeryError("--ffn: every layer needs a dense gated MLP")
+    prune.heads_keep(s, [np.zeros(g) for g in _kv_groups(s)], heads)
+  if ffn is not None:
+    if not all("gate_DF" in lay["mlp"] for lay in s.layers):
+      raise SurgeryError("--ffn: every layer needs a dense gated MLP")
+    widths = [lay["mlp"]["gate_DF"].shape[1] for lay in s.layers]
+    prune.ffn_keep([np.zeros(w) for w in widths], ffn, args.ffn_per_layer)
   before = s.measure(batches)
 
   def done(op, args_, new, extra):
