@@ -425,3 +425,15 @@ def test_pruned_run_trains_evaluates_and_generates(source, capsys):
   cached, _ = gen.generate(prompts, max_new_tokens=6, use_cache=True)
   full, _ = gen.generate(prompts, max_new_tokens=6, use_cache=False)
   assert cached == full and all(len(o) == 6 for o in cached)
+
+
+def test_ffn_per_layer_ranks_all_layers_together():
+  scores = [np.array([9.0, 8.0, 7.0, 6.0]), np.array([1.0, 0.5, 2.0, 0.1])]
+  kept = prune.ffn_keep(scores, 0.5, per_layer=True)
+  # The best neuron of each layer, then the best of the rest globally.
+  assert [k.tolist() for k in kept] == [[0, 1, 2], [2]]
+  assert [k.tolist() for k in prune.ffn_keep(scores, 0.5, False)] == [
+    [0, 1],
+    [0, 2],
+  ]
+  assert [len(k) for k in prune.ffn_keep(scores, 3, per_layer=True)] == [4, 2]

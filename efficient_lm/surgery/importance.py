@@ -119,9 +119,7 @@ def _head_stats(model, batch):
   _, out = layers_lib.forward(model, batch, capture=("heads",))
   real = batch["segment_ids"] > 0
   res = []
-  for o_BTHK, block in zip(out["heads"], layers_lib.blocks(model), strict=True):
-    w_HKD = block.attn.o_HKD[...].astype(jnp.float32)
-    c_BTHD = jnp.einsum("BTHK,HKD->BTHD", o_BTHK.astype(jnp.float32), w_HKD)
+  for c_BTHD in out["heads"]:
     norm_BTH = jnp.linalg.norm(c_BTHD, axis=-1)
     res.append(jnp.sum(jnp.where(real[..., None], norm_BTH, 0.0), axis=(0, 1)))
   return res, jnp.sum(real).astype(jnp.float32)

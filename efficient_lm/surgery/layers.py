@@ -18,7 +18,7 @@ capture (`sow`) because it needs no change in models/.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from flax import nnx
 import kernels
 from efficient_lm.models import ModelState
 from efficient_lm.models.attention import Attention, Tokens
+from efficient_lm.models.block import Block
 from efficient_lm.models.layers import ACTIVATIONS
 from efficient_lm.models.stack import LayerSpec, segments
 
@@ -64,7 +65,7 @@ def restack(rest: dict, layers: list, plan: tuple[LayerSpec, ...]) -> dict:
   return {**rest, "stack": {"groups": groups}}
 
 
-def blocks(model) -> Iterator[nnx.Module]:
+def blocks(model) -> Iterator[Block]:
   """The decoder's blocks in plan order, each merged from its slice of the
   stacked parameters (as the stack's unrolled loop does)."""
   stack = model.stack
@@ -76,7 +77,9 @@ def blocks(model) -> Iterator[nnx.Module]:
     ]
     for r in range(seg.repeats):
       for gd, p, st in split:
-        yield nnx.merge(gd, *jax.tree.map(lambda a, r=r: a[r], (p, st)))
+        yield cast(
+          Block, nnx.merge(gd, *jax.tree.map(lambda a, r=r: a[r], (p, st)))
+        )
 
 
 def mlp_hidden(block, x_BTD) -> jax.Array:
@@ -89,15 +92,15 @@ def mlp_hidden(block, x_BTD) -> jax.Array:
   return ACTIVATIONS[mlp.activation](gate) * up
 
 
-def head_outputs(block, x_BTD, pos_BT, seg_BT) -> jax.Array:
-  """Each query head's attention output before the output projection,
-  [B, T, H, K] (what `Attention._attend` projects by o_HKD)."""
+def head_contributions(block, x_BTD, pos_BT, seg_BT) -> jax.Array:
+  """Each query head's share of the attention update, o_h W_o[h] [B, T,
+  H, D] float32 (what `Attention._attend` sums over heads)."""
   attn = block.attn
-  if type(attn) is not Attention:
+  if not isinstance(attn, Attention) or type(attn) is not Attention:
     raise TypeError(f"head outputs need qkv attention, not {type(attn)}")
   h = Tokens(block.attn_norm(x_BTD), pos_BT, seg_BT)
   rows = attn.kv_rows(h)
-  return kernels.attention(
+  out = kernels.attention(
     attn.queries(h),
     rows["k"],
     rows["v"],
@@ -110,6 +113,9 @@ def head_outputs(block, x_BTD, pos_BT, seg_BT) -> jax.Array:
     logits_soft_cap=attn.soft_cap,
     impl=attn.impl,
   )
+  o_BTHK = cast(jax.Array, out).astype(jnp.float32)
+  w_HKD = attn.o_HKD[...].astype(jnp.float32)
+  return jnp.einsum("BTHK,HKD->BTHD", o_BTHK, w_HKD)
 
 
 def forward(
@@ -118,7 +124,7 @@ def forward(
   """The decoder's logits, its layers run one at a time -> (logits,
   {name: one array per layer}). `skip` (bool [L]): those layers pass
   their input on unchanged. `capture` names what to return per layer:
-  "mlp_hidden" [B, T, F], "heads" [B, T, H, K] (head_outputs), "io" the
+  "mlp_hidden" [B, T, F], "heads" [B, T, H, D] (head_contributions), "io" the
   layer's input and output [2, B, T, D]."""
   tok, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
   x = model.embed_tokens(tok)
@@ -126,7 +132,7 @@ def forward(
   for i, block in enumerate(blocks(model)):
     x_in = x
     if "heads" in capture:
-      out["heads"].append(head_outputs(block, x, pos, seg))
+      out["heads"].append(head_contributions(block, x, pos, seg))
     a, _ = block.attend(x, pos, seg)
     x = x + a
     if "mlp_hidden" in capture:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from efficient_lm import config as config_lib
 from efficient_lm import models
 from efficient_lm.config import Config, ModelConfig
 from efficient_lm.models import flops
+from efficient_lm.models.lm import LanguageModel
 from efficient_lm.surgery import layers as layers_lib
 
 
@@ -53,12 +54,13 @@ class Surgery:
       config_for(self.cfg, layers, **model_changes), self.rest, layers
     )
 
-  def model(self) -> nnx.Module:
+  def model(self) -> LanguageModel:
     """The nnx model with these parameters (jax arrays on the default
     device; no mesh)."""
     abstract = nnx.eval_shape(lambda: models.build(self.cfg.model, nnx.Rngs(0)))
     graphdef, _, state = nnx.split(abstract, nnx.Param, models.ModelState)
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, self.params()), state)
+    params = jax.tree.map(jnp.asarray, self.params())
+    return cast(LanguageModel, nnx.merge(graphdef, params, state))
 
   def measure(self, batches: Sequence[dict]) -> dict[str, float]:
     """Parameters, forward FLOPs per token (dense_tile, models/flops.py),
