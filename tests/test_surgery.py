@@ -74,7 +74,6 @@ def _model_logits(model, batch):
 def test_layerwise_forward_is_the_model():
   cfg, params = _tiny()
   s = Surgery.of(cfg, params)
-  layers_lib.restack(s.rest, s.layers, models.layer_plan(cfg.model))
   jax.tree.map(np.testing.assert_array_equal, s.params(), params)
   [batch] = _batches(cfg, 1)
   [(got, io)] = per_batch(s.model(), [batch], _forward_io)

@@ -47,12 +47,10 @@ class Surgery:
       self.rest, self.layers, models.layer_plan(self.cfg.model)
     )
 
-  def replaced(self, layers: list, **model_changes) -> Surgery:
+  def replaced(self, layers: list, shapes: list | None = None) -> Surgery:
     """This model with new per-layer parameters; the config follows their
     shapes (see `config_for`)."""
-    return Surgery(
-      config_for(self.cfg, layers, **model_changes), self.rest, layers
-    )
+    return Surgery(config_for(self.cfg, layers, shapes), self.rest, layers)
 
   def model(self) -> LanguageModel:
     """The nnx model with these parameters (jax arrays on the default
@@ -77,16 +75,20 @@ class Surgery:
     }
 
 
-def config_for(cfg: Config, layers: list, **model_changes) -> Config:
+def config_for(cfg: Config, layers: list, shapes: list | None = None) -> Config:
   """`cfg` with model.num_layers and the per-layer shapes of `layers`
   (uniform values where every layer agrees, model.per_layer otherwise;
-  head_dim written out, since its default follows num_heads), validated."""
+  head_dim written out, since its default follows num_heads), validated.
+  `shapes`: each layer's former `layer_shapes` (default: layer i's of
+  `cfg`; a layer drop passes the kept layers'), which supply what the
+  arrays do not say (an MLA layer's heads)."""
   m = cfg.model
   n = len(layers)
-  old = [m.layer_shapes(i) for i in range(m.plan_length)]
-  shapes = []
+  if shapes is None:
+    shapes = [dict(m.layer_shapes(i)) for i in range(m.plan_length)]
+  new = []
   for i, layer in enumerate(layers):
-    s = dict(model_changes.get("shapes", old)[i])
+    s = dict(shapes[i])
     s["mlp_dim"] = int(layer["mlp"]["gate_DF"].shape[1])
     if "k_DGK" in layer["attn"]:
       _, h, k = layer["attn"]["q_DHK"].shape
@@ -95,13 +97,12 @@ def config_for(cfg: Config, layers: list, **model_changes) -> Config:
         num_kv_heads=int(layer["attn"]["k_DGK"].shape[1]),
         head_dim=int(k),
       )
-    shapes.append(s)
+    new.append(s)
   d = cfg.to_dict()
-  d["model"].update(model_changes.get("model", {}))
   d["model"]["num_layers"] = n
   per_layer = {}
   for key in ("mlp_dim", "num_heads", "num_kv_heads", "head_dim"):
-    values = tuple(s[key] for s in shapes)
+    values = tuple(s[key] for s in new)
     if len(set(values)) == 1:
       d["model"][key] = values[0]
       per_layer[key] = ()

@@ -241,5 +241,5 @@ def drop_layers(s: Surgery, dropped: Sequence[int]) -> Surgery:
         f"model.attention.pattern={m.attention.pattern!r} (the kept "
         f"layers' kinds {new} no longer cycle through it)"
       )
-  shapes = [m.layer_shapes(i) for i in keep]
-  return s.replaced([s.layers[i] for i in keep], shapes=shapes)
+  shapes = [dict(m.layer_shapes(i)) for i in keep]
+  return s.replaced([s.layers[i] for i in keep], shapes)
