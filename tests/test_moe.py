@@ -277,3 +277,65 @@ def test_bad_moe_config_is_one_line(overrides, match):
   with pytest.raises(ConfigError, match=match) as err:
     config_lib.from_config_dict(cd)
   assert "\n" not in str(err.value)
+
+
+def _final_model_state(workdir):
+  """The newest checkpoint's model_state of a CLI run (the loss-free
+  biases), restored like tests.helpers.final_state."""
+  import json
+  import os
+
+  from efficient_lm.training import loop
+  from efficient_lm.training.checkpoint import Checkpointer
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = config_lib.from_config_dict(json.load(f))
+  t = loop.build_trainer(cfg, jax.devices()[:1])
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=cfg.checkpoint.every_steps,
+    keep=cfg.checkpoint.keep,
+    async_save=False,
+  )
+  _, state, _ = ckpt.restore_latest(t.abstract_state)
+  ckpt.close()
+  return jax.device_get(state["model_state"])
+
+
+@pytest.mark.slow
+def test_loss_free_moe_resume_after_kill_is_bit_identical(tmp_path):
+  import signal
+
+  from tests.helpers import SMALL_FLAGS, final_state, logged_losses, train_cli
+
+  flags = [
+    *SMALL_FLAGS,
+    "--config.model.moe.num_experts=4",
+    "--config.model.moe.top_k=2",
+    "--config.model.moe.balancing=loss_free",
+    "--config.model.moe.bias_rate=0.01",
+  ]
+  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+  train_cli(straight, flags=flags)
+  proc = train_cli(
+    crashed,
+    "--crash_at=12",
+    "--crash_after_checkpoint=10",
+    flags=flags,
+    script=("-m", "tests.crash_train"),
+    check=False,
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  resumed = train_cli(crashed, flags=flags)
+  assert "resumed from step 10" in resumed.stderr
+  a, b = logged_losses(straight), logged_losses(crashed)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
+  _, params_a, _ = final_state(straight)
+  _, params_b, _ = final_state(crashed)
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  bias_a, bias_b = _final_model_state(straight), _final_model_state(crashed)
+  leaves = jax.tree.leaves(bias_a)
+  assert leaves and any(np.abs(x).max() > 0 for x in leaves)  # it moved
+  jax.tree.map(np.testing.assert_array_equal, bias_a, bias_b)
