@@ -24,9 +24,7 @@ D, F = 16, 24
 
 def _moe(**kw):
   cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **kw})
-  return MoE(
-    D, F, cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, out_std=0.02
-  )
+  return MoE(D, F, cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, out_std=0.02)
 
 
 def _x(b=2, t=12, seed=1):

@@ -155,7 +155,9 @@ class MoE(nnx.Module):
       if self.bias_E is None
       else self.bias_E[...]
     )
-    _, idx_NK = jax.lax.top_k(jax.lax.stop_gradient(s_NE) + bias[None], self.top_k)
+    _, idx_NK = jax.lax.top_k(
+      jax.lax.stop_gradient(s_NE) + bias[None], self.top_k
+    )
     sel_NK = jnp.take_along_axis(s_NE, idx_NK, axis=-1)
     w_NK = sel_NK / jnp.sum(sel_NK, axis=-1, keepdims=True)
     return idx_NK.astype(jnp.int32), w_NK, z_NE, s_NE
