@@ -1920,6 +1920,15 @@ MUTATIONS = [
     "-k",
     "resume",
   ),
+  _m(
+    "moe_upcycle_shared_expert_not_zeroed",
+    "efficient_lm/models/upcycle.py",
+    '"down_FD": jnp.zeros_like(new["shared"]["down_FD"]),',
+    '"down_FD": new["shared"]["down_FD"],',
+    "tests/test_moe.py",
+    "-k",
+    "upcycled",
+  ),
 ]
 
 

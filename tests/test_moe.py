@@ -337,3 +337,38 @@ def test_loss_free_moe_resume_after_kill_is_bit_identical(tmp_path):
   leaves = jax.tree.leaves(bias_a)
   assert leaves and any(np.abs(x).max() > 0 for x in leaves)  # it moved
   jax.tree.map(np.testing.assert_array_equal, bias_a, bias_b)
+
+
+def test_upcycled_model_step0_logits_equal_the_dense_source():
+  from efficient_lm.models.upcycle import upcycle
+
+  dense_cfg = small_config(**{"model.num_layers": 3})
+  moe_cfg = small_config(
+    **{
+      "model.num_layers": 3,
+      "model.moe.num_experts": 4,
+      "model.moe.top_k": 2,
+      "model.moe.num_shared_experts": 1,
+      "model.moe.first_dense": 1,
+    }
+  )
+  dense = build(dense_cfg.model, nnx.Rngs(0))
+  moe = build(moe_cfg.model, nnx.Rngs(1))
+  gd, moe_params, rest = nnx.split(moe, nnx.Param, ...)
+  dense_params = nnx.to_pure_dict(nnx.state(dense, nnx.Param))
+  b, t = 2, 12
+  tok = jax.random.randint(jax.random.key(1), (b, t), 0, 300)
+  pos, seg = _positions(b, t), jnp.ones((b, t), jnp.int32)
+  want, _ = dense(tok, pos, seg)
+
+  def logits(noise):
+    new = upcycle(
+      dense_params, nnx.to_pure_dict(moe_params), moe_cfg.model, noise=noise
+    )
+    p = nnx.state(moe, nnx.Param)
+    nnx.replace_by_pure_dict(p, new)
+    return nnx.merge(gd, p, rest)(tok, pos, seg)[0]
+
+  np.testing.assert_allclose(logits(0.0), want, atol=2e-5, rtol=0)
+  # Noise breaks the experts' symmetry (and the equality).
+  assert np.abs(logits(0.1) - want).max() > 1e-4
