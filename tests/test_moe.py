@@ -372,3 +372,20 @@ def test_upcycled_model_step0_logits_equal_the_dense_source():
   np.testing.assert_allclose(logits(0.0), want, atol=2e-5, rtol=0)
   # Noise breaks the experts' symmetry (and the equality).
   assert np.abs(logits(0.1) - want).max() > 1e-4
+
+
+def test_tiny_moe_config_validates_and_is_sparse():
+  from configs import tiny, tiny_moe
+
+  cfg = config_lib.from_config_dict(
+    override(tiny_moe.get_config(), **{"mesh.data": 1})
+  )
+  dense = config_lib.from_config_dict(
+    override(tiny.get_config(), **{"mesh.data": 1})
+  )
+  abstract = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0)))
+  counts = flops.param_count(nnx.state(abstract, nnx.Param), cfg.model)
+  assert counts["active"] < counts["total"]
+  s = cfg.data.seq_len
+  moe_f = flops.flops_per_token(cfg.model, s)["forward/mlp"]
+  assert moe_f < flops.flops_per_token(dense.model, s)["forward/mlp"]
