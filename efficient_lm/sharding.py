@@ -55,6 +55,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   # The head_dim axis of q/k/v biases (models/attention.py; no decay).
   "bias": None,
   "layers": None,
+  # The experts axis of MoE weights (models/moe.py): replicated; expert
+  # parallelism (a mesh axis of its own) is not built yet.
+  "expert": None,
 }
 
 

@@ -21,6 +21,7 @@ from efficient_lm.config.schema import (
   MeshConfig,
   ModelConfig,
   PerLayerConfig,
+  MoEConfig,
   RoutingConfig,
   TrainConfig,
 )
@@ -38,6 +39,7 @@ __all__ = [
   "MeshConfig",
   "ModelConfig",
   "PerLayerConfig",
+  "MoEConfig",
   "RoutingConfig",
   "TrainConfig",
   "default_config_dict",

@@ -237,6 +237,60 @@ class RoutingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  # Mixture-of-experts MLPs (models/moe.py). 0 experts: no MoE, every MLP
+  # dense.
+  num_experts: int = 0
+  # Routed experts per token.
+  top_k: int = 2
+  # Experts every token goes through besides the routed ones (DeepSeek),
+  # each of width expert_mlp_dim.
+  num_shared_experts: int = 0
+  # Hidden width F of each expert (routed and shared); 0: the layer's own
+  # mlp_dim.
+  expert_mlp_dim: int = 0
+  # Which layers are MoE: layers i >= first_dense with
+  # (i - first_dense) % every == 0 (DeepSeek: first_dense=1..3, every=1).
+  every: int = 1
+  first_dense: int = 0
+  # "softmax": weights = softmax over the experts, the top k kept
+  # (Switch / Mixtral keep them unnormalised: softmax over all E);
+  # "sigmoid": DeepSeek-V3, affinities sigmoid(logit), the top k's
+  # normalised to sum to 1.
+  router: Literal["softmax", "sigmoid"] = "softmax"
+  # 0: dropless (every assignment computed, tokens sorted by expert and a
+  # grouped matmul). > 0: each expert takes at most
+  # ceil(capacity_factor * T * top_k / num_experts) assignments per
+  # sequence row, earlier positions first (a token's first choice before
+  # its second at the same position); the rest are dropped (the token's
+  # residual passes through for that choice). Static shapes.
+  capacity_factor: float = 0.0
+  # "aux_loss": the Switch / GShard loss w * E * sum_e f_e P_e
+  # (`loss/moe_balance`, weight aux_loss_weight); "loss_free": DeepSeek-V3,
+  # a non-trainable per-expert bias added to the scores for selection only,
+  # moved by bias_rate * sign(mean load - load) in every forward without a
+  # cache (checkpointed model state); "none".
+  balancing: Literal["aux_loss", "loss_free", "none"] = "aux_loss"
+  aux_loss_weight: float = 0.01
+  bias_rate: float = 0.001
+  # Router z-loss weight (mean squared logsumexp of the router logits,
+  # `loss/moe_router_z`); 0 = off.
+  router_z_loss: float = 0.0
+
+  def moe_layer(self, layer: int) -> bool:
+    """Layer `layer` (0-based) has an MoE MLP."""
+    return (
+      self.num_experts > 0
+      and layer >= self.first_dense
+      and (layer - self.first_dense) % self.every == 0
+    )
+
+  def expert_width(self, mlp_dim: int) -> int:
+    """F of one expert in a layer whose dense width is `mlp_dim`."""
+    return self.expert_mlp_dim or mlp_dim
+
+
+@dataclasses.dataclass(frozen=True)
 class FunnelConfig:
   # funnel_encoder: layers per stage; the sequence is pooled by `factor`
   # between stages, e.g. (12, 24) = compress once after layer 12 of 36.
@@ -326,6 +380,7 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   attention: AttentionConfig = AttentionConfig()
   routing: RoutingConfig = RoutingConfig()
+  moe: MoEConfig = MoEConfig()
   funnel: FunnelConfig = FunnelConfig()
   per_layer: PerLayerConfig = PerLayerConfig()
 

@@ -18,6 +18,7 @@ from efficient_lm.config.validation_model import (
   _validate_family_switches,
   _validate_funnel,
   _validate_per_layer,
+  _validate_moe,
   _validate_routing,
 )
 
@@ -46,6 +47,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
   _validate_attention(m.attention, m.num_layers)
   _validate_family_switches(m)
   _validate_routing(m, cfg.data.seq_len)
+  _validate_moe(m)
   _validate_funnel(cfg)
   _validate_per_layer(m, cfg.mesh.tensor)
   _validate_data(m, cfg.data)

@@ -405,3 +405,51 @@ def _validate_per_layer(m: ModelConfig, tensor: int) -> None:
           f"{first} under MoR; shared layers need the same shapes "
           f"({m.layer_shapes(layer)} vs {m.layer_shapes(first)})"
         )
+
+
+def _validate_moe(m: ModelConfig) -> None:
+  """model.moe: counts and weights in range, top_k within the experts,
+  MoE only where its layers can take it (a plain decoder's MLPs)."""
+  e = m.moe
+  if e.num_experts < 0:
+    raise ConfigError(f"model.moe.num_experts={e.num_experts}: expected >= 0")
+  if e.num_experts == 0:
+    return
+  if not 1 <= e.top_k <= e.num_experts:
+    raise ConfigError(
+      f"model.moe.top_k={e.top_k}: expected 1 <= top_k <= "
+      f"model.moe.num_experts={e.num_experts}"
+    )
+  if e.capacity_factor < 0:
+    raise ConfigError(
+      f"model.moe.capacity_factor={e.capacity_factor}: expected >= 0 "
+      "(0 = dropless)"
+    )
+  for name in (
+    "num_shared_experts",
+    "expert_mlp_dim",
+    "first_dense",
+    "aux_loss_weight",
+    "bias_rate",
+    "router_z_loss",
+  ):
+    if getattr(e, name) < 0:
+      raise ConfigError(f"model.moe.{name}={getattr(e, name)}: expected >= 0")
+  if e.every < 1:
+    raise ConfigError(f"model.moe.every={e.every}: expected >= 1")
+  if not any(e.moe_layer(i) for i in range(m.num_layers)):
+    raise ConfigError(
+      f"model.moe.first_dense={e.first_dense} with model.num_layers="
+      f"{m.num_layers}: no layer is MoE"
+    )
+  if m.kind != "decoder":
+    raise ConfigError(
+      f"model.moe.num_experts={e.num_experts} with model.kind={m.kind!r}: "
+      "MoE MLPs are built for model.kind='decoder' only"
+    )
+  if m.routing.kind != "none":
+    raise ConfigError(
+      f"model.moe.num_experts={e.num_experts} with model.routing.kind="
+      f"{m.routing.kind!r}: MoE inside routed (MoD / MoR) blocks is not "
+      "supported"
+    )

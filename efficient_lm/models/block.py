@@ -28,6 +28,7 @@ from efficient_lm.models import visibility
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import DTYPES, RMSNorm, SwiGLU, layer_rope
 from efficient_lm.models.mla import MLAttention, resolve_dims
+from efficient_lm.models.moe import MoE
 from efficient_lm.models.stack import LayerSpec
 from efficient_lm.models.tglobal import TGlobalAttention
 from efficient_lm.sharding import BTD, constrain
@@ -74,7 +75,18 @@ def make_norm(cfg: ModelConfig) -> RMSNorm:
 
 def make_mlp(
   cfg: ModelConfig, spec: LayerSpec, *, rngs: nnx.Rngs, out_std: float
-) -> SwiGLU:
+) -> SwiGLU | MoE:
+  """The layer's gated MLP, or its mixture of experts (`spec.moe`)."""
+  if spec.moe is not None:
+    return MoE(
+      cfg.embed_dim,
+      spec.moe.expert_width(spec.mlp_dim),
+      spec.moe,
+      rngs=rngs,
+      param_dtype=DTYPES[cfg.param_dtype],
+      out_std=out_std,
+      activation=cfg.mlp_activation,
+    )
   return SwiGLU(
     cfg.embed_dim,
     spec.mlp_dim,
@@ -100,10 +112,20 @@ class Block(nnx.Module):
   def mlp_branch(self, x_BTD) -> jax.Array:
     """The MLP branch's update: MLP(Norm(x)), post-normed under
     model.post_norms."""
-    m_BTD = self.mlp(self.mlp_norm(x_BTD))
+    return self.mlp_update(x_BTD)[0]
+
+  def mlp_update(self, x_BTD, train: bool = True) -> tuple[jax.Array, dict]:
+    """(the MLP branch's update, its aux): an MoE MLP reports its routing
+    (models/moe.py), and moves its loss-free bias when `train`."""
+    h_BTD = self.mlp_norm(x_BTD)
+    aux: dict = {}
+    if isinstance(self.mlp, MoE):
+      m_BTD, aux = self.mlp(h_BTD, train=train)
+    else:
+      m_BTD = self.mlp(h_BTD)
     if self.post_mlp_norm is not None:
       m_BTD = self.post_mlp_norm(m_BTD)
-    return m_BTD
+    return m_BTD, aux
 
   def attend(
     self,
@@ -175,10 +197,11 @@ class Block(nnx.Module):
       x_BTD, pos_BT, seg_BT, kv=kv, cache=cache, rows=rows
     )
     x_BTD = x_BTD + a_BTD
-    x_BTD = constrain(x_BTD + self.mlp_branch(x_BTD), BTD)
+    m_BTD, aux = self.mlp_update(x_BTD, train=cache is None)
+    x_BTD = constrain(x_BTD + m_BTD, BTD)
     if cache is None:
-      return x_BTD, {}
-    return x_BTD, {}, new_cache
+      return x_BTD, aux
+    return x_BTD, aux, new_cache
 
   def kv_rows(self, x_BTD, pos_BT, seg_BT, cache=None) -> dict:
     """The K/V rows this block's attention reads for input x (the cache's
@@ -237,6 +260,9 @@ def layer_flops(
   per_q, per_k = projection_flops(d, spec)
   terms["attention_proj"] = (nq * per_q + nk * per_k) / seq_len
   terms["mlp"] = nq * SwiGLU.flops(d, spec.mlp_dim) / seq_len
+  if spec.moe is not None:  # a decoder's layer: stride 1, nq = seq_len
+    moe = spec.moe
+    terms.update(MoE.flops(d, moe.expert_width(spec.mlp_dim), moe, seq_len))
   qk, v = head_dims(spec)
   per_pair = 2.0 * spec.num_heads * (qk + v)
   # A pool-query layer's query i sits where key row i * (stride /

@@ -48,6 +48,11 @@ its router (and MLP predictor) runs on every token. These are the FLOPs of
 the training (top-k) forward; causal routing (evaluation, generation)
 computes every token at static shapes and discards the unprocessed ones,
 so it costs what a dense layer costs.
+
+Mixture-of-experts (`moe.MoE.flops`): an MoE layer counts the experts that
+run, top_k per token when dropless (the active FLOPs, which MFU uses), the
+E * C capacity slots of a row over T in capacity mode, plus shared experts
+and the router's D x E matmul.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ from efficient_lm.models.mod import RoutedBlock
 from efficient_lm.models.mor import Recursions
 from efficient_lm.models.stack import LayerSpec
 from efficient_lm.models.visibility import in_rows, visible_keys
+
+# The routed experts' weights in an MoE layer (models/moe.py), [E, ...].
+MOE_EXPERTS = ("gate_EDF", "up_EDF", "down_EFD")
 
 __all__ = ["flops_per_token", "param_count", "visible_keys"]
 
@@ -153,7 +161,10 @@ def param_count(
   `non_embedding` = total minus the input embedding table (unique
   parameters: a shared layer counts once). With `cfg`, also
   `effective_non_embedding`: each layer counted once per application (MoR's
-  shared layers `num_recursions` times; the plain model's depth)."""
+  shared layers `num_recursions` times; the plain model's depth), and
+  `active`: the parameters one token uses, total less the routed experts
+  it does not pick (an MoE layer's expert weights count top_k /
+  num_experts; router and shared experts count whole)."""
   sizes = {}
   for path, leaf in nnx.to_flat_state(abstract_params):
     sizes[path] = int(np.prod(leaf.shape)) if leaf.shape else 1
@@ -168,4 +179,8 @@ def param_count(
     )
     reuse = (cfg.routing.num_recursions - 1) if shared else 0
     out["effective_non_embedding"] = out["non_embedding"] + reuse * shared
+    e = cfg.moe
+    routed = sum(n for path, n in sizes.items() if path[-1] in MOE_EXPERTS)
+    idle = routed * (e.num_experts - e.top_k) // max(e.num_experts, 1)
+    out["active"] = total - idle
   return out

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from efficient_lm.config import AttentionConfig, ModelConfig
+from efficient_lm.config import AttentionConfig, ModelConfig, MoEConfig
 from efficient_lm.models.layers import ModelState
 
 REMAT_POLICIES = {
@@ -74,6 +74,9 @@ class LayerSpec:
   # pooled and whose keys / values are the previous stage's sequence
   # (models/funnel.py).
   pool_query: bool = False
+  # A mixture-of-experts MLP (model.moe; models/moe.py): its config, or
+  # None for a dense MLP.
+  moe: MoEConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,7 @@ def layer_plan(
       ),
       causal=causal,
       routed=cfg.routing.routes_layer(i),
+      moe=cfg.moe if cfg.moe.moe_layer(i) else None,
       **cfg.layer_shapes(i),
     )
     for i in range(cfg.num_layers)

@@ -1,0 +1,391 @@
+"""Mixture-of-experts (models/moe.py): dropless = a dense reference that runs
+every expert, one expert = the dense MLP, capacity drops in the documented
+order, the balance loss by formula, the loss-free bias, causality and
+generation of an MoE decoder, FLOPs, parameter counts, bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from efficient_lm import aot
+from efficient_lm import config as config_lib
+from efficient_lm.config import ConfigError, MoEConfig
+from efficient_lm.models import build, flops
+from efficient_lm.models.layers import ACTIVATIONS, SwiGLU
+from efficient_lm.models.moe import MoE, capacity_slots
+from tests.helpers import override, prefill_then_decode, small_config
+
+D, F = 16, 24
+
+
+def _moe(**kw):
+  cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **kw})
+  return MoE(D, F, cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, out_std=0.02)
+
+
+def _x(b=2, t=12, seed=1):
+  return jax.random.normal(jax.random.key(seed), (b, t, D), jnp.float32)
+
+
+def _expert(moe, e, x_ND):
+  """Expert e's gated MLP on every row, written out."""
+  g = x_ND @ moe.gate_EDF[...][e]
+  u = x_ND @ moe.up_EDF[...][e]
+  return (ACTIVATIONS["silu"](g) * u) @ moe.down_EFD[...][e]
+
+
+def _weights(moe, x_ND):
+  """[N, E] combine weights: the top-k picks' affinities, normalised over
+  the picks, zero elsewhere (the module's documented rule)."""
+  z = x_ND @ moe.router_DE[...]
+  s = jax.nn.sigmoid(z) if moe.router == "sigmoid" else jax.nn.softmax(z)
+  _, idx = jax.lax.top_k(s, moe.top_k)
+  mask = jax.nn.one_hot(idx, moe.num_experts).sum(1)
+  w = s * mask
+  return w / w.sum(-1, keepdims=True)
+
+
+def _dense_reference(moe, x_BTD):
+  """Every expert on every token, combined by the router weights."""
+  b, t, _ = x_BTD.shape
+  x = x_BTD.reshape(b * t, D)
+  w = _weights(moe, x)
+  y = sum(w[:, e : e + 1] * _expert(moe, e, x) for e in range(moe.num_experts))
+  return y.reshape(b, t, D)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_dropless_equals_dense_reference_values_and_grads(router):
+  moe = _moe(router=router, balancing="none")
+  x = _x()
+  gd, params = nnx.split(moe)
+  cot = jax.random.normal(jax.random.key(7), x.shape)
+
+  def ours(p, x):
+    return jnp.sum(nnx.merge(gd, p)(x)[0] * cot)
+
+  def ref(p, x):
+    return jnp.sum(_dense_reference(nnx.merge(gd, p), x) * cot)
+
+  np.testing.assert_allclose(
+    nnx.merge(gd, params)(x)[0],
+    _dense_reference(moe, x),
+    atol=1e-6,
+  )
+  g_ours = jax.jit(jax.grad(ours, argnums=(0, 1)))(params, x)
+  g_ref = jax.grad(ref, argnums=(0, 1))(params, x)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_ours, g_ref
+  )
+  # The router gets a gradient through the weights.
+  assert np.abs(g_ours[0]["router_DE"][...]).max() > 0
+
+
+def test_one_expert_top1_equals_dense_swiglu():
+  moe = _moe(num_experts=1, top_k=1, balancing="none")
+  mlp = SwiGLU(D, F, rngs=nnx.Rngs(3), param_dtype=jnp.float32, out_std=0.02)
+  moe.gate_EDF[...] = mlp.gate_DF[...][None]
+  moe.up_EDF[...] = mlp.up_DF[...][None]
+  moe.down_EFD[...] = mlp.down_FD[...][None]
+  x = _x()
+  np.testing.assert_allclose(moe(x)[0], mlp(x), atol=1e-6)
+
+
+def test_capacity_drops_exactly_the_assignments_past_capacity():
+  moe = _moe(capacity_factor=0.5, balancing="none")
+  x = _x(b=3, t=16)
+  b, t, _ = x.shape
+  c = capacity_slots(0.5, t, 2, 4)
+  assert c == math.ceil(0.5 * t * 2 / 4)
+  y, aux = moe(x)
+  want = np.zeros((b, t, D), np.float32)
+  dropped = 0
+  for r in range(b):
+    xr = x[r]
+    w = np.asarray(_weights(moe, xr))
+    s = np.asarray(jax.nn.softmax(xr @ moe.router_DE[...]))
+    idx = np.asarray(jax.lax.top_k(s, 2)[1])
+    used = [0] * 4
+    outs = [np.asarray(_expert(moe, e, xr)) for e in range(4)]
+    for i in range(t):  # documented order: position, then choice rank
+      for j in range(2):
+        e = idx[i, j]
+        if used[e] < c:
+          want[r, i] += w[i, e] * outs[e][i]
+        else:
+          dropped += 1
+        used[e] += 1
+  assert dropped > 0  # the test means something only if tokens drop
+  np.testing.assert_allclose(y, want, atol=1e-6)
+  np.testing.assert_allclose(aux["moe/dropped_fraction"], dropped / (b * t * 2))
+
+
+def test_balance_loss_equals_formula():
+  moe = _moe(num_experts=5, top_k=2, aux_loss_weight=0.3)
+  x = _x(b=2, t=10)
+  _, aux = moe(x)
+  xn = x.reshape(-1, D)
+  p = np.asarray(jax.nn.softmax(xn @ moe.router_DE[...]), np.float64)
+  idx = np.argsort(-p, axis=1)[:, :2]
+  n = xn.shape[0]
+  f = np.array([(idx == e).sum() / (n * 2) for e in range(5)])
+  want = 0.3 * 5 * np.sum(f * p.mean(0))
+  np.testing.assert_allclose(aux["loss/moe_balance"], want, rtol=1e-5)
+  np.testing.assert_allclose(aux["moe/load_max"], f.max() * 5, rtol=1e-6)
+
+
+def test_loss_free_bias_moves_toward_balance():
+  moe = _moe(balancing="loss_free", bias_rate=0.02, top_k=1)
+  # Skew the router: expert 0 wins almost every token at first.
+  moe.router_DE[...] = moe.router_DE[...].at[:, 0].add(0.05)
+  x = _x(b=4, t=16) + 1.0
+  _, first = moe(x)
+  for _ in range(40):
+    _, last = moe(x)
+  bias = np.asarray(moe.bias_E[...])
+  assert first["moe/load_max"] > 2.0, first["moe/load_max"]
+  assert bias[0] < 0 < bias[1:].max()
+  assert last["moe/load_max"] < first["moe/load_max"] - 1.0
+  # Generation (train=False) leaves the bias alone.
+  moe(x, train=False)
+  np.testing.assert_array_equal(moe.bias_E[...], bias)
+
+
+_DECODER = {
+  "model.moe.num_experts": 4,
+  "model.moe.top_k": 2,
+  "model.moe.num_shared_experts": 1,
+  "model.moe.expert_mlp_dim": 32,
+  "model.num_layers": 3,
+  "model.moe.first_dense": 1,
+}
+
+
+def _positions(b, t):
+  return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+@pytest.mark.parametrize("capacity", [0.0, 1.0])
+def test_moe_decoder_is_causal_by_perturbation(capacity):
+  cfg = small_config(**_DECODER, **{"model.moe.capacity_factor": capacity})
+  model = build(cfg.model, nnx.Rngs(0))
+  gd, params, rest = nnx.split(model, nnx.Param, ...)
+  fwd = jax.jit(lambda p, tok, pos, seg: nnx.merge(gd, p, rest)(tok, pos, seg))
+  b, t = 2, 16
+  tok = jax.random.randint(jax.random.key(1), (b, t), 0, 300)
+  pos, seg = _positions(b, t), jnp.ones((b, t), jnp.int32)
+  want, aux = fwd(params, tok, pos, seg)
+  assert "loss/moe_balance" in aux
+  for cut in (3, 8, 12):
+    other = jax.random.randint(jax.random.key(cut), (b, t - cut - 1), 0, 300)
+    got, _ = fwd(params, tok.at[:, cut + 1 :].set(other), pos, seg)
+    np.testing.assert_allclose(got[:, : cut + 1], want[:, : cut + 1], atol=1e-6)
+    assert np.abs(got[:, cut + 1 :] - want[:, cut + 1 :]).max() > 1e-4
+
+
+def test_moe_prefill_then_decode_equals_forward():
+  cfg = small_config(**_DECODER)
+  model = build(cfg.model, nnx.Rngs(0))
+  b, t, p = 2, 14, 8
+  tok = jax.random.randint(jax.random.key(1), (b, t), 0, 300)
+  pos, seg = _positions(b, t), jnp.ones((b, t), jnp.int32)
+  gd, state = nnx.split(model)
+
+  @jax.jit
+  def step(tok, pos, seg, cache=None):
+    return nnx.merge(gd, state)(tok, pos, seg, cache=cache)
+
+  want, _ = step(tok, pos, seg)
+  got, _ = prefill_then_decode(step, tok, pos, seg, model.init_cache(b, t), p)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_param_count_total_and_active():
+  cfg = small_config(**_DECODER)
+  abstract = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0)))
+  _, params, _ = nnx.split(abstract, nnx.Param, ...)
+  counts = flops.param_count(params, cfg.model)
+  # Two MoE layers of 4 experts of width 32, 2 active: each idles 2 experts.
+  idle = 2 * 2 * 3 * cfg.model.embed_dim * 32
+  assert counts["total"] - counts["active"] == idle
+
+
+def test_flops_within_5_percent_of_xla_capacity_mode():
+  # Capacity mode: every slot is a static batched matmul XLA counts as it
+  # runs. (Dropless: XLA's CPU ragged_dot computes every group densely, E
+  # times what a grouped kernel does, so its cost analysis is no oracle.)
+  cfg = small_config(
+    **{
+      "model.embed_dim": 256,
+      "model.mlp_dim": 512,
+      "model.moe.num_experts": 4,
+      "model.moe.top_k": 2,
+      "model.moe.num_shared_experts": 1,
+      "model.moe.capacity_factor": 1.0,
+      "model.scan_layers": False,
+      "data.seq_len": 128,
+      "train.batch_size": 2,
+    }
+  )
+  _, _, compiled = aot.compile_train_step(cfg, jax.devices()[:1])
+  xla_flops = aot.xla_flops(compiled)
+  b, s = cfg.train.batch_size, cfg.data.seq_len
+  ours = flops.flops_per_token(cfg.model, s)["train"] * b * s
+  assert abs(xla_flops / ours - 1) < 0.05, (xla_flops, ours)
+
+
+def test_dropless_flops_count_top_k_experts():
+  cfg = small_config(**_DECODER)
+  dense = small_config(**{**_DECODER, "model.moe.num_experts": 0})
+  f_moe = flops.flops_per_token(cfg.model, 32)
+  f_dense = flops.flops_per_token(dense.model, 32)
+  d = cfg.model.embed_dim
+  # Layers 1, 2: the dense MLP (width 128) replaced by 2 routed + 1 shared
+  # expert of width 32 and a D x 4 router.
+  want = 2 * (3 * SwiGLU.flops(d, 32) - SwiGLU.flops(d, 128) + 2 * d * 4)
+  np.testing.assert_allclose(f_moe["forward"] - f_dense["forward"], want)
+
+
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    ({"model.moe.top_k": 5}, r"model\.moe\.top_k=5: expected 1 <= top_k"),
+    (
+      {"model.moe.capacity_factor": -1.0},
+      r"model\.moe\.capacity_factor=-1\.0: expected >= 0",
+    ),
+    (
+      {"model.routing.kind": "mod"},
+      r"model\.routing\.kind='mod'.*not supported",
+    ),
+    (
+      {"model.kind": "hourglass", "model.funnel.stages": (0, 2, 0)},
+      r"model\.kind='hourglass'",
+    ),
+    ({"model.moe.first_dense": 5}, r"no layer is MoE"),
+  ],
+)
+def test_bad_moe_config_is_one_line(overrides, match):
+  cd = config_lib.default_config_dict()
+  override(cd, **{"model.moe.num_experts": 4, "mesh.data": 1, **overrides})
+  with pytest.raises(ConfigError, match=match) as err:
+    config_lib.from_config_dict(cd)
+  assert "\n" not in str(err.value)
+
+
+def _final_model_state(workdir):
+  """The newest checkpoint's model_state of a CLI run (the loss-free
+  biases), restored like tests.helpers.final_state."""
+  import json
+  import os
+
+  from efficient_lm.training import loop
+  from efficient_lm.training.checkpoint import Checkpointer
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = config_lib.from_config_dict(json.load(f))
+  t = loop.build_trainer(cfg, jax.devices()[:1])
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=cfg.checkpoint.every_steps,
+    keep=cfg.checkpoint.keep,
+    async_save=False,
+  )
+  _, state, _ = ckpt.restore_latest(t.abstract_state)
+  ckpt.close()
+  return jax.device_get(state["model_state"])
+
+
+@pytest.mark.slow
+def test_loss_free_moe_resume_after_kill_is_bit_identical(tmp_path):
+  import signal
+
+  from tests.helpers import SMALL_FLAGS, final_state, logged_losses, train_cli
+
+  flags = [
+    *SMALL_FLAGS,
+    "--config.model.moe.num_experts=4",
+    "--config.model.moe.top_k=2",
+    "--config.model.moe.balancing=loss_free",
+    "--config.model.moe.bias_rate=0.01",
+  ]
+  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+  train_cli(straight, flags=flags)
+  proc = train_cli(
+    crashed,
+    "--crash_at=12",
+    "--crash_after_checkpoint=10",
+    flags=flags,
+    script=("-m", "tests.crash_train"),
+    check=False,
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  resumed = train_cli(crashed, flags=flags)
+  assert "resumed from step 10" in resumed.stderr
+  a, b = logged_losses(straight), logged_losses(crashed)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
+  _, params_a, _ = final_state(straight)
+  _, params_b, _ = final_state(crashed)
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  bias_a, bias_b = _final_model_state(straight), _final_model_state(crashed)
+  leaves = jax.tree.leaves(bias_a)
+  assert leaves and any(np.abs(x).max() > 0 for x in leaves)  # it moved
+  jax.tree.map(np.testing.assert_array_equal, bias_a, bias_b)
+
+
+def test_upcycled_model_step0_logits_equal_the_dense_source():
+  from efficient_lm.models.upcycle import upcycle
+
+  dense_cfg = small_config(**{"model.num_layers": 3})
+  moe_cfg = small_config(
+    **{
+      "model.num_layers": 3,
+      "model.moe.num_experts": 4,
+      "model.moe.top_k": 2,
+      "model.moe.num_shared_experts": 1,
+      "model.moe.first_dense": 1,
+    }
+  )
+  dense = build(dense_cfg.model, nnx.Rngs(0))
+  moe = build(moe_cfg.model, nnx.Rngs(1))
+  gd, moe_params, rest = nnx.split(moe, nnx.Param, ...)
+  dense_params = nnx.to_pure_dict(nnx.state(dense, nnx.Param))
+  b, t = 2, 12
+  tok = jax.random.randint(jax.random.key(1), (b, t), 0, 300)
+  pos, seg = _positions(b, t), jnp.ones((b, t), jnp.int32)
+  want, _ = dense(tok, pos, seg)
+
+  def logits(noise):
+    new = upcycle(
+      dense_params, nnx.to_pure_dict(moe_params), moe_cfg.model, noise=noise
+    )
+    p = nnx.state(moe, nnx.Param)
+    nnx.replace_by_pure_dict(p, new)
+    return nnx.merge(gd, p, rest)(tok, pos, seg)[0]
+
+  np.testing.assert_allclose(logits(0.0), want, atol=2e-5, rtol=0)
+  # Noise breaks the experts' symmetry (and the equality).
+  assert np.abs(logits(0.1) - want).max() > 1e-4
+
+
+def test_tiny_moe_config_validates_and_is_sparse():
+  from configs import tiny, tiny_moe
+
+  cfg = config_lib.from_config_dict(
+    override(tiny_moe.get_config(), **{"mesh.data": 1})
+  )
+  dense = config_lib.from_config_dict(
+    override(tiny.get_config(), **{"mesh.data": 1})
+  )
+  abstract = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0)))
+  counts = flops.param_count(nnx.state(abstract, nnx.Param), cfg.model)
+  assert counts["active"] < counts["total"]
+  s = cfg.data.seq_len
+  moe_f = flops.flops_per_token(cfg.model, s)["forward/mlp"]
+  assert moe_f < flops.flops_per_token(dense.model, s)["forward/mlp"]
