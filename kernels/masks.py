@@ -1,7 +1,7 @@
 """Attention mask spec, its element predicate and its block metadata.
 
 One `MaskSpec` describes a mask pattern. It is evaluated on *positions* and
-segment ids (data), never on array indices (METHODS.md §0.1). The same spec
+segment ids (data), never on array indices (docs/attention.md). The same spec
 builds the dense element mask used by the reference and the per-tile
 metadata used by the blockwise kernels.
 
@@ -28,7 +28,7 @@ global tokens (Longformer, BigBird's ITC). Every query sees them (global
 columns) and, in a bidirectional spec, they see every key of their document
 (global rows). In a causal spec a global row could only see keys at or
 before itself, all of which are global columns already, so global rows add
-nothing there and are not tested (METHODS.md §5.4: no global token attends
+nothing there and are not tested (docs/attention.md: no global token attends
 to the future).
 
 Transient-global suffix (TGlobal): the caller appends `global_suffix`
@@ -238,7 +238,7 @@ def _mix64(x):
 def bigbird_block_table(
   num_blocks: int, *, num_random_blocks: int, seed: int, causal: bool
 ) -> tuple[tuple[bool, ...], ...]:
-  """BigBird's random key blocks (METHODS.md §5.5): [num_blocks]^2 table,
+  """BigBird's random key blocks (docs/attention.md): [num_blocks]^2 table,
   True where query block i attends key block j at random.
 
   Each query block gets `num_random_blocks` distinct key blocks drawn from

@@ -686,7 +686,7 @@ MUTATIONS = [
     "-k",
     "forward and dense_gqa",
   ),
-  # ---- mixture-of-depths (#10; METHODS.md §2.7)
+  # ---- mixture-of-depths (#10; docs/routing.md)
   # sramshetty's RoPE bug: gathered tokens at positions 0..k-1.
   _m(
     "mod_gathered_positions_compacted",

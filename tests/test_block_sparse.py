@@ -1,4 +1,4 @@
-"""BigBird block-sparse attention (METHODS.md §5.5, §5.6).
+"""BigBird block-sparse attention (docs/attention.md).
 
 The random-block table (strictly earlier blocks in a decoder, a fixed
 function of its seed), the mask it makes with the window and the global
@@ -123,7 +123,7 @@ def test_every_layer_and_head_shares_one_table():
 
 
 def brute_visible(a, causal, table, qp, kp, qs, ks):
-  """BigBird's element rule from METHODS.md §5.5, written independently of
+  """BigBird's element rule from docs/attention.md, written independently of
   kernels.masks: same document, causal if so, then window (w tokens incl.
   self, both sides in an encoder), prefix columns, prefix rows in an
   encoder (global queries see every key), or a random block."""

@@ -1,4 +1,4 @@
-"""Global tokens of global_local and block_sparse (METHODS.md §5.4, §5.5):
+"""Global tokens of global_local and block_sparse (docs/attention.md):
 the first num_global positions of a document are seen by every token and,
 in the bidirectional (encoder) form, see every token themselves (global
 rows); in the causal form they see only earlier tokens, like every token.

@@ -1,4 +1,4 @@
-"""MaskSpec predicate and block metadata vs brute force (METHODS.md §5.6)."""
+"""MaskSpec predicate and block metadata vs brute force (docs/attention.md)."""
 
 import itertools
 import zlib

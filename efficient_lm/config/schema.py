@@ -122,7 +122,7 @@ class RoutingConfig:
   # "none": every token through every layer; "mod": mixture-of-depths
   # (routed blocks process the top `capacity` of each sequence); "mor":
   # mixture-of-recursions (shared layers applied `num_recursions` times, a
-  # router choosing each token's depth). METHODS.md sections 1 and 2.
+  # router choosing each token's depth). docs/routing.md.
   kind: Literal["none", "mod", "mor"] = "none"
   # --- mod
   # Every `every`-th block is routed (2: every other block, the paper's
@@ -152,7 +152,7 @@ class RoutingConfig:
   balancing: Literal["aux_loss", "loss_free"] = "aux_loss"
   balancing_weight: float = 0.1
   bias_rate: float = 0.001
-  # How a selected token's state is updated (METHODS.md 1.2 step 5):
+  # How a selected token's state is updated (docs/routing.md, MoR step 5):
   # "paper": H + g * Block(H) (the block's own residual included);
   # "residual_delta": H + g * (Block(H) - H), the MoD form. Default "paper":
   # the released code's rule, kept for reproduction (the residual stream
@@ -214,7 +214,7 @@ class RoutingConfig:
     return self.recursed_layers(num_layers) // self.num_recursions
 
   def layer_map(self, num_layers: int) -> tuple[int, ...]:
-    """MoR: the unique layer each virtual layer uses (METHODS.md §1.1):
+    """MoR: the unique layer each virtual layer uses (docs/routing.md):
     cycle l -> l mod D; sequence l -> l // N_r; middle_*: the first layer
     is 0, the last D + 1, the middle ones 1 + (cycle or sequence map of
     l - 1). Raises ConfigError unless `fits(num_layers)`."""

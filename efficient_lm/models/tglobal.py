@@ -1,4 +1,4 @@
-"""LongT5 transient-global attention (METHODS.md §4): a sliding window plus
+"""LongT5 transient-global attention (docs/attention.md): a sliding window plus
 one summary key per completed block of `tglobal_block` tokens.
 
 Every call builds, from the layer's normalised input x, one summary per
@@ -35,7 +35,7 @@ relative-position bias (bucketed global index - block id): the model has no
 bias tables, the rotation already makes the query-summary logit depend on
 the token's distance to the block, and the blockwise kernels take no bias.
 
-Generation (causal layers, METHODS.md §4.4): the cache holds the window's
+Generation (causal layers, docs/attention.md): the cache holds the window's
 K/V rows (a rolling buffer, like a sliding-window layer), the K/V of every
 completed block's summary, and the running float32 sum and token count of
 the current partial block. A step treats that partial block as one extra
@@ -50,7 +50,7 @@ layer of a pooled stage passes pooled queries and `kv` = the previous
 stage's rows (bidirectional only): summaries come from the keys' side.
 
 Inside a routed (MoD / MoR) block only blocks whose k tokens were all
-routed would be summarised (METHODS.md §7.2); that composition is not
+routed would be summarised (docs/attention.md); that composition is not
 supported yet.
 """
 
@@ -205,7 +205,7 @@ def summary_sums(x_BTD, slot_BT, num_slots: int) -> jax.Array:
 class TGlobalAttention(Attention):
   """Attention's projections over [x ; block summaries]; see the module
   docstring. Self-attention only; generation (causal layers) keeps the
-  cache of METHODS.md §4.4."""
+  cache of docs/attention.md."""
 
   def __init__(
     self,
@@ -273,7 +273,7 @@ class TGlobalAttention(Attention):
   ):
     """Self-attention; in a bidirectional layer `kv` may be another
     sequence (pooled queries), whose blocks give the summaries. With
-    `cache` (generation, causal layers): the step of METHODS.md §4.4,
+    `cache` (generation, causal layers): the step of docs/attention.md,
     returning (out, new cache)."""
     if cache is not None:
       if kv is not None:
