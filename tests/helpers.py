@@ -64,8 +64,24 @@ def train_cli(
   return proc
 
 
-def final_state(workdir):
-  """(step, params on the host, data-iterator state) of the newest
+def snapshot(root) -> dict:
+  """Every directory and file under `root` with its mtime (files: and the
+  sha256 of their bytes): equal snapshots mean nothing was written."""
+  import hashlib
+
+  out = {}
+  for d, _, files in os.walk(root):
+    out[os.path.relpath(d, root)] = (os.stat(d).st_mtime_ns, "dir")
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, digest)
+  return out
+
+
+def restored_state(workdir):
+  """(step, train state on the host, data-iterator state) of the newest
   checkpoint of a CLI run, restored with the run's own resolved config
   (mesh 1x1x1: one device per subprocess)."""
   import jax
@@ -84,7 +100,14 @@ def final_state(workdir):
   )
   step, state, data_state = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
-  return step, jax.device_get(state["params"]), data_state
+  return step, jax.device_get(state), data_state
+
+
+def final_state(workdir):
+  """(step, params on the host, data-iterator state) of the newest
+  checkpoint of a CLI run (`restored_state`)."""
+  step, state, data_state = restored_state(workdir)
+  return step, state["params"], data_state
 
 
 def logged_losses(workdir):

@@ -6,9 +6,7 @@ equals a brute-force computation written here, a pruned run trains,
 evaluates and generates, and bad input is one `error:` line with nothing
 written and the source untouched."""
 
-import hashlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ from efficient_lm.generate import Generator
 from efficient_lm.surgery import cli, importance, prune
 from efficient_lm.surgery import layers as layers_lib
 from efficient_lm.surgery.model import Surgery, calibration_loss, per_batch
-from tests.helpers import packed_batch, small_config, train_cli
+from tests.helpers import packed_batch, small_config, snapshot, train_cli
 
 # Three layers of different widths (two segments), GQA 4 heads in 2 groups.
 TINY = {
@@ -290,18 +288,6 @@ def source(tmp_path_factory):
   return root, workdir
 
 
-def _snapshot(root) -> dict:
-  out = {}
-  for d, _, files in os.walk(root):
-    out[os.path.relpath(d, root)] = (os.stat(d).st_mtime_ns, "dir")
-    for name in files:
-      path = os.path.join(d, name)
-      with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-      out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, digest)
-  return out
-
-
 def _cli(argv, capsys) -> tuple[int | str | None, str, str]:
   """cli.main in this process -> (exit code or message, stdout, stderr)."""
   try:
@@ -334,7 +320,7 @@ def _cli(argv, capsys) -> tuple[int | str | None, str, str]:
 )
 def test_bad_input_is_one_error_line(source, capsys, flags, says):
   root, src = source
-  before = _snapshot(src)
+  before = snapshot(src)
   dst = root / "dst_bad"
   code, out, err = _cli([f"--workdir={src}", f"--out={dst}", *flags], capsys)
   assert code not in (0, None)
@@ -342,7 +328,7 @@ def test_bad_input_is_one_error_line(source, capsys, flags, says):
   assert len(lines) == 1 and lines[0].startswith("error: "), err
   assert says in lines[0], lines[0]
   assert out == "" and not dst.exists()
-  assert _snapshot(src) == before
+  assert snapshot(src) == before
 
 
 def test_an_existing_out_is_refused(source, capsys):
@@ -350,7 +336,7 @@ def test_an_existing_out_is_refused(source, capsys):
   dst = root / "taken"
   dst.mkdir()
   (dst / "keep.txt").write_text("mine")
-  before, theirs = _snapshot(src), _snapshot(dst)
+  before, theirs = snapshot(src), snapshot(dst)
   code, out, err = _cli(
     [f"--workdir={src}", f"--out={dst}", "--ffn=0.5"], capsys
   )
@@ -360,13 +346,13 @@ def test_an_existing_out_is_refused(source, capsys):
     and err.startswith("error: --out=")
     and "not empty" in err
   )
-  assert _snapshot(src) == before and _snapshot(dst) == theirs
+  assert snapshot(src) == before and snapshot(dst) == theirs
 
 
 def test_pruned_run_trains_evaluates_and_generates(source, capsys):
   root, src = source
   dst = root / "pruned"
-  before = _snapshot(src)
+  before = snapshot(src)
   code, out, _ = _cli(
     [
       f"--workdir={src}",
@@ -391,7 +377,7 @@ def test_pruned_run_trains_evaluates_and_generates(source, capsys):
   assert all(
     "params" in ln and "FLOPs/token" in ln and "KV cache" in ln for ln in lines
   )
-  assert _snapshot(src) == before
+  assert snapshot(src) == before
   with open(dst / "provenance.json") as f:
     record = json.load(f)["source"]
   assert record["source_step"] == 0 and record["source_workdir"] == src
