@@ -30,39 +30,23 @@ from efficient_lm.models import ModelState
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.block import Block
 from efficient_lm.models.layers import ACTIVATIONS
-from efficient_lm.models.stack import LayerSpec, segments
+from efficient_lm.models.stack import (
+  LayerSpec,
+  stack_layers,
+  unstack_layers,
+)
 
 
 def unstack(params: dict, plan: tuple[LayerSpec, ...]) -> tuple[dict, list]:
   """A pure parameter dict -> (everything outside the stack, one dict per
   layer in plan order)."""
   rest = {k: v for k, v in params.items() if k != "stack"}
-  groups = params["stack"]["groups"]
-  layers = []
-  for i, seg in enumerate(segments(plan)):
-    group = groups[f"segment_{i}"]
-    for r in range(seg.repeats):
-      for j in range(len(seg.pattern)):
-        layers.append(jax.tree.map(lambda a: a[r], group[f"layer_{j}"]))
-  return rest, layers
+  return rest, unstack_layers(params["stack"], plan)
 
 
 def restack(rest: dict, layers: list, plan: tuple[LayerSpec, ...]) -> dict:
   """`unstack`'s inverse for `plan` (the plan of the new shapes)."""
-  groups, first = {}, 0
-  for i, seg in enumerate(segments(plan)):
-    n = len(seg.pattern)
-    groups[f"segment_{i}"] = {
-      f"layer_{j}": jax.tree.map(
-        lambda *xs: np.stack(xs),
-        *[layers[first + r * n + j] for r in range(seg.repeats)],
-      )
-      for j in range(n)
-    }
-    first += seg.repeats * n
-  if first != len(layers):
-    raise ValueError(f"plan has {first} layers, given {len(layers)}")
-  return {**rest, "stack": {"groups": groups}}
+  return {**rest, "stack": stack_layers(layers, plan, np.stack)}
 
 
 def blocks(model) -> Iterator[Block]:
