@@ -2,7 +2,6 @@
 from faulting in a large XLA temporary again on every call."""
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -10,8 +9,7 @@ import sys
 import pytest
 
 from efficient_lm import cpu_runtime
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, cli_env
 
 # Like XLA's CPU runtime: a worker thread allocates a block over glibc's
 # mmap limits (100 MB), writes it and frees it, 10 times; prints this
@@ -62,16 +60,10 @@ print("RESULT", json.dumps({"applied": applied, "pages": temp / 4096,
 
 def _run(child, mode):
   """`child` in a fresh process (malloc settings are process-wide)."""
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if not k.startswith("MALLOC_") and k not in ("XLA_FLAGS", "GLIBC_TUNABLES")
-  }
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   out = subprocess.run(
     [sys.executable, "-c", child, mode],
     cwd=REPO,
-    env=env,
+    env=cli_env(drop=("MALLOC_", "GLIBC_TUNABLES")),
     capture_output=True,
     text=True,
     timeout=300,

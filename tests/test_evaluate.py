@@ -19,9 +19,8 @@ from efficient_lm import runs
 from efficient_lm.data import CharTokenizer, DataError
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.helpers import small_config, train_sentencepiece
+from tests.helpers import REPO, cli_env, small_config, train_sentencepiece
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Multi-byte UTF-8 characters, so tokens and bytes differ.
 WORDS = [
   "the",
@@ -287,17 +286,11 @@ def test_bad_overrides_are_one_line_config_errors(overrides, message):
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)  # one CPU device in subprocesses
-  return env
-
-
 def _evaluate_cli(*args):
   return subprocess.run(
     [sys.executable, "-m", "efficient_lm.evaluate", *args],
     cwd=REPO,
-    env=_env(),
+    env=cli_env(),
     capture_output=True,
     text=True,
     timeout=300,

@@ -1,6 +1,5 @@
 """configs/funnel_2b.py: its size, the host guard, and the pod compile."""
 
-import os
 import re
 import subprocess
 import sys
@@ -12,18 +11,11 @@ from configs import funnel_2b
 from efficient_lm import config as config_lib, models
 from efficient_lm.models import flops
 from efficient_lm.training import memory
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, cli_env
 
 
 def _cfg():
   return config_lib.from_config_dict(funnel_2b.get_config(), device_count=16)
-
-
-def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return env
 
 
 def test_builds_abstractly_with_the_expected_parameter_count():
@@ -64,7 +56,7 @@ def test_train_command_stops_before_allocating_on_this_host(tmp_path):
       f"--workdir={tmp_path / 'run'}",
     ],
     cwd=REPO,
-    env=_env(),
+    env=cli_env(),
     capture_output=True,
     text=True,
     timeout=300,
@@ -93,7 +85,7 @@ def test_compiles_for_v5p_32_and_fits():
       "--compile_only",
     ],
     cwd=REPO,
-    env=_env(),
+    env=cli_env(),
     capture_output=True,
     text=True,
     timeout=1200,

@@ -24,9 +24,13 @@ from efficient_lm import runs, sharding
 from efficient_lm.generate import Generator, sample
 from efficient_lm.models import build
 from efficient_lm.training import loop
-from tests.helpers import ATTENTION_VARIANTS, prefill_then_decode, small_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import (
+  ATTENTION_VARIANTS,
+  REPO,
+  cli_env,
+  prefill_then_decode,
+  small_config,
+)
 
 # name -> config overrides. Windows are shorter than the prompts below.
 VARIANTS = {
@@ -260,7 +264,13 @@ def test_cli_prints_only_completions_and_leaves_the_run_alone(tmp_path):
     ]
     args += [f"--prompt={p}" for p in prompts]
     return subprocess.run(
-      args, cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+      args,
+      cwd=REPO,
+      env=cli_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
     )
 
   cached = cli("--stats")

@@ -14,7 +14,8 @@ import sys
 import pytest
 import yaml  # PyYAML, a flax dependency
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, cli_env
+
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = ("tpu.sh", "gke.sh", "slurm.sbatch", "gpu_local.sh")
 EXTERNAL = ("gcloud", "kubectl", "srun", "sbatch", "git")
@@ -35,10 +36,9 @@ def launch(tmp_path):
     stub.chmod(0o755)
 
   def run(script, *args, env=None):
-    base = {
-      k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)
-    }
-    base["PATH"] = f"{stubs}{os.pathsep}{os.environ['PATH']}"
+    base = cli_env(
+      drop=ENV_PREFIXES, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}"
+    )
     proc = subprocess.run(
       [os.path.join(LAUNCH, script), *args],
       cwd=REPO,

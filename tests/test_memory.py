@@ -8,9 +8,7 @@ import jax
 import numpy as np
 
 from efficient_lm.training import loop, memory
-from tests.helpers import small_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, cli_env, small_config
 
 
 def _trainer(mesh):
@@ -57,8 +55,6 @@ def test_too_big_is_one_line_naming_need_host_and_ways_forward():
 
 def test_cli_stops_before_allocating(tmp_path):
   # 4.3B parameters: 64 GiB of state, more than this machine (or CI) has.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   proc = subprocess.run(
     [
       sys.executable,
@@ -73,7 +69,7 @@ def test_cli_stops_before_allocating(tmp_path):
       "--config.model.num_kv_heads=32",
     ],
     cwd=REPO,
-    env=env,
+    env=cli_env(),
     capture_output=True,
     text=True,
     timeout=300,

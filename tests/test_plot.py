@@ -9,10 +9,9 @@ import pytest
 
 from efficient_lm import plot
 from efficient_lm.models import flops as flops_lib
-from tests.helpers import small_config
+from tests.helpers import REPO, cli_env, small_config
 
 pytest.importorskip("matplotlib")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_run(path, cfg, rows):
@@ -58,8 +57,7 @@ def test_curves_cli_writes_a_png_and_bad_workdir_is_one_line(tmp_path):
       + [{"step": 5, "eval_loss": 1.2}],
     )
   out = tmp_path / "loss.png"
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = cli_env()
   cmd = [
     sys.executable,
     "-m",
