@@ -33,8 +33,9 @@ SMALL_FLAGS = [
 
 def cli_env(drop=(), **extra):
   """The environment of a CLI subprocess: the repo importable, one CPU
-  device (no XLA_FLAGS), no accelerator. `drop`: prefixes of this process's
-  variables to leave out; `extra`: variables set last (over the above)."""
+  device (no XLA_FLAGS), no accelerator, the session's compilation cache
+  (conftest.py). `drop`: prefixes of this process's variables to leave
+  out; `extra`: variables set last (over the above)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
   env.pop("XLA_FLAGS", None)  # one CPU device in subprocesses
   env["JAX_PLATFORMS"] = "cpu"
