@@ -86,6 +86,24 @@ def live_processes(timeout_s: float) -> list[int] | None:
   return answer.get("live")
 
 
+def lost_processes_line(
+  live: list[int] | None, n: int, me: int, heartbeat_timeout_s: int
+) -> str | None:
+  """The one line naming the processes of 0..n-1 missing from `live` (the
+  coordinator's answer), or None when it gave none or none is lost."""
+  if live is None:
+    return None
+  lost = [p for p in range(n) if p not in live]
+  if not lost:
+    return None
+  return (
+    f"error: lost process{'es' if len(lost) > 1 else ''} "
+    f"{', '.join(map(str, lost))} of {n} (no heartbeat for "
+    f"{heartbeat_timeout_s} s: killed, crashed or its host gone); "
+    f"stopping process {me}"
+  )
+
+
 def exit_after_failure(error: BaseException, heartbeat_timeout_s: int):
   """Ends this process (status 1) after a failure in a multi-process run,
   without waiting at the shutdown barrier for peers that may be gone.
@@ -104,16 +122,9 @@ def exit_after_failure(error: BaseException, heartbeat_timeout_s: int):
   )
   wait_s = heartbeat_timeout_s + 5
   live = live_processes(wait_s)
-  lost = [p for p in range(n) if live is not None and p not in live]
-  if lost:
-    print(
-      f"error: lost process{'es' if len(lost) > 1 else ''} "
-      f"{', '.join(map(str, lost))} of {n} (no heartbeat for "
-      f"{heartbeat_timeout_s} s: killed, crashed or its host gone); "
-      f"stopping process {me}",
-      file=sys.stderr,
-      flush=True,
-    )
+  line = lost_processes_line(live, n, me, heartbeat_timeout_s)
+  if line is not None:
+    print(line, file=sys.stderr, flush=True)
   else:
     traceback.print_exception(error, file=sys.stderr)
     if live is None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 
 import numpy as np
 
@@ -294,3 +296,23 @@ def assert_close(got, want, tol, what=""):
   np.testing.assert_allclose(
     got[fin], want[fin], atol=tol, rtol=0, err_msg=what
   )
+
+
+@contextlib.contextmanager
+def sigterm_handler_restored():
+  """Runs the body with a sentinel SIGTERM handler and yields a training
+  hook; afterwards checks that the loop had its own handler installed at
+  every step the hook saw and put the sentinel back when it exited, by
+  return or by exception (issue #25)."""
+
+  def sentinel(signum, frame):
+    del signum, frame
+
+  previous = signal.signal(signal.SIGTERM, sentinel)
+  seen = []
+  try:
+    yield lambda step: seen.append(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is sentinel
+    assert seen and all(h is not sentinel for h in seen), seen
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -16,7 +16,7 @@ from efficient_lm import models, sharding
 from efficient_lm.models.block import Block
 from efficient_lm.models.decoder import Decoder
 from efficient_lm.training import losses, loop, step as step_lib
-from tests.helpers import packed_batch, small_config
+from tests.helpers import packed_batch, sigterm_handler_restored, small_config
 
 
 class CountingBlock(Block):
@@ -109,7 +109,9 @@ def test_model_state_is_trained_state_and_logged(tmp_path):
   assert counts.shape == (2,)  # one per layer
   assert counts.sharding.spec == sharding.logical_to_spec(("layers",))
 
-  loop.run(cfg, str(tmp_path), build_model=counting_decoder)
+  # The loop installs its SIGTERM handler and puts ours back (issue #25).
+  with sigterm_handler_restored() as hook:
+    loop.run(cfg, str(tmp_path), build_model=counting_decoder, hooks=(hook,))
   rows = [
     json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))
   ]

@@ -204,3 +204,65 @@ def test_tglobal_forward_flops_within_5_percent_of_xla(t):
   xla_flops = aot.xla_flops(compiled)
   ours = flops.flops_per_token(cfg, t)["forward"] * t
   assert abs(xla_flops / ours - 1) < 0.05, (xla_flops, ours)
+
+
+# Issue #25: exact identities, not only the 5% XLA bound (which a missing
+# router term fits inside). Per routed kind: the router FLOPs by hand.
+def _router_by_hand(name, d):
+  f = max(d // 4, 8)  # the MoD MLP predictor's width
+  return {
+    "dense": 0.0,
+    "mod_router_bce": 2 * (2.0 * d),  # 2 routed layers of 4, w.x each
+    "mod_mlp": 2 * 2.0 * (d + d * f + f),
+    "mor_expert": 2.0 * d * 3,  # one [D, N_r] matmul
+    "mor_token": 2.0 * d * 3,
+    "moe": 2 * 2.0 * d * 4,  # 2 MoE layers (first dense), D x E each
+  }[name]
+
+
+_ROUTED = {
+  "dense": {},
+  "mod_router_bce": {"model.routing.kind": "mod", "model.num_layers": 4},
+  "mod_mlp": {
+    "model.routing.kind": "mod",
+    "model.num_layers": 4,
+    "model.routing.predictor": "mlp",
+  },
+  "mor_expert": {
+    "model.routing.kind": "mor",
+    "model.num_layers": 5,
+    "model.routing.num_recursions": 3,
+  },
+  "mor_token": {
+    "model.routing.kind": "mor",
+    "model.num_layers": 5,
+    "model.routing.num_recursions": 3,
+    "model.routing.router": "token_choice",
+  },
+  "moe": {
+    "model.num_layers": 3,
+    "model.moe.num_experts": 4,
+    "model.moe.top_k": 2,
+    "model.moe.first_dense": 1,
+  },
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ROUTED))
+def test_flops_terms_sum_to_the_totals_and_count_the_router(name):
+  cfg = small_config(**_ROUTED[name])
+  f = flops.flops_per_token(cfg.model, 64)
+  shared = sum(
+    f[f"forward/{k}"] for k in ("attention_proj", "mlp", "router", "lm_head")
+  )
+  assert f["forward"] == pytest.approx(
+    shared + f["forward/attention_dense_tile"], rel=1e-12
+  )
+  assert f["forward_visible"] == pytest.approx(
+    shared + f["forward/attention_visible"], rel=1e-12
+  )
+  assert f["train"] == 3 * f["forward"]
+  assert f["train_visible"] == 3 * f["forward_visible"]
+  d = cfg.model.embed_dim
+  assert f["forward/router"] == pytest.approx(_router_by_hand(name, d))
+  assert f["forward/lm_head"] == 2.0 * d * cfg.model.vocab_size

@@ -298,3 +298,70 @@ def test_cli_prints_only_completions_and_leaves_the_run_alone(tmp_path):
   assert "cache_bytes_per_token" in cached.stderr
   assert cli("--use_cache=false").stdout == want_text
   assert _snapshot(workdir) == before
+
+
+# Routed models (issue #25): the recompute path (`use_cache=False`) must
+# route causally as the cached steps do, never by training's top-k.
+ROUTED = {
+  "mod_mlp": {"model.routing.kind": "mod", "model.routing.predictor": "mlp"},
+  "mor_expert": {
+    "model.routing.kind": "mor",
+    "model.routing.sharing": "cycle",
+    "model.routing.num_recursions": 2,
+  },
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED))
+def test_routed_greedy_with_cache_equals_recompute(name):
+  _, model = _model(ROUTED[name], scale=6.0)
+  gen = Generator(*nnx.split(model))
+  prompts = [list(range(40, 52)), [7, 3, 9]]
+  cached, _ = gen.generate(prompts, max_new_tokens=10)
+  recomputed, _ = gen.generate(prompts, max_new_tokens=10, use_cache=False)
+  assert cached == recomputed
+  assert all(len(set(c)) > 3 for c in cached), cached
+
+
+def _chi2(counts, probs):
+  n = counts.sum()
+  return float(np.sum((counts - n * probs) ** 2 / (n * probs)))
+
+
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p",
+  [(2.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 3, 1.0), (1.5, 0, 0.8)],
+)
+def test_sampled_frequencies_follow_the_filtered_softmax(
+  temperature, top_k, top_p
+):
+  """Issue #25: the distribution itself, not membership. 40000 draws at a
+  fixed key against softmax(logits / T) restricted to the kept tokens (the
+  k largest; the smallest prefix by probability whose mass reaches top_p)
+  and renormalised: nothing outside, chi-square below its 1e-4 tail (a
+  temperature applied twice moves it by thousands)."""
+  logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 1.5])
+  n, v = 40000, logits.size
+  z = logits / temperature
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p)
+  kept = np.ones(v, bool)
+  if top_k:
+    kept[order[top_k:]] = False
+  if top_p < 1.0:
+    before = np.cumsum(p[order]) - p[order]
+    kept[order[before >= top_p]] = False
+  assert 1 < kept.sum() < v or (not top_k and top_p == 1.0)
+  want = np.where(kept, p, 0.0) / p[kept].sum()
+  drawn = sample(
+    jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, v)),
+    jax.random.key(3),
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
+  counts = np.bincount(np.asarray(drawn), minlength=v)
+  assert counts[~kept].sum() == 0
+  # chi-square 1e-4 upper tail for df = kept - 1 <= 7: at most 29.9.
+  assert _chi2(counts[kept], want[kept]) < 29.9, (counts, n * want)

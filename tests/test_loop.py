@@ -6,7 +6,7 @@ import pytest
 
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.helpers import small_config
+from tests.helpers import sigterm_handler_restored, small_config
 
 
 def test_evaluate_is_repeatable_and_reads_num_batches():
@@ -28,7 +28,8 @@ def test_evaluate_is_repeatable_and_reads_num_batches():
 
 def test_nan_never_reaches_a_checkpoint(tmp_path):
   """Saving every step, the run stops at the first non-finite step and its
-  latest checkpoint holds finite parameters."""
+  latest checkpoint holds finite parameters; the SIGTERM handler the loop
+  installed is removed when it raises."""
   cfg = small_config(
     **{
       "train.learning_rate": 1e12,
@@ -40,8 +41,12 @@ def test_nan_never_reaches_a_checkpoint(tmp_path):
       "mesh.data": 8,
     }
   )
-  with pytest.raises(loop.TrainingError, match="last good checkpoint"):
-    loop.run(cfg, str(tmp_path))
+  # The loop's SIGTERM handler is put back on this exit too (issue #25).
+  with (
+    sigterm_handler_restored() as hook,
+    pytest.raises(loop.TrainingError, match="last good checkpoint"),
+  ):
+    loop.run(cfg, str(tmp_path), hooks=(hook,))
   t = loop.build_trainer(cfg)
   with Checkpointer(
     tmp_path / "checkpoints", every_steps=1, keep=None, async_save=False

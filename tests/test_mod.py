@@ -526,3 +526,71 @@ def test_every_attention_kind_routes_at_positions_and_decodes(name):
   )
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   assert _leaks(model, causal_routing=True) == []
+
+
+# ------------------------------------------- causal routing, the property
+
+
+def _decision_by_hand(blk, x):
+  """The causal decision logit z and the gate logit r, in numpy from the
+  router's parameters (not through the module): r = w.x + b; z = r
+  ("router_bce") or silu(x W + b_F).w_out + b_out ("mlp")."""
+  rt = blk.router
+  x = np.asarray(x, np.float64)
+  r = x @ np.asarray(rt.w_D[...], np.float64) + float(rt.b[...])
+  if not rt.use_predictor:
+    return r, r
+  h = x @ np.asarray(rt.pred_in_DF[...], np.float64)
+  h = h + np.asarray(rt.pred_b_F[...], np.float64)
+  h = h / (1 + np.exp(-h))
+  z = h @ np.asarray(rt.pred_out_F[...], np.float64) + float(rt.pred_b[...])
+  return r, z
+
+
+@pytest.mark.parametrize("predictor", ["router_bce", "mlp"])
+def test_causal_routing_leaves_unprocessed_tokens_bitwise_in_forward_and_step(
+  predictor,
+):
+  """Issue #25: the property itself, not forward == step (they share
+  `_update`). A token whose decision (z > 0, z the predictor's for "mlp",
+  computed here by hand) is False leaves the block bitwise equal to its
+  input, in the causal forward and in cached steps; a processed token
+  becomes x + sigmoid(r) * delta, delta the dense block with keys masked
+  to the processed tokens. Router and predictor disagree on some tokens,
+  so a step deciding by the wrong logit is seen."""
+  _, blk = _block(predictor=predictor)
+  blk.router.w_D.set_value(blk.router.w_D.get_value() * 20.0)
+  blk.router.b.set_value(jnp.full((), 0.3))
+  if predictor == "mlp":
+    blk.router.pred_out_F.set_value(blk.router.pred_out_F.get_value() * 400.0)
+    blk.router.pred_b.set_value(jnp.full((), -0.2))
+  b, t, p = 2, 12, 5
+  x, pos, seg = _inputs(b=b, t=t, seed=4)
+  seg = seg.at[1, -2:].set(0)  # padding is never processed
+  r, z = _decision_by_hand(blk, x)
+  done = (z > 0) & (np.asarray(seg) != 0)
+  assert 0 < done.sum() < done.size
+  if predictor == "mlp":
+    assert np.any((r > 0) != (z > 0))
+  # The reference: dense modules, keys masked to the processed tokens.
+  h = blk.attn_norm(x)
+  seg_kv = jnp.where(done, seg, 0)
+  a = blk.attn(Tokens(h, pos, seg_kv), kv=Tokens(h, pos, seg_kv))
+  delta = a + blk.mlp(blk.mlp_norm(x + a))
+  want = np.where(
+    done[..., None], x + jax.nn.sigmoid(jnp.asarray(r))[..., None] * delta, x
+  )
+
+  fwd, _ = jax.jit(lambda x: blk(x, pos, seg, causal_routing=True))(x)
+  step = jax.jit(lambda x, pos, seg, cache: blk(x, pos, seg, cache=cache))
+  cache = blk.init_cache(b, t, jnp.float32)
+  outs = []
+  for lo, hi in [(0, p), *((i, i + 1) for i in range(p, t))]:
+    o, _, cache = step(x[:, lo:hi], pos[:, lo:hi], seg[:, lo:hi], cache)
+    outs.append(o)
+  stepped = np.asarray(jnp.concatenate(outs, 1))
+  xs = np.asarray(x)
+  for got in (np.asarray(fwd), stepped):
+    np.testing.assert_array_equal(got[~done], xs[~done])
+    assert np.all(np.abs(got[done] - xs[done]).max(-1) > 0)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)

@@ -377,3 +377,69 @@ def test_tiny_moe_config_validates_and_is_sparse():
   s = cfg.data.seq_len
   moe_f = flops.flops_per_token(cfg.model, s)["forward/mlp"]
   assert moe_f < flops.flops_per_token(dense.model, s)["forward/mlp"]
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_nonzero_loss_free_bias_picks_experts_but_is_not_in_the_weights(
+  router,
+):
+  """Issue #25: with a nonzero loss-free bias the experts are the top-k of
+  s + bias, and their weights the affinities s alone, normalised over the
+  picks: the output against every expert run densely with those weights.
+  The bias changes some tokens' picks (else the example is degenerate)."""
+  moe = _moe(balancing="loss_free", router=router)
+  bias = np.array([0.3, -0.2, 0.05, 0.0], np.float32) * (
+    1.0 if router == "softmax" else 2.0
+  )
+  moe.bias_E[...] = jnp.asarray(bias)
+  x = _x(b=2, t=12)
+  got, _ = moe(x, train=False)
+  xn = x.reshape(-1, D)
+  z = xn @ moe.router_DE[...]
+  s = jax.nn.sigmoid(z) if router == "sigmoid" else jax.nn.softmax(z)
+  s = np.asarray(s, np.float64)
+  picks = np.argsort(-(s + bias), axis=1)[:, :2]
+  assert np.any(np.sort(picks, 1) != np.sort(np.argsort(-s, 1)[:, :2], 1))
+  mask = np.zeros_like(s)
+  np.put_along_axis(mask, picks, 1.0, axis=1)
+  w = s * mask / (s * mask).sum(-1, keepdims=True)
+  want = sum(
+    w[:, e : e + 1] * np.asarray(_expert(moe, e, xn), np.float64)
+    for e in range(4)
+  )
+  np.testing.assert_allclose(got.reshape(-1, D), want, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_forward_moves_the_loss_free_bias():
+  """Issue #25 (the resume test that saw this is slow): a training forward
+  of the decoder (no cache) moves every MoE layer's bias, model state and
+  not a parameter, by exactly +-bias_rate per entry."""
+  u = 0.01
+  cfg = small_config(
+    **{
+      **_DECODER,
+      "model.moe.balancing": "loss_free",
+      "model.moe.bias_rate": u,
+    }
+  )
+  gd, params, rest = nnx.split(build(cfg.model, nnx.Rngs(0)), nnx.Param, ...)
+  assert not any("bias_E" in p for p, _ in nnx.to_flat_state(params))
+
+  def biases(state):
+    flat = nnx.to_flat_state(state)
+    found = [v.get_value() for p, v in flat if p[-1] == "bias_E"]
+    return np.concatenate([np.ravel(x) for x in found]) if found else None
+
+  @jax.jit
+  def forward(params, rest, tok, pos, seg):
+    model = nnx.merge(gd, params, rest)
+    model(tok, pos, seg)
+    return nnx.state(model, nnx.Not(nnx.Param))
+
+  b, t = 2, 12
+  tok = jax.random.randint(jax.random.key(1), (b, t), 0, 300)
+  pos, seg = _positions(b, t), jnp.ones((b, t), jnp.int32)
+  before = biases(rest)
+  assert before.shape == (2 * 4,) and np.all(before == 0)  # 2 MoE layers
+  after = biases(forward(params, rest, tok, pos, seg))
+  np.testing.assert_allclose(np.abs(after), u, rtol=1e-6)

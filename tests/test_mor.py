@@ -770,3 +770,158 @@ def test_loss_free_bias_is_model_state_trained_and_checkpointed(tmp_path):
   # Two depths: each step moves them by +-u in opposite directions.
   np.testing.assert_allclose(bias[0], -bias[1], atol=1e-7)
   assert round(abs(float(bias[0])) / u, 4) in (1.0, 3.0), bias
+
+
+# ------------------------------------ hand examples at N_r >= 2 (issue #25)
+
+
+def _softplus(z):
+  return np.logaddexp(0.0, z)
+
+
+def _expert_choice_by_hand(x, seg, w, caps, alpha, update, causal):
+  """Expert-choice recursions with the probe block (Blocks(H) = 3H) in
+  float64: per step the active set, the BCE over that set only, the gated
+  update on the chosen tokens. -> (H, summed BCE, chosen sets)."""
+  h = np.asarray(x, np.float64)
+  valid = np.asarray(seg) != 0
+  n_valid = valid.sum(1)
+  active = valid
+  bce, sets = 0.0, []
+  for r, c in enumerate(caps):
+    z = h @ w[:, r]
+    top = np.zeros_like(valid)
+    for b in range(h.shape[0]):
+      cand = np.flatnonzero(active[b])
+      k = min(max(1, int(np.floor(c * n_valid[b] + 1e-6))), len(cand))
+      top[b, cand[np.argsort(-z[b, cand], kind="stable")[:k]]] = True
+    per = _softplus(z) - top * z
+    bce += per[active].mean()
+    chosen = active & ((z > 0) | (c >= 1.0)) if causal else top
+    g = (alpha / (1 + np.exp(-z)))[..., None]
+    new = h + g * 3 * h if update == "paper" else h + g * (3 * h - h)
+    h = np.where(chosen[..., None], new, h)
+    sets.append(chosen)
+    active = chosen
+  return h, bce, sets
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("update", ["paper", "residual_delta"])
+def test_expert_choice_two_steps_by_hand(update, causal):
+  """Issue #25: N_r = 2 with capacities below one, so step 2's active set
+  is not the valid tokens: the output (gated updates on the chosen tokens,
+  the others bitwise unchanged) and `loss/mor_bce` (step r's BCE over the
+  tokens active at r only) against a float64 hand computation, in training
+  (top-k) and with causal routing (continue iff active and z_r > 0)."""
+  t = 10
+  rec = _probe_recursions(
+    2, t, capacities=(0.6, 0.5), update_rule=update, aux_loss_weight=0.5
+  )
+  w = np.array([[1.0, -0.7], [0.4, 1.3]])
+  rec.router_DN[...] = jnp.asarray(w, jnp.float32)
+  x = jax.random.normal(jax.random.key(11), (2, t, 2))
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+  seg = jnp.ones((2, t), jnp.int32).at[1, 7:].set(0)
+  got, aux = rec(x, pos, seg, causal_routing=causal)
+  want, bce, sets = _expert_choice_by_hand(
+    x, seg, w, (0.6, 0.5), rec.alpha, update, causal
+  )
+  valid = np.asarray(seg) != 0
+  # The example means something: step 2 sees a strict, nonempty subset.
+  assert 0 < sets[0].sum() < valid.sum() and 0 < sets[1].sum()
+  assert sets[1].sum() < sets[0].sum()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  untouched = ~sets[0]
+  np.testing.assert_array_equal(
+    np.asarray(got)[untouched], np.asarray(x)[untouched]
+  )
+  np.testing.assert_allclose(aux["loss/mor_bce"], 0.5 * bce, rtol=1e-5)
+  for r in range(2):
+    np.testing.assert_allclose(
+      aux[f"routing/mor_step{r + 1}_fraction"],
+      sets[r].sum() / valid.sum(),
+      rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("update", ["paper", "residual_delta"])
+def test_token_choice_with_a_nonzero_loss_free_bias_by_hand(update):
+  """Issue #25: the loss-free bias picks the depth (argmax(p + bias)) but
+  is not part of the gate (g = p_i): a nonzero bias that changes some
+  tokens' depth, output by hand with the probe block (a token of depth i
+  ends at H1 + g * 3^i H1, or H1 + g * (3^i H1 - H1)); the bias then moves
+  by u * sign(mean load - load) of those depths."""
+  n, t = 3, 12
+  rec = _probe_recursions(
+    n,
+    t,
+    router="token_choice",
+    balancing="loss_free",
+    bias_rate=0.01,
+    update_rule=update,
+  )
+  w = np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+  rec.router_DN[...] = jnp.asarray(w, jnp.float32)
+  bias = np.array([0.0, 0.3, -0.15])
+  rec.bias_N[...] = jnp.asarray(bias, jnp.float32)
+  x = jax.random.normal(jax.random.key(4), (1, t, 2)) * 3
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+  seg = jnp.ones((1, t), jnp.int32).at[0, -2:].set(0)
+  got, _ = rec(x, pos, seg)
+  h = np.asarray(x[0], np.float64)
+  z = h @ w
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  depth = (p + bias).argmax(-1)
+  valid = np.asarray(seg[0]) != 0
+  assert np.any(depth[valid] != p[valid].argmax(-1))  # the bias matters
+  g = p[np.arange(t), depth][:, None]
+  y = 3.0 ** (depth + 1)[:, None] * h
+  want = h + g * y if update == "paper" else h + g * (y - h)
+  want = np.where(valid[:, None], want, h)
+  np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+  load = np.array([np.mean(depth[valid] == j) for j in range(n)])
+  np.testing.assert_allclose(
+    rec.bias_N[...], bias + 0.01 * np.sign(load.mean() - load), atol=1e-7
+  )
+
+
+# Issue #25: every router and KV kind in the default suite; the XLA FLOPs
+# checks of token-choice and recursive sharing are slow, these identities
+# are not.
+@pytest.mark.parametrize(
+  "overrides,sharing_kv",
+  [
+    ({"model.routing.router": "token_choice"}, False),
+    ({"model.routing.capacities": (1.0, 1.0, 1.0)}, False),
+    (
+      {
+        "model.routing.router": "token_choice",
+        "model.routing.kv": "recursive_sharing",
+      },
+      True,
+    ),
+  ],
+)
+def test_flops_against_the_unrolled_dense_model(overrides, sharing_kv):
+  """Token-choice (every step masked over all T) and expert-choice at
+  capacity 1 cost the dense model of the same L virtual layers, plus the
+  [D, N_r] router; recursive sharing does not project K and V again at
+  steps 2..N_r (2 D * 2 G K per token, per shared layer and step)."""
+  cfg = _cfg(
+    **{"model.num_layers": 5, "model.routing.num_recursions": 3, **overrides}
+  )
+  dense = small_config(**{"model.num_layers": 5})
+  t = 64
+  got = flops.flops_per_token(cfg.model, t)
+  want = flops.flops_per_token(dense.model, t)
+  m = cfg.model
+  d, depth = m.embed_dim, 1  # middle_cycle: (5 - 2) / 3 shared layers
+  kv = 2.0 * d * 2 * m.num_kv_heads * m.resolved_head_dim
+  saved = (3 - 1) * depth * kv if sharing_kv else 0.0
+  for k in ("mlp", "attention_dense_tile", "attention_visible", "lm_head"):
+    assert got[f"forward/{k}"] == pytest.approx(want[f"forward/{k}"]), k
+  assert got["forward/attention_proj"] == pytest.approx(
+    want["forward/attention_proj"] - saved
+  )
+  assert got["forward/router"] == 2.0 * d * 3

@@ -260,3 +260,21 @@ def test_step_one_process_cannot_read_is_set_aside_by_all(runs, tmp_path):
   names = os.listdir(work / "checkpoints")
   assert f"{STEPS}.corrupt" in names and f"{STEPS}.corrupt-1" not in names
   _assert_same_run(work, runs["multi"], exact=True)
+
+
+def test_lost_processes_line_names_exactly_the_missing_ones():
+  """Issue #25: our part of the lost-peer report, for known answers of the
+  coordinator (the end-to-end test above may see the runtime's message
+  instead of ours)."""
+  from efficient_lm.multihost import lost_processes_line
+
+  assert lost_processes_line([0, 2], 4, 0, 10) == (
+    "error: lost processes 1, 3 of 4 (no heartbeat for 10 s: killed, "
+    "crashed or its host gone); stopping process 0"
+  )
+  assert lost_processes_line([1], 2, 1, 5) == (
+    "error: lost process 0 of 2 (no heartbeat for 5 s: killed, crashed or "
+    "its host gone); stopping process 1"
+  )
+  assert lost_processes_line([0, 1], 2, 0, 5) is None  # all alive
+  assert lost_processes_line(None, 2, 0, 5) is None  # no answer

@@ -71,3 +71,64 @@ def test_total_loss_is_ce_plus_z_loss(trainer):
   np.testing.assert_allclose(metrics["total_loss"], ce + Z_LOSS * z, rtol=1e-5)
   # The z term is large enough for the tolerance to see it.
   assert Z_LOSS * z > 1e3 * 1e-5 * ce
+
+
+# Routed models (issue #25): evaluation must route causally, as generation
+# does, never by training's (leaky) top-k over the row.
+_SMALL = {"train.batch_size": 2, "data.seq_len": 16}
+_ROUTED = {
+  "mod_mlp": {
+    **_SMALL,
+    "model.routing.kind": "mod",
+    "model.routing.predictor": "mlp",
+  },
+  "mor_expert": {
+    **_SMALL,
+    "model.routing.kind": "mor",
+    "model.routing.sharing": "cycle",
+    "model.routing.num_recursions": 2,
+  },
+}
+
+
+def _ce(logits_BTV, batch):
+  logits_BTV = np.asarray(logits_BTV, np.float64)
+  top_BT = logits_BTV.max(axis=-1)
+  lse_BT = top_BT + np.log(np.exp(logits_BTV - top_BT[..., None]).sum(-1))
+  target_BT = np.take_along_axis(
+    logits_BTV, batch["targets"][..., None], axis=-1
+  )[..., 0]
+  real = batch["segment_ids"] > 0
+  return np.mean((lse_BT - target_BT)[real])
+
+
+@pytest.mark.parametrize("name", sorted(_ROUTED))
+def test_eval_step_of_a_routed_model_routes_causally(name):
+  t = loop.build_trainer(small_config(**_ROUTED[name]), jax.devices()[:1])
+  state = t.init_fn()
+  # Larger weights, sharper routers: decisions of both signs, and top-k
+  # and causal routing give clearly different losses.
+  sharp = ("w_D", "router_DN", "pred_out_F")
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, v: (
+      v * (80.0 if any(s in jax.tree_util.keystr(path) for s in sharp) else 4.0)
+    ),
+    jax.device_get(state["params"]),
+  )
+  batch = _batch(t)
+  out = jax.device_get(
+    t.eval_step(
+      params, state["model_state"], sharding.host_to_global(t.mesh, batch)
+    )
+  )
+  model = nnx.merge(t.graphdef, params, state["model_state"])
+
+  def ce(causal):
+    logits, _ = jax.jit(lambda *a: model(*a, causal_routing=causal))(
+      batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    return _ce(logits, batch)
+
+  want = ce(True)
+  assert abs(ce(False) / want - 1) > 1e-3  # the two routings differ here
+  np.testing.assert_allclose(out["nll_sum"] / out["tokens"], want, rtol=1e-5)
