@@ -16,10 +16,12 @@ Before anything runs, every selected mutation's old snippets must occur
 exactly once in their file (of the working tree, or of --rev): a `stale`
 entry (file missing, snippet absent, or found more than once: the code moved
 on, re-anchor the snippet) is printed with its reason and the tool exits
-with status 2. `--list` marks stale entries and exits 0. A selection that
-collects no test (file or test missing) is `no test`, which counts as not
-caught. Not part of the default suite: it runs the selected tests once per
-mutation (minutes).
+with status 2 (`--list` too, after listing them, stale ones marked). The
+default suite checks the whole list for stale entries
+(tests/test_mutate_list.py). A selection that collects no test (file or
+test missing) is `no test`, which counts as not caught. Not part of the
+default suite: it runs the selected tests once per mutation (about 20-110 s
+each on a loaded 2-core box: hours for the whole list).
 """
 
 from __future__ import annotations
@@ -2431,6 +2433,65 @@ MUTATIONS = [
     "-k",
     "nan_never or model_state_is_trained_state",
   ),
+  # Pattern 2: the MoD BCE and agreement with the mlp predictor (z != r).
+  _m(
+    "mod_agreement_from_the_router",
+    "efficient_lm/models/mod.py",
+    "(z_BT > 0) == member_BT",
+    "(r_BT > 0) == member_BT",
+    "tests/test_mod.py",
+    "-k",
+    "unselected_tokens_pass",
+  ),
+  _m(
+    "mod_bce_of_the_router_logit",
+    "efficient_lm/models/mod.py",
+    "routing.bce(z_BT, member_BT, valid_BT)",
+    "routing.bce(r_BT, member_BT, valid_BT)",
+    "tests/test_mod.py",
+    "-k",
+    "unselected_tokens_pass",
+  ),
+  # Pattern 2: distillation at 0 < alpha < 1 (the others: alpha 0 and 1).
+  _m(
+    "distill_kl_without_t_squared",
+    "efficient_lm/training/losses.py",
+    "t2 = self.temperature**2",
+    "t2 = self.temperature",
+    "tests/test_distill.py",
+    "-k",
+    "non_degenerate_alpha",
+  ),
+  _m(
+    "distill_kl_over_the_padded_vocabulary",
+    "efficient_lm/training/losses.py",
+    '      logits_BTV[..., :v],\n      batch["teacher_logits"][..., :v],',
+    '      logits_BTV,\n      batch["teacher_logits"],',
+    "tests/test_distill.py",
+    "-k",
+    "non_degenerate_alpha",
+  ),
+  # Pattern 1: MoR's cached steps route causally (the property, not only
+  # prefill + decode = forward).
+  _m(
+    "mor_step_routes_by_top_k",
+    "efficient_lm/models/mor.py",
+    "causal = causal_routing or cache is not None",
+    "causal = causal_routing",
+    "tests/test_mor.py",
+    "-k",
+    "skipped_tokens_bitwise",
+  ),
+  # Pattern 3: a routed teacher predicts as in evaluation.
+  _m(
+    "distill_teacher_routes_by_top_k",
+    "efficient_lm/training/distill.py",
+    "causal_routing=True,",
+    "causal_routing=False,",
+    "tests/test_distill.py",
+    "-k",
+    "routed_teacher",
+  ),
 ]
 
 
@@ -2580,7 +2641,6 @@ def main(argv=None) -> int:
     for m in chosen:
       mark = f"  STALE: {stale[m.id]}" if m.id in stale else ""
       print(f"{m.id:40s} {m.path}  [{' '.join(m.tests)}]{mark}")
-    return 0
   if stale:
     for id_, reason in stale.items():
       print(f"stale: {id_}: {reason}", file=sys.stderr)
@@ -2590,6 +2650,8 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     return 2
+  if args.list:
+    return 0
 
   caught = 0
   with tempfile.TemporaryDirectory(prefix="mutate_") as root:

@@ -357,3 +357,75 @@ def test_distill_resume_after_kill_is_bit_identical(teacher, tmp_path):
   _, params_b, data_b = final_state(crashed)
   assert data_a == data_b
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_distill_loss_at_a_non_degenerate_alpha_by_hand():
+  """Issue #25: the other tests sit at alpha 0 and 1 (and KL 0). At alpha
+  0.3, T = 2, z-loss on and an aux loss, with 3 padded vocabulary columns
+  past the tokenizer's 7 ids: loss = 0.7 ce + 0.3 T^2 KL(first 7 ids)
+  + z-loss + aux, ce and the z-loss over every column, non-padding
+  positions only."""
+  rng = np.random.default_rng(3)
+  b, t, v, extra = 2, 6, 7, 3
+  s = rng.normal(size=(b, t, v + extra)).astype(np.float32) * 2
+  te = rng.normal(size=(b, t, v + extra)).astype(np.float32) * 2
+  te[..., v:] += 5.0  # ids past the vocabulary: must not enter the KL
+  seg = np.ones((b, t), np.int32)
+  seg[1, 4:] = 0
+  targets = rng.integers(0, v, size=(b, t))
+  batch = {
+    "targets": jnp.asarray(targets),
+    "segment_ids": jnp.asarray(seg),
+    "teacher_logits": jnp.asarray(te),
+  }
+  obj = losses.Distill(alpha=0.3, temperature=2.0, vocab_size=v, z_loss=1e-2)
+  aux = {"loss/extra": jnp.float32(0.25)}
+  loss, m = obj(jnp.asarray(s), batch, aux)
+
+  def log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+  real = seg > 0
+  ls = log_softmax(s)
+  nll = -np.take_along_axis(ls, targets[..., None], -1)[..., 0]
+  ce = nll[real].mean()
+  x = s.astype(np.float64)
+  lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  zl = 1e-2 * np.square(lse)[real].mean()
+  lp, lq = log_softmax(te[..., :v] / 2.0), log_softmax(s[..., :v] / 2.0)
+  kl = (np.exp(lp) * (lp - lq)).sum(-1)[real].mean()
+  np.testing.assert_allclose(float(m["ce"]), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(loss), 0.7 * ce + 0.3 * 4.0 * kl + zl + 0.25, rtol=1e-5
+  )
+
+
+def test_a_routed_teacher_predicts_with_causal_routing():
+  """Issue #25: the teacher's logits are its evaluation forward (causal
+  routing), not training's top-k over the row: for a MoD teacher with
+  sharp routers, where the two differ."""
+  cfg = _unit_config(**{"model.num_layers": 2, "model.routing.kind": "mod"})
+  graphdef, params, model_state = _model(cfg, 0)
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, v: v * (80.0 if "w_D" in jax.tree_util.keystr(path) else 4.0),
+    params,
+  )
+  batch = _batch(cfg)
+  teacher = {"params": params, "model_state": model_state}
+
+  @jax.jit
+  def run(batch):
+    model = nnx.merge(graphdef, params, model_state)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    return (
+      distill._logits(graphdef, teacher, batch),
+      model(*args, causal_routing=True)[0],
+      model(*args, causal_routing=False)[0],
+    )
+
+  got, causal, top_k = run(batch)
+  np.testing.assert_array_equal(got, causal)
+  assert float(jnp.abs(causal - top_k).max()) > 1e-3

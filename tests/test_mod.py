@@ -156,8 +156,9 @@ def test_top_k_picks_exactly_k_sorted_non_padding_tokens():
   assert routing.capacity_tokens(0.125, 7) == 0
 
 
-def test_unselected_tokens_pass_bitwise_and_selected_ones_change():
-  m, blk = _block(capacity=0.25)
+@pytest.mark.parametrize("predictor", ["router_bce", "mlp"])
+def test_unselected_tokens_pass_bitwise_and_selected_ones_change(predictor):
+  m, blk = _block(capacity=0.25, predictor=predictor)
   x, pos, seg = _inputs(padded=True)
   r, _ = blk.router(x)
   k = routing.capacity_tokens(m.routing.capacity, T)
@@ -173,15 +174,18 @@ def test_unselected_tokens_pass_bitwise_and_selected_ones_change():
   assert float(aux["routing/mod_fraction"]) == pytest.approx(
     member.sum() / real.sum()
   )
-  # BCE of the router logit against top-k membership, real tokens only.
-  r = np.asarray(r, np.float64)
-  per = np.logaddexp(0, r) - member * r
+  # BCE of the decision logit (the router's r, or the mlp predictor's z,
+  # by hand) against top-k membership by r, real tokens only.
+  _, z = _decision_by_hand(blk, x)
+  per = np.logaddexp(0, z) - member * z
   np.testing.assert_allclose(
     aux["loss/mod_bce"], m.routing.aux_loss_weight * per[real].mean(), rtol=1e-5
   )
   np.testing.assert_allclose(
-    aux["routing/mod_agreement"], ((r > 0) == member)[real].mean(), rtol=1e-6
+    aux["routing/mod_agreement"], ((z > 0) == member)[real].mean(), rtol=1e-6
   )
+  if predictor == "mlp":  # the two logits differ, so the test can tell
+    assert np.mean((z > 0) != (np.asarray(r) > 0)) > 0.2
 
 
 def _masked_dense_reference(blk, x, pos, seg):

@@ -925,3 +925,41 @@ def test_flops_against_the_unrolled_dense_model(overrides, sharing_kv):
     want["forward/attention_proj"] - saved
   )
   assert got["forward/router"] == 2.0 * d * 3
+
+
+def test_causal_routing_leaves_skipped_tokens_bitwise_in_forward_and_step():
+  """Issue #25, the property itself (forward and cached steps share the
+  routing code): with real shared blocks, a token that expert-choice step
+  1 does not process (z_1 <= 0 at capacity < 1, decided here by hand)
+  keeps its input bitwise through the recursions, in the causal forward
+  and in prefill + decode; every other token changes."""
+  cfg, model = _model(
+    {
+      "model.routing.sharing": "cycle",
+      "model.num_layers": 2,
+      "model.routing.num_recursions": 2,
+      "model.routing.capacities": (0.5, 0.5),
+    },
+    router_scale=50.0,
+  )
+  rec = model.stack
+  b, t, p = 2, 12, 5
+  x = jax.random.normal(jax.random.key(5), (b, t, cfg.model.embed_dim))
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  seg = jnp.ones((b, t), jnp.int32)
+  w = np.asarray(rec.router_DN[...], np.float64)
+  skipped = (np.asarray(x, np.float64) @ w[:, 0]) <= 0
+  assert 0 < skipped.sum() < skipped.size
+  fwd, _ = jax.jit(lambda x: rec(x, pos, seg, causal_routing=True))(x)
+  step = jax.jit(lambda x, pos, seg, cache: rec(x, pos, seg, cache=cache))
+  cache = rec.init_cache(b, t, jnp.float32)
+  outs = []
+  for lo, hi in [(0, p), *((i, i + 1) for i in range(p, t))]:
+    o, _, cache = step(x[:, lo:hi], pos[:, lo:hi], seg[:, lo:hi], cache)
+    outs.append(o)
+  stepped = np.asarray(jnp.concatenate(outs, 1))
+  xs = np.asarray(x)
+  for got in (np.asarray(fwd), stepped):
+    np.testing.assert_array_equal(got[skipped], xs[skipped])
+    assert np.all(np.abs(got[~skipped] - xs[~skipped]).max(-1) > 0)
+  np.testing.assert_allclose(stepped, fwd, atol=2e-5, rtol=0)
