@@ -2492,6 +2492,35 @@ MUTATIONS = [
     "-k",
     "routed_teacher",
   ),
+  # Pattern 2: evaluation over several batches of different fill.
+  _m(
+    "eval_aux_summed_over_batches",
+    "efficient_lm/training/loop.py",
+    '**{f"eval_{k}": v / max(n, 1) for k, v in aux.items()},',
+    '**{f"eval_{k}": v for k, v in aux.items()},',
+    "tests/test_loop.py",
+    "-k",
+    "combines_per_token",
+  ),
+  _m(
+    "eval_kl_per_batch_not_per_token",
+    "efficient_lm/training/loop.py",
+    '**{f"eval_{k}": v / max(tokens, 1.0) for k, v in sums.items()},',
+    '**{f"eval_{k}": v / max(n, 1) for k, v in sums.items()},',
+    "tests/test_loop.py",
+    "-k",
+    "combines_per_token",
+  ),
+  # Pattern 6: the SIGTERM handler's own part, in one process.
+  _m(
+    "preemption_handler_sets_no_flag",
+    "efficient_lm/training/preemption.py",
+    "self._flag = True",
+    "pass",
+    "tests/test_loop.py",
+    "-k",
+    "preemption_sets",
+  ),
 ]
 
 

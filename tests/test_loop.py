@@ -55,3 +55,54 @@ def test_nan_never_reaches_a_checkpoint(tmp_path):
   assert step >= 1
   for leaf in jax.tree.leaves(jax.device_get(state["params"])):
     assert np.isfinite(leaf).all(), step
+
+
+def test_evaluate_batches_combines_per_token_sums_and_averages_aux():
+  """Issue #25 (the loop's own runs evaluate one or two batches, where a
+  mean of batch means or an unaveraged aux can pass): three batches of
+  different fill through a stand-in eval step. eval_loss and eval_kl are
+  totals over total tokens; aux entries the mean over batches."""
+  rows = [(6.0, 3.0, 1.5, 0.2), (2.0, 1.0, 0.2, 0.5), (9.0, 6.0, 0.3, 0.8)]
+  batches = [
+    {k: np.float32(v) for k, v in zip(("nll", "n", "kl", "f"), r, strict=True)}
+    for r in rows
+  ]
+
+  def eval_step(params, model_state, batch):
+    del params, model_state
+    return {
+      "nll_sum": batch["nll"],
+      "tokens": batch["n"],
+      "sums": {"kl": batch["kl"]},
+      "aux": {"routing/f": batch["f"]},
+    }
+
+  state = {"params": None, "model_state": None}
+  got = loop.evaluate_batches(eval_step, None, state, iter(batches))
+  assert got == pytest.approx(
+    {"eval_loss": 17 / 10, "eval_kl": 2.0 / 10, "eval_routing/f": 0.5}
+  )
+
+
+def test_preemption_sets_its_flag_on_sigterm_and_restores_the_handler():
+  """Issue #25, our part of the SIGTERM path in one process: no stop until
+  the signal, then stop at every later check; the previous handler back
+  after the block."""
+  import os
+  import signal
+
+  from efficient_lm.training.preemption import Preemption
+
+  def sentinel(signum, frame):
+    del signum, frame
+
+  previous = signal.signal(signal.SIGTERM, sentinel)
+  try:
+    with Preemption() as p:
+      assert signal.getsignal(signal.SIGTERM) is not sentinel
+      assert not p.reached(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert p.reached(2) and p.reached(3)
+    assert signal.getsignal(signal.SIGTERM) is sentinel
+  finally:
+    signal.signal(signal.SIGTERM, previous)
