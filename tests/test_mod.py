@@ -159,6 +159,7 @@ def test_top_k_picks_exactly_k_sorted_non_padding_tokens():
 @pytest.mark.parametrize("predictor", ["router_bce", "mlp"])
 def test_unselected_tokens_pass_bitwise_and_selected_ones_change(predictor):
   m, blk = _block(capacity=0.25, predictor=predictor)
+  blk.router_z_loss = 0.1
   x, pos, seg = _inputs(padded=True)
   r, _ = blk.router(x)
   k = routing.capacity_tokens(m.routing.capacity, T)
@@ -183,6 +184,11 @@ def test_unselected_tokens_pass_bitwise_and_selected_ones_change(predictor):
   )
   np.testing.assert_allclose(
     aux["routing/mod_agreement"], ((z > 0) == member)[real].mean(), rtol=1e-6
+  )
+  # Router z-loss: mean r^2 over real tokens (r, not the predictor's z).
+  r_hand, _ = _decision_by_hand(blk, x)
+  np.testing.assert_allclose(
+    aux["loss/router_z"], 0.1 * np.square(r_hand)[real].mean(), rtol=1e-5
   )
   if predictor == "mlp":  # the two logits differ, so the test can tell
     assert np.mean((z > 0) != (np.asarray(r) > 0)) > 0.2
@@ -576,6 +582,8 @@ def test_causal_routing_leaves_unprocessed_tokens_bitwise_in_forward_and_step(
   assert 0 < done.sum() < done.size
   if predictor == "mlp":
     assert np.any((r > 0) != (z > 0))
+  # What `efficient_lm.plot routing` draws is that decision.
+  np.testing.assert_array_equal(blk.decision(x, seg), done)
   # The reference: dense modules, keys masked to the processed tokens.
   h = blk.attn_norm(x)
   seg_kv = jnp.where(done, seg, 0)

@@ -782,12 +782,14 @@ def _softplus(z):
 def _expert_choice_by_hand(x, seg, w, caps, alpha, update, causal):
   """Expert-choice recursions with the probe block (Blocks(H) = 3H) in
   float64: per step the active set, the BCE over that set only, the gated
-  update on the chosen tokens. -> (H, summed BCE, chosen sets)."""
+  update on the chosen tokens. -> (H, {"bce", "z", "agree"} summed over
+  steps (z: mean z^2 over the active set; agree: the fraction of the active
+  set whose causal decision equals top-k membership), chosen sets)."""
   h = np.asarray(x, np.float64)
   valid = np.asarray(seg) != 0
   n_valid = valid.sum(1)
   active = valid
-  bce, sets = 0.0, []
+  sums, sets = {"bce": 0.0, "z": 0.0, "agree": 0.0}, []
   for r, c in enumerate(caps):
     z = h @ w[:, r]
     top = np.zeros_like(valid)
@@ -796,14 +798,17 @@ def _expert_choice_by_hand(x, seg, w, caps, alpha, update, causal):
       k = min(max(1, int(np.floor(c * n_valid[b] + 1e-6))), len(cand))
       top[b, cand[np.argsort(-z[b, cand], kind="stable")[:k]]] = True
     per = _softplus(z) - top * z
-    bce += per[active].mean()
-    chosen = active & ((z > 0) | (c >= 1.0)) if causal else top
+    sums["bce"] += per[active].mean()
+    sums["z"] += np.square(z)[active].mean()
+    decided = active & ((z > 0) | (c >= 1.0))
+    sums["agree"] += (decided == top)[active].mean()
+    chosen = decided if causal else top
     g = (alpha / (1 + np.exp(-z)))[..., None]
     new = h + g * 3 * h if update == "paper" else h + g * (3 * h - h)
     h = np.where(chosen[..., None], new, h)
     sets.append(chosen)
     active = chosen
-  return h, bce, sets
+  return h, sums, sets
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -813,10 +818,16 @@ def test_expert_choice_two_steps_by_hand(update, causal):
   is not the valid tokens: the output (gated updates on the chosen tokens,
   the others bitwise unchanged) and `loss/mor_bce` (step r's BCE over the
   tokens active at r only) against a float64 hand computation, in training
-  (top-k) and with causal routing (continue iff active and z_r > 0)."""
+  (top-k) and with causal routing (continue iff active and z_r > 0); the
+  router z-loss and the causal agreement summed over steps likewise."""
   t = 10
   rec = _probe_recursions(
-    2, t, capacities=(0.6, 0.5), update_rule=update, aux_loss_weight=0.5
+    2,
+    t,
+    capacities=(0.6, 0.5),
+    update_rule=update,
+    aux_loss_weight=0.5,
+    router_z_loss=0.1,
   )
   w = np.array([[1.0, -0.7], [0.4, 1.3]])
   rec.router_DN[...] = jnp.asarray(w, jnp.float32)
@@ -824,7 +835,7 @@ def test_expert_choice_two_steps_by_hand(update, causal):
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
   seg = jnp.ones((2, t), jnp.int32).at[1, 7:].set(0)
   got, aux = rec(x, pos, seg, causal_routing=causal)
-  want, bce, sets = _expert_choice_by_hand(
+  want, sums, sets = _expert_choice_by_hand(
     x, seg, w, (0.6, 0.5), rec.alpha, update, causal
   )
   valid = np.asarray(seg) != 0
@@ -836,7 +847,13 @@ def test_expert_choice_two_steps_by_hand(update, causal):
   np.testing.assert_array_equal(
     np.asarray(got)[untouched], np.asarray(x)[untouched]
   )
-  np.testing.assert_allclose(aux["loss/mor_bce"], 0.5 * bce, rtol=1e-5)
+  np.testing.assert_allclose(aux["loss/mor_bce"], 0.5 * sums["bce"], rtol=1e-5)
+  np.testing.assert_allclose(aux["loss/router_z"], 0.1 * sums["z"], rtol=1e-5)
+  if causal:
+    assert 0 < sums["agree"] < 2
+    np.testing.assert_allclose(
+      aux["routing/mor_agreement"], sums["agree"] / 2, rtol=1e-5
+    )
   for r in range(2):
     np.testing.assert_allclose(
       aux[f"routing/mor_step{r + 1}_fraction"],
@@ -860,6 +877,7 @@ def test_token_choice_with_a_nonzero_loss_free_bias_by_hand(update):
     balancing="loss_free",
     bias_rate=0.01,
     update_rule=update,
+    router_z_loss=0.1,
   )
   w = np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
   rec.router_DN[...] = jnp.asarray(w, jnp.float32)
@@ -868,7 +886,7 @@ def test_token_choice_with_a_nonzero_loss_free_bias_by_hand(update):
   x = jax.random.normal(jax.random.key(4), (1, t, 2)) * 3
   pos = jnp.arange(t, dtype=jnp.int32)[None]
   seg = jnp.ones((1, t), jnp.int32).at[0, -2:].set(0)
-  got, _ = rec(x, pos, seg)
+  got, aux = rec(x, pos, seg)
   h = np.asarray(x[0], np.float64)
   z = h @ w
   p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
@@ -880,6 +898,10 @@ def test_token_choice_with_a_nonzero_loss_free_bias_by_hand(update):
   want = h + g * y if update == "paper" else h + g * (y - h)
   want = np.where(valid[:, None], want, h)
   np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+  lse = np.log(np.exp(z).sum(-1))  # router z-loss: mean lse^2, valid only
+  np.testing.assert_allclose(
+    aux["loss/router_z"], 0.1 * np.square(lse)[valid].mean(), rtol=1e-5
+  )
   load = np.array([np.mean(depth[valid] == j) for j in range(n)])
   np.testing.assert_allclose(
     rec.bias_N[...], bias + 0.01 * np.sign(load.mean() - load), atol=1e-7

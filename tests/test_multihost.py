@@ -278,3 +278,63 @@ def test_lost_processes_line_names_exactly_the_missing_ones():
   )
   assert lost_processes_line([0, 1], 2, 0, 5) is None  # all alive
   assert lost_processes_line(None, 2, 0, 5) is None  # no answer
+
+
+@pytest.mark.parametrize("live", [[0, 2], None])
+def test_exit_after_failure_reports_the_coordinators_answer(
+  monkeypatch, capsys, live
+):
+  """Issue #25: the survivor's report around a known answer (no runtime):
+  its own line, then the lost-process line, or the traceback and the
+  no-answer line; status 1; the wait is the heartbeat timeout plus 5 s."""
+  from efficient_lm import multihost
+
+  asked = []
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  monkeypatch.setattr(
+    multihost, "live_processes", lambda s: asked.append(s) or live
+  )
+
+  def exit_(code):
+    raise SystemExit(code)
+
+  monkeypatch.setattr(multihost.os, "_exit", exit_)
+  with pytest.raises(SystemExit) as stop:
+    multihost.exit_after_failure(RuntimeError("peer closed"), 7)
+  assert stop.value.code == 1 and asked == [12]
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert lines[0].startswith("error: process 0 of 3 stopped: ")
+  assert "peer closed" in lines[0]
+  if live is not None:
+    assert lines[1:] == [
+      "error: lost process 1 of 3 (no heartbeat for 7 s: killed, crashed "
+      "or its host gone); stopping process 0"
+    ]
+  else:
+    assert "Traceback" in err or "RuntimeError: peer closed" in err
+    assert lines[-1].startswith(
+      "error: the coordinator did not say within 12 s which processes are alive"
+    )
+    assert "lost process" not in err
+
+
+def test_initialize_passes_our_failure_bound(monkeypatch):
+  """Issue #25: the heartbeat and shutdown timeouts JAX gets are ours."""
+  from efficient_lm import multihost
+
+  got = {}
+  monkeypatch.setattr(
+    jax.distributed, "initialize", lambda **kw: got.update(kw)
+  )
+  multihost.initialize("host:1234", 2, 1, heartbeat_timeout_s=9)
+  assert got == {
+    "coordinator_address": "host:1234",
+    "num_processes": 2,
+    "process_id": 1,
+    "heartbeat_timeout_seconds": 9,
+    "shutdown_timeout_seconds": 9,
+  }
+  with pytest.raises(ValueError, match="--heartbeat_timeout=0"):
+    multihost.initialize(None, None, None, heartbeat_timeout_s=0)
