@@ -127,7 +127,8 @@ class Generator:
     return nnx.merge(self.graphdef, self.variables)
 
   def cache_stats(self, batch: int, max_len: int) -> dict[str, Any]:
-    """Cache bytes per token per layer (by the module's formula) and the
+    """Cache bytes per token per layer (measured from the fields of one
+    cached row: K/V in the stored dtype, int8 scales included) and the
     bytes the cache of this batch and length actually allocates."""
     model = self.model()
     shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len))

@@ -18,10 +18,12 @@ from flax import nnx
 
 from efficient_lm.config import ModelConfig
 from efficient_lm.models import cache
+from efficient_lm.models.attention import Attention
 from efficient_lm.models.decoder import Decoder
 from efficient_lm.models.funnel import FunnelEncoder
 from efficient_lm.models.hourglass import Hourglass
 from efficient_lm.models.layers import ModelState
+from efficient_lm.models.mla import MLAttention
 from efficient_lm.models.stack import LayerSpec
 
 KINDS = {
@@ -58,7 +60,7 @@ def set_kv_cache_dtype(model: nnx.Module, kind: str) -> nnx.Module:
   setting, not saved with the run; `nnx.split` the model afterwards."""
   cache.check_kv_cache_dtype(kind)
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and hasattr(node, "kv_cache_dtype"):
+    if isinstance(node, (Attention, MLAttention)):  # TGlobal: Attention
       node.kv_cache_dtype = kind
   return model
 

@@ -187,8 +187,9 @@ class Attention(nnx.Module):
     # full generation cache keeps one slot per row.
     self.cache_stride = cache_stride
     # How K/V rows are stored (cache.KV_CACHE_DTYPES): a generation-time
-    # choice (models.set_kv_cache_dtype), not a config key; not `auto`,
-    # every forward reads its K/V through that storage (cache.store/load).
+    # choice (models.set_kv_cache_dtype), not a config key; when not
+    # `auto`, every forward reads its K/V through that storage
+    # (cache.store / cache.load), with a cache or without.
     self.kv_cache_dtype = "auto"
 
   @staticmethod
