@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_lm import sharding
+from efficient_lm import models, sharding
 from efficient_lm.models import cache as cache_lib
 
 # Positions are int32 (the model's inputs and the caches' position rows).
@@ -71,10 +71,17 @@ class Generator:
 
   `graphdef` and `variables` (params and model state, placed as the
   trainer places them) come from `nnx.split(model)`; `mesh` is the mesh
-  they live on (None: the default device).
+  they live on (None: the default device). `kv_cache_dtype`
+  (cache.KV_CACHE_DTYPES) is how the caches store K/V rows; the
+  recompute path (use_cache=False) reads K/V through the same storage.
   """
 
-  def __init__(self, graphdef, variables, *, mesh=None):
+  def __init__(self, graphdef, variables, *, mesh=None, kv_cache_dtype="auto"):
+    if cache_lib.check_kv_cache_dtype(kv_cache_dtype) != "auto":
+      model = nnx.merge(graphdef, variables)
+      graphdef, variables = nnx.split(
+        models.set_kv_cache_dtype(model, kv_cache_dtype)
+      )
     self.graphdef, self.variables, self.mesh = graphdef, variables, mesh
     wrap = (
       (lambda f: f)
@@ -120,7 +127,8 @@ class Generator:
     return nnx.merge(self.graphdef, self.variables)
 
   def cache_stats(self, batch: int, max_len: int) -> dict[str, Any]:
-    """Cache bytes per token per layer (by the module's formula) and the
+    """Cache bytes per token per layer (measured from the fields of one
+    cached row: K/V in the stored dtype, int8 scales included) and the
     bytes the cache of this batch and length actually allocates."""
     model = self.model()
     shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len))
@@ -331,6 +339,12 @@ def _flags():
     "for every new token (the reference path)",
   )
   flags.DEFINE_bool("stats", False, "print cache sizes and timing to stderr")
+  flags.DEFINE_string(
+    "kv_cache_dtype",
+    "auto",
+    "how the caches store K/V rows: auto (the model's dtype), float32, "
+    "bfloat16, int8 (per-token, per-head absmax scales)",
+  )
   flags.mark_flag_as_required("workdir")
   return flags.FLAGS
 
@@ -351,12 +365,22 @@ def main(argv) -> None:
       f"error: --temperature={f.temperature} (>= 0), --top_p={f.top_p} "
       f"(0 < p <= 1), --top_k={f.top_k} (>= 0) out of range"
     )
+  if f.kv_cache_dtype not in cache_lib.KV_CACHE_DTYPES:
+    sys.exit(
+      f"error: --kv_cache_dtype={f.kv_cache_dtype!r}: expected one of "
+      f"{', '.join(cache_lib.KV_CACHE_DTYPES)}"
+    )
   try:  # every bad input fails here, before the cache is allocated
     run = runs.load_run(f.workdir)
     tok = run.tokenizer
     bos = [] if tok.bos_id is None else [tok.bos_id]
     prompts = [bos + tok.encode(p) for p in f.prompt]
-    gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
+    gen = Generator(
+      run.graphdef,
+      run.variables,
+      mesh=run.mesh,
+      kv_cache_dtype=f.kv_cache_dtype,
+    )
     max_len = gen.check(prompts, f.max_new_tokens)
   except (ValueError, *runs.ERRORS) as e:
     sys.exit(f"error: {e}")

@@ -2625,6 +2625,90 @@ MUTATIONS = [
     "-k",
     "unprocessed_tokens_bitwise",
   ),
+  # ---- issue #21 item 3: the int8 KV cache (tests/test_kv_quant.py)
+  _m(
+    "kvcache_scale_off_grid",
+    "efficient_lm/models/cache.py",
+    "scale = (amax / 127.0).astype(SCALE_DTYPE)",
+    "scale = (amax / 128.0).astype(SCALE_DTYPE)",
+    "tests/test_kv_quant.py",
+    "-k",
+    "numpy",
+  ),
+  # A forward without a cache reads unquantized K/V: the reference is no
+  # longer what the int8 cache computes.
+  _m(
+    "kvcache_forward_not_quantized",
+    "efficient_lm/models/attention.py",
+    "    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, "
+    "kv.x_BTD.dtype)",
+    "    if cache is None:\n"
+    "      return new, self.kv_rows(kv)\n"
+    "    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, "
+    "kv.x_BTD.dtype)",
+    "tests/test_kv_quant.py",
+    "-k",
+    "recompute and dense_local",
+  ),
+  _m(
+    "kvcache_mla_naive_not_quantized",
+    "efficient_lm/models/mla.py",
+    "stored = self._stored(kv, *self._latents(kv))",
+    "stored = dict(zip(LATENTS, self._latents(kv)))",
+    "tests/test_kv_quant.py",
+    "-k",
+    "recompute and mla",
+  ),
+  _m(
+    "kvcache_tglobal_summaries_not_quantized",
+    "efficient_lm/models/tglobal.py",
+    "_, rows = self.stored_rows(_cat(kv, g))",
+    "rows = self.kv_rows(_cat(kv, g))",
+    "tests/test_kv_quant.py",
+    "-k",
+    "recompute and dense_local",
+  ),
+  # Mixture-of-recursions' shared rows handed on unquantized.
+  _m(
+    "kvcache_mor_shared_rows_raw",
+    "efficient_lm/models/block.py",
+    "return self.attn.stored_rows(h, cache)[1]",
+    "return self.attn.kv_rows(h) if cache is None else "
+    "self.attn.stored_rows(h, cache)[1]",
+    "tests/test_kv_quant.py",
+    "-k",
+    "recompute and mor",
+  ),
+  # float32 scales: bytes per token no longer half of bfloat16's + 1/K.
+  _m(
+    "kvcache_float32_scales",
+    "efficient_lm/models/cache.py",
+    "SCALE_DTYPE = jnp.bfloat16",
+    "SCALE_DTYPE = jnp.float32",
+    "tests/test_kv_quant.py",
+    "-k",
+    "bytes",
+  ),
+  # A 4-bit grid inside int8: greedy decoding leaves the float one.
+  _m(
+    "kvcache_coarse_grid",
+    "efficient_lm/models/cache.py",
+    "q = jnp.round(x / jnp.where(s == 0, 1.0, s))",
+    "q = 16 * jnp.round(x / jnp.where(s == 0, 1.0, s) / 16)",
+    "tests/test_kv_quant.py",
+    "-k",
+    "greedy",
+  ),
+  # An unknown --kv_cache_dtype reaches load_run: another error first.
+  _m(
+    "kvcache_cli_dtype_unchecked",
+    "efficient_lm/generate.py",
+    "if f.kv_cache_dtype not in cache_lib.KV_CACHE_DTYPES:",
+    "if False:",
+    "tests/test_kv_quant.py",
+    "-k",
+    "unknown",
+  ),
 ]
 
 

@@ -14,11 +14,16 @@ layer plan and scans), `block` (the pre-norm block and its factories),
 layer plan (`layer_plan(cfg)`).
 """
 
+from flax import nnx
+
 from efficient_lm.config import ModelConfig
+from efficient_lm.models import cache
+from efficient_lm.models.attention import Attention
 from efficient_lm.models.decoder import Decoder
 from efficient_lm.models.funnel import FunnelEncoder
 from efficient_lm.models.hourglass import Hourglass
 from efficient_lm.models.layers import ModelState
+from efficient_lm.models.mla import MLAttention
 from efficient_lm.models.stack import LayerSpec
 
 KINDS = {
@@ -47,4 +52,24 @@ def layer_plan(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
   return _kind(cfg).layer_plan(cfg)
 
 
-__all__ = ["KINDS", "LayerSpec", "ModelState", "build", "layer_plan"]
+def set_kv_cache_dtype(model: nnx.Module, kind: str) -> nnx.Module:
+  """Has every attention module of `model` store its K/V rows as `kind`
+  (cache.KV_CACHE_DTYPES; one-line ValueError otherwise), in place: their
+  `init_cache` then allocates that storage and every forward, with or
+  without a cache, reads K/V through it (models/cache.py). A generation
+  setting, not saved with the run; `nnx.split` the model afterwards."""
+  cache.check_kv_cache_dtype(kind)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, (Attention, MLAttention)):  # TGlobal: Attention
+      node.kv_cache_dtype = kind
+  return model
+
+
+__all__ = [
+  "KINDS",
+  "LayerSpec",
+  "ModelState",
+  "build",
+  "layer_plan",
+  "set_kv_cache_dtype",
+]

@@ -32,6 +32,10 @@ from efficient_lm.sharding import (
 )
 
 
+# The fields of a K/V row a cache may quantize (pos / seg stay int32).
+KV = ("k", "v")
+
+
 class Tokens(NamedTuple):
   """A sequence that attention reads: activations and where they sit. T is
   the rows of this sequence, whatever they stand for (tokens, pooled rows
@@ -182,6 +186,11 @@ class Attention(nnx.Module):
     # Positions between this layer's rows (the layer plan's stride): the
     # full generation cache keeps one slot per row.
     self.cache_stride = cache_stride
+    # How K/V rows are stored (cache.KV_CACHE_DTYPES): a generation-time
+    # choice (models.set_kv_cache_dtype), not a config key; when not
+    # `auto`, every forward reads its K/V through that storage
+    # (cache.store / cache.load), with a cache or without.
+    self.kv_cache_dtype = "auto"
 
   @staticmethod
   def projection_flops(
@@ -219,6 +228,16 @@ class Attention(nnx.Module):
       "pos": kv.pos_BT.astype(jnp.int32),
       "seg": kv.seg_BT.astype(jnp.int32),
     }
+
+  def stored_rows(self, kv: Tokens, cache: dict | None = None):
+    """(the new rows of `kv` as the cache stores them, the rows attention
+    reads: the cache's then the new ones, loaded in the compute dtype).
+    With kv_cache_dtype `auto` both are `kv_rows(kv)` (after the cache's);
+    otherwise a forward without a cache reads its K/V through the same
+    storage as a cached step (models/cache.py)."""
+    new = cache_lib.store(self.kv_rows(kv), KV, self.kv_cache_dtype)
+    rows = new if cache is None else cache_lib.concat(cache, new)
+    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, kv.x_BTD.dtype)
 
   def _attend(
     self,
@@ -299,8 +318,7 @@ class Attention(nnx.Module):
       raise ValueError("attention: pass a cache or given rows, not both")
     new = None
     if rows is None:
-      new = self.kv_rows(q if kv is None else kv)
-      rows = new if cache is None else cache_lib.concat(cache, new)
+      new, rows = self.stored_rows(q if kv is None else kv, cache)
     out = self._attend(
       self.queries(q),
       constrain(rows["k"], BSGK),
@@ -324,14 +342,27 @@ class Attention(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Empty K/V rows (kv heads only) laid out by `cache_slots`."""
-    g, k = self.k_DGK.shape[1:]
     return cache_lib.empty(
       cache_slots(self.cfg, max_len, stride=self.cache_stride),
       batch,
-      {"k": ((g, k), dtype), "v": ((g, k), dtype)},
+      self._kv_fields(dtype),
     )
 
-  def cache_bytes_per_token(self, dtype) -> int:
-    """K and V of the kv heads: 2 * G * K elements (docs/attention.md)."""
+  def _kv_fields(self, dtype) -> dict:
+    """K and V [G, K] of the kv heads, stored as kv_cache_dtype says
+    (`auto`: `dtype`; int8: plus a scale per token and head)."""
     g, k = self.k_DGK.shape[1:]
-    return 2 * g * k * jnp.dtype(dtype).itemsize
+    shapes = {"k": (g, k), "v": (g, k)}
+    return cache_lib.kv_fields(shapes, self.kv_cache_dtype, dtype)
+
+  def cache_bytes_per_token(self, dtype) -> int:
+    """K and V of the kv heads, 2 * G * K elements (docs/attention.md),
+    in the stored dtype, plus int8's 2 * G scales: measured from the
+    fields of one cached row."""
+    return cache_lib.row_nbytes(
+      jax.eval_shape(
+        lambda: cache_lib.empty(
+          cache_lib.Slots(num_slots=1), 1, self._kv_fields(dtype)
+        )
+      )
+    )

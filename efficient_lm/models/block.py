@@ -23,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import cache as cache_lib
 from efficient_lm.models import visibility
 from efficient_lm.models.attention import Attention, Tokens
 from efficient_lm.models.layers import DTYPES, RMSNorm, SwiGLU, layer_rope
@@ -205,13 +204,14 @@ class Block(nnx.Module):
 
   def kv_rows(self, x_BTD, pos_BT, seg_BT, cache=None) -> dict:
     """The K/V rows this block's attention reads for input x (the cache's
-    rows first, if given): what mixture-of-recursions' recursive sharing
-    hands to later steps (`rows=`); qkv attention only, as validation
+    rows first, if given, as stored and read back): what
+    mixture-of-recursions' recursive sharing hands to later steps
+    (`rows=`); qkv attention only, as validation
     requires of recursive sharing."""
     if not isinstance(self.attn, Attention):
       raise TypeError(f"kv_rows needs qkv attention, not {type(self.attn)}")
-    new = self.attn.kv_rows(Tokens(self.attn_norm(x_BTD), pos_BT, seg_BT))
-    return new if cache is None else cache_lib.concat(cache, new)
+    h = Tokens(self.attn_norm(x_BTD), pos_BT, seg_BT)
+    return self.attn.stored_rows(h, cache)[1]
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     return self.attn.init_cache(batch, max_len, dtype)

@@ -21,6 +21,17 @@ A generation step with T >= 1 new tokens attends over `concat(cache, new)`
 then `write`s the new rows. Prefill is the same step on an empty cache, so
 it is the ordinary forward; a rolling buffer never loses a row some query of
 the step still needs, because the step reads the rows before writing them.
+
+Storage dtype (`KV_CACHE_DTYPES`, generate's `--kv_cache_dtype`): `auto`
+keeps rows in the model's compute dtype; a float dtype casts them; `int8`
+stores each K/V field as int8 with one scale per token and head (the
+field's last axis is quantized: K of a K/V head, MLA's latent and shared
+RoPE key as one "head" each), symmetric absmax (`quantize`): scale =
+max |x| / 127 rounded to bfloat16, q = clip(round(x / scale), -127, 127).
+The attention modules pass every K/V row through `store` then `load`
+(dequantized to the compute dtype) whether or not there is a cache, so
+a forward without a cache sees exactly the keys and values a cached step
+reads: cache = recompute holds for a quantized cache too.
 """
 
 from __future__ import annotations
@@ -30,6 +41,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# What generation may store K/V rows as; `auto` is the compute dtype.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+# int8 scales: bfloat16 has float32's exponent range (no underflow for
+# tiny rows) and half its bytes; q is computed against the rounded scale,
+# so rounding it costs no accuracy beyond the int8 grid itself.
+SCALE_DTYPE = jnp.bfloat16
+_FLOATS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,4 +137,92 @@ def nbytes(tree) -> int:
   """Bytes of every array in a cache pytree (for --stats)."""
   return int(
     sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  )
+
+
+# ----------------------------------------------------------- storage dtype
+
+
+def check_kv_cache_dtype(kind: str) -> str:
+  """`kind` if it is one of KV_CACHE_DTYPES, else a one-line ValueError."""
+  if kind not in KV_CACHE_DTYPES:
+    raise ValueError(
+      f"kv_cache_dtype={kind!r} is not supported; expected one of "
+      f"{', '.join(KV_CACHE_DTYPES)}"
+    )
+  return kind
+
+
+def quantize(x):
+  """Symmetric absmax int8 over the last axis: (q int8 [..., K], scale
+  SCALE_DTYPE [...]) with x ~ q * scale; an all-zero row has scale 0."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = (amax / 127.0).astype(SCALE_DTYPE)
+  s = scale.astype(jnp.float32)
+  q = jnp.round(x / jnp.where(s == 0, 1.0, s))
+  return jnp.clip(q, -127, 127).astype(jnp.int8), scale[..., 0]
+
+
+def dequantize(q, scale, dtype):
+  """q * scale (per row of the last axis), in `dtype`."""
+  s = scale.astype(jnp.float32)[..., None]
+  return (q.astype(jnp.float32) * s).astype(dtype)
+
+
+def _scale(name: str) -> str:
+  return f"{name}_scale"
+
+
+def kv_fields(shapes: dict[str, tuple], kind: str, dtype) -> dict:
+  """`empty`'s fields for K/V fields of trailing `shapes` stored as
+  `kind` (`auto`: `dtype`, the compute dtype); int8 adds a scale field
+  per K/V field (its shape without the last axis)."""
+  if kind == "int8":
+    out = {}
+    for name, shape in shapes.items():
+      out[name] = (shape, jnp.int8)
+      out[_scale(name)] = (shape[:-1], SCALE_DTYPE)
+    return out
+  dt = _FLOATS.get(kind, dtype)
+  return {name: (shape, dt) for name, shape in shapes.items()}
+
+
+def store(rows: dict, names: tuple[str, ...], kind: str) -> dict:
+  """Rows as a cache of `kind` holds them: int8 fields `names` plus their
+  scales, or `names` cast to the float dtype (`auto`: as they are)."""
+  if kind == "auto":
+    return rows
+  out = dict(rows)
+  for name in names:
+    if kind == "int8":
+      out[name], out[_scale(name)] = quantize(rows[name])
+    else:
+      out[name] = rows[name].astype(_FLOATS[kind])
+  return out
+
+
+def load(rows: dict, names: tuple[str, ...], kind: str, dtype) -> dict:
+  """Stored rows read back in the compute `dtype` (scale fields
+  dropped): what attention reads."""
+  if kind == "auto":
+    return rows
+  out = {k: v for k, v in rows.items() if not k.endswith("_scale")}
+  for name in names:
+    if kind == "int8":
+      out[name] = dequantize(rows[name], rows[_scale(name)], dtype)
+    else:
+      out[name] = rows[name].astype(dtype)
+  return out
+
+
+def row_nbytes(rows: dict) -> int:
+  """Bytes one slot of a rows dict holds, measured from its arrays (or
+  shape structs): every field but pos/seg (scales included) over the
+  B * N slots of `pos` [B, N]."""
+  b, n = rows["pos"].shape
+  return sum(
+    int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize // (b * n)
+    for k, x in rows.items()
+    if k not in ("pos", "seg")
   )

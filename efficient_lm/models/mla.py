@@ -62,6 +62,10 @@ from efficient_lm.sharding import (
 )
 
 
+# The cache fields a quantized cache stores as int8 (cache.py).
+LATENTS = ("c", "kr")
+
+
 class MLADims(NamedTuple):
   kv_lora_rank: int  # C
   q_lora_rank: int  # Q; 0 = queries projected from x directly
@@ -157,6 +161,7 @@ class MLAttention(nnx.Module):
     self.impl = cfg.impl
     self.cfg = cfg
     self.cache_stride = cache_stride  # as attention.Attention's
+    self.kv_cache_dtype = "auto"  # as attention.Attention's
 
   def _queries(self, q: Tokens) -> tuple[jax.Array, jax.Array]:
     """(no-rope part [B, T, H, N], rotated rope part [B, T, H, R])."""
@@ -243,7 +248,9 @@ class MLAttention(nnx.Module):
     dt = q.x_BTD.dtype
     qn_BTHN, qr_BTHR = self._queries(q)
     q_BTHK = constrain(jnp.concatenate([qn_BTHN, qr_BTHR], axis=-1), BTHK)
-    c_BSC, kr_BSR = self._latents(kv)
+    # What a cache would store of these tokens, read back (cache.py).
+    stored = self._stored(kv, *self._latents(kv))
+    c_BSC, kr_BSR = stored["c"], stored["kr"]
     kn_BSHN = jnp.einsum("BSC,CHN->BSHN", c_BSC, self.uk_CHN[...].astype(dt))
     v_BSHE = jnp.einsum("BSC,CHE->BSHE", c_BSC, self.uv_CHE[...].astype(dt))
     kr_BSHR = jnp.broadcast_to(
@@ -261,11 +268,37 @@ class MLAttention(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Empty rows of the normed latent c [C] and the rotated shared key kr
     [R], laid out by `attention.cache_slots` (rolling for windows)."""
-    c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
     return cache_lib.empty(
       cache_slots(self.cfg, max_len, stride=self.cache_stride),
       batch,
-      {"c": ((c,), dtype), "kr": ((r,), dtype)},
+      self._latent_fields(dtype),
+    )
+
+  def _latent_fields(self, dtype) -> dict:
+    """c [C] and kr [R] stored as kv_cache_dtype says (int8: one scale
+    each per token: the latent is shared by every head)."""
+    c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
+    shapes = {"c": (c,), "kr": (r,)}
+    return cache_lib.kv_fields(shapes, self.kv_cache_dtype, dtype)
+
+  def _new_rows(self, kv: Tokens, c_BSC, kr_BSR) -> dict:
+    """The latent rows of `kv` as the cache stores them."""
+    new = {
+      "c": c_BSC,
+      "kr": kr_BSR,
+      "pos": kv.pos_BT.astype(jnp.int32),
+      "seg": kv.seg_BT.astype(jnp.int32),
+    }
+    return cache_lib.store(new, LATENTS, self.kv_cache_dtype)
+
+  def _stored(self, kv: Tokens, c_BSC, kr_BSR) -> dict:
+    """The latents a cached step would read for these rows (identity under
+    kv_cache_dtype `auto`)."""
+    return cache_lib.load(
+      self._new_rows(kv, c_BSC, kr_BSR),
+      LATENTS,
+      self.kv_cache_dtype,
+      c_BSC.dtype,
     )
 
   def _absorbed(self, x: Tokens, cache: dict) -> tuple[jax.Array, dict]:
@@ -276,14 +309,10 @@ class MLAttention(nnx.Module):
     )
     dt = x.x_BTD.dtype
     qn_BTHN, qr_BTHR = self._queries(x)
-    c_BTC, kr_BTR = self._latents(x)
-    new = {
-      "c": c_BTC,
-      "kr": kr_BTR,
-      "pos": x.pos_BT.astype(jnp.int32),
-      "seg": x.seg_BT.astype(jnp.int32),
-    }
-    rows = cache_lib.concat(cache, new)
+    new = self._new_rows(x, *self._latents(x))
+    rows = cache_lib.load(
+      cache_lib.concat(cache, new), LATENTS, self.kv_cache_dtype, dt
+    )
     qc_BTHC = jnp.einsum("BTHN,CHN->BTHC", qn_BTHN, self.uk_CHN[...].astype(dt))
     q_BTHL = constrain(jnp.concatenate([qc_BTHC, qr_BTHR], axis=-1), BTHK)
     c_BSC = constrain(rows["c"].astype(dt), BTC)
@@ -303,6 +332,12 @@ class MLAttention(nnx.Module):
 
   def cache_bytes_per_token(self, dtype) -> int:
     """The latent and the shared RoPE key: C + R elements (docs/attention.md,
-    MLA), whatever the number of heads."""
-    c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
-    return (c + r) * jnp.dtype(dtype).itemsize
+    MLA), whatever the number of heads, in the stored dtype, plus int8's
+    two scales: measured from the fields of one cached row."""
+    return cache_lib.row_nbytes(
+      jax.eval_shape(
+        lambda: cache_lib.empty(
+          cache_lib.Slots(num_slots=1), 1, self._latent_fields(dtype)
+        )
+      )
+    )

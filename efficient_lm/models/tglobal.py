@@ -66,7 +66,7 @@ from flax import nnx
 import kernels
 from efficient_lm.config import AttentionConfig
 from efficient_lm.models import cache as cache_lib
-from efficient_lm.models.attention import Attention, Tokens, cache_slots
+from efficient_lm.models.attention import KV, Attention, Tokens, cache_slots
 from efficient_lm.models.attention import mask_spec as local_mask_spec
 from efficient_lm.models.layers import RMSNorm, Rope
 from efficient_lm.sharding import BSGK, constrain
@@ -286,7 +286,7 @@ class TGlobalAttention(Attention):
       )
     kv = q if kv is None else kv
     g = self.summaries(kv)
-    rows = self.kv_rows(_cat(kv, g))
+    _, rows = self.stored_rows(_cat(kv, g))
     return self._attend(
       self.queries(q),
       rows["k"],
@@ -353,8 +353,7 @@ class TGlobalAttention(Attention):
     many tokens it holds, and the latest position and segment (segment 0:
     nothing carried)."""
     self._check_causal("init_cache")
-    g, k = self.k_DGK.shape[1:]
-    fields = {"k": ((g, k), dtype), "v": ((g, k), dtype)}
+    fields = self._kv_fields(dtype)
     d = self.q_DHK.shape[0]
     return {
       "local": cache_lib.empty(
@@ -401,22 +400,25 @@ class TGlobalAttention(Attention):
       s.pos_BN,
       s.seg_BN,
     )
-    kv = self.kv_rows(_cat(x, g))
-    k_BSGK, v_BSGK = kv["k"], kv["v"]
+    # K/V (and int8 scales) of the tokens, then of the summaries, as
+    # the caches store them.
+    kv, _ = self.stored_rows(_cat(x, g))
+    kv = {n: a for n, a in kv.items() if n not in ("pos", "seg")}
     new_local = {
-      "k": k_BSGK[:, :t],
-      "v": v_BSGK[:, :t],
+      **{n: a[:, :t] for n, a in kv.items()},
       "pos": x.pos_BT.astype(jnp.int32),
       "seg": x.seg_BT.astype(jnp.int32),
     }
     new_global = {
-      "k": k_BSGK[:, t:],
-      "v": v_BSGK[:, t:],
+      **{n: a[:, t:] for n, a in kv.items()},
       "pos": floordiv(g.pos_BT, k) - 1,
       "seg": g.seg_BT,
     }
-    local = cache_lib.concat(cache["local"], new_local)
-    glob = cache_lib.concat(cache["global"], new_global)
+    read = lambda c, new: cache_lib.load(
+      cache_lib.concat(c, new), KV, self.kv_cache_dtype, dt
+    )
+    local = read(cache["local"], new_local)
+    glob = read(cache["global"], new_global)
     out = self._attend(
       self.queries(x),
       constrain(jnp.concatenate([local["k"], glob["k"]], 1), BSGK),
@@ -438,11 +440,11 @@ class TGlobalAttention(Attention):
     }
 
   def cache_bytes_per_token(self, dtype) -> int:
-    """K and V of the kv heads per cached row, 2 * G * K elements, for the
-    window's rows and one summary row per k tokens alike; the partial
-    block's float32 sum (D per sequence) is not per token."""
-    g, k = self.k_DGK.shape[1:]
-    return 2 * g * k * jnp.dtype(dtype).itemsize
+    """K and V of the kv heads per cached row, 2 * G * K elements (int8:
+    plus 2 * G scales), for the window's rows and one summary row per k
+    tokens alike (Attention's); the partial block's float32 sum (D per
+    sequence) is not per token."""
+    return super().cache_bytes_per_token(dtype)
 
 
 def _local(cfg: AttentionConfig) -> AttentionConfig:
