@@ -576,38 +576,72 @@ def test_to_mor_ties_the_mean_and_is_exact_on_equal_layers():
 
 
 CONVERSIONS = {
-  "gqa": ["--to_gqa=1"],
-  "sliding": [
-    "--to_attention=sliding_window",
-    "--config.model.attention.window=8",
-  ],
-  "mla": ["--to_mla=16"],
-  "hourglass": ["--to_hourglass=1", "--hourglass_factor=2"],
-  "mor": ["--to_mor=2"],
-  "width": ["--width=0.75"],
+  "gqa": lambda s, b: convert.to_gqa(s, 1),
+  "sliding": lambda s, b: convert.to_attention(
+    s, "sliding_window", {"window": 8}
+  ),
+  "hourglass": lambda s, b: convert.to_hourglass(s, 1, 3, 2),
+  "mor": lambda s, b: convert.to_mor(s, 2, {}),
+  "width": lambda s, b: prune.prune_width(
+    s, prune.width_keep(importance.width_scores(s, b), 24)
+  ),
 }
 
 
-def test_converted_runs_train_resume_and_generate(source4, capsys):
-  """Each conversion's run trains two steps from its step-0 checkpoint
-  (what a resume reads) and generates with cache = recompute."""
+@pytest.fixture(scope="module")
+def converted(source4):
+  """{conversion: the run it wrote}: MLA through the CLI (in this
+  process), the others written from the conversion functions."""
   root, src = source4
   before = snapshot(src)
-  for name, flags in CONVERSIONS.items():
-    dst = root / f"conv_{name}"
-    code, out, err = _cli(
-      [f"--workdir={src}", f"--out={dst}", "--calibration_tokens=64", *flags],
-      capsys,
-    )
-    assert code in (0, None), (name, err)
-    assert (
-      out.strip().splitlines()[-1].split(":")[1].strip()
-      == flags[0][2:].split("=")[0]
-    ), out
+  dsts = {"mla": root / "conv_mla"}
+  try:
+    cli.main([f"--workdir={src}", f"--out={dsts['mla']}", "--to_mla=16"])
+  except SystemExit as e:
+    raise AssertionError(f"surgery exited {e.code}") from None
+  assert snapshot(src) == before
+  run = runs.load_run(src)
+  s = Surgery.of(run.config, run.params)
+  batches = _batches(run.config, 1)
+  for name, conv in CONVERSIONS.items():
+    new = conv(s, batches)
+    dsts[name] = root / f"conv_{name}"
+    runs.write_run(str(dsts[name]), new.cfg, new.params(), {})
+  return dsts
+
+
+def test_converted_runs_load_with_their_weights(converted, source4):
+  """What each conversion wrote loads back as its model (write_run
+  checks the weights fit it), with the provenance of the CLI's run."""
+  with open(converted["mla"] / "provenance.json") as f:
+    record = json.load(f)["source"]["operations"][0]
+  assert record["op"] == "to_mla" and len(record["reconstruction"]) == 4
+  assert all(0 < e["key_error"] < 1 for e in record["reconstruction"])
+  kinds = {}
+  for name, dst in converted.items():
+    m = runs.load_run(str(dst)).config.model
+    kinds[name] = (m.kind, m.routing.kind, m.attention.projection, m.embed_dim)
+  assert kinds == {
+    "mla": ("decoder", "none", "mla", 32),
+    "gqa": ("decoder", "none", "qkv", 32),
+    "sliding": ("decoder", "none", "qkv", 32),
+    "hourglass": ("hourglass", "none", "qkv", 32),
+    "mor": ("decoder", "mor", "qkv", 32),
+    "width": ("decoder", "none", "qkv", 24),
+  }
+
+
+@pytest.mark.slow
+def test_converted_runs_train_resume_and_generate(converted):
+  """Each converted run trains two steps from its step-0 checkpoint (a
+  resume: the train state restored from what surgery wrote) and
+  generates with cache = recompute."""
+  for name, dst in converted.items():
     cfg = runs.load_run(str(dst)).config
-    cfg = dataclasses.replace(  # the 8 devices of this process
+    cfg = dataclasses.replace(  # the 8 devices of this process, no eval
       cfg,
-      train=dataclasses.replace(cfg.train, steps=2, eval_every=100),
+      data=dataclasses.replace(cfg.data, eval_fraction=0.0),
+      train=dataclasses.replace(cfg.train, steps=2),
       checkpoint=dataclasses.replace(cfg.checkpoint, async_save=False),
       mesh=dataclasses.replace(cfg.mesh, data=8),
     )
@@ -621,7 +655,6 @@ def test_converted_runs_train_resume_and_generate(source4, capsys):
     cached, _ = gen.generate(prompts, max_new_tokens=5, use_cache=True)
     full, _ = gen.generate(prompts, max_new_tokens=5, use_cache=False)
     assert cached == full, name
-  assert snapshot(src) == before
 
 
 @pytest.fixture(scope="module")
