@@ -536,6 +536,12 @@ def test_to_mla_at_full_rank_is_exact_for_mqa():
   # normed rows, which eps keeps just below 1): a tiny eps here.
   cfg, params = _tiny(**{"model.num_kv_heads": 1, "model.norm_eps": 1e-12})
   s = Surgery.of(cfg, params)
+  rng = np.random.default_rng(0)
+
+  def edit(i, lay):  # a trained norm's uneven scale, folded by to_mla
+    lay["attn_norm"]["scale"] *= rng.uniform(0.5, 2.0, 32).astype(np.float32)
+
+  s = _zero(s, edit)
   batches = _batches(cfg, 1)
   mla, errors = convert.to_mla(s, 32, batches)
   assert mla.cfg.model.attention.projection == "mla"
