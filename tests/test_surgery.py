@@ -319,6 +319,7 @@ def _cli(argv, capsys) -> tuple[int | str | None, str, str]:
     (["--to_mla=65"], "above the model width 64"),
     (["--to_hourglass=2"], "expected 0 <= k < m <= 3"),
     (["--to_mor=2", "--to_hourglass=1"], "give one"),
+    (["--to_mor=2"], "num_layers - 2 must be a positive multiple of 2"),
     (["--to_attention=nope"], "nope"),
     (["--ffn=0.5", "--config.model.attention.window=4"], "for --to_attention"),
     (["--to_mor=1", "--config.model.routing.alpha=x"], "expected float"),

@@ -402,7 +402,7 @@ def to_hourglass(s: Surgery, k: int, m: int, factor: int) -> Surgery:
 
 def to_mor(s: Surgery, recursions: int, keys: dict[str, Any]) -> Surgery:
   n = s.num_layers
-  base = {
+  base: dict[str, Any] = {
     "kind": "mor",
     "sharing": "middle_cycle",
     "num_recursions": recursions,
@@ -414,17 +414,15 @@ def to_mor(s: Surgery, recursions: int, keys: dict[str, Any]) -> Surgery:
     raise SurgeryError(
       "--to_mor: converts with routing.sharing='middle_cycle' only"
     )
-  try:
-    depth = RoutingConfig(
-      **{k: v for k, v in routing.items() if k != "kind"}
-    ).recursion_depth(n)
-  except ConfigError as e:
-    raise SurgeryError(f"--to_mor={recursions}: {e}") from None
 
   def edit(d):
     d["routing"].update(routing)
 
-  cfg = _config(s.cfg, edit)
+  try:
+    cfg = _config(s.cfg, edit)
+  except ConfigError as e:
+    raise SurgeryError(f"--to_mor={recursions}: {e}") from None
+  depth = cfg.model.routing.recursion_depth(n)
   groups = [
     [1 + j + r * depth for r in range(recursions)] for j in range(depth)
   ]

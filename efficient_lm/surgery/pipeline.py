@@ -123,6 +123,8 @@ def _parse_conversions(
     out["hourglass_factor"] = factor
   if args.to_mor is not None:
     out["to_mor"] = convert.parse_count(args.to_mor, "to_mor")
+    if num_layers == s.num_layers:  # the fit and the config (host arrays)
+      convert.to_mor(s, out["to_mor"], model_keys["routing"])
   return out
 
 
