@@ -14,7 +14,8 @@ architecture allows it; tests/test_surgery.py checks each identity case).
                 vectors (logit 0, value 0), so the converted layer is the
                 local attention with every softmax diluted by the
                 summaries it sees, and no other token's content mixed in.
-  to_mla        qkv -> DeepSeek MLA with kv_lora_rank C (`_mla_layer`).
+  to_mla        qkv -> DeepSeek MLA with kv_lora_rank C (see `to_mla`: its
+                RoPE key is shared by all heads, so exact only for MQA).
   to_hourglass  the layers between k and m (default L - k) shortened by
                 `factor` (models/hourglass.py); factor 1 is the identity.
   to_mor        mixture-of-recursions, middle_cycle sharing over N_r
