@@ -6,6 +6,7 @@ equals a brute-force computation written here, a pruned run trains,
 evaluates and generates, and bad input is one `error:` line with nothing
 written and the source untouched."""
 
+import dataclasses
 import json
 
 import jax
@@ -16,7 +17,8 @@ from flax import nnx
 
 from efficient_lm import models, runs
 from efficient_lm.generate import Generator
-from efficient_lm.surgery import cli, importance, prune
+from efficient_lm.training import loop
+from efficient_lm.surgery import cli, convert, importance, prune
 from efficient_lm.surgery import layers as layers_lib
 from efficient_lm.surgery.model import Surgery, calibration_loss, per_batch
 from tests.helpers import packed_batch, small_config, snapshot, train_cli
@@ -311,7 +313,17 @@ def _cli(argv, capsys) -> tuple[int | str | None, str, str]:
     (["--heads=3"], "whole groups"),
     (["--ffn=0.5", "--ffn_criterion=wanda"], "invalid choice: 'wanda'"),
     (["--prune_embeddings=0.5"], "unrecognized arguments"),
-    (["--to_gqa=2"], "not built yet"),
+    (["--width=64"], "not below the current width"),
+    (["--width=1.5"], "must lie in (0, 1)"),
+    (["--to_gqa=3"], "expected a divisor of 2"),
+    (["--to_mla=65"], "above the model width 64"),
+    (["--to_hourglass=2"], "expected 0 <= k < m <= 3"),
+    (["--to_mor=2", "--to_hourglass=1"], "give one"),
+    (["--to_mor=2"], "num_layers - 2 must be a positive multiple of 2"),
+    (["--to_attention=nope"], "nope"),
+    (["--ffn=0.5", "--config.model.attention.window=4"], "for --to_attention"),
+    (["--to_mor=1", "--config.model.routing.alpha=x"], "expected float"),
+    (["--to_attention=dense", "--config.model.mlp_dim=8"], "only data.*"),
     (["--drop_layers=3"], "expected 1 <= N < 3"),
     (["--drop_layers=0,9"], "distinct layer indices"),
     ([], "no operation given"),
@@ -422,3 +434,253 @@ def test_ffn_per_layer_ranks_all_layers_together():
     [0, 2],
   ]
   assert [len(k) for k in prune.ffn_keep(scores, 3, per_layer=True)] == [4, 2]
+
+
+# ---------------------------------------------- width and conversions
+
+
+def _real_close(a: Surgery, b: Surgery, batches, atol):
+  """Logits of `a` and `b` agree on the real tokens of `batches`."""
+  for batch in batches:
+    real = np.asarray(batch["segment_ids"]) > 0
+    np.testing.assert_allclose(
+      _logits(a, batch)[real], _logits(b, batch)[real], atol=atol, rtol=0
+    )
+
+
+def test_pruning_width_channels_zero_everywhere_is_exact():
+  cfg, params = _tiny(scale=1.0)
+  dead = [3, 7, 8, 30]  # residual channels no weight writes to
+
+  s = Surgery.of(cfg, params)
+  rest = jax.tree.map(np.copy, s.rest)
+  rest["embed"]["table_VD"][:, dead] = 0.0
+
+  def edit(i, lay):
+    lay["attn"]["o_HKD"][..., dead] = 0.0
+    lay["mlp"]["down_FD"][:, dead] = 0.0
+
+  s = _zero(Surgery(cfg, rest, s.layers), edit)
+  batches = _batches(cfg)
+  scores = importance.width_scores(s, batches)
+  assert np.all(scores[dead] == 0) and np.sum(scores > 0) == 32 - len(dead)
+  kept = prune.width_keep(scores, prune.check_width(s, 28))
+  pruned = prune.prune_width(s, kept)
+  assert pruned.cfg.model.embed_dim == 28 and pruned.cfg.model.head_dim == 8
+  for b in batches:
+    np.testing.assert_allclose(_logits(pruned, b), _logits(s, b), atol=1e-6)
+  live = [c for c in range(32) if c not in dead]
+  np.testing.assert_array_equal(
+    pruned.rest["embed"]["table_VD"], s.rest["embed"]["table_VD"][:, live]
+  )
+  for a, b in zip(s.layers, pruned.layers, strict=True):
+    for name in ("q_DHK", "k_DGK", "v_DGK"):
+      np.testing.assert_array_equal(b["attn"][name], a["attn"][name][live])
+    np.testing.assert_array_equal(
+      b["attn"]["o_HKD"], a["attn"]["o_HKD"][..., live]
+    )
+    np.testing.assert_array_equal(
+      b["mlp"]["gate_DF"], a["mlp"]["gate_DF"][live]
+    )
+    np.testing.assert_array_equal(
+      b["mlp"]["down_FD"], a["mlp"]["down_FD"][:, live]
+    )
+    np.testing.assert_allclose(  # the norm over fewer channels, rescaled
+      b["attn_norm"]["scale"],
+      a["attn_norm"]["scale"][live] * np.sqrt(32 / 28),
+      rtol=1e-6,
+    )
+
+
+def test_to_gqa_pools_groups_and_is_exact_on_equal_heads():
+  cfg, params = _tiny(**{"model.num_kv_heads": 4})
+  s = Surgery.of(cfg, params)
+  same = convert.to_gqa(s, 4)  # G = H: the identity
+  jax.tree.map(np.testing.assert_array_equal, same.layers, s.layers)
+  pooled = convert.to_gqa(s, 2)
+  assert pooled.cfg.model.num_kv_heads == 2
+  for a, b in zip(s.layers, pooled.layers, strict=True):
+    k = a["attn"]["k_DGK"]
+    np.testing.assert_allclose(
+      b["attn"]["k_DGK"], (k[:, 0::2] + k[:, 1::2]) / 2, rtol=1e-6
+    )
+
+  # Heads whose keys and values already agree within each group: exact.
+  def edit(i, lay):
+    for name in ("k_DGK", "v_DGK"):
+      lay["attn"][name][:, 1::2] = lay["attn"][name][:, 0::2]
+
+  twins = _zero(s, edit)
+  _real_close(convert.to_gqa(twins, 2), twins, _batches(cfg, 1), 2e-5)
+
+
+def test_to_attention_with_a_window_covering_the_sequence_is_exact():
+  cfg, params = _tiny()
+  s = Surgery.of(cfg, params)
+  batches = _batches(cfg, 1)
+  t = cfg.data.seq_len
+  for kind in ("sliding_window", "sliding_window,dense,sliding_window"):
+    new = convert.to_attention(s, kind, {"window": t})
+    assert new.cfg.model.attention.layer_kind(0) == "sliding_window"
+    _real_close(new, s, batches, 1e-6)
+  local = convert.to_attention(s, "sliding_window", {"window": 4})
+  with pytest.raises(AssertionError):  # a real window changes the model
+    _real_close(local, s, batches, 1e-6)
+  tg = convert.to_attention(s, "tglobal", {"window": t, "tglobal_block": 4})
+  for lay in tg.layers:  # summaries start as zero rows
+    np.testing.assert_array_equal(lay["attn"]["summary_norm"]["scale"], 0.0)
+  assert np.isfinite(calibration_loss(tg.model(), batches))
+
+
+def test_to_mla_at_full_rank_is_exact_for_mqa():
+  # Exact up to the RMSNorms' eps (the latent norm divides by the RMS of
+  # normed rows, which eps keeps just below 1): a tiny eps here.
+  cfg, params = _tiny(**{"model.num_kv_heads": 1, "model.norm_eps": 1e-12})
+  s = Surgery.of(cfg, params)
+  rng = np.random.default_rng(0)
+
+  def edit(i, lay):  # a trained norm's uneven scale, folded by to_mla
+    lay["attn_norm"]["scale"] *= rng.uniform(0.5, 2.0, 32).astype(np.float32)
+
+  s = _zero(s, edit)
+  batches = _batches(cfg, 1)
+  mla, errors = convert.to_mla(s, 32, batches)
+  assert mla.cfg.model.attention.projection == "mla"
+  assert all(e["key_error"] == 0 and e["latent_error"] < 1e-12 for e in errors)
+  _real_close(mla, s, batches, 1e-4)
+  # Below full rank the latent drops energy, and it is reported.
+  low, errors = convert.to_mla(s, 4, batches)
+  assert all(e["latent_error"] > 0.1 for e in errors)
+  assert low.cfg.model.attention.kv_lora_rank == 4
+
+
+def test_to_hourglass_with_factor_1_is_exact():
+  cfg, params = _tiny()
+  s = Surgery.of(cfg, params)
+  hg = convert.to_hourglass(s, 1, 2, 1)
+  assert hg.cfg.model.kind == "hourglass"
+  assert hg.cfg.model.funnel.stages == (1, 1, 1)
+  _real_close(hg, s, _batches(cfg, 1), 1e-5)
+
+
+def test_to_mor_ties_the_mean_and_is_exact_on_equal_layers():
+  cfg, params = _tiny(**{"model.num_layers": 4, "model.per_layer.mlp_dim": ()})
+  s = Surgery.of(cfg, params)
+  mor = convert.to_mor(s, 2, {})
+  m = mor.cfg.model.routing
+  assert (m.kind, m.sharing, m.num_recursions) == ("mor", "middle_cycle", 2)
+  jax.tree.map(
+    lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-6),
+    mor.layers[1],
+    s.layers[1],
+    s.layers[2],
+  )
+  layers = list(s.layers)
+  layers[2] = layers[1]
+  twins = Surgery(s.cfg, s.rest, layers)
+  full = convert.to_mor(twins, 2, {"capacities": (1.0, 1.0)})
+  _real_close(full, twins, _batches(cfg, 1), 1e-5)
+
+
+CONVERSIONS = {
+  "gqa": lambda s, b: convert.to_gqa(s, 1),
+  "sliding": lambda s, b: convert.to_attention(
+    s, "sliding_window", {"window": 8}
+  ),
+  "hourglass": lambda s, b: convert.to_hourglass(s, 1, 3, 2),
+  "mor": lambda s, b: convert.to_mor(s, 2, {}),
+  "width": lambda s, b: prune.prune_width(
+    s, prune.width_keep(importance.width_scores(s, b), 24)
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(source4):
+  """{conversion: the run it wrote}: MLA through the CLI (in this
+  process), the others written from the conversion functions."""
+  root, src = source4
+  before = snapshot(src)
+  dsts = {"mla": root / "conv_mla"}
+  try:
+    cli.main([f"--workdir={src}", f"--out={dsts['mla']}", "--to_mla=16"])
+  except SystemExit as e:
+    raise AssertionError(f"surgery exited {e.code}") from None
+  assert snapshot(src) == before
+  run = runs.load_run(src)
+  s = Surgery.of(run.config, run.params)
+  batches = _batches(run.config, 1)
+  for name, conv in CONVERSIONS.items():
+    new = conv(s, batches)
+    dsts[name] = root / f"conv_{name}"
+    runs.write_run(str(dsts[name]), new.cfg, new.params(), {})
+  return dsts
+
+
+def test_converted_runs_load_with_their_weights(converted, source4):
+  """What each conversion wrote loads back as its model (write_run
+  checks the weights fit it), with the provenance of the CLI's run."""
+  with open(converted["mla"] / "provenance.json") as f:
+    record = json.load(f)["source"]["operations"][0]
+  assert record["op"] == "to_mla" and len(record["reconstruction"]) == 4
+  assert all(0 < e["key_error"] < 1 for e in record["reconstruction"])
+  kinds = {}
+  for name, dst in converted.items():
+    m = runs.load_run(str(dst)).config.model
+    kinds[name] = (m.kind, m.routing.kind, m.attention.projection, m.embed_dim)
+  assert kinds == {
+    "mla": ("decoder", "none", "mla", 32),
+    "gqa": ("decoder", "none", "qkv", 32),
+    "sliding": ("decoder", "none", "qkv", 32),
+    "hourglass": ("hourglass", "none", "qkv", 32),
+    "mor": ("decoder", "mor", "qkv", 32),
+    "width": ("decoder", "none", "qkv", 24),
+  }
+
+
+@pytest.mark.slow
+def test_converted_runs_train_resume_and_generate(converted):
+  """Each converted run trains two steps from its step-0 checkpoint (a
+  resume: the train state restored from what surgery wrote) and
+  generates with cache = recompute."""
+  for name, dst in converted.items():
+    cfg = runs.load_run(str(dst)).config
+    cfg = dataclasses.replace(  # the 8 devices of this process, no eval
+      cfg,
+      data=dataclasses.replace(cfg.data, eval_fraction=0.0),
+      train=dataclasses.replace(cfg.train, steps=2),
+      checkpoint=dataclasses.replace(cfg.checkpoint, async_save=False),
+      mesh=dataclasses.replace(cfg.mesh, data=8),
+    )
+    summary = loop.run(cfg, str(dst))
+    assert summary["start_step"] == 0 and summary["final_step"] == 2, name
+    assert np.isfinite(summary["train_loss"]), name
+    run = runs.load_run(str(dst))
+    assert run.step == 2, name
+    gen = Generator(run.graphdef, run.variables, mesh=run.mesh)
+    prompts = [run.tokenizer.encode("def f"), run.tokenizer.encode("x = 1")]
+    cached, _ = gen.generate(prompts, max_new_tokens=5, use_cache=True)
+    full, _ = gen.generate(prompts, max_new_tokens=5, use_cache=False)
+    assert cached == full, name
+
+
+@pytest.fixture(scope="module")
+def source4(tmp_path_factory):
+  """A run at step 0 of a 4-layer MHA model (random weights)."""
+  root = tmp_path_factory.mktemp("convert")
+  cfg = small_config(
+    **{
+      "model.num_layers": 4,
+      "model.embed_dim": 32,
+      "model.num_kv_heads": 4,
+      "model.mlp_dim": 64,
+      "data.seq_len": 16,
+      "train.batch_size": 8,
+      "train.eval_batches": 1,
+      "checkpoint.every_steps": 1,
+    }
+  )
+  model = models.build(cfg.model, nnx.Rngs(3))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  workdir = runs.write_run(str(root / "src"), cfg, params, {})
+  return root, workdir

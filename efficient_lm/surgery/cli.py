@@ -4,13 +4,19 @@
       [--drop_layers=N|i,j,... --layer_criterion=loss|cosine] \
       [--heads=KEEP --head_criterion=output|taylor|magnitude|random] \
       [--ffn=KEEP --ffn_criterion=rmax|activation|taylor|magnitude|random
-       --ffn_per_layer] [--seed=0] [--calibration_tokens=65536] \
-      [--config.data.KEY=VALUE ...]
+       --ffn_per_layer] [--width=KEEP] [--to_gqa=G] \
+      [--to_attention=KIND|KIND,KIND,... --config.model.attention.KEY=V] \
+      [--to_mla=RANK] [--to_hourglass=k|k,m --hourglass_factor=2] \
+      [--to_mor=N_R --config.model.routing.KEY=V] \
+      [--seed=0] [--calibration_tokens=65536] [--config.data.KEY=VALUE ...]
 
 Reads SRC's newest good checkpoint (runs.load_run; SRC is not written),
 applies the operations in this order, each ranked on the model the
 previous one left: drop layers, prune heads (whole kv groups), prune FFN
-neurons; prints a before/after line per operation (parameters, forward
+neurons, prune the width (residual channels), then the conversions
+(efficient_lm/surgery/convert.py): MHA/GQA -> fewer kv groups, another
+attention kind or pattern, MLA, and last an hourglass or a
+mixture-of-recursions; prints a before/after line per operation (parameters, forward
 FLOPs per token, KV cache bytes per token, loss on the calibration data)
 and writes DST, a run at step 0 (runs.write_run) whose provenance.json
 records the source run and step, the calibration data and each operation
@@ -36,14 +42,15 @@ from efficient_lm.surgery import (
   LAYER_CRITERIA,
 )
 
-# Issue #20's other operations, not built yet: refused with one line.
-NOT_BUILT = (
+OPERATIONS = (
+  "ffn",
+  "heads",
+  "drop_layers",
   "width",
   "to_gqa",
   "to_attention",
   "to_mla",
   "to_hourglass",
-  "hourglass_factor",
   "to_mor",
 )
 
@@ -73,10 +80,17 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--head_criterion", choices=HEAD_CRITERIA, default="output")
   p.add_argument("--drop_layers", help="N (ranked) or i,j,... (which)")
   p.add_argument("--layer_criterion", choices=LAYER_CRITERIA, default="loss")
+  p.add_argument("--width", help="residual-stream channels kept")
+  p.add_argument("--to_gqa", help="kv groups G (mean-pooled)")
+  p.add_argument(
+    "--to_attention", help="attention kind, or a comma list (a pattern)"
+  )
+  p.add_argument("--to_mla", help="MLA kv_lora_rank")
+  p.add_argument("--to_hourglass", help="k or k,m: layers k+1..m shortened")
+  p.add_argument("--hourglass_factor", type=int, help="default 2")
+  p.add_argument("--to_mor", help="recursions N_r (middle_cycle)")
   p.add_argument("--seed", type=int, default=0, help="the random criterion's")
   p.add_argument("--calibration_tokens", type=int, default=65536)
-  for name in NOT_BUILT:
-    p.add_argument(f"--{name}", help=argparse.SUPPRESS)
   return p
 
 
@@ -86,11 +100,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = _parser()
   overrides = [a for a in argv if a.startswith("--config.")]
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
-  for name in NOT_BUILT:
-    if getattr(args, name) is not None:
-      parser.error(f"--{name}: not built yet (issue #20 item 3 / width)")
-  if args.ffn is None and args.heads is None and args.drop_layers is None:
-    parser.error("no operation given (--ffn, --heads or --drop_layers)")
+  if all(getattr(args, name) is None for name in OPERATIONS):
+    parser.error(f"no operation given (--{', --'.join(OPERATIONS)})")
   if args.calibration_tokens < 1:
     parser.error(
       f"--calibration_tokens={args.calibration_tokens}: expected >= 1"

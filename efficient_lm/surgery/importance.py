@@ -33,6 +33,10 @@ layer l:
               on) minus the loss of the whole model: drop the smallest
   cosine      minus the mean cosine similarity of the layer's input and
               output rows: drop the most similar (ShortGPT / Gromov et al.)
+
+residual-stream channel d (--width; Minitron's activation importance):
+the mean |h_d| over the real calibration tokens, summed over the
+stream's states (each layer's input and the last layer's output).
 """
 
 from __future__ import annotations
@@ -243,9 +247,32 @@ def layer_scores(
   return -np.sum([o[0] for o in outs], axis=0, dtype=np.float64) / count
 
 
+def _stream_stats(model, batch):
+  logits, out = layers_lib.forward(model, batch, capture=("io",))
+  del logits
+  real = (batch["segment_ids"] > 0)[..., None]
+  rows = [io[0] for io in out["io"]] + [out["io"][-1][1]]
+  total = sum(
+    jnp.sum(jnp.where(real, jnp.abs(r.astype(jnp.float32)), 0.0), (0, 1))
+    for r in rows
+  )
+  return total, jnp.sum(real).astype(jnp.float32)
+
+
+def width_scores(s: Surgery, batches: Sequence[dict]) -> np.ndarray:
+  """One score per residual-stream channel ([D]): Minitron's activation
+  importance, the mean over real calibration tokens of |h_d| summed over
+  the stream's states (every layer's input and the last layer's
+  output)."""
+  outs = per_batch(s.model(), batches, _stream_stats)
+  count = max(float(sum(o[1] for o in outs)), 1.0)
+  return np.sum([o[0] for o in outs], axis=0, dtype=np.float64) / count
+
+
 __all__ = [
   "calibration_loss",
   "ffn_scores",
   "head_scores",
   "layer_scores",
+  "width_scores",
 ]

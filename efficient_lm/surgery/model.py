@@ -26,11 +26,15 @@ from efficient_lm.surgery import layers as layers_lib
 class Surgery:
   """`cfg` the full run config; `rest` the parameters outside the layer
   stack (embedding, final norm, head) and `layers` one dict per layer, in
-  plan order, numpy arrays on the host."""
+  plan order, numpy arrays on the host. After a conversion to an
+  hourglass the layers are its pre, shortened and post layers in order;
+  to mixture-of-recursions, its unique layers (first, shared ..., last)
+  and `stack_extra` the recursion stack's own parameters (the router)."""
 
   cfg: Config
   rest: dict
   layers: list
+  stack_extra: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def of(cls, cfg: Config, params: Any) -> Surgery:
@@ -43,9 +47,30 @@ class Surgery:
     return len(self.layers)
 
   def params(self) -> dict:
-    return layers_lib.restack(
-      self.rest, self.layers, models.layer_plan(self.cfg.model)
-    )
+    m = self.cfg.model
+    if m.routing.kind == "mor":
+      first, *shared, last = self.layers
+      return {
+        **self.rest,
+        "stack": {
+          "first": first,
+          "shared": dict(enumerate(shared)),
+          "last": last,
+          **self.stack_extra,
+        },
+      }
+    plan = models.layer_plan(m)
+    if m.kind == "hourglass":
+      out, start = dict(self.rest), 0
+      for name, n in zip(
+        ("pre", "short", "post"), m.funnel.stages, strict=True
+      ):
+        out[name] = layers_lib.restack(
+          {}, self.layers[start : start + n], plan[start : start + n]
+        )["stack"]
+        start += n
+      return out
+    return layers_lib.restack(self.rest, self.layers, plan)
 
   def replaced(self, layers: list, shapes: list | None = None) -> Surgery:
     """This model with new per-layer parameters; the config follows their

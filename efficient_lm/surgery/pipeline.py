@@ -15,7 +15,7 @@ import numpy as np
 
 from efficient_lm import data as data_lib
 from efficient_lm import paths, runs
-from efficient_lm.surgery import importance, prune
+from efficient_lm.surgery import convert, importance, prune
 from efficient_lm.surgery.model import Surgery
 from efficient_lm.surgery.prune import SurgeryError
 
@@ -88,14 +88,58 @@ def _line(name: str, before: dict, after: dict) -> str:
   )
 
 
+def _parse_conversions(
+  s: Surgery, args: argparse.Namespace, model_keys: dict, num_layers: int
+) -> dict[str, Any]:
+  """The conversions' arguments, checked before anything is computed
+  (`num_layers`: the count the layer drop leaves)."""
+  out: dict[str, Any] = {}
+  for section, flag in convert.MODEL_SECTIONS.items():
+    if model_keys[section] and getattr(args, flag) is None:
+      raise SurgeryError(
+        f"--config.model.{section}.* keys are for --{flag}; it is not given"
+      )
+  if args.hourglass_factor is not None and args.to_hourglass is None:
+    raise SurgeryError("--hourglass_factor is for --to_hourglass")
+  if args.to_hourglass is not None and args.to_mor is not None:
+    raise SurgeryError(
+      "--to_hourglass and --to_mor: give one (mixture-of-recursions routes "
+      "a plain decoder's layers)"
+    )
+  if args.to_gqa is not None:
+    out["to_gqa"] = convert.parse_count(args.to_gqa, "to_gqa")
+    convert.check_gqa(s, out["to_gqa"])
+  if args.to_attention is not None:
+    if num_layers == s.num_layers:  # the config checks, nothing computed
+      convert.to_attention(s, args.to_attention, model_keys["attention"])
+  if args.to_mla is not None:
+    out["to_mla"] = convert.parse_count(args.to_mla, "to_mla")
+    convert.check_mla(s, out["to_mla"])
+  if args.to_hourglass is not None:
+    out["to_hourglass"] = convert.parse_hourglass(args.to_hourglass, num_layers)
+    factor = 2 if args.hourglass_factor is None else args.hourglass_factor
+    if factor < 1:
+      raise SurgeryError(f"--hourglass_factor={factor}: expected >= 1")
+    out["hourglass_factor"] = factor
+  if args.to_mor is not None:
+    out["to_mor"] = convert.parse_count(args.to_mor, "to_mor")
+    if num_layers == s.num_layers:  # the fit and the config (host arrays)
+      convert.to_mor(s, out["to_mor"], model_keys["routing"])
+  return out
+
+
 def apply(
   s: Surgery,
   args: argparse.Namespace,
   batches: list[dict],
   log: Callable[[str], None],
+  model_keys: dict | None = None,
 ) -> tuple[Surgery, list[dict]]:
-  """The operations of `args` in order (layers, heads, FFN) -> (the
-  pruned model, one provenance record per operation)."""
+  """The operations of `args` in order (layers, heads, FFN, width, then
+  the conversions: GQA, attention kind, MLA, hourglass or MoR) -> (the
+  new model, one provenance record per operation). `model_keys`: the
+  --config.model.attention.* / routing.* values (convert.split_overrides)."""
+  model_keys = model_keys or {k: {} for k in convert.MODEL_SECTIONS}
   records = []
   # Parse every operation's arguments before the first one runs.
   drop = (
@@ -113,6 +157,14 @@ def apply(
       raise SurgeryError("--ffn: every layer needs a dense gated MLP")
     widths = [lay["mlp"]["gate_DF"].shape[1] for lay in s.layers]
     prune.ffn_keep([np.zeros(w) for w in widths], ffn, args.ffn_per_layer)
+  width = None
+  if args.width is not None:
+    width = prune.check_width(s, prune.parse_keep(args.width, "width"))
+  if drop is None:
+    remaining = s.num_layers
+  else:
+    remaining = s.num_layers - (drop if isinstance(drop, int) else len(drop))
+  conv = _parse_conversions(s, args, model_keys, remaining)
   before = s.measure(batches)
 
   def done(op, args_, new, extra):
@@ -170,6 +222,65 @@ def apply(
         "importance": prune.summary(scores, kept),
       },
     )
+  if width is not None:
+    scores = importance.width_scores(s, batches)
+    kept = prune.width_keep(scores, width)
+    s = done(
+      "width",
+      {"width": args.width},
+      prune.prune_width(s, kept),
+      {
+        "kept_channels": kept.tolist(),
+        "importance": prune.summary([scores], [kept])[0],
+      },
+    )
+  if "to_gqa" in conv:
+    s = done(
+      "to_gqa",
+      {"to_gqa": conv["to_gqa"]},
+      convert.to_gqa(s, conv["to_gqa"]),
+      {},
+    )
+  if args.to_attention is not None:
+    keys = model_keys["attention"]
+    s = done(
+      "to_attention",
+      {"to_attention": args.to_attention, "attention": keys},
+      convert.to_attention(s, args.to_attention, keys),
+      {},
+    )
+  if "to_mla" in conv:
+    new, errors = convert.to_mla(s, conv["to_mla"], batches)
+    for e in errors:
+      log(
+        f"surgery: to_mla: layer {e['layer']}: key error "
+        f"{e['key_error']:.4f}, latent error {e['latent_error']:.4f}"
+      )
+    s = done(
+      "to_mla",
+      {"to_mla": conv["to_mla"]},
+      new,
+      {"reconstruction": errors},
+    )
+  if "to_hourglass" in conv:
+    k, m = conv["to_hourglass"]
+    s = done(
+      "to_hourglass",
+      {
+        "to_hourglass": args.to_hourglass,
+        "hourglass_factor": conv["hourglass_factor"],
+      },
+      convert.to_hourglass(s, k, m, conv["hourglass_factor"]),
+      {"stages": [k, m - k, s.num_layers - m]},
+    )
+  if "to_mor" in conv:
+    keys = model_keys["routing"]
+    s = done(
+      "to_mor",
+      {"to_mor": conv["to_mor"], "routing": keys},
+      convert.to_mor(s, conv["to_mor"], keys),
+      {},
+    )
   return s, records
 
 
@@ -180,12 +291,13 @@ def run(
   out = paths.resolve(args.out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise SurgeryError(f"--out={args.out} exists and is not empty")
+  overrides, model_keys = convert.split_overrides(overrides)
   runs.parse_overrides(overrides)
   src = runs.load_run(args.workdir, devices=jax.local_devices()[:1])
   check_supported(src)
   batches, calib = calibration_batches(src, overrides, args.calibration_tokens)
   s = Surgery.of(src.config, src.params)
-  s, records = apply(s, args, batches, log)
+  s, records = apply(s, args, batches, log, model_keys)
   provenance = {
     "tool": "efficient_lm.surgery",
     "source_workdir": src.workdir,

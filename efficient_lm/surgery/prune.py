@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from efficient_lm import config as config_lib
 from efficient_lm.surgery.model import Surgery
 
 
@@ -243,3 +244,87 @@ def drop_layers(s: Surgery, dropped: Sequence[int]) -> Surgery:
       )
   shapes = [dict(m.layer_shapes(i)) for i in keep]
   return s.replaced([s.layers[i] for i in keep], shapes)
+
+
+# ----------------------------------------------------------------- width
+
+# The norms over the model width (their scale is indexed by channel);
+# q_norm / k_norm / kv_norm norm a head or a latent instead.
+_WIDTH_NORMS = (
+  "attn_norm",
+  "mlp_norm",
+  "post_attn_norm",
+  "post_mlp_norm",
+  "final_norm",
+  "summary_norm",
+)
+
+
+def check_width(s: Surgery, keep: float | int) -> int:
+  """The kept width for --width=KEEP (refused before anything runs)."""
+  m = s.cfg.model
+  d = m.embed_dim
+  if m.embed_scale:
+    raise SurgeryError(
+      "--width: model.embed_scale multiplies the embedding by "
+      "sqrt(embed_dim), which pruning would change; not supported"
+    )
+  if isinstance(keep, int) and keep >= d:
+    raise SurgeryError(
+      f"--width={keep} is not below the current width model.embed_dim={d}"
+    )
+  return max(_kept(d, keep), 1)
+
+
+def width_keep(scores: np.ndarray, n: int) -> np.ndarray:
+  return _top(scores, n)
+
+
+def _prune_width(tree: dict, kept: np.ndarray, factor: float, plus_one: bool):
+  """Every leaf's axes lettered D (its name's suffix: table_VD, q_DHK,
+  down_FD, ...) sliced to `kept`; the width norms' scales sliced and
+  multiplied by `factor` (see `prune_width`)."""
+  out = {}
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      if name in _WIDTH_NORMS:
+        scale = value["scale"][kept].astype(np.float64)
+        scale = (1.0 + scale) * factor - 1.0 if plus_one else scale * factor
+        out[name] = {**value, "scale": scale.astype(value["scale"].dtype)}
+      else:
+        out[name] = _prune_width(value, kept, factor, plus_one)
+      continue
+    letters = name.rsplit("_", 1)[-1] if "_" in str(name) else ""
+    if len(letters) != np.ndim(value) or not letters.isupper():
+      out[name] = value
+      continue
+    for axis, letter in enumerate(letters):
+      if letter == "D":
+        value = np.take(value, kept, axis=axis)
+    out[name] = value
+  return out
+
+
+def prune_width(s: Surgery, kept: np.ndarray) -> Surgery:
+  """The residual stream's channels `kept` (Minitron width pruning): the
+  embedding, the head, every projection's input or output on the stream
+  and every width norm. An RMSNorm over fewer channels divides by the RMS
+  of those only, so each width norm's scale is multiplied by sqrt(D / D')
+  and model.norm_eps by D / D' (when no other norm shares it: no
+  qk_norm, no MLA latent norm): pruning channels that are zero
+  everywhere then changes nothing."""
+  m = s.cfg.model
+  d, n = m.embed_dim, len(kept)
+  factor = float(np.sqrt(d / n))
+  rest = _prune_width(s.rest, kept, factor, m.norm_plus_one)
+  layers = [
+    _prune_width(lay, kept, factor, m.norm_plus_one) for lay in s.layers
+  ]
+  own_eps = not m.attention.qk_norm and m.attention.projection == "qkv"
+  d_cfg = s.cfg.to_dict()
+  d_cfg["model"]["embed_dim"] = n
+  d_cfg["model"]["head_dim"] = m.resolved_head_dim  # its default follows D
+  if own_eps:
+    d_cfg["model"]["norm_eps"] = m.norm_eps * d / n
+  cfg = config_lib.from_config_dict(d_cfg, device_count=s.cfg.mesh.size)
+  return Surgery(cfg, rest, layers).replaced(layers)
