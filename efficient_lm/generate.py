@@ -331,6 +331,12 @@ def _flags():
     "for every new token (the reference path)",
   )
   flags.DEFINE_bool("stats", False, "print cache sizes and timing to stderr")
+  flags.DEFINE_string(
+    "quantize",
+    None,
+    "sample from the weights quantized by this scheme (qwix PTQ): "
+    "int8_weights, int4_weights[:GROUP], int8_dynamic, fp8",
+  )
   flags.mark_flag_as_required("workdir")
   return flags.FLAGS
 
@@ -352,7 +358,7 @@ def main(argv) -> None:
       f"(0 < p <= 1), --top_k={f.top_k} (>= 0) out of range"
     )
   try:  # every bad input fails here, before the cache is allocated
-    run = runs.load_run(f.workdir)
+    run = runs.load_run(f.workdir, quantize=f.quantize)
     tok = run.tokenizer
     bos = [] if tok.bos_id is None else [tok.bos_id]
     prompts = [bos + tok.encode(p) for p in f.prompt]

@@ -162,11 +162,17 @@ class MLAttention(nnx.Module):
     """(no-rope part [B, T, H, N], rotated rope part [B, T, H, R])."""
     dt = q.x_BTD.dtype
     if self.dims.q_lora_rank:
-      cq_BTQ = jnp.einsum("BTD,DQ->BTQ", q.x_BTD, self.dq_DQ[...].astype(dt))
+      cq_BTQ = jnp.einsum(
+        "BTD,DQ->BTQ", q.x_BTD, jnp.asarray(self.dq_DQ[...], dt)
+      )
       cq_BTQ = self.q_norm(constrain(cq_BTQ, BTC))
-      q_BTHK = jnp.einsum("BTQ,QHK->BTHK", cq_BTQ, self.uq_QHK[...].astype(dt))
+      q_BTHK = jnp.einsum(
+        "BTQ,QHK->BTHK", cq_BTQ, jnp.asarray(self.uq_QHK[...], dt)
+      )
     else:
-      q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
+      q_BTHK = jnp.einsum(
+        "BTD,DHK->BTHK", q.x_BTD, jnp.asarray(self.q_DHK[...], dt)
+      )
     n = self.dims.nope_head_dim
     qr_BTHR = rope(q_BTHK[..., n:], q.pos_BT, self.rope_theta)
     return q_BTHK[..., :n], qr_BTHR
@@ -175,9 +181,13 @@ class MLAttention(nnx.Module):
     """(normed kv latent c [B, S, C], rotated shared key [B, S, R]): all a
     token contributes to the keys and values of every head."""
     dt = kv.x_BTD.dtype
-    c_BSC = jnp.einsum("BSD,DC->BSC", kv.x_BTD, self.dkv_DC[...].astype(dt))
+    c_BSC = jnp.einsum(
+      "BSD,DC->BSC", kv.x_BTD, jnp.asarray(self.dkv_DC[...], dt)
+    )
     c_BSC = constrain(self.kv_norm(constrain(c_BSC, BTC)), BTC)
-    kr_BSR = jnp.einsum("BSD,DR->BSR", kv.x_BTD, self.kr_DR[...].astype(dt))
+    kr_BSR = jnp.einsum(
+      "BSD,DR->BSR", kv.x_BTD, jnp.asarray(self.kr_DR[...], dt)
+    )
     kr_BSR = rope(kr_BSR[:, :, None, :], kv.pos_BT, self.rope_theta)[:, :, 0]
     return c_BSC, constrain(kr_BSR, BTC)
 
@@ -244,8 +254,12 @@ class MLAttention(nnx.Module):
     qn_BTHN, qr_BTHR = self._queries(q)
     q_BTHK = constrain(jnp.concatenate([qn_BTHN, qr_BTHR], axis=-1), BTHK)
     c_BSC, kr_BSR = self._latents(kv)
-    kn_BSHN = jnp.einsum("BSC,CHN->BSHN", c_BSC, self.uk_CHN[...].astype(dt))
-    v_BSHE = jnp.einsum("BSC,CHE->BSHE", c_BSC, self.uv_CHE[...].astype(dt))
+    kn_BSHN = jnp.einsum(
+      "BSC,CHN->BSHN", c_BSC, jnp.asarray(self.uk_CHN[...], dt)
+    )
+    v_BSHE = jnp.einsum(
+      "BSC,CHE->BSHE", c_BSC, jnp.asarray(self.uv_CHE[...], dt)
+    )
     kr_BSHR = jnp.broadcast_to(
       kr_BSR[:, :, None, :], kn_BSHN.shape[:3] + kr_BSR.shape[-1:]
     )
@@ -253,7 +267,7 @@ class MLAttention(nnx.Module):
     o_BTHE = self._attend(
       q_BTHK, k_BSHK, constrain(v_BSHE, BSGK), q, kv.pos_BT, kv.seg_BT, BSGK
     )
-    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
+    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, jnp.asarray(self.o_HED[...], dt))
     return constrain(out, BTD)
 
   # -------------------------------------------------------------- generation
@@ -284,7 +298,9 @@ class MLAttention(nnx.Module):
       "seg": x.seg_BT.astype(jnp.int32),
     }
     rows = cache_lib.concat(cache, new)
-    qc_BTHC = jnp.einsum("BTHN,CHN->BTHC", qn_BTHN, self.uk_CHN[...].astype(dt))
+    qc_BTHC = jnp.einsum(
+      "BTHN,CHN->BTHC", qn_BTHN, jnp.asarray(self.uk_CHN[...], dt)
+    )
     q_BTHL = constrain(jnp.concatenate([qc_BTHC, qr_BTHR], axis=-1), BTHK)
     c_BSC = constrain(rows["c"].astype(dt), BTC)
     k_BS1L = jnp.concatenate([c_BSC, rows["kr"].astype(dt)], axis=-1)
@@ -297,8 +313,10 @@ class MLAttention(nnx.Module):
       rows["seg"],
       BS1L,
     )
-    o_BTHE = jnp.einsum("BTHC,CHE->BTHE", o_BTHC, self.uv_CHE[...].astype(dt))
-    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
+    o_BTHE = jnp.einsum(
+      "BTHC,CHE->BTHE", o_BTHC, jnp.asarray(self.uv_CHE[...], dt)
+    )
+    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, jnp.asarray(self.o_HED[...], dt))
     return constrain(out, BTD), cache_lib.write(cache, new, slots)
 
   def cache_bytes_per_token(self, dtype) -> int:
