@@ -14,8 +14,10 @@ weights in float32, the eval loss and bits per byte and their deltas
 against the float run, greedy decode tokens/s (`--prompts` rows,
 `--new_tokens` tokens, the second of two runs: the first compiles) and the
 KV cache bytes per token (weight quantization leaves the cache alone).
-The QAT row is the QAT run quantized with its own scheme; its delta is
-against the float run, so it compares with the PTQ row of that scheme.
+The QAT rows are the QAT run's weights in float (no simulated
+quantization) and quantized with its own scheme (PTQ of the QAT weights);
+deltas are against the float run: QAT's quantization gap is the
+difference of its two rows, PTQ's the int4 row's delta.
 Prints a Markdown table and the rows as JSON lines.
 """
 
@@ -104,6 +106,9 @@ def main() -> None:
     q = runs.quantize_run(base, parse_scheme(s))
     rows.append(_row(s, q, base, args, prompts))
   qat = runs.load_run(qdir, devices=devices)
+  rows.append(
+    _row("QAT run, float", runs.without_qat(qat), base, args, prompts)
+  )
   rows.append(
     _row(
       f"QAT {args.qat}",

@@ -212,6 +212,26 @@ def quantize_run(run: LoadedRun, scheme: Scheme) -> LoadedRun:
   )
 
 
+def without_qat(run: LoadedRun) -> LoadedRun:
+  """`run` as a float model: a quantization-aware run's (train.quantization)
+  weights evaluated without the simulated quantization; any other run as
+  it is."""
+  if not run.config.train.quantization:
+    return run
+  cfg = dataclasses.replace(
+    run.config, train=dataclasses.replace(run.config.train, quantization="")
+  )
+  model = state_lib.abstract_state(cfg, run.mesh)
+  return dataclasses.replace(
+    run,
+    config=cfg,
+    graphdef=model.graphdef,
+    eval_step=state_lib.jit_eval_step(
+      model, state_lib.objective(cfg, run.tokenizer)
+    ),
+  )
+
+
 def write_run(
   workdir: str,
   cfg: Config,
