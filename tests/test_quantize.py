@@ -300,3 +300,30 @@ def test_qat_resume_after_kill_is_bit_identical(tmp_path):
   _, params_a, _ = final_state(straight)
   _, params_b, _ = final_state(crashed)
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+@pytest.mark.slow
+def test_qat_ptq_gap_is_smaller_than_a_float_runs_at_int4(tmp_path):
+  """Two runs of the same config and seed, one trained with QAT at int4:
+  the QAT run's int4 PTQ loss is closer to its own float loss than the
+  float run's int4 PTQ loss is to its float loss."""
+  scheme = "int4_weights:32"
+  gaps = {}
+  for name, qat in (("float", ""), ("qat", scheme)):
+    cfg = small_config(
+      **{
+        **_TINY,
+        "train.steps": 200,
+        "checkpoint.every_steps": 200,
+        "train.quantization": qat,
+      }
+    )
+    workdir = str(tmp_path / name)
+    loop.run(cfg, workdir)
+    run = runs.load_run(workdir, devices=jax.devices()[:1])
+    q = runs.quantize_run(run, parse_scheme(scheme))
+    gaps[name] = abs(
+      runs.evaluate(q, 8)["loss"]
+      - runs.evaluate(runs.without_qat(run), 8)["loss"]
+    )
+  assert gaps["qat"] < gaps["float"], gaps
