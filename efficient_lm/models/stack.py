@@ -256,7 +256,7 @@ class Stack(nnx.Module):
 
     # A block whose parameters change form in its call (qwix's PTQ swaps
     # each float weight for its quantized arrays on the first call,
-    # efficient_lm/quantize.py) has them carried out of the scan, like its
+    # models/quantization.py) has them carried out of the scan, like its
     # model state, and the stack rebuilt from them; graphdef j's new form.
     reformed: dict[int, nnx.GraphDef] = {}
 
