@@ -28,6 +28,15 @@ _NUM_BATCHES = flags.DEFINE_integer(
   "example once.",
 )
 
+_QUANTIZE = flags.DEFINE_string(
+  "quantize",
+  None,
+  "Evaluate the run's weights quantized by this scheme (qwix PTQ): "
+  "int8_weights, int4_weights[:GROUP] (default group 128), int8_dynamic, "
+  "fp8. The float weights are evaluated on the same batches too; the "
+  "result adds the deltas and both parameter byte counts.",
+)
+
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
@@ -41,7 +50,10 @@ def main(argv):
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
   try:
     run = runs.load_run(_WORKDIR.value, overrides=overrides)
-    result = runs.evaluate(run, _NUM_BATCHES.value)
+    if _QUANTIZE.value is None:
+      result = runs.evaluate(run, _NUM_BATCHES.value)
+    else:
+      result = runs.evaluate_quantized(run, _QUANTIZE.value, _NUM_BATCHES.value)
   except runs.ERRORS as e:
     sys.exit(f"error: {e}")
   print(summary(result), file=sys.stderr, flush=True)
@@ -62,6 +74,14 @@ def summary(r: dict) -> str:
     f"{bpb} bits/byte over {r['num_tokens']:,} tokens "
     f"({r['num_bytes']:,} bytes, {r['num_batches']} batches) of {data}; "
     f"{r['tokens_per_sec']:,.0f} tokens/s"
+  ) + (
+    ""
+    if "quantize" not in r
+    else (
+      f"; {r['quantize']}: loss {r['loss_delta']:+.4f} nats against the "
+      f"float weights, {r['param_bytes']:,} parameter bytes (float: "
+      f"{r['float_param_bytes']:,})"
+    )
   )
 
 

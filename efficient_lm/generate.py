@@ -345,6 +345,12 @@ def _flags():
     "how the caches store K/V rows: auto (the model's dtype), float32, "
     "bfloat16, int8 (per-token, per-head absmax scales)",
   )
+  flags.DEFINE_string(
+    "quantize",
+    None,
+    "sample from the weights quantized by this scheme (qwix PTQ): "
+    "int8_weights, int4_weights[:GROUP], int8_dynamic, fp8",
+  )
   flags.mark_flag_as_required("workdir")
   return flags.FLAGS
 
@@ -371,7 +377,7 @@ def main(argv) -> None:
       f"{', '.join(cache_lib.KV_CACHE_DTYPES)}"
     )
   try:  # every bad input fails here, before the cache is allocated
-    run = runs.load_run(f.workdir)
+    run = runs.load_run(f.workdir, quantize=f.quantize)
     tok = run.tokenizer
     bos = [] if tok.bos_id is None else [tok.bos_id]
     prompts = [bos + tok.encode(p) for p in f.prompt]

@@ -35,8 +35,10 @@ from flax import nnx
 
 from efficient_lm import config as config_lib
 from efficient_lm import data as data_lib
-from efficient_lm import paths, sharding
+from efficient_lm import models, paths, sharding
 from efficient_lm.config import Config, ConfigError, DataConfig
+from efficient_lm.config.schemes import Scheme, parse_scheme
+from efficient_lm.models import quantization
 from efficient_lm.data import DataError, Tokenizer
 from efficient_lm.training import checkpoint, loop
 from efficient_lm.training import state as state_lib
@@ -99,6 +101,7 @@ def load_run(
   *,
   overrides: Sequence[str] = (),
   devices: Sequence[Any] | None = None,
+  quantize: str | None = None,
 ) -> LoadedRun:
   """Loads the newest good checkpoint of `workdir`, read-only.
 
@@ -110,9 +113,15 @@ def load_run(
   ConfigError. `devices` (default: this process's; one process, no
   jax.distributed) form a data-parallel mesh, keeping the run's
   `mesh.tensor` where it divides their number, and using as many of them
-  as divide `train.batch_size`.
+  as divide `train.batch_size`. `quantize`: a scheme (config/schemes.py)
+  applied to the loaded weights (`quantize_run`).
   """
   parse_overrides(overrides)  # bad input fails before anything is read
+  if quantize is not None:
+    scheme = parse_scheme(quantize, "quantize")
+    return quantize_run(
+      load_run(workdir, overrides=overrides, devices=devices), scheme
+    )
   # Local: made absolute (orbax needs that); gs://: as it is.
   path = paths.resolve(workdir)
   workdir = str(path)
@@ -158,6 +167,68 @@ def load_run(
     data_seed=model.keys.data_seed,
     params=state["params"],
     model_state=state["model_state"],
+  )
+
+
+def quantize_run(run: LoadedRun, scheme: Scheme) -> LoadedRun:
+  """`run` with its layers' weights quantized by `scheme` (qwix PTQ,
+  models/quantization.py): integer (or fp8) values and scales in `params`,
+  `config.model.quantization` recording the scheme, and the eval step of
+  that model. ConfigError (one line) if the run is already quantized, the
+  device cannot run the scheme, or int4's group does not divide a weight.
+  """
+  done = run.config.model.quantization
+  if done:
+    raise ConfigError(
+      f"{run.workdir} is already quantized (model.quantization={done!r}); "
+      "quantize its float source run instead"
+    )
+  quantization.check_device(scheme, run.mesh.devices.flat[0])
+  cfg = dataclasses.replace(
+    run.config,
+    model=dataclasses.replace(run.config.model, quantization=str(scheme)),
+    train=dataclasses.replace(run.config.train, quantization=""),
+  )
+  # The group size is checked abstractly, before any weight is touched.
+  model = state_lib.abstract_state(cfg, run.mesh)
+  qmodel = quantization.quantize(run.model(), scheme, seq_len=cfg.data.seq_len)
+  _, params, model_state = nnx.split(qmodel, nnx.Param, models.ModelState)
+  placed = jax.device_put(
+    {
+      "params": _fitting("params", params, model.params),
+      "model_state": _fitting("model_state", model_state, model.model_state),
+    },
+    model.shardings,
+  )
+  return dataclasses.replace(
+    run,
+    config=cfg,
+    graphdef=model.graphdef,
+    eval_step=state_lib.jit_eval_step(
+      model, state_lib.objective(cfg, run.tokenizer)
+    ),
+    params=placed["params"],
+    model_state=placed["model_state"],
+  )
+
+
+def without_qat(run: LoadedRun) -> LoadedRun:
+  """`run` as a float model: a quantization-aware run's (train.quantization)
+  weights evaluated without the simulated quantization; any other run as
+  it is."""
+  if not run.config.train.quantization:
+    return run
+  cfg = dataclasses.replace(
+    run.config, train=dataclasses.replace(run.config.train, quantization="")
+  )
+  model = state_lib.abstract_state(cfg, run.mesh)
+  return dataclasses.replace(
+    run,
+    config=cfg,
+    graphdef=model.graphdef,
+    eval_step=state_lib.jit_eval_step(
+      model, state_lib.objective(cfg, run.tokenizer)
+    ),
   )
 
 
@@ -363,6 +434,38 @@ def evaluate(run: LoadedRun, num_batches: int | None = None) -> dict[str, Any]:
     "tokens_per_sec": tokens / seconds,
     "seconds": seconds,
     **metrics,
+  }
+
+
+def evaluate_quantized(
+  run: LoadedRun, scheme: str, num_batches: int | None = None
+) -> dict[str, Any]:
+  """`evaluate` of `run` quantized by `scheme` (`quantize_run`), with the
+  float weights evaluated on the same batches: the quantized result plus
+  `quantize` (the scheme), `float_loss`, `float_bpb`, `loss_delta` and
+  `bpb_delta` (quantized - float) and `param_bytes` / `float_param_bytes`
+  (parameters and model state, measured from the arrays:
+  quantization.param_bytes), `quantized_bytes` / `float_quantized_bytes`
+  (the quantized weights alone: values and scales, and the same weights
+  in float; quantization.quantized_bytes)."""
+  qrun = quantize_run(run, parse_scheme(scheme, "quantize"))
+  base = evaluate(run, num_batches)
+  out = evaluate(qrun, num_batches)
+  bpb = None if out["bpb"] is None else out["bpb"] - base["bpb"]
+  qbytes, fbytes = quantization.quantized_bytes(qrun.params, run.params)
+  return {
+    **out,
+    "quantize": qrun.config.model.quantization,
+    "float_loss": base["loss"],
+    "float_bpb": base["bpb"],
+    "loss_delta": out["loss"] - base["loss"],
+    "bpb_delta": bpb,
+    "param_bytes": quantization.param_bytes((qrun.params, qrun.model_state)),
+    "float_param_bytes": quantization.param_bytes(
+      (run.params, run.model_state)
+    ),
+    "quantized_bytes": qbytes,
+    "float_quantized_bytes": fbytes,
   }
 
 

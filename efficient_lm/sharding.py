@@ -213,7 +213,12 @@ def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def _param_spec(var: nnx.Variable) -> P:
-  return logical_to_spec(logical_axes(var))
+  # A dimension of size 1 is never split: a quantized weight's scale keeps
+  # its weight's names over the axes it reduces (models/quantization.py).
+  names = logical_axes(var)
+  return logical_to_spec(
+    tuple(None if n == 1 else a for a, n in zip(names, var.shape, strict=True))
+  )
 
 
 def _state_to_tree(state: Mapping[Any, Any], leaf_fn) -> dict[Any, Any]:

@@ -114,6 +114,12 @@ def main(argv):
     cfg = config_lib.from_config_dict(
       _CONFIG.value, device_count=jax.device_count()
     )
+    if cfg.model.quantization:
+      raise config_lib.ConfigError(
+        f"model.quantization={cfg.model.quantization!r}: a quantized "
+        "run's integer weights are not trained; train its float source "
+        "(train.quantization=SCHEME trains it quantization-aware)"
+      )
     if jax.process_index() == 0:
       print("resolved config:\n" + cfg.to_json(), flush=True)
     loop.run(cfg, _WORKDIR.value, overrides=_overrides(sys.argv))

@@ -2791,6 +2791,97 @@ MUTATIONS = [
     "-k",
     "to_mor",
   ),
+  # ---- issue #21: quantization through qwix (tests/test_quantize.py)
+  # The stack keeps the float weights: PTQ re-quantizes every call and
+  # stores nothing quantized.
+  _m(
+    "quant_stack_not_reformed",
+    "efficient_lm/models/stack.py",
+    "        if new_gd != gd:\n          reformed[j] = new_gd",
+    "        if False:\n          reformed[j] = new_gd",
+    "tests/test_quantize.py",
+    "-k",
+    "int4_weights_bytes or cli",
+  ),
+  # Parameter bytes by .nbytes: int4 counted a byte per value.
+  _m(
+    "quant_bytes_unpacked_int4",
+    "efficient_lm/models/quantization.py",
+    "s.data.on_device_size_in_bytes()",
+    "s.data.nbytes",
+    "tests/test_quantize.py",
+    "-k",
+    "int4_weights_bytes",
+  ),
+  _m(
+    "quant_loss_delta_sign",
+    "efficient_lm/runs.py",
+    '"loss_delta": out["loss"] - base["loss"],',
+    '"loss_delta": base["loss"] - out["loss"],',
+    "tests/test_quantize.py",
+    "-k",
+    "int8_weights_eval",
+  ),
+  # A quantized run quantized again (its scales quantized as weights).
+  _m(
+    "quant_requantize_allowed",
+    "efficient_lm/runs.py",
+    "  done = run.config.model.quantization\n  if done:",
+    "  done = run.config.model.quantization\n  if False:",
+    "tests/test_quantize.py",
+    "-k",
+    "cli",
+  ),
+  # A quantized run loaded as a QAT (float) model: its checkpoint's integer
+  # weights no longer fit.
+  _m(
+    "quant_run_loaded_as_float",
+    "efficient_lm/training/state.py",
+    "train=not cfg.model.quantization,",
+    "train=True,",
+    "tests/test_quantize.py",
+    "-k",
+    "cli",
+  ),
+  # QAT off: train.quantization ignored by the model.
+  _m(
+    "quant_qat_ignored",
+    "efficient_lm/training/state.py",
+    "  text = cfg.model.quantization or cfg.train.quantization\n",
+    "  text = cfg.model.quantization\n",
+    "tests/test_quantize.py",
+    "-k",
+    "qat_resume_after_crash",
+  ),
+  _m(
+    "quant_fp8_device_unchecked",
+    "efficient_lm/models/quantization.py",
+    'if scheme.name != "fp8" or device.platform != "gpu":',
+    "if True:",
+    "tests/test_quantize.py",
+    "-k",
+    "bad_schemes",
+  ),
+  # int4 groups: the group size dropped (per-channel int4).
+  _m(
+    "quant_int4_group_dropped",
+    "efficient_lm/models/quantization.py",
+    '"int4_weights": dict(weight_qtype=jnp.int4, tile_size=scheme.group),',
+    '"int4_weights": dict(weight_qtype=jnp.int4),',
+    "tests/test_quantize.py",
+    "-k",
+    "numpy",
+  ),
+  # The int8 scale over the wrong axis: qwix asked for int4.
+  _m(
+    "quant_int8_is_int4",
+    "efficient_lm/models/quantization.py",
+    '"int8_weights": dict(weight_qtype=jnp.int8),',
+    '"int8_weights": dict(weight_qtype=jnp.int4),',
+    "tests/test_quantize.py",
+    "-k",
+    "numpy",
+  ),
 ]
 
 

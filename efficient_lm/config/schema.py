@@ -383,6 +383,13 @@ class ModelConfig:
   moe: MoEConfig = MoEConfig()
   funnel: FunnelConfig = FunnelConfig()
   per_layer: PerLayerConfig = PerLayerConfig()
+  # The form of the stored weights: "" float; a quantization scheme
+  # (config/schemes.py: int8_weights, int4_weights[:GROUP], int8_dynamic,
+  # fp8): the layers' matmul weights are qwix's integer (or fp8) values and
+  # scales, written by `python -m efficient_lm.quantize`
+  # (models/quantization.py). Such a run is evaluated and sampled, not
+  # trained.
+  quantization: str = ""
 
   @property
   def resolved_head_dim(self) -> int:
@@ -471,6 +478,11 @@ class TrainConfig:
   # stays the latest one).
   stop_on_nan: bool = True
   distill: DistillConfig = DistillConfig()
+  # Quantization-aware training: "" off; a scheme (config/schemes.py) whose
+  # quantization qwix simulates in the forward pass (straight-through
+  # gradients to the float weights, models/quantization.py). The run is
+  # then quantized with the same scheme for serving.
+  quantization: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

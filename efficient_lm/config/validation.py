@@ -6,6 +6,7 @@ routing, funnel) are in validation_model.py."""
 from __future__ import annotations
 
 from efficient_lm.config.errors import ConfigError, _positive
+from efficient_lm.config.schemes import parse_scheme
 from efficient_lm.config.schema import (
   Config,
   DataConfig,
@@ -38,6 +39,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
   _validate_sizes(cfg)
   _validate_train(cfg.train)
   _validate_distill(cfg)
+  _validate_quantization(cfg)
   if mesh.data == 0 or mesh.data < -1:
     raise ConfigError(
       f"mesh.data={mesh.data}: expected a positive size or -1 (all "
@@ -203,6 +205,21 @@ def _validate_train(t: TrainConfig) -> None:
     if v < 0:
       raise ConfigError(f"{path}={v}: expected >= 0 (0 turns it off)")
   _positive("train.eval_batches", t.eval_batches)
+
+
+def _validate_quantization(cfg: Config) -> None:
+  """Known schemes; a quantized model (integer weights) is not trained
+  again with quantization-aware training."""
+  m, t = cfg.model.quantization, cfg.train.quantization
+  for what, text in (("model.quantization", m), ("train.quantization", t)):
+    if text:
+      parse_scheme(text, what)
+  if m and t:
+    raise ConfigError(
+      f"model.quantization={m!r} with train.quantization={t!r}: the "
+      "weights are already quantized; quantization-aware training needs "
+      "the float run"
+    )
 
 
 def _validate_distill(cfg: Config) -> None:

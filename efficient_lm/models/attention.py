@@ -204,7 +204,9 @@ class Attention(nnx.Module):
   def queries(self, q: Tokens) -> jax.Array:
     """RoPE'd queries [B, T, H, K]."""
     dt = q.x_BTD.dtype
-    q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
+    q_BTHK = jnp.einsum(
+      "BTD,DHK->BTHK", q.x_BTD, jnp.asarray(self.q_DHK[...], dt)
+    )
     if self.q_bias_HK is not None:
       q_BTHK = q_BTHK + self.q_bias_HK[...].astype(dt)[None, None]
     if self.q_norm is not None:
@@ -215,8 +217,12 @@ class Attention(nnx.Module):
     """The key/value rows of `kv`: RoPE'd k and v [B, S, G, K] with their
     positions and segments (the cache's fields, models/cache.py)."""
     dt = kv.x_BTD.dtype
-    k_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.k_DGK[...].astype(dt))
-    v_BSGK = jnp.einsum("BSD,DGK->BSGK", kv.x_BTD, self.v_DGK[...].astype(dt))
+    k_BSGK = jnp.einsum(
+      "BSD,DGK->BSGK", kv.x_BTD, jnp.asarray(self.k_DGK[...], dt)
+    )
+    v_BSGK = jnp.einsum(
+      "BSD,DGK->BSGK", kv.x_BTD, jnp.asarray(self.v_DGK[...], dt)
+    )
     if self.k_bias_GK is not None and self.v_bias_GK is not None:
       k_BSGK = k_BSGK + self.k_bias_GK[...].astype(dt)[None, None]
       v_BSGK = v_BSGK + self.v_bias_GK[...].astype(dt)[None, None]
@@ -274,7 +280,7 @@ class Attention(nnx.Module):
       attend, (BTHK, BSGK, BSGK, BT, BT, BT, BT), BTHK
     )(q_BTHK, k_BSGK, v_BSGK, q_pos, k_pos, q_seg, k_seg)
     dt = o_BTHK.dtype
-    out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, self.o_HKD[...].astype(dt))
+    out = jnp.einsum("BTHK,HKD->BTD", o_BTHK, jnp.asarray(self.o_HKD[...], dt))
     return constrain(out, BTD)
 
   @overload

@@ -186,8 +186,8 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = x_BTD.dtype
-    gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
-    up = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+    gate = jnp.einsum("BTD,DF->BTF", x_BTD, jnp.asarray(self.gate_DF[...], dt))
+    up = jnp.einsum("BTD,DF->BTF", x_BTD, jnp.asarray(self.up_DF[...], dt))
     h_BTF = constrain(ACTIVATIONS[self.activation](gate) * up, BTF)
-    out = jnp.einsum("BTF,FD->BTD", h_BTF, self.down_FD[...].astype(dt))
+    out = jnp.einsum("BTF,FD->BTD", h_BTF, jnp.asarray(self.down_FD[...], dt))
     return constrain(out, BTD)

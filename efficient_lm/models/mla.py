@@ -167,11 +167,17 @@ class MLAttention(nnx.Module):
     """(no-rope part [B, T, H, N], rotated rope part [B, T, H, R])."""
     dt = q.x_BTD.dtype
     if self.dims.q_lora_rank:
-      cq_BTQ = jnp.einsum("BTD,DQ->BTQ", q.x_BTD, self.dq_DQ[...].astype(dt))
+      cq_BTQ = jnp.einsum(
+        "BTD,DQ->BTQ", q.x_BTD, jnp.asarray(self.dq_DQ[...], dt)
+      )
       cq_BTQ = self.q_norm(constrain(cq_BTQ, BTC))
-      q_BTHK = jnp.einsum("BTQ,QHK->BTHK", cq_BTQ, self.uq_QHK[...].astype(dt))
+      q_BTHK = jnp.einsum(
+        "BTQ,QHK->BTHK", cq_BTQ, jnp.asarray(self.uq_QHK[...], dt)
+      )
     else:
-      q_BTHK = jnp.einsum("BTD,DHK->BTHK", q.x_BTD, self.q_DHK[...].astype(dt))
+      q_BTHK = jnp.einsum(
+        "BTD,DHK->BTHK", q.x_BTD, jnp.asarray(self.q_DHK[...], dt)
+      )
     n = self.dims.nope_head_dim
     qr_BTHR = rope(q_BTHK[..., n:], q.pos_BT, self.rope_theta)
     return q_BTHK[..., :n], qr_BTHR
@@ -180,9 +186,13 @@ class MLAttention(nnx.Module):
     """(normed kv latent c [B, S, C], rotated shared key [B, S, R]): all a
     token contributes to the keys and values of every head."""
     dt = kv.x_BTD.dtype
-    c_BSC = jnp.einsum("BSD,DC->BSC", kv.x_BTD, self.dkv_DC[...].astype(dt))
+    c_BSC = jnp.einsum(
+      "BSD,DC->BSC", kv.x_BTD, jnp.asarray(self.dkv_DC[...], dt)
+    )
     c_BSC = constrain(self.kv_norm(constrain(c_BSC, BTC)), BTC)
-    kr_BSR = jnp.einsum("BSD,DR->BSR", kv.x_BTD, self.kr_DR[...].astype(dt))
+    kr_BSR = jnp.einsum(
+      "BSD,DR->BSR", kv.x_BTD, jnp.asarray(self.kr_DR[...], dt)
+    )
     kr_BSR = rope(kr_BSR[:, :, None, :], kv.pos_BT, self.rope_theta)[:, :, 0]
     return c_BSC, constrain(kr_BSR, BTC)
 
@@ -251,8 +261,12 @@ class MLAttention(nnx.Module):
     # What a cache would store of these tokens, read back (cache.py).
     stored = self._stored(kv, *self._latents(kv))
     c_BSC, kr_BSR = stored["c"], stored["kr"]
-    kn_BSHN = jnp.einsum("BSC,CHN->BSHN", c_BSC, self.uk_CHN[...].astype(dt))
-    v_BSHE = jnp.einsum("BSC,CHE->BSHE", c_BSC, self.uv_CHE[...].astype(dt))
+    kn_BSHN = jnp.einsum(
+      "BSC,CHN->BSHN", c_BSC, jnp.asarray(self.uk_CHN[...], dt)
+    )
+    v_BSHE = jnp.einsum(
+      "BSC,CHE->BSHE", c_BSC, jnp.asarray(self.uv_CHE[...], dt)
+    )
     kr_BSHR = jnp.broadcast_to(
       kr_BSR[:, :, None, :], kn_BSHN.shape[:3] + kr_BSR.shape[-1:]
     )
@@ -260,7 +274,7 @@ class MLAttention(nnx.Module):
     o_BTHE = self._attend(
       q_BTHK, k_BSHK, constrain(v_BSHE, BSGK), q, kv.pos_BT, kv.seg_BT, BSGK
     )
-    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
+    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, jnp.asarray(self.o_HED[...], dt))
     return constrain(out, BTD)
 
   # -------------------------------------------------------------- generation
@@ -313,7 +327,9 @@ class MLAttention(nnx.Module):
     rows = cache_lib.load(
       cache_lib.concat(cache, new), LATENTS, self.kv_cache_dtype, dt
     )
-    qc_BTHC = jnp.einsum("BTHN,CHN->BTHC", qn_BTHN, self.uk_CHN[...].astype(dt))
+    qc_BTHC = jnp.einsum(
+      "BTHN,CHN->BTHC", qn_BTHN, jnp.asarray(self.uk_CHN[...], dt)
+    )
     q_BTHL = constrain(jnp.concatenate([qc_BTHC, qr_BTHR], axis=-1), BTHK)
     c_BSC = constrain(rows["c"].astype(dt), BTC)
     k_BS1L = jnp.concatenate([c_BSC, rows["kr"].astype(dt)], axis=-1)
@@ -326,8 +342,10 @@ class MLAttention(nnx.Module):
       rows["seg"],
       BS1L,
     )
-    o_BTHE = jnp.einsum("BTHC,CHE->BTHE", o_BTHC, self.uv_CHE[...].astype(dt))
-    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, self.o_HED[...].astype(dt))
+    o_BTHE = jnp.einsum(
+      "BTHC,CHE->BTHE", o_BTHC, jnp.asarray(self.uv_CHE[...], dt)
+    )
+    out = jnp.einsum("BTHE,HED->BTD", o_BTHE, jnp.asarray(self.o_HED[...], dt))
     return constrain(out, BTD), cache_lib.write(cache, new, slots)
 
   def cache_bytes_per_token(self, dtype) -> int:

@@ -74,7 +74,7 @@ class MoDRouter(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = x_BTD.astype(jnp.float32)
-    r_BT = jnp.einsum("BTD,D->BT", x, self.w_D[...].astype(jnp.float32))
+    r_BT = jnp.einsum("BTD,D->BT", x, jnp.asarray(self.w_D[...], jnp.float32))
     r_BT = r_BT + self.b[...].astype(jnp.float32)
     if not self.use_predictor:
       return r_BT, r_BT
@@ -83,11 +83,11 @@ class MoDRouter(nnx.Module):
     h_BTF = jnp.einsum(
       "BTD,DF->BTF",
       jax.lax.stop_gradient(x),
-      self.pred_in_DF[...].astype(jnp.float32),
+      jnp.asarray(self.pred_in_DF[...], jnp.float32),
     )
     h_BTF = jax.nn.silu(h_BTF + self.pred_b_F[...][None, None])
     z_BT = jnp.einsum(
-      "BTF,F->BT", h_BTF, self.pred_out_F[...].astype(jnp.float32)
+      "BTF,F->BT", h_BTF, jnp.asarray(self.pred_out_F[...], jnp.float32)
     )
     return r_BT, z_BT + self.pred_b[...].astype(jnp.float32)
 

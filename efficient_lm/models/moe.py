@@ -144,7 +144,7 @@ class MoE(nnx.Module):
     z_NE = jnp.einsum(
       "ND,DE->NE",
       x_ND.astype(jnp.float32),
-      self.router_DE[...].astype(jnp.float32),
+      jnp.asarray(self.router_DE[...], jnp.float32),
     )
     if self.router == "sigmoid":
       s_NE = jax.nn.sigmoid(z_NE)
@@ -230,10 +230,16 @@ class MoE(nnx.Module):
 
     buf_BECD = jax.vmap(fill)(row_BL, x_BLD).reshape(b, e, c, d)
     dt = x_BTD.dtype
-    gate = jnp.einsum("BECD,EDF->BECF", buf_BECD, self.gate_EDF[...].astype(dt))
-    up = jnp.einsum("BECD,EDF->BECF", buf_BECD, self.up_EDF[...].astype(dt))
+    gate = jnp.einsum(
+      "BECD,EDF->BECF", buf_BECD, jnp.asarray(self.gate_EDF[...], dt)
+    )
+    up = jnp.einsum(
+      "BECD,EDF->BECF", buf_BECD, jnp.asarray(self.up_EDF[...], dt)
+    )
     h = ACTIVATIONS[self.activation](gate) * up
-    out_BECD = jnp.einsum("BECF,EFD->BECD", h, self.down_EFD[...].astype(dt))
+    out_BECD = jnp.einsum(
+      "BECF,EFD->BECD", h, jnp.asarray(self.down_EFD[...], dt)
+    )
     out_BXD = out_BECD.reshape(b, e * c, d)
     y_BLD = jax.vmap(lambda o, r: o.at[r].get(mode="fill", fill_value=0))(
       out_BXD, row_BL

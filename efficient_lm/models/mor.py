@@ -136,7 +136,7 @@ class Recursions(nnx.Module):
     return jnp.einsum(
       "BTD,DU->BTU",
       x_BTD.astype(jnp.float32),
-      self.router_DN[...].astype(jnp.float32),
+      jnp.asarray(self.router_DN[...], jnp.float32),
     )
 
   def _shared(self, x_BTD, pos_BT, seg_BT, step: int, rows, caches):

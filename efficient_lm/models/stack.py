@@ -254,9 +254,15 @@ class Stack(nnx.Module):
     params = [s[1] for s in split]
     states = [s[2] for s in split]
 
+    # A block whose parameters change form in its call (qwix's PTQ swaps
+    # each float weight for its quantized arrays on the first call,
+    # models/quantization.py) has them carried out of the scan, like its
+    # model state, and the stack rebuilt from them; graphdef j's new form.
+    reformed: dict[int, nnx.GraphDef] = {}
+
     def body(x, layer):
       layer_params, layer_states, layer_caches = layer
-      new_states, auxes, new_caches = [], [], []
+      new_states, auxes, new_caches, new_params = [], [], [], []
       for j, (gd, p, st) in enumerate(
         zip(graphdefs, layer_params, layer_states, strict=True)
       ):
@@ -274,26 +280,35 @@ class Stack(nnx.Module):
         )
         if c is not None:
           new_caches.append(c)
-        new_states.append(nnx.state(block, ModelState))
+        new_gd, new_p, new_st = nnx.split(block, nnx.Param, ModelState)
+        if new_gd != gd:
+          reformed[j] = new_gd
+        new_params.append(new_p if new_gd != gd else None)
+        new_states.append(new_st)
         auxes.append(aux)
-      return x, (new_states, auxes, new_caches or None)
+      return x, (new_states, auxes, new_caches or None, new_params)
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
     xs = (params, states, caches)
     if self.scan:
-      x_BTD, (new_states, auxes, new_caches) = jax.lax.scan(body, x_BTD, xs)
+      x_BTD, (new_states, auxes, new_caches, new_params) = jax.lax.scan(
+        body, x_BTD, xs
+      )
     else:
       outs = []
       for r in range(seg.repeats):
         layer = jax.tree.map(lambda a, r=r: a[r], xs)
         x_BTD, out = body(x_BTD, layer)
         outs.append(out)
-      new_states, auxes, new_caches = jax.tree.map(
+      new_states, auxes, new_caches, new_params = jax.tree.map(
         lambda *xs: jnp.stack(xs), *outs
       )
-    for n, st in zip(names, new_states, strict=True):
-      nnx.update(stacks[n], st)
+    for j, (n, st) in enumerate(zip(names, new_states, strict=True)):
+      if j in reformed:
+        stacks[n] = nnx.merge(reformed[j], new_params[j], st)
+      else:
+        nnx.update(stacks[n], st)
     return x_BTD, auxes, new_caches
 
   def _first_layers(self):

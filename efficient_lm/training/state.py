@@ -22,7 +22,9 @@ import jax
 from flax import nnx
 
 from efficient_lm import models, sharding
+from efficient_lm.models import quantization
 from efficient_lm.config import Config
+from efficient_lm.config.schemes import parse_scheme
 from efficient_lm.data import Tokenizer
 from efficient_lm.training import losses
 from efficient_lm.training import step as step_lib
@@ -80,7 +82,7 @@ def abstract_state(
   keys = run_keys(cfg.train.seed)
 
   def build():
-    return build_model(cfg.model, nnx.Rngs(params=keys.params))
+    return quantized(cfg, build_model(cfg.model, nnx.Rngs(params=keys.params)))
 
   graphdef, param_vars, state_vars = nnx.split(
     nnx.eval_shape(build), nnx.Param, models.ModelState
@@ -106,6 +108,22 @@ def abstract_state(
     model_state=placed["model_state"],
     shardings=shardings,
     build=build,
+  )
+
+
+def quantized(cfg: Config, model: nnx.Module) -> nnx.Module:
+  """`model` in the form `cfg` gives its weights (models/quantization.py):
+  qwix's PTQ form under model.quantization (integer weights and scales, as
+  a quantized run stores them), qwix's QAT under train.quantization (float
+  weights, quantization simulated in the forward pass), else as built."""
+  text = cfg.model.quantization or cfg.train.quantization
+  if not text:
+    return model
+  return quantization.quantize(
+    model,
+    parse_scheme(text),
+    seq_len=cfg.data.seq_len,
+    train=not cfg.model.quantization,
   )
 
 

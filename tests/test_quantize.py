@@ -1,0 +1,329 @@
+"""Quantization through qwix (models/quantization.py, runs.quantize_run,
+efficient_lm.quantize): each scheme's matmul against a NumPy reference,
+PTQ of a trained tiny run (loss, parameter bytes), quantized runs written
+and loaded as they are, QAT resume, and the one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from efficient_lm import runs
+from efficient_lm.config import ConfigError
+from efficient_lm.config.schemes import parse_scheme
+from efficient_lm.models import quantization
+from efficient_lm.training import loop
+from tests.helpers import REPO, cli_env, small_config, snapshot
+
+D, F, B = 64, 96, 5
+
+
+class _Linear(nnx.Module):
+  def __init__(self, w):
+    self.w_DF = nnx.Param(jnp.asarray(w), logical_axes=("embed", "mlp"))
+
+  def __call__(self, x_BD):
+    return jnp.einsum(
+      "BD,DF->BF", x_BD, jnp.asarray(self.w_DF[...], x_BD.dtype)
+    )
+
+
+class _Net(nnx.Module):
+  """A layer below the root, as qwix's rule (quantization.LAYERS) wants."""
+
+  def __init__(self, w):
+    self.lin = _Linear(w)
+
+  def __call__(self, x_BD):
+    return self.lin(x_BD)
+
+
+def _int_quantize(a, qmax, axis):
+  """Symmetric absmax in float32 (as the model's weights are): scale =
+  absmax / (qmax + 0.5) over `axis`, values rounded (half to even) and
+  clipped to [-qmax - 1, qmax]; both returned as float64."""
+  a = a.astype(np.float32)
+  scale = np.abs(a).max(axis=axis, keepdims=True) / np.float32(qmax + 0.5)
+  q = np.clip(np.round(a / scale), -qmax - 1, qmax)
+  return q.astype(np.float64), scale.astype(np.float64)
+
+
+def _reference(scheme: str, x, w):
+  """The scheme's product by hand: quantize (float32), integer (or fp8)
+  product in float64, rescale."""
+  if scheme == "int8_weights":
+    q, s = _int_quantize(w, 127, axis=0)  # one scale per output channel
+    return (x @ q) * s
+  if scheme.startswith("int4_weights"):
+    g = parse_scheme(scheme).group
+    wg = w.reshape(D // g, g, F)  # groups along the contracted axis
+    q, s = _int_quantize(wg, 7, axis=1)
+    xg = x.reshape(B, D // g, g)
+    return np.einsum("bng,ngf->bf", xg, q * 1.0 * s)
+  if scheme == "int8_dynamic":
+    qw, sw = _int_quantize(w, 127, axis=0)
+    qx, sx = _int_quantize(x, 127, axis=1)  # one scale per token
+    return (qx @ qw) * sx * sw
+  assert scheme == "fp8"
+  fp8 = ml_dtypes.float8_e4m3fn
+  top = float(ml_dtypes.finfo(fp8).max)
+
+  def q(a, axis):
+    s = np.abs(a).max(axis=axis, keepdims=True) / np.float32(top)
+    v = (a / s).astype(fp8).astype(np.float64)
+    return v, s.astype(np.float64)
+
+  qw, sw = q(w, 0)
+  qx, sx = q(x, 1)
+  return (qx @ qw) * sx * sw
+
+
+@pytest.mark.parametrize(
+  "scheme", ["int8_weights", "int4_weights:16", "int8_dynamic", "fp8"]
+)
+def test_quantized_matmul_matches_numpy_reference(scheme):
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(D, F)).astype(np.float32)
+  x = rng.normal(size=(B, D)).astype(np.float32)
+  # Each block's largest magnitude maps to the edge of the top bucket
+  # (qmax + 0.5), where float rounding decides between -qmax and -qmax-1
+  # for a negative one: make it positive (clipped to qmax either way).
+  for r in range(0, D, 16):  # every int4 group's first row, and row 0
+    w[r] = 1.5 * np.abs(w).max(axis=0)
+  x[:, 0] = 1.5 * np.abs(x).max(axis=1)
+  net = qwix_net = _Net(w)
+  provider = quantization._Ptq(quantization.rules(parse_scheme(scheme)))
+  import qwix
+
+  qwix_net = qwix.quantize_model(net, provider, jnp.asarray(x))
+  stored = qwix_net.lin.w_DF.array.qvalue[...]
+  assert stored.dtype != jnp.float32  # the weight is stored quantized
+  got = np.asarray(jax.jit(lambda m, x: m(x))(qwix_net, jnp.asarray(x)))
+  want = _reference(scheme, x, w)
+  float_out = x.astype(np.float64) @ w.astype(np.float64)
+  # The reference of the same scheme, to float32 rounding; far tighter
+  # than the quantization error itself.
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert np.abs(want - float_out).max() > 100 * np.abs(got - want).max()
+
+
+# ------------------------------------------------------------ trained run
+
+# head_dim 32: int4's group of 32 divides every contracted axis.
+_TINY = {
+  "model.num_heads": 2,
+  "model.num_kv_heads": 1,
+  "train.learning_rate": 3e-3,
+  "train.warmup_steps": 5,
+  "train.log_every": 50,
+  "train.eval_every": 1000,
+  "train.eval_batches": 2,
+  "checkpoint.async_save": False,
+  "mesh.data": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A byte-level run of 120 steps on the embedded corpus."""
+  root = tmp_path_factory.mktemp("quantize")
+  cfg = small_config(
+    **{**_TINY, "train.steps": 120, "checkpoint.every_steps": 120}
+  )
+  workdir = str(root / "run")
+  loop.run(cfg, workdir)
+  return types.SimpleNamespace(root=root, workdir=workdir, cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def float_run(trained):
+  return runs.load_run(trained.workdir, devices=jax.devices()[:1])
+
+
+# int8 weight-only PTQ of a trained tiny model: within 0.01 nats of its
+# float loss (measured: ~1e-4).
+INT8_TOLERANCE = 0.01
+
+
+def test_int8_weights_eval_within_tolerance_and_bytes(trained, float_run):
+  before = snapshot(trained.workdir)
+  r = runs.evaluate_quantized(float_run, "int8_weights", num_batches=4)
+  assert r["quantize"] == "int8_weights"
+  assert abs(r["loss_delta"]) < INT8_TOLERANCE, r
+  assert r["loss_delta"] == r["loss"] - r["float_loss"]
+  assert r["loss"] != r["float_loss"]  # the weights did change
+  assert r["quantized_bytes"] <= 0.3 * r["float_quantized_bytes"], r
+  assert r["param_bytes"] < r["float_param_bytes"]
+  assert snapshot(trained.workdir) == before  # the source is untouched
+
+
+def test_int4_weights_bytes(float_run):
+  q = runs.quantize_run(float_run, parse_scheme("int4_weights:32"))
+  got = quantization.quantized_bytes(q.params, float_run.params)
+  assert got[0] <= 0.17 * got[1], got
+  leaves = jax.tree.leaves(q.params)
+  assert any(a.dtype == jnp.int4 for a in leaves)
+
+
+def test_bad_schemes_are_one_line_errors(float_run):
+  with pytest.raises(ConfigError, match="unknown scheme"):
+    runs.quantize_run(float_run, parse_scheme("int3_weights"))
+  with pytest.raises(ConfigError, match="group size 24 does not divide"):
+    runs.quantize_run(float_run, parse_scheme("int4_weights:24"))
+  gpu = types.SimpleNamespace(
+    platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100"
+  )
+  with pytest.raises(ConfigError, match="no fp8 matmul"):
+    quantization.check_device(parse_scheme("fp8"), gpu)
+  quantization.check_device(parse_scheme("int8_dynamic"), gpu)
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_quantize_cli_writes_a_run_that_loads_as_is(trained, float_run):
+  """DST holds int8 weights and scales, loads without re-quantizing (its
+  loss equals PTQ of the source on the same batches), and quantizing it
+  again is one error line; SRC is untouched."""
+  out = trained.root / "q8"
+  before = snapshot(trained.workdir)
+  p = _cli(
+    "-m",
+    "efficient_lm.quantize",
+    f"--workdir={trained.workdir}",
+    f"--out={out}",
+    "--scheme=int8_weights",
+  )
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "bytes on disk against" in p.stdout
+  assert snapshot(trained.workdir) == before
+  q = runs.load_run(str(out), devices=jax.devices()[:1])
+  assert q.config.model.quantization == "int8_weights"
+  assert any(a.dtype == jnp.int8 for a in jax.tree.leaves(q.params))
+  want = runs.quantize_run(float_run, parse_scheme("int8_weights"))
+  jax.tree.map(np.testing.assert_array_equal, q.params, want.params)
+  assert runs.evaluate(q, 2)["loss"] == runs.evaluate(want, 2)["loss"]
+  again = _cli(
+    "-m",
+    "efficient_lm.quantize",
+    f"--workdir={out}",
+    f"--out={trained.root / 'q8q8'}",
+    "--scheme=int8_weights",
+  )
+  assert again.returncode != 0
+  lines = again.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and "already quantized" in lines[-1]
+  assert not (trained.root / "q8q8").exists()
+
+
+# ------------------------------------------------------------------- QAT
+
+
+def test_qat_resume_after_crash_is_bit_identical(tmp_path):
+  """train.quantization=int4_weights:32: a run that dies after step 5
+  (checkpoint at 4) and is resumed ends with the params of an
+  uninterrupted run, bit for bit."""
+  cfg = small_config(
+    **{
+      **_TINY,
+      "train.steps": 8,
+      "train.log_every": 1,
+      "checkpoint.every_steps": 4,
+      "train.quantization": "int4_weights:32",
+    }
+  )
+
+  class Crash(Exception):
+    pass
+
+  def crash_at_5(step):
+    if step == 5:
+      raise Crash()
+
+  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+  loop.run(cfg, whole)
+  with pytest.raises(Crash):
+    loop.run(cfg, broken, hooks=(crash_at_5,))
+  loop.run(cfg, broken)
+  a = runs.load_run(whole, devices=jax.devices()[:1])
+  b = runs.load_run(broken, devices=jax.devices()[:1])
+  assert a.step == b.step == 8
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  # The QAT forward is the PTQ forward of the same scheme.
+  q = runs.quantize_run(a, parse_scheme("int4_weights:32"))
+  assert runs.evaluate(a, 2)["loss"] == pytest.approx(
+    runs.evaluate(q, 2)["loss"], abs=1e-5
+  )
+
+
+@pytest.mark.slow
+def test_qat_resume_after_kill_is_bit_identical(tmp_path):
+  """The CLI variant: kill -9 after step 12 (checkpoint at 10), resume."""
+  import signal
+
+  from tests.helpers import SMALL_FLAGS, final_state, logged_losses, train_cli
+
+  flags = [*SMALL_FLAGS, "--config.train.quantization=int8_dynamic"]
+  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+  train_cli(straight, flags=flags)
+  proc = train_cli(
+    crashed,
+    "--crash_at=12",
+    "--crash_after_checkpoint=10",
+    flags=flags,
+    script=("-m", "tests.crash_train"),
+    check=False,
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  resumed = train_cli(crashed, flags=flags)
+  assert "resumed from step 10" in resumed.stderr
+  a, b = logged_losses(straight), logged_losses(crashed)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
+  _, params_a, _ = final_state(straight)
+  _, params_b, _ = final_state(crashed)
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+@pytest.mark.slow
+def test_qat_ptq_gap_is_smaller_than_a_float_runs_at_int4(tmp_path):
+  """Two runs of the same config and seed, one trained with QAT at int4:
+  the QAT run's int4 PTQ loss is closer to its own float loss than the
+  float run's int4 PTQ loss is to its float loss."""
+  scheme = "int4_weights:32"
+  gaps = {}
+  for name, qat in (("float", ""), ("qat", scheme)):
+    cfg = small_config(
+      **{
+        **_TINY,
+        "train.steps": 200,
+        "checkpoint.every_steps": 200,
+        "train.quantization": qat,
+      }
+    )
+    workdir = str(tmp_path / name)
+    loop.run(cfg, workdir)
+    run = runs.load_run(workdir, devices=jax.devices()[:1])
+    q = runs.quantize_run(run, parse_scheme(scheme))
+    gaps[name] = abs(
+      runs.evaluate(q, 8)["loss"]
+      - runs.evaluate(runs.without_qat(run), 8)["loss"]
+    )
+  assert gaps["qat"] < gaps["float"], gaps
