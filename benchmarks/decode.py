@@ -39,9 +39,11 @@ convention: attention over the keys each query sees): a decode step at
 position p costs what the forward adds for position p, so over positions
 P..P+N-1 it is (T f(T) - P f(P)) / N, f = `flops_per_token(cfg, .)
 ["forward_visible"]`, T = P + N. Routed models count what routing runs
-(MoD a routed block at its capacity, MoR each step at its capacity), i.e.
-what decode with skipping computes at batch 1; at batch B a skipped step
-is one no row is processed in, so batch 8 saves less (see README).
+at the fraction routing processed in the timed decodes (MoD a routed
+block, MoR step 2), i.e. what decode with skipping computes at batch 1;
+`*_masked` rows at full capacity (every block computed). At batch B a
+skipped step is one no row is processed in, so batch 8 computes more than
+its row says (see README).
 `cache B/tok`: each layer's cache bytes per cached token summed over
 layers (models' own formula; MoD / MoR recursion-wise layers hold only
 processed tokens, not discounted here); `alloc B/pos`: the bytes the
@@ -121,6 +123,7 @@ def _config(name: str, args):
   m.mlp_dim = args.mlp
   m.vocab_size = 256
   m.dtype = m.param_dtype = "float32"
+  m.scan_layers = args.scan_layers == "true"
   cd.data.seq_len = args.prompt + args.new
   cd.mesh.data = 1
   for key, value in _overrides(name, args).items():
@@ -280,6 +283,12 @@ def main(argv=None) -> None:
   ap.add_argument("--new", type=int, default=32)
   ap.add_argument("--window", type=int, default=16)
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument(
+    "--scan_layers",
+    default="true",
+    choices=("true", "false"),
+    help="model.scan_layers of every variant (MoR is always unrolled)",
+  )
   args = ap.parse_args(argv)
 
   import jax
@@ -299,7 +308,8 @@ def main(argv=None) -> None:
   print(
     f"decode: {jax.devices()[0].device_kind}, {args.layers} layers x "
     f"{args.width} wide, mlp {args.mlp}, prompt {args.prompt} + "
-    f"{args.new} new tokens sampled, {args.reps} interleaved rounds"
+    f"{args.new} new tokens sampled, {args.reps} interleaved rounds, "
+    f"scan_layers={args.scan_layers}"
   )
   setups, rows = {}, {}
   for name in names:
@@ -337,8 +347,13 @@ def main(argv=None) -> None:
       speed = tps / base_tps
       cfg, model, _ = setups[name]
       frac = _routed_fraction(model, np.concatenate(r["outs"]), args.prompt)
-      # Routed models: the FLOPs at the fraction routing processed.
-      fl = r["flops"] if frac is None else _routed_flops(cfg.model, frac, args)
+      # Routed models: the FLOPs at the fraction routing processed; masked
+      # decode computes every block (full capacity).
+      if frac is not None:
+        full = 1.0 if name.endswith("_masked") else frac
+        fl = _routed_flops(cfg.model, full, args)
+      else:
+        fl = r["flops"]
       # Realized share of the FLOPs saving: (1 - time ratio) / (1 - FLOPs
       # ratio); only where the saving is >= 5%.
       saving = 1 - fl / base["flops"]
