@@ -2,14 +2,15 @@
 models/mor.py `Recursions._step`).
 
 For each cache strategy the routed models support (full, rolling window,
-global prefix + window, MLA latent, TGlobal; MoR's recursion-wise and
-recursive-sharing caches under both routers): prefill + decode with the
-skip equals today's masked decode (logits and every cache row) and the
-recompute (the causal forward), at batch 1 and 2. At batch 1 a block (MoD)
-or recursion step (MoR) runs only for the tokens routing processes: a host
-counter inside the skipped branch counts its executions (with the rows
-each run processes), so computing a skipped token fails the test (XLA's cost analysis would count both
-branches of the cond). Greedy generation with the cache equals it without.
+global prefix + window, MLA latent; MoR's recursion-wise and
+recursive-sharing caches under both routers; neither routes tglobal):
+prefill + decode with the skip equals today's masked decode (logits and
+every cache row) and the recompute (the causal forward), at batch 1 and 2.
+At batch 1 a block (MoD) or recursion step (MoR) runs only for the tokens
+routing processes: a host counter inside the skipped branch counts its
+executions (with the rows each run processes), so computing a skipped
+token fails the test (XLA's cost analysis would count both branches of the
+cond). Greedy generation with the cache equals it without.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ CASES = {
   "mod_window": {**MOD, **ATTENTION_VARIANTS["sliding_window"]},
   "mod_global_local": {**MOD, **ATTENTION_VARIANTS["global_local"]},
   "mod_mla_window": {**MOD, **ATTENTION_VARIANTS["mla_qlatent_window"]},
-  "mod_tglobal": {**MOD, **ATTENTION_VARIANTS["tglobal"]},
   "mor_expert_recursion_wise": MOR,
   "mor_expert_sharing": {**MOR, "model.routing.kv": "recursive_sharing"},
   "mor_token_recursion_wise": {
