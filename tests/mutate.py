@@ -2882,6 +2882,49 @@ MUTATIONS = [
     "-k",
     "numpy",
   ),
+  # ---- issue #26: decode skips what routing skips
+  # MoD decode computes every token's block again (masked): the batch-1
+  # execution count sees the skipped tokens' blocks run.
+  _m(
+    "speed_mod_decode_not_skipped",
+    "efficient_lm/models/mod.py",
+    "if self.skip_decode and x_BTD.shape[1] == 1:",
+    "if False:",
+    "tests/test_routed_decode.py",
+    "-k",
+    "mod_full-1",
+  ),
+  # MoR decode runs every recursion step for exited tokens.
+  _m(
+    "speed_mor_decode_not_skipped",
+    "efficient_lm/models/mor.py",
+    "      self.skip_decode\n      and cached",
+    "      False\n      and cached",
+    "tests/test_routed_decode.py",
+    "-k",
+    "mor_expert_recursion_wise-1",
+  ),
+  # MoR expert-choice skips on the previous step's active set: a step runs
+  # for a token that exits there.
+  _m(
+    "speed_mor_skip_on_previous_step",
+    "efficient_lm/models/mor.py",
+    "run, chosen, t, r,",
+    "run, active, t, r,",
+    "tests/test_routed_decode.py",
+    "-k",
+    "mor_expert_recursion_wise-1",
+  ),
+  # Batch > 1: skipping unless every row is processed drops processed rows.
+  _m(
+    "speed_decode_skip_unless_all_rows",
+    "efficient_lm/models/routing.py",
+    "jax.lax.cond(jnp.any(active)",
+    "jax.lax.cond(jnp.all(active)",
+    "tests/test_routed_decode.py",
+    "-k",
+    "mod_full-2",
+  ),
 ]
 
 

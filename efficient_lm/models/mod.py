@@ -129,6 +129,9 @@ class RoutedBlock(Block):
     self.capacity = r.capacity
     self.aux_loss_weight = r.aux_loss_weight
     self.router_z_loss = r.router_z_loss
+    # Decode runs the block only when some row is processed (False: the
+    # masked step at every token, the reference the skip must equal).
+    self.skip_decode = True
 
   def _delta(self, x_BTD, pos_BT, seg_BT, cache=None):
     """The block's update Δ(x) = attention + MLP without the residual,
@@ -179,9 +182,16 @@ class RoutedBlock(Block):
     r_BT, z_BT = self.router(x_BTD)
     if cache is not None:  # generation: always the causal decision
       processed_BT = (z_BT > 0) & (seg_BT != 0)
-      x_BTD, cache = self._update(
-        x_BTD, pos_BT, seg_BT, r_BT, processed_BT, cache
-      )
+
+      def run():
+        return self._update(x_BTD, pos_BT, seg_BT, r_BT, processed_BT, cache)
+
+      if self.skip_decode and x_BTD.shape[1] == 1:
+        x_BTD, cache = routing.run_if_any(
+          processed_BT, run, lambda: (x_BTD, cache)
+        )
+      else:
+        x_BTD, cache = run()
       return constrain(x_BTD, BTD), self._fractions(seg_BT, processed_BT), cache
     idx_BM, ok_BM, member_BT = self._topk_membership(r_BT, seg_BT)
     processed_BT = member_BT

@@ -40,7 +40,9 @@ passes every active token: top-k would too); token-choice is causal as is.
 Then every step runs on all T tokens with inactive ones given segment id 0
 (masked out of attention as queries and keys, dropped from caches) and
 their state kept by a select: the decision of one token never depends on
-another, so the model is strictly causal.
+another, so the model is strictly causal. At decode (one token per row) a
+step no row is active at is skipped under `lax.cond` (early exit: at batch
+1 an exited token costs nothing at later steps; `Recursions._step`).
 
 KV (`routing.kv`): "recursion_wise" — step r attends only among tokens
 active at r (each step has its own cache per shared layer);
@@ -123,6 +125,9 @@ class Recursions(nnx.Module):
     # One column per recursion step (expert-choice) or per depth
     # (token-choice); N(0, 0.02) as the released linear routers.
     self.router_DN = param(rngs, (cfg.embed_dim, n), ("embed", None), 0.02, pdt)
+    # Decode skips a recursion step no row is active at (`_step`); False:
+    # every step runs masked, the reference the skip must equal.
+    self.skip_decode = True
     self.bias_N = (
       ModelState(jnp.zeros((n,), jnp.float32), logical_axes=(None,))
       if r.router == "token_choice" and r.balancing == "loss_free"
@@ -163,6 +168,31 @@ class Recursions(nnx.Module):
       return x_BKD + g * y_BKD
     return x_BKD + g * (y_BKD - x_BKD)
 
+  def _step(self, run, active_BT, t, r, x_BTD, rows, cs_in, cached: bool):
+    """One recursion step `run() -> (x, auxes, rows, caches)`. At decode
+    (a cache, one token per row; `skip_decode`) it runs under a `lax.cond`
+    on "some row is active at this step": a token that has exited costs
+    nothing at later steps at batch 1 (its step caches left as they are);
+    at batch B the step runs masked for all rows when any is active.
+    Recursive sharing's step 1 computes the rows later steps read, and
+    every token passes it: it always runs."""
+    if not (
+      self.skip_decode
+      and cached
+      and t == 1
+      and not (self.kv == "recursive_sharing" and r == 0)
+    ):
+      return run()
+    zero_aux = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: run()[1])
+    )
+    # What `_shared` returns for a step it did not run.
+    rows_out = [] if r == 0 else rows
+    cs_out = [None] * len(self.shared) if cs_in is None else cs_in
+    return routing.run_if_any(
+      active_BT, run, lambda: (x_BTD, zero_aux, rows_out, cs_out)
+    )
+
   # ----------------------------------------------------------- routers
 
   def _expert_choice(
@@ -195,24 +225,27 @@ class Recursions(nnx.Module):
         chosen = top
       bce += routing.bce(z_BT, top, active)
       zl += jnp.sum(jnp.square(z_BT) * active) / jnp.maximum(active.sum(), 1)
-      xs = routing.gather(x_BTD, idx)
-      ss = jnp.where(ok, routing.gather(seg_BT, idx), 0)
-      y, a, rows, cs = self._shared(
-        xs,
-        routing.gather(pos_BT, idx),
-        ss,
-        r,
-        rows,
-        None if caches is None else caches[r],
+      cs_in = None if caches is None else caches[r]
+
+      def run(x_BTD=x_BTD, rows=rows, cs_in=cs_in, idx=idx, ok=ok, g_BT=g_BT):
+        xs = routing.gather(x_BTD, idx)
+        ss = jnp.where(ok, routing.gather(seg_BT, idx), 0)
+        y, a, rows, cs = self._shared(
+          xs, routing.gather(pos_BT, idx), ss, r, rows, cs_in
+        )
+        x_BTD = constrain(
+          routing.scatter(
+            x_BTD, idx, self._combine(xs, y, routing.gather(g_BT, idx)), ok
+          ),
+          BTD,
+        )
+        return x_BTD, a, rows, cs
+
+      x_BTD, a, rows, cs = self._step(
+        run, chosen, t, r, x_BTD, rows, cs_in, caches is not None
       )
       auxes += a
       new_caches.append(cs)
-      x_BTD = constrain(
-        routing.scatter(
-          x_BTD, idx, self._combine(xs, y, routing.gather(g_BT, idx)), ok
-        ),
-        BTD,
-      )
       active = chosen
       if decisions is not None:
         decisions.append(chosen)
@@ -260,20 +293,22 @@ class Recursions(nnx.Module):
       act = valid & (depth_BT >= r)
       if decisions is not None:
         decisions.append(act)
-      y, a, rows, cs = self._shared(
-        x_BTD,
-        pos_BT,
-        jnp.where(act, seg_BT, 0),
-        r,
-        rows,
-        None if caches is None else caches[r],
+      cs_in = None if caches is None else caches[r]
+
+      def run(x_BTD=x_BTD, rows=rows, cs_in=cs_in, act=act, r=r):
+        y, a, rows, cs = self._shared(
+          x_BTD, pos_BT, jnp.where(act, seg_BT, 0), r, rows, cs_in
+        )
+        final = self._combine(h1_BTD, y, g_BT)
+        x_BTD = jnp.where((valid & (depth_BT > r))[..., None], y, x_BTD)
+        x_BTD = jnp.where((valid & (depth_BT == r))[..., None], final, x_BTD)
+        return constrain(x_BTD, BTD), a, rows, cs
+
+      x_BTD, a, rows, cs = self._step(
+        run, act, x_BTD.shape[1], r, x_BTD, rows, cs_in, caches is not None
       )
       auxes += a
       new_caches.append(cs)
-      final = self._combine(h1_BTD, y, g_BT)
-      x_BTD = jnp.where((valid & (depth_BT > r))[..., None], y, x_BTD)
-      x_BTD = jnp.where((valid & (depth_BT == r))[..., None], final, x_BTD)
-      x_BTD = constrain(x_BTD, BTD)
       aux[f"routing/mor_step{r + 1}_fraction"] = act.sum() / total
     return x_BTD, aux, auxes, new_caches
 

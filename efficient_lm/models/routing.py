@@ -79,6 +79,14 @@ def top_k_selection(z_BT, cand_BT, n_valid_B, capacity: float):
   return jnp.minimum(idx_BM, t - 1), ok_BM, chosen
 
 
+def run_if_any(active: jax.Array, compute, skipped):
+  """`compute()` if any of `active` is True, else `skipped()`, under
+  `lax.cond`: the branch not taken does not run, so a decode step whose
+  tokens a router passes by costs nothing there. Both return the same
+  pytree of arrays (shapes and dtypes)."""
+  return jax.lax.cond(jnp.any(active), compute, skipped)
+
+
 def membership(
   idx_BM: jax.Array, valid_BM: jax.Array, length: int
 ) -> jax.Array:
