@@ -2925,6 +2925,22 @@ MUTATIONS = [
     "-k",
     "mod_full-2",
   ),
+  # ---- a quantized MoR run: the router read whole, then step r's column
+  _m(
+    "quant_mor_router_sliced",
+    "efficient_lm/models/mor.py",
+    '"BTD,DN->BTN",\n'
+    "        x_BTD.astype(jnp.float32),\n"
+    "        jnp.asarray(self.router_DN[...], jnp.float32),\n"
+    "      )[:, :, r]",
+    '"BTD,D->BT",\n'
+    "        x_BTD.astype(jnp.float32),\n"
+    "        self.router_DN[:, r].astype(jnp.float32),\n"
+    "      )",
+    "tests/test_quantize.py",
+    "-k",
+    "routed_run",
+  ),
 ]
 
 

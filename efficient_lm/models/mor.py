@@ -207,11 +207,13 @@ class Recursions(nnx.Module):
     bce, zl, agree = 0.0, 0.0, 0.0
     for r in range(self.num_recursions):
       c = self.capacities[r]
+      # The whole router, then step r's column: a quantized run's router
+      # (qwix PTQ) is one per-column-scaled matrix, not N sliced vectors.
       z_BT = jnp.einsum(
-        "BTD,D->BT",
+        "BTD,DN->BTN",
         x_BTD.astype(jnp.float32),
-        self.router_DN[:, r].astype(jnp.float32),
-      )
+        jnp.asarray(self.router_DN[...], jnp.float32),
+      )[:, :, r]
       g_BT = self.alpha * jax.nn.sigmoid(z_BT)
       idx, ok, top = routing.top_k_selection(z_BT, active, n_valid, c)
       if causal:
