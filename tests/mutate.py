@@ -128,8 +128,8 @@ MUTATIONS = [
   _m(
     "transformer_mlp_residual_dropped",
     "efficient_lm/models/block.py",
-    "x_BTD = constrain(x_BTD + self.mlp_branch(x_BTD), BTD)",
-    "x_BTD = constrain(self.mlp_branch(x_BTD), BTD)",
+    "x_BTD = constrain(x_BTD + m_BTD, BTD)",
+    "x_BTD = constrain(m_BTD, BTD)",
     "tests/test_model.py",
     "-k",
     "zeroed_output_projections",
@@ -210,8 +210,8 @@ MUTATIONS = [
   _m(
     "batch_not_split_over_dcn",
     "efficient_lm/sharding.py",
-    '"batch": ("dcn", "data", "fsdp"),',
-    '"batch": ("data", "fsdp"),',
+    '"batch": ("dcn", "data", "fsdp", "expert"),',
+    '"batch": ("data", "fsdp", "expert"),',
     "tests/test_multihost.py",
     "-k",
     "dcn",
@@ -1795,7 +1795,7 @@ MUTATIONS = [
   _m(
     "moe_one_expert_wrong_activation",
     "efficient_lm/models/moe.py",
-    "h_MF = ACTIVATIONS[self.activation](gate) * up",
+    "h_MF = ACTIVATIONS[activation](gate) * up",
     "h_MF = jax.nn.relu(gate) * up",
     "tests/test_moe.py",
     "-k",
@@ -1928,6 +1928,24 @@ MUTATIONS = [
     "tests/test_moe.py",
     "-k",
     "upcycled",
+  ),
+  _m(
+    "moe_expert_parallel_results_not_returned_by_source",
+    "efficient_lm/models/moe.py",
+    "y_MD = jnp.take_along_axis(back_PMD, dest_M[None, :, None], axis=0)[0]",
+    "y_MD = back_PMD[0]",
+    "tests/test_moe.py",
+    "-k",
+    "mesh_matches and mesh0",
+  ),
+  _m(
+    "moe_experts_vs_expert_axis_unchecked",
+    "efficient_lm/config/validation.py",
+    "if mesh.expert > 1 and m.moe.num_experts % mesh.expert:",
+    "if False:",
+    "tests/test_moe.py",
+    "-k",
+    "bad_moe",
   ),
 ]
 

@@ -225,7 +225,7 @@ def test_flops_within_5_percent_of_xla_capacity_mode():
       "model.moe.num_experts": 4,
       "model.moe.top_k": 2,
       "model.moe.num_shared_experts": 1,
-      "model.moe.capacity_factor": 1.0,
+      "model.moe.capacity_factor": 1.5,  # E * C = 1.5 k T slots run
       "model.scan_layers": False,
       "data.seq_len": 128,
       "train.batch_size": 2,
@@ -267,6 +267,10 @@ def test_dropless_flops_count_top_k_experts():
       r"model\.kind='hourglass'",
     ),
     ({"model.moe.first_dense": 5}, r"no layer is MoE"),
+    (
+      {"model.moe.num_experts": 6, "mesh.expert": 4},
+      r"model\.moe\.num_experts=6 is not divisible by mesh\.expert=4",
+    ),
   ],
 )
 def test_bad_moe_config_is_one_line(overrides, match):
@@ -389,3 +393,60 @@ def test_tiny_moe_config_validates_and_is_sparse():
   s = cfg.data.seq_len
   moe_f = flops.flops_per_token(cfg.model, s)["forward/mlp"]
   assert moe_f < flops.flops_per_token(dense.model, s)["forward/mlp"]
+
+
+@pytest.mark.parametrize(
+  "mesh,capacity",
+  [
+    ({"mesh.data": 2, "mesh.expert": 4}, 0.0),
+    ({"mesh.expert": 4, "mesh.tensor": 2}, 0.0),
+    pytest.param(
+      {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+      0.0,
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      {"mesh.data": 2, "mesh.expert": 4}, 1.0, marks=pytest.mark.slow
+    ),
+  ],
+)
+def test_moe_train_step_on_a_mesh_matches_one_device(mesh, capacity):
+  """Expert parallelism (experts split over mesh.expert, tokens exchanged by
+  all-to-all in shard_map; capacity mode: GSPMD) and plain data / fsdp /
+  tensor meshes on 8 devices equal one device: loss, grad norm, the
+  parameters after two steps (so the gradients), the loss-free biases."""
+  from efficient_lm.training import loop
+  from tests.helpers import two_train_steps
+
+  def run(mesh, devices):
+    cfg = small_config(
+      **{
+        **_DECODER,
+        "model.moe.num_experts": 8,
+        "model.moe.capacity_factor": capacity,
+        "model.moe.balancing": "loss_free",
+        "model.moe.bias_rate": 0.01,
+        "mesh.data": 1,
+        **mesh,
+      }
+    )
+    t = loop.build_trainer(cfg, devices)
+    state, metrics = two_train_steps(t, t.init_fn())
+    return t, jax.device_get(state), metrics
+
+  _, ref, ref_m = run({}, jax.devices()[:1])
+  t, got, got_m = run(mesh, jax.devices())
+  np.testing.assert_allclose(got_m["loss"], ref_m["loss"], rtol=1e-5)
+  np.testing.assert_allclose(got_m["grad_norm"], ref_m["grad_norm"], rtol=1e-4)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+    got["params"],
+    ref["params"],
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, got["model_state"], ref["model_state"]
+  )
+  if "mesh.expert" in mesh:  # the experts really are split
+    layer = t.abstract_state["params"]["stack"]["groups"]["segment_1"]
+    spec = layer["layer_0"]["mlp"]["gate_EDF"].sharding.spec
+    assert spec[1] == "expert", spec

@@ -474,15 +474,19 @@ class MeshConfig:
   # device count before validation).
   data: int = -1
   fsdp: int = 1
+  # Expert parallelism (model.moe): the routed experts are split over this
+  # axis and tokens exchanged by all-to-all; it also splits the batch, like
+  # data, for everything else.
+  expert: int = 1
   tensor: int = 1
 
   @property
-  def shape(self) -> tuple[int, int, int, int]:
-    return (self.dcn, self.data, self.fsdp, self.tensor)
+  def shape(self) -> tuple[int, int, int, int, int]:
+    return (self.dcn, self.data, self.fsdp, self.expert, self.tensor)
 
   @property
   def size(self) -> int:
-    return self.dcn * self.data * self.fsdp * self.tensor
+    return self.dcn * self.data * self.fsdp * self.expert * self.tensor
 
 
 @dataclasses.dataclass(frozen=True)
