@@ -24,6 +24,11 @@ Compute:
     on earlier positions, so the layer stays causal. Static shapes: an
     [B, E, C, D] buffer and a batched matmul per expert.
 
+Expert parallelism (a mesh with `expert` > 1, mesh.expert): dropless
+layers run `_expert_parallel` in shard_map, the assignments exchanged by
+all-to-all with the devices holding their experts; capacity mode stays with
+GSPMD (its einsums shard over E).
+
 Shared experts (num_shared_experts S): every token also goes through S
 experts of width F, built as one gated MLP of width S * F (the same
 function as S separate ones summed).
