@@ -1,4 +1,4 @@
-"""configs/tiny.py as an hourglass (METHODS.md §3.3): the same 4 layers
+"""configs/tiny.py as an hourglass (docs/funnel.md): the same 4 layers
 and width, the middle two run on slots of 2 tokens (stages 1 + 2 + 1,
 factor 2), so they cost half per token. A few minutes on 2 CPU cores."""
 

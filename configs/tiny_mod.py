@@ -1,4 +1,4 @@
-"""configs/tiny.py with mixture-of-depths (METHODS.md §2): every other
+"""configs/tiny.py with mixture-of-depths (docs/routing.md): every other
 block (layers 1 and 3 of 4) processes the top 12.5% of each sequence by
 router score; evaluation and generation use the router's own causal
 decision (logit > 0), taught top-k membership by a BCE aux loss."""

@@ -1,4 +1,4 @@
-"""configs/tiny.py with mixture-of-recursions (METHODS.md §1): 4 virtual
+"""configs/tiny.py with mixture-of-recursions (docs/routing.md): 4 virtual
 layers as middle_cycle with 2 recursions (first and last layers unique, one
 shared middle layer applied twice: 3 unique layers), expert-choice routing
 with the default capacities (1, 1/2), the BCE aux loss that teaches the
@@ -18,6 +18,6 @@ def get_config():
   c.model.routing.sharing = "middle_cycle"
   c.model.routing.router = "expert_choice"
   c.model.routing.kv = "recursion_wise"
-  # The released expert-choice config's BCE weight (METHODS.md §1.6).
+  # The released expert-choice config's BCE weight (docs/routing.md).
   c.model.routing.aux_loss_weight = 0.001
   return c

@@ -145,7 +145,7 @@ def compile_train_step(cfg: config_lib.Config, devices):
     k: jax.ShapeDtypeStruct((b, s), "int32", sharding=bs)
     for k in ("inputs", "targets", "segment_ids", "positions")
   }
-  lowered = t.train_step.lower(t.abstract_state, batch)
+  lowered = t.train_step.lower(t.abstract_state, batch, *t.step_inputs)
   return t, lowered, lowered.compile()
 
 
@@ -178,6 +178,11 @@ def report(cd, topology_text: str | None, *, log=print) -> bool:
   devices = topology_devices(topo, num_slices=slices)
   n = len(devices)
   cfg = config_lib.from_config_dict(cd, device_count=n)
+  if cfg.train.objective == "distill":  # its teacher is real arrays
+    raise config_lib.ConfigError(
+      "--compile_only does not compile a distillation step "
+      "(train.objective='distill' reads the teacher run's weights)"
+    )
   # libtpu exposes v4's two TensorCores as two devices (no megacore), so
   # memory is per device: the chip's HBM split between them.
   hbm = CHIP_HBM_GIB[topo.generation] * GIB * topo.chips * slices / n

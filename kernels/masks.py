@@ -1,7 +1,7 @@
 """Attention mask spec, its element predicate and its block metadata.
 
 One `MaskSpec` describes a mask pattern. It is evaluated on *positions* and
-segment ids (data), never on array indices (METHODS.md §0.1). The same spec
+segment ids (data), never on array indices (docs/attention.md). The same spec
 builds the dense element mask used by the reference and the per-tile
 metadata used by the blockwise kernels.
 
@@ -11,6 +11,7 @@ Element predicate (true = query may attend to key):
   same_segment = q_seg == k_seg AND q_seg != 0      (segment 0 = padding)
   causal       = k_pos <= q_pos                      (if spec.causal)
   pattern      = base OR k_pos < global_prefix
+                        OR q_pos < global_prefix     (if not spec.causal)
   base         = OR of the enabled sparsity parts, or True if none is:
                    local  = window AND chunk         (if window or chunk set)
                    blocks = block_mask[q_pos // bq][k_pos // bk]
@@ -21,6 +22,14 @@ Element predicate (true = query may attend to key):
                  are not visible (kernels.attention refuses concrete ones
                  past `block_mask_coverage`). `bigbird_block_table` builds
                  BigBird's random blocks.
+
+Global prefix: the first `global_prefix` positions of each document are
+global tokens (Longformer, BigBird's ITC). Every query sees them (global
+columns) and, in a bidirectional spec, they see every key of their document
+(global rows). In a causal spec a global row could only see keys at or
+before itself, all of which are global columns already, so global rows add
+nothing there and are not tested (docs/attention.md: no global token attends
+to the future).
 
 Transient-global suffix (TGlobal): the caller appends `global_suffix`
 summary keys as the last key columns (after the `S - global_suffix`
@@ -166,6 +175,8 @@ def element_mask(
       pattern = pattern | p
     if spec.global_prefix:
       pattern = pattern | (k_pos < spec.global_prefix)
+      if not spec.causal:
+        pattern = pattern | (q_pos < spec.global_prefix)
     if spec.global_suffix:
       pattern = pattern | k_is_suffix
     visible = visible & pattern
@@ -227,7 +238,7 @@ def _mix64(x):
 def bigbird_block_table(
   num_blocks: int, *, num_random_blocks: int, seed: int, causal: bool
 ) -> tuple[tuple[bool, ...], ...]:
-  """BigBird's random key blocks (METHODS.md §5.5): [num_blocks]^2 table,
+  """BigBird's random key blocks (docs/attention.md): [num_blocks]^2 table,
   True where query block i attends key block j at random.
 
   Each query block gets `num_random_blocks` distinct key blocks drawn from
@@ -418,6 +429,8 @@ def classify_blocks(
     if spec.global_prefix:
       n = spec.global_prefix
       pattern = _or(pattern, _and(causal_only, _Bounds(kmin < n, kmax < n)))
+      if not spec.causal:  # global rows (see the module docstring)
+        pattern = _or(pattern, _Bounds(qmin < n, qmax < n))
     if spec.global_suffix:
       sfx = suffix_columns(spec, kv_len, s).reshape(s // block_kv, block_kv)
       sfx_any = jnp.asarray(sfx.any(-1))[None, None, :]

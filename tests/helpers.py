@@ -33,8 +33,9 @@ SMALL_FLAGS = [
 
 def cli_env(drop=(), **extra):
   """The environment of a CLI subprocess: the repo importable, one CPU
-  device (no XLA_FLAGS), no accelerator. `drop`: prefixes of this process's
-  variables to leave out; `extra`: variables set last (over the above)."""
+  device (no XLA_FLAGS), no accelerator, the session's compilation cache
+  (conftest.py). `drop`: prefixes of this process's variables to leave
+  out; `extra`: variables set last (over the above)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
   env.pop("XLA_FLAGS", None)  # one CPU device in subprocesses
   env["JAX_PLATFORMS"] = "cpu"
@@ -64,8 +65,24 @@ def train_cli(
   return proc
 
 
-def final_state(workdir):
-  """(step, params on the host, data-iterator state) of the newest
+def snapshot(root) -> dict:
+  """Every directory and file under `root` with its mtime (files: and the
+  sha256 of their bytes): equal snapshots mean nothing was written."""
+  import hashlib
+
+  out = {}
+  for d, _, files in os.walk(root):
+    out[os.path.relpath(d, root)] = (os.stat(d).st_mtime_ns, "dir")
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, digest)
+  return out
+
+
+def restored_state(workdir):
+  """(step, train state on the host, data-iterator state) of the newest
   checkpoint of a CLI run, restored with the run's own resolved config
   (mesh 1x1x1: one device per subprocess)."""
   import jax
@@ -84,7 +101,14 @@ def final_state(workdir):
   )
   step, state, data_state = ckpt.restore_latest(t.abstract_state)
   ckpt.close()
-  return step, jax.device_get(state["params"]), data_state
+  return step, jax.device_get(state), data_state
+
+
+def final_state(workdir):
+  """(step, params on the host, data-iterator state) of the newest
+  checkpoint of a CLI run (`restored_state`)."""
+  step, state, data_state = restored_state(workdir)
+  return step, state["params"], data_state
 
 
 def logged_losses(workdir):

@@ -1,5 +1,5 @@
 """Every attention variant, causal and bidirectional, through the module the
-model builds (`block.make_attention`): the METHODS.md §0.4 harness.
+model builds (`block.make_attention`): the docs/testing.md harness.
 
 Causal forms: outputs at positions <= t do not move when tokens after t
 change (perturbation at block / window boundaries) and the Jacobian

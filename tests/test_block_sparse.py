@@ -1,4 +1,4 @@
-"""BigBird block-sparse attention (METHODS.md §5.5, §5.6).
+"""BigBird block-sparse attention (docs/attention.md).
 
 The random-block table (strictly earlier blocks in a decoder, a fixed
 function of its seed), the mask it makes with the window and the global
@@ -123,9 +123,10 @@ def test_every_layer_and_head_shares_one_table():
 
 
 def brute_visible(a, causal, table, qp, kp, qs, ks):
-  """BigBird's element rule from METHODS.md §5.5, written independently of
+  """BigBird's element rule from docs/attention.md, written independently of
   kernels.masks: same document, causal if so, then window (w tokens incl.
-  self, both sides in an encoder), prefix columns, or a random block."""
+  self, both sides in an encoder), prefix columns, prefix rows in an
+  encoder (global queries see every key), or a random block."""
   if qs != ks or qs == 0 or (causal and kp > qp):
     return False
   w = a.window
@@ -133,6 +134,7 @@ def brute_visible(a, causal, table, qp, kp, qs, ks):
   return bool(
     in_window
     or kp < a.num_global
+    or (not causal and qp < a.num_global)
     or table[qp // a.block_size][kp // a.block_size]
   )
 

@@ -177,7 +177,7 @@ def test_export_reproduces_the_source(imported, exported, family):
     assert f.read() == tokenizer
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_import_of_the_export_gives_the_same_params(
   imported, exported, family, tmp_path
 ):

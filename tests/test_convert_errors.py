@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from efficient_lm import convert, runs
-from tests.helpers import REPO, cli_env, small_config
-from tests.test_runs import _snapshot, _weights
+from tests.helpers import REPO, cli_env, small_config, snapshot
+from tests.test_runs import _weights
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "hf")
 
@@ -266,12 +266,12 @@ def test_existing_workdir_is_left_as_it_is(tmp_path, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   message = _error(
     ["import", f"--hf={FIXTURES}/qwen3/model", f"--workdir={workdir}"], capsys
   )
   assert "exists and is not empty" in message
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_rotary_inv_freq_is_skipped(tmp_path):
@@ -307,10 +307,10 @@ def test_export_leaves_an_existing_out_as_it_is(mod_run, tmp_path, capsys):
   out = tmp_path / "hf"
   out.mkdir()
   (out / "config.json").write_text("{}")
-  before = _snapshot(out)
+  before = snapshot(out)
   message = _error(["export", f"--workdir={mod_run}", f"--out={out}"], capsys)
   assert "exists and is not empty" in message
-  assert _snapshot(out) == before
+  assert snapshot(out) == before
 
 
 def test_export_of_a_missing_run(tmp_path, capsys):

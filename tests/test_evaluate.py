@@ -1,6 +1,5 @@
 """Loading a trained run read-only, tokenizer.json, and the evaluate CLI."""
 
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,13 @@ from efficient_lm import runs
 from efficient_lm.data import CharTokenizer, DataError
 from efficient_lm.training import loop
 from efficient_lm.training.checkpoint import Checkpointer
-from tests.helpers import REPO, cli_env, small_config, train_sentencepiece
+from tests.helpers import (
+  REPO,
+  cli_env,
+  small_config,
+  snapshot,
+  train_sentencepiece,
+)
 
 # Multi-byte UTF-8 characters, so tokens and bytes differ.
 WORDS = [
@@ -42,20 +47,6 @@ WORDS = [
 def _text(seed: int, num_words: int) -> str:
   rng = np.random.default_rng(seed)
   return " ".join(rng.choice(WORDS, num_words)) + "\n"
-
-
-def _snapshot(root) -> dict[str, tuple]:
-  """Relative path -> (mtime, sha256) of every file and directory under
-  `root` (itself as "."): a rewrite with the same bytes shows too."""
-  out = {}
-  for d, _, files in os.walk(root):
-    out[os.path.relpath(d, root)] = (os.stat(d).st_mtime_ns, "dir")
-    for name in files:
-      path = os.path.join(d, name)
-      with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-      out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, digest)
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +80,7 @@ def trained(tmp_path_factory):
 def loaded(trained):
   """load_run and two evaluations, with the run directory hashed before
   and after."""
-  before = _snapshot(trained.workdir)
+  before = snapshot(trained.workdir)
   run = runs.load_run(trained.workdir)
   first2 = runs.evaluate(run, num_batches=2)
   full = runs.evaluate(run)
@@ -98,7 +89,7 @@ def loaded(trained):
     first2=first2,
     full=full,
     before=before,
-    after=_snapshot(trained.workdir),
+    after=snapshot(trained.workdir),
   )
 
 
@@ -168,11 +159,11 @@ def test_corrupt_newest_checkpoint_is_skipped_not_renamed(
   workdir = tmp_path / "run"
   shutil.copytree(trained.workdir, workdir)
   _corrupt(workdir / "checkpoints" / "4")
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   capfd.readouterr()
   run = runs.load_run(str(workdir))
   assert run.step == 2
-  assert _snapshot(workdir) == before  # "4" is still there as it was
+  assert snapshot(workdir) == before  # "4" is still there as it was
   [line] = [
     x
     for x in capfd.readouterr().err.splitlines()
@@ -300,7 +291,7 @@ def _evaluate_cli(*args):
 def test_cli_prints_json_and_appends_eval_jsonl_only(trained, loaded, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(trained.workdir, workdir)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = _evaluate_cli(f"--workdir={workdir}", "--num_batches=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout)
@@ -308,7 +299,7 @@ def test_cli_prints_json_and_appends_eval_jsonl_only(trained, loaded, tmp_path):
   np.testing.assert_allclose(result["loss"], loaded.first2["loss"], rtol=1e-5)
   [summary] = proc.stderr.strip().splitlines()
   assert summary.startswith("step 4: eval loss ") and "bits/byte" in summary
-  after = _snapshot(workdir)
+  after = snapshot(workdir)
   # Only eval.jsonl is new (and so the directory holding it changed).
   assert after.pop("eval.jsonl") and after.pop(".") and before.pop(".")
   assert after == before

@@ -1,6 +1,6 @@
 """Generation: cached steps equal the full forward, for every cache layout.
 
-The properties (METHODS.md §0.4.2, §5.6.6): prefill + token-by-token decode
+The properties (docs/testing.md, docs/attention.md): prefill + token-by-token decode
 gives the logits of one forward over the whole sequence; greedy decoding
 with the cache gives exactly the tokens of the recompute-everything path,
 including prompts longer than the window; caches hold the rows their

@@ -1,4 +1,4 @@
-"""Hourglass (causal funnel decoder, METHODS.md §3.3-3.6).
+"""Hourglass (causal funnel decoder, docs/funnel.md).
 
 Properties: factor 1 is the plain decoder of the same layers; the model is
 causal at every t (perturbation, every group boundary included, and the

@@ -1,4 +1,4 @@
-"""kernels.attention: every impl against the dense reference (METHODS §0.4).
+"""kernels.attention: every impl against the dense reference (docs/testing.md).
 
 Tolerances: f32 1e-4 absolute on outputs, lse and gradients (inputs are
 O(1)); bf16 inputs 2e-2 (one bf16 rounding of the output dominates).

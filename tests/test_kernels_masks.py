@@ -1,4 +1,4 @@
-"""MaskSpec predicate and block metadata vs brute force (METHODS.md §5.6)."""
+"""MaskSpec predicate and block metadata vs brute force (docs/attention.md)."""
 
 import itertools
 import zlib
@@ -18,6 +18,7 @@ SPECS = {
   "causal_window": MaskSpec(causal=True, window=(7, 0)),
   "left_only": MaskSpec(window=(4, None)),
   "prefix_window": MaskSpec(causal=True, window=(4, 0), global_prefix=3),
+  "prefix_rows": MaskSpec(window=(4, 4), global_prefix=3),
   "chunk": MaskSpec(chunk=8),
   "causal_chunk3": MaskSpec(causal=True, chunk=12),
   "suffix": MaskSpec(causal=True, window=(3, 0), global_suffix=4),
@@ -26,6 +27,12 @@ SPECS = {
     causal=True,
     window=(4, 0),
     global_prefix=2,
+    block_mask=_TABLE,
+    block_mask_sizes=(16, 8),
+  ),
+  "bigbird_rows": MaskSpec(
+    window=(2, 2),
+    global_prefix=5,
     block_mask=_TABLE,
     block_mask_sizes=(16, 8),
   ),
@@ -70,6 +77,7 @@ def brute_visible(spec, qp, kp, qs, ks, k_is_suffix):
   return (
     any(parts)
     or kp < spec.global_prefix
+    or (not spec.causal and qp < spec.global_prefix)
     or (spec.global_suffix > 0 and k_is_suffix)
   )
 

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (METHODS.md §6): the naive form against a
+"""Multi-head latent attention (docs/attention.md): the naive form against a
 dense per-head reference written here, positions, causality, the V2-Lite
 parameter shapes, FLOPs, and tensor parallelism."""
 
@@ -156,7 +156,7 @@ def _visible(q, kv, causal, window):
 
 def _reference(p, q, kv, dims: MLADims, causal, window=0):
   """MLA written head by head with explicit keys and values (no latent
-  tricks, no kernels): METHODS.md §6.1's equations."""
+  tricks, no kernels): docs/attention.md's equations."""
   c_dim, q_dim, r, n, e = dims
   x, y = q.x_BTD, kv.x_BTD
   if q_dim:

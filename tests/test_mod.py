@@ -1,4 +1,4 @@
-"""Mixture-of-depths (METHODS.md §2.8): degenerate settings reduce to the
+"""Mixture-of-depths (docs/routing.md): degenerate settings reduce to the
 plain block, top-k picks exactly k non-padding tokens, gathered attention
 equals dense attention with keys masked to the selected set at their own
 positions, the routers learn, causal routing is causal (and top-k is not),
@@ -493,7 +493,7 @@ def test_config_errors_are_one_line(overrides, match):
   assert "\n" not in str(e.value)
 
 
-# ------------------------------------------- composition (METHODS.md §7)
+# ------------------------------------------- composition (docs/attention.md)
 
 _COMPOSED = {k: v for k, v in ATTENTION_VARIANTS.items() if k != "tglobal"}
 

@@ -17,7 +17,12 @@ from efficient_lm.config import ConfigError, MoEConfig
 from efficient_lm.models import build, flops
 from efficient_lm.models.layers import ACTIVATIONS, SwiGLU
 from efficient_lm.models.moe import MoE, capacity_slots
-from tests.helpers import override, prefill_then_decode, small_config
+from tests.helpers import (
+  override,
+  prefill_then_decode,
+  restored_state,
+  small_config,
+)
 
 D, F = 16, 24
 
@@ -283,25 +288,8 @@ def test_bad_moe_config_is_one_line(overrides, match):
 
 def _final_model_state(workdir):
   """The newest checkpoint's model_state of a CLI run (the loss-free
-  biases), restored like tests.helpers.final_state."""
-  import json
-  import os
-
-  from efficient_lm.training import loop
-  from efficient_lm.training.checkpoint import Checkpointer
-
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = config_lib.from_config_dict(json.load(f))
-  t = loop.build_trainer(cfg, jax.devices()[:1])
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    every_steps=cfg.checkpoint.every_steps,
-    keep=cfg.checkpoint.keep,
-    async_save=False,
-  )
-  _, state, _ = ckpt.restore_latest(t.abstract_state)
-  ckpt.close()
-  return jax.device_get(state["model_state"])
+  biases)."""
+  return restored_state(workdir)[1]["model_state"]
 
 
 @pytest.mark.slow

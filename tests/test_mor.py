@@ -1,4 +1,4 @@
-"""Mixture-of-recursions (models/mor.py) against METHODS.md §1.10.
+"""Mixture-of-recursions (models/mor.py) against docs/routing.md.
 
 Degenerate settings reduce to plain models (one recursion = vanilla; full
 capacity with gate 1 = the weight-tied model, gradients summed over uses);

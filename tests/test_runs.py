@@ -1,7 +1,6 @@
 """runs.write_run: a run written from given weights at step 0 reads back
 bitwise, trains on from step 0 through the CLI, evaluates and generates."""
 
-import hashlib
 import json
 import math
 import os
@@ -20,7 +19,13 @@ from efficient_lm import models, runs, sharding
 from efficient_lm.generate import Generator
 from efficient_lm.training import loop
 from efficient_lm.training.fingerprints import flat
-from tests.helpers import REPO, cli_env, logged_losses, small_config
+from tests.helpers import (
+  REPO,
+  cli_env,
+  logged_losses,
+  small_config,
+  snapshot,
+)
 
 SOURCE = {"from": "tests/test_runs.py", "init_seed": 123, "scale": 1.5}
 
@@ -35,18 +40,6 @@ def _weights(cfg):
     nnx.to_pure_dict(params),
   )
   return params, model_state
-
-
-def _snapshot(root) -> dict[str, tuple]:
-  out = {}
-  for d, _, files in os.walk(root):
-    out[os.path.relpath(d, root)] = (os.stat(d).st_mtime_ns, "dir")
-    for name in files:
-      path = os.path.join(d, name)
-      with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-      out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, digest)
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +158,16 @@ def test_train_cli_continues_from_step_0(written):
 
 def test_write_run_refuses_a_non_empty_workdir(written, tmp_path):
   cfg, params, state = written.cfg, written.params, written.model_state
-  before = _snapshot(written.workdir)
+  before = snapshot(written.workdir)
   with pytest.raises(runs.RunError, match="exists and is not empty"):
     runs.write_run(written.workdir, cfg, params, state)
-  assert _snapshot(written.workdir) == before
+  assert snapshot(written.workdir) == before
   (tmp_path / "notes.txt").write_text("mine")
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with pytest.raises(runs.RunError) as e:
     runs.write_run(str(tmp_path), cfg, params, state)
   assert len(str(e.value).splitlines()) == 1
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_write_run_refuses_weights_of_another_shape(written, tmp_path):

@@ -1,4 +1,4 @@
-"""Transient-global attention (METHODS.md §4.6): the module against a dense
+"""Transient-global attention (docs/attention.md): the module against a dense
 reference built here from explicit [K_local ; K_global] keys and an explicit
 element mask, its degenerate forms (sliding window, dense), the block
 aggregates and orphan rules, causality, packing and position-only block ids.

@@ -52,7 +52,8 @@ def capacity_tokens(capacity: float, n: int, minimum: int = 0) -> int:
 class AttentionConfig:
   # "dense": full attention; "sliding_window": a window of `window` tokens
   # including self; "global_local": sliding window plus the first
-  # `num_global` positions visible to every token; "block_sparse": BigBird,
+  # `num_global` positions visible to every token (in an encoder they also
+  # see every token: global rows); "block_sparse": BigBird,
   # the sliding window and `num_global` prefix positions plus
   # `num_random_blocks` random key blocks of `block_size` per query block
   # (strictly earlier ones in a decoder), drawn once from `random_seed`;
@@ -121,7 +122,7 @@ class RoutingConfig:
   # "none": every token through every layer; "mod": mixture-of-depths
   # (routed blocks process the top `capacity` of each sequence); "mor":
   # mixture-of-recursions (shared layers applied `num_recursions` times, a
-  # router choosing each token's depth). METHODS.md sections 1 and 2.
+  # router choosing each token's depth). docs/routing.md.
   kind: Literal["none", "mod", "mor"] = "none"
   # --- mod
   # Every `every`-th block is routed (2: every other block, the paper's
@@ -151,7 +152,7 @@ class RoutingConfig:
   balancing: Literal["aux_loss", "loss_free"] = "aux_loss"
   balancing_weight: float = 0.1
   bias_rate: float = 0.001
-  # How a selected token's state is updated (METHODS.md 1.2 step 5):
+  # How a selected token's state is updated (docs/routing.md, MoR step 5):
   # "paper": H + g * Block(H) (the block's own residual included);
   # "residual_delta": H + g * (Block(H) - H), the MoD form. Default "paper":
   # the released code's rule, kept for reproduction (the residual stream
@@ -213,7 +214,7 @@ class RoutingConfig:
     return self.recursed_layers(num_layers) // self.num_recursions
 
   def layer_map(self, num_layers: int) -> tuple[int, ...]:
-    """MoR: the unique layer each virtual layer uses (METHODS.md §1.1):
+    """MoR: the unique layer each virtual layer uses (docs/routing.md):
     cycle l -> l mod D; sequence l -> l // N_r; middle_*: the first layer
     is 0, the last D + 1, the middle ones 1 + (cycle or sequence map of
     l - 1). Raises ConfigError unless `fits(num_layers)`."""
@@ -428,10 +429,24 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  # train.objective="distill": a trained run directory (any run: trained
+  # here, imported, pruned) with this run's tokenizer, run frozen beside the
+  # student in the same step (training/distill.py).
+  teacher: str = ""
+  # loss = alpha * T^2 * KL(teacher || student, both at temperature T)
+  #        + (1 - alpha) * next-token cross-entropy, over the same
+  #        non-padding positions.
+  alpha: float = 0.5
+  temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   # Training objective (efficient_lm/training/losses.py): "next_token" =
-  # cross-entropy of each next token over non-padding positions.
-  objective: Literal["next_token", "mlm"] = "next_token"
+  # cross-entropy of each next token over non-padding positions; "distill"
+  # = next-token training against a teacher's distribution (`distill`).
+  objective: Literal["next_token", "mlm", "distill"] = "next_token"
   # mlm: fraction of non-padding tokens corrupted (BERT 80/10/10: mask id,
   # random token, unchanged); the loss counts corrupted positions only.
   mlm_rate: float = 0.15
@@ -455,6 +470,7 @@ class TrainConfig:
   # Stop with an error if the loss is NaN/inf (the last good checkpoint
   # stays the latest one).
   stop_on_nan: bool = True
+  distill: DistillConfig = DistillConfig()
 
 
 @dataclasses.dataclass(frozen=True)

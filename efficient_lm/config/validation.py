@@ -40,6 +40,7 @@ def validate(cfg: Config, *, device_count: int | None = None) -> None:
   m, mesh = cfg.model, cfg.mesh
   _validate_sizes(cfg)
   _validate_train(cfg.train)
+  _validate_distill(cfg)
   if mesh.data == 0 or mesh.data < -1:
     raise ConfigError(
       f"mesh.data={mesh.data}: expected a positive size or -1 (all "
@@ -211,3 +212,30 @@ def _validate_train(t: TrainConfig) -> None:
     if v < 0:
       raise ConfigError(f"{path}={v}: expected >= 0 (0 turns it off)")
   _positive("train.eval_batches", t.eval_batches)
+
+
+def _validate_distill(cfg: Config) -> None:
+  """train.objective='distill': a teacher, alpha in [0, 1], T > 0, a causal
+  student (the teacher run itself is read when the trainer is built)."""
+  t, d = cfg.train, cfg.train.distill
+  if t.objective != "distill":
+    return
+  if not d.teacher:
+    raise ConfigError(
+      "train.objective='distill' needs a teacher run: "
+      "--config.train.distill.teacher=RUN_DIR"
+    )
+  if not 0 <= d.alpha <= 1:
+    raise ConfigError(
+      f"train.distill.alpha={d.alpha}: expected 0 <= alpha <= 1"
+    )
+  if not d.temperature > 0:
+    raise ConfigError(
+      f"train.distill.temperature={d.temperature}: expected > 0"
+    )
+  if cfg.model.kind == "funnel_encoder":
+    raise ConfigError(
+      "train.objective='distill' with model.kind='funnel_encoder': "
+      "distillation matches next-token distributions, which a bidirectional "
+      "model does not predict; use a causal model (decoder, hourglass)"
+    )

@@ -142,7 +142,7 @@ def _validate_routing(m: ModelConfig, seq_len: int) -> None:
 
 
 def _validate_mor(m: ModelConfig) -> None:
-  """Mixture-of-recursions (models/mor.py, METHODS.md §1)."""
+  """Mixture-of-recursions (models/mor.py, docs/routing.md)."""
   r = m.routing
   n = r.num_recursions
   if m.kind != "decoder":

@@ -359,6 +359,25 @@ def save_tokenizer(tok: Tokenizer, path: epath.PathLike) -> None:
   )
 
 
+def identity(tok: Tokenizer) -> dict[str, Any]:
+  """What makes two tokenizers the same, wherever their files were read
+  from: the kind and vocabulary size, and the char vocabulary, the
+  SentencePiece model's or the Hugging Face tokenizer.json's sha256 (and
+  its special ids). Distillation compares a teacher's with the student's."""
+  out: dict[str, Any] = {
+    "kind": type(tok).__name__,
+    "vocab_size": tok.vocab_size,
+  }
+  if isinstance(tok, CharTokenizer):
+    out["chars"] = tok.chars
+  elif isinstance(tok, SentencePieceTokenizer):
+    out["sha256"] = hashlib.sha256(tok.model_proto).hexdigest()
+  elif isinstance(tok, HFTokenizer):
+    out["sha256"] = hashlib.sha256(tok.hf_json.encode("utf-8")).hexdigest()
+    out.update(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return out
+
+
 def load_tokenizer(path: epath.PathLike) -> Tokenizer:
   """The tokenizer that save_tokenizer described in `path`; DataError (one
   line) if the file is unreadable or does not describe what it held."""

@@ -46,7 +46,12 @@ def mask_spec(cfg: AttentionConfig, *, causal: bool) -> kernels.MaskSpec:
   """The mask of one layer; windows count tokens including self (and, in a
   bidirectional layer, as many after as before).
 
-  block_sparse (BigBird, METHODS.md §5.5): the window and the num_global
+  global_local and block_sparse: the first num_global positions of each
+  document are global (Longformer, docs/attention.md): every token sees them
+  and, bidirectional, they see every token (kernels.masks: global rows); a
+  causal global token sees only itself and earlier tokens, like any other.
+
+  block_sparse (BigBird, docs/attention.md): the window and the num_global
   prefix, OR'd with a static table of random key blocks of block_size per
   query block, over ceil(max_len / block_size) blocks; positions past it
   are an error (kernels.attention, masks.block_mask_coverage). Every head
@@ -327,6 +332,6 @@ class Attention(nnx.Module):
     )
 
   def cache_bytes_per_token(self, dtype) -> int:
-    """K and V of the kv heads: 2 * G * K elements (METHODS.md §6.2)."""
+    """K and V of the kv heads: 2 * G * K elements (docs/attention.md)."""
     g, k = self.k_DGK.shape[1:]
     return 2 * g * k * jnp.dtype(dtype).itemsize

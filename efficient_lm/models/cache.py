@@ -5,7 +5,7 @@ A cache is a dict of arrays with a slot axis: `pos` and `seg` int32
 MHA / GQA, the latent and RoPE key for MLA, ...). A slot whose `seg` is 0 is
 empty; every mask already hides segment 0 (padding), so an empty slot needs
 no flag of its own and attention over a cache is ordinary attention over its
-rows, visibility decided by their stored positions (METHODS.md §0.2).
+rows, visibility decided by their stored positions (docs/attention.md).
 
 `Slots` says where position p lives:
   * full cache (`window=None`): slot p // stride, `num_slots` = the longest

@@ -34,7 +34,9 @@ pool-query layer (the previous stage's); FLOPs per
 projections, MLP, scores) by its query count and the key-side ones (k, v
 projections) by its key count, over T. Pooled rows sit f**s positions
 apart, so windows, global prefixes and TGlobal blocks (in positions) cover
-f**s times fewer rows there (`visibility.in_rows`). Pooling and upsampling are means
+f**s times fewer rows there (`visibility.in_rows`). TGlobal layers add
+T / tglobal_block summary keys: their K/V projections, and scores and
+values against them (`_add_summary_keys`). Pooling and upsampling are means
 and copies: no matmul FLOPs.
 
 Mixture-of-depths: a routed layer runs attention projections and MLP on
@@ -62,6 +64,7 @@ from flax import nnx
 
 from efficient_lm import models
 from efficient_lm.config import ModelConfig
+from efficient_lm.models import block as block_lib
 from efficient_lm.models.block import Block
 from efficient_lm.models.mod import RoutedBlock
 from efficient_lm.models.mor import Recursions
@@ -96,7 +99,25 @@ def _layer_terms(cfg: ModelConfig, spec: LayerSpec, seq_len: int) -> dict:
       capacity=r.capacity,
       predictor=r.predictor,
     )
-  return Block.flops(cfg.embed_dim, spec, seq_len)
+  terms = Block.flops(cfg.embed_dim, spec, seq_len)
+  if spec.attention.kind == "tglobal":
+    _add_summary_keys(terms, cfg.embed_dim, spec, seq_len)
+  return terms
+
+
+def _add_summary_keys(terms, d: int, spec: LayerSpec, seq_len: int):
+  """TGlobal's seq_len // tglobal_block summary keys (models/tglobal.py):
+  their K/V projections, and in dense_tile every query row against them
+  (the visible convention counts them already, `visible_keys`). Building
+  them (a segmented sum and an RMSNorm) is O(D) per token, no matmul."""
+  num = seq_len // spec.attention.tglobal_block
+  per_k = block_lib.projection_flops(d, spec)[1]
+  qk, v = block_lib.head_dims(spec)
+  nq = seq_len // spec.stride
+  terms["attention_proj"] += num * per_k / seq_len
+  terms["attention_dense_tile"] += (
+    nq * 2.0 * spec.num_heads * (qk + v) * num / seq_len
+  )
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

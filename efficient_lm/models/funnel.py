@@ -1,4 +1,4 @@
-"""Funnel encoder (METHODS.md §3.1, §3.4): bidirectional stages with the
+"""Funnel encoder (docs/funnel.md): bidirectional stages with the
 sequence mean-pooled between them, and an upsampling decoder.
 
   embed -> stage 0 (T tokens) -> pool -> stage 1 (T / f) -> ... -> stage S-1
@@ -28,7 +28,7 @@ Upsampling repeats slot i of the last stage to rows i*r .. i*r+r-1
 (r = f**(S-1)), zeroed where the row's segment differs from the slot's (a
 row of another document, or padding), so documents stay apart.
 
-Positions and segment ids are data (METHODS.md §0.1): pooled rows carry
+Positions and segment ids are data (docs/attention.md): pooled rows carry
 their first source's position into RoPE, windows and TGlobal blocks, so a
 window of W positions in stage s covers about W / f**s pooled rows; TGlobal
 counts a pooled row as f**s tokens (models/tglobal.py).

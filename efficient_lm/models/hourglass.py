@@ -1,4 +1,4 @@
-"""Hourglass: a causal funnel decoder (METHODS.md §3.3, §3.4).
+"""Hourglass: a causal funnel decoder (docs/funnel.md).
 
   tokens -> embed -> `pre` full-length causal layers -> h
          -> shift right by k - 1 -> mean-pool groups of k (the slots)
@@ -9,7 +9,7 @@
 `model.funnel.stages = (pre, shortened, post)`, `model.funnel.factor = k`.
 
 Causality. After the shift, slot j covers inputs jk-k+1 .. jk and sits at
-position jk (the last input it covers; positions are data, METHODS §0.1, so
+position jk (the last input it covers; positions are data, docs/attention.md, so
 RoPE and every mask of the shortened layers see it there). Upsampling hands
 slot j to indices jk .. jk+k-1, each of which comes at or after every input
 of the slot. Without the shift (`shift=False`, kept for the negative test

@@ -1,4 +1,4 @@
-"""DeepSeek multi-head latent attention (MLA, METHODS.md §6.1).
+"""DeepSeek multi-head latent attention (MLA, docs/attention.md).
 
 Keys and values of all heads come from one small latent per token, and
 RoPE lives in a separate ("decoupled") part of the query/key head that
@@ -302,7 +302,7 @@ class MLAttention(nnx.Module):
     return constrain(out, BTD), cache_lib.write(cache, new, slots)
 
   def cache_bytes_per_token(self, dtype) -> int:
-    """The latent and the shared RoPE key: C + R elements (METHODS.md
-    §6.1), whatever the number of heads."""
+    """The latent and the shared RoPE key: C + R elements (docs/attention.md,
+    MLA), whatever the number of heads."""
     c, r = self.dims.kv_lora_rank, self.dims.rope_head_dim
     return (c + r) * jnp.dtype(dtype).itemsize

@@ -1,4 +1,4 @@
-"""Mixture-of-depths (METHODS.md §2): the routed block and its router.
+"""Mixture-of-depths (docs/routing.md): the routed block and its router.
 
 A routed block (`RoutedBlock`) scores every token with
 `MoDRouter`: r = w·x + b, a linear map of the block's input (the residual
@@ -18,7 +18,7 @@ stream). Two ways to use the scores:
 
 Gate: a processed token's update is x + g·Δ(x) with g = sigmoid(r). The
 paper multiplies by r itself; sigmoid keeps the multiplier in (0, 1) (an
-unbounded r can blow up the residual stream, METHODS.md §2.7.2) and puts
+unbounded r can blow up the residual stream, docs/routing.md) and puts
 the router on the gradient path all the same; the raw r is the BCE logit.
 """
 
@@ -93,7 +93,7 @@ class MoDRouter(nnx.Module):
 
 
 class RoutedBlock(Block):
-  """A mixture-of-depths block (METHODS.md §2).
+  """A mixture-of-depths block (docs/routing.md).
 
   Training (`causal_routing=False`): the top k = floor(capacity * T)
   non-padding tokens of each row by router score r, sorted by index, are

@@ -1,4 +1,4 @@
-"""Mixture-of-Recursions (METHODS.md §1): shared layers applied up to
+"""Mixture-of-Recursions (docs/routing.md): shared layers applied up to
 `num_recursions` times, a router choosing how deep each token goes.
 
 Layout (`routing.sharing`, §1.1): the decoder's L virtual layers map onto
@@ -73,7 +73,7 @@ from efficient_lm.sharding import BTD, constrain
 def layer_map(
   sharing: MoRSharing, num_layers: int, num_recursions: int
 ) -> tuple[int, ...]:
-  """Unique layer used by each virtual layer (METHODS.md §1.1): the
+  """Unique layer used by each virtual layer (docs/routing.md): the
   config's rule, `RoutingConfig.layer_map`."""
   r = RoutingConfig(kind="mor", sharing=sharing, num_recursions=num_recursions)
   return r.layer_map(num_layers)

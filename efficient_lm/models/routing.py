@@ -8,7 +8,7 @@ selects per row (its static capacity), D width.
 
 Selected indices are always sorted ascending, so a gathered sub-sequence
 keeps causal order, and gathered rows carry their own positions and segment
-ids (METHODS.md §0.1): a gather never renumbers positions.
+ids (docs/attention.md): a gather never renumbers positions.
 """
 
 from __future__ import annotations

@@ -108,6 +108,40 @@ def layer_plan(
   )
 
 
+def unstack_layers(stack: dict, plan: tuple[LayerSpec, ...]) -> list[dict]:
+  """A Stack's pure-dict parameters ({"groups": ...}) -> one dict per plan
+  layer, in plan order (each leaf the layer's slice of its segment)."""
+  out = []
+  for i, seg in enumerate(segments(plan)):
+    group = stack["groups"][f"segment_{i}"]
+    for r in range(seg.repeats):
+      for j in range(len(seg.pattern)):
+        out.append(jax.tree.map(lambda a, r=r: a[r], group[f"layer_{j}"]))
+  return out
+
+
+def stack_layers(
+  layers: list[dict], plan: tuple[LayerSpec, ...], stack=jnp.stack
+) -> dict:
+  """`unstack_layers`' inverse for `plan` (whose segments may group the
+  layers differently); `stack` joins a leaf's slices (np.stack keeps them
+  on the host). ValueError if the plan has another number of layers."""
+  groups, first = {}, 0
+  for i, seg in enumerate(segments(plan)):
+    n = len(seg.pattern)
+    groups[f"segment_{i}"] = {
+      f"layer_{j}": jax.tree.map(
+        lambda *xs: stack(xs),
+        *[layers[first + r * n + j] for r in range(seg.repeats)],
+      )
+      for j in range(n)
+    }
+    first += seg.repeats * n
+  if first != len(layers):
+    raise ValueError(f"plan has {first} layers, given {len(layers)}")
+  return {"groups": groups}
+
+
 def call(block, x_BTD, pos_BT, seg_BT, cache=None, **kwargs):
   """block(x, pos, seg) -> (x, aux, new cache or None), a cache passed
   only when there is one (a layer returns its cache when given one)."""

@@ -1,4 +1,4 @@
-"""LongT5 transient-global attention (METHODS.md §4): a sliding window plus
+"""LongT5 transient-global attention (docs/attention.md): a sliding window plus
 one summary key per completed block of `tglobal_block` tokens.
 
 Every call builds, from the layer's normalised input x, one summary per
@@ -35,7 +35,7 @@ relative-position bias (bucketed global index - block id): the model has no
 bias tables, the rotation already makes the query-summary logit depend on
 the token's distance to the block, and the blockwise kernels take no bias.
 
-Generation (causal layers, METHODS.md §4.4): the cache holds the window's
+Generation (causal layers, docs/attention.md): the cache holds the window's
 K/V rows (a rolling buffer, like a sliding-window layer), the K/V of every
 completed block's summary, and the running float32 sum and token count of
 the current partial block. A step treats that partial block as one extra
@@ -50,7 +50,7 @@ layer of a pooled stage passes pooled queries and `kv` = the previous
 stage's rows (bidirectional only): summaries come from the keys' side.
 
 Inside a routed (MoD / MoR) block only blocks whose k tokens were all
-routed would be summarised (METHODS.md §7.2); that composition is not
+routed would be summarised (docs/attention.md); that composition is not
 supported yet.
 """
 
@@ -163,22 +163,49 @@ def _group_row(pos_T, seg_T, w_T, *, block, causal, num_slots):
 
 
 def summary_sums(x_BTD, slot_BT, num_slots: int) -> jax.Array:
-  """Float32 [B, N, D]: the sum of each slot's rows of x (one-hot matmul:
-  MXU-friendly and deterministic, unlike a scatter-add)."""
-  x_BTD = jnp.where((slot_BT >= 0)[:, :, None], x_BTD, 0)
-  onehot_BTN = slot_BT[:, :, None] == jnp.arange(num_slots)[None, None, :]
-  return jnp.einsum(
-    "BTN,BTD->BND",
-    onehot_BTN.astype(x_BTD.dtype),
-    x_BTD,
-    preferred_element_type=jnp.float32,
+  """Float32 [B, N, D]: the sum of each slot's rows of x, linear in T.
+
+  Rows are sorted by slot (a slot's rows become one run), summed by a
+  segmented scan that restarts at each run, and each slot reads its run's
+  last row. Deterministic (a fixed summation tree, no scatter-add) and
+  O(T D) work plus an O(T log T) integer sort; the one-hot [T, N] matmul
+  it replaces cost 2 N D FLOPs per token, quadratic in T (issue #23). Slots
+  need not be contiguous in x: bidirectional orphans join their segment's
+  last complete block wherever they sit.
+  """
+  key_BT = jnp.where(slot_BT >= 0, slot_BT, num_slots).astype(jnp.int32)
+  order_BT = jnp.argsort(key_BT, axis=1, stable=True)
+  key_BT = jnp.take_along_axis(key_BT, order_BT, axis=1)
+  x_BTD = jnp.take_along_axis(
+    x_BTD.astype(jnp.float32), order_BT[:, :, None], axis=1
   )
+  start_BT = jnp.concatenate(
+    [jnp.ones_like(key_BT[:, :1], bool), key_BT[:, 1:] != key_BT[:, :-1]], 1
+  )
+
+  def add_within_runs(a, b):
+    (a_start, a_sum), (b_start, b_sum) = a, b
+    return a_start | b_start, jnp.where(
+      b_start[..., None], b_sum, a_sum + b_sum
+    )
+
+  _, csum_BTD = jax.lax.associative_scan(
+    add_within_runs, (start_BT, x_BTD), axis=1
+  )
+  slots_N = jnp.arange(num_slots, dtype=jnp.int32)
+  end_BN = (
+    jax.vmap(lambda k: jnp.searchsorted(k, slots_N, side="right"))(key_BT) - 1
+  )
+  end_BN = jnp.maximum(end_BN, 0)
+  found_BN = jnp.take_along_axis(key_BT, end_BN, axis=1) == slots_N[None]
+  sums_BND = jnp.take_along_axis(csum_BTD, end_BN[:, :, None], axis=1)
+  return jnp.where(found_BN[:, :, None], sums_BND, 0.0)
 
 
 class TGlobalAttention(Attention):
   """Attention's projections over [x ; block summaries]; see the module
   docstring. Self-attention only; generation (causal layers) keeps the
-  cache of METHODS.md §4.4."""
+  cache of docs/attention.md."""
 
   def __init__(
     self,
@@ -246,7 +273,7 @@ class TGlobalAttention(Attention):
   ):
     """Self-attention; in a bidirectional layer `kv` may be another
     sequence (pooled queries), whose blocks give the summaries. With
-    `cache` (generation, causal layers): the step of METHODS.md §4.4,
+    `cache` (generation, causal layers): the step of docs/attention.md,
     returning (out, new cache)."""
     if cache is not None:
       if kv is not None:

@@ -23,34 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models.stack import LayerSpec, layer_plan, segments
-
-
-def per_layer(stack: dict, plan: tuple[LayerSpec, ...]) -> list[dict]:
-  """A Stack's pure-dict parameters -> one dict per plan layer."""
-  out = []
-  for i, seg in enumerate(segments(plan)):
-    group = stack["groups"][f"segment_{i}"]
-    for r in range(seg.repeats):
-      for j in range(len(seg.pattern)):
-        out.append(jax.tree.map(lambda a, r=r: a[r], group[f"layer_{j}"]))
-  return out
-
-
-def restack(layers: list[dict], plan: tuple[LayerSpec, ...]) -> dict:
-  """The inverse of `per_layer`."""
-  groups, first = {}, 0
-  for i, seg in enumerate(segments(plan)):
-    p = len(seg.pattern)
-    groups[f"segment_{i}"] = {
-      f"layer_{j}": jax.tree.map(
-        lambda *xs: jnp.stack(xs),
-        *[layers[first + r * p + j] for r in range(seg.repeats)],
-      )
-      for j in range(p)
-    }
-    first += seg.repeats * p
-  return {"groups": groups}
+from efficient_lm.models.stack import layer_plan, stack_layers, unstack_layers
 
 
 def upcycle(
@@ -69,8 +42,8 @@ def upcycle(
     cfg, moe=dataclasses.replace(cfg.moe, num_experts=0)
   )
   plan = layer_plan(cfg)
-  dense_layers = per_layer(dense["stack"], layer_plan(dense_cfg))
-  moe_layers = per_layer(moe_init["stack"], plan)
+  dense_layers = unstack_layers(dense["stack"], layer_plan(dense_cfg))
+  moe_layers = unstack_layers(moe_init["stack"], plan)
   key = jax.random.key(0) if key is None else key
   out_layers = []
   for i, (spec, d, m) in enumerate(
@@ -104,4 +77,4 @@ def upcycle(
         }
       layer["mlp"] = new
     out_layers.append(layer)
-  return {**dense, "stack": restack(out_layers, plan)}
+  return {**dense, "stack": stack_layers(out_layers, plan)}

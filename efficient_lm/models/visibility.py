@@ -38,15 +38,24 @@ def visible_keys(spec: LayerSpec, seq_len: int) -> np.ndarray:
     g = a.num_global
     below = np.minimum(g, np.maximum(0, i - w + 1))
     above = 0 if spec.causal else np.maximum(0, np.minimum(g, t) - (i + w))
-    return n + below + above
+    return _global_rows(spec, n + below + above)
   if a.kind == "tglobal":
     # Plus one summary per complete block: those of earlier blocks when
     # causal, all T // k otherwise (models/tglobal.py).
     k = a.tglobal_block
     return n + (i // k if spec.causal else t // k)
   if a.kind == "block_sparse":
-    return _block_sparse_keys(spec, t)
+    return _global_rows(spec, _block_sparse_keys(spec, t))
   raise ValueError(f"attention.kind={a.kind!r} has no FLOPs rule")
+
+
+def _global_rows(spec: LayerSpec, keys: np.ndarray) -> np.ndarray:
+  """Bidirectional global tokens (queries < num_global) see every key;
+  causal ones see only earlier keys, already counted."""
+  if spec.causal:
+    return keys
+  t = len(keys)
+  return np.where(np.arange(t) < spec.attention.num_global, t, keys)
 
 
 def _block_sparse_keys(spec: LayerSpec, t: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from efficient_lm import data as data_lib
 from efficient_lm import models, paths, sharding
 from efficient_lm.config import Config, ConfigError
 from efficient_lm.models import flops as flops_lib
-from efficient_lm.training import console, memory, optim
+from efficient_lm.training import console, distill, memory, optim
 from efficient_lm.training import metrics as metrics_lib
 from efficient_lm.training import state as state_lib
 from efficient_lm.training import step as step_lib
@@ -49,11 +49,20 @@ class Trainer:
   flops: dict[str, float]  # models.flops.flops_per_token
   param_count: dict[str, int]
   data_seed: int
+  # train.objective='distill': the frozen teacher, the train step's third
+  # argument (training/distill.py).
+  teacher: distill.Teacher | None = None
 
   @property
   def flops_per_token(self) -> float:
     """Training FLOPs per token, dense_tile convention (MFU's)."""
     return self.flops["train"]
+
+  @property
+  def step_inputs(self) -> tuple[Any, ...]:
+    """What `train_step(state, batch, *step_inputs)` takes after the batch:
+    the teacher's variables when distilling, else nothing."""
+    return () if self.teacher is None else (self.teacher.variables,)
 
 
 def _fresh_state(optimizer, params, model_state) -> dict[str, Any]:
@@ -90,9 +99,15 @@ def build_trainer(
       model.param_vars, decay_embeddings=cfg.train.decay_embeddings
     ),
   )
-  if cfg.train.objective == "mlm" and tokenizer is None:
+  if cfg.train.objective in ("mlm", "distill") and tokenizer is None:
     tokenizer = make_tokenizer(cfg)
-  objective = state_lib.objective(cfg, tokenizer)
+  teacher = None
+  if cfg.train.objective == "distill":
+    assert tokenizer is not None
+    teacher = distill.load_teacher(cfg, mesh, tokenizer)
+    objective = distill.objective(cfg, tokenizer)
+  else:
+    objective = state_lib.objective(cfg, tokenizer)
 
   def init_fn():
     _, params, model_state = nnx.split(
@@ -116,21 +131,25 @@ def build_trainer(
     abstract,
     state_sh,
   )
-  train_step = jax.jit(
-    sharding.under_mesh(
-      mesh,
-      step_lib.make_train_step(
-        model.graphdef,
-        optimizer,
-        optim.schedule(cfg.train),
-        objective,
-        noise_key=model.keys.noise,
-      ),
-    ),
-    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-    out_shardings=(state_sh, replicated),
-    donate_argnums=(0,),
+  make_step = functools.partial(
+    step_lib.make_train_step,
+    model.graphdef,
+    optimizer,
+    optim.schedule(cfg.train),
+    objective,
+    noise_key=model.keys.noise,
   )
+  if teacher is None:
+    train_step = jax.jit(
+      sharding.under_mesh(mesh, make_step()),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, replicated),
+      donate_argnums=(0,),
+    )
+    eval_step = state_lib.jit_eval_step(model, objective)
+  else:
+    train_step = distill.jit_train_step(model, teacher, make_step, state_sh)
+    eval_step = distill.jit_eval_step(model, objective, teacher)
   return Trainer(
     cfg=cfg,
     mesh=mesh,
@@ -140,10 +159,11 @@ def build_trainer(
     optimizer=optimizer,
     init_fn=jax.jit(init_fn, out_shardings=state_sh),
     train_step=train_step,
-    eval_step=state_lib.jit_eval_step(model, objective),
+    eval_step=eval_step,
     flops=flops_lib.flops_per_token(cfg.model, cfg.data.seq_len),
     param_count=flops_lib.param_count(model.param_vars, cfg.model),
     data_seed=model.keys.data_seed,
+    teacher=teacher,
   )
 
 
@@ -203,10 +223,12 @@ def evaluate(
 def evaluate_batches(
   eval_step: Callable, mesh: jax.sharding.Mesh, state, batches: Iterable[dict]
 ) -> dict[str, float]:
-  """`eval_loss` (mean NLL per target token) and `eval_<name>` for the
-  model's aux entries (mean over batches) over the host `batches`, by the
-  jitted `eval_step` (Trainer.eval_step, state.jit_eval_step) on `mesh`."""
-  nll, tokens, aux, n = 0.0, 0.0, {}, 0
+  """`eval_loss` (mean NLL per target token), `eval_<name>` for the
+  objective's other per-token metrics (distillation: eval_kl, per token
+  too) and for the model's aux entries (mean over batches) over the host
+  `batches`, by the jitted `eval_step` (Trainer.eval_step,
+  state.jit_eval_step) on `mesh`."""
+  nll, tokens, sums, aux, n = 0.0, 0.0, {}, {}, 0
   for batch in batches:
     out = eval_step(
       state["params"],
@@ -216,11 +238,14 @@ def evaluate_batches(
     out = jax.device_get(out)
     nll += float(out["nll_sum"])
     tokens += float(out["tokens"])
+    for k, v in out["sums"].items():
+      sums[k] = sums.get(k, 0.0) + float(v)
     for k, v in out["aux"].items():
       aux[k] = aux.get(k, 0.0) + float(v)
     n += 1
   return {
     "eval_loss": nll / max(tokens, 1.0),
+    **{f"eval_{k}": v / max(tokens, 1.0) for k, v in sums.items()},
     **{f"eval_{k}": v / max(n, 1) for k, v in aux.items()},
   }
 
@@ -271,12 +296,22 @@ def _run(
     keep=cfg.checkpoint.keep,
     async_save=cfg.checkpoint.async_save,
   )
+  if t.teacher is not None:  # before a resume reads anything
+    try:
+      distill.check_record(
+        workdir, t.teacher, resuming=ckpt.latest_step() is not None
+      )
+    except BaseException:
+      ckpt.close()
+      raise
   state, start = _restore_or_init(t, ckpt, train_it, is_main)
   if start >= cfg.train.steps:
     ckpt.close()
     return _already_complete(cfg, workdir, ckpt, start, is_main)
   if is_main:  # the run starts: only now does the workdir record it
     record_start(workdir, cfg.to_dict(), start_step=start, overrides=overrides)
+    if t.teacher is not None:
+      distill.write_record(workdir, t.teacher, start=start)
     data_lib.save_tokenizer(tok, epath.Path(workdir) / TOKENIZER)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
@@ -392,7 +427,7 @@ def _train_steps(
   with Preemption() as preemption:
     for step in range(start + 1, cfg.train.steps + 1):
       batch = sharding.host_to_global(t.mesh, next(train_it))
-      state, m = t.train_step(state, batch)
+      state, m = t.train_step(state, batch, *t.step_inputs)
       log.push(step, m)
       if evaluator is not None and (
         step % cfg.train.eval_every == 0 or step == cfg.train.steps

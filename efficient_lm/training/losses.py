@@ -3,7 +3,9 @@
 `train.objective` picks one. Every objective adds the model's `loss/*` aux
 entries to its own loss; the step reports the aux dict itself. An objective
 with a `corrupt(key, batch)` method (MLM) has the step corrupt each batch
-before the model sees it (training/step.py).
+before the model sees it (training/step.py). The distillation objective
+reads the teacher's logits from the batch (`teacher_logits`, which the step
+adds: training/distill.py).
 """
 
 from __future__ import annotations
@@ -114,6 +116,60 @@ class MLM:
     )
 
 
+def distill_kl(
+  student_BTV: jax.Array,
+  teacher_BTV: jax.Array,
+  mask_BT: jax.Array,
+  *,
+  temperature: float,
+) -> jax.Array:
+  """Mean over `mask_BT` of KL(p || q), where p and q are the teacher's and
+  the student's softmax at `temperature`."""
+  mask_BT = mask_BT.astype(jnp.float32)
+  t = jnp.float32(temperature)
+  logq_BTV = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / t, axis=-1)
+  logp_BTV = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32) / t, axis=-1)
+  kl_BT = jnp.sum(jnp.exp(logp_BTV) * (logp_BTV - logq_BTV), axis=-1)
+  return (kl_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+class Distill:
+  """Knowledge distillation (train.objective='distill'; Hinton et al. 2015):
+
+    loss = alpha * T^2 * KL(teacher || student at temperature T)
+           + (1 - alpha) * next-token CE  (+ z-loss and the aux losses)
+
+  over the non-padding positions. `batch["teacher_logits"]` holds the
+  teacher's logits (the step adds them, gradient stopped). Both are cut to
+  the tokenizer's `vocab_size` ids: two models of one tokenizer may pad
+  their vocabularies differently, and the ids past it are never targets.
+  The CE is the next-token objective's own, unchanged: alpha = 0 is
+  next-token training bit for bit. Metrics: `ce`, `tokens`, `kl`.
+  """
+
+  def __init__(
+    self, *, alpha: float, temperature: float, vocab_size: int, z_loss: float
+  ):
+    self.alpha, self.temperature = alpha, temperature
+    self.vocab_size, self.z_loss = vocab_size, z_loss
+
+  def __call__(
+    self, logits_BTV: jax.Array, batch: dict, aux: Metrics
+  ) -> tuple[jax.Array, Metrics]:
+    loss, metrics = next_token(logits_BTV, batch, aux, z_loss=self.z_loss)
+    v = self.vocab_size
+    kl = distill_kl(
+      logits_BTV[..., :v],
+      batch["teacher_logits"][..., :v],
+      batch["segment_ids"] > 0,
+      temperature=self.temperature,
+    )
+    # (1 - a) * ce + a * T^2 * kl, written so that a = 0 adds an exact 0.
+    t2 = self.temperature**2
+    loss = loss + self.alpha * (t2 * kl - metrics["ce"])
+    return loss, {**metrics, "kl": kl}
+
+
 def make_objective(
   name: str,
   *,
@@ -122,7 +178,10 @@ def make_objective(
   mask_id: int | None = None,
   special_ids: tuple[int, ...] = (),
 ) -> Objective:
-  if name == "next_token":
+  """train.objective's loss. 'distill' gives the student's own next-token
+  loss here (what evaluation of a distilled run measures); the trainer
+  builds the Distill objective itself, beside its teacher."""
+  if name in ("next_token", "distill"):
     return lambda logits, batch, aux: next_token(
       logits, batch, aux, z_loss=z_loss
     )

@@ -12,6 +12,12 @@ inside the step: training from `fold_in(noise_key, step)`, so a resumed run
 draws exactly the corruption the uninterrupted one would; evaluation from
 a fixed key folded with a hash of the batch's tokens, the same for every
 evaluation of the same batch (and every seed and mesh).
+
+With a `teacher(teacher_vars, batch) -> logits` (distillation), both steps
+take the frozen teacher's variables as one more argument, run the teacher
+on the batch first and add its logits, gradient stopped, as
+`batch["teacher_logits"]`: the teacher is an input, never part of the
+state, so it has no gradients, no optimizer state and no checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from efficient_lm.training.losses import Objective
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+Teacher = Callable[[Any, Batch], jax.Array]
 
 # The evaluation corruption's key (objectives with `corrupt`).
 EVAL_NOISE_SEED = 0
@@ -37,6 +44,15 @@ EVAL_NOISE_SEED = 0
 def _corrupted(objective: Objective, key: jax.Array, batch: Batch) -> Batch:
   corrupt = getattr(objective, "corrupt", None)
   return batch if corrupt is None else corrupt(key, batch)
+
+
+def _with_teacher(
+  teacher: Teacher | None, teacher_vars: Any, batch: Batch
+) -> Batch:
+  if teacher is None:
+    return batch
+  logits_BTV = jax.lax.stop_gradient(teacher(teacher_vars, batch))
+  return {**batch, "teacher_logits": logits_BTV}
 
 
 def _batch_hash(batch: Batch) -> jax.Array:
@@ -80,15 +96,18 @@ def make_train_step(
   objective: Objective,
   *,
   noise_key: jax.Array | None = None,
-) -> Callable[[State, Batch], tuple]:
-  """`noise_key`: the run's key for batch corruption (MLM)."""
+  teacher: Teacher | None = None,
+) -> Callable[..., tuple]:
+  """`noise_key`: the run's key for batch corruption (MLM); `teacher`:
+  the step is (state, batch, teacher_vars) (distillation)."""
   if noise_key is None:
     noise_key = jax.random.key(0)
 
-  def train_step(state: State, batch: Batch):
+  def train_step(state: State, batch: Batch, teacher_vars: Any = None):
     batch = _corrupted(
       objective, jax.random.fold_in(noise_key, state["step"]), batch
     )
+    batch = _with_teacher(teacher, teacher_vars, batch)
     grad_fn = jax.value_and_grad(
       lambda p: loss_fn(graphdef, p, state["model_state"], batch, objective),
       has_aux=True,
@@ -104,6 +123,7 @@ def make_train_step(
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state["step"]),
       "tokens": obj["tokens"],
+      **_extra(obj),  # the objective's own (distillation: kl)
       "aux": aux,  # the model's own entries, apart from the step's
     }
     new_state = {
@@ -117,24 +137,33 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(
-  graphdef: nnx.GraphDef, objective: Objective
-) -> Callable[[Any, Any, Batch], dict]:
-  """(params, model_state, batch) -> sums over the batch: `nll_sum` and
-  `tokens` (so batches of different fill combine exactly), and the model's
-  `aux` entries (per batch; the caller averages them over batches)."""
+def _extra(obj: dict) -> dict:
+  """An objective's metrics beyond `ce` and `tokens` (per-token means)."""
+  return {k: v for k, v in obj.items() if k not in ("ce", "tokens")}
 
-  def eval_step(params, model_state, batch: Batch):
+
+def make_eval_step(
+  graphdef: nnx.GraphDef, objective: Objective, teacher: Teacher | None = None
+) -> Callable[..., dict]:
+  """(params, model_state, batch[, teacher_vars]) -> sums over the batch:
+  `nll_sum` and `tokens` (so batches of different fill combine exactly),
+  `sums` of the objective's other per-token metrics (distillation: kl),
+  and the model's `aux` entries (per batch; the caller averages them over
+  batches)."""
+
+  def eval_step(params, model_state, batch: Batch, teacher_vars: Any = None):
     key = jax.random.fold_in(
       jax.random.key(EVAL_NOISE_SEED), _batch_hash(batch)
     )
     batch = _corrupted(objective, key, batch)
+    batch = _with_teacher(teacher, teacher_vars, batch)
     _, (obj, aux, _) = loss_fn(
       graphdef, params, model_state, batch, objective, causal_routing=True
     )
     return {
       "nll_sum": obj["ce"] * obj["tokens"],
       "tokens": obj["tokens"],
+      "sums": {k: v * obj["tokens"] for k, v in _extra(obj).items()},
       "aux": aux,
     }
 

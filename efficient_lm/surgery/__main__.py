@@ -1,0 +1,3 @@
+from efficient_lm.surgery.cli import main
+
+main()
