@@ -2230,6 +2230,24 @@ MUTATIONS = [
     "-k",
     "bad_moe",
   ),
+  _m(
+    "moe_impl_ignored",
+    "efficient_lm/models/moe.py",
+    "ragged_dot = ragged_dot_fn(impl)",
+    'ragged_dot = ragged_dot_fn("xla")',
+    "tests/test_moe.py",
+    "-k",
+    "routes_the_grouped",
+  ),
+  _m(
+    "moe_tokamax_missing_unchecked",
+    "efficient_lm/config/validation_model.py",
+    'if e.impl == "tokamax" and importlib.util.find_spec("tokamax") is None:',
+    "if False:",
+    "tests/test_moe.py",
+    "-k",
+    "without_the_package",
+  ),
 ]
 
 

@@ -100,6 +100,89 @@ def test_one_expert_top1_equals_dense_swiglu():
   np.testing.assert_allclose(moe(x)[0], mlp(x), atol=1e-6)
 
 
+def test_moe_impl_tokamax_routes_the_grouped_matmuls_to_tokamax(
+  monkeypatch,
+):
+  """The wiring, without importing tokamax (tens of seconds): a stand-in
+  module's ragged_dot gets the three grouped matmuls of each call."""
+  import sys
+  import types
+
+  calls = []
+
+  def ragged_dot(*args, **kwargs):
+    calls.append(1)
+    return jax.lax.ragged_dot(*args, **kwargs)
+
+  fake = types.ModuleType("tokamax")
+  fake.ragged_dot = ragged_dot
+  monkeypatch.setitem(sys.modules, "tokamax", fake)
+  x = _x()
+
+  def forward(impl):
+    gd, params = nnx.split(_moe(impl=impl, balancing="none"))
+    return jax.jit(lambda p, x: nnx.merge(gd, p)(x)[0])(params, x)
+
+  y = forward("tokamax")
+  assert len(calls) == 3
+  np.testing.assert_array_equal(y, forward("xla"))
+  assert len(calls) == 3  # impl='xla' does not call it
+
+
+@pytest.mark.slow  # importing tokamax takes ~20 s on 2 loaded cores
+def test_tokamax_impl_equals_xla_values_and_grads(monkeypatch):
+  """model.moe.impl='tokamax' runs tokamax's ragged_dot (its XLA path on
+  CPU) and gives the xla impl's values and gradients."""
+  tokamax = pytest.importorskip("tokamax")
+  calls = []
+  real = tokamax.ragged_dot
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(tokamax, "ragged_dot", counted)
+  x = _x()
+  cot = jax.random.normal(jax.random.key(7), x.shape)
+  out = {}
+  for impl in ("xla", "tokamax"):
+    gd, params = nnx.split(_moe(impl=impl, balancing="none"))
+
+    def loss(p, x):
+      y = nnx.merge(gd, p)(x)[0]  # noqa: B023
+      return jnp.sum(y * cot), y
+
+    out[impl] = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  assert len(calls) >= 3  # gate, up and down went through tokamax
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    out["tokamax"],
+    out["xla"],
+  )
+
+
+def test_moe_impl_tokamax_without_the_package_is_one_line(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "tokamax" else real(name, *a),
+  )
+  cd = config_lib.default_config_dict()
+  override(
+    cd,
+    **{
+      "model.moe.num_experts": 4,
+      "model.moe.impl": "tokamax",
+      "mesh.data": 1,
+    },
+  )
+  with pytest.raises(ConfigError, match=r"model\.moe\.impl='tokamax'.*not"):
+    config_lib.from_config_dict(cd)
+
+
 def test_capacity_drops_exactly_the_assignments_past_capacity():
   moe = _moe(capacity_factor=0.5, balancing="none")
   x = _x(b=3, t=16)
@@ -272,6 +355,7 @@ def test_dropless_flops_count_top_k_experts():
       r"model\.kind='hourglass'",
     ),
     ({"model.moe.first_dense": 5}, r"no layer is MoE"),
+    ({"model.moe.impl": "pallas"}, r"model\.moe\.impl='pallas'"),
     (
       {"model.moe.num_experts": 6, "mesh.expert": 4},
       r"model\.moe\.num_experts=6 is not divisible by mesh\.expert=4",

@@ -276,6 +276,11 @@ class MoEConfig:
   # Router z-loss weight (mean squared logsumexp of the router logits,
   # `loss/moe_router_z`); 0 = off.
   router_z_loss: float = 0.0
+  # The dropless grouped matmul: "xla" jax.lax.ragged_dot; "tokamax" the
+  # tokamax package's ragged_dot (the tokamax extra), which picks its
+  # Mosaic TPU / GPU kernel on those backends and its XLA path elsewhere
+  # (CPU: the same results as "xla"). A resume may change it.
+  impl: Literal["xla", "tokamax"] = "xla"
 
   def moe_layer(self, layer: int) -> bool:
     """Layer `layer` (0-based) has an MoE MLP."""

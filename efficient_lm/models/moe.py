@@ -14,8 +14,9 @@ that MLP exactly (upcycling).
 Compute:
   * dropless (capacity_factor 0): the N*K assignments are sorted by expert
     and each expert's rows go through one grouped matmul
-    (`jax.lax.ragged_dot`, group sizes = tokens per expert); results are
-    unsorted and summed with the weights. Every assignment is computed.
+    (`jax.lax.ragged_dot`, or tokamax's with model.moe.impl='tokamax';
+    group sizes = tokens per expert); results are unsorted and summed with
+    the weights. Every assignment is computed.
   * capacity (capacity_factor c > 0): per sequence row each expert has
     C = ceil(c * T * K / E) slots, taken in the order (position, choice):
     earlier positions first, a token's first choice before its second at
@@ -68,18 +69,35 @@ def capacity_slots(capacity_factor: float, t: int, k: int, e: int) -> int:
   return max(1, math.ceil(capacity_factor * t * k / e - 1e-9))
 
 
-def _expert_ffn(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, activation):
+def ragged_dot_fn(impl: str):
+  """The grouped matmul of model.moe.impl: `(lhs [M, D], rhs [G, D, F],
+  group_sizes [G]) -> [M, F]`, rows past sum(group_sizes) zero."""
+  if impl == "tokamax":
+    import tokamax  # the tokamax extra; config validation checked it
+
+    # implementation=None: its kernel for this backend (Mosaic TPU / GPU),
+    # falling back to its XLA path (CPU).
+    return tokamax.ragged_dot
+  return jax.lax.ragged_dot
+
+
+def _expert_ffn(
+  x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, activation, impl="xla"
+):
   """Rows of x sorted by expert (sizes_E rows per expert, in order) through
   their expert's gated MLP: grouped matmuls. Rows past sum(sizes_E) give
   zeros."""
   dt = x_MD.dtype
-  gate = jax.lax.ragged_dot(x_MD, gate_EDF.astype(dt), sizes_E)
-  up = jax.lax.ragged_dot(x_MD, up_EDF.astype(dt), sizes_E)
+  ragged_dot = ragged_dot_fn(impl)
+  gate = ragged_dot(x_MD, gate_EDF.astype(dt), sizes_E)
+  up = ragged_dot(x_MD, up_EDF.astype(dt), sizes_E)
   h_MF = ACTIVATIONS[activation](gate) * up
-  return jax.lax.ragged_dot(h_MF, down_EFD.astype(dt), sizes_E)
+  return ragged_dot(h_MF, down_EFD.astype(dt), sizes_E)
 
 
-def _grouped(x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation):
+def _grouped(
+  x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation, impl="xla"
+):
   """Dropless on one device: the N*K assignments sorted by expert, grouped
   matmuls, unsorted -> [N, K, D]."""
   n, k = idx_NK.shape
@@ -88,13 +106,13 @@ def _grouped(x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation):
   order_M = jnp.argsort(flat_M, stable=True)
   sizes_E = jnp.zeros((e,), jnp.int32).at[flat_M].add(1)
   y_MD = _expert_ffn(
-    x_ND[order_M // k], sizes_E, gate_EDF, up_EDF, down_EFD, activation
+    x_ND[order_M // k], sizes_E, gate_EDF, up_EDF, down_EFD, activation, impl
   )
   return jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(n, k, -1)
 
 
 def _expert_parallel(
-  x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation, e
+  x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation, e, impl="xla"
 ):
   """Dropless with the experts split over the mesh axis `expert` (inside
   shard_map: this device's tokens, its E / ep experts): every assignment
@@ -126,6 +144,7 @@ def _expert_parallel(
     up_EDF,
     down_EFD,
     activation,
+    impl,
   )
   y_RD = jnp.where((recv_R[order_R] < e_loc)[:, None], y_RD, 0)
   y_PMD = jnp.zeros_like(y_RD).at[order_R].set(y_RD).reshape(ep, m, -1)
@@ -159,6 +178,7 @@ class MoE(nnx.Module):
     self.bias_rate = cfg.bias_rate
     self.router_z_loss = cfg.router_z_loss
     self.activation = activation
+    self.impl = cfg.impl
     self.router_DE = param(rngs, (dim, e), ("embed", None), 0.02, param_dtype)
     self.gate_EDF = param(
       rngs, (e, dim, hidden), ("expert", "embed", "mlp"), 0.02, param_dtype
@@ -271,14 +291,19 @@ class MoE(nnx.Module):
     if not mesh.empty and mesh.shape.get("expert", 1) > 1:
       run = shard_map_by_names(
         functools.partial(
-          _expert_parallel, activation=self.activation, e=self.num_experts
+          _expert_parallel,
+          activation=self.activation,
+          e=self.num_experts,
+          impl=self.impl,
         ),
         [("batch", None), ("batch", None)] + [("expert", None, None)] * 3,
         ("batch", None, None),
       )
       y_NKD = run(x_ND, idx_NK, *weights)
     else:
-      y_NKD = _grouped(x_ND, idx_NK, *weights, activation=self.activation)
+      y_NKD = _grouped(
+        x_ND, idx_NK, *weights, activation=self.activation, impl=self.impl
+      )
     y_ND = jnp.einsum("NKD,NK->ND", y_NKD, w_NK.astype(y_NKD.dtype))
     return y_ND, jnp.zeros((), jnp.float32)
 
