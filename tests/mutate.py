@@ -2248,6 +2248,15 @@ MUTATIONS = [
     "-k",
     "without_the_package",
   ),
+  _m(
+    "moe_summary_without_active_params",
+    "efficient_lm/training/loop.py",
+    'if p.get("active", p["total"]) < p["total"]',
+    "if False",
+    "tests/test_moe.py",
+    "-k",
+    "param_count_total",
+  ),
 ]
 
 

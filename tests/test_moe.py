@@ -300,6 +300,28 @@ def test_param_count_total_and_active():
   # Two MoE layers of 4 experts of width 32, 2 active: each idles 2 experts.
   idle = 2 * 2 * 3 * cfg.model.embed_dim * 32
   assert counts["total"] - counts["active"] == idle
+  # The run's summary line names them (a dense run's says nothing more).
+  from efficient_lm.training.loop import format_summary
+
+  summary = {
+    "status": "completed",
+    "final_step": 1,
+    "start_step": 0,
+    "train_loss": 1.0,
+    "eval_loss": None,
+    "tokens_per_sec": 1.0,
+    "params": counts,
+    "flops_per_token": 1.0,
+    "flops_per_token_visible": 1.0,
+    "workdir": "w",
+    "checkpoints": "c",
+    "latest_checkpoint": 1,
+  }
+  assert f"non-embedding, {counts['active']:,} active)" in format_summary(
+    summary
+  )
+  dense = {**counts, "active": counts["total"]}
+  assert "active" not in format_summary({**summary, "params": dense})
 
 
 def test_flops_within_5_percent_of_xla_capacity_mode():
