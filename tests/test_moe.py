@@ -544,3 +544,28 @@ def test_moe_train_step_on_a_mesh_matches_one_device(mesh, capacity):
     layer = t.abstract_state["params"]["stack"]["groups"]["segment_1"]
     spec = layer["layer_0"]["mlp"]["gate_EDF"].sharding.spec
     assert spec[1] == "expert", spec
+
+
+def test_moe_v5p_config_fits_its_slice_and_counts():
+  """configs/moe_v5p.py validates for v5p-32's 16 chips (32 experts over
+  expert=8) and has the parameters its docstring and the README give."""
+  from configs import moe_v5p
+
+  cfg = config_lib.from_config_dict(moe_v5p.get_config(), device_count=16)
+  assert cfg.mesh.shape == (1, 1, 2, 8, 1)
+  m = cfg.model
+  abstract = nnx.eval_shape(lambda: build(m, nnx.Rngs(0)))
+  counts = flops.param_count(nnx.state(abstract, nnx.Param), m)
+  d, v, e, f = m.embed_dim, m.vocab_size, m.moe.num_experts, 2048
+  attn = 2 * d * m.num_heads * 128 + 2 * d * m.num_kv_heads * 128
+  moe_layers = m.num_layers - 1
+  total = (
+    2 * v * d  # embedding, untied head
+    + d  # final norm
+    + m.num_layers * (attn + 2 * d)
+    + 3 * d * m.mlp_dim  # the dense first layer
+    + moe_layers * (d * e + (e + 1) * 3 * d * f)  # router, routed + shared
+  )
+  assert counts["total"] == total == 6_602_885_120
+  idle = moe_layers * (e - m.moe.top_k) * 3 * d * f
+  assert counts["active"] == total - idle == 940_574_720
