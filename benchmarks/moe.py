@@ -18,7 +18,7 @@ below, trained in one run each with the same schedule, data and seed:
 
 MoE layers use the softmax router and the Switch / GShard balance loss
 (weight 0.01). Equal active FLOPs: moe8_top2 against dense. Equal total
-parameters: moe8_top2 against dense_4x, which spends ~2.6x the training
+parameters: moe8_top2 against dense_4x, which spends ~2.7x the training
 FLOPs per token; its loss at dense's FLOPs budget is read at the eval step
 where its cumulative training FLOPs reach what dense spends in `--steps`
 (the eval curve against FLOPs, linearly interpolated). FLOPs per token are models/flops.py's
