@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from efficient_lm.config import ConfigError, MeshConfig
 
 # dcn (slices over the data-center network) outermost, tensor innermost.
-MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 # No parameter name maps to "dcn": parameters and optimizer state are
@@ -34,7 +34,7 @@ MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 # the gradient all-reduce (pure data parallelism between slices).
 RULES: dict[str, str | tuple[str, ...] | None] = {
   # activations
-  "batch": ("dcn", "data", "fsdp"),
+  "batch": ("dcn", "data", "fsdp", "expert"),
   "length": None,
   "act_embed": None,
   "act_heads": "tensor",
@@ -55,9 +55,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   # The head_dim axis of q/k/v biases (models/attention.py; no decay).
   "bias": None,
   "layers": None,
-  # The experts axis of MoE weights (models/moe.py): replicated; expert
-  # parallelism (a mesh axis of its own) is not built yet.
-  "expert": None,
+  # The experts axis of MoE weights (models/moe.py): expert parallelism.
+  "expert": "expert",
 }
 
 
@@ -83,7 +82,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
 def device_grid(
   cfg: MeshConfig, devices: Sequence[Any] | None = None
 ) -> np.ndarray:
-  """The devices in the mesh's shape (dcn, data, fsdp, tensor).
+  """The devices in the mesh's shape (dcn, data, fsdp, expert, tensor).
 
   One slice: a plain reshape of the devices in order, which keeps `tensor`
   innermost (fastest links on TPU slices and NVLink islands). Several
@@ -92,10 +91,11 @@ def device_grid(
   """
   devices = list(jax.devices() if devices is None else devices)
   if cfg.size != len(devices):
+    ep = f"*{cfg.expert}" if cfg.expert != 1 else ""
     raise ConfigError(
-      f"mesh dcn*data*fsdp*tensor={cfg.dcn}*{cfg.data}*{cfg.fsdp}*"
-      f"{cfg.tensor}={cfg.size} does not match the {len(devices)} available "
-      "devices"
+      f"mesh dcn*data*fsdp{'*expert' if ep else ''}*tensor={cfg.dcn}*"
+      f"{cfg.data}*{cfg.fsdp}{ep}*{cfg.tensor}={cfg.size} does not match "
+      f"the {len(devices)} available devices"
     )
   if cfg.dcn == 1:
     return np.asarray(devices).reshape(cfg.shape)
@@ -120,15 +120,16 @@ def device_grid(
   # that are products of whole torus dims (fsdp=8 on a 4x4 v5e fails).
   try:
     return mesh_utils.create_hybrid_device_mesh(
-      (1, cfg.data, cfg.fsdp, cfg.tensor),
-      (cfg.dcn, 1, 1, 1),
+      (1, cfg.data, cfg.fsdp, cfg.expert, cfg.tensor),
+      (cfg.dcn, 1, 1, 1, 1),
       devices,
       process_is_granule=not by_slice,
       allow_split_physical_axes=True,
     )
   except (ValueError, NotImplementedError) as e:
     raise ConfigError(
-      f"mesh data*fsdp*tensor={cfg.data}*{cfg.fsdp}*{cfg.tensor} cannot be "
+      f"mesh data*fsdp*expert*tensor={cfg.data}*{cfg.fsdp}*{cfg.expert}*"
+      f"{cfg.tensor} cannot be "
       f"laid out on each of the {cfg.dcn} {granules}: "
       f"{' '.join(str(e).split())[:300]}"
     ) from e
@@ -269,7 +270,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_shards(mesh: Mesh) -> int:
-  """How many ways `batch_sharding` splits the batch (dcn*data*fsdp)."""
+  """How many ways `batch_sharding` splits the batch
+  (dcn*data*fsdp*expert)."""
   axes = RULES["batch"]
   axes = (axes,) if isinstance(axes, str) else axes or ()
   return math.prod(mesh.shape[a] for a in axes)

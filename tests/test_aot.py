@@ -94,7 +94,7 @@ def test_cli_compile_only_prints_report_without_workdir(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stderr == ""  # libtpu's "unexpected worker hostname" lines
   assert "compiled decoder_1b for v5e:2x2 (4 x" in r.stdout
-  assert "'fsdp': 2, 'tensor': 2" in r.stdout
+  assert "'fsdp': 2, 'expert': 1, 'tensor': 2" in r.stdout
   assert "attention pallas_tpu for auto" in r.stdout  # as on the pod
   assert "of 16.00 GiB HBM: fits" in r.stdout
   assert "XLA cost analysis" in r.stdout
@@ -119,7 +119,7 @@ def test_report_for_two_slices_is_per_chip_and_names_the_slices():
   assert aot.report(cd, "v5e:2x2", log=lines.append), lines
   assert lines[0].startswith(
     "compiled decoder_1b for 2 slices of v5e:2x2 (8 x TPU v5 lite, mesh "
-    "{'dcn': 2, 'data': 1, 'fsdp': 2, 'tensor': 2}"
+    "{'dcn': 2, 'data': 1, 'fsdp': 2, 'expert': 1, 'tensor': 2}"
   ), lines[0]
   assert "of 16.00 GiB HBM: fits" in lines[1], lines[1]
 

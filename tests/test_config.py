@@ -160,13 +160,13 @@ def test_unknown_keys_and_wrong_types():
 
 def test_data_minus_one_takes_remaining_devices():
   cfg = config_lib.from_config_dict(_cd(**{"mesh.tensor": 2}), device_count=8)
-  assert cfg.mesh.shape == (1, 4, 1, 2)
+  assert cfg.mesh.shape == (1, 4, 1, 1, 2)
   assert cfg.model.resolved_head_dim == 32
   # Slices are taken first: 16 devices in 2 slices, tensor 2 -> data 4.
   cfg = config_lib.from_config_dict(
     _cd(**{"mesh.dcn": 2, "mesh.tensor": 2}), device_count=16
   )
-  assert cfg.mesh.shape == (2, 4, 1, 2) and cfg.mesh.size == 16
+  assert cfg.mesh.shape == (2, 4, 1, 1, 2) and cfg.mesh.size == 16
 
 
 @pytest.mark.parametrize(
@@ -209,7 +209,7 @@ def test_dcn_is_a_config_key_with_default_one():
   exists for `--config.mesh.dcn=2` overrides."""
   assert base.get_config().mesh.dcn == 1
   cfg = config_lib.from_config_dict(_cd(**{"mesh.dcn": 2}), device_count=8)
-  assert cfg.mesh.shape == (2, 4, 1, 1)
+  assert cfg.mesh.shape == (2, 4, 1, 1, 1)
 
 
 @pytest.mark.parametrize("block", [128, 256])

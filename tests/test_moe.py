@@ -100,6 +100,89 @@ def test_one_expert_top1_equals_dense_swiglu():
   np.testing.assert_allclose(moe(x)[0], mlp(x), atol=1e-6)
 
 
+def test_moe_impl_tokamax_routes_the_grouped_matmuls_to_tokamax(
+  monkeypatch,
+):
+  """The wiring, without importing tokamax (tens of seconds): a stand-in
+  module's ragged_dot gets the three grouped matmuls of each call."""
+  import sys
+  import types
+
+  calls = []
+
+  def ragged_dot(*args, **kwargs):
+    calls.append(1)
+    return jax.lax.ragged_dot(*args, **kwargs)
+
+  fake = types.ModuleType("tokamax")
+  fake.ragged_dot = ragged_dot
+  monkeypatch.setitem(sys.modules, "tokamax", fake)
+  x = _x()
+
+  def forward(impl):
+    gd, params = nnx.split(_moe(impl=impl, balancing="none"))
+    return jax.jit(lambda p, x: nnx.merge(gd, p)(x)[0])(params, x)
+
+  y = forward("tokamax")
+  assert len(calls) == 3
+  np.testing.assert_array_equal(y, forward("xla"))
+  assert len(calls) == 3  # impl='xla' does not call it
+
+
+@pytest.mark.slow  # importing tokamax takes ~20 s on 2 loaded cores
+def test_tokamax_impl_equals_xla_values_and_grads(monkeypatch):
+  """model.moe.impl='tokamax' runs tokamax's ragged_dot (its XLA path on
+  CPU) and gives the xla impl's values and gradients."""
+  tokamax = pytest.importorskip("tokamax")
+  calls = []
+  real = tokamax.ragged_dot
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(tokamax, "ragged_dot", counted)
+  x = _x()
+  cot = jax.random.normal(jax.random.key(7), x.shape)
+  out = {}
+  for impl in ("xla", "tokamax"):
+    gd, params = nnx.split(_moe(impl=impl, balancing="none"))
+
+    def loss(p, x):
+      y = nnx.merge(gd, p)(x)[0]  # noqa: B023
+      return jnp.sum(y * cot), y
+
+    out[impl] = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  assert len(calls) >= 3  # gate, up and down went through tokamax
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    out["tokamax"],
+    out["xla"],
+  )
+
+
+def test_moe_impl_tokamax_without_the_package_is_one_line(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "tokamax" else real(name, *a),
+  )
+  cd = config_lib.default_config_dict()
+  override(
+    cd,
+    **{
+      "model.moe.num_experts": 4,
+      "model.moe.impl": "tokamax",
+      "mesh.data": 1,
+    },
+  )
+  with pytest.raises(ConfigError, match=r"model\.moe\.impl='tokamax'.*not"):
+    config_lib.from_config_dict(cd)
+
+
 def test_capacity_drops_exactly_the_assignments_past_capacity():
   moe = _moe(capacity_factor=0.5, balancing="none")
   x = _x(b=3, t=16)
@@ -217,6 +300,28 @@ def test_param_count_total_and_active():
   # Two MoE layers of 4 experts of width 32, 2 active: each idles 2 experts.
   idle = 2 * 2 * 3 * cfg.model.embed_dim * 32
   assert counts["total"] - counts["active"] == idle
+  # The run's summary line names them (a dense run's says nothing more).
+  from efficient_lm.training.loop import format_summary
+
+  summary = {
+    "status": "completed",
+    "final_step": 1,
+    "start_step": 0,
+    "train_loss": 1.0,
+    "eval_loss": None,
+    "tokens_per_sec": 1.0,
+    "params": counts,
+    "flops_per_token": 1.0,
+    "flops_per_token_visible": 1.0,
+    "workdir": "w",
+    "checkpoints": "c",
+    "latest_checkpoint": 1,
+  }
+  assert f"non-embedding, {counts['active']:,} active)" in format_summary(
+    summary
+  )
+  dense = {**counts, "active": counts["total"]}
+  assert "active" not in format_summary({**summary, "params": dense})
 
 
 def test_flops_within_5_percent_of_xla_capacity_mode():
@@ -230,7 +335,7 @@ def test_flops_within_5_percent_of_xla_capacity_mode():
       "model.moe.num_experts": 4,
       "model.moe.top_k": 2,
       "model.moe.num_shared_experts": 1,
-      "model.moe.capacity_factor": 1.0,
+      "model.moe.capacity_factor": 1.5,  # E * C = 1.5 k T slots run
       "model.scan_layers": False,
       "data.seq_len": 128,
       "train.batch_size": 2,
@@ -272,6 +377,11 @@ def test_dropless_flops_count_top_k_experts():
       r"model\.kind='hourglass'",
     ),
     ({"model.moe.first_dense": 5}, r"no layer is MoE"),
+    ({"model.moe.impl": "pallas"}, r"model\.moe\.impl='pallas'"),
+    (
+      {"model.moe.num_experts": 6, "mesh.expert": 4},
+      r"model\.moe\.num_experts=6 is not divisible by mesh\.expert=4",
+    ),
   ],
 )
 def test_bad_moe_config_is_one_line(overrides, match):
@@ -444,3 +554,85 @@ def test_decoder_forward_moves_the_loss_free_bias():
   assert before.shape == (4,) and np.all(before == 0)  # 4 experts
   after = biases(forward(params, rest, tok, pos, seg))
   np.testing.assert_allclose(np.abs(after), u, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "mesh,capacity",
+  [
+    ({"mesh.data": 2, "mesh.expert": 4}, 0.0),
+    ({"mesh.expert": 4, "mesh.tensor": 2}, 0.0),
+    pytest.param(
+      {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+      0.0,
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      {"mesh.data": 2, "mesh.expert": 4}, 1.0, marks=pytest.mark.slow
+    ),
+  ],
+)
+def test_moe_train_step_on_a_mesh_matches_one_device(mesh, capacity):
+  """Expert parallelism (experts split over mesh.expert, tokens exchanged by
+  all-to-all in shard_map; capacity mode: GSPMD) and plain data / fsdp /
+  tensor meshes on 8 devices equal one device: loss, grad norm, the
+  parameters after two steps (so the gradients), the loss-free biases."""
+  from efficient_lm.training import loop
+  from tests.helpers import two_train_steps
+
+  def run(mesh, devices):
+    cfg = small_config(
+      **{
+        **_DECODER,
+        "model.moe.num_experts": 8,
+        "model.moe.capacity_factor": capacity,
+        "model.moe.balancing": "loss_free",
+        "model.moe.bias_rate": 0.01,
+        "mesh.data": 1,
+        **mesh,
+      }
+    )
+    t = loop.build_trainer(cfg, devices)
+    state, metrics = two_train_steps(t, t.init_fn())
+    return t, jax.device_get(state), metrics
+
+  _, ref, ref_m = run({}, jax.devices()[:1])
+  t, got, got_m = run(mesh, jax.devices())
+  np.testing.assert_allclose(got_m["loss"], ref_m["loss"], rtol=1e-5)
+  np.testing.assert_allclose(got_m["grad_norm"], ref_m["grad_norm"], rtol=1e-4)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+    got["params"],
+    ref["params"],
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, got["model_state"], ref["model_state"]
+  )
+  if "mesh.expert" in mesh:  # the experts really are split
+    layer = t.abstract_state["params"]["stack"]["groups"]["segment_1"]
+    spec = layer["layer_0"]["mlp"]["gate_EDF"].sharding.spec
+    assert spec[1] == "expert", spec
+
+
+def test_moe_v5p_config_fits_its_slice_and_counts():
+  """configs/moe_v5p.py validates for v5p-32's 16 chips (32 experts over
+  expert=8) and has the parameters its docstring and the README give."""
+  from configs import moe_v5p
+
+  cfg = config_lib.from_config_dict(moe_v5p.get_config(), device_count=16)
+  assert cfg.mesh.shape == (1, 1, 2, 8, 1)
+  m = cfg.model
+  abstract = nnx.eval_shape(lambda: build(m, nnx.Rngs(0)))
+  counts = flops.param_count(nnx.state(abstract, nnx.Param), m)
+  d, v, e, f = m.embed_dim, m.vocab_size, m.moe.num_experts, 2048
+  attn = 2 * d * m.num_heads * 128 + 2 * d * m.num_kv_heads * 128
+  moe_layers = m.num_layers - 1
+  total = (
+    2 * v * d  # embedding, untied head
+    + d  # final norm
+    + m.num_layers * (attn + 2 * d)
+    + 3 * d * m.mlp_dim  # the dense first layer
+    + moe_layers * (d * e + (e + 1) * 3 * d * f)  # router, routed + shared
+  )
+  assert counts["total"] == total == 6_602_885_120
+  idle = moe_layers * (e - m.moe.top_k) * 3 * d * f
+  assert counts["active"] == total - idle == 940_574_720

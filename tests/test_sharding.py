@@ -101,9 +101,10 @@ def test_activations_are_constrained_and_attention_is_shard_mapped():
 
 
 def test_logical_rules_do_not_reuse_a_mesh_axis():
-  # 'batch' uses dcn+data+fsdp; 'embed' (fsdp) in the same spec replicates.
+  # 'batch' uses dcn+data+fsdp+expert; 'embed' (fsdp) in the same spec
+  # replicates.
   assert sharding.logical_to_spec(("batch", "embed")) == P(
-    ("dcn", "data", "fsdp"), None
+    ("dcn", "data", "fsdp", "expert"), None
   )
   with pytest.raises(KeyError, match="no rule"):
     sharding.logical_to_spec(("no_such_axis",))
@@ -116,9 +117,9 @@ def test_batch_is_split_over_slices_and_parameters_are_not():
   t = loop.build_trainer(
     small_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   )
-  assert t.mesh.axis_names == ("dcn", "data", "fsdp", "tensor")
+  assert t.mesh.axis_names == ("dcn", "data", "fsdp", "expert", "tensor")
   assert sharding.batch_sharding(t.mesh).spec == P(
-    ("dcn", "data", "fsdp"), None
+    ("dcn", "data", "fsdp", "expert"), None
   )
   assert sharding.batch_shards(t.mesh) == 4
   specs = [a.sharding.spec for a in jax.tree.leaves(t.abstract_state)]
@@ -128,7 +129,7 @@ def test_batch_is_split_over_slices_and_parameters_are_not():
 
 def test_one_slice_mesh_keeps_the_device_order():
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  assert mesh.devices.shape == (1, 2, 2, 2)
+  assert mesh.devices.shape == (1, 2, 2, 1, 2)
   assert list(mesh.devices.flat) == jax.devices()
 
 
@@ -161,7 +162,7 @@ def test_dcn_groups_processes_when_devices_are_in_one_slice():
   grid = sharding.device_grid(
     MeshConfig(dcn=2, data=1, fsdp=2, tensor=2), devices
   )
-  assert grid.shape == (2, 1, 2, 2)
+  assert grid.shape == (2, 1, 2, 1, 2)
   assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [
     {0},
     {1},
@@ -190,7 +191,7 @@ def test_dcn_puts_each_tpu_slice_in_one_dcn_index():
   mesh = sharding.make_mesh(
     MeshConfig(dcn=2, data=1, fsdp=2, tensor=2), devices
   )
-  assert mesh.devices.shape == (2, 1, 2, 2)
+  assert mesh.devices.shape == (2, 1, 2, 1, 2)
   assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [
     {0},
     {1},

@@ -96,7 +96,7 @@ def test_train_step_compiles_for_two_slices_with_the_batch_split_across():
     },
   )
   cfg = config_lib.from_config_dict(cd, device_count=len(devices))
-  assert cfg.mesh.shape == (2, 1, 2, 2)
+  assert cfg.mesh.shape == (2, 1, 2, 1, 2)
   t, _, compiled = aot.compile_train_step(cfg, devices)
   rows = {
     d: idx[0]

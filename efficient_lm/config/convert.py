@@ -148,10 +148,11 @@ def from_config_dict(
   mesh = cfg.mesh
   _positive("mesh.dcn", mesh.dcn)  # before it divides the device count
   if device_count is not None and mesh.data == -1:
-    rest = mesh.dcn * mesh.fsdp * mesh.tensor
+    rest = mesh.dcn * mesh.fsdp * mesh.expert * mesh.tensor
     if rest <= 0 or device_count % rest:
       raise ConfigError(
-        f"{_mesh_product(mesh, ('dcn', 'fsdp', 'tensor'))} does not divide "
+        f"{_mesh_product(mesh, ('dcn', 'fsdp', 'expert', 'tensor'))} does "
+        "not divide "
         f"the {device_count} available devices"
       )
     cfg = dataclasses.replace(

@@ -276,6 +276,11 @@ class MoEConfig:
   # Router z-loss weight (mean squared logsumexp of the router logits,
   # `loss/moe_router_z`); 0 = off.
   router_z_loss: float = 0.0
+  # The dropless grouped matmul: "xla" jax.lax.ragged_dot; "tokamax" the
+  # tokamax package's ragged_dot (the tokamax extra), which picks its
+  # Mosaic TPU / GPU kernel on those backends and its XLA path elsewhere
+  # (CPU: the same results as "xla"). A resume may change it.
+  impl: Literal["xla", "tokamax"] = "xla"
 
   def moe_layer(self, layer: int) -> bool:
     """Layer `layer` (0-based) has an MoE MLP."""
@@ -502,15 +507,19 @@ class MeshConfig:
   # device count before validation).
   data: int = -1
   fsdp: int = 1
+  # Expert parallelism (model.moe): the routed experts are split over this
+  # axis and tokens exchanged by all-to-all; it also splits the batch, like
+  # data, for everything else.
+  expert: int = 1
   tensor: int = 1
 
   @property
-  def shape(self) -> tuple[int, int, int, int]:
-    return (self.dcn, self.data, self.fsdp, self.tensor)
+  def shape(self) -> tuple[int, int, int, int, int]:
+    return (self.dcn, self.data, self.fsdp, self.expert, self.tensor)
 
   @property
   def size(self) -> int:
-    return self.dcn * self.data * self.fsdp * self.tensor
+    return self.dcn * self.data * self.fsdp * self.expert * self.tensor
 
 
 @dataclasses.dataclass(frozen=True)

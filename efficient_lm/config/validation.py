@@ -27,9 +27,12 @@ from efficient_lm.config.validation_model import (
 def _mesh_product(
   mesh: MeshConfig, names: tuple[str, ...], prefix: str = "mesh."
 ) -> str:
-  """`mesh.fsdp*mesh.tensor=2*1` for error messages. dcn is named only when
-  it is not 1, so single-slice messages read as they always did."""
-  names = tuple(n for n in names if n != "dcn" or mesh.dcn != 1)
+  """`mesh.fsdp*mesh.tensor=2*1` for error messages. dcn and expert are
+  named only when they are not 1, so other messages read as they always
+  did."""
+  names = tuple(
+    n for n in names if n not in ("dcn", "expert") or getattr(mesh, n) != 1
+  )
   keys = "*".join(prefix + n for n in names)
   return f"{keys}={'*'.join(str(getattr(mesh, n)) for n in names)}"
 
@@ -75,6 +78,7 @@ def _validate_sizes(cfg: Config) -> None:
     ("checkpoint.keep", cfg.checkpoint.keep),
     ("mesh.dcn", mesh.dcn),
     ("mesh.fsdp", mesh.fsdp),
+    ("mesh.expert", mesh.expert),
     ("mesh.tensor", mesh.tensor),
   ]:
     _positive(path, v)
@@ -146,12 +150,17 @@ def _validate_mesh(cfg: Config, device_count: int | None) -> None:
   """Batch, heads and widths divisible by the mesh axes that split them;
   the mesh's size against the devices (when `device_count` is given)."""
   m, t, mesh = cfg.model, cfg.train, cfg.mesh
-  dp = mesh.dcn * max(mesh.data, 1) * mesh.fsdp
+  dp = mesh.dcn * max(mesh.data, 1) * mesh.fsdp * mesh.expert
   if t.batch_size % dp:
+    names = ("dcn", "data", "fsdp", "expert")
     raise ConfigError(
       f"train.batch_size={t.batch_size} is not divisible by the "
-      f"data-parallel size {_mesh_product(mesh, ('dcn', 'data', 'fsdp'))}="
-      f"{dp}"
+      f"data-parallel size {_mesh_product(mesh, names)}={dp}"
+    )
+  if mesh.expert > 1 and m.moe.num_experts % mesh.expert:
+    raise ConfigError(
+      f"model.moe.num_experts={m.moe.num_experts} is not divisible by "
+      f"mesh.expert={mesh.expert}"
     )
   if m.num_kv_heads % mesh.tensor:
     raise ConfigError(
@@ -172,7 +181,7 @@ def _validate_mesh(cfg: Config, device_count: int | None) -> None:
     )
   if device_count is not None and mesh.data != -1 and mesh.size != device_count:
     raise ConfigError(
-      f"mesh {_mesh_product(mesh, ('dcn', 'data', 'fsdp', 'tensor'), '')}="
+      f"mesh {_mesh_product(mesh, ('dcn', 'data', 'fsdp', 'expert', 'tensor'), '')}="
       f"{mesh.size} does not match the {device_count} available devices"
     )
 

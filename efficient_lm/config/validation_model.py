@@ -3,6 +3,7 @@ and hourglass shapes, each checked against the model it configures."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 from efficient_lm.config.errors import ConfigError, _positive
@@ -437,6 +438,11 @@ def _validate_moe(m: ModelConfig) -> None:
       raise ConfigError(f"model.moe.{name}={getattr(e, name)}: expected >= 0")
   if e.every < 1:
     raise ConfigError(f"model.moe.every={e.every}: expected >= 1")
+  if e.impl == "tokamax" and importlib.util.find_spec("tokamax") is None:
+    raise ConfigError(
+      "model.moe.impl='tokamax': the tokamax package is not installed "
+      "(pip install -e '.[tokamax]'), or use model.moe.impl='xla'"
+    )
   if not any(e.moe_layer(i) for i in range(m.num_layers)):
     raise ConfigError(
       f"model.moe.first_dense={e.first_dense} with model.num_layers="

@@ -14,8 +14,9 @@ that MLP exactly (upcycling).
 Compute:
   * dropless (capacity_factor 0): the N*K assignments are sorted by expert
     and each expert's rows go through one grouped matmul
-    (`jax.lax.ragged_dot`, group sizes = tokens per expert); results are
-    unsorted and summed with the weights. Every assignment is computed.
+    (`jax.lax.ragged_dot`, or tokamax's with model.moe.impl='tokamax';
+    group sizes = tokens per expert); results are unsorted and summed with
+    the weights. Every assignment is computed.
   * capacity (capacity_factor c > 0): per sequence row each expert has
     C = ceil(c * T * K / E) slots, taken in the order (position, choice):
     earlier positions first, a token's first choice before its second at
@@ -23,6 +24,11 @@ Compute:
     nothing; the token's residual passes through). The order depends only
     on earlier positions, so the layer stays causal. Static shapes: an
     [B, E, C, D] buffer and a batched matmul per expert.
+
+Expert parallelism (a mesh with `expert` > 1, mesh.expert): dropless
+layers run `_expert_parallel` in shard_map, the assignments exchanged by
+all-to-all with the devices holding their experts; capacity mode stays with
+GSPMD (its einsums shard over E).
 
 Shared experts (num_shared_experts S): every token also goes through S
 experts of width F, built as one gated MLP of width S * F (the same
@@ -45,6 +51,7 @@ router_z_loss > 0). Padding tokens are routed and counted like the others
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -53,13 +60,97 @@ from flax import nnx
 
 from efficient_lm.config import MoEConfig
 from efficient_lm.models.layers import ACTIVATIONS, ModelState, SwiGLU, param
-from efficient_lm.sharding import BTD, constrain
+from efficient_lm.sharding import BTD, constrain, shard_map_by_names
 
 
 def capacity_slots(capacity_factor: float, t: int, k: int, e: int) -> int:
   """C = ceil(capacity_factor * T * K / E), at least 1: each expert's slots
   per sequence row in capacity mode."""
   return max(1, math.ceil(capacity_factor * t * k / e - 1e-9))
+
+
+def ragged_dot_fn(impl: str):
+  """The grouped matmul of model.moe.impl: `(lhs [M, D], rhs [G, D, F],
+  group_sizes [G]) -> [M, F]`, rows past sum(group_sizes) zero."""
+  if impl == "tokamax":
+    import tokamax  # the tokamax extra; config validation checked it
+
+    # implementation=None: its kernel for this backend (Mosaic TPU / GPU),
+    # falling back to its XLA path (CPU).
+    return tokamax.ragged_dot
+  return jax.lax.ragged_dot
+
+
+def _expert_ffn(
+  x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, activation, impl="xla"
+):
+  """Rows of x sorted by expert (sizes_E rows per expert, in order) through
+  their expert's gated MLP: grouped matmuls. Rows past sum(sizes_E) give
+  zeros."""
+  dt = x_MD.dtype
+  ragged_dot = ragged_dot_fn(impl)
+  gate = ragged_dot(x_MD, gate_EDF.astype(dt), sizes_E)
+  up = ragged_dot(x_MD, up_EDF.astype(dt), sizes_E)
+  h_MF = ACTIVATIONS[activation](gate) * up
+  return ragged_dot(h_MF, down_EFD.astype(dt), sizes_E)
+
+
+def _grouped(
+  x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation, impl="xla"
+):
+  """Dropless on one device: the N*K assignments sorted by expert, grouped
+  matmuls, unsorted -> [N, K, D]."""
+  n, k = idx_NK.shape
+  e = gate_EDF.shape[0]
+  flat_M = idx_NK.reshape(-1)
+  order_M = jnp.argsort(flat_M, stable=True)
+  sizes_E = jnp.zeros((e,), jnp.int32).at[flat_M].add(1)
+  y_MD = _expert_ffn(
+    x_ND[order_M // k], sizes_E, gate_EDF, up_EDF, down_EFD, activation, impl
+  )
+  return jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(n, k, -1)
+
+
+def _expert_parallel(
+  x_ND, idx_NK, gate_EDF, up_EDF, down_EFD, *, activation, e, impl="xla"
+):
+  """Dropless with the experts split over the mesh axis `expert` (inside
+  shard_map: this device's tokens, its E / ep experts): every assignment
+  goes to the device holding its expert by one all-to-all, runs there as
+  grouped matmuls, and comes back by a second one -> [N, K, D].
+
+  Static shapes without drops: the buffer to each device has room for all
+  N * K local assignments (the worst case, every token to one device), so
+  it is ep times what a balanced exchange needs; a capacity-bounded or
+  ragged all-to-all (jax.lax.ragged_all_to_all) would send only the rows
+  that go."""
+  ep = jax.lax.axis_size("expert")
+  e_loc = e // ep
+  n, k = idx_NK.shape
+  m = n * k
+  flat_M = idx_NK.reshape(-1)
+  dest_M, local_M = flat_M // e_loc, flat_M % e_loc
+  to_PM = dest_M[None] == jnp.arange(ep)[:, None]  # P: destination device
+  send_PMD = jnp.where(to_PM[..., None], x_ND[jnp.arange(m) // k][None], 0)
+  send_PM = jnp.where(to_PM, local_M[None], e_loc)  # e_loc: an empty row
+  recv_PMD = jax.lax.all_to_all(send_PMD, "expert", 0, 0)
+  recv_R = jax.lax.all_to_all(send_PM, "expert", 0, 0).reshape(ep * m)
+  order_R = jnp.argsort(recv_R, stable=True)
+  sizes_E = jnp.zeros((e_loc,), jnp.int32).at[recv_R].add(1, mode="drop")
+  y_RD = _expert_ffn(
+    recv_PMD.reshape(ep * m, -1)[order_R],
+    sizes_E,
+    gate_EDF,
+    up_EDF,
+    down_EFD,
+    activation,
+    impl,
+  )
+  y_RD = jnp.where((recv_R[order_R] < e_loc)[:, None], y_RD, 0)
+  y_PMD = jnp.zeros_like(y_RD).at[order_R].set(y_RD).reshape(ep, m, -1)
+  back_PMD = jax.lax.all_to_all(y_PMD, "expert", 0, 0)
+  y_MD = jnp.take_along_axis(back_PMD, dest_M[None, :, None], axis=0)[0]
+  return y_MD.reshape(n, k, -1)
 
 
 class MoE(nnx.Module):
@@ -87,6 +178,7 @@ class MoE(nnx.Module):
     self.bias_rate = cfg.bias_rate
     self.router_z_loss = cfg.router_z_loss
     self.activation = activation
+    self.impl = cfg.impl
     self.router_DE = param(rngs, (dim, e), ("embed", None), 0.02, param_dtype)
     self.gate_EDF = param(
       rngs, (e, dim, hidden), ("expert", "embed", "mlp"), 0.02, param_dtype
@@ -193,22 +285,25 @@ class MoE(nnx.Module):
 
   # ----------------------------------------------------------- compute
 
-  def _expert_ffn_grouped(self, x_MD, sizes_E):
-    """Rows of x sorted by expert (sizes_E per expert) through their
-    expert's gated MLP: grouped matmuls."""
-    dt = x_MD.dtype
-    gate = jax.lax.ragged_dot(x_MD, self.gate_EDF[...].astype(dt), sizes_E)
-    up = jax.lax.ragged_dot(x_MD, self.up_EDF[...].astype(dt), sizes_E)
-    h_MF = ACTIVATIONS[self.activation](gate) * up
-    return jax.lax.ragged_dot(h_MF, self.down_EFD[...].astype(dt), sizes_E)
-
   def _dropless(self, x_ND, idx_NK, w_NK):
-    n, k = idx_NK.shape
-    flat_M = idx_NK.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)
-    sizes_E = jnp.zeros((self.num_experts,), jnp.int32).at[flat_M].add(1)
-    y_MD = self._expert_ffn_grouped(x_ND[order_M // k], sizes_E)
-    y_NKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(n, k, -1)
+    mesh = jax.sharding.get_abstract_mesh()
+    weights = (self.gate_EDF[...], self.up_EDF[...], self.down_EFD[...])
+    if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+      run = shard_map_by_names(
+        functools.partial(
+          _expert_parallel,
+          activation=self.activation,
+          e=self.num_experts,
+          impl=self.impl,
+        ),
+        [("batch", None), ("batch", None)] + [("expert", None, None)] * 3,
+        ("batch", None, None),
+      )
+      y_NKD = run(x_ND, idx_NK, *weights)
+    else:
+      y_NKD = _grouped(
+        x_ND, idx_NK, *weights, activation=self.activation, impl=self.impl
+      )
     y_ND = jnp.einsum("NKD,NK->ND", y_NKD, w_NK.astype(y_NKD.dtype))
     return y_ND, jnp.zeros((), jnp.float32)
 

@@ -48,7 +48,7 @@ __all__ = [
 
 # Model keys that choose how the same parameters are computed, not what they
 # are: a resume may change them.
-_RUNTIME_MODEL_KEYS = ("model.attention.impl", "model.remat")
+_RUNTIME_MODEL_KEYS = ("model.attention.impl", "model.moe.impl", "model.remat")
 
 
 class Checkpointer:

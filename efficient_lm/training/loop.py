@@ -465,13 +465,20 @@ def format_summary(s: dict[str, Any]) -> str:
   def f(x, fmt):
     return "n/a" if x is None else format(x, fmt)
 
+  p = s["params"]
+  active = (  # MoE: the parameters one token uses
+    f", {p['active']:,} active"
+    if p.get("active", p["total"]) < p["total"]
+    else ""
+  )
+
   return (
     f"Run {s['status']} at step {s['final_step']} (started at "
     f"{s['start_step']}): final train loss {f(s['train_loss'], '.4f')}, "
     f"eval loss {f(s['eval_loss'], '.4f')}, "
     f"{f(s['tokens_per_sec'], ',.0f')} tokens/s; "
     f"{s['params']['total']:,} parameters "
-    f"({s['params']['non_embedding']:,} non-embedding), "
+    f"({s['params']['non_embedding']:,} non-embedding{active}), "
     f"{metrics_lib.human(s['flops_per_token'])} training FLOPs/token "
     f"(dense_tile; {metrics_lib.human(s['flops_per_token_visible'])} "
     "visible). "

@@ -153,9 +153,8 @@ def config_problem(cfg, *, available: int | None = None) -> str | None:
   have = host_available_bytes() if available is None else available
   if have is None or need <= have:
     return None
-  devices = (
-    cfg.mesh.dcn * max(cfg.mesh.data, 1) * cfg.mesh.fsdp * cfg.mesh.tensor
-  )
+  m = cfg.mesh
+  devices = m.dcn * max(m.data, 1) * m.fsdp * m.expert * m.tensor
   return _problem(
     per_device=need // devices,
     devices=devices,
