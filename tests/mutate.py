@@ -2986,6 +2986,16 @@ MUTATIONS = [
     "-k",
     "param_count_total",
   ),
+  # ---- surgery --to_moe: the experts are the dense MLPs (upcycling)
+  _m(
+    "surgery_to_moe_fresh_experts",
+    "efficient_lm/surgery/convert.py",
+    "new = upcycle(params, nnx.to_pure_dict(init), new_cfg.model)",
+    "new = nnx.to_pure_dict(init)",
+    "tests/test_surgery.py",
+    "-k",
+    "to_moe",
+  ),
 ]
 
 

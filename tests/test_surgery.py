@@ -328,6 +328,9 @@ def _cli(argv, capsys) -> tuple[int | str | None, str, str]:
     (["--drop_layers=0,9"], "distinct layer indices"),
     ([], "no operation given"),
     (["--ffn=0.5", "--config.model.mlp_dim=8"], "only data.* keys"),
+    (["--to_moe=4", "--to_mor=1"], "plain decoder's layers only"),
+    (["--to_moe=4", "--config.model.moe.top_k=5"], "top_k"),
+    (["--ffn=0.5", "--config.model.moe.top_k=1"], "for --to_moe"),
   ],
 )
 def test_bad_input_is_one_error_line(source, capsys, flags, says):
@@ -684,3 +687,43 @@ def source4(tmp_path_factory):
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   workdir = runs.write_run(str(root / "src"), cfg, params, {})
   return root, workdir
+
+
+def test_to_moe_upcycles_with_step0_logits_of_the_source(source, capsys):
+  """--to_moe (issue #22's upcycling as a surgery operation): a run whose
+  routed experts are copies of the source's MLPs, one shared expert
+  starting at zero, so its logits at step 0 equal the source's; the run
+  records the operation; upcycling it again is one error line."""
+  root, src = source
+  before = snapshot(src)
+  dst = root / "moe"
+  code, out, err = _cli(
+    [
+      f"--workdir={src}",
+      f"--out={dst}",
+      "--to_moe=4",
+      "--config.model.moe.top_k=2",
+      "--config.model.moe.num_shared_experts=1",
+    ],
+    capsys,
+  )
+  assert code is None, err
+  assert "surgery: to_moe: params" in out
+  assert snapshot(src) == before
+  a, b = runs.load_run(src), runs.load_run(str(dst))
+  assert b.config.model.moe.num_experts == 4
+  assert b.config.model.moe.num_shared_experts == 1
+  batch = _batches(a.config, 1)[0]
+  np.testing.assert_allclose(
+    _model_logits(b.model(), batch),
+    _model_logits(a.model(), batch),
+    atol=1e-5,
+    rtol=1e-5,
+  )
+  with open(dst / "provenance.json") as f:
+    ops = json.load(f)["source"]["operations"]
+  assert [op["op"] for op in ops] == ["to_moe"]
+  code, out, err = _cli(
+    [f"--workdir={dst}", f"--out={root / 'moe2'}", "--to_moe=2"], capsys
+  )
+  assert err.startswith("error: --to_moe=2: the model already has experts")

@@ -8,6 +8,7 @@
       [--to_attention=KIND|KIND,KIND,... --config.model.attention.KEY=V] \
       [--to_mla=RANK] [--to_hourglass=k|k,m --hourglass_factor=2] \
       [--to_mor=N_R --config.model.routing.KEY=V] \
+      [--to_moe=E --config.model.moe.KEY=V] \
       [--seed=0] [--calibration_tokens=65536] [--config.data.KEY=VALUE ...]
 
 Reads SRC's newest good checkpoint (runs.load_run; SRC is not written),
@@ -15,8 +16,9 @@ applies the operations in this order, each ranked on the model the
 previous one left: drop layers, prune heads (whole kv groups), prune FFN
 neurons, prune the width (residual channels), then the conversions
 (efficient_lm/surgery/convert.py): MHA/GQA -> fewer kv groups, another
-attention kind or pattern, MLA, and last an hourglass or a
-mixture-of-recursions; prints a before/after line per operation (parameters, forward
+attention kind or pattern, MLA, an hourglass or a
+mixture-of-recursions, and last mixture-of-experts by sparse upcycling
+(--to_moe: every routed expert a copy of its layer's MLP); prints a before/after line per operation (parameters, forward
 FLOPs per token, KV cache bytes per token, loss on the calibration data)
 and writes DST, a run at step 0 (runs.write_run) whose provenance.json
 records the source run and step, the calibration data and each operation
@@ -52,6 +54,7 @@ OPERATIONS = (
   "to_mla",
   "to_hourglass",
   "to_mor",
+  "to_moe",
 )
 
 
@@ -89,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--to_hourglass", help="k or k,m: layers k+1..m shortened")
   p.add_argument("--hourglass_factor", type=int, help="default 2")
   p.add_argument("--to_mor", help="recursions N_r (middle_cycle)")
+  p.add_argument(
+    "--to_moe", help="routed experts per MoE layer (sparse upcycling)"
+  )
   p.add_argument("--seed", type=int, default=0, help="the random criterion's")
   p.add_argument("--calibration_tokens", type=int, default=65536)
   return p

@@ -34,18 +34,30 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from efficient_lm import config as config_lib
-from efficient_lm.config import AttentionConfig, Config, RoutingConfig
+from efficient_lm import models
+from efficient_lm.config import (
+  AttentionConfig,
+  Config,
+  MoEConfig,
+  RoutingConfig,
+)
 from efficient_lm.config.errors import ConfigError
 from efficient_lm.models.layers import layer_rope
+from efficient_lm.models.upcycle import upcycle
 from efficient_lm.surgery import layers as layers_lib
 from efficient_lm.surgery.model import Surgery, per_batch
 from efficient_lm.surgery.prune import SurgeryError
 
 # --config.model.<section>.KEY overrides the conversions take, and the
 # operation each belongs to.
-MODEL_SECTIONS = {"attention": "to_attention", "routing": "to_mor"}
+MODEL_SECTIONS = {
+  "attention": "to_attention",
+  "routing": "to_mor",
+  "moe": "to_moe",
+}
 
 
 def split_overrides(
@@ -55,7 +67,11 @@ def split_overrides(
   --config.model.attention.* / routing.* ones, parsed by the field's
   type). ConfigError (one line) for an unknown key or a bad value."""
   data, model = [], {s: {} for s in MODEL_SECTIONS}
-  classes = {"attention": AttentionConfig, "routing": RoutingConfig}
+  classes = {
+    "attention": AttentionConfig,
+    "routing": RoutingConfig,
+    "moe": MoEConfig,
+  }
   for text in overrides:
     name, eq, value = text.partition("=")
     parts = name.removeprefix("--config.").split(".")
@@ -65,8 +81,9 @@ def split_overrides(
     section, key = parts[1], parts[2]
     if section not in classes:
       raise ConfigError(
-        f"{text}: only data.* and model.attention.* / model.routing.* keys "
-        "(with --to_attention / --to_mor) can be given"
+        f"{text}: only data.* and model.attention.* / model.routing.* / "
+        "model.moe.* keys (with --to_attention / --to_mor / --to_moe) can "
+        "be given"
       )
     hints = typing.get_type_hints(classes[section])
     if key not in hints:
@@ -448,3 +465,42 @@ def to_mor(s: Surgery, recursions: int, keys: dict[str, Any]) -> Surgery:
     Surgery(cfg, s.rest, [s.layers[0], *shared, s.layers[-1]]),
     stack_extra=extra,
   )
+
+
+def moe_config(cfg: Config, experts: int, keys: dict[str, Any]) -> Config:
+  """`cfg` with `experts` routed experts per MoE layer and the
+  --config.model.moe.* keys, validated (SurgeryError, one line)."""
+  if cfg.model.moe.num_experts:
+    raise SurgeryError(
+      f"--to_moe={experts}: the model already has experts "
+      f"(model.moe.num_experts={cfg.model.moe.num_experts})"
+    )
+
+  def edit(d):
+    d["moe"].update({**keys, "num_experts": experts})
+
+  try:
+    return _config(cfg, edit)
+  except ConfigError as e:
+    raise SurgeryError(f"--to_moe={experts}: {e}") from None
+
+
+def to_moe(
+  cfg: Config, params: dict, experts: int, keys: dict[str, Any], seed: int
+) -> tuple[Config, dict, dict]:
+  """Sparse upcycling (models/upcycle.py): every routed expert of an MoE
+  layer a copy of its dense MLP, the routers and model state (loss-free
+  biases) from a fresh init of the MoE model at `seed`; at step 0 its
+  logits equal the dense model's (with num_shared_experts, whose down
+  projections start at zero, too). -> (config, params, model state)."""
+  new_cfg = moe_config(cfg, experts, keys)
+  model = models.build(new_cfg.model, nnx.Rngs(params=seed))
+  _, init, state = nnx.split(model, nnx.Param, models.ModelState)
+  try:
+    new = upcycle(params, nnx.to_pure_dict(init), new_cfg.model)
+  except ValueError as e:  # an expert width other than the dense MLP's
+    raise SurgeryError(
+      f"--to_moe={experts}: {e}; set model.moe.expert_mlp_dim to 0"
+    ) from None
+  new = jax.tree.map(np.asarray, jax.device_get(new))
+  return new_cfg, new, nnx.to_pure_dict(state)

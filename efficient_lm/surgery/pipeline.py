@@ -125,6 +125,14 @@ def _parse_conversions(
     out["to_mor"] = convert.parse_count(args.to_mor, "to_mor")
     if num_layers == s.num_layers:  # the fit and the config (host arrays)
       convert.to_mor(s, out["to_mor"], model_keys["routing"])
+  if args.to_moe is not None:
+    if args.to_hourglass is not None or args.to_mor is not None:
+      raise SurgeryError(
+        "--to_moe with --to_hourglass or --to_mor: experts go into a plain "
+        "decoder's layers only"
+      )
+    out["to_moe"] = convert.parse_count(args.to_moe, "to_moe")
+    convert.moe_config(s.cfg, out["to_moe"], model_keys["moe"])
   return out
 
 
@@ -298,6 +306,26 @@ def run(
   batches, calib = calibration_batches(src, overrides, args.calibration_tokens)
   s = Surgery.of(src.config, src.params)
   s, records = apply(s, args, batches, log, model_keys)
+  cfg, params, model_state = s.cfg, s.params(), src.model_state
+  if args.to_moe is not None:  # last: surgery's measures are dense-only
+    experts = convert.parse_count(args.to_moe, "to_moe")
+    cfg, params, model_state = convert.to_moe(
+      cfg, params, experts, model_keys["moe"], args.seed
+    )
+    before = sum(int(np.size(a)) for a in jax.tree.leaves(s.params()))
+    after = sum(int(np.size(a)) for a in jax.tree.leaves(params))
+    log(
+      f"surgery: to_moe: params {before:,} -> {after:,} "
+      f"({experts} experts per MoE layer, each a copy of its dense MLP)"
+    )
+    records.append(
+      {
+        "op": "to_moe",
+        "args": {"to_moe": experts, "moe": model_keys["moe"]},
+        "before": {"params": before},
+        "after": {"params": after},
+      }
+    )
   provenance = {
     "tool": "efficient_lm.surgery",
     "source_workdir": src.workdir,
@@ -307,10 +335,10 @@ def run(
   }
   return runs.write_run(
     args.out,
-    s.cfg,
-    s.params(),
-    src.model_state,
+    cfg,
+    params,
+    model_state,
     src.tokenizer,
     provenance,
-    devices=jax.local_devices()[: s.cfg.mesh.size],
+    devices=jax.local_devices()[: cfg.mesh.size],
   )
