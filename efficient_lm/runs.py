@@ -200,16 +200,7 @@ def quantize_run(run: LoadedRun, scheme: Scheme) -> LoadedRun:
     },
     model.shardings,
   )
-  return dataclasses.replace(
-    run,
-    config=cfg,
-    graphdef=model.graphdef,
-    eval_step=state_lib.jit_eval_step(
-      model, state_lib.objective(cfg, run.tokenizer)
-    ),
-    params=placed["params"],
-    model_state=placed["model_state"],
-  )
+  return _as_model(run, cfg, model, **placed)
 
 
 def without_qat(run: LoadedRun) -> LoadedRun:
@@ -221,7 +212,12 @@ def without_qat(run: LoadedRun) -> LoadedRun:
   cfg = dataclasses.replace(
     run.config, train=dataclasses.replace(run.config.train, quantization="")
   )
-  model = state_lib.abstract_state(cfg, run.mesh)
+  return _as_model(run, cfg, state_lib.abstract_state(cfg, run.mesh))
+
+
+def _as_model(run: LoadedRun, cfg: Config, model: Any, **arrays) -> LoadedRun:
+  """`run` as the model `cfg` describes (`model`: its abstract state): its
+  config, graph and eval step, and any of params / model_state given."""
   return dataclasses.replace(
     run,
     config=cfg,
@@ -229,6 +225,7 @@ def without_qat(run: LoadedRun) -> LoadedRun:
     eval_step=state_lib.jit_eval_step(
       model, state_lib.objective(cfg, run.tokenizer)
     ),
+    **arrays,
   )
 
 
@@ -532,16 +529,26 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         f"{text}: the model was trained with the run's "
         f"tokenizer, which {TOKENIZER} records"
       )
-    out[field] = _parse_value(text, value, hints[field])
+    out[field] = parse_value(text, value, hints[field])
   return out
 
 
 _EXPECTED = {int: "an int", float: "a float", bool: "true or false"}
 
 
-def _parse_value(text: str, value: str, tp: Any) -> Any:
-  if value == "None" and type(None) in typing.get_args(tp):
+def parse_value(text: str, value: str, tp: Any) -> Any:
+  """`value` of the override `text` as the config field type `tp`: bool,
+  int, float, None for an Optional, a comma list for a tuple; strings
+  and Literals as given (config validation checks those). ConfigError
+  (one line) when it does not parse."""
+  args = typing.get_args(tp)
+  if value == "None" and type(None) in args:
     return None
+  if typing.get_origin(tp) is tuple:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return tuple(parse_value(text, v, args[0]) for v in items)
+  if type(None) in args:  # Optional[X]
+    tp = next(a for a in args if a is not type(None))
   try:
     if tp is bool:
       return {"true": True, "false": False}[value.lower()]
@@ -549,4 +556,4 @@ def _parse_value(text: str, value: str, tp: Any) -> Any:
       return tp(value)
   except (KeyError, ValueError):
     raise ConfigError(f"{text}: expected {_EXPECTED[tp]}") from None
-  return value  # str, Optional[str], Literal (config validates those)
+  return value

@@ -67,6 +67,35 @@ def train_cli(
   return proc
 
 
+def kill_and_resume(tmp_path, flags=SMALL_FLAGS):
+  """Trains 20 steps straight, and again killed (SIGKILL) at step 12 after
+  checkpoint 10 then resumed; asserts the losses of every step and the
+  final parameters are bit-identical. -> (straight, crashed) workdirs."""
+  import jax
+
+  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+  train_cli(straight, flags=flags)
+  proc = train_cli(
+    crashed,
+    "--crash_at=12",
+    "--crash_after_checkpoint=10",
+    flags=flags,
+    script=("-m", "tests.crash_train"),
+    check=False,
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  resumed = train_cli(crashed, flags=flags)
+  assert "resumed from step 10" in resumed.stderr
+  a, b = logged_losses(straight), logged_losses(crashed)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
+  _, params_a, _ = final_state(straight)
+  _, params_b, _ = final_state(crashed)
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  return straight, crashed
+
+
 def snapshot(root) -> dict:
   """Every directory and file under `root` with its mtime (files: and the
   sha256 of their bytes): equal snapshots mean nothing was written."""

@@ -400,9 +400,8 @@ def _final_model_state(workdir):
 
 @pytest.mark.slow
 def test_loss_free_moe_resume_after_kill_is_bit_identical(tmp_path):
-  import signal
 
-  from tests.helpers import SMALL_FLAGS, final_state, logged_losses, train_cli
+  from tests.helpers import SMALL_FLAGS, kill_and_resume
 
   flags = [
     *SMALL_FLAGS,
@@ -411,26 +410,7 @@ def test_loss_free_moe_resume_after_kill_is_bit_identical(tmp_path):
     "--config.model.moe.balancing=loss_free",
     "--config.model.moe.bias_rate=0.01",
   ]
-  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  train_cli(straight, flags=flags)
-  proc = train_cli(
-    crashed,
-    "--crash_at=12",
-    "--crash_after_checkpoint=10",
-    flags=flags,
-    script=("-m", "tests.crash_train"),
-    check=False,
-  )
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = train_cli(crashed, flags=flags)
-  assert "resumed from step 10" in resumed.stderr
-  a, b = logged_losses(straight), logged_losses(crashed)
-  assert sorted(a) == sorted(b) == list(range(1, 21))
-  for step in a:
-    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
-  _, params_a, _ = final_state(straight)
-  _, params_b, _ = final_state(crashed)
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  straight, crashed = kill_and_resume(tmp_path, flags)
   bias_a, bias_b = _final_model_state(straight), _final_model_state(crashed)
   leaves = jax.tree.leaves(bias_a)
   assert leaves and any(np.abs(x).max() > 0 for x in leaves)  # it moved

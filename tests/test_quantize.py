@@ -276,31 +276,10 @@ def test_qat_resume_after_crash_is_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_qat_resume_after_kill_is_bit_identical(tmp_path):
   """The CLI variant: kill -9 after step 12 (checkpoint at 10), resume."""
-  import signal
-
-  from tests.helpers import SMALL_FLAGS, final_state, logged_losses, train_cli
+  from tests.helpers import SMALL_FLAGS, kill_and_resume
 
   flags = [*SMALL_FLAGS, "--config.train.quantization=int8_dynamic"]
-  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  train_cli(straight, flags=flags)
-  proc = train_cli(
-    crashed,
-    "--crash_at=12",
-    "--crash_after_checkpoint=10",
-    flags=flags,
-    script=("-m", "tests.crash_train"),
-    check=False,
-  )
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = train_cli(crashed, flags=flags)
-  assert "resumed from step 10" in resumed.stderr
-  a, b = logged_losses(straight), logged_losses(crashed)
-  assert sorted(a) == sorted(b) == list(range(1, 21))
-  for step in a:
-    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
-  _, params_a, _ = final_state(straight)
-  _, params_b, _ = final_state(crashed)
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  kill_and_resume(tmp_path, flags)
 
 
 @pytest.mark.slow

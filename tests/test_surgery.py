@@ -322,7 +322,7 @@ def _cli(argv, capsys) -> tuple[int | str | None, str, str]:
     (["--to_mor=2"], "num_layers - 2 must be a positive multiple of 2"),
     (["--to_attention=nope"], "nope"),
     (["--ffn=0.5", "--config.model.attention.window=4"], "for --to_attention"),
-    (["--to_mor=1", "--config.model.routing.alpha=x"], "expected float"),
+    (["--to_mor=1", "--config.model.routing.alpha=x"], "expected a float"),
     (["--to_attention=dense", "--config.model.mlp_dim=8"], "only data.*"),
     (["--drop_layers=3"], "expected 1 <= N < 3"),
     (["--drop_layers=0,9"], "distinct layer indices"),

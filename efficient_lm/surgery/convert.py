@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_lm import config as config_lib
+from efficient_lm import runs
 from efficient_lm import models
 from efficient_lm.config import (
   AttentionConfig,
@@ -91,27 +92,8 @@ def split_overrides(
         f"{text}: unknown key model.{section}.{key}; known: "
         f"{', '.join(sorted(hints))}"
       )
-    model[section][key] = _parse(text, value, hints[key])
+    model[section][key] = runs.parse_value(text, value, hints[key])
   return data, model
-
-
-def _parse(text: str, value: str, tp: Any) -> Any:
-  args = typing.get_args(tp)
-  if value == "None" and type(None) in args:
-    return None
-  if typing.get_origin(tp) is tuple:
-    items = [v for v in value.split(",") if v.strip()]
-    return tuple(_parse(text, v.strip(), args[0]) for v in items)
-  if type(None) in args:  # Optional[X]
-    tp = next(a for a in args if a is not type(None))
-  try:
-    if tp is bool:
-      return {"true": True, "false": False}[value.lower()]
-    if tp in (int, float):
-      return tp(value)
-  except (KeyError, ValueError):
-    raise ConfigError(f"{text}: expected {tp.__name__}") from None
-  return value  # str or Literal: validation checks it
 
 
 def _config(cfg: Config, edit) -> Config:
