@@ -975,11 +975,8 @@ def test_causal_routing_leaves_skipped_tokens_bitwise_in_forward_and_step():
   fwd, _ = jax.jit(lambda x: rec(x, pos, seg, causal_routing=True))(x)
   step = jax.jit(lambda x, pos, seg, cache: rec(x, pos, seg, cache=cache))
   cache = rec.init_cache(b, t, jnp.float32)
-  outs = []
-  for lo, hi in [(0, p), *((i, i + 1) for i in range(p, t))]:
-    o, _, cache = step(x[:, lo:hi], pos[:, lo:hi], seg[:, lo:hi], cache)
-    outs.append(o)
-  stepped = np.asarray(jnp.concatenate(outs, 1))
+  stepped, _ = prefill_then_decode(step, x, pos, seg, cache, p)
+  stepped = np.asarray(stepped)
   xs = np.asarray(x)
   for got in (np.asarray(fwd), stepped):
     np.testing.assert_array_equal(got[skipped], xs[skipped])
