@@ -1055,9 +1055,8 @@ MUTATIONS = [
   _m(
     "mor_flops_capacity_ignored",
     "efficient_lm/models/mor.py",
-    "        routing.capacity_tokens(c, t, minimum=1)\n"
-    '        if r.router == "expert_choice"',
-    '        t\n        if r.router == "expert_choice"',
+    "routing.capacity_tokens(c, t, minimum=1) for c in r.resolved_capacities",
+    "t for c in r.resolved_capacities",
     "tests/test_mor.py",
     "-k",
     "flops",
@@ -2387,10 +2386,9 @@ MUTATIONS = [
   _m(
     "flops_mor_token_choice_at_capacity",
     "efficient_lm/models/mor.py",
-    "routing.capacity_tokens(c, t, minimum=1)\n"
-    '        if r.router == "expert_choice"\n'
-    "        else t",
-    "routing.capacity_tokens(c, t, minimum=1)",
+    "steps = list(r.token_choice_slots(t))",
+    "steps = [routing.capacity_tokens(c, t, minimum=1) "
+    "for c in r.resolved_capacities]",
     "tests/test_mor.py",
     "-k",
     "against_the_unrolled_dense",

@@ -120,6 +120,26 @@ def test_layer_maps_follow_the_schemes(sharing, layers, n):
       r"capacities\[0\] = 1",
     ),
     ({"model.routing.alpha": 0.0}, r"alpha=0.0"),
+    (
+      {
+        "model.routing.router": "token_choice",
+        "model.routing.token_choice_capacities": (1.0, 0.5, 0.5),
+      },
+      r"^model.routing.token_choice_capacities=\(1.0, 0.5, 0.5\) has 3",
+    ),
+    (
+      {"model.routing.token_choice_capacities": (1.0, 0.5)},
+      r"^model.routing.token_choice_capacities=.* with "
+      r"router='expert_choice': expected router='token_choice'",
+    ),
+    (
+      {
+        "model.routing.router": "token_choice",
+        "model.routing.kv": "recursive_sharing",
+        "model.routing.token_choice_capacities": (0.5, 0.5),
+      },
+      r"token_choice_capacities\[0\] = 1",
+    ),
     (  # issue #23: the README says MoR composes with every kind but this
       {
         "model.attention.pattern": "sliding_window,tglobal",
@@ -982,3 +1002,181 @@ def test_causal_routing_leaves_skipped_tokens_bitwise_in_forward_and_step():
     np.testing.assert_array_equal(got[skipped], xs[skipped])
     assert np.all(np.abs(got[~skipped] - xs[~skipped]).max(-1) > 0)
   np.testing.assert_allclose(stepped, fwd, atol=2e-5, rtol=0)
+
+
+# ------------------- token-choice gathered per depth (issue #26 item 1)
+
+
+def _tc_setup(kv):
+  """Token-choice, 3 recursions of one shared layer, packed rows with
+  padding; the router scaled so depths spread. -> (rec, x, pos, seg,
+  depth [B, T] 0-based as the router picks it)."""
+  cfg, model = _model(
+    {
+      "model.routing.router": "token_choice",
+      "model.routing.sharing": "cycle",
+      "model.num_layers": 3,
+      "model.routing.num_recursions": 3,
+      "model.routing.kv": kv,
+    },
+    router_scale=30.0,
+  )
+  rec = model.stack
+  b, t = 2, T
+  x = jax.random.normal(jax.random.key(3), (b, t, cfg.model.embed_dim))
+  seg = jnp.array([[1] * 9 + [2] * 5 + [0] * 2, [1] * 13 + [0] * 3])
+  seg = seg.astype(jnp.int32)
+  pos = jnp.array([list(range(9)) + list(range(7)), list(range(16))])
+  pos = pos.astype(jnp.int32)
+  depth = np.asarray(rec._logits(x)).argmax(-1)
+  return rec, x, pos, seg, depth
+
+
+@pytest.mark.parametrize(
+  "kv",
+  ["recursion_wise", pytest.param("recursive_sharing", marks=pytest.mark.slow)],
+)
+def test_token_choice_gathered_equals_masked(kv):
+  """Capacities just large enough that nothing overflows (C_r = the most
+  tokens any row has at depth >= r): the gathered steps (only C_r < T rows
+  through the shared layer) give the masked full-length steps' output and
+  gradients (parameters and input), same parameters."""
+  rec, x, pos, seg, depth = _tc_setup(kv)
+  valid = np.asarray(seg) != 0
+  counts = [int(((depth >= r) & valid).sum(1).max()) for r in range(3)]
+  # Padding: recursion-wise step 1 is gathered too (recursive sharing's
+  # step 1 computes every token's keys: capacity 1).
+  caps = tuple(c / T for c in counts)
+  if kv == "recursive_sharing":
+    caps = (1.0, *caps[1:])
+  assert 0 < counts[2] < counts[1] < T, counts
+  slots = rec._token_choice_slots(T, False)
+  assert slots == (T, T, T)
+  cot = jax.random.normal(jax.random.key(9), x.shape)
+
+  def loss(rec, x):
+    y, aux = rec(x, pos, seg)
+    return jnp.sum(y * cot) + aux["loss/mor_balance"], y
+
+  outs = []
+  for c in [(1.0,) * 3, caps]:
+    rec.token_choice_capacities = c
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))
+    (g_rec, g_x), y = grad(rec, x)
+    outs.append((y, nnx.to_pure_dict(nnx.state(g_rec, nnx.Param)), g_x))
+  assert rec._token_choice_slots(T, False) == (
+    T if kv == "recursive_sharing" else counts[0],
+    *counts[1:],
+  )
+  (y0, gp0, gx0), (y1, gp1, gx1) = outs
+  tol = {"rtol": 1e-5, "atol": 1e-5}
+  np.testing.assert_allclose(y1, y0, **tol)
+  np.testing.assert_allclose(gx1, gx0, **tol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), gp1, gp0)
+  assert np.abs(np.asarray(jax.tree.leaves(gp0["router_DN"])[0])).max() > 0
+
+
+class Recorder(nnx.Module):
+  """Probe block: Blocks(H) = 3 H; logs the (position, segment) pairs of
+  the non-padding rows of each call, in call order."""
+
+  def __init__(self, log):
+    self.log = log
+
+  def __call__(self, x, pos, seg):
+    p, s = np.asarray(pos)[0], np.asarray(seg)[0]
+    self.log.append((x.shape[1], [int(i) for i in p[s != 0]]))
+    return 3.0 * x, {}
+
+
+@pytest.mark.parametrize("update", ["paper", "residual_delta"])
+def test_token_choice_overflow_exits_the_tokens_the_policy_names(update):
+  """T = 8, depths (by hand through the router) 3,1,3,2,3,3,2,1 (1-based),
+  capacities (1, 1/2, 1/4): C = 8, 4, 2 slots. Step 2 takes the first 4
+  tokens of depth >= 2 by position (0, 2, 3, 4): 5 and 6 exit after step 1;
+  step 3 the first 2 of those still running with depth 3 (0, 2): 4 exits
+  after step 2. Each step's block sees only its C_r slots, and every token
+  ends at H1 + g 3^L H1 (or H1 + g (3^L H1 - H1)), L its steps run."""
+  t, log = 8, []
+  cfg = small_config(
+    **{
+      "model.embed_dim": 2,
+      "model.num_heads": 1,
+      "model.num_kv_heads": 1,
+      "model.routing.kind": "mor",
+      "model.routing.sharing": "cycle",
+      "model.num_layers": 3,
+      "model.routing.num_recursions": 3,
+      "model.routing.router": "token_choice",
+      "model.routing.update_rule": update,
+      "model.routing.token_choice_capacities": (1.0, 0.5, 0.25),
+    }
+  )
+  rec = mor.Recursions(
+    cfg.model, lambda spec, r: Recorder(log), rngs=nnx.Rngs(0)
+  )
+  rec.router_DN[...] = jnp.eye(2, 3, dtype=jnp.float32) * 4.0
+  chosen = np.array([2, 0, 2, 1, 2, 2, 1, 0])  # 0-based depths
+  # h . W = 4 h[:2] padded with z_3 = 0: pick each depth by the signs.
+  table = {0: [1.0, -1.0], 1: [-1.0, 1.0], 2: [-1.0, -1.0]}
+  h = (
+    np.array([table[d] for d in chosen])[None]
+    * (1 + np.arange(t))[None, :, None]
+    / 8
+  )
+  x = jnp.asarray(h, jnp.float32)
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+  seg = jnp.ones((1, t), jnp.int32)
+  assert (np.asarray(rec._logits(x))[0].argmax(-1) == chosen).all()
+  got, aux = rec(x, pos, seg)
+  assert log == [(8, list(range(8))), (4, [0, 2, 3, 4]), (2, [0, 2])]
+  steps = np.array([3, 1, 3, 2, 2, 1, 1, 1])  # steps each token ran
+  z = h[0] @ np.asarray(rec.router_DN[...], np.float64)
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  g = p[np.arange(t), chosen][:, None]
+  y = 3.0 ** steps[:, None] * h[0]
+  want = h[0] + g * y if update == "paper" else h[0] + g * (y - h[0])
+  np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux["routing/mor_overflow_fraction"], 3 / 8)
+  np.testing.assert_allclose(aux["routing/mor_step2_fraction"], 4 / 8)
+  np.testing.assert_allclose(aux["routing/mor_step3_fraction"], 2 / 8)
+  # Causal routing (evaluation, generation) bounds nothing: every token
+  # runs its chosen depth, each step at full length.
+  log.clear()
+  got, _ = rec(x, pos, seg, causal_routing=True)
+  assert [n for n, _ in log] == [8, 8, 8]
+  y = 3.0 ** (chosen + 1)[:, None] * h[0]
+  want = h[0] + g * y if update == "paper" else h[0] + g * (y - h[0])
+  np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_choice_capacity_flops_match_xla_and_fall():
+  """The forward at token-choice capacities (1, 1/2) (middle_cycle: first
+  and last layers unique, one shared layer applied twice) costs what
+  flops.py says within 5% of XLA's count, and less than at (1, 1), in
+  both counts. Forward only, abstract parameters, compiled twice."""
+  from efficient_lm import aot
+
+  b, t, xla, ours = 2, 128, [], []
+  for caps in [(1.0, 1.0), (1.0, 0.5)]:
+    cfg = _cfg(
+      **{
+        "model.embed_dim": 256,
+        "model.mlp_dim": 768,
+        "model.routing.router": "token_choice",
+        "model.routing.token_choice_capacities": caps,
+        "model.scan_layers": False,
+        "data.seq_len": t,
+      }
+    ).model
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
+
+    def forward(state, tokens, pos, seg):
+      return nnx.merge(graphdef, state)(tokens, pos, seg)[0]
+
+    ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    compiled = jax.jit(forward).lower(state, ints, ints, ints).compile()
+    xla.append(aot.xla_flops(compiled))
+    ours.append(flops.flops_per_token(cfg, t)["forward"] * b * t)
+    assert abs(xla[-1] / ours[-1] - 1) < 0.05, (caps, xla[-1], ours[-1])
+  assert ours[1] < 0.9 * ours[0] and xla[1] < 0.9 * xla[0], (ours, xla)

@@ -41,6 +41,13 @@ class LayerShapes(typing.TypedDict):
 FLOOR_EPS = 1e-6
 
 
+def capacity_slots(capacity: float, n: int) -> int:
+  """C = max(1, ceil(capacity * n)), at most n: the static slots of a
+  capacity-bounded step (MoR token-choice), room for at least the
+  capacity's share of n."""
+  return max(1, min(n, math.ceil(capacity * n - FLOOR_EPS)))
+
+
 def capacity_tokens(capacity: float, n: int, minimum: int = 0) -> int:
   """k = max(minimum, floor(capacity * n)), at most n: the tokens a routing
   step of this capacity takes from n (MoD: minimum 0, MoR: minimum 1;
@@ -145,6 +152,11 @@ class RoutingConfig:
   router: Literal["expert_choice", "token_choice"] = "expert_choice"
   # Expert-choice capacity per recursion step; empty = (N_r - r + 1) / N_r.
   capacities: tuple[float, ...] = ()
+  # Token-choice capacity per recursion step (training only): step r runs
+  # on at most C_r = ceil(c_r * T) gathered tokens per row, earlier
+  # positions first; an active token past C_r exits at step r - 1.
+  # Empty = 1.0 each: every step runs masked over all T (no gather).
+  token_choice_capacities: tuple[float, ...] = ()
   # Gate scale: g = alpha * sigmoid(z) (expert-choice).
   alpha: float = 0.1
   # token_choice load balancing: "aux_loss" (weight `balancing_weight`) or
@@ -234,6 +246,20 @@ class RoutingConfig:
     `capacities` or by default (N_r - r + 1) / N_r."""
     n = self.num_recursions
     return tuple(self.capacities) or tuple((n - i) / n for i in range(n))
+
+  @property
+  def resolved_token_choice_capacities(self) -> tuple[float, ...]:
+    """MoR token-choice: capacity c_r of each recursion step,
+    `token_choice_capacities` or by default 1.0 (no gather)."""
+    n = self.num_recursions
+    return tuple(self.token_choice_capacities) or (1.0,) * n
+
+  def token_choice_slots(self, seq_len: int) -> tuple[int, ...]:
+    """MoR token-choice: C_r = max(1, ceil(c_r * seq_len)) slots per row
+    at each step (seq_len: a step of capacity 1 runs all tokens)."""
+    return tuple(
+      capacity_slots(c, seq_len) for c in self.resolved_token_choice_capacities
+    )
 
 
 @dataclasses.dataclass(frozen=True)

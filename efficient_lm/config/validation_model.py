@@ -182,6 +182,13 @@ def _validate_mor(m: ModelConfig) -> None:
         "kv='recursive_sharing' needs capacities[0] = 1 (every token "
         "writes the first step's keys/values)"
       )
+    if r.router == "token_choice" and r.resolved_token_choice_capacities[0] < 1:
+      raise ConfigError(
+        "model.routing.token_choice_capacities="
+        f"{tuple(r.token_choice_capacities)}: kv='recursive_sharing' needs "
+        "token_choice_capacities[0] = 1 (every token writes the first "
+        "step's keys/values)"
+      )
     if (
       m.attention.projection != "qkv" or "tglobal" in m.attention.pattern_kinds
     ):
@@ -194,24 +201,30 @@ def _validate_mor(m: ModelConfig) -> None:
 
 
 def _validate_mor_capacities(r: RoutingConfig) -> None:
-  """Explicit capacities: one per step, fractions, non-increasing."""
-  if not r.capacities:
-    return
-  if len(r.capacities) != r.num_recursions:
+  """Explicit capacities (expert-choice `capacities`, token-choice
+  `token_choice_capacities`): one per step, fractions, non-increasing."""
+  for name in ("capacities", "token_choice_capacities"):
+    caps = tuple(getattr(r, name))
+    if not caps:
+      continue
+    key = f"model.routing.{name}={caps}"
+    if len(caps) != r.num_recursions:
+      raise ConfigError(
+        f"{key} has {len(caps)} entries; expected one per recursion "
+        f"(num_recursions={r.num_recursions})"
+      )
+    if not all(0 < c <= 1 for c in caps):
+      raise ConfigError(f"{key}: expected fractions in (0, 1]")
+    if any(b > a for a, b in itertools.pairwise(caps)):
+      raise ConfigError(
+        f"{key}: expected non-increasing (active sets are nested)"
+      )
+  if r.token_choice_capacities and r.router != "token_choice":
     raise ConfigError(
-      f"model.routing.capacities={tuple(r.capacities)} has "
-      f"{len(r.capacities)} entries; expected one per recursion "
-      f"(num_recursions={r.num_recursions})"
-    )
-  if not all(0 < c <= 1 for c in r.capacities):
-    raise ConfigError(
-      f"model.routing.capacities={tuple(r.capacities)}: expected "
-      "fractions in (0, 1]"
-    )
-  if any(b > a for a, b in itertools.pairwise(r.capacities)):
-    raise ConfigError(
-      f"model.routing.capacities={tuple(r.capacities)}: expected "
-      "non-increasing (active sets are nested)"
+      f"model.routing.token_choice_capacities="
+      f"{tuple(r.token_choice_capacities)} with router={r.router!r}: "
+      "expected router='token_choice' (expert-choice steps take "
+      "model.routing.capacities)"
     )
 
 

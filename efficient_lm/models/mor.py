@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from efficient_lm.config import ModelConfig, RoutingConfig
+from efficient_lm.config import ModelConfig, RoutingConfig, schema
 from efficient_lm.config.schema import MoRSharing
 from efficient_lm.models import routing, stack
 from efficient_lm.models.block import Block, layer_flops, projection_flops
@@ -101,6 +101,7 @@ class Recursions(nnx.Module):
     self.kv = r.kv
     self.alpha = r.alpha
     self.capacities = r.resolved_capacities
+    self.token_choice_capacities = r.resolved_token_choice_capacities
     self.aux_loss_weight = r.aux_loss_weight
     self.router_z_loss = r.router_z_loss
     self.balancing = r.balancing
@@ -168,6 +169,19 @@ class Recursions(nnx.Module):
       return x_BKD + g * y_BKD
     return x_BKD + g * (y_BKD - x_BKD)
 
+  def _gathered(self, x_BTD, pos_BT, seg_BT, idx, ok, r, rows, cs_in, update):
+    """Step r on the gathered rows idx_BM (`ok` False: padding slots, given
+    segment id 0 and not written back): they keep their own positions and
+    segment ids, so attention among them stays causal by original position.
+    `update(xs_BMD, y_BMD) -> new rows`. -> (x, auxes, rows, caches)."""
+    xs = routing.gather(x_BTD, idx)
+    ss = jnp.where(ok, routing.gather(seg_BT, idx), 0)
+    y, a, rows, cs = self._shared(
+      xs, routing.gather(pos_BT, idx), ss, r, rows, cs_in
+    )
+    x_BTD = constrain(routing.scatter(x_BTD, idx, update(xs, y), ok), BTD)
+    return x_BTD, a, rows, cs
+
   def _step(self, run, active_BT, t, r, x_BTD, rows, cs_in, cached: bool):
     """One recursion step `run() -> (x, auxes, rows, caches)`. At decode
     (a cache, one token per row; `skip_decode`) it runs under a `lax.cond`
@@ -230,18 +244,18 @@ class Recursions(nnx.Module):
       cs_in = None if caches is None else caches[r]
 
       def run(x_BTD=x_BTD, rows=rows, cs_in=cs_in, idx=idx, ok=ok, g_BT=g_BT):
-        xs = routing.gather(x_BTD, idx)
-        ss = jnp.where(ok, routing.gather(seg_BT, idx), 0)
-        y, a, rows, cs = self._shared(
-          xs, routing.gather(pos_BT, idx), ss, r, rows, cs_in
+        g_BM = routing.gather(g_BT, idx)
+        return self._gathered(
+          x_BTD,
+          pos_BT,
+          seg_BT,
+          idx,
+          ok,
+          r,
+          rows,
+          cs_in,
+          lambda xs, y: self._combine(xs, y, g_BM),
         )
-        x_BTD = constrain(
-          routing.scatter(
-            x_BTD, idx, self._combine(xs, y, routing.gather(g_BT, idx)), ok
-          ),
-          BTD,
-        )
-        return x_BTD, a, rows, cs
 
       x_BTD, a, rows, cs = self._step(
         run, chosen, t, r, x_BTD, rows, cs_in, caches is not None
@@ -290,29 +304,86 @@ class Recursions(nnx.Module):
       aux["loss/router_z"] = (
         self.router_z_loss * jnp.sum(jnp.square(lse) * valid) / total
       )
+    # Step r processes keep[r]; a token's last processed step is `last`
+    # (its depth unless capacity cut it short; -1: padding, or dropped at
+    # step 1).
+    slots = self._token_choice_slots(x_BTD.shape[1], causal)
+    keep = self._token_choice_keep(valid, depth_BT, slots)
+    last_BT = sum(k.astype(jnp.int32) for k in keep) - 1
+    if any(m < x_BTD.shape[1] for m in slots):
+      aux["routing/mor_overflow_fraction"] = (
+        jnp.sum(valid & (last_BT < depth_BT)) / total
+      )
     h1_BTD, auxes, rows, new_caches = x_BTD, [], None, []
+    t = x_BTD.shape[1]
     for r in range(n):
-      act = valid & (depth_BT >= r)
+      act = keep[r]
       if decisions is not None:
         decisions.append(act)
       cs_in = None if caches is None else caches[r]
-
-      def run(x_BTD=x_BTD, rows=rows, cs_in=cs_in, act=act, r=r):
-        y, a, rows, cs = self._shared(
-          x_BTD, pos_BT, jnp.where(act, seg_BT, 0), r, rows, cs_in
+      if slots[r] < t:  # capacity-bounded: run on the gathered rows only
+        idx, ok = routing.top_k(
+          -jnp.arange(t, dtype=jnp.float32)[None],
+          act.astype(jnp.int32),
+          slots[r],
         )
-        final = self._combine(h1_BTD, y, g_BT)
-        x_BTD = jnp.where((valid & (depth_BT > r))[..., None], y, x_BTD)
-        x_BTD = jnp.where((valid & (depth_BT == r))[..., None], final, x_BTD)
-        return constrain(x_BTD, BTD), a, rows, cs
+
+        def run(x_BTD=x_BTD, rows=rows, cs_in=cs_in, idx=idx, ok=ok, r=r):
+          h1_BMD = routing.gather(h1_BTD, idx)
+          g_BM = routing.gather(g_BT, idx)
+          end_BM = (routing.gather(last_BT, idx) == r)[..., None]
+
+          def update(xs, y):
+            return jnp.where(end_BM, self._combine(h1_BMD, y, g_BM), y)
+
+          return self._gathered(
+            x_BTD, pos_BT, seg_BT, idx, ok, r, rows, cs_in, update
+          )
+
+      else:
+
+        def run(x_BTD=x_BTD, rows=rows, cs_in=cs_in, act=act, r=r):
+          y, a, rows, cs = self._shared(
+            x_BTD, pos_BT, jnp.where(act, seg_BT, 0), r, rows, cs_in
+          )
+          final = self._combine(h1_BTD, y, g_BT)
+          x_BTD = jnp.where((last_BT > r)[..., None], y, x_BTD)
+          x_BTD = jnp.where((last_BT == r)[..., None], final, x_BTD)
+          return constrain(x_BTD, BTD), a, rows, cs
 
       x_BTD, a, rows, cs = self._step(
-        run, act, x_BTD.shape[1], r, x_BTD, rows, cs_in, caches is not None
+        run, act, t, r, x_BTD, rows, cs_in, caches is not None
       )
       auxes += a
       new_caches.append(cs)
       aux[f"routing/mor_step{r + 1}_fraction"] = act.sum() / total
     return x_BTD, aux, auxes, new_caches
+
+  def _token_choice_slots(self, t: int, causal: bool) -> tuple[int, ...]:
+    """C_r per step: `token_choice_capacities` in training; causal routing
+    (evaluation, generation) bounds nothing (all T)."""
+    if causal:
+      return (t,) * self.num_recursions
+    return tuple(
+      schema.capacity_slots(c, t) for c in self.token_choice_capacities
+    )
+
+  @staticmethod
+  def _token_choice_keep(valid_BT, depth_BT, slots) -> list[jax.Array]:
+    """The tokens each step processes: at step r those still running with
+    depth >= r, the first slots[r] of them per row in position order (as
+    capacity-bounded MoE: the order depends only on earlier positions).
+    A token past the capacity at step r is not processed at r or later:
+    it exits at step r - 1 (its final update applied there)."""
+    keep, alive = [], valid_BT
+    t = valid_BT.shape[1]
+    for r, m in enumerate(slots):
+      cand = alive & (depth_BT >= r)
+      if m < t:
+        cand = cand & (jnp.cumsum(cand, axis=1) <= m)
+      keep.append(cand)
+      alive = cand
+    return keep
 
   def _route(self, x_BTD, pos_BT, seg_BT, causal, caches=None, decisions=None):
     f = (
@@ -432,8 +503,9 @@ class Recursions(nnx.Module):
   def flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Forward matmul FLOPs per token, summed over the layer applications:
     a step's application runs on the K_r = max(1, floor(c_r T)) gathered
-    tokens (expert-choice training) or all T (token-choice: masked, so its
-    FLOPs are the full depth's). Recursion-wise attention is among the
+    tokens (expert-choice training) or the C_r = max(1, ceil(c_r T))
+    gathered slots of token-choice training (`token_choice_capacities`;
+    capacity 1: all T, masked, so the full depth's FLOPs). Recursion-wise attention is among the
     step's tokens (visible: causal over them as one document); recursive
     sharing attends a later step's queries over the step-1 keys of all T,
     which it does not project again. The router: one [D, N_r] matmul."""
@@ -445,12 +517,13 @@ class Recursions(nnx.Module):
     depth = r.recursion_depth(cfg.num_layers)
     parts = [layer_flops(d, plan[0], t, t, t)] if middle else []
     off = 1 if middle else 0
-    for step, c in enumerate(r.resolved_capacities):
-      n = (
-        routing.capacity_tokens(c, t, minimum=1)
-        if r.router == "expert_choice"
-        else t
-      )
+    if r.router == "expert_choice":
+      steps = [
+        routing.capacity_tokens(c, t, minimum=1) for c in r.resolved_capacities
+      ]
+    else:
+      steps = list(r.token_choice_slots(t))
+    for step, n in enumerate(steps):
       for j in range(depth):
         spec = plan[mapping.index(off + j)]
         if r.kv == "recursive_sharing" and step > 0:
