@@ -25,6 +25,15 @@ Routers (the hidden state is read in float32):
     Balancing: `loss/mor_balance` = w * N_r * sum_j f_j P_j, or loss-free: a
     non-trainable bias (`layers.ModelState`, checkpointed) moved by
     bias_rate * sign(mean load - load) in every training forward.
+    Capacity (`routing.token_choice_capacities`, training only): step r
+    runs on at most C_r = max(1, ceil(c_r T)) tokens per row, gathered with
+    their positions and segment ids into a static [B, C_r] array as
+    expert-choice does (`_gathered`), scattered back; c_r = 1 runs the
+    step masked over all T. Overflow: the tokens still running at depth
+    >= r are taken earliest position first (as capacity-bounded MoE: the
+    order depends only on earlier positions); one past C_r exits at step
+    r - 1, taking its final update there with its gate g = p_i (its later
+    steps skipped). `routing/mor_overflow_fraction`: the tokens cut short.
 
 Update (`routing.update_rule`; default "paper", the released code's rule):
   expert_choice  paper:          H <- H + g * Blocks(H)
@@ -36,7 +45,8 @@ Update (`routing.update_rule`; default "paper", the released code's rule):
 
 Causal routing (evaluation, generation): expert-choice tokens continue at
 step r iff they were active at r-1 and z_r > 0 (a step of capacity 1
-passes every active token: top-k would too); token-choice is causal as is.
+passes every active token: top-k would too); token-choice is causal as is
+(every token runs its chosen depth: capacities bound training only).
 Then every step runs on all T tokens with inactive ones given segment id 0
 (masked out of attention as queries and keys, dropped from caches) and
 their state kept by a select: the decision of one token never depends on
@@ -505,10 +515,10 @@ class Recursions(nnx.Module):
     a step's application runs on the K_r = max(1, floor(c_r T)) gathered
     tokens (expert-choice training) or the C_r = max(1, ceil(c_r T))
     gathered slots of token-choice training (`token_choice_capacities`;
-    capacity 1: all T, masked, so the full depth's FLOPs). Recursion-wise attention is among the
-    step's tokens (visible: causal over them as one document); recursive
-    sharing attends a later step's queries over the step-1 keys of all T,
-    which it does not project again. The router: one [D, N_r] matmul."""
+    capacity 1: all T, masked, so the full depth's FLOPs). Recursion-wise
+    attention is among the step's tokens (visible: causal over them as one
+    document); recursive sharing attends a later step's queries over the
+    step-1 keys of all T, which it does not project again. The router: one [D, N_r] matmul."""
     r = cfg.routing
     t, d = seq_len, cfg.embed_dim
     plan = stack.layer_plan(cfg, causal=True)
