@@ -12,6 +12,9 @@ shape, `--layers` virtual layers, seq `--seq_len`), trained in one run each:
   mor3_ec     MoR, 3 recursions, expert-choice
   mor2_tc     MoR, 2 recursions, token-choice (aux-loss balancing)
   mor3_tc     MoR, 3 recursions, token-choice
+  mor2_tc_cap   mor2_tc, token-choice capacities (1, 1/2): step 2 gathers
+                at most half of each row (the rest exit after step 1)
+  mor3_tc_cap   mor3_tc at capacities (1, 2/3, 1/3)
 
 Equal steps: every variant's eval loss after `--steps` steps. Equal FLOPs:
 a variant cheaper per token than dense trains on until it has spent
@@ -24,6 +27,12 @@ FLOPs per token are the layer plan's (models/flops.py, capacity-aware);
 unique parameters are the model's own count (shared layers once). Eval
 uses the causal routing decision (what sampling does). Each run's curves
 go to `--out` (loss vs steps and vs training FLOPs, efficient_lm.plot).
+
+`--time_steps=N` trains nothing: it compiles each variant's train step
+(one device, random tokens) and times N rounds of `--reps` steps each,
+the variants interleaved in every round, and prints per variant its train
+FLOPs per token and median step time against dense's, with the load
+average (the box may be shared: compare ratios within one run).
 """
 
 from __future__ import annotations
@@ -42,6 +51,18 @@ VARIANTS = {
   "mor3_ec": {"kind": "mor", "num_recursions": 3, "router": "expert_choice"},
   "mor2_tc": {"kind": "mor", "num_recursions": 2, "router": "token_choice"},
   "mor3_tc": {"kind": "mor", "num_recursions": 3, "router": "token_choice"},
+  "mor2_tc_cap": {
+    "kind": "mor",
+    "num_recursions": 2,
+    "router": "token_choice",
+    "token_choice_capacities": (1.0, 0.5),
+  },
+  "mor3_tc_cap": {
+    "kind": "mor",
+    "num_recursions": 3,
+    "router": "token_choice",
+    "token_choice_capacities": (1.0, 2 / 3, 1 / 3),
+  },
 }
 
 
@@ -75,6 +96,13 @@ def _parse_args():
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--workdir", default=None, help="keep the runs here")
   ap.add_argument("--out", default="routing_loss.png")
+  ap.add_argument(
+    "--time_steps",
+    type=int,
+    default=0,
+    help="time N interleaved rounds of train steps instead of training",
+  )
+  ap.add_argument("--reps", type=int, default=3, help="steps per round")
   return ap.parse_args()
 
 
@@ -95,10 +123,13 @@ def main():
   cpu_runtime.keep_freed_host_memory()
   from efficient_lm import plot
 
-  root = args.workdir or tempfile.mkdtemp(prefix="routing_bench_")
   names = args.variants.split(",")
   fpt, unique = _costs(names, args)
   dense_fpt = fpt.get("dense", max(fpt.values()))
+  if args.time_steps:
+    _time_steps(names, args, fpt, dense_fpt)
+    return
+  root = args.workdir or tempfile.mkdtemp(prefix="routing_bench_")
 
   rows = {}
   for name in names:
@@ -159,6 +190,61 @@ def _train(name, args, root, fpt, dense_fpt, unique):
     "tokens_per_sec": summary["tokens_per_sec"],
     "wall_seconds": wall,
   }
+
+
+def _time_steps(names, args, fpt, dense_fpt):
+  """Median train-step seconds per variant, the variants interleaved in
+  each of `--time_steps` rounds of `--reps` steps; one table."""
+  import jax
+  import numpy as np
+
+  from efficient_lm import config as config_lib
+  from efficient_lm.training import loop
+
+  b, s = args.batch_size, args.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 65, (b, s + 1), dtype=np.int32)
+  batch = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": np.ones((b, s), np.int32),
+    "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+  }
+  runs = {}
+  for name in names:
+    cfg = config_lib.from_config_dict(
+      _config(name, args, args.steps), device_count=1
+    )
+    t = loop.build_trainer(cfg, jax.devices()[:1])
+    state = t.init_fn()
+    state, _ = t.train_step(state, batch)  # compile + warm up
+    jax.block_until_ready(state)
+    runs[name] = [t, state, []]
+  load = [os.getloadavg()[0]]
+  for _ in range(args.time_steps):
+    for name in names:
+      t, state, times = runs[name]
+      for _ in range(args.reps):
+        t0 = time.perf_counter()
+        state, m = t.train_step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+      runs[name][1] = state
+    load.append(os.getloadavg()[0])
+  med = {n: float(np.median(r[2])) for n, r in runs.items()}
+  base = med.get("dense", max(med.values()))
+  print(
+    f"\n{args.layers} layers, seq {s}, batch {b}; median of "
+    f"{args.time_steps} x {args.reps} steps, interleaved; load average "
+    f"(1 min) {min(load):.1f}-{max(load):.1f}\n"
+  )
+  print("| variant | train FLOPs/token vs dense | step ms | vs dense |")
+  print("|---|---|---|---|")
+  for name in names:
+    print(
+      f"| {name} | {fpt[name] / dense_fpt:.3f} | {1e3 * med[name]:.1f} | "
+      f"{med[name] / base:.3f} |"
+    )
 
 
 def _print_table(rows, args, root):

@@ -3016,7 +3016,7 @@ MUTATIONS = [
   _m(
     "mor_tc_overflow_not_exited",
     "efficient_lm/models/mor.py",
-    "last_BT = sum(k.astype(jnp.int32) for k in keep) - 1",
+    "last_BT = jnp.stack(keep).sum(0, dtype=jnp.int32) - 1",
     "last_BT = jnp.where(valid, depth_BT, -1)",
     "tests/test_mor.py",
     "-k",

@@ -6,7 +6,8 @@ selection invariants; the combine rules and token-choice bookkeeping on
 hand examples with a probe block; causality by perturbation with causal
 routing (and top-k shown not causal); prefill + decode = forward for both
 KV strategies; compacted attention = dense attention with keys masked; a
-sharded train step = one device; FLOPs against XLA; one-line config errors.
+sharded train step = one device; FLOPs against XLA; one-line config errors;
+token-choice gathered per depth = masked, and its overflow policy by hand.
 """
 
 from __future__ import annotations
@@ -1008,15 +1009,15 @@ def test_causal_routing_leaves_skipped_tokens_bitwise_in_forward_and_step():
 
 
 def _tc_setup(kv):
-  """Token-choice, 3 recursions of one shared layer, packed rows with
+  """Token-choice, 2 recursions of one shared layer, packed rows with
   padding; the router scaled so depths spread. -> (rec, x, pos, seg,
   depth [B, T] 0-based as the router picks it)."""
   cfg, model = _model(
     {
       "model.routing.router": "token_choice",
       "model.routing.sharing": "cycle",
-      "model.num_layers": 3,
-      "model.routing.num_recursions": 3,
+      "model.num_layers": 2,
+      "model.routing.num_recursions": 2,
       "model.routing.kv": kv,
     },
     router_scale=30.0,
@@ -1043,15 +1044,15 @@ def test_token_choice_gathered_equals_masked(kv):
   gradients (parameters and input), same parameters."""
   rec, x, pos, seg, depth = _tc_setup(kv)
   valid = np.asarray(seg) != 0
-  counts = [int(((depth >= r) & valid).sum(1).max()) for r in range(3)]
+  counts = [int(((depth >= r) & valid).sum(1).max()) for r in range(2)]
   # Padding: recursion-wise step 1 is gathered too (recursive sharing's
   # step 1 computes every token's keys: capacity 1).
   caps = tuple(c / T for c in counts)
   if kv == "recursive_sharing":
     caps = (1.0, *caps[1:])
-  assert 0 < counts[2] < counts[1] < T, counts
+  assert 0 < counts[1] < counts[0] < T, counts
   slots = rec._token_choice_slots(T, False)
-  assert slots == (T, T, T)
+  assert slots == (T, T)
   cot = jax.random.normal(jax.random.key(9), x.shape)
 
   def loss(rec, x):
@@ -1059,7 +1060,7 @@ def test_token_choice_gathered_equals_masked(kv):
     return jnp.sum(y * cot) + aux["loss/mor_balance"], y
 
   outs = []
-  for c in [(1.0,) * 3, caps]:
+  for c in [(1.0,) * 2, caps]:
     rec.token_choice_capacities = c
     grad = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))
     (g_rec, g_x), y = grad(rec, x)

@@ -319,7 +319,7 @@ class Recursions(nnx.Module):
     # step 1).
     slots = self._token_choice_slots(x_BTD.shape[1], causal)
     keep = self._token_choice_keep(valid, depth_BT, slots)
-    last_BT = sum(k.astype(jnp.int32) for k in keep) - 1
+    last_BT = jnp.stack(keep).sum(0, dtype=jnp.int32) - 1
     if any(m < x_BTD.shape[1] for m in slots):
       aux["routing/mor_overflow_fraction"] = (
         jnp.sum(valid & (last_BT < depth_BT)) / total
