@@ -87,7 +87,7 @@ def memcpy_gbps(mb: int = 256, reps: int = 5) -> float:
   return 2 * src.nbytes / best / 1e9
 
 
-def _load(t: float | None = None) -> str:
+def _load() -> str:
   return f"{os.getloadavg()[0]:.2f}"
 
 
@@ -117,9 +117,7 @@ def _ours(size_dir: Path, row: str):
 
 def _generate(gen, prompts: np.ndarray, new: int):
   t0 = time.perf_counter()
-  outs, st = gen.generate(prompts.tolist(), max_new_tokens=new, eos_id=None)
-  if os.environ.get("DBG"):
-    print(prompts.shape, time.perf_counter() - t0, st, flush=True)
+  outs, _ = gen.generate(prompts.tolist(), max_new_tokens=new, eos_id=None)
   return time.perf_counter() - t0, np.array(outs, np.int32)
 
 
