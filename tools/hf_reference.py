@@ -22,6 +22,17 @@ $EFFICIENT_LM_HF_PYTHON. Subcommands:
   generate MODEL_DIR PROMPTS.npy N OUT.npy
       Write the N greedy new tokens [P, N] (int32) after each prompt row (no
       eos stop).
+  make-model OUT_DIR [--hidden D --layers L --intermediate F --heads H
+      --kv_heads K --vocab V --seed S]
+      A random Llama (transformers' own initialisation from torch seed S,
+      float32, tied embeddings as SmolLM2) saved with save_pretrained, plus
+      the llama fixture's tokenizer.json (300 ids): what
+      benchmarks/vs_transformers.py imports. Prints the parameter count.
+  bench-generate MODEL_DIR PROMPTS.npy N THREADS [--reps R]
+      Greedy `generate` of N new tokens after the prompt rows [B, T] on
+      THREADS torch threads (torch.set_num_threads), sdpa attention: one
+      warm-up call, then R timed calls; prints one JSON line
+      {"seconds": [...], "tokens": [[...]], "threads", "torch"}.
 
 Regenerate the committed fixtures (from the repository root):
 
@@ -670,6 +681,63 @@ def _load(model_dir):
   return model.eval()
 
 
+def make_model(
+  out_dir, *, hidden, layers, intermediate, heads, kv_heads, vocab, seed
+):
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  config = LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=intermediate,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=kv_heads,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+  )
+  torch.manual_seed(seed)
+  model = LlamaForCausalLM(config).to(torch.float32).eval()
+  out = Path(out_dir)
+  if out.exists():
+    shutil.rmtree(out)
+  model.save_pretrained(out)
+  fixture = _REPO / "tests" / "fixtures" / "hf" / "llama" / "model"
+  shutil.copy(fixture / "tokenizer.json", out / "tokenizer.json")
+  return sum(p.numel() for p in model.parameters())
+
+
+def bench_generate(model_dir, prompts, n, threads, reps):
+  import time
+
+  import transformers
+
+  torch.set_num_threads(threads)
+  from transformers import AutoModelForCausalLM
+
+  model = AutoModelForCausalLM.from_pretrained(
+    model_dir, dtype=torch.float32, attn_implementation="sdpa"
+  ).eval()
+  _generate(model, prompts, n)  # warm-up
+  seconds, new = [], None
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    new = _generate(model, prompts, n)
+    seconds.append(time.perf_counter() - t0)
+  return {
+    "seconds": seconds,
+    "tokens": new.tolist(),
+    "threads": torch.get_num_threads(),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+  }
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n")[0],
@@ -688,8 +756,33 @@ def main(argv=None):
   p.add_argument("prompts")
   p.add_argument("n", type=int)
   p.add_argument("out")
+  p = sub.add_parser("make-model", help="a random Llama for benchmarks")
+  p.add_argument("out_dir")
+  p.add_argument("--hidden", type=int, default=576)
+  p.add_argument("--layers", type=int, default=20)
+  p.add_argument("--intermediate", type=int, default=1536)
+  p.add_argument("--heads", type=int, default=9)
+  p.add_argument("--kv_heads", type=int, default=3)
+  p.add_argument("--vocab", type=int, default=49152)
+  p.add_argument("--seed", type=int, default=SEED)
+  p = sub.add_parser("bench-generate", help="time greedy generate")
+  p.add_argument("model_dir")
+  p.add_argument("prompts")
+  p.add_argument("n", type=int)
+  p.add_argument("threads", type=int)
+  p.add_argument("--reps", type=int, default=1)
   args = parser.parse_args(argv)
   torch.set_num_threads(1)
+  if args.cmd == "make-model":
+    kw = {k: v for k, v in vars(args).items() if k not in ("cmd", "out_dir")}
+    print(json.dumps({"parameters": make_model(args.out_dir, **kw)}))
+    return
+  if args.cmd == "bench-generate":
+    result = bench_generate(
+      args.model_dir, np.load(args.prompts), args.n, args.threads, args.reps
+    )
+    print(json.dumps(result))
+    return
   if args.cmd == "make-fixtures":
     for family in args.family or FAMILIES:
       meta = make_family(family, args.out_dir)
