@@ -2996,6 +2996,44 @@ MUTATIONS = [
     "-k",
     "to_moe",
   ),
+  # ---- SmoothQuant (quantize --smooth): the folds keep the function, the
+  # factors matter
+  _m(
+    "smooth_weights_divided",
+    "efficient_lm/surgery/smooth.py",
+    "layer = _set(layer, p, _scaled(w, s, ax))",
+    "layer = _set(layer, p, _scaled(w, 1.0 / s, ax))",
+    "tests/test_quantize.py",
+    "-k",
+    "smoothing_alone",
+  ),
+  _m(
+    "smooth_factors_all_one",
+    "efficient_lm/surgery/smooth.py",
+    "  return np.clip(s, 1e-5, None)",
+    "  return np.ones_like(s)",
+    "tests/test_quantize.py",
+    "-k",
+    "outlier_channels",
+  ),
+  _m(
+    "smooth_up_down_unscaled",
+    "efficient_lm/surgery/smooth.py",
+    'layer = _set(layer, ("mlp", "down_FD"), _scaled(down, s, 0))',
+    "pass",
+    "tests/test_quantize.py",
+    "-k",
+    "smoothing_alone",
+  ),
+  _m(
+    "smooth_any_scheme",
+    "efficient_lm/quantize.py",
+    'if args.scheme is None or args.scheme != "int8_dynamic":',
+    "if False:",
+    "tests/test_quantize.py",
+    "-k",
+    "smooth_misuse",
+  ),
 ]
 
 

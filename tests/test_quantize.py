@@ -5,6 +5,8 @@ and loaded as they are, QAT resume, and the one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 import types
@@ -340,3 +342,125 @@ def test_routed_run_quantizes_and_decodes_as_it_recomputes(tmp_path, name):
   cached, _ = gen.generate(prompts, max_new_tokens=8)
   recomputed, _ = gen.generate(prompts, max_new_tokens=8, use_cache=False)
   assert cached == recomputed
+
+
+# ------------------------------------------------------------ SmoothQuant
+
+
+def _batch(seed: int, b: int = 4, t: int = 32) -> dict:
+  tok = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)))
+  return {
+    "inputs": tok,
+    "targets": tok,
+    "positions": jnp.broadcast_to(jnp.arange(t), (b, t)),
+    "segment_ids": jnp.ones((b, t), jnp.int32),
+  }
+
+
+def _logits(params, cfg, batch):
+  from efficient_lm.surgery.model import Surgery
+
+  model = Surgery.of(cfg, params).model()
+  return np.asarray(
+    model(batch["inputs"], batch["positions"], batch["segment_ids"])[0]
+  )
+
+
+@pytest.mark.parametrize(
+  "attention", [{}, {"model.attention.projection": "mla"}], ids=["gqa", "mla"]
+)
+def test_smoothing_alone_preserves_the_logits(attention):
+  """SmoothQuant's folds (norm -> q/k/v or MLA's down projections, norm ->
+  gate/up, up -> down) leave a float32 model's function unchanged while
+  changing its weights."""
+  from efficient_lm.surgery import smooth
+
+  cfg = small_config(**{"model.num_layers": 1, **attention})
+  model = models.build(cfg.model, nnx.Rngs(params=0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  new, report = smooth.smooth_params(cfg, params, 0.5, [_batch(0)])
+  folds = ["attn_norm->qkv", "mlp_norm->gate,up", "up->down"]
+  assert report["folds"] == [folds]
+  batch = _batch(1)
+  want, got = _logits(params, cfg, batch), _logits(new, cfg, batch)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), params, new)
+  assert sum(jax.tree.leaves(changed)) >= 6  # norms, q/k/v, gate/up/down
+
+
+def test_smooth_shrinks_int8_dynamic_error_on_outlier_channels(
+  trained, float_run, tmp_path
+):
+  """A trained run given outlier input channels (4 channels of every
+  attention norm's scale x 30, the matching rows of q/k/v / 30: the same
+  float function): `quantize --scheme=int8_dynamic --smooth=0.5` writes a
+  run (provenance records smooth: 0.5) whose logits are closer to the
+  float ones than int8_dynamic's without smoothing."""
+  from efficient_lm import quantize
+  from efficient_lm.surgery.model import Surgery
+
+  cfg = float_run.config
+  s = Surgery.of(cfg, float_run.params)
+  ch = np.array([3, 17, 40, 61])
+  layers = []
+  for layer in s.layers:
+    layer = jax.tree.map(np.copy, layer)
+    layer["attn_norm"]["scale"][ch] *= 30.0
+    for w in ("q_DHK", "k_DGK", "v_DGK"):
+      layer["attn"][w][ch] /= 30.0
+    layers.append(layer)
+  params = dataclasses.replace(s, layers=layers).params()
+  src = str(tmp_path / "outlier")
+  runs.write_run(src, cfg, params, float_run.model_state, float_run.tokenizer)
+  out = tmp_path / "smoothed"
+  quantize.main(
+    [
+      f"--workdir={src}",
+      f"--out={out}",
+      "--scheme=int8_dynamic",
+      "--smooth=0.5",
+      "--calibration_tokens=512",
+    ]
+  )
+  prov = json.loads((out / "provenance.json").read_text())
+  assert prov["source"]["smooth"] == 0.5
+  batch = _batch(2)
+  outlier = runs.load_run(src, devices=jax.devices()[:1])
+  plain = runs.quantize_run(outlier, parse_scheme("int8_dynamic"))
+  smoothed = runs.load_run(str(out), devices=jax.devices()[:1])
+  assert smoothed.config.model.quantization == "int8_dynamic"
+
+  def logits(run):
+    m = run.model()
+    return np.asarray(
+      m(batch["inputs"], batch["positions"], batch["segment_ids"])[0]
+    )
+
+  want = logits(outlier)
+  err_plain = np.mean((logits(plain) - want) ** 2)
+  err_smooth = np.mean((logits(smoothed) - want) ** 2)
+  print(f"logit MSE int8_dynamic {err_plain:.3g}, smoothed {err_smooth:.3g}")
+  assert err_smooth < err_plain, (err_smooth, err_plain)
+
+
+@pytest.mark.parametrize(
+  "argv, expect",
+  [
+    (["--scheme=int8_weights", "--smooth=0.5"], "--smooth needs"),
+    (["--smooth=0.5"], "--smooth needs"),
+    (["--scheme=int8_dynamic", "--smooth=1.5"], "--smooth=1.5: expected"),
+    (["--scheme=int8_dynamic", "--smooth=-0.1"], "expected an alpha in"),
+    (["--scheme=int8_dynamic", "--calibration_tokens=8"], "give --smooth"),
+    (["--scheme=int8_dynamic", "--config.data.seq_len=8"], "give --smooth"),
+  ],
+)
+def test_smooth_misuse_is_one_error_line(tmp_path, capsys, argv, expect):
+  from efficient_lm import quantize
+
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    quantize.main([f"--workdir={tmp_path}", f"--out={out}", *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0]
+  assert not out.exists()
