@@ -3034,6 +3034,34 @@ MUTATIONS = [
     "-k",
     "smooth_misuse",
   ),
+  # ---- the dropless MoE experts: stored quantized, per channel, read back
+  _m(
+    "quantize_dropless_experts_left_float",
+    "efficient_lm/models/quantization.py",
+    "  if not train:\n    _quantize_dropless_experts(qmodel, scheme)",
+    "  if False:\n    _quantize_dropless_experts(qmodel, scheme)",
+    "tests/test_quantize.py",
+    "-k",
+    "dropless",
+  ),
+  _m(
+    "quantize_dropless_experts_scale_per_expert",
+    "efficient_lm/models/quantization.py",
+    "qtype=_WEIGHT_QTYPE[scheme.name],\n    channelwise_axes=[a for a in range(len(shape)) if a != c],",
+    "qtype=_WEIGHT_QTYPE[scheme.name],\n    channelwise_axes=[a for a in range(len(shape)) if a < c],",
+    "tests/test_quantize.py",
+    "-k",
+    "dropless",
+  ),
+  _m(
+    "quantize_dropless_experts_scale_dropped",
+    "efficient_lm/models/quantization.py",
+    "    return qwix.dequantize(w.array)",
+    "    return w.array.qvalue.astype(jnp.float32)",
+    "tests/test_quantize.py",
+    "-k",
+    "dropless",
+  ),
 ]
 
 
