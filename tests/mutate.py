@@ -3062,6 +3062,15 @@ MUTATIONS = [
     "-k",
     "dropless",
   ),
+  _m(
+    "fingerprint_int4_bitcast",
+    "efficient_lm/training/fingerprints.py",
+    "and jnp.iinfo(x.dtype).bits < 8:",
+    "and jnp.iinfo(x.dtype).bits < 0:",
+    "tests/test_quantize.py",
+    "-k",
+    "int4_weights_bytes",
+  ),
 ]
 
 

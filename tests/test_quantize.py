@@ -168,12 +168,17 @@ def test_int8_weights_eval_within_tolerance_and_bytes(trained, float_run):
   assert snapshot(trained.workdir) == before  # the source is untouched
 
 
-def test_int4_weights_bytes(float_run):
+def test_int4_weights_bytes(float_run, tmp_path):
   q = runs.quantize_run(float_run, parse_scheme("int4_weights:32"))
   got = quantization.quantized_bytes(q.params, float_run.params)
   assert got[0] <= 0.17 * got[1], got
   leaves = jax.tree.leaves(q.params)
   assert any(a.dtype == jnp.int4 for a in leaves)
+  # An int4 run is written (its checkpoint's fingerprints once failed to
+  # bitcast int4) and loads back as it was.
+  runs.write_run(str(tmp_path / "q4"), q.config, q.params, q.model_state)
+  back = runs.load_run(str(tmp_path / "q4"), devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, back.params, q.params)
 
 
 def test_bad_schemes_are_one_line_errors(float_run):
