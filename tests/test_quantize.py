@@ -495,7 +495,7 @@ def test_dropless_moe_experts_quantize_to_int8():
   output channel) scales (<= 0.3x their float32 bytes, equal to a NumPy
   reference of the same quantization), and the quantized model's logits
   stay within MOE_INT8_TOLERANCE of the float model's (the router and the
-  attention quantized too)."""
+  attention quantized too); QAT's simulated forward equals PTQ's."""
   cfg = small_config(**{**_MOE, "model.num_layers": 2})
   model = models.build(cfg.model, nnx.Rngs(params=0))
   q = quantization.quantize(model, parse_scheme("int8_weights"), seq_len=32)
@@ -532,3 +532,10 @@ def test_dropless_moe_experts_quantize_to_int8():
   got = np.asarray(q(b["inputs"], b["positions"], b["segment_ids"])[0])
   err = np.abs(got - want).mean() / np.abs(want).mean()
   assert 0 < err <= MOE_INT8_TOLERANCE, err
+  # QAT (train.quantization) simulates the same experts: its forward is
+  # the PTQ one (qwix's own QAT ragged_dot failed on weight-only rules).
+  qat = quantization.quantize(
+    model, parse_scheme("int8_weights"), seq_len=32, train=True
+  )
+  simulated = qat(b["inputs"], b["positions"], b["segment_ids"])[0]
+  np.testing.assert_allclose(np.asarray(simulated), got, rtol=1e-5, atol=1e-5)

@@ -86,12 +86,28 @@ class _Ptq(qwix.PtqProvider):
 
 
 class _Qat(qwix.QtProvider):
-  """qwix's QAT on the einsums that have a weight operand only."""
+  """qwix's QAT on the einsums that have a weight operand only, and on the
+  dropless experts' grouped matmuls as PTQ stores them."""
+
+  def __init__(self, scheme: Scheme):
+    super().__init__(rules(scheme))
+    self.scheme = scheme
 
   def einsum(self, einsum_str, *operands, **kwargs):
     if not _has_weight(operands):
       return jnp.einsum(einsum_str, *operands, **kwargs)
     return super().einsum(einsum_str, *operands, **kwargs)
+
+  def ragged_dot(self, lhs, rhs, group_sizes, **kwargs):
+    """The dropless experts (rhs: an expert weight [E, contracted, out]):
+    the weight fake-quantized as `_quantize_dropless_experts` stores it
+    (weights only, straight-through), so the QAT forward is the PTQ one.
+    qwix's own QAT ragged_dot would also quantize lhs (and, weight-only,
+    fails on its None activation qtype)."""
+    how = expert_how(self.scheme, rhs.shape)
+    fake = qwix.dequantize(qwix.quantize(rhs, how.qtype, **_how_kwargs(how)))
+    rhs = rhs + jax.lax.stop_gradient(fake.astype(rhs.dtype) - rhs)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, **kwargs)
 
 
 _WEIGHT_QTYPE = {
@@ -185,7 +201,7 @@ def quantize(
   nnx.eval_shape). ConfigError if int4's group size does not divide a
   weight's contracted axis."""
   check_device(scheme, jax.devices()[0])
-  provider = (_Qat if train else _Ptq)(rules(scheme))
+  provider = _Qat(scheme) if train else _Ptq(rules(scheme))
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   pos = jnp.arange(seq_len, dtype=jnp.int32)[None]
   try:
