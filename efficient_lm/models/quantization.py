@@ -98,7 +98,15 @@ class _Qat(qwix.QtProvider):
       return jnp.einsum(einsum_str, *operands, **kwargs)
     return super().einsum(einsum_str, *operands, **kwargs)
 
-  def ragged_dot(self, lhs, rhs, group_sizes, **kwargs):
+  def ragged_dot(
+    self,
+    lhs,
+    rhs,
+    group_sizes,
+    precision=None,
+    preferred_element_type=None,
+    group_offset=None,
+  ):
     """The dropless experts (rhs: an expert weight [E, contracted, out]):
     the weight fake-quantized as `_quantize_dropless_experts` stores it
     (weights only, straight-through), so the QAT forward is the PTQ one.
@@ -107,7 +115,14 @@ class _Qat(qwix.QtProvider):
     how = expert_how(self.scheme, rhs.shape)
     fake = qwix.dequantize(qwix.quantize(rhs, how.qtype, **_how_kwargs(how)))
     rhs = rhs + jax.lax.stop_gradient(fake.astype(rhs.dtype) - rhs)
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes, **kwargs)
+    return jax.lax.ragged_dot(
+      lhs,
+      rhs,
+      group_sizes,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      group_offset=group_offset,
+    )
 
 
 _WEIGHT_QTYPE = {
