@@ -3,6 +3,7 @@ quantization-aware training against post-training quantization at int4.
 
   python -m benchmarks.quantize                  # configs/tiny.py, 300 steps
   python -m benchmarks.quantize --steps=200 --workdir=/tmp/qbench
+  python -m benchmarks.quantize --qat= --schemes=int8_dynamic  # SmoothQuant
 
 Trains configs/tiny.py (the embedded corpus, byte-level) twice for
 `--steps`: once in float, once with quantization-aware training
@@ -17,7 +18,10 @@ KV cache bytes per token (weight quantization leaves the cache alone).
 The QAT rows are the QAT run's weights in float (no simulated
 quantization) and quantized with its own scheme (PTQ of the QAT weights);
 deltas are against the float run: QAT's quantization gap is the
-difference of its two rows, PTQ's the int4 row's delta.
+difference of its two rows, PTQ's the int4 row's delta. The
+`int8_dynamic+smooth A` row is int8_dynamic after SmoothQuant with alpha
+`--smooth` (efficient_lm/surgery/smooth.py; factors from the first
+`--calibration_tokens` tokens of the eval split, as `quantize --smooth`).
 Prints a Markdown table and the rows as JSON lines.
 """
 
@@ -77,11 +81,18 @@ def _row(name, run, base, args, prompts):
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--qat", default="int4_weights:32")
+  p.add_argument(
+    "--qat", default="int4_weights:32", help="'' skips the QAT run and rows"
+  )
+  p.add_argument(
+    "--schemes", default=",".join(SCHEMES), help="the PTQ rows, comma list"
+  )
   p.add_argument("--eval_batches", type=int, default=16)
   p.add_argument("--prompts", type=int, default=4)
   p.add_argument("--new_tokens", type=int, default=64)
   p.add_argument("--workdir", help="keep the runs here (default: a tmp dir)")
+  p.add_argument("--smooth", type=float, default=0.5)
+  p.add_argument("--calibration_tokens", type=int, default=65536)
   args = p.parse_args()
   from absl import logging
 
@@ -95,29 +106,39 @@ def main() -> None:
   root = args.workdir or tempfile.mkdtemp(prefix="bench_quantize_")
   fdir, qdir = os.path.join(root, "float"), os.path.join(root, "qat")
   loop.run(_config(args.steps), fdir)
-  loop.run(_config(args.steps, args.qat), qdir)
+  if args.qat:
+    loop.run(_config(args.steps, args.qat), qdir)
   devices = jax.devices()[:1]
   base = runs.load_run(fdir, devices=devices)
   tok = base.tokenizer
   prompts = [tok.encode(t) for t in ("def ", "import ", "class ", "    ")]
   prompts = (prompts * args.prompts)[: args.prompts]
   rows = [_row("float32", base, base, args, prompts)]
-  for s in SCHEMES:
+  for s in args.schemes.split(","):
     q = runs.quantize_run(base, parse_scheme(s))
     rows.append(_row(s, q, base, args, prompts))
-  qat = runs.load_run(qdir, devices=devices)
+  from efficient_lm.surgery import pipeline, smooth
+
+  batches, _ = pipeline.calibration_batches(base, [], args.calibration_tokens)
+  smoothed, _ = smooth.smooth_run(base, args.smooth, batches)
+  q = runs.quantize_run(smoothed, parse_scheme("int8_dynamic"))
   rows.append(
-    _row("QAT run, float", runs.without_qat(qat), base, args, prompts)
+    _row(f"int8_dynamic+smooth {args.smooth}", q, base, args, prompts)
   )
-  rows.append(
-    _row(
-      f"QAT {args.qat}",
-      runs.quantize_run(qat, parse_scheme(args.qat)),
-      base,
-      args,
-      prompts,
+  if args.qat:
+    qat = runs.load_run(qdir, devices=devices)
+    rows.append(
+      _row("QAT run, float", runs.without_qat(qat), base, args, prompts)
     )
-  )
+    rows.append(
+      _row(
+        f"QAT {args.qat}",
+        runs.quantize_run(qat, parse_scheme(args.qat)),
+        base,
+        args,
+        prompts,
+      )
+    )
   f = rows[0]
   print(
     "| scheme | param bytes | x float | quantized weights x float | "

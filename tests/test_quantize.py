@@ -5,6 +5,8 @@ and loaded as they are, QAT resume, and the one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 import types
@@ -166,12 +168,17 @@ def test_int8_weights_eval_within_tolerance_and_bytes(trained, float_run):
   assert snapshot(trained.workdir) == before  # the source is untouched
 
 
-def test_int4_weights_bytes(float_run):
+def test_int4_weights_bytes(float_run, tmp_path):
   q = runs.quantize_run(float_run, parse_scheme("int4_weights:32"))
   got = quantization.quantized_bytes(q.params, float_run.params)
   assert got[0] <= 0.17 * got[1], got
   leaves = jax.tree.leaves(q.params)
   assert any(a.dtype == jnp.int4 for a in leaves)
+  # An int4 run is written (its checkpoint's fingerprints once failed to
+  # bitcast int4) and loads back as it was.
+  runs.write_run(str(tmp_path / "q4"), q.config, q.params, q.model_state)
+  back = runs.load_run(str(tmp_path / "q4"), devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, back.params, q.params)
 
 
 def test_bad_schemes_are_one_line_errors(float_run):
@@ -340,3 +347,195 @@ def test_routed_run_quantizes_and_decodes_as_it_recomputes(tmp_path, name):
   cached, _ = gen.generate(prompts, max_new_tokens=8)
   recomputed, _ = gen.generate(prompts, max_new_tokens=8, use_cache=False)
   assert cached == recomputed
+
+
+# ------------------------------------------------------------ SmoothQuant
+
+
+def _batch(seed: int, b: int = 4, t: int = 32) -> dict:
+  tok = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)))
+  return {
+    "inputs": tok,
+    "targets": tok,
+    "positions": jnp.broadcast_to(jnp.arange(t), (b, t)),
+    "segment_ids": jnp.ones((b, t), jnp.int32),
+  }
+
+
+def _logits(params, cfg, batch):
+  from efficient_lm.surgery.model import Surgery
+
+  model = Surgery.of(cfg, params).model()
+  return np.asarray(
+    model(batch["inputs"], batch["positions"], batch["segment_ids"])[0]
+  )
+
+
+@pytest.mark.parametrize(
+  "attention", [{}, {"model.attention.projection": "mla"}], ids=["gqa", "mla"]
+)
+def test_smoothing_alone_preserves_the_logits(attention):
+  """SmoothQuant's folds (norm -> q/k/v or MLA's down projections, norm ->
+  gate/up, up -> down) leave a float32 model's function unchanged while
+  changing its weights."""
+  from efficient_lm.surgery import smooth
+
+  cfg = small_config(**{"model.num_layers": 1, **attention})
+  model = models.build(cfg.model, nnx.Rngs(params=0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  new, report = smooth.smooth_params(cfg, params, 0.5, [_batch(0)])
+  folds = ["attn_norm->qkv", "mlp_norm->gate,up", "up->down"]
+  assert report["folds"] == [folds]
+  batch = _batch(1)
+  want, got = _logits(params, cfg, batch), _logits(new, cfg, batch)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), params, new)
+  assert sum(jax.tree.leaves(changed)) >= 6  # norms, q/k/v, gate/up/down
+
+
+def test_smooth_shrinks_int8_dynamic_error_on_outlier_channels(
+  trained, float_run, tmp_path
+):
+  """A trained run given outlier input channels (4 channels of every
+  attention norm's scale x 30, the matching rows of q/k/v / 30: the same
+  float function): `quantize --scheme=int8_dynamic --smooth=0.5` writes a
+  run (provenance records smooth: 0.5) whose logits are closer to the
+  float ones than int8_dynamic's without smoothing."""
+  from efficient_lm import quantize
+  from efficient_lm.surgery.model import Surgery
+
+  cfg = float_run.config
+  s = Surgery.of(cfg, float_run.params)
+  ch = np.array([3, 17, 40, 61])
+  layers = []
+  for layer in s.layers:
+    layer = jax.tree.map(np.copy, layer)
+    layer["attn_norm"]["scale"][ch] *= 30.0
+    for w in ("q_DHK", "k_DGK", "v_DGK"):
+      layer["attn"][w][ch] /= 30.0
+    layers.append(layer)
+  params = dataclasses.replace(s, layers=layers).params()
+  src = str(tmp_path / "outlier")
+  runs.write_run(src, cfg, params, float_run.model_state, float_run.tokenizer)
+  out = tmp_path / "smoothed"
+  quantize.main(
+    [
+      f"--workdir={src}",
+      f"--out={out}",
+      "--scheme=int8_dynamic",
+      "--smooth=0.5",
+      "--calibration_tokens=512",
+    ]
+  )
+  prov = json.loads((out / "provenance.json").read_text())
+  assert prov["source"]["smooth"] == 0.5
+  batch = _batch(2)
+  outlier = runs.load_run(src, devices=jax.devices()[:1])
+  plain = runs.quantize_run(outlier, parse_scheme("int8_dynamic"))
+  smoothed = runs.load_run(str(out), devices=jax.devices()[:1])
+  assert smoothed.config.model.quantization == "int8_dynamic"
+
+  def logits(run):
+    m = run.model()
+    return np.asarray(
+      m(batch["inputs"], batch["positions"], batch["segment_ids"])[0]
+    )
+
+  want = logits(outlier)
+  err_plain = np.mean((logits(plain) - want) ** 2)
+  err_smooth = np.mean((logits(smoothed) - want) ** 2)
+  print(f"logit MSE int8_dynamic {err_plain:.3g}, smoothed {err_smooth:.3g}")
+  assert err_smooth < err_plain, (err_smooth, err_plain)
+
+
+@pytest.mark.parametrize(
+  "argv, expect",
+  [
+    (["--scheme=int8_weights", "--smooth=0.5"], "--smooth needs"),
+    (["--smooth=0.5"], "--smooth needs"),
+    (["--scheme=int8_dynamic", "--smooth=1.5"], "--smooth=1.5: expected"),
+    (["--scheme=int8_dynamic", "--smooth=-0.1"], "expected an alpha in"),
+    (["--scheme=int8_dynamic", "--calibration_tokens=8"], "give --smooth"),
+    (["--scheme=int8_dynamic", "--config.data.seq_len=8"], "give --smooth"),
+  ],
+)
+def test_smooth_misuse_is_one_error_line(tmp_path, capsys, argv, expect):
+  from efficient_lm import quantize
+
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    quantize.main([f"--workdir={tmp_path}", f"--out={out}", *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0]
+  assert not out.exists()
+
+
+# ------------------------------------------------- dropless MoE experts
+
+_MOE = {  # configs/tiny_moe.py's MoE shape, small_config's width
+  "model.moe.num_experts": 8,
+  "model.moe.top_k": 2,
+  "model.moe.num_shared_experts": 1,
+  "model.moe.expert_mlp_dim": 96,
+  "model.moe.first_dense": 1,
+  "model.moe.capacity_factor": 0.0,  # dropless: jax.lax.ragged_dot
+}
+
+# int8 PTQ of the whole tiny MoE (experts included): the mean |logit
+# error| within 1% of the float logits' mean magnitude (measured: 0.37%;
+# the largest error, 1.5% of the largest logit, is at a token whose top-k
+# the int8 router flips).
+MOE_INT8_TOLERANCE = 0.01
+
+
+def test_dropless_moe_experts_quantize_to_int8():
+  """qwix's PTQ does not intercept ragged_dot: quantization.quantize
+  stores the dropless experts' weights as int8 values and per-(expert,
+  output channel) scales (<= 0.3x their float32 bytes, equal to a NumPy
+  reference of the same quantization), and the quantized model's logits
+  stay within MOE_INT8_TOLERANCE of the float model's (the router and the
+  attention quantized too); QAT's simulated forward equals PTQ's."""
+  cfg = small_config(**{**_MOE, "model.num_layers": 2})
+  model = models.build(cfg.model, nnx.Rngs(params=0))
+  q = quantization.quantize(model, parse_scheme("int8_weights"), seq_len=32)
+  fparams = quantization._flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  qparams = quantization._flat(nnx.to_pure_dict(nnx.state(q, nnx.Param)))
+
+  def experts(flat):
+    return [
+      a
+      for k, a in flat.items()
+      if any(n in k for n in quantization.EXPERT_WEIGHTS)
+    ]
+
+  qbytes = quantization.param_bytes(experts(qparams))
+  fbytes = quantization.param_bytes(experts(fparams))
+  assert qbytes <= 0.3 * fbytes, (qbytes, fbytes)
+  # One expert weight against NumPy: the gate of layer 1 (the MoE
+  # layer; stacked index 0), expert 3, [D, F], a scale per output channel.
+  key = ("stack", "groups", "segment_1", "layer_0", "mlp", "gate_EDF")
+  w = np.asarray(fparams[key])[0, 3]
+  qv = np.asarray(qparams[(*key, "array", "qvalue")])[0, 3]
+  sc = np.asarray(qparams[(*key, "array", "scale")])[0, 3]
+  want_q, want_s = _int_quantize(w, 127, axis=0)
+  assert qv.dtype == np.int8
+  np.testing.assert_allclose(sc, want_s, rtol=1e-6)
+  # Each channel's largest magnitude sits on the top bucket's edge
+  # (127.5): float rounding there picks -128 or -127 (XLA multiplies by
+  # 1 / scale); every other value is the reference's exactly.
+  edge = np.abs(np.abs(w / want_s) - 127.5) < 1e-3
+  np.testing.assert_array_equal(qv[~edge], want_q[~edge])
+  assert np.abs(qv[edge] - want_q[edge]).max() <= 1
+  b = _batch(3, b=2)
+  want = np.asarray(model(b["inputs"], b["positions"], b["segment_ids"])[0])
+  got = np.asarray(q(b["inputs"], b["positions"], b["segment_ids"])[0])
+  err = np.abs(got - want).mean() / np.abs(want).mean()
+  assert 0 < err <= MOE_INT8_TOLERANCE, err
+  # QAT (train.quantization) simulates the same experts: its forward is
+  # the PTQ one (qwix's own QAT ragged_dot failed on weight-only rules).
+  qat = quantization.quantize(
+    model, parse_scheme("int8_weights"), seq_len=32, train=True
+  )
+  simulated = qat(b["inputs"], b["positions"], b["segment_ids"])[0]
+  np.testing.assert_allclose(np.asarray(simulated), got, rtol=1e-5, atol=1e-5)

@@ -60,6 +60,7 @@ from flax import nnx
 
 from efficient_lm.config import MoEConfig
 from efficient_lm.models.layers import ACTIVATIONS, ModelState, SwiGLU, param
+from efficient_lm.models.quantization import dequantized
 from efficient_lm.sharding import BTD, constrain, shard_map_by_names
 
 
@@ -289,7 +290,11 @@ class MoE(nnx.Module):
 
   def _dropless(self, x_ND, idx_NK, w_NK):
     mesh = jax.sharding.get_abstract_mesh()
-    weights = (self.gate_EDF[...], self.up_EDF[...], self.down_EFD[...])
+    # Stored quantized (a PTQ run, models/quantization.py): dequantized
+    # here, the grouped matmuls run in the compute dtype.
+    weights = tuple(
+      dequantized(w[...]) for w in (self.gate_EDF, self.up_EDF, self.down_EFD)
+    )
     if not mesh.empty and mesh.shape.get("expert", 1) > 1:
       run = shard_map_by_names(
         functools.partial(

@@ -109,7 +109,8 @@ def forward(
   {name: one array per layer}). `skip` (bool [L]): those layers pass
   their input on unchanged. `capture` names what to return per layer:
   "mlp_hidden" [B, T, F], "heads" [B, T, H, D] (head_contributions), "io" the
-  layer's input and output [2, B, T, D]."""
+  layer's input and output [2, B, T, D], "attn_in" / "mlp_in" what the
+  attention / the MLP reads (its norm's output) [B, T, D]."""
   tok, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
   x = model.embed_tokens(tok)
   out: dict[str, list] = {name: [] for name in capture}
@@ -117,10 +118,14 @@ def forward(
     x_in = x
     if "heads" in capture:
       out["heads"].append(head_contributions(block, x, pos, seg))
+    if "attn_in" in capture:
+      out["attn_in"].append(block.attn_norm(x))
     a, _ = block.attend(x, pos, seg)
     x = x + a
     if "mlp_hidden" in capture:
       out["mlp_hidden"].append(mlp_hidden(block, x))
+    if "mlp_in" in capture:
+      out["mlp_in"].append(block.mlp_norm(x))
     x = x + block.mlp_branch(x)
     if skip is not None:
       x = jnp.where(skip[i], x_in, x)

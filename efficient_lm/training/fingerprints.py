@@ -41,6 +41,10 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     x = jnp.stack([x.real, x.imag])
   if x.dtype == jnp.bool_:
     u = x.astype(jnp.uint32)
+  elif jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8:
+    # int4 / int2 (a quantized run's weights): no bitcast to a byte type;
+    # their values are exact as int32.
+    u = x.astype(jnp.int32).astype(jnp.uint32)
   elif x.dtype.itemsize >= 4:  # 8-byte types gain a trailing axis of 2
     u = lax.bitcast_convert_type(x, jnp.uint32)
   else:
