@@ -3,7 +3,7 @@
 #   make test    -- set up .venv (with dev extras), run the default test suite
 #   make lint    -- ruff format/check, import contracts, pyrefly (seconds;
 #                   the same four checks as .pre-commit-config.yaml)
-#   make mutate  -- do the tests catch known bugs? (tests/mutate.py; minutes;
+#   make mutate  -- do the tests catch known bugs? (tests/mutate.py; ~45 min;
 #                   ARGS="-k optim" or ARGS="--only ID,ID" to narrow it)
 VENV ?= .venv
 PY := $(VENV)/bin/python
