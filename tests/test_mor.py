@@ -352,7 +352,8 @@ class Times3(nnx.Module):
     return 3.0 * x, {}
 
 
-def _probe_recursions(n, t=1, **routing):
+def _probe_recursions(n, t=1, block=None, **routing):
+  """Recursions over n cycled steps of a probe block (Times3 by default)."""
   cfg = small_config(
     **{
       "model.embed_dim": 2,
@@ -365,9 +366,8 @@ def _probe_recursions(n, t=1, **routing):
       **{f"model.routing.{k}": v for k, v in routing.items()},
     }
   )
-  return mor.Recursions(
-    cfg.model, lambda spec, r: Times3((1, t)), rngs=nnx.Rngs(0)
-  )
+  block = block or (lambda: Times3((1, t)))
+  return mor.Recursions(cfg.model, lambda spec, r: block(), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("update", ["paper", "residual_delta"])
@@ -1099,22 +1099,12 @@ def test_token_choice_overflow_exits_the_tokens_the_policy_names(update):
   after step 2. Each step's block sees only its C_r slots, and every token
   ends at H1 + g 3^L H1 (or H1 + g (3^L H1 - H1)), L its steps run."""
   t, log = 8, []
-  cfg = small_config(
-    **{
-      "model.embed_dim": 2,
-      "model.num_heads": 1,
-      "model.num_kv_heads": 1,
-      "model.routing.kind": "mor",
-      "model.routing.sharing": "cycle",
-      "model.num_layers": 3,
-      "model.routing.num_recursions": 3,
-      "model.routing.router": "token_choice",
-      "model.routing.update_rule": update,
-      "model.routing.token_choice_capacities": (1.0, 0.5, 0.25),
-    }
-  )
-  rec = mor.Recursions(
-    cfg.model, lambda spec, r: Recorder(log), rngs=nnx.Rngs(0)
+  rec = _probe_recursions(
+    3,
+    block=lambda: Recorder(log),
+    router="token_choice",
+    update_rule=update,
+    token_choice_capacities=(1.0, 0.5, 0.25),
   )
   rec.router_DN[...] = jnp.eye(2, 3, dtype=jnp.float32) * 4.0
   chosen = np.array([2, 0, 2, 1, 2, 2, 1, 0])  # 0-based depths
