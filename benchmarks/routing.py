@@ -24,6 +24,13 @@ FLOPs per token are the layer plan's (models/flops.py, capacity-aware);
 unique parameters are the model's own count (shared layers once). Eval
 uses the causal routing decision (what sampling does). Each run's curves
 go to `--out` (loss vs steps and vs training FLOPs, efficient_lm.plot).
+
+Step time against FLOPs (issue #26 item 3): every variant's train step is
+then timed in this one process, the variants in turn for
+`--timing_rounds` rounds of `--timing_steps` steps (benchmarks/
+interleave.py), and the table sets each one's median step time against
+dense's beside its FLOPs ratio and the share of the FLOPs saving that the
+wall clock realizes. `--timing_only` skips the training runs.
 """
 
 from __future__ import annotations
@@ -75,6 +82,9 @@ def _parse_args():
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--workdir", default=None, help="keep the runs here")
   ap.add_argument("--out", default="routing_loss.png")
+  ap.add_argument("--timing_rounds", type=int, default=5)
+  ap.add_argument("--timing_steps", type=int, default=3)
+  ap.add_argument("--timing_only", action="store_true")
   return ap.parse_args()
 
 
@@ -99,6 +109,9 @@ def main():
   names = args.variants.split(",")
   fpt, unique = _costs(names, args)
   dense_fpt = fpt.get("dense", max(fpt.values()))
+  if args.timing_only:
+    _timing(names, args, fpt)
+    return
 
   rows = {}
   for name in names:
@@ -107,6 +120,37 @@ def main():
 
   plot.curves([os.path.join(root, n) for n in names], args.out)
   _print_table(rows, args, root)
+  _timing(names, args, fpt)
+
+
+def _timing(names, args, fpt):
+  """Every variant's train step timed interleaved; the step-time table."""
+  import jax
+  from benchmarks import interleave
+  from efficient_lm import config as config_lib
+  from efficient_lm.training import loop
+
+  trainers = {
+    name: loop.build_trainer(
+      config_lib.from_config_dict(
+        _config(name, args, args.steps), device_count=jax.device_count()
+      )
+    )
+    for name in names
+  }
+  seconds = interleave.step_seconds(
+    trainers, args.timing_rounds, args.timing_steps
+  )
+  base = "dense" if "dense" in names else names[0]
+  rows = interleave.saving_rows(seconds, fpt, base)
+  print(json.dumps({"step_time": rows}), flush=True)
+  interleave.print_table(
+    rows,
+    base,
+    f"{args.layers} layers, seq {args.seq_len}, batch {args.batch_size}, "
+    f"median of {args.timing_rounds} x {args.timing_steps} interleaved "
+    f"steps each, load {os.getloadavg()[0]:.1f}",
+  )
 
 
 def _costs(names, args):
