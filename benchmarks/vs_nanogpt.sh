@@ -147,10 +147,10 @@ for r in range(1, rounds + 1):
     res[who].append((ms, TOKENS / ms * 1e3, wall, val))
     print(f"{who + ' ' + str(r):10s} {ms:8.1f} {TOKENS / ms * 1e3:9,.0f} "
           f"{wall:7.1f} {val:8.4f} {load:5.2f}")
-med = {
-  who: [statistics.median(col) for col in zip(*rows)]
-  for who, rows in res.items()
-}
+med = {}
+for who, rows in res.items():
+  ms, _, wall, val = (statistics.median(col) for col in zip(*rows))
+  med[who] = (ms, TOKENS / ms * 1e3, wall, val)  # tokens/s of the median
 for who in ("nano", "ours"):
   ms, tps, wall, val = med[who]
   print(f"{who + ' median':10s} {ms:8.1f} {tps:9,.0f} {wall:7.1f} {val:8.4f}")
