@@ -7,11 +7,6 @@ Shape and schedule follow nanoGPT's README: 4 layers, 4 heads, width 128,
 context 64, batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4, warmup 100,
 AdamW beta2 0.99, no dropout. Differences (ours: RMSNorm, RoPE, SwiGLU, no
 biases) are architectural; the MLP width keeps nanoGPT's parameter count.
-
-Speed on 2 CPU cores (benchmarks/vs_nanogpt.sh): the 4 layers run unrolled
-(model.scan_layers=False): the scan's per-layer slicing and stacking of
-saved activations cost ~12% of the step's CPU time at this size, and the
-parameters and losses are the same either way.
 """
 
 from configs import base
@@ -28,7 +23,6 @@ def get_config():
   c.model.mlp_dim = 344
   c.model.vocab_size = 128  # 65 characters, padded
   c.model.dtype = "float32"
-  c.model.scan_layers = False
   c.data.source = "text"
   c.data.tokenizer = "char"
   c.data.seq_len = 64
