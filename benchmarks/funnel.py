@@ -11,10 +11,21 @@ Part 1, compression point: a 36-layer funnel encoder at small width
 `funnel.factor = 1`), each with the same upsampling decoder. For each: FLOPs
 per input token from the layer plan (models/flops.py) and counted by XLA's
 cost analysis of the compiled, unrolled train step; the CPU train-step time
-(median of `--reps` after a warm-up); and, compiled ahead of time for
+(all five encoders built in this process and stepped in turn, `--reps`
+rounds, median per encoder: benchmarks/interleave.py) with the share of
+the FLOPs saving it realizes; and, compiled ahead of time for
 `--topology` (libtpu), the per-chip memory of the train step. Ratios are to
 the baseline of the same run. The target: FLOPs and CPU step time at most
 0.65x the baseline with compression after layer 12.
+
+The CPU step time falls faster than the FLOPs: at seq 512 the unpooled
+layers' attention (T x S = 2**18 pairs, kernels.attention's dense CPU path
+up to DENSE_MAX_PAIRS) holds [B, H, T, S] float32 scores and probabilities
+for the backward pass, 4 MiB per array per layer at the default shape, out
+of cache, and runs at ~10 GFLOP/s against ~25 at 256 (fwd+bwd, B 4, 2
+heads, K 64: 154 ms per layer at 512 against 16 ms at 256, 9.7x for 4x the
+FLOPs; the tiled xla_chunked path is 126 ms at 512). The pooled layers
+leave that regime, so they save more time than FLOPs.
 
 Part 2 (`--shakespeare`), equal steps on the character-level text: the MLM
 loss of configs/tiny_funnel.py against the same model unpooled, and the
@@ -27,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 POINTS = (6, 12, 18, 24)
 
@@ -53,36 +62,13 @@ def _encoder(after: int | None, args):
   return cd
 
 
-def _step_seconds(t, reps: int) -> float:
-  import jax
-  import numpy as np
-
-  b, s = t.cfg.train.batch_size, t.cfg.data.seq_len
-  rng = np.random.default_rng(0)
-  batch = {
-    "inputs": rng.integers(0, 256, (b, s), dtype=np.int32),
-    "targets": rng.integers(0, 256, (b, s), dtype=np.int32),
-    "segment_ids": np.ones((b, s), np.int32),
-    "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-  }
-  state = t.init_fn()
-  state, _ = t.train_step(state, batch)  # compile + warm up
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    state, m = t.train_step(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def compression(args):
   import jax
+  from benchmarks import interleave
   from efficient_lm import aot, config as config_lib
   from efficient_lm.training import loop
 
-  rows = {}
+  rows, trainers = {}, {}
   for after in (None, *POINTS):
     name = "unpooled" if after is None else f"after {after}"
     cd = _encoder(after, args)
@@ -92,10 +78,8 @@ def compression(args):
     row = {
       "flops_per_token": t.flops["train"],
       "xla_flops_per_token": aot.xla_flops(compiled) / tokens,
-      "cpu_step_seconds": _step_seconds(
-        loop.build_trainer(cfg, jax.devices()[:1]), args.reps
-      ),
     }
+    trainers[name] = loop.build_trainer(cfg, jax.devices()[:1])
     if args.topology:
       cd.model.attention.impl = "pallas_tpu"
       devices = aot.topology_devices(aot.parse_topology(args.topology))
@@ -112,18 +96,27 @@ def compression(args):
       ) / 2**30
     rows[name] = row
     print(json.dumps({name: row}), flush=True)
+  seconds = interleave.step_seconds(trainers, args.reps, 1)
+  for name, r in interleave.saving_rows(
+    seconds, {n: r["flops_per_token"] for n, r in rows.items()}, "unpooled"
+  ).items():
+    rows[name]["cpu_step_seconds"] = seconds[name]
+    rows[name]["realized_saving"] = r["realized_saving"]
   base = rows["unpooled"]
   print(
     f"\n36-layer funnel encoder, width {args.width}, seq {args.seq_len}, "
-    f"batch {args.batch_size}; ratios to unpooled\n"
+    f"batch {args.batch_size}; ratios to unpooled; CPU step: median of "
+    f"{args.reps} interleaved rounds, load {os.getloadavg()[0]:.1f}\n"
   )
   cols = ["flops_per_token", "xla_flops_per_token", "cpu_step_seconds"]
   if args.topology:
     cols.append("tpu_gib_per_chip")
-  print("| compression | " + " | ".join(cols) + " |")
-  print("|---" * (len(cols) + 1) + "|")
+  print("| compression | " + " | ".join(cols) + " | realized / FLOPs saving |")
+  print("|---" * (len(cols) + 2) + "|")
   for name, r in rows.items():
     cells = [f"{r[c]:.4g} ({r[c] / base[c]:.3f}x)" for c in cols]
+    real = r["realized_saving"]
+    cells.append("-" if real is None else f"{real:.2f}")
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 

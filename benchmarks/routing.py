@@ -28,11 +28,12 @@ unique parameters are the model's own count (shared layers once). Eval
 uses the causal routing decision (what sampling does). Each run's curves
 go to `--out` (loss vs steps and vs training FLOPs, efficient_lm.plot).
 
-`--time_steps=N` trains nothing: it compiles each variant's train step
-(one device, random tokens) and times N rounds of `--reps` steps each,
-the variants interleaved in every round, and prints per variant its train
-FLOPs per token and median step time against dense's, with the load
-average (the box may be shared: compare ratios within one run).
+Step time against FLOPs (issue #26 item 3): every variant's train step is
+then timed in this one process, the variants in turn for
+`--timing_rounds` rounds of `--timing_steps` steps (benchmarks/
+interleave.py), and the table sets each one's median step time against
+dense's beside its FLOPs ratio and the share of the FLOPs saving that the
+wall clock realizes. `--timing_only` skips the training runs.
 """
 
 from __future__ import annotations
@@ -96,13 +97,9 @@ def _parse_args():
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--workdir", default=None, help="keep the runs here")
   ap.add_argument("--out", default="routing_loss.png")
-  ap.add_argument(
-    "--time_steps",
-    type=int,
-    default=0,
-    help="time N interleaved rounds of train steps instead of training",
-  )
-  ap.add_argument("--reps", type=int, default=3, help="steps per round")
+  ap.add_argument("--timing_rounds", type=int, default=5)
+  ap.add_argument("--timing_steps", type=int, default=3)
+  ap.add_argument("--timing_only", action="store_true")
   return ap.parse_args()
 
 
@@ -126,8 +123,8 @@ def main():
   names = args.variants.split(",")
   fpt, unique = _costs(names, args)
   dense_fpt = fpt.get("dense", max(fpt.values()))
-  if args.time_steps:
-    _time_steps(names, args, fpt, dense_fpt)
+  if args.timing_only:
+    _timing(names, args, fpt)
     return
   root = args.workdir or tempfile.mkdtemp(prefix="routing_bench_")
 
@@ -138,6 +135,37 @@ def main():
 
   plot.curves([os.path.join(root, n) for n in names], args.out)
   _print_table(rows, args, root)
+  _timing(names, args, fpt)
+
+
+def _timing(names, args, fpt):
+  """Every variant's train step timed interleaved; the step-time table."""
+  import jax
+  from benchmarks import interleave
+  from efficient_lm import config as config_lib
+  from efficient_lm.training import loop
+
+  trainers = {
+    name: loop.build_trainer(
+      config_lib.from_config_dict(
+        _config(name, args, args.steps), device_count=jax.device_count()
+      )
+    )
+    for name in names
+  }
+  seconds = interleave.step_seconds(
+    trainers, args.timing_rounds, args.timing_steps
+  )
+  base = "dense" if "dense" in names else names[0]
+  rows = interleave.saving_rows(seconds, fpt, base)
+  print(json.dumps({"step_time": rows}), flush=True)
+  interleave.print_table(
+    rows,
+    base,
+    f"{args.layers} layers, seq {args.seq_len}, batch {args.batch_size}, "
+    f"median of {args.timing_rounds} x {args.timing_steps} interleaved "
+    f"steps each, load {os.getloadavg()[0]:.1f}",
+  )
 
 
 def _costs(names, args):
@@ -190,61 +218,6 @@ def _train(name, args, root, fpt, dense_fpt, unique):
     "tokens_per_sec": summary["tokens_per_sec"],
     "wall_seconds": wall,
   }
-
-
-def _time_steps(names, args, fpt, dense_fpt):
-  """Median train-step seconds per variant, the variants interleaved in
-  each of `--time_steps` rounds of `--reps` steps; one table."""
-  import jax
-  import numpy as np
-
-  from efficient_lm import config as config_lib
-  from efficient_lm.training import loop
-
-  b, s = args.batch_size, args.seq_len
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 65, (b, s + 1), dtype=np.int32)
-  batch = {
-    "inputs": tokens[:, :-1],
-    "targets": tokens[:, 1:],
-    "segment_ids": np.ones((b, s), np.int32),
-    "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-  }
-  runs = {}
-  for name in names:
-    cfg = config_lib.from_config_dict(
-      _config(name, args, args.steps), device_count=1
-    )
-    t = loop.build_trainer(cfg, jax.devices()[:1])
-    state = t.init_fn()
-    state, _ = t.train_step(state, batch)  # compile + warm up
-    jax.block_until_ready(state)
-    runs[name] = [t, state, []]
-  load = [os.getloadavg()[0]]
-  for _ in range(args.time_steps):
-    for name in names:
-      t, state, times = runs[name]
-      for _ in range(args.reps):
-        t0 = time.perf_counter()
-        state, m = t.train_step(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-      runs[name][1] = state
-    load.append(os.getloadavg()[0])
-  med = {n: float(np.median(r[2])) for n, r in runs.items()}
-  base = med.get("dense", max(med.values()))
-  print(
-    f"\n{args.layers} layers, seq {s}, batch {b}; median of "
-    f"{args.time_steps} x {args.reps} steps, interleaved; load average "
-    f"(1 min) {min(load):.1f}-{max(load):.1f}\n"
-  )
-  print("| variant | train FLOPs/token vs dense | step ms | vs dense |")
-  print("|---|---|---|---|")
-  for name in names:
-    print(
-      f"| {name} | {fpt[name] / dense_fpt:.3f} | {1e3 * med[name]:.1f} | "
-      f"{med[name] / base:.3f} |"
-    )
 
 
 def _print_table(rows, args, root):
