@@ -19,16 +19,14 @@ import argparse
 import sys
 
 from efficient_lm import cpu_runtime
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, exit 2, like absl's CLIs
-    self.exit(2, f"error: {message}\n")
+from efficient_lm.cli_args import OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m efficient_lm.convert", description=__doc__)
-  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  p = OneLineParser(prog="python -m efficient_lm.convert", description=__doc__)
+  sub = p.add_subparsers(
+    dest="command", required=True, parser_class=OneLineParser
+  )
   imp = sub.add_parser("import", help="a Hugging Face directory -> a run")
   imp.add_argument("--hf", required=True, help="Hugging Face model directory")
   imp.add_argument("--workdir", required=True, help="the new run's directory")

@@ -29,15 +29,11 @@ import os
 import sys
 
 from efficient_lm import cpu_runtime
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, exit 2, like absl's CLIs
-    self.exit(2, f"error: {message}\n")
+from efficient_lm.cli_args import OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(
+  p = OneLineParser(
     prog="python -m efficient_lm.quantize",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,

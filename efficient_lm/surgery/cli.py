@@ -38,6 +38,7 @@ import argparse
 import sys
 
 from efficient_lm import cpu_runtime
+from efficient_lm.cli_args import OneLineParser
 from efficient_lm.surgery import (
   FFN_CRITERIA,
   HEAD_CRITERIA,
@@ -58,13 +59,8 @@ OPERATIONS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, exit 2, like absl's CLIs
-    self.exit(2, f"error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(
+  p = OneLineParser(
     prog="python -m efficient_lm.surgery",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
