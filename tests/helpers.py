@@ -315,6 +315,32 @@ def prefill_then_decode(
   return jnp.concatenate(outs, 1), cache
 
 
+def untouched_in_forward_and_decode(
+  block, x_BTD, pos_BT, seg_BT, untouched_BT, prompt_len: int
+):
+  """A routed block's (or stack's) causal-routing forward and its prefill +
+  decode from `init_cache`, both jitted; asserts in each that the tokens
+  where `untouched_BT` keep `x_BTD` bitwise and every other token changes.
+  -> (forward, stepped) as NumPy."""
+  import jax
+  import jax.numpy as jnp
+
+  b, t = seg_BT.shape
+  fwd, _ = jax.jit(lambda x: block(x, pos_BT, seg_BT, causal_routing=True))(
+    x_BTD
+  )
+  step = jax.jit(lambda x, pos, seg, cache: block(x, pos, seg, cache=cache))
+  cache = block.init_cache(b, t, jnp.float32)
+  stepped, _ = prefill_then_decode(
+    step, x_BTD, pos_BT, seg_BT, cache, prompt_len
+  )
+  fwd, stepped, xs = np.asarray(fwd), np.asarray(stepped), np.asarray(x_BTD)
+  for got in (fwd, stepped):
+    np.testing.assert_array_equal(got[untouched_BT], xs[untouched_BT])
+    assert np.all(np.abs(got[~untouched_BT] - xs[~untouched_BT]).max(-1) > 0)
+  return fwd, stepped
+
+
 def assert_close(got, want, tol, what=""):
   """Same non-finite entries exactly (e.g. lse -inf), finite ones to atol."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

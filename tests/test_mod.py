@@ -26,6 +26,7 @@ from tests.helpers import (
   ATTENTION_VARIANTS,
   packed_batch,
   prefill_then_decode,
+  untouched_in_forward_and_decode,
   small_config,
   two_train_steps,
 )
@@ -593,13 +594,6 @@ def test_causal_routing_leaves_unprocessed_tokens_bitwise_in_forward_and_step(
     done[..., None], x + jax.nn.sigmoid(jnp.asarray(r))[..., None] * delta, x
   )
 
-  fwd, _ = jax.jit(lambda x: blk(x, pos, seg, causal_routing=True))(x)
-  step = jax.jit(lambda x, pos, seg, cache: blk(x, pos, seg, cache=cache))
-  cache = blk.init_cache(b, t, jnp.float32)
-  stepped, _ = prefill_then_decode(step, x, pos, seg, cache, p)
-  stepped = np.asarray(stepped)
-  xs = np.asarray(x)
-  for got in (np.asarray(fwd), stepped):
-    np.testing.assert_array_equal(got[~done], xs[~done])
-    assert np.all(np.abs(got[done] - xs[done]).max(-1) > 0)
+  outs = untouched_in_forward_and_decode(blk, x, pos, seg, ~done, p)
+  for got in outs:
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
