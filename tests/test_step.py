@@ -54,17 +54,27 @@ def test_padding_targets_do_not_count(trainer):
     np.testing.assert_array_equal(moved[k], got[k], err_msg=k)
 
 
-def test_total_loss_is_ce_plus_z_loss(trainer):
-  batch = _batch(trainer)
-  metrics, params = _step(trainer, batch)
-  logits_BTV = np.asarray(_logits(trainer, params, batch), np.float64)
+def _ce_terms(logits_BTV, batch):
+  """Cross-entropy over the real tokens, in float64 -> (ce, lse [B, T],
+  real [B, T])."""
+  logits_BTV = np.asarray(logits_BTV, np.float64)
   top_BT = logits_BTV.max(axis=-1)
   lse_BT = top_BT + np.log(np.exp(logits_BTV - top_BT[..., None]).sum(-1))
   target_BT = np.take_along_axis(
     logits_BTV, batch["targets"][..., None], axis=-1
   )[..., 0]
   real = batch["segment_ids"] > 0
-  ce = np.mean((lse_BT - target_BT)[real])
+  return np.mean((lse_BT - target_BT)[real]), lse_BT, real
+
+
+def _ce(logits_BTV, batch):
+  return _ce_terms(logits_BTV, batch)[0]
+
+
+def test_total_loss_is_ce_plus_z_loss(trainer):
+  batch = _batch(trainer)
+  metrics, params = _step(trainer, batch)
+  ce, lse_BT, real = _ce_terms(_logits(trainer, params, batch), batch)
   z = np.mean(np.square(lse_BT)[real])
   # Same float32 model, eager here and jitted in the step: rounding only.
   np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)
@@ -89,17 +99,6 @@ _ROUTED = {
     "model.routing.num_recursions": 2,
   },
 }
-
-
-def _ce(logits_BTV, batch):
-  logits_BTV = np.asarray(logits_BTV, np.float64)
-  top_BT = logits_BTV.max(axis=-1)
-  lse_BT = top_BT + np.log(np.exp(logits_BTV - top_BT[..., None]).sum(-1))
-  target_BT = np.take_along_axis(
-    logits_BTV, batch["targets"][..., None], axis=-1
-  )[..., 0]
-  real = batch["segment_ids"] > 0
-  return np.mean((lse_BT - target_BT)[real])
 
 
 @pytest.mark.parametrize("name", sorted(_ROUTED))
