@@ -67,31 +67,46 @@ def train_cli(
   return proc
 
 
-def kill_and_resume(tmp_path, flags=SMALL_FLAGS):
-  """Trains 20 steps straight, and again killed (SIGKILL) at step 12 after
-  checkpoint 10 then resumed; asserts the losses of every step and the
-  final parameters are bit-identical. -> (straight, crashed) workdirs."""
+def kill_and_resume(
+  tmp_path, *extra, flags=SMALL_FLAGS, checkpoint=10, source=None
+):
+  """Trains straight, and again killed (SIGKILL) at step checkpoint + 2
+  after checkpoint `checkpoint` then resumed, with `flags` and `extra`
+  (whose train.steps is 2 * checkpoint); with `source`, both workdirs
+  start as copies of that run. Asserts the losses of every step, the final
+  step, data-iterator state and parameters are bit-identical.
+  -> (straight, crashed) workdirs."""
+  import shutil
+
   import jax
 
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  train_cli(straight, flags=flags)
+  if source is not None:
+    for d in (straight, crashed):
+      shutil.copytree(source, d)
+  first = train_cli(straight, *extra, flags=flags)
+  if source is not None:
+    assert "resumed from step 0" in first.stderr
   proc = train_cli(
     crashed,
-    "--crash_at=12",
-    "--crash_after_checkpoint=10",
+    *extra,
+    f"--crash_at={checkpoint + 2}",
+    f"--crash_after_checkpoint={checkpoint}",
     flags=flags,
     script=("-m", "tests.crash_train"),
     check=False,
   )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = train_cli(crashed, flags=flags)
-  assert "resumed from step 10" in resumed.stderr
+  resumed = train_cli(crashed, *extra, flags=flags)
+  assert f"resumed from step {checkpoint}" in resumed.stderr
   a, b = logged_losses(straight), logged_losses(crashed)
-  assert sorted(a) == sorted(b) == list(range(1, 21))
+  steps = 2 * checkpoint
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
   for step in a:
     assert a[step] == b[step], (step, a[step], b[step])  # bit-identical
-  _, params_a, _ = final_state(straight)
-  _, params_b, _ = final_state(crashed)
+  step_a, params_a, data_a = final_state(straight)
+  step_b, params_b, data_b = final_state(crashed)
+  assert step_a == step_b == steps and data_a == data_b
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   return straight, crashed
 

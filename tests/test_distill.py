@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from efficient_lm.training import step as step_lib
 from efficient_lm.training.fingerprints import flat
 from tests.helpers import (
   final_state,
+  kill_and_resume,
   logged_losses,
   packed_batch,
   small_config,
@@ -316,22 +316,7 @@ def test_distill_cli_logs_eval_kl_and_refuses_a_changed_teacher(
 @pytest.mark.slow
 def test_distill_resume_after_kill_is_bit_identical(teacher, tmp_path):
   flags = (*STUDENT, f"--config.train.distill.teacher={teacher}")
-  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  train_cli(straight, *flags)
-  proc = train_cli(
-    crashed,
-    *flags,
-    "--crash_at=7",
-    "--crash_after_checkpoint=5",
-    script=("-m", "tests.crash_train"),
-    check=False,
-  )
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = train_cli(crashed, *flags)
-  assert "resumed from step 5" in resumed.stderr
-  a, b = logged_losses(straight), logged_losses(crashed)
-  assert sorted(a) == sorted(b) == list(range(1, 11))
-  assert all(a[s] == b[s] for s in a)
+  straight, crashed = kill_and_resume(tmp_path, *flags, checkpoint=5)
 
   def rows(path):
     return [

@@ -410,7 +410,7 @@ def test_loss_free_moe_resume_after_kill_is_bit_identical(tmp_path):
     "--config.model.moe.balancing=loss_free",
     "--config.model.moe.bias_rate=0.01",
   ]
-  straight, crashed = kill_and_resume(tmp_path, flags)
+  straight, crashed = kill_and_resume(tmp_path, flags=flags)
   bias_a, bias_b = _final_model_state(straight), _final_model_state(crashed)
   leaves = jax.tree.leaves(bias_a)
   assert leaves and any(np.abs(x).max() > 0 for x in leaves)  # it moved

@@ -3,12 +3,9 @@ widths and kv heads (`model.per_layer`, as a pruned or imported model has)
 is an ordinary config: it trains, resumes after kill -9 bit-identically,
 evaluates, generates with cache = recompute, and its FLOPs match XLA's."""
 
-import signal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from efficient_lm import aot, models, runs
@@ -16,12 +13,11 @@ from efficient_lm.generate import Generator
 from efficient_lm.models import flops
 from tests.helpers import (
   SMALL_FLAGS,
-  final_state,
+  kill_and_resume,
   logged_losses,
   packed_batch,
   prefill_then_decode,
   small_config,
-  train_cli,
 )
 
 MLP = (96, 128, 128, 64)
@@ -94,28 +90,9 @@ def test_flops_within_5_percent_of_xla():
   assert abs(xla / ours - 1) < 0.05, (xla, ours)
 
 
-@pytest.mark.parametrize("crash_at", [7])
-def test_trains_resumes_evaluates_and_generates(tmp_path, crash_at):
-  straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-  train_cli(straight, flags=FLAGS)
-  proc = train_cli(
-    crashed,
-    f"--crash_at={crash_at}",
-    "--crash_after_checkpoint=5",
-    flags=FLAGS,
-    script=("-m", "tests.crash_train"),
-    check=False,
-  )
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  resumed = train_cli(crashed, flags=FLAGS)
-  assert "resumed from step 5" in resumed.stderr
-  a, b = logged_losses(straight), logged_losses(crashed)
-  assert sorted(a) == sorted(b) == list(range(1, 11))
-  assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical
-  step_a, params_a, _ = final_state(straight)
-  step_b, params_b, _ = final_state(crashed)
-  assert step_a == step_b == 10
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+def test_trains_resumes_evaluates_and_generates(tmp_path):
+  straight, crashed = kill_and_resume(tmp_path, flags=FLAGS, checkpoint=5)
+  a = logged_losses(straight)
 
   run = runs.load_run(str(crashed))
   assert run.config.model.per_layer.mlp_dim == MLP

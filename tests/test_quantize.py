@@ -286,7 +286,7 @@ def test_qat_resume_after_kill_is_bit_identical(tmp_path):
   from tests.helpers import SMALL_FLAGS, kill_and_resume
 
   flags = [*SMALL_FLAGS, "--config.train.quantization=int8_dynamic"]
-  kill_and_resume(tmp_path, flags)
+  kill_and_resume(tmp_path, flags=flags)
 
 
 @pytest.mark.slow
