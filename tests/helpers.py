@@ -111,6 +111,29 @@ def kill_and_resume(
   return straight, crashed
 
 
+def crash_and_resume(cfg, tmp_path, crash_at: int, **run_kwargs):
+  """`loop.run` uninterrupted into tmp_path/whole, and into tmp_path/broken
+  dying (an exception from a step hook) at step `crash_at` and then
+  resumed; `run_kwargs` go to every run. -> (whole, broken, the resumed
+  run's summary)."""
+  import pytest
+
+  from efficient_lm.training import loop
+
+  class Crash(Exception):
+    pass
+
+  def crash(step):
+    if step == crash_at:
+      raise Crash()
+
+  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+  loop.run(cfg, whole, **run_kwargs)
+  with pytest.raises(Crash):
+    loop.run(cfg, broken, hooks=(crash,), **run_kwargs)
+  return whole, broken, loop.run(cfg, broken, **run_kwargs)
+
+
 def snapshot(root) -> dict:
   """Every directory and file under `root` with its mtime (files: and the
   sha256 of their bytes): equal snapshots mean nothing was written."""

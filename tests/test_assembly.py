@@ -16,7 +16,12 @@ from efficient_lm import models, sharding
 from efficient_lm.models.block import Block
 from efficient_lm.models.decoder import Decoder
 from efficient_lm.training import losses, loop, step as step_lib
-from tests.helpers import packed_batch, sigterm_handler_restored, small_config
+from tests.helpers import (
+  crash_and_resume,
+  packed_batch,
+  sigterm_handler_restored,
+  small_config,
+)
 
 
 class CountingBlock(Block):
@@ -188,18 +193,9 @@ def test_model_state_survives_a_crash_and_resume(tmp_path):
     }
   )
 
-  class Crash(Exception):
-    pass
-
-  def crash_at_4(step):
-    if step == 4:
-      raise Crash()
-
-  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-  loop.run(cfg, whole, build_model=counting_decoder)
-  with pytest.raises(Crash):
-    loop.run(cfg, broken, hooks=(crash_at_4,), build_model=counting_decoder)
-  summary = loop.run(cfg, broken, build_model=counting_decoder)
+  whole, broken, summary = crash_and_resume(
+    cfg, tmp_path, crash_at=4, build_model=counting_decoder
+  )
   assert summary["start_step"] == 3
   whole_rows, resumed_rows = _rows(whole), _rows(broken)
   assert resumed_rows == whole_rows

@@ -24,7 +24,13 @@ from efficient_lm.config import ConfigError
 from efficient_lm.config.schemes import parse_scheme
 from efficient_lm.models import quantization
 from efficient_lm.training import loop
-from tests.helpers import REPO, cli_env, small_config, snapshot
+from tests.helpers import (
+  REPO,
+  cli_env,
+  crash_and_resume,
+  small_config,
+  snapshot,
+)
 
 D, F, B = 64, 96, 5
 
@@ -257,18 +263,7 @@ def test_qat_resume_after_crash_is_bit_identical(tmp_path):
     }
   )
 
-  class Crash(Exception):
-    pass
-
-  def crash_at_5(step):
-    if step == 5:
-      raise Crash()
-
-  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-  loop.run(cfg, whole)
-  with pytest.raises(Crash):
-    loop.run(cfg, broken, hooks=(crash_at_5,))
-  loop.run(cfg, broken)
+  whole, broken, _ = crash_and_resume(cfg, tmp_path, crash_at=5)
   a = runs.load_run(whole, devices=jax.devices()[:1])
   b = runs.load_run(broken, devices=jax.devices()[:1])
   assert a.step == b.step == 8
