@@ -2,7 +2,7 @@
 quantization-aware training against post-training quantization at int4.
 
   python -m benchmarks.quantize                  # configs/tiny.py, 300 steps
-  python -m benchmarks.quantize --steps=200 --workdir=/tmp/qbench
+  python -m benchmarks.quantize --steps=200 --workdir=runs/qbench
   python -m benchmarks.quantize --qat= --schemes=int8_dynamic  # SmoothQuant
 
 Trains configs/tiny.py (the embedded corpus, byte-level) twice for
