@@ -379,6 +379,25 @@ def untouched_in_forward_and_decode(
   return fwd, stepped
 
 
+def greedy_cache_equals_recompute(model, prompts, max_new_tokens: int):
+  """Greedy generation from `model` with the KV cache equals generation by
+  recomputing the whole prefix each token, and decoding actually moves
+  (every row's tokens take more than 3 values: the comparison means
+  something). -> the cached rows."""
+  from flax import nnx
+
+  from efficient_lm.generate import Generator
+
+  gen = Generator(*nnx.split(model))
+  cached, _ = gen.generate(prompts, max_new_tokens=max_new_tokens)
+  recomputed, _ = gen.generate(
+    prompts, max_new_tokens=max_new_tokens, use_cache=False
+  )
+  assert cached == recomputed
+  assert all(len(set(c)) > 3 for c in cached), cached
+  return cached
+
+
 def assert_close(got, want, tol, what=""):
   """Same non-finite entries exactly (e.g. lse -inf), finite ones to atol."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

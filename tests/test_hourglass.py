@@ -19,10 +19,14 @@ from flax import nnx
 
 from efficient_lm import aot
 from efficient_lm import config as config_lib
-from efficient_lm.generate import Generator
 from efficient_lm.models import build, flops, hourglass
 from efficient_lm.models.decoder import Decoder
-from tests.helpers import override, packed_batch, small_config
+from tests.helpers import (
+  greedy_cache_equals_recompute,
+  override,
+  packed_batch,
+  small_config,
+)
 
 K = 4  # pooling factor
 T = 16
@@ -286,12 +290,7 @@ def test_greedy_with_cache_equals_recompute():
   model = build(_cfg().model, nnx.Rngs(0))
   gd, params, rest = nnx.split(model, nnx.Param, ...)
   model = nnx.merge(gd, jax.tree.map(lambda p: p * 6.0, params), rest)
-  gen = Generator(*nnx.split(model))
-  prompts = [list(range(40, 47)), [7, 3, 9]]
-  cached, _ = gen.generate(prompts, max_new_tokens=13)
-  recomputed, _ = gen.generate(prompts, max_new_tokens=13, use_cache=False)
-  assert cached == recomputed
-  assert all(len(set(c)) > 3 for c in cached), cached
+  greedy_cache_equals_recompute(model, [list(range(40, 47)), [7, 3, 9]], 13)
 
 
 def test_flops_per_token_within_5_percent_of_xla():
