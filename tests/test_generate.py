@@ -356,3 +356,78 @@ def test_sampled_frequencies_follow_the_filtered_softmax(
   assert counts[~kept].sum() == 0
   # chi-square 1e-4 upper tail for df = kept - 1 <= 7: at most 29.9.
   assert _chi2(counts[kept], want[kept]) < 29.9, (counts, n * want)
+
+
+# Layers held apart for generation on CPU (issue #26): the Generator's
+# default there runs each layer on its own arrays (views of the stacked
+# memory) instead of slicing them out of the stack every step. (MoR's
+# shared blocks are separate modules already.)
+UNROLLED = {
+  "pattern_3local_1tglobal": VARIANTS["mixed_3local_1tglobal"],
+  "per_layer_shapes": {
+    "model.num_layers": 3,
+    "model.per_layer.mlp_dim": (128, 96, 128),
+  },
+  "mod": {**ROUTED["mod_mlp"], "model.num_layers": 4},
+  "hourglass": {
+    "model.kind": "hourglass",
+    "model.num_layers": 3,
+    "model.funnel.stages": (1, 1, 1),
+    "model.funnel.factor": 2,
+  },
+}
+
+
+def _stacks(gen):
+  from efficient_lm.models.stack import Stack
+
+  return [n for _, n in nnx.iter_graph(gen.model()) if isinstance(n, Stack)]
+
+
+def _steps(gen, tokens, p):
+  """Logits of a prefill of `p` tokens, then one per decode step."""
+  b, t = tokens.shape
+  cache = gen.model().init_cache(b, t)
+  lens = jnp.full((b,), p, jnp.int32)
+  logits, cache = gen._prefill(gen.variables, cache, tokens[:, :p], lens)
+  out = [logits]
+  for i in range(p, t):
+    logits, cache = gen._decode(
+      gen.variables, cache, tokens[:, i], jnp.full((b,), i, jnp.int32)
+    )
+    out.append(logits)
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("name", sorted(UNROLLED))
+def test_unrolled_layers_decode_as_the_stack(name):
+  _, model = _model(UNROLLED[name], scale=6.0)
+  gd, variables = nnx.split(model)
+  stacked = Generator(gd, variables, unroll_layers=False)
+  unrolled = Generator(gd, variables)  # the default on one CPU device
+  assert _stacks(unrolled) and all(s.unrolled for s in _stacks(unrolled))
+  assert not any(s.unrolled for s in _stacks(stacked))
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 300)
+  np.testing.assert_allclose(
+    _steps(unrolled, tokens, 6), _steps(stacked, tokens, 6), atol=2e-5
+  )
+
+
+def test_unrolled_layers_share_the_stacked_memory():
+  _, model = _model({"model.num_layers": 3})
+  gd, variables = nnx.split(model)
+  spans = [
+    (a.unsafe_buffer_pointer(), a.nbytes)
+    for a in jax.tree.leaves(variables)
+    if a.ndim and a.shape[0] == 3  # the layers' stacked arrays
+  ]
+  unrolled = Generator(gd, variables)
+  views = [
+    a
+    for s in _stacks(unrolled)
+    for a in jax.tree.leaves(nnx.state(s, nnx.Param))
+  ]
+  assert len(views) == 3 * len(spans)
+  for a in views:
+    ptr = a.unsafe_buffer_pointer()
+    assert any(lo <= ptr < lo + n for lo, n in spans), "a copy"

@@ -17,7 +17,7 @@ layer plan (`layer_plan(cfg)`).
 from flax import nnx
 
 from efficient_lm.config import ModelConfig
-from efficient_lm.models import cache
+from efficient_lm.models import cache, stack
 from efficient_lm.models.attention import Attention
 from efficient_lm.models.decoder import Decoder
 from efficient_lm.models.funnel import FunnelEncoder
@@ -65,6 +65,18 @@ def set_kv_cache_dtype(model: nnx.Module, kind: str) -> nnx.Module:
   return model
 
 
+def unroll_layers(model: nnx.Module, take=stack.layer_slice) -> nnx.Module:
+  """Holds every layer stack of `model` apart (`stack.Stack.unroll`;
+  `take(stacked leaf, r)` gives layer r's array, by default a view of
+  the stacked memory on CPU), in place: the same model, its calls and
+  caches one per layer. For generation (generate.Generator); `nnx.split`
+  the model afterwards."""
+  stacks = [n for _, n in nnx.iter_graph(model) if isinstance(n, stack.Stack)]
+  for s in stacks:
+    s.unroll(take)
+  return model
+
+
 __all__ = [
   "KINDS",
   "LayerSpec",
@@ -72,4 +84,5 @@ __all__ = [
   "build",
   "layer_plan",
   "set_kv_cache_dtype",
+  "unroll_layers",
 ]

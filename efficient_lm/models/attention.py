@@ -323,6 +323,8 @@ class Attention(nnx.Module):
     if rows is not None and cache is not None:
       raise ValueError("attention: pass a cache or given rows, not both")
     new = None
+    if cache is not None and kv is None and self._writes_first(q):
+      return self._decode_step(q, cache)
     if rows is None:
       new, rows = self.stored_rows(q if kv is None else kv, cache)
     out = self._attend(
@@ -340,6 +342,35 @@ class Attention(nnx.Module):
     return out, cache_lib.write(cache, new, self._slots(cache))
 
   # -------------------------------------------------------------- generation
+
+  def _writes_first(self, q: Tokens) -> bool:
+    """Whether a step may write its rows before attending over the cache:
+    one new token per row (decode). Its row then lands in a slot no
+    visible row holds (a full cache's own slot, also at a stride: the
+    rows of a strided layer are `stride` positions apart; in a rolling
+    buffer the slot of the position one window back, which the query no
+    longer sees), so attention over the written cache reads exactly the
+    rows of `concat(cache, new)` without copying the cache into a longer
+    array every step. A longer step (prefill) may overwrite rows its own
+    earlier queries still see in a rolling buffer: it reads first."""
+    return q.x_BTD.shape[1] == 1
+
+  def _decode_step(self, q: Tokens, cache: dict):
+    """`__call__` with a cache for one token per row, written first
+    (`_writes_first`) -> (out, new cache)."""
+    new = cache_lib.store(self.kv_rows(q), KV, self.kv_cache_dtype)
+    cache = cache_lib.write(cache, new, self._slots(cache))
+    rows = cache_lib.load(cache, KV, self.kv_cache_dtype, q.x_BTD.dtype)
+    out = self._attend(
+      self.queries(q),
+      constrain(rows["k"], BSGK),
+      constrain(rows["v"], BSGK),
+      q.pos_BT,
+      rows["pos"],
+      q.seg_BT,
+      rows["seg"],
+    )
+    return out, cache
 
   def _slots(self, cache: dict) -> cache_lib.Slots:
     return cache_slots(

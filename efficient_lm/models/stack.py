@@ -36,6 +36,7 @@ from typing import overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import kernels
@@ -142,6 +143,22 @@ def stack_layers(
   return {"groups": groups}
 
 
+def layer_slice(a: jax.Array, r: int) -> jax.Array:
+  """`a[r]`; for an array held on one CPU device, a view of its memory
+  (numpy's view placed back as is: XLA:CPU takes an aligned host buffer
+  without copying), so unrolling a stack (`Stack.unroll`) costs no
+  memory. Elsewhere a copy."""
+  devices = a.devices() if isinstance(a, jax.Array) else set()
+  if len(devices) == 1 and next(iter(devices)).platform == "cpu":
+    sharding = a.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec()
+      )
+    return jax.device_put(np.asarray(a)[r], sharding)
+  return a[r]
+
+
 def call(block, x_BTD, pos_BT, seg_BT, cache=None, **kwargs):
   """block(x, pos, seg) -> (x, aux, new cache or None), a cache passed
   only when there is one (a layer returns its cache when given one)."""
@@ -226,6 +243,7 @@ class Stack(nnx.Module):
     self.segments = segments(plan)
     self.scan = scan
     self.remat = remat
+    self.unrolled = False  # `unroll`: the layers held apart
     groups = {}
     for i, seg in enumerate(self.segments):
       stacks = {}
@@ -233,6 +251,61 @@ class Stack(nnx.Module):
         stacks[f"layer_{j}"] = _stacked(make_block, spec, seg.repeats, rngs)
       groups[f"segment_{i}"] = nnx.Dict(stacks)
     self.groups = nnx.Dict(groups)
+
+  def unroll(self, take: Callable[[jax.Array, int], jax.Array]) -> None:
+    """Holds the layers apart, in place: pattern position j of a segment
+    becomes `repeats` blocks, block r's arrays `take(stacked leaf, r)`.
+    Calls then run the layers in a Python loop, and `init_cache` gives
+    each layer its own cache (`[segment][j][r]` instead of stacked over
+    r). Same blocks and arithmetic as the stacked form; for generation
+    on CPU (generate.Generator): a scanned (or sliced) stack hands each
+    layer its weights through a slice, which XLA:CPU copies out of the
+    stack on every step (each weight read twice and written once per
+    decoded token), while a layer's own array is read where it lies.
+    Not for training: parameters of an unrolled stack do not match the
+    run's checkpoint layout."""
+    if self.unrolled:
+      return
+    groups = {}
+    for i, seg in enumerate(self.segments):
+      stacks = self.groups[f"segment_{i}"]
+      layers = {}
+      for j in range(len(seg.pattern)):
+        gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
+        layers[f"layer_{j}"] = nnx.List(
+          [
+            nnx.merge(gd, *jax.tree.map(lambda a, r=r: take(a, r), (p, st)))
+            for r in range(seg.repeats)
+          ]
+        )
+      groups[f"segment_{i}"] = nnx.Dict(layers)
+    self.groups = nnx.Dict(groups)
+    self.unrolled = True
+
+  def _run_unrolled(
+    self, seg: Segment, stacks, x_BTD, pos_BT, seg_BT, caches, causal_routing
+  ):
+    """`_run_segment` of an unrolled stack: its blocks one by one."""
+    n = len(seg.pattern)
+    auxes: list[list] = [[] for _ in range(n)]
+    new_caches: list[list] = [[] for _ in range(n)]
+    for r in range(seg.repeats):
+      for j in range(n):
+        kwargs = {}
+        if seg.pattern[j].routed:
+          kwargs["causal_routing"] = causal_routing
+        x_BTD, aux, c = call(
+          stacks[f"layer_{j}"][r],
+          x_BTD,
+          pos_BT,
+          seg_BT,
+          None if caches is None else caches[j][r],
+          **kwargs,
+        )
+        auxes[j].append(aux)
+        new_caches[j].append(c)
+    stacked = [jax.tree.map(lambda *v: jnp.stack(v), *a) for a in auxes]
+    return x_BTD, stacked, None if caches is None else new_caches
 
   def _run_segment(
     self,
@@ -248,6 +321,10 @@ class Stack(nnx.Module):
     stacked over repeats) each block reads and extends its cache and the
     updated caches are returned as well. Routed blocks also get
     `causal_routing`."""
+    if self.unrolled:
+      return self._run_unrolled(
+        seg, stacks, x_BTD, pos_BT, seg_BT, caches, causal_routing
+      )
     names = [f"layer_{j}" for j in range(len(seg.pattern))]
     split = [nnx.split(stacks[n], nnx.Param, ModelState) for n in names]
     graphdefs = [s[0] for s in split]
@@ -363,15 +440,9 @@ class Stack(nnx.Module):
     for i, (seg, first) in enumerate(
       zip(self.segments, self._first_layers(), strict=True)
     ):
-      stacks = self.groups[f"segment_{i}"]
-      split = [
-        nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
-        for j in range(len(seg.pattern))
-      ]
       for r in range(seg.repeats):
         for j, spec in enumerate(seg.pattern):
-          gd, p, st = split[j]
-          block = nnx.merge(gd, *jax.tree.map(lambda a, r=r: a[r], (p, st)))
+          block = self._block(i, j, r)
           if spec.routed:
             layer = first + r * len(seg.pattern) + j
             out[f"layer {layer}"] = block.decision(x_BTD, seg_BT)
@@ -382,13 +453,20 @@ class Stack(nnx.Module):
 
   # -------------------------------------------------------------- generation
 
+  def _block(self, i: int, j: int, r: int):
+    """Segment i's block at pattern position j, repeat r (stacked: a
+    module of the slices)."""
+    blocks = self.groups[f"segment_{i}"][f"layer_{j}"]
+    if self.unrolled:
+      return blocks[r]
+    gd, p, st = nnx.split(blocks, nnx.Param, ModelState)
+    return nnx.merge(gd, *jax.tree.map(lambda a: a[r], (p, st)))
+
   def _first_blocks(self):
     """(segment index, pattern position, the block of the first repeat)."""
     for i, seg in enumerate(self.segments):
-      stacks = self.groups[f"segment_{i}"]
       for j in range(len(seg.pattern)):
-        gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
-        yield i, j, nnx.merge(gd, *jax.tree.map(lambda a: a[0], (p, st)))
+        yield i, j, self._block(i, j, 0)
 
   def max_positions(self) -> int | None:
     """The fewest positions any layer's block-sparse table covers (None:
@@ -417,12 +495,21 @@ class Stack(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Every layer's empty cache, stacked like the parameters:
     `{"segment_<i>": [cache of pattern position j, leading axis repeats]}`.
-    A block's `init_cache` reads only static attributes."""
+    A block's `init_cache` reads only static attributes. Unrolled
+    (`unroll`): one cache per layer, `[cache of repeat r]` per j."""
     out: dict[str, list] = {
       f"segment_{i}": [] for i in range(len(self.segments))
     }
-    for i, _, block in self._first_blocks():
+    for i, j, block in self._first_blocks():
       n = self.segments[i].repeats
+      if self.unrolled:
+        out[f"segment_{i}"].append(
+          [
+            self._block(i, j, r).init_cache(batch, max_len, dtype)
+            for r in range(n)
+          ]
+        )
+        continue
       out[f"segment_{i}"].append(
         jax.tree.map(
           lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)),
