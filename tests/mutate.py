@@ -768,8 +768,8 @@ MUTATIONS = [
   _m(
     "mod_stack_drops_causal_routing",
     "efficient_lm/models/stack.py",
-    '          kwargs["causal_routing"] = causal_routing\n',
-    "          pass\n",
+    '  return {"causal_routing": causal_routing} if spec.routed else {}',
+    "  return {}",
     "tests/test_mod.py",
     "-k",
     "causal_routing_is_causal",
@@ -3180,9 +3180,9 @@ MUTATIONS = [
   ),
   _m(
     "decode_writes_first_at_prefill",
-    "efficient_lm/models/attention.py",
-    "    return q.x_BTD.shape[1] == 1",
-    "    return True",
+    "efficient_lm/models/cache.py",
+    '  if new["pos"].shape[1] == 1:',
+    "  if True:",
     "tests/test_generate.py",
     "-k",
     "prefill_then_decode_equals_forward",

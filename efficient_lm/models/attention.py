@@ -235,12 +235,23 @@ class Attention(nnx.Module):
       "seg": kv.seg_BT.astype(jnp.int32),
     }
 
+  def _read_rows(self, kv: Tokens, cache: dict | None = None):
+    """(the rows attention reads, loaded in the compute dtype: the
+    cache's and the new ones of `kv`; the cache after the step, None
+    without one). The new rows pass through the cache's storage either
+    way (kv_cache_dtype; `auto`: as they are), so a forward without a
+    cache reads its K/V as a cached step does (models/cache.py)."""
+    new = cache_lib.store(self.kv_rows(kv), KV, self.kv_cache_dtype)
+    rows, written = new, None
+    if cache is not None:
+      rows, written = cache_lib.step(cache, new, self._slots(cache))
+    dt = kv.x_BTD.dtype
+    return cache_lib.load(rows, KV, self.kv_cache_dtype, dt), written
+
   def stored_rows(self, kv: Tokens, cache: dict | None = None):
-    """(the new rows of `kv` as the cache stores them, the rows attention
-    reads: the cache's then the new ones, loaded in the compute dtype).
-    With kv_cache_dtype `auto` both are `kv_rows(kv)` (after the cache's);
-    otherwise a forward without a cache reads its K/V through the same
-    storage as a cached step (models/cache.py)."""
+    """(the new rows of `kv` as the cache stores them, the cache's rows
+    then the new ones, loaded in the compute dtype). With kv_cache_dtype
+    `auto` both are `kv_rows(kv)` (after the cache's)."""
     new = cache_lib.store(self.kv_rows(kv), KV, self.kv_cache_dtype)
     rows = new if cache is None else cache_lib.concat(cache, new)
     return new, cache_lib.load(rows, KV, self.kv_cache_dtype, kv.x_BTD.dtype)
@@ -322,11 +333,9 @@ class Attention(nnx.Module):
     recursive sharing attends later steps over the first step's rows."""
     if rows is not None and cache is not None:
       raise ValueError("attention: pass a cache or given rows, not both")
-    new = None
-    if cache is not None and kv is None and self._writes_first(q):
-      return self._decode_step(q, cache)
+    written = None
     if rows is None:
-      new, rows = self.stored_rows(q if kv is None else kv, cache)
+      rows, written = self._read_rows(q if kv is None else kv, cache)
     out = self._attend(
       self.queries(q),
       constrain(rows["k"], BSGK),
@@ -338,39 +347,10 @@ class Attention(nnx.Module):
     )
     if cache is None:
       return out
-    assert new is not None  # a cache comes without given rows (see above)
-    return out, cache_lib.write(cache, new, self._slots(cache))
+    assert written is not None  # a cache comes without given rows (above)
+    return out, written
 
   # -------------------------------------------------------------- generation
-
-  def _writes_first(self, q: Tokens) -> bool:
-    """Whether a step may write its rows before attending over the cache:
-    one new token per row (decode). Its row then lands in a slot no
-    visible row holds (a full cache's own slot, also at a stride: the
-    rows of a strided layer are `stride` positions apart; in a rolling
-    buffer the slot of the position one window back, which the query no
-    longer sees), so attention over the written cache reads exactly the
-    rows of `concat(cache, new)` without copying the cache into a longer
-    array every step. A longer step (prefill) may overwrite rows its own
-    earlier queries still see in a rolling buffer: it reads first."""
-    return q.x_BTD.shape[1] == 1
-
-  def _decode_step(self, q: Tokens, cache: dict):
-    """`__call__` with a cache for one token per row, written first
-    (`_writes_first`) -> (out, new cache)."""
-    new = cache_lib.store(self.kv_rows(q), KV, self.kv_cache_dtype)
-    cache = cache_lib.write(cache, new, self._slots(cache))
-    rows = cache_lib.load(cache, KV, self.kv_cache_dtype, q.x_BTD.dtype)
-    out = self._attend(
-      self.queries(q),
-      constrain(rows["k"], BSGK),
-      constrain(rows["v"], BSGK),
-      q.pos_BT,
-      rows["pos"],
-      q.seg_BT,
-      rows["seg"],
-    )
-    return out, cache
 
   def _slots(self, cache: dict) -> cache_lib.Slots:
     return cache_slots(

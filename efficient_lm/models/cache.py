@@ -18,9 +18,11 @@ rows, visibility decided by their stored positions (docs/attention.md).
 
 A generation step with T >= 1 new tokens attends over `concat(cache, new)`
 (the old rows, then the new ones, the mask deciding what each query sees),
-then `write`s the new rows. Prefill is the same step on an empty cache, so
-it is the ordinary forward; a rolling buffer never loses a row some query of
-the step still needs, because the step reads the rows before writing them.
+then `write`s the new rows (`step`). Prefill is the same step on an empty
+cache, so it is the ordinary forward; a rolling buffer never loses a row
+some query of the step still needs, because the step reads the rows before
+writing them. A decode step (T = 1) writes first and reads the written
+cache, the same rows without the copy `concat` makes (`step`).
 
 Storage dtype (`KV_CACHE_DTYPES`, generate's `--kv_cache_dtype`): `auto`
 keeps rows in the model's compute dtype; a float dtype casts them; `int8`
@@ -105,6 +107,22 @@ def concat(rows: dict, new: dict) -> dict:
     k: jnp.concatenate([rows[k], new[k].astype(rows[k].dtype)], axis=1)
     for k in rows
   }
+
+
+def step(rows: dict, new: dict, slots: Slots) -> tuple[dict, dict]:
+  """(the rows a generation step reads, the cache after it). A step of
+  one token per row (decode) writes first and reads the written cache:
+  its row lands in a slot no row it sees holds (a full cache's own slot,
+  also at a stride, whose rows are `stride` positions apart; in a rolling
+  buffer the slot of the position one window back), so these are the
+  rows of `concat(rows, new)` without copying the cache into a longer
+  array every step. A longer step (prefill) may overwrite rows its own
+  earlier queries still see in a rolling buffer: it reads
+  `concat(rows, new)`, then writes."""
+  written = write(rows, new, slots)
+  if new["pos"].shape[1] == 1:
+    return written, written
+  return concat(rows, new), written
 
 
 def write(rows: dict, new: dict, slots: Slots) -> dict:

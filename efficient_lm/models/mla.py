@@ -324,9 +324,8 @@ class MLAttention(nnx.Module):
     dt = x.x_BTD.dtype
     qn_BTHN, qr_BTHR = self._queries(x)
     new = self._new_rows(x, *self._latents(x))
-    rows = cache_lib.load(
-      cache_lib.concat(cache, new), LATENTS, self.kv_cache_dtype, dt
-    )
+    read, written = cache_lib.step(cache, new, slots)
+    rows = cache_lib.load(read, LATENTS, self.kv_cache_dtype, dt)
     qc_BTHC = jnp.einsum(
       "BTHN,CHN->BTHC", qn_BTHN, jnp.asarray(self.uk_CHN[...], dt)
     )
@@ -346,7 +345,7 @@ class MLAttention(nnx.Module):
       "BTHC,CHE->BTHE", o_BTHC, jnp.asarray(self.uv_CHE[...], dt)
     )
     out = jnp.einsum("BTHE,HED->BTD", o_BTHE, jnp.asarray(self.o_HED[...], dt))
-    return constrain(out, BTD), cache_lib.write(cache, new, slots)
+    return constrain(out, BTD), written
 
   def cache_bytes_per_token(self, dtype) -> int:
     """The latent and the shared RoPE key: C + R elements (docs/attention.md,

@@ -159,6 +159,12 @@ def layer_slice(a: jax.Array, r: int) -> jax.Array:
   return a[r]
 
 
+def _routing_kwargs(spec: LayerSpec, causal_routing: bool) -> dict:
+  """What a block of `spec` takes besides its inputs and cache: a routed
+  block's `causal_routing`."""
+  return {"causal_routing": causal_routing} if spec.routed else {}
+
+
 def call(block, x_BTD, pos_BT, seg_BT, cache=None, **kwargs):
   """block(x, pos, seg) -> (x, aux, new cache or None), a cache passed
   only when there is one (a layer returns its cache when given one)."""
@@ -291,16 +297,13 @@ class Stack(nnx.Module):
     new_caches: list[list] = [[] for _ in range(n)]
     for r in range(seg.repeats):
       for j in range(n):
-        kwargs = {}
-        if seg.pattern[j].routed:
-          kwargs["causal_routing"] = causal_routing
         x_BTD, aux, c = call(
           stacks[f"layer_{j}"][r],
           x_BTD,
           pos_BT,
           seg_BT,
           None if caches is None else caches[j][r],
-          **kwargs,
+          **_routing_kwargs(seg.pattern[j], causal_routing),
         )
         auxes[j].append(aux)
         new_caches[j].append(c)
@@ -344,16 +347,13 @@ class Stack(nnx.Module):
         zip(graphdefs, layer_params, layer_states, strict=True)
       ):
         block = nnx.merge(gd, p, st)
-        kwargs = {}
-        if seg.pattern[j].routed:
-          kwargs["causal_routing"] = causal_routing
         x, aux, c = call(
           block,
           x,
           pos_BT,
           seg_BT,
           None if layer_caches is None else layer_caches[j],
-          **kwargs,
+          **_routing_kwargs(seg.pattern[j], causal_routing),
         )
         if c is not None:
           new_caches.append(c)
