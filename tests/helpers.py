@@ -35,11 +35,16 @@ SMALL_FLAGS = [
 
 def cli_env(drop=(), **extra):
   """The environment of a CLI subprocess: the repo importable, one CPU
-  device (no XLA_FLAGS), no accelerator, the session's compilation cache
-  (conftest.py). `drop`: prefixes of this process's variables to leave
-  out; `extra`: variables set last (over the above)."""
+  device (this process's XLA_FLAGS less the device count), no accelerator,
+  the session's compilation cache and compile flags (conftest.py). `drop`:
+  prefixes of this process's variables to leave out; `extra`: variables set
+  last (over the above)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
-  env.pop("XLA_FLAGS", None)  # one CPU device in subprocesses
+  env["XLA_FLAGS"] = " ".join(  # one CPU device in subprocesses
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  )
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
   env.update(extra)

@@ -45,7 +45,7 @@ def _start(
 ) -> list[subprocess.Popen]:
   """`processes` processes of `devices` CPU devices each, one run."""
   env = cli_env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   dist = []
   port = _port()
   procs = []

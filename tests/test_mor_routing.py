@@ -1,13 +1,13 @@
-"""Mixture-of-recursions (models/mor.py) against docs/routing.md.
+"""Mixture-of-recursions (models/mor.py) against docs/routing.md: routing.
 
 Degenerate settings reduce to plain models (one recursion = vanilla; full
 capacity with gate 1 = the weight-tied model, gradients summed over uses);
 selection invariants; the combine rules and token-choice bookkeeping on
-hand examples with a probe block; causality by perturbation with causal
-routing (and top-k shown not causal); prefill + decode = forward for both
-KV strategies; compacted attention = dense attention with keys masked; a
-sharded train step = one device; FLOPs against XLA; one-line config errors;
-token-choice gathered per depth = masked, and its overflow policy by hand.
+hand examples with a probe block; routers receiving gradient; the
+loss-free bias as model state; one-line config errors; token-choice
+gathered per depth = masked, and its overflow policy by hand.
+Causality and decoding: test_mor_decode.py; sharding and FLOPs:
+test_mor_flops.py.
 """
 
 from __future__ import annotations
@@ -20,46 +20,12 @@ from flax import nnx
 
 from efficient_lm import config as config_lib
 from efficient_lm.models import build, flops, mor, routing
-from efficient_lm.models.attention import Tokens
 from efficient_lm.training import loop
 from tests.helpers import (
   packed_batch,
-  prefill_then_decode,
-  untouched_in_forward_and_decode,
   small_config,
-  two_train_steps,
 )
-
-T = 16
-
-
-def _cfg(**overrides):
-  return small_config(
-    **{"model.routing.kind": "mor", "model.num_layers": 4, **overrides}
-  )
-
-
-def _model(overrides, router_scale=1.0):
-  cfg = _cfg(**overrides)
-  model = build(cfg.model, nnx.Rngs(0))
-  rt = model.stack.router_DN
-  rt[...] = rt[...] * router_scale
-  return cfg, model
-
-
-def _inputs(b=2, t=T, seed=1):
-  tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, 300)
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  return tokens, pos, jnp.ones((b, t), jnp.int32)
-
-
-def _pure(module):
-  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
-
-
-def _unique_blocks(rec):
-  ends = [rec.first] if rec.first is not None else []
-  return ends[:1] + list(rec.shared) + ([rec.last] if ends else [])
+from tests.mor_common import T, _cfg, _inputs, _model, _pure, _unique_blocks
 
 
 # ---------------------------------------------------------------- schemes
@@ -500,227 +466,6 @@ def test_token_choice_counts_balance_loss_and_loss_free_bias():
   assert np.all(np.asarray(rec.bias_N[...]) != 0)
 
 
-# --------------------------------------------------- causality, generation
-
-_KINDS = {
-  "expert_recursion_wise": {},
-  "expert_sharing": {"model.routing.kv": "recursive_sharing"},
-  "token_recursion_wise": {"model.routing.router": "token_choice"},
-  "token_sharing": {
-    "model.routing.router": "token_choice",
-    "model.routing.kv": "recursive_sharing",
-  },
-}
-
-
-def _leaks(model, causal_routing, t_list=(2, 5, 8, 11)):
-  tokens, pos, seg = _inputs(b=1)
-  base, _ = model(tokens, pos, seg, causal_routing=causal_routing)
-  out = []
-  for t in t_list:
-    other = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 17) % 300)
-    got, _ = model(other, pos, seg, causal_routing=causal_routing)
-    if jnp.abs(got[:, : t + 1] - base[:, : t + 1]).max() > 1e-6:
-      out.append(t)
-  return out
-
-
-@pytest.mark.parametrize("name", sorted(_KINDS))
-def test_causal_routing_is_causal(name):
-  _, model = _model(
-    {"model.num_layers": 5, "model.routing.num_recursions": 3, **_KINDS[name]},
-    router_scale=50.0,
-  )
-  assert _leaks(model, True) == []
-
-
-@pytest.mark.parametrize(
-  "name", ["expert_recursion_wise", "token_recursion_wise"]
-)
-def test_routing_decisions_are_the_causal_steps(name):
-  """What `efficient_lm.plot routing` draws: nested per-step masks whose
-  means are the forward's `routing/mor_step{r}_fraction`."""
-  _, model = _model(
-    {"model.num_layers": 5, "model.routing.num_recursions": 3, **_KINDS[name]},
-    router_scale=50.0,
-  )
-  tokens, pos, seg = _inputs()
-  _, aux = model(tokens, pos, seg, causal_routing=True)
-  got = model.routing_decisions(tokens, pos, seg)
-  assert list(got) == [f"recursion step {r}" for r in (1, 2, 3)]
-  prev = np.ones(tokens.shape, bool)
-  for r, mask in enumerate(got.values()):
-    mask = np.asarray(mask)
-    assert not np.any(mask & ~prev)
-    np.testing.assert_allclose(
-      mask.mean(), aux[f"routing/mor_step{r + 1}_fraction"]
-    )
-    prev = mask
-
-
-def test_top_k_routing_is_not_causal():
-  """Training's top-k: a future token can take an earlier one's place."""
-  _, model = _model(
-    {"model.num_layers": 5, "model.routing.num_recursions": 3},
-    router_scale=50.0,
-  )
-  assert _leaks(model, False)
-
-
-@pytest.mark.parametrize("name", sorted(_KINDS))
-def test_prefill_then_decode_equals_causal_forward(name):
-  cfg, model = _model(
-    {"model.num_layers": 5, "model.routing.num_recursions": 3, **_KINDS[name]},
-    router_scale=50.0,
-  )
-  b, t, p = 2, T, 9
-  tokens, pos, seg = _inputs(b, t)
-  want, aux = model(tokens, pos, seg, causal_routing=True)
-  # Routing really splits the tokens at a later step.
-  assert 0 < float(aux["routing/mor_step3_fraction"]) < 1
-  got, cache = prefill_then_decode(
-    model, tokens, pos, seg, model.init_cache(b, t), p
-  )
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-  # Cache rows: step r of recursion_wise holds |S_r| tokens; sharing holds
-  # every token once.
-  steps = cache.get("steps") or [cache["shared"]]
-  for r, layers in enumerate(steps):
-    rows = int((np.asarray(layers[0]["seg"]) != 0).sum())
-    frac = float(aux[f"routing/mor_step{r + 1}_fraction"])
-    assert rows == round(frac * b * t), (r, rows, frac)
-
-
-def test_compacted_attention_equals_dense_attention_with_keys_masked():
-  """At a step, attention among the gathered tokens (their positions and
-  segments) = full-length attention with unselected tokens' keys (and
-  queries) masked, read at the selected rows; values and gradients."""
-  cfg, model = _model({"model.routing.capacities": (1.0, 0.5)})
-  attn = model.stack.shared[0].attn
-  b, d = 2, cfg.model.embed_dim
-  x = jax.random.normal(jax.random.key(5), (b, T, d))
-  _, pos, seg = _inputs(b)
-  seg = seg.at[1, :6].set(2)  # two documents
-  z = jax.random.normal(jax.random.key(6), (b, T))
-  idx, ok, chosen = routing.top_k_selection(z, seg != 0, (seg != 0).sum(1), 0.5)
-
-  def compact(x):
-    return attn(
-      Tokens(
-        routing.gather(x, idx),
-        routing.gather(pos, idx),
-        jnp.where(ok, routing.gather(seg, idx), 0),
-      )
-    )
-
-  def dense(x):
-    out = attn(Tokens(x, pos, jnp.where(chosen, seg, 0)))
-    return routing.gather(out, idx)
-
-  np.testing.assert_allclose(compact(x), dense(x), atol=1e-6, rtol=0)
-  w = jax.random.normal(jax.random.key(8), (b, idx.shape[1], d))
-  gc = jax.grad(lambda x: jnp.sum(compact(x) * w))(x)
-  gd = jax.grad(lambda x: jnp.sum(dense(x) * w))(x)
-  np.testing.assert_allclose(gc, gd, atol=1e-6, rtol=0)
-  # Masking does something: plain dense attention differs.
-  plain = routing.gather(attn(Tokens(x, pos, seg)), idx)
-  assert jnp.abs(plain - compact(x)).max() > 1e-3
-
-
-# ---------------------------------------------------- sharding and FLOPs
-
-
-def _mor_sharded_cfg(**mesh):
-  # One shared layer applied twice (capacities 1, 1/2): the smallest
-  # compile that still gathers, routes and scatters.
-  return _cfg(
-    **{"model.routing.sharing": "cycle", "model.num_layers": 2, **mesh}
-  )
-
-
-def _two_steps(cfg, devices=None):
-  def build_model(mcfg, rngs):
-    model = build(mcfg, rngs)
-    # Clear router margins: reduction order must not flip a top-k choice.
-    model.stack.router_DN[...] = model.stack.router_DN[...] * 100
-    return model
-
-  t = loop.build_trainer(cfg, devices, build_model=build_model)
-  state, metrics = two_train_steps(t, t.init_fn())
-  return jax.device_get(state["params"]), metrics
-
-
-@pytest.fixture(scope="module")
-def one_device():
-  return _two_steps(_mor_sharded_cfg(**{"mesh.data": 1}), jax.devices()[:1])
-
-
-@pytest.mark.parametrize(
-  "mesh_shape",
-  [
-    pytest.param((8, 1, 1), marks=pytest.mark.slow),
-    (2, 2, 2),
-    pytest.param((1, 4, 2), marks=pytest.mark.slow),
-  ],
-)
-def test_sharded_train_step_matches_one_device(one_device, mesh_shape):
-  ref_params, ref_metrics = one_device
-  d, f, tp = mesh_shape
-  params, metrics = _two_steps(
-    _mor_sharded_cfg(**{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": tp})
-  )
-  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-  for key in ("loss/mor_bce", "routing/mor_step2_fraction"):
-    np.testing.assert_allclose(
-      metrics["aux"][key], ref_metrics["aux"][key], rtol=1e-5
-    )
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params
-  )
-
-
-@pytest.mark.parametrize(
-  "overrides",
-  [
-    {},
-    pytest.param(
-      {
-        "model.routing.router": "token_choice",
-        "model.routing.kv": "recursive_sharing",
-      },
-      marks=pytest.mark.slow,
-    ),
-    pytest.param(
-      {
-        "model.num_layers": 5,
-        "model.routing.num_recursions": 3,
-        "model.routing.kv": "recursive_sharing",
-      },
-      marks=pytest.mark.slow,
-    ),
-  ],
-)
-def test_flops_per_token_within_5_percent_of_xla(overrides):
-  """Capacity-aware FLOPs: the compiled step (MoR is unrolled) of
-  expert-choice at capacities (1, 1/2) costs what flops.py says; a model
-  counted at full depth would be ~25% off."""
-  from efficient_lm import aot
-
-  cfg = _cfg(
-    **{
-      "model.embed_dim": 256,
-      "model.mlp_dim": 768,
-      "data.seq_len": 128,
-      "train.batch_size": 4,
-      **overrides,
-    }
-  )
-  _, _, compiled = aot.compile_train_step(cfg, jax.devices()[:1])
-  xla = aot.xla_flops(compiled)
-  ours = flops.flops_per_token(cfg.model, 128)["train"] * 4 * 128
-  assert abs(xla / ours - 1) < 0.05, (xla, ours)
-
-
 def _loss_free_cfg(u, **overrides):
   return _cfg(
     **{
@@ -933,69 +678,6 @@ def test_token_choice_with_a_nonzero_loss_free_bias_by_hand(update):
 # Issue #25: every router and KV kind in the default suite; the XLA FLOPs
 # checks of token-choice and recursive sharing are slow, these identities
 # are not.
-@pytest.mark.parametrize(
-  "overrides,sharing_kv",
-  [
-    ({"model.routing.router": "token_choice"}, False),
-    ({"model.routing.capacities": (1.0, 1.0, 1.0)}, False),
-    (
-      {
-        "model.routing.router": "token_choice",
-        "model.routing.kv": "recursive_sharing",
-      },
-      True,
-    ),
-  ],
-)
-def test_flops_against_the_unrolled_dense_model(overrides, sharing_kv):
-  """Token-choice (every step masked over all T) and expert-choice at
-  capacity 1 cost the dense model of the same L virtual layers, plus the
-  [D, N_r] router; recursive sharing does not project K and V again at
-  steps 2..N_r (2 D * 2 G K per token, per shared layer and step)."""
-  cfg = _cfg(
-    **{"model.num_layers": 5, "model.routing.num_recursions": 3, **overrides}
-  )
-  dense = small_config(**{"model.num_layers": 5})
-  t = 64
-  got = flops.flops_per_token(cfg.model, t)
-  want = flops.flops_per_token(dense.model, t)
-  m = cfg.model
-  d, depth = m.embed_dim, 1  # middle_cycle: (5 - 2) / 3 shared layers
-  kv = 2.0 * d * 2 * m.num_kv_heads * m.resolved_head_dim
-  saved = (3 - 1) * depth * kv if sharing_kv else 0.0
-  for k in ("mlp", "attention_dense_tile", "attention_visible", "lm_head"):
-    assert got[f"forward/{k}"] == pytest.approx(want[f"forward/{k}"]), k
-  assert got["forward/attention_proj"] == pytest.approx(
-    want["forward/attention_proj"] - saved
-  )
-  assert got["forward/router"] == 2.0 * d * 3
-
-
-def test_causal_routing_leaves_skipped_tokens_bitwise_in_forward_and_step():
-  """Issue #25, the property itself (forward and cached steps share the
-  routing code): with real shared blocks, a token that expert-choice step
-  1 does not process (z_1 <= 0 at capacity < 1, decided here by hand)
-  keeps its input bitwise through the recursions, in the causal forward
-  and in prefill + decode; every other token changes."""
-  cfg, model = _model(
-    {
-      "model.routing.sharing": "cycle",
-      "model.num_layers": 2,
-      "model.routing.num_recursions": 2,
-      "model.routing.capacities": (0.5, 0.5),
-    },
-    router_scale=50.0,
-  )
-  rec = model.stack
-  b, t, p = 2, 12, 5
-  x = jax.random.normal(jax.random.key(5), (b, t, cfg.model.embed_dim))
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  seg = jnp.ones((b, t), jnp.int32)
-  w = np.asarray(rec.router_DN[...], np.float64)
-  skipped = (np.asarray(x, np.float64) @ w[:, 0]) <= 0
-  assert 0 < skipped.sum() < skipped.size
-  fwd, stepped = untouched_in_forward_and_decode(rec, x, pos, seg, skipped, p)
-  np.testing.assert_allclose(stepped, fwd, atol=2e-5, rtol=0)
 
 
 # ------------------- token-choice gathered per depth (issue #26 item 1)
@@ -1132,35 +814,3 @@ def test_token_choice_overflow_exits_the_tokens_the_policy_names(update):
   y = 3.0 ** (chosen + 1)[:, None] * h[0]
   want = h[0] + g * y if update == "paper" else h[0] + g * (y - h[0])
   np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
-
-
-def test_token_choice_capacity_flops_match_xla_and_fall():
-  """The forward at token-choice capacities (1, 1/2) (middle_cycle: first
-  and last layers unique, one shared layer applied twice) costs what
-  flops.py says within 5% of XLA's count, and less than at (1, 1), in
-  both counts. Forward only, abstract parameters, compiled twice."""
-  from efficient_lm import aot
-
-  b, t, xla, ours = 2, 128, [], []
-  for caps in [(1.0, 1.0), (1.0, 0.5)]:
-    cfg = _cfg(
-      **{
-        "model.embed_dim": 256,
-        "model.mlp_dim": 768,
-        "model.routing.router": "token_choice",
-        "model.routing.token_choice_capacities": caps,
-        "model.scan_layers": False,
-        "data.seq_len": t,
-      }
-    ).model
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
-
-    def forward(state, tokens, pos, seg):
-      return nnx.merge(graphdef, state)(tokens, pos, seg)[0]
-
-    ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
-    compiled = jax.jit(forward).lower(state, ints, ints, ints).compile()
-    xla.append(aot.xla_flops(compiled))
-    ours.append(flops.flops_per_token(cfg, t)["forward"] * b * t)
-    assert abs(xla[-1] / ours[-1] - 1) < 0.05, (caps, xla[-1], ours[-1])
-  assert ours[1] < 0.9 * ours[0] and xla[1] < 0.9 * xla[0], (ours, xla)
