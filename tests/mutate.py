@@ -3173,11 +3173,20 @@ MUTATIONS = [
   _m(
     "generator_never_unrolls",
     "efficient_lm/generate.py",
-    "      unroll_layers = on_one_cpu(variables)",
+    "      unroll_layers = unrolls_by_default(variables)",
     "      unroll_layers = False",
     "tests/test_generate.py",
     "-k",
     "unrolled_layers_decode",
+  ),
+  _m(
+    "bfloat16_weights_unrolled",
+    "efficient_lm/generate.py",
+    "      narrow |= a.ndim >= 2 and a.dtype != jnp.float32",
+    "      pass",
+    "tests/test_generate.py",
+    "-k",
+    "unrolls_by_default",
   ),
   _m(
     "decode_writes_first_at_prefill",

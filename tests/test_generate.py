@@ -431,3 +431,20 @@ def test_unrolled_layers_share_the_stacked_memory():
   for a in views:
     ptr = a.unsafe_buffer_pointer()
     assert any(lo <= ptr < lo + n for lo, n in spans), "a copy"
+
+
+def test_unrolls_by_default_float32_weights_on_one_cpu_only():
+  from efficient_lm.generate import unrolls_by_default
+
+  _, model = _model({})
+  _, variables = nnx.split(model)
+  assert unrolls_by_default(variables)
+  narrow = jax.tree.map(
+    lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 else a, variables
+  )
+  assert not unrolls_by_default(narrow)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  replicated = jax.device_put(
+    variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  )
+  assert not unrolls_by_default(replicated)
