@@ -682,8 +682,8 @@ MUTATIONS = [
   _m(
     "attention_step_skips_the_cache",
     "efficient_lm/models/attention.py",
-    "rows = new if cache is None else cache_lib.concat(cache, new)",
-    "rows = new",
+    "      rows, written = cache_lib.step(cache, new, self._slots(cache))",
+    "      written = cache_lib.write(cache, new, self._slots(cache))",
     "tests/test_generate.py",
     "-k",
     "forward and dense_gqa",
@@ -2638,12 +2638,12 @@ MUTATIONS = [
   _m(
     "kvcache_forward_not_quantized",
     "efficient_lm/models/attention.py",
-    "    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, "
-    "kv.x_BTD.dtype)",
+    "    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, dt), "
+    "written",
     "    if cache is None:\n"
-    "      return new, self.kv_rows(kv)\n"
-    "    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, "
-    "kv.x_BTD.dtype)",
+    "      return new, self.kv_rows(kv), None\n"
+    "    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, dt), "
+    "written",
     "tests/test_kv_quant.py",
     "-k",
     "recompute and dense_local",
@@ -2660,7 +2660,7 @@ MUTATIONS = [
   _m(
     "kvcache_tglobal_summaries_not_quantized",
     "efficient_lm/models/tglobal.py",
-    "_, rows = self.stored_rows(_cat(kv, g))",
+    "_, rows, _ = self.stored_rows(_cat(kv, g))",
     "rows = self.kv_rows(_cat(kv, g))",
     "tests/test_kv_quant.py",
     "-k",
@@ -3182,8 +3182,8 @@ MUTATIONS = [
   _m(
     "bfloat16_weights_unrolled",
     "efficient_lm/generate.py",
-    "      narrow |= a.ndim >= 2 and a.dtype != jnp.float32",
-    "      pass",
+    "  return models.stack.on_one_cpu(arrays) and not narrow",
+    "  return models.stack.on_one_cpu(arrays)",
     "tests/test_generate.py",
     "-k",
     "unrolls_by_default",

@@ -65,15 +65,14 @@ def set_kv_cache_dtype(model: nnx.Module, kind: str) -> nnx.Module:
   return model
 
 
-def unroll_layers(model: nnx.Module, take=stack.layer_slice) -> nnx.Module:
-  """Holds every layer stack of `model` apart (`stack.Stack.unroll`;
-  `take(stacked leaf, r)` gives layer r's array, by default a view of
-  the stacked memory on CPU), in place: the same model, its calls and
-  caches one per layer. For generation (generate.Generator); `nnx.split`
-  the model afterwards."""
+def unroll_layers(model: nnx.Module) -> nnx.Module:
+  """Holds every layer stack of `model` apart (`stack.Stack.unroll`: each
+  layer its own arrays, on CPU views of the stacked memory), in place:
+  the same model, its calls and caches one per layer. For generation
+  (generate.Generator); `nnx.split` the model afterwards."""
   stacks = [n for _, n in nnx.iter_graph(model) if isinstance(n, stack.Stack)]
   for s in stacks:
-    s.unroll(take)
+    s.unroll()
   return model
 
 

@@ -235,26 +235,19 @@ class Attention(nnx.Module):
       "seg": kv.seg_BT.astype(jnp.int32),
     }
 
-  def _read_rows(self, kv: Tokens, cache: dict | None = None):
-    """(the rows attention reads, loaded in the compute dtype: the
-    cache's and the new ones of `kv`; the cache after the step, None
-    without one). The new rows pass through the cache's storage either
-    way (kv_cache_dtype; `auto`: as they are), so a forward without a
-    cache reads its K/V as a cached step does (models/cache.py)."""
+  def stored_rows(self, kv: Tokens, cache: dict | None = None):
+    """(the new rows of `kv` as the cache stores them, the rows attention
+    reads: the cache's and the new ones (`cache.step`), loaded in the
+    compute dtype, the cache after the step: None without one). With
+    kv_cache_dtype `auto` the first two are `kv_rows(kv)` (after the
+    cache's); otherwise a forward without a cache reads its K/V through
+    the same storage as a cached step (models/cache.py)."""
     new = cache_lib.store(self.kv_rows(kv), KV, self.kv_cache_dtype)
     rows, written = new, None
     if cache is not None:
       rows, written = cache_lib.step(cache, new, self._slots(cache))
     dt = kv.x_BTD.dtype
-    return cache_lib.load(rows, KV, self.kv_cache_dtype, dt), written
-
-  def stored_rows(self, kv: Tokens, cache: dict | None = None):
-    """(the new rows of `kv` as the cache stores them, the cache's rows
-    then the new ones, loaded in the compute dtype). With kv_cache_dtype
-    `auto` both are `kv_rows(kv)` (after the cache's)."""
-    new = cache_lib.store(self.kv_rows(kv), KV, self.kv_cache_dtype)
-    rows = new if cache is None else cache_lib.concat(cache, new)
-    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, kv.x_BTD.dtype)
+    return new, cache_lib.load(rows, KV, self.kv_cache_dtype, dt), written
 
   def _attend(
     self,
@@ -335,7 +328,7 @@ class Attention(nnx.Module):
       raise ValueError("attention: pass a cache or given rows, not both")
     written = None
     if rows is None:
-      rows, written = self._read_rows(q if kv is None else kv, cache)
+      _, rows, written = self.stored_rows(q if kv is None else kv, cache)
     out = self._attend(
       self.queries(q),
       constrain(rows["k"], BSGK),

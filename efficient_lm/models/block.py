@@ -203,8 +203,8 @@ class Block(nnx.Module):
     return x_BTD, aux, new_cache
 
   def kv_rows(self, x_BTD, pos_BT, seg_BT, cache=None) -> dict:
-    """The K/V rows this block's attention reads for input x (the cache's
-    rows first, if given, as stored and read back): what
+    """The K/V rows this block's attention reads for input x (with the
+    cache's rows, if given, as stored and read back): what
     mixture-of-recursions' recursive sharing hands to later steps
     (`rows=`); qkv attention only, as validation
     requires of recursive sharing."""

@@ -143,13 +143,22 @@ def stack_layers(
   return {"groups": groups}
 
 
+def on_one_cpu(arrays) -> bool:
+  """Whether every jax array among `arrays` lies on the same single CPU
+  device (and there is one)."""
+  devices = set()
+  for a in arrays:
+    if isinstance(a, jax.Array):
+      devices |= a.devices()
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
 def layer_slice(a: jax.Array, r: int) -> jax.Array:
   """`a[r]`; for an array held on one CPU device, a view of its memory
   (numpy's view placed back as is: XLA:CPU takes an aligned host buffer
   without copying), so unrolling a stack (`Stack.unroll`) costs no
   memory. Elsewhere a copy."""
-  devices = a.devices() if isinstance(a, jax.Array) else set()
-  if len(devices) == 1 and next(iter(devices)).platform == "cpu":
+  if on_one_cpu([a]):
     sharding = a.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
       sharding = jax.sharding.NamedSharding(
@@ -258,9 +267,10 @@ class Stack(nnx.Module):
       groups[f"segment_{i}"] = nnx.Dict(stacks)
     self.groups = nnx.Dict(groups)
 
-  def unroll(self, take: Callable[[jax.Array, int], jax.Array]) -> None:
+  def unroll(self) -> None:
     """Holds the layers apart, in place: pattern position j of a segment
-    becomes `repeats` blocks, block r's arrays `take(stacked leaf, r)`.
+    becomes `repeats` blocks, block r's arrays `layer_slice(stacked
+    leaf, r)` (on CPU views of the stacked memory).
     Calls then run the layers in a Python loop, and `init_cache` gives
     each layer its own cache (`[segment][j][r]` instead of stacked over
     r). Same blocks and arithmetic as the stacked form; for generation
@@ -280,7 +290,9 @@ class Stack(nnx.Module):
         gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
         layers[f"layer_{j}"] = nnx.List(
           [
-            nnx.merge(gd, *jax.tree.map(lambda a, r=r: take(a, r), (p, st)))
+            nnx.merge(
+              gd, *jax.tree.map(lambda a, r=r: layer_slice(a, r), (p, st))
+            )
             for r in range(seg.repeats)
           ]
         )

@@ -286,7 +286,7 @@ class TGlobalAttention(Attention):
       )
     kv = q if kv is None else kv
     g = self.summaries(kv)
-    _, rows = self.stored_rows(_cat(kv, g))
+    _, rows, _ = self.stored_rows(_cat(kv, g))
     return self._attend(
       self.queries(q),
       rows["k"],
@@ -402,7 +402,7 @@ class TGlobalAttention(Attention):
     )
     # K/V (and int8 scales) of the tokens, then of the summaries, as
     # the caches store them.
-    kv, _ = self.stored_rows(_cat(x, g))
+    kv, _, _ = self.stored_rows(_cat(x, g))
     kv = {n: a for n, a in kv.items() if n not in ("pos", "seg")}
     new_local = {
       **{n: a[:, :t] for n, a in kv.items()},
