@@ -266,6 +266,53 @@ def test_auto_on_cpu_is_xla_and_jits():
     assert_close(a, b, 1e-6)
 
 
+# A fresh interpreter imports what a run imports, compiles a function, then
+# traces what a process may first trace later: the chunked attention (its
+# backend module is imported lazily, inside the trace), the interpreter's
+# kernels and a quantized model's code. None may define a JAX config state:
+# JAX keys every jit cache on them all, so the function would compile again.
+_LATE_TRACE_CHILD = r"""
+import json
+import jax, jax.numpy as jnp
+from jax._src import config as jax_config
+from efficient_lm import generate, runs  # noqa: F401
+import kernels
+from kernels.masks import MaskSpec
+f = jax.jit(lambda x: x * 2)
+f(jnp.ones(3))
+before = set(jax_config.trace_context_names())
+q = jax.ShapeDtypeStruct((1, 1024, 2, 8), jnp.float32)
+pos = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+jax.jit(lambda q, p: kernels.attention(
+  q, q, q, mask=MaskSpec(causal=True), q_pos=p, k_pos=p, impl="xla_chunked"
+)).lower(q, pos)
+from kernels.flash_attention import pallas_tpu  # noqa: F401
+from efficient_lm.models import quantization  # noqa: F401
+f(jnp.ones(3))
+new = [n for n in jax_config.trace_context_names() if n not in before]
+print("RESULT", json.dumps({"compiles": f._cache_size(), "new_states": new}))
+"""
+
+
+def test_late_imports_leave_compiled_functions_compiled():
+  import json
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO, cli_env
+
+  out = subprocess.run(
+    [sys.executable, "-c", _LATE_TRACE_CHILD],
+    cwd=REPO,
+    env=cli_env(),
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  got = json.loads(out.split("RESULT", 1)[1])
+  assert got == {"compiles": 1, "new_states": []}, got
+
+
 @pytest.mark.parametrize(
   "t,s,want",
   [

@@ -39,6 +39,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+# Eager, unlike the backends: importing Pallas's TPU module (kernels.compat
+# does) defines a JAX config state, and JAX keys every jit cache on all such
+# states. Imported first inside a trace, it made every function compiled
+# before it compile once more (a loaded run's generator, after another run
+# was loaded with --quantize).
+from kernels import compat  # noqa: F401
 from kernels import masks
 from kernels.flash_attention.tiles import pow2_tile, round_up
 
