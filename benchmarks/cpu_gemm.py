@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 TRAIN = dict(layers=4, width=128, heads=4, mlp=344, vocab=128, batch=12, seq=64)
 DECODE = dict(
@@ -329,6 +330,18 @@ print(json.dumps({"ms": statistics.median(ts) * 1e3}))
 """
 
 
+def _run_torch(args, script: str, payload: dict) -> Any:
+  """`script` run by --torch-python with `payload` as JSON in argv[1];
+  its last output line, parsed as JSON."""
+  out = subprocess.run(
+    [args.torch_python, "-c", script, json.dumps(payload)],
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _torch_train(args) -> float:
   """ms/step of nanoGPT's products (fused qkv, 4x GELU-less MLP, tied
   65-entry head) forward and backward in PyTorch."""
@@ -339,13 +352,7 @@ def _torch_train(args) -> float:
     "reps": args.reps,
     "iters": args.iters,
   }
-  out = subprocess.run(
-    [args.torch_python, "-c", TORCH_TRAIN, json.dumps(payload)],
-    check=True,
-    capture_output=True,
-    text=True,
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])["ms"]
+  return _run_torch(args, TORCH_TRAIN, payload)["ms"]
 
 
 def _torch_decode(args) -> list[dict]:
@@ -360,13 +367,7 @@ def _torch_decode(args) -> list[dict]:
     "bytes": weight_bytes,
     "copies": max(2, -(-args.rotate_mb * 2**20 // weight_bytes)),
   }
-  out = subprocess.run(
-    [args.torch_python, "-c", TORCH_DECODE, json.dumps(payload)],
-    check=True,
-    capture_output=True,
-    text=True,
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return _run_torch(args, TORCH_DECODE, payload)
 
 
 def main(argv=None) -> None:
