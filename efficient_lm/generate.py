@@ -106,7 +106,6 @@ class Generator:
     kv_cache_dtype="auto",
     unroll_layers: bool | None = None,
   ):
-    cache_lib.check_kv_cache_dtype(kv_cache_dtype)
     if unroll_layers is None:
       unroll_layers = unrolls_by_default(variables)
     if kv_cache_dtype != "auto" or unroll_layers:
