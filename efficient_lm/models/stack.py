@@ -282,21 +282,16 @@ class Stack(nnx.Module):
     run's checkpoint layout."""
     if self.unrolled:
       return
-    groups = {}
+    groups = {}  # built whole before it replaces the stacked groups
     for i, seg in enumerate(self.segments):
-      stacks = self.groups[f"segment_{i}"]
-      layers = {}
-      for j in range(len(seg.pattern)):
-        gd, p, st = nnx.split(stacks[f"layer_{j}"], nnx.Param, ModelState)
-        layers[f"layer_{j}"] = nnx.List(
-          [
-            nnx.merge(
-              gd, *jax.tree.map(lambda a, r=r: layer_slice(a, r), (p, st))
-            )
-            for r in range(seg.repeats)
-          ]
-        )
-      groups[f"segment_{i}"] = nnx.Dict(layers)
+      groups[f"segment_{i}"] = nnx.Dict(
+        {
+          f"layer_{j}": nnx.List(
+            [self._block(i, j, r, take=layer_slice) for r in range(seg.repeats)]
+          )
+          for j in range(len(seg.pattern))
+        }
+      )
     self.groups = nnx.Dict(groups)
     self.unrolled = True
 
@@ -465,14 +460,14 @@ class Stack(nnx.Module):
 
   # -------------------------------------------------------------- generation
 
-  def _block(self, i: int, j: int, r: int):
+  def _block(self, i: int, j: int, r: int, take=lambda a, r: a[r]):
     """Segment i's block at pattern position j, repeat r (stacked: a
-    module of the slices)."""
+    module of its arrays' slices, `take(stacked array, r)`)."""
     blocks = self.groups[f"segment_{i}"][f"layer_{j}"]
     if self.unrolled:
       return blocks[r]
     gd, p, st = nnx.split(blocks, nnx.Param, ModelState)
-    return nnx.merge(gd, *jax.tree.map(lambda a: a[r], (p, st)))
+    return nnx.merge(gd, *jax.tree.map(lambda a: take(a, r), (p, st)))
 
   def _first_blocks(self):
     """(segment index, pattern position, the block of the first repeat)."""
