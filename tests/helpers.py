@@ -155,27 +155,38 @@ def snapshot(root) -> dict:
   return out
 
 
-def restored_state(workdir):
+def restore_latest(workdir, abstract_state):
   """(step, train state on the host, data-iterator state) of the newest
-  checkpoint of a CLI run, restored with the run's own resolved config
+  checkpoint in <workdir>/checkpoints, restored into `abstract_state`
+  (a trainer's); read only: nothing is saved or deleted."""
+  import jax
+
+  from efficient_lm.training.checkpoint import Checkpointer
+
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every_steps=1,
+    keep=None,
+    async_save=False,
+  )
+  try:
+    step, state, data_state = ckpt.restore_latest(abstract_state)
+  finally:
+    ckpt.close()
+  return step, jax.device_get(state), data_state
+
+
+def restored_state(workdir):
+  """`restore_latest` of a CLI run, with the run's own resolved config
   (mesh 1x1x1: one device per subprocess)."""
   import jax
 
   from efficient_lm.training import loop
-  from efficient_lm.training.checkpoint import Checkpointer
 
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = config_lib.from_config_dict(json.load(f))
   t = loop.build_trainer(cfg, jax.devices()[:1])
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    every_steps=cfg.checkpoint.every_steps,
-    keep=cfg.checkpoint.keep,
-    async_save=False,
-  )
-  step, state, data_state = ckpt.restore_latest(t.abstract_state)
-  ckpt.close()
-  return step, jax.device_get(state), data_state
+  return restore_latest(workdir, t.abstract_state)
 
 
 def final_state(workdir):

@@ -19,6 +19,7 @@ from efficient_lm.training import losses, loop, step as step_lib
 from tests.helpers import (
   crash_and_resume,
   packed_batch,
+  restore_latest,
   sigterm_handler_restored,
   small_config,
 )
@@ -208,21 +209,12 @@ def test_model_state_survives_a_crash_and_resume(tmp_path):
     6,
   ]
 
-  from efficient_lm.training.checkpoint import Checkpointer
-
   t = loop.build_trainer(cfg, build_model=counting_decoder)
   finals = []
   for workdir in (whole, broken):
-    ckpt = Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      every_steps=1,
-      keep=None,
-      async_save=False,
-    )
-    step, state, _ = ckpt.restore_latest(t.abstract_state)
-    ckpt.close()
+    step, state, _ = restore_latest(workdir, t.abstract_state)
     assert step == 6
-    finals.append(jax.device_get(state))
+    finals.append(state)
   calls = finals[0]["model_state"]["stack"]["groups"]["segment_0"]["layer_0"][
     "calls"
   ]

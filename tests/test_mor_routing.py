@@ -23,6 +23,7 @@ from efficient_lm.models import build, flops, mor, routing
 from efficient_lm.training import loop
 from tests.helpers import (
   packed_batch,
+  restore_latest,
   small_config,
 )
 from tests.mor_common import T, _cfg, _inputs, _model, _pure, _unique_blocks
@@ -506,9 +507,6 @@ def test_loss_free_bias_is_model_state_trained_and_checkpointed(tmp_path):
   """The bias lives in state["model_state"] (not params: no gradient, no
   optimizer), moves by exactly +-u per training step and is restored from
   the checkpoint."""
-  import os
-  from efficient_lm.training.checkpoint import Checkpointer
-
   u = 0.01
   cfg = _loss_free_cfg(
     u,
@@ -524,16 +522,9 @@ def test_loss_free_bias_is_model_state_trained_and_checkpointed(tmp_path):
   assert t.abstract_state["model_state"]["stack"]["bias_N"].shape == (2,)
   assert "bias_N" not in t.abstract_state["params"]["stack"]
   loop.run(cfg, str(tmp_path))
-  ckpt = Checkpointer(
-    os.path.join(tmp_path, "checkpoints"),
-    every_steps=1,
-    keep=None,
-    async_save=False,
-  )
-  step, state, _ = ckpt.restore_latest(t.abstract_state)
-  ckpt.close()
+  step, state, _ = restore_latest(tmp_path, t.abstract_state)
   assert step == 3
-  bias = np.asarray(jax.device_get(state["model_state"]["stack"]["bias_N"]))
+  bias = np.asarray(state["model_state"]["stack"]["bias_N"])
   # Two depths: each step moves them by +-u in opposite directions.
   np.testing.assert_allclose(bias[0], -bias[1], atol=1e-7)
   assert round(abs(float(bias[0])) / u, 4) in (1.0, 3.0), bias
