@@ -41,17 +41,43 @@ import sys
 import time
 from typing import Any
 
-TRAIN = dict(layers=4, width=128, heads=4, mlp=344, vocab=128, batch=12, seq=64)
-DECODE = dict(
-  layers=20,
-  width=576,
-  heads=9,
-  kv_heads=3,
-  head_dim=64,
-  mlp=1536,
-  vocab=49152,
-  prompt=16,
-)
+from benchmarks import vs_transformers
+
+
+def _train_shape() -> dict:
+  """The baby GPT's shape and batch, read from configs/shakespeare_char.py."""
+  from configs import shakespeare_char
+
+  c = shakespeare_char.get_config()
+  m = c.model
+  return dict(
+    layers=m.num_layers,
+    width=m.embed_dim,
+    heads=m.num_heads,
+    mlp=m.mlp_dim,
+    vocab=m.vocab_size,
+    batch=c.train.batch_size,
+    seq=c.data.seq_len,
+  )
+
+
+def _decode_shape() -> dict:
+  """vs_transformers' 100m model; prompt: its `--prompt` default."""
+  m = vs_transformers.SIZES["100m"]
+  return dict(
+    layers=m["layers"],
+    width=m["hidden"],
+    heads=m["heads"],
+    kv_heads=m["kv_heads"],
+    head_dim=m["hidden"] // m["heads"],
+    mlp=m["intermediate"],
+    vocab=m["vocab"],
+    prompt=16,
+  )
+
+
+TRAIN = _train_shape()
+DECODE = _decode_shape()
 
 
 def _median_time(fn, args_list, reps: int, iters: int) -> float:
@@ -160,7 +186,7 @@ def _real_train_step(args) -> float:
     "segment_ids": jnp.ones((b, t), jnp.int32),
     "weights": jnp.ones((b, t), jnp.float32),
   }
-  step = trainer.train_step.lower(trainer.init_fn(), batch).compile()
+  step = trainer.train_step.lower(trainer.abstract_state, batch).compile()
   state = trainer.init_fn()
   for _ in range(5):
     state, _ = step(state, batch)
@@ -216,6 +242,11 @@ def _decode_weight_bytes() -> int:
   return 4 * (s["layers"] * per_layer + s["vocab"] * s["width"])
 
 
+def _copies(args) -> int:
+  """How many copies of the decode weights fill --rotate-mb (at least 2)."""
+  return max(2, -(-args.rotate_mb * 2**20 // _decode_weight_bytes()))
+
+
 def _decode_part(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
@@ -224,7 +255,7 @@ def _decode_part(args) -> list[dict]:
   s = DECODE
   rng = np.random.default_rng(0)
   weight_bytes = _decode_weight_bytes()
-  copies = max(2, -(-args.rotate_mb * 2**20 // weight_bytes))
+  copies = _copies(args)
 
   def model():
     def mat(k, n):
@@ -365,7 +396,7 @@ def _torch_decode(args) -> list[dict]:
     "reps": args.reps,
     "iters": args.iters,
     "bytes": weight_bytes,
-    "copies": max(2, -(-args.rotate_mb * 2**20 // weight_bytes)),
+    "copies": _copies(args),
   }
   return _run_torch(args, TORCH_DECODE, payload)
 
